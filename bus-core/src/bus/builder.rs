@@ -1,0 +1,156 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::AtomicU8;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Bus, BusInner, CREATED};
+use crate::endpoint::ReceiveEndpointBuilder;
+use crate::observer::BusObserver;
+use crate::receive::EndpointRuntime;
+use crate::serializer::Serializers;
+use crate::transport::DynTransport;
+use crate::{
+    Consumer, DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, HostInfo, Message,
+};
+
+/// Configures a [`Bus`]: its endpoints, serializers, observers and timeouts.
+pub struct BusBuilder {
+    transport: Arc<dyn DynTransport>,
+    endpoints: Vec<ReceiveEndpointBuilder>,
+    serializers: Serializers,
+    observers: Vec<Arc<dyn BusObserver>>,
+    formatter: Arc<dyn EndpointNameFormatter>,
+    request_timeout: Duration,
+    stop_timeout: Duration,
+}
+
+impl fmt::Debug for BusBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BusBuilder")
+            .field("transport", &self.transport.system())
+            .field("endpoints", &self.endpoints)
+            .field("serializers", &self.serializers)
+            .field("request_timeout", &self.request_timeout)
+            .field("stop_timeout", &self.stop_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BusBuilder {
+    pub(super) fn new(transport: Arc<dyn DynTransport>) -> Self {
+        BusBuilder {
+            transport,
+            endpoints: Vec::new(),
+            serializers: Serializers::default(),
+            observers: Vec::new(),
+            formatter: Arc::new(DefaultEndpointNameFormatter),
+            request_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Adds (or extends) the receive endpoint named `name`.
+    pub fn receive_endpoint(mut self, name: impl Into<String>, configure: impl FnOnce(&mut ReceiveEndpointBuilder)) -> Self {
+        let name = name.into();
+        let index = match self.endpoints.iter().position(|e| e.name == name) {
+            Some(index) => index,
+            None => {
+                self.endpoints.push(ReceiveEndpointBuilder::new(name));
+                self.endpoints.len() - 1
+            }
+        };
+        configure(&mut self.endpoints[index]);
+        self
+    }
+
+    /// Adds an endpoint for one consumer, named by the endpoint name formatter from the
+    /// consumer's type (`SubmitOrderConsumer` -> `SubmitOrder`, or `submit-order` in kebab case).
+    pub fn consumer_endpoint<M: Message, C: Consumer<M>>(
+        self,
+        consumer: C,
+        configure: impl FnOnce(&mut ReceiveEndpointBuilder),
+    ) -> Self {
+        let name = self.formatter.consumer(std::any::type_name::<C>());
+        self.receive_endpoint(name, |e| {
+            e.consumer(consumer);
+            configure(e);
+        })
+    }
+
+    /// How endpoints added with [`consumer_endpoint`](Self::consumer_endpoint) are named.
+    pub fn endpoint_name_formatter(mut self, formatter: impl EndpointNameFormatter) -> Self {
+        self.formatter = Arc::new(formatter);
+        self
+    }
+
+    /// The serializers to write and read with (default: MassTransit JSON, also reading raw JSON).
+    pub fn serializers(mut self, serializers: Serializers) -> Self {
+        self.serializers = serializers;
+        self
+    }
+
+    /// Adds an observer.
+    pub fn observer(mut self, observer: impl BusObserver) -> Self {
+        self.observers.push(Arc::new(observer));
+        self
+    }
+
+    /// Adds a shared observer.
+    pub fn observer_arc(mut self, observer: Arc<dyn BusObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
+    /// Default timeout of requests (30 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How long `stop()` lets in-flight consumers finish before cancelling them (30 s).
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
+        self
+    }
+
+    /// Builds the bus. Nothing touches the transport until [`Bus::start`].
+    pub fn build(self) -> Bus {
+        let host = HostInfo::current();
+        let process = host.process_name.as_deref().unwrap_or("bus");
+        let machine = host.machine_name.as_deref().unwrap_or("host");
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let response_queue = format!("{machine}_{process}_bus_{}", &id[id.len() - 12..]);
+        let address = format!("{}?temporary=true", self.transport.address(&response_queue));
+        let response_topology = EndpointTopology {
+            queue: response_queue,
+            temporary: true,
+            prefetch: 256,
+            ..EndpointTopology::default()
+        };
+        let endpoints = self
+            .endpoints
+            .into_iter()
+            .map(|e| {
+                let address = self.transport.address(&e.name);
+                Arc::new(EndpointRuntime::new(e, address))
+            })
+            .collect();
+        Bus {
+            inner: Arc::new(BusInner {
+                transport: self.transport,
+                serializers: self.serializers,
+                host,
+                observers: self.observers,
+                address,
+                response_topology,
+                endpoints,
+                state: AtomicU8::new(CREATED),
+                pending: Mutex::new(HashMap::new()),
+                running: tokio::sync::Mutex::new(None),
+                request_timeout: self.request_timeout,
+                stop_timeout: self.stop_timeout,
+            }),
+        }
+    }
+}

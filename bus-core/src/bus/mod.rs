@@ -1,0 +1,205 @@
+//! The bus: a cheap handle that publishes, sends and requests, and runs the endpoints.
+
+mod builder;
+mod request;
+mod send;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+pub use builder::BusBuilder;
+pub use request::{RequestClient, Response};
+pub(crate) use send::Parent;
+pub use send::SendOptions;
+
+use crate::observer::BusObserver;
+use crate::receive::EndpointRuntime;
+use crate::serializer::Serializers;
+use crate::transport::DynTransport;
+use crate::{EndpointTopology, Envelope, Error, HostInfo, Result, Transport};
+
+const CREATED: u8 = 0;
+const STARTED: u8 = 1;
+const STOPPING: u8 = 2;
+const STOPPED: u8 = 3;
+
+/// A handle to a bus: publish, send, request; start and stop its endpoints.
+///
+/// Cheap to clone and safe to share between tasks.
+///
+/// ```
+/// use bus_core::{Bus, ConsumeContext, BoxError, Message};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize, Message)]
+/// #[message(urn = "urn:message:Shop:OrderPlaced")]
+/// struct OrderPlaced { order_id: u32 }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
+///     .receive_endpoint("billing", move |e| {
+///         let tx = tx.clone();
+///         e.handler(move |ctx: ConsumeContext<OrderPlaced>| {
+///             let tx = tx.clone();
+///             async move { tx.send(ctx.message().order_id)?; Ok::<_, BoxError>(()) }
+///         });
+///     })
+///     .build();
+/// bus.start().await?;
+/// bus.publish(OrderPlaced { order_id: 42 }).await?;
+/// assert_eq!(rx.recv().await, Some(42));
+/// bus.stop().await?;
+/// assert!(bus.publish(OrderPlaced { order_id: 43 }).await.is_err());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    pub(crate) inner: Arc<BusInner>,
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bus")
+            .field("transport", &self.inner.transport.system())
+            .field("address", &self.inner.address)
+            .field("endpoints", &self.inner.endpoints.len())
+            .finish()
+    }
+}
+
+pub(crate) struct BusInner {
+    pub(crate) transport: Arc<dyn DynTransport>,
+    pub(crate) serializers: Serializers,
+    pub(crate) host: Arc<HostInfo>,
+    pub(crate) observers: Vec<Arc<dyn BusObserver>>,
+    /// Address of the bus's own (response) endpoint.
+    pub(crate) address: String,
+    response_topology: EndpointTopology,
+    endpoints: Vec<Arc<EndpointRuntime>>,
+    state: AtomicU8,
+    pub(crate) pending: Mutex<HashMap<Uuid, oneshot::Sender<Envelope>>>,
+    running: tokio::sync::Mutex<Option<Running>>,
+    pub(crate) request_timeout: Duration,
+    stop_timeout: Duration,
+}
+
+struct Running {
+    stop_taking: CancellationToken,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    loops: Vec<JoinHandle<()>>,
+}
+
+impl BusInner {
+    pub(crate) fn ensure_not_stopped(&self) -> Result<()> {
+        match self.state.load(Ordering::Acquire) {
+            STOPPED | STOPPING => Err(Error::Stopped),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Bus {
+    /// Starts configuring a bus on `transport`.
+    pub fn builder(transport: impl Transport) -> BusBuilder {
+        BusBuilder::new(Arc::new(transport))
+    }
+
+    /// The address of this bus's own endpoint, where responses to its requests arrive.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// The address of an endpoint named `name` on this bus's transport.
+    pub fn endpoint_address(&self, name: &str) -> String {
+        self.inner.transport.address(name)
+    }
+
+    /// Declares every endpoint's topology and starts consuming. Starting a started bus does nothing;
+    /// a stopped bus can be started again.
+    pub async fn start(&self) -> Result<()> {
+        let inner = &self.inner;
+        let mut running = inner.running.lock().await;
+        if running.is_some() {
+            return Ok(());
+        }
+        let stop_taking = CancellationToken::new();
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut loops = Vec::with_capacity(inner.endpoints.len() + 1);
+
+        let transport = &inner.transport;
+        transport.declare_endpoint(&inner.response_topology).await?;
+        let responses = transport.consume(&inner.response_topology).await?;
+        loops.push(tokio::spawn(request::run_response_endpoint(self.clone(), responses, stop_taking.clone())));
+
+        for endpoint in &inner.endpoints {
+            let started = async {
+                transport.declare_endpoint(&endpoint.topology).await?;
+                transport.consume(&endpoint.topology).await
+            };
+            let stream = match started.await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    stop_taking.cancel();
+                    for handle in loops {
+                        let _ = handle.await;
+                    }
+                    return Err(error);
+                }
+            };
+            let run = endpoint.clone().run(self.clone(), stream, stop_taking.clone(), cancel.clone(), tracker.clone());
+            loops.push(tokio::spawn(run));
+        }
+        inner.state.store(STARTED, Ordering::Release);
+        *running = Some(Running { stop_taking, cancel, tracker, loops });
+        tracing::info!(address = %inner.address, endpoints = inner.endpoints.len(), "bus started");
+        Ok(())
+    }
+
+    /// Stops the bus: takes no new deliveries, lets in-flight consumers finish within the stop
+    /// timeout, then cancels them through their cancellation token. Every message not finished
+    /// goes back to its queue. Publishing afterwards fails with [`Error::Stopped`].
+    pub async fn stop(&self) -> Result<()> {
+        let inner = &self.inner;
+        let mut running = inner.running.lock().await;
+        inner.state.store(STOPPING, Ordering::Release);
+        if let Some(run) = running.take() {
+            run.stop_taking.cancel();
+            for handle in run.loops {
+                let _ = handle.await;
+            }
+            run.tracker.close();
+            if tokio::time::timeout(inner.stop_timeout, run.tracker.wait()).await.is_err() {
+                tracing::warn!(timeout = ?inner.stop_timeout, "consumers still running at stop timeout; cancelling them");
+                run.cancel.cancel();
+                // Consumers that honour the token end promptly; the bound keeps stop() finite
+                // even for one that does not (its message is requeued when its delivery drops).
+                let _ = tokio::time::timeout(inner.stop_timeout, run.tracker.wait()).await;
+            }
+            inner.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            if let Err(error) = inner.transport.delete_endpoint(&inner.response_topology).await {
+                tracing::warn!(%error, "could not delete the bus response endpoint");
+            }
+        }
+        inner.state.store(STOPPED, Ordering::Release);
+        tracing::info!(address = %inner.address, "bus stopped");
+        Ok(())
+    }
+
+    /// Whether the bus is started and not stopping.
+    pub fn is_started(&self) -> bool {
+        self.inner.state.load(Ordering::Acquire) == STARTED
+    }
+}

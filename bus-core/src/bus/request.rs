@@ -1,0 +1,187 @@
+//! Request/response: a request carries a `requestId` and the bus's address; the response
+//! comes back to the bus's own endpoint and completes the waiting request.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Bus, BusInner};
+use crate::fault::FAULT_URN;
+use crate::{DeliveryStream, Envelope, Error, Message, Result, SendOptions, Settlement};
+
+/// A typed response to a request.
+#[derive(Debug)]
+pub struct Response<R> {
+    message: R,
+    envelope: Envelope,
+}
+
+impl<R> Response<R> {
+    /// The response message.
+    pub fn message(&self) -> &R {
+        &self.message
+    }
+
+    /// Takes the response message.
+    pub fn into_message(self) -> R {
+        self.message
+    }
+
+    /// The response's envelope (ids, headers).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+}
+
+/// Sends requests of type `M` and awaits their responses.
+///
+/// By default a request is published; with [`with_destination`](Self::with_destination)
+/// it is sent to one endpoint. A response that does not come within the timeout is
+/// [`Error::RequestTimeout`]; a consumer that faulted is [`Error::RequestFaulted`].
+pub struct RequestClient<M> {
+    bus: Bus,
+    destination: Option<String>,
+    timeout: Duration,
+    _message: PhantomData<fn(M)>,
+}
+
+impl<M> fmt::Debug for RequestClient<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestClient")
+            .field("destination", &self.destination)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl<M: Message> RequestClient<M> {
+    /// Sends requests to `address` instead of publishing them.
+    pub fn with_destination(mut self, address: impl Into<String>) -> Self {
+        self.destination = Some(address.into());
+        self
+    }
+
+    /// How long to wait for a response.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends the request and waits for a response of type `R`.
+    pub async fn request<R: Message>(&self, message: M) -> Result<Response<R>> {
+        self.request_with(message, SendOptions::default()).await
+    }
+
+    /// Sends the request with options and waits for a response of type `R`.
+    pub async fn request_with<R: Message>(&self, message: M, mut options: SendOptions) -> Result<Response<R>> {
+        let inner = &self.bus.inner;
+        if !self.bus.is_started() {
+            return Err(Error::Stopped);
+        }
+        let request_id = Uuid::now_v7();
+        options.request_id = Some(request_id);
+        options.response_address = Some(inner.address.clone());
+        let (tx, rx) = oneshot::channel();
+        inner.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(request_id, tx);
+        let _pending = PendingGuard { inner, request_id };
+        match &self.destination {
+            Some(address) => self.bus.send_with(address, message, options).await?,
+            None => self.bus.publish_with(message, options).await?,
+        }
+        let envelope = match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(envelope)) => envelope,
+            Ok(Err(_)) => return Err(Error::Stopped),
+            Err(_) => return Err(Error::RequestTimeout { request_type: M::message_type(), timeout: self.timeout }),
+        };
+        response_from(envelope)
+    }
+}
+
+/// Removes a request from the pending map however the wait ends.
+struct PendingGuard<'a> {
+    inner: &'a BusInner,
+    request_id: Uuid,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.request_id);
+    }
+}
+
+fn response_from<R: Message>(envelope: Envelope) -> Result<Response<R>> {
+    if envelope.has_message_type(R::message_type()) {
+        let message = envelope.message_as()?;
+        return Ok(Response { message, envelope });
+    }
+    if envelope.message_type.iter().any(|t| t.starts_with(FAULT_URN)) {
+        #[derive(serde::Deserialize)]
+        struct FaultView {
+            #[serde(default)]
+            exceptions: Vec<crate::fault::ExceptionInfo>,
+        }
+        let fault: FaultView = envelope.message_as()?;
+        let first = fault.exceptions.into_iter().next();
+        return Err(Error::RequestFaulted {
+            exception_type: first.as_ref().map_or_else(|| "Unknown".to_owned(), |e| e.exception_type.clone()),
+            message: first.map_or_else(|| "the request faulted".to_owned(), |e| e.message),
+        });
+    }
+    Err(Error::deserialize(
+        format!("expected a {} response, got {:?}", R::message_type(), envelope.message_type),
+        None,
+    ))
+}
+
+impl Bus {
+    /// A client for requests of type `M`, with the bus's default timeout.
+    pub fn request_client<M: Message>(&self) -> RequestClient<M> {
+        RequestClient {
+            bus: self.clone(),
+            destination: None,
+            timeout: self.inner.request_timeout,
+            _message: PhantomData,
+        }
+    }
+
+    /// Publishes a request and waits for its response (see [`RequestClient`]).
+    pub async fn request<M: Message, R: Message>(&self, message: M) -> Result<Response<R>> {
+        self.request_client::<M>().request(message).await
+    }
+}
+
+/// Consumes the bus's own endpoint: every message there answers a pending request.
+pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStream, stop: CancellationToken) {
+    let inner = &bus.inner;
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            next = deliveries.next() => match next {
+                Some(delivery) => delivery,
+                None => break,
+            },
+        };
+        match inner.serializers.deserialize(delivery.message()) {
+            Ok(envelope) => {
+                let waiting = envelope
+                    .request_id
+                    .and_then(|id| inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id));
+                match waiting {
+                    // The requester may have given up just now; then the response has nobody to go to.
+                    Some(tx) => drop(tx.send(envelope)),
+                    None => tracing::debug!(request_id = ?envelope.request_id, "response for no pending request dropped"),
+                }
+            }
+            Err(error) => tracing::warn!(%error, "unreadable message on the bus response endpoint dropped"),
+        }
+        if let Err(error) = delivery.settle(Settlement::Ack).await {
+            tracing::warn!(%error, "could not acknowledge a response");
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Building and dispatching outgoing messages: ids, addresses, headers, outbox.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::{Bus, BusInner};
+use crate::fault::{fault_urn, ExceptionInfo, Fault, FAULT_URN};
+use crate::message::entity_name as type_entity_name;
+use crate::outbox::{MessageTypes, Outbox, Outgoing, Route};
+use crate::{address, ConsumeError, Envelope, Error, Headers, Message, Result};
+
+/// Options for one publish or send.
+///
+/// ```
+/// use std::time::Duration;
+/// use bus_core::SendOptions;
+/// let options = SendOptions::new()
+///     .header("Tenant", "acme")
+///     .correlation_id(uuid::Uuid::now_v7())
+///     .time_to_live(Duration::from_secs(60));
+/// assert_eq!(options.headers.get_str("Tenant"), Some("acme"));
+/// ```
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SendOptions {
+    /// Headers to write.
+    pub headers: Headers,
+    /// Correlation id (default: the message's own, if it declares one).
+    pub correlation_id: Option<Uuid>,
+    /// Request id.
+    pub request_id: Option<Uuid>,
+    /// Where responses should go.
+    pub response_address: Option<String>,
+    /// Where faults should go.
+    pub fault_address: Option<String>,
+    /// How long the message may wait before it expires.
+    pub time_to_live: Option<Duration>,
+}
+
+impl SendOptions {
+    /// No options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Sets where responses go.
+    pub fn response_address(mut self, address: impl Into<String>) -> Self {
+        self.response_address = Some(address.into());
+        self
+    }
+
+    /// Sets where faults go.
+    pub fn fault_address(mut self, address: impl Into<String>) -> Self {
+        self.fault_address = Some(address.into());
+        self
+    }
+
+    /// Sets the time to live.
+    pub fn time_to_live(mut self, ttl: Duration) -> Self {
+        self.time_to_live = Some(ttl);
+        self
+    }
+}
+
+/// The message being consumed, when a message is produced while consuming it.
+#[derive(Clone, Copy)]
+pub(crate) struct Parent<'a> {
+    pub(crate) envelope: &'a Envelope,
+    pub(crate) source_address: &'a str,
+    pub(crate) outbox: &'a Outbox,
+}
+
+impl BusInner {
+    fn envelope_for<M: Message>(
+        &self,
+        message: &M,
+        options: SendOptions,
+        parent: Option<Parent<'_>>,
+        destination: String,
+    ) -> Result<Envelope> {
+        let raw = serde_json::value::to_raw_value(message).map_err(Error::Serialize)?;
+        let mut envelope = Envelope::new(M::message_types().iter().map(|t| (*t).to_owned()).collect(), raw);
+        envelope.correlation_id = options.correlation_id.or_else(|| message.correlation_id());
+        envelope.request_id = options.request_id;
+        envelope.response_address = options.response_address;
+        envelope.fault_address = options.fault_address;
+        envelope.destination_address = Some(destination);
+        envelope.headers = options.headers;
+        envelope.host = Some(self.host.clone());
+        envelope.expiration_time = options
+            .time_to_live
+            .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
+            .map(|ttl| chrono::Utc::now() + ttl);
+        match parent {
+            Some(parent) => {
+                let consumed = parent.envelope;
+                envelope.conversation_id = consumed.conversation_id.or_else(|| Some(Uuid::now_v7()));
+                envelope.initiator_id = consumed.correlation_id.or(consumed.request_id);
+                envelope.source_address = Some(parent.source_address.to_owned());
+                for (name, value) in &consumed.headers {
+                    if !name.starts_with("MT-") {
+                        envelope.headers.insert_if_absent(name, value.clone());
+                    }
+                }
+            }
+            None => {
+                envelope.conversation_id = Some(Uuid::now_v7());
+                envelope.source_address = Some(self.address.clone());
+            }
+        }
+        Ok(envelope)
+    }
+
+    fn outgoing(&self, route: Route, envelope: Envelope) -> Result<Outgoing> {
+        let message = self.serializers.default_serializer().serialize(&envelope)?;
+        Ok(Outgoing { route, envelope, message })
+    }
+
+    /// Hands a message to the transport, then tells the observers.
+    pub(crate) async fn dispatch(&self, outgoing: Outgoing) -> Result<()> {
+        let Outgoing { route, envelope, message } = outgoing;
+        match route {
+            Route::Publish(MessageTypes::Static(types)) => self.transport.publish(types, message).await?,
+            Route::Publish(MessageTypes::Owned(types)) => {
+                let types: Vec<&str> = types.iter().map(String::as_str).collect();
+                self.transport.publish(&types, message).await?;
+            }
+            Route::Send(destination) => {
+                self.transport.send(&destination, message).await?;
+                for observer in &self.observers {
+                    observer.on_send(&destination, &envelope);
+                }
+                return Ok(());
+            }
+        }
+        for observer in &self.observers {
+            observer.on_publish(&envelope);
+        }
+        Ok(())
+    }
+
+    /// Publishes or sends one `Fault` for a message that finally failed: to its
+    /// `faultAddress`, else its `responseAddress`, else published.
+    pub(crate) async fn emit_fault(
+        &self,
+        failed: &Envelope,
+        error: &ConsumeError,
+        consumer_type: &str,
+        source_address: &str,
+    ) -> Result<()> {
+        let fault = Fault {
+            fault_id: Uuid::now_v7(),
+            faulted_message_id: failed.message_id,
+            timestamp: chrono::Utc::now(),
+            exceptions: vec![ExceptionInfo {
+                exception_type: error.exception_type().to_owned(),
+                message: error.message().to_owned(),
+                stack_trace: Some(error.causes()).filter(|s| !s.is_empty()),
+                source: Some(consumer_type.to_owned()),
+            }],
+            host: (*self.host).clone(),
+            fault_message_types: failed.message_type.clone(),
+            message: &*failed.message,
+        };
+        let types: Vec<String> =
+            failed.message_type.iter().map(|t| fault_urn(t)).chain([FAULT_URN.to_owned()]).collect();
+        let raw = serde_json::value::to_raw_value(&fault).map_err(Error::Serialize)?;
+        let mut envelope = Envelope::new(types.clone(), raw);
+        envelope.correlation_id = failed.correlation_id;
+        envelope.request_id = failed.request_id;
+        envelope.conversation_id = failed.conversation_id;
+        envelope.initiator_id = failed.message_id;
+        envelope.source_address = Some(source_address.to_owned());
+        envelope.host = Some(self.host.clone());
+        for (name, value) in &failed.headers {
+            if !name.starts_with("MT-") {
+                envelope.headers.insert_if_absent(name, value.clone());
+            }
+        }
+        let route = match failed.fault_address.as_deref().or(failed.response_address.as_deref()) {
+            Some(target) => {
+                envelope.destination_address = Some(target.to_owned());
+                Route::Send(address::entity_name(target)?.to_owned())
+            }
+            None => {
+                envelope.destination_address = Some(self.transport.address(&type_entity_name(&types[0])));
+                Route::Publish(MessageTypes::Owned(types))
+            }
+        };
+        let outgoing = self.outgoing(route, envelope)?;
+        self.dispatch(outgoing).await
+    }
+}
+
+impl Bus {
+    /// Publishes a message to every endpoint that consumes its type (or a contract it lists).
+    ///
+    /// Resolves when the transport has taken the message.
+    pub async fn publish<M: Message>(&self, message: M) -> Result<()> {
+        self.publish_with(message, SendOptions::default()).await
+    }
+
+    /// Publishes with options (headers, correlation id, time to live...).
+    pub async fn publish_with<M: Message>(&self, message: M, options: SendOptions) -> Result<()> {
+        self.publish_from(message, options, None).await
+    }
+
+    /// Sends a message to one endpoint, by address (`queue:orders`, `rabbitmq://host/orders`).
+    pub async fn send<M: Message>(&self, address: &str, message: M) -> Result<()> {
+        self.send_with(address, message, SendOptions::default()).await
+    }
+
+    /// Sends with options.
+    pub async fn send_with<M: Message>(&self, address: &str, message: M, options: SendOptions) -> Result<()> {
+        self.send_from(address, message, options, None).await
+    }
+
+    pub(crate) async fn publish_from<M: Message>(
+        &self,
+        message: M,
+        options: SendOptions,
+        parent: Option<Parent<'_>>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        if parent.is_none() {
+            inner.ensure_not_stopped()?;
+        }
+        let destination = inner.transport.address(&type_entity_name(M::message_type()));
+        let envelope = inner.envelope_for(&message, options, parent, destination)?;
+        let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
+        self.release_or_hold(outgoing, parent).await
+    }
+
+    pub(crate) async fn send_from<M: Message>(
+        &self,
+        address: &str,
+        message: M,
+        options: SendOptions,
+        parent: Option<Parent<'_>>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        if parent.is_none() {
+            inner.ensure_not_stopped()?;
+        }
+        let name = address::entity_name(address)?.to_owned();
+        let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
+        let envelope = inner.envelope_for(&message, options, parent, destination)?;
+        let outgoing = inner.outgoing(Route::Send(name), envelope)?;
+        self.release_or_hold(outgoing, parent).await
+    }
+
+    async fn release_or_hold(&self, outgoing: Outgoing, parent: Option<Parent<'_>>) -> Result<()> {
+        let outgoing = match parent {
+            Some(parent) => match parent.outbox.hold(outgoing) {
+                Some(outgoing) => outgoing,
+                None => return Ok(()),
+            },
+            None => outgoing,
+        };
+        self.inner.dispatch(outgoing).await
+    }
+}

@@ -1,0 +1,333 @@
+//! The MassTransit message envelope: ids, addresses, message types, headers and the message.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::de::{self, MapAccess, Visitor};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::{Headers, HostInfo};
+
+/// A message with everything MassTransit's JSON envelope carries.
+///
+/// The message itself stays raw JSON until a consumer asks for its type, so several
+/// consumers of different contracts each read it as their own type and an unknown type
+/// costs no parsing.
+///
+/// ```
+/// use bus_core::Envelope;
+/// let json = br#"{"MessageId":"0a790000-5d3a-0015-4ccf-08dd5f3c2a41",
+///                 "messageType":["urn:message:Shop:OrderPlaced"],
+///                 "message":{"orderId":7},"sentTime":"2026-03-02T14:07:31.5131874Z"}"#;
+/// let envelope = Envelope::from_json(json).unwrap();
+/// assert_eq!(envelope.message_type, ["urn:message:Shop:OrderPlaced"]);
+/// assert_eq!(envelope.message.get(), r#"{"orderId":7}"#);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Unique id of this message.
+    pub message_id: Option<Uuid>,
+    /// Id of the request this message is or answers.
+    pub request_id: Option<Uuid>,
+    /// Business correlation id.
+    pub correlation_id: Option<Uuid>,
+    /// Id shared by every message of one flow.
+    pub conversation_id: Option<Uuid>,
+    /// Correlation (or request) id of the message whose consumer produced this one.
+    pub initiator_id: Option<Uuid>,
+    /// Address of the endpoint (or bus) that produced the message.
+    pub source_address: Option<String>,
+    /// Where the message was sent or published to.
+    pub destination_address: Option<String>,
+    /// Where responses go.
+    pub response_address: Option<String>,
+    /// Where faults go.
+    pub fault_address: Option<String>,
+    /// The message's URNs, its own first.
+    pub message_type: Vec<String>,
+    /// The message as raw JSON.
+    pub message: Box<RawValue>,
+    /// When the message expires.
+    pub expiration_time: Option<DateTime<Utc>>,
+    /// When the message was sent.
+    pub sent_time: Option<DateTime<Utc>>,
+    /// User and infrastructure headers.
+    pub headers: Headers,
+    /// The process that wrote the message.
+    pub host: Option<Arc<HostInfo>>,
+}
+
+impl Envelope {
+    /// An envelope around a raw JSON message, with a new message id and the current time.
+    pub fn new(message_type: Vec<String>, message: Box<RawValue>) -> Self {
+        Envelope {
+            message_id: Some(Uuid::now_v7()),
+            request_id: None,
+            correlation_id: None,
+            conversation_id: None,
+            initiator_id: None,
+            source_address: None,
+            destination_address: None,
+            response_address: None,
+            fault_address: None,
+            message_type,
+            message,
+            expiration_time: None,
+            sent_time: Some(Utc::now()),
+            headers: Headers::new(),
+            host: None,
+        }
+    }
+
+    /// Reads an envelope from MassTransit JSON (property names match case-insensitively).
+    pub fn from_json(bytes: &[u8]) -> crate::Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            let reason = if e.is_syntax() || e.is_eof() {
+                format!("body is not valid JSON: {e}")
+            } else {
+                format!("body is not a MassTransit envelope: {e}")
+            };
+            crate::Error::deserialize(reason, Some(Box::new(e) as crate::BoxError))
+        })
+    }
+
+    /// Writes the envelope as MassTransit JSON.
+    pub fn to_json(&self) -> crate::Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(crate::Error::Serialize)
+    }
+
+    /// Reads the message as type `T`.
+    pub fn message_as<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
+        serde_json::from_str(self.message.get()).map_err(|e| {
+            crate::Error::deserialize(
+                format!("message does not match {}: {e}", std::any::type_name::<T>()),
+                Some(Box::new(e) as crate::BoxError),
+            )
+        })
+    }
+
+    /// Whether the envelope lists `urn` among its message types.
+    pub fn has_message_type(&self, urn: &str) -> bool {
+        self.message_type.iter().any(|t| t == urn)
+    }
+}
+
+/// Formats a time as MassTransit does: UTC with seven fractional digits.
+pub fn format_time(time: &DateTime<Utc>) -> String {
+    format!("{}.{:07}Z", time.format("%Y-%m-%dT%H:%M:%S"), time.timestamp_subsec_nanos() / 100)
+}
+
+/// Parses an ISO-8601 time as .NET writes it (up to 7 fractional digits, `Z`, an offset, or none).
+pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|n| n.and_utc()))
+}
+
+struct Time<'a>(&'a Option<DateTime<Utc>>);
+
+impl Serialize for Time<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(t) => s.serialize_str(&format_time(t)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl Serialize for Envelope {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Envelope", 15)?;
+        st.serialize_field("messageId", &self.message_id)?;
+        st.serialize_field("requestId", &self.request_id)?;
+        st.serialize_field("correlationId", &self.correlation_id)?;
+        st.serialize_field("conversationId", &self.conversation_id)?;
+        st.serialize_field("initiatorId", &self.initiator_id)?;
+        st.serialize_field("sourceAddress", &self.source_address)?;
+        st.serialize_field("destinationAddress", &self.destination_address)?;
+        st.serialize_field("responseAddress", &self.response_address)?;
+        st.serialize_field("faultAddress", &self.fault_address)?;
+        st.serialize_field("messageType", &self.message_type)?;
+        st.serialize_field("message", &self.message)?;
+        st.serialize_field("expirationTime", &Time(&self.expiration_time))?;
+        st.serialize_field("sentTime", &Time(&self.sent_time))?;
+        st.serialize_field("headers", &self.headers)?;
+        st.serialize_field("host", &self.host)?;
+        st.end()
+    }
+}
+
+enum Field {
+    MessageId,
+    RequestId,
+    CorrelationId,
+    ConversationId,
+    InitiatorId,
+    SourceAddress,
+    DestinationAddress,
+    ResponseAddress,
+    FaultAddress,
+    MessageType,
+    Message,
+    ExpirationTime,
+    SentTime,
+    Headers,
+    Host,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl Visitor<'_> for FieldVisitor {
+            type Value = Field;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an envelope property name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
+                const FIELDS: [(&str, Field); 15] = [
+                    ("messageId", Field::MessageId),
+                    ("requestId", Field::RequestId),
+                    ("correlationId", Field::CorrelationId),
+                    ("conversationId", Field::ConversationId),
+                    ("initiatorId", Field::InitiatorId),
+                    ("sourceAddress", Field::SourceAddress),
+                    ("destinationAddress", Field::DestinationAddress),
+                    ("responseAddress", Field::ResponseAddress),
+                    ("faultAddress", Field::FaultAddress),
+                    ("messageType", Field::MessageType),
+                    ("message", Field::Message),
+                    ("expirationTime", Field::ExpirationTime),
+                    ("sentTime", Field::SentTime),
+                    ("headers", Field::Headers),
+                    ("host", Field::Host),
+                ];
+                Ok(FIELDS
+                    .into_iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case(v))
+                    .map_or(Field::Other, |(_, f)| f))
+            }
+        }
+        d.deserialize_identifier(FieldVisitor)
+    }
+}
+
+/// A GUID or null; an empty string counts as null, as .NET tolerates it.
+struct OptUuid(Option<Uuid>);
+
+impl<'de> Deserialize<'de> for OptUuid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d)?;
+        match text.as_deref().map(str::trim) {
+            None | Some("") => Ok(OptUuid(None)),
+            Some(s) => Uuid::parse_str(s).map(|u| OptUuid(Some(u))).map_err(|e| de::Error::custom(format!("invalid GUID `{s}`: {e}"))),
+        }
+    }
+}
+
+struct OptTime(Option<DateTime<Utc>>);
+
+impl<'de> Deserialize<'de> for OptTime {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d)?;
+        match text.as_deref() {
+            None | Some("") => Ok(OptTime(None)),
+            Some(s) => parse_time(s).map(|t| OptTime(Some(t))).ok_or_else(|| de::Error::custom(format!("invalid time `{s}`"))),
+        }
+    }
+}
+
+fn host_from_map(map: Map<String, Value>) -> HostInfo {
+    let mut host = HostInfo::default();
+    for (key, value) in map {
+        let text = || match &value {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            other => Some(other.to_string()),
+        };
+        match key.to_ascii_lowercase().as_str() {
+            "machinename" => host.machine_name = text(),
+            "processname" => host.process_name = text(),
+            "processid" => host.process_id = value.as_i64().or_else(|| value.as_str().and_then(|s| s.parse().ok())),
+            "assembly" => host.assembly = text(),
+            "assemblyversion" => host.assembly_version = text(),
+            "frameworkversion" => host.framework_version = text(),
+            "masstransitversion" => host.mass_transit_version = text(),
+            "operatingsystemversion" => host.operating_system_version = text(),
+            _ => {}
+        }
+    }
+    host
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct EnvelopeVisitor;
+        impl<'de> Visitor<'de> for EnvelopeVisitor {
+            type Value = Envelope;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a MassTransit envelope object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
+                let mut message_type: Option<Vec<String>> = None;
+                let mut message: Option<Box<RawValue>> = None;
+                let mut env = Envelope {
+                    message_id: None,
+                    request_id: None,
+                    correlation_id: None,
+                    conversation_id: None,
+                    initiator_id: None,
+                    source_address: None,
+                    destination_address: None,
+                    response_address: None,
+                    fault_address: None,
+                    message_type: Vec::new(),
+                    message: RawValue::NULL.to_owned(),
+                    expiration_time: None,
+                    sent_time: None,
+                    headers: Headers::new(),
+                    host: None,
+                };
+                while let Some(field) = map.next_key::<Field>()? {
+                    match field {
+                        Field::MessageId => env.message_id = map.next_value::<OptUuid>()?.0,
+                        Field::RequestId => env.request_id = map.next_value::<OptUuid>()?.0,
+                        Field::CorrelationId => env.correlation_id = map.next_value::<OptUuid>()?.0,
+                        Field::ConversationId => env.conversation_id = map.next_value::<OptUuid>()?.0,
+                        Field::InitiatorId => env.initiator_id = map.next_value::<OptUuid>()?.0,
+                        Field::SourceAddress => env.source_address = map.next_value()?,
+                        Field::DestinationAddress => env.destination_address = map.next_value()?,
+                        Field::ResponseAddress => env.response_address = map.next_value()?,
+                        Field::FaultAddress => env.fault_address = map.next_value()?,
+                        Field::MessageType => message_type = map.next_value()?,
+                        Field::Message => message = Some(map.next_value()?),
+                        Field::ExpirationTime => env.expiration_time = map.next_value::<OptTime>()?.0,
+                        Field::SentTime => env.sent_time = map.next_value::<OptTime>()?.0,
+                        Field::Headers => {
+                            env.headers = map.next_value::<Option<Headers>>()?.unwrap_or_default();
+                        }
+                        Field::Host => {
+                            env.host = map.next_value::<Option<Map<String, Value>>>()?.map(|m| Arc::new(host_from_map(m)));
+                        }
+                        Field::Other => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                env.message_type = match message_type {
+                    Some(types) if !types.is_empty() => types,
+                    _ => return Err(de::Error::custom("envelope has no messageType")),
+                };
+                env.message = message.ok_or_else(|| de::Error::custom("envelope has no message"))?;
+                Ok(env)
+            }
+        }
+        d.deserialize_map(EnvelopeVisitor)
+    }
+}

@@ -1,0 +1,86 @@
+//! bus-core: the transport-independent heart of a MassTransit-compatible message bus.
+//!
+//! Services depend on it to define messages ([`Message`]), consume them ([`Consumer`],
+//! [`ConsumeContext`]) and publish, send and request through a [`Bus`]. Transports
+//! (`bus-inmemory`, `bus-rabbitmq`) implement [`Transport`]; sagas (`bus-saga`) build on
+//! consumers. Features:
+//!
+//! - MassTransit's JSON envelope and raw JSON on the wire, picked by content type;
+//! - publish (fan-out by message type), send (one endpoint), request/response with timeouts and faults;
+//! - a consume pipeline of middleware: retry, timeout, panic capture, concurrency limits, your own;
+//! - delayed redelivery, `_error` and `_skipped` queues, `Fault<T>`, an in-memory outbox;
+//! - graceful shutdown that loses nothing.
+//!
+//! ```
+//! use bus_core::{Bus, ConsumeContext, BoxError, Message};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Serialize, Deserialize, Message)]
+//! #[serde(rename_all = "camelCase")]
+//! #[message(urn = "urn:message:DistributedAppWithMassTransitShared:NewOrderEvent")]
+//! struct NewOrderEvent { user_email: String }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let harness = bus_inmemory::InMemoryTestHarness::start(|bus| {
+//!     bus.receive_endpoint("orders", |e| {
+//!         e.handler(|ctx: ConsumeContext<NewOrderEvent>| async move {
+//!             println!("order from {}", ctx.message().user_email);
+//!             Ok::<_, BoxError>(())
+//!         });
+//!     })
+//! })
+//! .await?;
+//! harness.bus().publish(NewOrderEvent { user_email: "ann@example.com".into() }).await?;
+//! assert!(harness.consumed().any::<NewOrderEvent>().await);
+//! harness.stop().await?;
+//! # Ok(()) }
+//! ```
+
+pub mod address;
+mod bus;
+mod consume_error;
+mod consumer;
+mod context;
+mod endpoint;
+mod endpoint_name;
+pub mod envelope;
+mod error;
+pub mod fault;
+mod headers;
+mod host;
+pub mod message;
+pub mod middleware;
+mod observer;
+mod outbox;
+mod receive;
+mod redelivery;
+pub mod serializer;
+pub mod testing;
+mod transport;
+
+pub use bus::{Bus, BusBuilder, RequestClient, Response, SendOptions};
+pub use bus_derive::Message;
+pub use consume_error::{ConsumeError, ConsumeErrorKind};
+pub use consumer::{Consumer, Permanent};
+pub use context::{ConsumeContext, ReceiveContext};
+pub use endpoint::{default_prefetch, ConsumerConfig, ReceiveEndpointBuilder, DEFAULT_MAX_MESSAGE_SIZE};
+pub use endpoint_name::{
+    DefaultEndpointNameFormatter, EndpointNameFormatter, KebabCaseEndpointNameFormatter, SnakeCaseEndpointNameFormatter,
+};
+pub use envelope::Envelope;
+pub use error::{BoxError, Error, Result};
+pub use fault::{ExceptionInfo, Fault};
+pub use headers::{names as header_names, Headers};
+pub use host::HostInfo;
+pub use message::Message;
+pub use observer::BusObserver;
+pub use redelivery::RedeliveryPolicy;
+pub use transport::{Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, Transport, TransportMessage};
+
+/// Re-exports for the derive macro; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::message::IntoCorrelationId;
+    pub use uuid::Uuid;
+}

@@ -1,0 +1,95 @@
+//! The consume pipeline: a stack of middleware around each consumer.
+//!
+//! For every consumer of a message the pipeline runs, outermost first:
+//!
+//! 1. [`ConcurrencyLimit`] (when the consumer has a limit),
+//! 2. the endpoint's middleware, then the consumer's, in the order they were added,
+//! 3. [`Retry`] (the in-process retry policy),
+//! 4. [`Timeout`] (when the consumer has a timeout): a hung attempt becomes a failed one,
+//! 5. [`CatchPanic`]: a panic becomes a failed attempt,
+//! 6. the consumer.
+//!
+//! Delayed redelivery, `_error` and faults happen after the pipeline, once all retries
+//! are spent (see `docs/failures.md`).
+
+mod catch_panic;
+mod concurrency;
+mod from_fn;
+mod retry;
+mod timeout;
+
+use std::fmt;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+pub use catch_panic::CatchPanic;
+pub use concurrency::ConcurrencyLimit;
+pub use from_fn::{from_fn, FromFn};
+pub use retry::{Retry, RetryPolicy};
+pub use timeout::Timeout;
+
+use crate::consumer::ErasedConsumer;
+use crate::{ConsumeError, ReceiveContext};
+
+/// A step of the consume pipeline.
+///
+/// Call `next.run(ctx)` to go on to the rest of the pipeline (zero, one or several times),
+/// or return without calling it to stop the message here.
+pub trait Middleware: Send + Sync + 'static {
+    /// Handles one consume attempt.
+    fn handle<'a>(&'a self, ctx: ReceiveContext, next: Next) -> BoxFuture<'a, Result<(), ConsumeError>>;
+}
+
+struct PipelineInner {
+    middleware: Vec<Arc<dyn Middleware>>,
+    consumer: Arc<dyn ErasedConsumer>,
+}
+
+/// The rest of the pipeline after the current middleware.
+#[derive(Clone)]
+pub struct Next {
+    pipeline: Arc<PipelineInner>,
+    index: usize,
+}
+
+impl fmt::Debug for Next {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Next").field("index", &self.index).finish_non_exhaustive()
+    }
+}
+
+impl Next {
+    /// Runs the rest of the pipeline.
+    pub fn run(self, ctx: ReceiveContext) -> BoxFuture<'static, Result<(), ConsumeError>> {
+        Box::pin(async move {
+            match self.pipeline.middleware.get(self.index).cloned() {
+                Some(middleware) => {
+                    let next = Next { pipeline: self.pipeline, index: self.index + 1 };
+                    middleware.handle(ctx, next).await
+                }
+                None => self.pipeline.consumer.consume(ctx).await,
+            }
+        })
+    }
+}
+
+/// A consumer with its middleware stack, ready to run.
+#[derive(Clone)]
+pub(crate) struct Pipeline(Next);
+
+impl Pipeline {
+    pub(crate) fn new(middleware: Vec<Arc<dyn Middleware>>, consumer: Arc<dyn ErasedConsumer>) -> Self {
+        Pipeline(Next { pipeline: Arc::new(PipelineInner { middleware, consumer }), index: 0 })
+    }
+
+    pub(crate) fn run(&self, ctx: ReceiveContext) -> BoxFuture<'static, Result<(), ConsumeError>> {
+        self.0.clone().run(ctx)
+    }
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline").field("layers", &self.0.pipeline.middleware.len()).finish()
+    }
+}

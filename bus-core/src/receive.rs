@@ -1,0 +1,279 @@
+//! The receive path of one endpoint: delivery -> envelope -> consumers -> settlement.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::context::ReceiveState;
+use crate::endpoint::{EndpointInfo, EndpointSettings, ReceiveEndpointBuilder};
+use crate::envelope::format_time;
+use crate::headers::names;
+use crate::middleware::{CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
+use crate::outbox::Outbox;
+use crate::{
+    Bus, ConsumeError, Delivery, DeliveryStream, EndpointTopology, Envelope, Error, Headers, ReceiveContext,
+    Settlement, TransportMessage,
+};
+
+#[derive(Debug)]
+struct ConsumerEntry {
+    consumer_type: &'static str,
+    pipeline: Pipeline,
+}
+
+/// A configured endpoint, ready to consume.
+#[derive(Debug)]
+pub(crate) struct EndpointRuntime {
+    pub(crate) topology: EndpointTopology,
+    info: Arc<EndpointInfo>,
+    settings: EndpointSettings,
+    consumers: Vec<ConsumerEntry>,
+    by_type: HashMap<&'static str, Vec<usize>>,
+}
+
+impl EndpointRuntime {
+    pub(crate) fn new(builder: ReceiveEndpointBuilder, address: String) -> Self {
+        let ReceiveEndpointBuilder { name, settings, middleware, consumers: registrations } = builder;
+        let mut consumers = Vec::with_capacity(registrations.len());
+        let mut by_type: HashMap<&'static str, Vec<usize>> = HashMap::new();
+        let mut message_types = Vec::new();
+        for (index, registration) in registrations.into_iter().enumerate() {
+            let config = registration.config;
+            let mut stack: Vec<Arc<dyn Middleware>> = Vec::new();
+            if let Some(limit) = config.concurrency_limit {
+                stack.push(Arc::new(ConcurrencyLimit::new(limit)));
+            }
+            stack.extend(middleware.iter().cloned());
+            stack.extend(config.middleware);
+            stack.push(Arc::new(Retry(config.retry.unwrap_or_else(|| settings.retry.clone()))));
+            if let Some(timeout) = config.timeout {
+                stack.push(Arc::new(Timeout(timeout)));
+            }
+            stack.push(Arc::new(CatchPanic));
+            consumers.push(ConsumerEntry {
+                consumer_type: registration.consumer_type,
+                pipeline: Pipeline::new(stack, registration.consumer),
+            });
+            by_type.entry(registration.message_type).or_default().push(index);
+            if !message_types.iter().any(|t| t == registration.message_type) {
+                message_types.push(registration.message_type.to_owned());
+            }
+        }
+        let topology = EndpointTopology {
+            queue: name.clone(),
+            message_types,
+            redelivery_delays: settings.redelivery.delays().to_vec(),
+            temporary: false,
+            prefetch: settings.prefetch,
+        };
+        EndpointRuntime { topology, info: Arc::new(EndpointInfo { name, address }), settings, consumers, by_type }
+    }
+
+    /// Takes deliveries until `stop_taking` fires; each runs on its own task, at most
+    /// `concurrency` at once, tracked by `tracker` so that stop can wait for them.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        bus: Bus,
+        mut deliveries: DeliveryStream,
+        stop_taking: CancellationToken,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let limit = Arc::new(Semaphore::new(self.settings.concurrency));
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = stop_taking.cancelled() => break,
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let delivery = tokio::select! {
+                biased;
+                () = stop_taking.cancelled() => break,
+                next = deliveries.next() => match next {
+                    Some(delivery) => delivery,
+                    None => {
+                        tracing::warn!(endpoint = %self.info.name, "delivery stream ended; endpoint no longer consuming");
+                        break;
+                    }
+                },
+            };
+            let endpoint = self.clone();
+            let bus = bus.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                endpoint.handle(&bus, delivery, cancel).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn handle(&self, bus: &Bus, delivery: Delivery, cancel: CancellationToken) {
+        let settlement = self.process(bus, delivery.message(), cancel).await;
+        if let Err(error) = delivery.settle(settlement).await {
+            // The transport keeps the delivery unacknowledged; the broker delivers it again.
+            tracing::warn!(endpoint = %self.info.name, %error, "could not settle a delivery");
+        }
+    }
+
+    async fn process(&self, bus: &Bus, message: &TransportMessage, cancel: CancellationToken) -> Settlement {
+        let inner = &bus.inner;
+        if message.body.len() > self.settings.max_message_size {
+            let error = Error::MessageTooLarge { size: message.body.len(), limit: self.settings.max_message_size };
+            return self.unreadable(bus, message, "MessageTooLarge", &error);
+        }
+        let envelope = match inner.serializers.deserialize(message) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                let kind = match &error {
+                    Error::UnsupportedContentType(_) => "UnsupportedContentType",
+                    _ => "SerializationException",
+                };
+                return self.unreadable(bus, message, kind, &error);
+            }
+        };
+        let matched = self.matching_consumers(&envelope);
+        if matched.is_empty() {
+            let queue = self.topology.skipped_queue();
+            let mut headers = Headers::new();
+            headers.insert(names::REASON, "dead-letter");
+            self.notify_dead_letter(bus, &queue, "dead-letter", message);
+            tracing::debug!(endpoint = %self.info.name, types = ?envelope.message_type, "no consumer for message; moved to skipped");
+            return Settlement::MoveTo { queue, headers };
+        }
+        let redelivery_count = message
+            .headers
+            .get_i64(names::REDELIVERY_COUNT)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        let state = Arc::new(ReceiveState { envelope, endpoint: self.info.clone(), bus: bus.clone(), redelivery_count, cancel });
+        let mut release = Vec::new();
+        for index in matched {
+            let entry = &self.consumers[index];
+            let outbox = Outbox::new(self.settings.outbox);
+            let ctx = ReceiveContext::new(state.clone(), entry.consumer_type, outbox.clone());
+            match entry.pipeline.run(ctx).await {
+                Ok(()) => {
+                    for observer in &inner.observers {
+                        observer.on_consumed(&self.info.name, entry.consumer_type, &state.envelope);
+                    }
+                    release.extend(outbox.take());
+                }
+                Err(error) => {
+                    outbox.discard();
+                    return self.failed(bus, &state, message, entry.consumer_type, error).await;
+                }
+            }
+        }
+        for outgoing in release {
+            if let Err(error) = inner.dispatch(outgoing).await {
+                // Consumed, but what it produced did not all leave: deliver again (at least once).
+                tracing::warn!(endpoint = %self.info.name, %error, "outbox release failed; message requeued");
+                return Settlement::Requeue;
+            }
+        }
+        Settlement::Ack
+    }
+
+    fn matching_consumers(&self, envelope: &Envelope) -> Vec<usize> {
+        // A raw JSON message without a type is offered to every consumer, as MassTransit does.
+        if envelope.message_type.is_empty() {
+            return (0..self.consumers.len()).collect();
+        }
+        let mut matched = Vec::with_capacity(1);
+        for urn in &envelope.message_type {
+            if let Some(indexes) = self.by_type.get(urn.as_str()) {
+                for index in indexes {
+                    if !matched.contains(index) {
+                        matched.push(*index);
+                    }
+                }
+            }
+        }
+        matched
+    }
+
+    async fn failed(
+        &self,
+        bus: &Bus,
+        state: &ReceiveState,
+        message: &TransportMessage,
+        consumer_type: &str,
+        error: ConsumeError,
+    ) -> Settlement {
+        let inner = &bus.inner;
+        for observer in &inner.observers {
+            observer.on_consume_fault(&self.info.name, consumer_type, &state.envelope, &error);
+        }
+        if state.cancel.is_cancelled() {
+            // The bus is stopping: the attempt was cut short, not failed; deliver it again later.
+            return Settlement::Requeue;
+        }
+        if error.is_retryable() {
+            if let Some(delay) = self.settings.redelivery.delay_after(state.redelivery_count) {
+                let mut headers = Headers::new();
+                headers.insert(names::REDELIVERY_COUNT, state.redelivery_count + 1);
+                tracing::info!(endpoint = %self.info.name, message_id = ?state.envelope.message_id, ?delay,
+                    redelivery = state.redelivery_count + 1, %error, "consume failed; redelivering later");
+                return Settlement::Redeliver { delay, headers };
+            }
+        }
+        tracing::error!(endpoint = %self.info.name, message_id = ?state.envelope.message_id, consumer = consumer_type,
+            %error, "consume failed; moved to the error queue");
+        if let Err(fault_error) = inner.emit_fault(&state.envelope, &error, consumer_type, &self.info.address).await {
+            tracing::warn!(endpoint = %self.info.name, error = %fault_error, "could not emit the fault");
+        }
+        let mut headers = self.fault_headers(bus, error.exception_type(), error.message());
+        headers.insert("MT-Fault-ConsumerType", consumer_type);
+        headers.insert("MT-Fault-MessageType", state.envelope.message_type.first().cloned().unwrap_or_default());
+        headers.insert("MT-Fault-RetryCount", error.retry_count());
+        let stack = error.causes();
+        if !stack.is_empty() {
+            headers.insert("MT-Fault-StackTrace", truncate(&stack, 4096));
+        }
+        let queue = self.topology.error_queue();
+        self.notify_dead_letter(bus, &queue, error.message(), message);
+        Settlement::MoveTo { queue, headers }
+    }
+
+    /// A message that cannot be read at all: straight to `_error`, never retried, no fault
+    /// (there is no message to put in one).
+    fn unreadable(&self, bus: &Bus, message: &TransportMessage, exception_type: &str, error: &Error) -> Settlement {
+        let reason = error.to_string();
+        tracing::error!(endpoint = %self.info.name, %reason, "unreadable message moved to the error queue");
+        let headers = self.fault_headers(bus, exception_type, &reason);
+        let queue = self.topology.error_queue();
+        self.notify_dead_letter(bus, &queue, &reason, message);
+        Settlement::MoveTo { queue, headers }
+    }
+
+    fn notify_dead_letter(&self, bus: &Bus, queue: &str, reason: &str, message: &TransportMessage) {
+        for observer in &bus.inner.observers {
+            observer.on_dead_letter(queue, reason, message);
+        }
+    }
+
+    fn fault_headers(&self, bus: &Bus, exception_type: &str, message: &str) -> Headers {
+        let mut headers = Headers::new();
+        headers.insert(names::REASON, "fault");
+        headers.insert("MT-Fault-ExceptionType", exception_type);
+        headers.insert("MT-Fault-Message", truncate(message, 4096));
+        headers.insert("MT-Fault-Timestamp", format_time(&chrono::Utc::now()));
+        headers.insert("MT-Fault-InputAddress", self.info.address.as_str());
+        bus.inner.host.to_fault_headers(&mut headers);
+        headers
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => text[..cut].to_owned(),
+        None => text.to_owned(),
+    }
+}

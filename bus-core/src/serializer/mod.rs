@@ -1,0 +1,88 @@
+//! Serializers: envelope to bytes and back; the content type on the wire picks the reader.
+
+mod masstransit_json;
+mod raw_json;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+pub use masstransit_json::MassTransitJsonSerializer;
+pub use raw_json::RawJsonSerializer;
+
+use crate::{Envelope, Error, Result, TransportMessage};
+
+/// Turns an [`Envelope`] into a [`TransportMessage`] and back.
+pub trait Serializer: Debug + Send + Sync + 'static {
+    /// The content type this serializer writes and reads, e.g. `application/vnd.masstransit+json`.
+    fn content_type(&self) -> &'static str;
+
+    /// Writes the envelope: body, content type and the transport headers that go with it.
+    fn serialize(&self, envelope: &Envelope) -> Result<TransportMessage>;
+
+    /// Reads a message from the wire. Never panics on bad input; says what was wrong.
+    fn deserialize(&self, message: &TransportMessage) -> Result<Envelope>;
+}
+
+/// The serializers a bus knows: one to write with, all to read with by content type.
+///
+/// ```
+/// use bus_core::serializer::{Serializers, RawJsonSerializer};
+/// let serializers = Serializers::default().with_default(RawJsonSerializer);
+/// assert_eq!(serializers.default_serializer().content_type(), "application/json");
+/// assert!(serializers.for_content_type(Some("application/vnd.masstransit+json")).is_ok());
+/// assert!(serializers.for_content_type(Some("text/plain")).is_err());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Serializers {
+    default: Arc<dyn Serializer>,
+    all: Vec<Arc<dyn Serializer>>,
+}
+
+impl Default for Serializers {
+    fn default() -> Self {
+        let envelope: Arc<dyn Serializer> = Arc::new(MassTransitJsonSerializer);
+        Serializers { default: envelope.clone(), all: vec![envelope, Arc::new(RawJsonSerializer)] }
+    }
+}
+
+impl Serializers {
+    /// Writes with `serializer` (and reads its content type).
+    pub fn with_default(mut self, serializer: impl Serializer) -> Self {
+        let serializer: Arc<dyn Serializer> = Arc::new(serializer);
+        self.all.retain(|s| s.content_type() != serializer.content_type());
+        self.all.push(serializer.clone());
+        self.default = serializer;
+        self
+    }
+
+    /// Also reads `serializer`'s content type.
+    pub fn with(mut self, serializer: impl Serializer) -> Self {
+        self.all.retain(|s| s.content_type() != serializer.content_type());
+        self.all.push(Arc::new(serializer));
+        self
+    }
+
+    /// The serializer messages are written with.
+    pub fn default_serializer(&self) -> &dyn Serializer {
+        &*self.default
+    }
+
+    /// The serializer for a content type (parameters such as `charset` are ignored);
+    /// a message without a content type is read as the default (MassTransit JSON).
+    pub fn for_content_type(&self, content_type: Option<&str>) -> Result<&dyn Serializer> {
+        let Some(content_type) = content_type else {
+            return Ok(&*self.default);
+        };
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        self.all
+            .iter()
+            .find(|s| s.content_type().eq_ignore_ascii_case(essence))
+            .map(|s| &**s)
+            .ok_or_else(|| Error::UnsupportedContentType(content_type.to_owned()))
+    }
+
+    /// Reads a message with the serializer its content type names.
+    pub fn deserialize(&self, message: &TransportMessage) -> Result<Envelope> {
+        self.for_content_type(message.content_type.as_deref())?.deserialize(message)
+    }
+}

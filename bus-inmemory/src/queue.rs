@@ -1,0 +1,118 @@
+//! One in-memory queue: bounded, with competing consumers and requeue at the head.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_core::TransportMessage;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::error::{Error, Result};
+
+/// A message waiting in a queue.
+#[derive(Debug)]
+pub(crate) struct Stored {
+    pub(crate) message: TransportMessage,
+    pub(crate) redelivered: bool,
+}
+
+/// A queue holds at most `capacity` messages, counting those delivered but not yet settled.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    pub(crate) name: String,
+    items: Mutex<VecDeque<Stored>>,
+    /// Wakes consumers when a message arrives.
+    ready: Notify,
+    /// Wakes test code waiting on the queue's contents.
+    pub(crate) observed: Notify,
+    /// Free places: taken when a message enters, given back when it is settled away.
+    room: Semaphore,
+    pub(crate) temporary: bool,
+}
+
+impl Queue {
+    pub(crate) fn new(name: String, capacity: usize, temporary: bool) -> Self {
+        Queue {
+            name,
+            items: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            observed: Notify::new(),
+            room: Semaphore::new(capacity.max(1)),
+            temporary,
+        }
+    }
+
+    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Stored>> {
+        // A panic while holding this lock cannot leave the deque inconsistent.
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a message at the tail, waiting up to `wait` for room (`None`: fail at once).
+    pub(crate) async fn push(&self, message: TransportMessage, wait: Option<Duration>) -> Result<()> {
+        let permit = match self.room.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let full = || Error::QueueFull { queue: self.name.clone(), waited: wait.unwrap_or_default() };
+                let wait = wait.ok_or_else(full)?;
+                match tokio::time::timeout(wait, self.room.acquire()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => return Err(full()),
+                }
+            }
+        };
+        permit.forget();
+        self.items().push_back(Stored { message, redelivered: false });
+        self.ready.notify_one();
+        self.observed.notify_waiters();
+        Ok(())
+    }
+
+    /// Puts a delivered message back at the head; it keeps the place it already had.
+    pub(crate) fn requeue(&self, message: TransportMessage) {
+        self.items().push_front(Stored { message, redelivered: true });
+        self.ready.notify_one();
+        self.observed.notify_waiters();
+    }
+
+    /// Adds a message at the tail into a place it already holds (a delayed redelivery).
+    pub(crate) fn enqueue_reserved(&self, message: TransportMessage) {
+        self.items().push_back(Stored { message, redelivered: true });
+        self.ready.notify_one();
+        self.observed.notify_waiters();
+    }
+
+    /// Gives back the place of a message that left the queue for good.
+    pub(crate) fn release(&self) {
+        self.room.add_permits(1);
+    }
+
+    /// Waits for the next message. Cancel-safe: a message is taken only when returned.
+    pub(crate) async fn pop(&self) -> Stored {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(stored) = self.items().pop_front() {
+                return stored;
+            }
+            notified.await;
+        }
+    }
+
+    /// Number of messages waiting (not delivered).
+    pub(crate) fn len(&self) -> usize {
+        self.items().len()
+    }
+
+    /// Takes every waiting message out of the queue.
+    pub(crate) fn drain(&self) -> Vec<TransportMessage> {
+        let drained: Vec<TransportMessage> = self.items().drain(..).map(|s| s.message).collect();
+        self.room.add_permits(drained.len());
+        drained
+    }
+
+    /// Copies of every waiting message.
+    pub(crate) fn peek(&self) -> Vec<TransportMessage> {
+        self.items().iter().map(|s| s.message.clone()).collect()
+    }
+}
+
+pub(crate) type QueueRef = Arc<Queue>;

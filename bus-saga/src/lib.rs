@@ -1,0 +1,4 @@
+//! bus-saga: state-machine sagas for bus-core.
+//!
+//! Not built yet: it arrives with its own issue (state machines, correlation, in-memory and
+//! Redis repositories).
