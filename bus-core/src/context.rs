@@ -171,8 +171,7 @@ impl ReceiveContext {
     /// Responds to the message: sent to its `responseAddress` with its `requestId`, or
     /// published when it has no response address.
     pub async fn respond<T: Message>(&self, message: T) -> Result<()> {
-        let mut options = SendOptions::default();
-        options.request_id = self.state.envelope.request_id;
+        let options = SendOptions { request_id: self.state.envelope.request_id, ..SendOptions::default() };
         match self.state.envelope.response_address.clone() {
             Some(address) => self.send_with(&address, message, options).await,
             None => self.publish_with(message, options).await,

@@ -148,7 +148,12 @@ impl fmt::Debug for ReceiveEndpointBuilder {
 
 impl ReceiveEndpointBuilder {
     pub(crate) fn new(name: String) -> Self {
-        ReceiveEndpointBuilder { name, settings: EndpointSettings::default(), middleware: Vec::new(), consumers: Vec::new() }
+        ReceiveEndpointBuilder {
+            name,
+            settings: EndpointSettings::default(),
+            middleware: Vec::new(),
+            consumers: Vec::new(),
+        }
     }
 
     /// The endpoint's name (its queue).

@@ -24,7 +24,8 @@ fn separated(name: &str, separator: char) -> String {
     for (i, c) in chars.iter().enumerate() {
         if c.is_uppercase() {
             let after_lower = i > 0 && (chars[i - 1].is_lowercase() || chars[i - 1].is_ascii_digit());
-            let acronym_end = i > 0 && chars[i - 1].is_uppercase() && chars.get(i + 1).is_some_and(|n| n.is_lowercase());
+            let acronym_end =
+                i > 0 && chars[i - 1].is_uppercase() && chars.get(i + 1).is_some_and(|n| n.is_lowercase());
             if after_lower || acronym_end {
                 out.push(separator);
             }

@@ -208,10 +208,7 @@ impl<'de> Deserialize<'de> for Field {
                     ("headers", Field::Headers),
                     ("host", Field::Host),
                 ];
-                Ok(FIELDS
-                    .into_iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(v))
-                    .map_or(Field::Other, |(_, f)| f))
+                Ok(FIELDS.into_iter().find(|(name, _)| name.eq_ignore_ascii_case(v)).map_or(Field::Other, |(_, f)| f))
             }
         }
         d.deserialize_identifier(FieldVisitor)
@@ -226,7 +223,9 @@ impl<'de> Deserialize<'de> for OptUuid {
         let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d)?;
         match text.as_deref().map(str::trim) {
             None | Some("") => Ok(OptUuid(None)),
-            Some(s) => Uuid::parse_str(s).map(|u| OptUuid(Some(u))).map_err(|e| de::Error::custom(format!("invalid GUID `{s}`: {e}"))),
+            Some(s) => Uuid::parse_str(s)
+                .map(|u| OptUuid(Some(u)))
+                .map_err(|e| de::Error::custom(format!("invalid GUID `{s}`: {e}"))),
         }
     }
 }
@@ -238,7 +237,9 @@ impl<'de> Deserialize<'de> for OptTime {
         let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d)?;
         match text.as_deref() {
             None | Some("") => Ok(OptTime(None)),
-            Some(s) => parse_time(s).map(|t| OptTime(Some(t))).ok_or_else(|| de::Error::custom(format!("invalid time `{s}`"))),
+            Some(s) => {
+                parse_time(s).map(|t| OptTime(Some(t))).ok_or_else(|| de::Error::custom(format!("invalid time `{s}`")))
+            }
         }
     }
 }
@@ -313,7 +314,8 @@ impl<'de> Deserialize<'de> for Envelope {
                             env.headers = map.next_value::<Option<Headers>>()?.unwrap_or_default();
                         }
                         Field::Host => {
-                            env.host = map.next_value::<Option<Map<String, Value>>>()?.map(|m| Arc::new(host_from_map(m)));
+                            env.host =
+                                map.next_value::<Option<Map<String, Value>>>()?.map(|m| Arc::new(host_from_map(m)));
                         }
                         Field::Other => {
                             map.next_value::<de::IgnoredAny>()?;

@@ -46,11 +46,7 @@ impl HostInfo {
                     assembly_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
                     framework_version: Some(format!("rustc {}", env!("BUS_RUSTC_VERSION"))),
                     mass_transit_version: Some(format!("rust-bus {}", env!("CARGO_PKG_VERSION"))),
-                    operating_system_version: Some(format!(
-                        "{} {}",
-                        std::env::consts::OS,
-                        std::env::consts::ARCH
-                    )),
+                    operating_system_version: Some(format!("{} {}", std::env::consts::OS, std::env::consts::ARCH)),
                 })
             })
             .clone()

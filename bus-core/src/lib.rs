@@ -37,6 +37,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(clippy::print_stdout)]
+
 pub mod address;
 mod bus;
 mod consume_error;
@@ -81,6 +83,6 @@ pub use transport::{Delivery, DeliveryStream, EndpointTopology, Settle, Settleme
 /// Re-exports for the derive macro; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::message::IntoCorrelationId;
+    pub use crate::message::ToCorrelationId;
     pub use uuid::Uuid;
 }

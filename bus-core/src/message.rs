@@ -84,18 +84,18 @@ pub(crate) fn interned_types<T: 'static>(make: impl FnOnce() -> Vec<String>) -> 
 
 /// Turns a message field into a correlation id; used by `#[message(correlation_id = "...")]`.
 #[doc(hidden)]
-pub trait IntoCorrelationId {
-    fn into_correlation_id(&self) -> Option<Uuid>;
+pub trait ToCorrelationId {
+    fn to_correlation_id(&self) -> Option<Uuid>;
 }
 
-impl IntoCorrelationId for Uuid {
-    fn into_correlation_id(&self) -> Option<Uuid> {
+impl ToCorrelationId for Uuid {
+    fn to_correlation_id(&self) -> Option<Uuid> {
         Some(*self)
     }
 }
 
-impl IntoCorrelationId for Option<Uuid> {
-    fn into_correlation_id(&self) -> Option<Uuid> {
+impl ToCorrelationId for Option<Uuid> {
+    fn to_correlation_id(&self) -> Option<Uuid> {
         *self
     }
 }

@@ -147,12 +147,15 @@ impl EndpointRuntime {
             tracing::debug!(endpoint = %self.info.name, types = ?envelope.message_type, "no consumer for message; moved to skipped");
             return Settlement::MoveTo { queue, headers };
         }
-        let redelivery_count = message
-            .headers
-            .get_i64(names::REDELIVERY_COUNT)
-            .and_then(|n| u32::try_from(n).ok())
-            .unwrap_or(0);
-        let state = Arc::new(ReceiveState { envelope, endpoint: self.info.clone(), bus: bus.clone(), redelivery_count, cancel });
+        let redelivery_count =
+            message.headers.get_i64(names::REDELIVERY_COUNT).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        let state = Arc::new(ReceiveState {
+            envelope,
+            endpoint: self.info.clone(),
+            bus: bus.clone(),
+            redelivery_count,
+            cancel,
+        });
         let mut release = Vec::new();
         for index in matched {
             let entry = &self.consumers[index];

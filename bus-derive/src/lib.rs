@@ -2,6 +2,8 @@
 //!
 //! Use it through `bus_core::Message`; see that trait for the attributes.
 
+#![warn(clippy::print_stdout)]
+
 use proc_macro::TokenStream;
 use quote::quote;
 use syn::punctuated::Punctuated;
@@ -35,9 +37,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         for item in items {
             match item {
                 Meta::NameValue(nv) if nv.path.is_ident("urn") => urn = Some(string_literal(&nv.value)?),
-                Meta::NameValue(nv) if nv.path.is_ident("namespace") => {
-                    namespace = Some(string_literal(&nv.value)?)
-                }
+                Meta::NameValue(nv) if nv.path.is_ident("namespace") => namespace = Some(string_literal(&nv.value)?),
                 Meta::NameValue(nv) if nv.path.is_ident("correlation_id") => {
                     let lit = string_literal(&nv.value)?;
                     correlation = Some(syn::Ident::new(&lit.value(), lit.span()));
@@ -76,7 +76,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     let correlation_fn = correlation.map(|field| {
         quote! {
             fn correlation_id(&self) -> ::core::option::Option<::bus_core::__private::Uuid> {
-                ::bus_core::__private::IntoCorrelationId::into_correlation_id(&self.#field)
+                ::bus_core::__private::ToCorrelationId::to_correlation_id(&self.#field)
             }
         }
     });

@@ -26,6 +26,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(clippy::print_stdout)]
+
 mod error;
 mod harness;
 mod queue;

@@ -319,7 +319,11 @@ impl Settle for InMemorySettle {
         self.queue.requeue(message);
     }
 
-    fn settle(self: Box<Self>, message: TransportMessage, settlement: Settlement) -> BoxFuture<'static, bus_core::Result<()>> {
+    fn settle(
+        self: Box<Self>,
+        message: TransportMessage,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, bus_core::Result<()>> {
         Box::pin(async move {
             let wait = self.transport.broker.options.full_queue_wait;
             match settlement {

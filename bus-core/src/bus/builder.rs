@@ -10,9 +10,7 @@ use crate::observer::BusObserver;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
 use crate::transport::DynTransport;
-use crate::{
-    Consumer, DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, HostInfo, Message,
-};
+use crate::{Consumer, DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, HostInfo, Message};
 
 /// Configures a [`Bus`]: its endpoints, serializers, observers and timeouts.
 pub struct BusBuilder {
@@ -51,7 +49,11 @@ impl BusBuilder {
     }
 
     /// Adds (or extends) the receive endpoint named `name`.
-    pub fn receive_endpoint(mut self, name: impl Into<String>, configure: impl FnOnce(&mut ReceiveEndpointBuilder)) -> Self {
+    pub fn receive_endpoint(
+        mut self,
+        name: impl Into<String>,
+        configure: impl FnOnce(&mut ReceiveEndpointBuilder),
+    ) -> Self {
         let name = name.into();
         let index = match self.endpoints.iter().position(|e| e.name == name) {
             Some(index) => index,
@@ -122,12 +124,8 @@ impl BusBuilder {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let response_queue = format!("{machine}_{process}_bus_{}", &id[id.len() - 12..]);
         let address = format!("{}?temporary=true", self.transport.address(&response_queue));
-        let response_topology = EndpointTopology {
-            queue: response_queue,
-            temporary: true,
-            prefetch: 256,
-            ..EndpointTopology::default()
-        };
+        let response_topology =
+            EndpointTopology { queue: response_queue, temporary: true, prefetch: 256, ..EndpointTopology::default() };
         let endpoints = self
             .endpoints
             .into_iter()

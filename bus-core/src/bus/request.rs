@@ -52,10 +52,7 @@ pub struct RequestClient<M> {
 
 impl<M> fmt::Debug for RequestClient<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RequestClient")
-            .field("destination", &self.destination)
-            .field("timeout", &self.timeout)
-            .finish()
+        f.debug_struct("RequestClient").field("destination", &self.destination).field("timeout", &self.timeout).finish()
     }
 }
 
@@ -132,10 +129,7 @@ fn response_from<R: Message>(envelope: Envelope) -> Result<Response<R>> {
             message: first.map_or_else(|| "the request faulted".to_owned(), |e| e.message),
         });
     }
-    Err(Error::deserialize(
-        format!("expected a {} response, got {:?}", R::message_type(), envelope.message_type),
-        None,
-    ))
+    Err(Error::deserialize(format!("expected a {} response, got {:?}", R::message_type(), envelope.message_type), None))
 }
 
 impl Bus {
@@ -175,7 +169,9 @@ pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStre
                 match waiting {
                     // The requester may have given up just now; then the response has nobody to go to.
                     Some(tx) => drop(tx.send(envelope)),
-                    None => tracing::debug!(request_id = ?envelope.request_id, "response for no pending request dropped"),
+                    None => {
+                        tracing::debug!(request_id = ?envelope.request_id, "response for no pending request dropped")
+                    }
                 }
             }
             Err(error) => tracing::warn!(%error, "unreadable message on the bus response endpoint dropped"),

@@ -38,9 +38,7 @@ impl Serializer for MassTransitJsonSerializer {
             headers: envelope.headers.clone(),
             message_id: envelope.message_id,
             correlation_id: envelope.correlation_id,
-            time_to_live: envelope
-                .expiration_time
-                .and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
+            time_to_live: envelope.expiration_time.and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
         })
     }
 

@@ -99,9 +99,7 @@ impl Serializer for RawJsonSerializer {
             headers,
             message_id: envelope.message_id,
             correlation_id: envelope.correlation_id,
-            time_to_live: envelope
-                .expiration_time
-                .and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
+            time_to_live: envelope.expiration_time.and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
         })
     }
 
@@ -114,7 +112,9 @@ impl Serializer for RawJsonSerializer {
         let message_type = take_str(&mut headers, MESSAGE_TYPE)
             .map(|s| s.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
             .unwrap_or_default();
-        let host = take_str(&mut headers, HOST_INFO).and_then(|s| serde_json::from_str::<HostInfo>(&s).ok()).map(std::sync::Arc::new);
+        let host = take_str(&mut headers, HOST_INFO)
+            .and_then(|s| serde_json::from_str::<HostInfo>(&s).ok())
+            .map(std::sync::Arc::new);
         let message_id = take_id(&mut headers, MESSAGE_ID)?.or(message.message_id);
         let correlation_id = take_id(&mut headers, CORRELATION_ID)?.or(message.correlation_id);
         Ok(Envelope {

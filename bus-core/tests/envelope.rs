@@ -1,0 +1,245 @@
+//! The wire format: MassTransit's envelope and raw JSON, read and written.
+
+use bus_core::envelope::{format_time, parse_time};
+use bus_core::serializer::{MassTransitJsonSerializer, RawJsonSerializer, Serializer, Serializers};
+use bus_core::{Envelope, Error, Message, TransportMessage};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+const VECTOR: &[u8] = include_bytes!("vectors/new-order-event.envelope.json");
+
+#[derive(Debug, Serialize, Deserialize, Message, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:SagaWithMasstransitShared:NewOrderEvent")]
+struct NewOrderEvent {
+    order_id: Uuid,
+    user_email: String,
+}
+
+fn uuid(s: &str) -> Option<Uuid> {
+    Some(Uuid::parse_str(s).expect("valid test uuid"))
+}
+
+#[test]
+fn reference_vector_deserializes_with_every_field() {
+    let envelope = Envelope::from_json(VECTOR).expect("the MassTransit vector reads");
+    assert_eq!(envelope.message_id, uuid("0a790000-5d3a-0015-4ccf-08dd5f3c2a41"));
+    assert_eq!(envelope.conversation_id, uuid("0a790000-5d3a-0015-8e4c-08dd5f3c2a42"));
+    assert_eq!(envelope.request_id, None);
+    assert_eq!(envelope.correlation_id, None);
+    assert_eq!(envelope.initiator_id, None);
+    assert_eq!(
+        envelope.source_address.as_deref(),
+        Some("rabbitmq://localhost/vm_SagaWithMasstransitWebsite_bus_ofuyyyr5kzq1fzrjbdq1ojhbn1?temporary=true")
+    );
+    assert_eq!(
+        envelope.destination_address.as_deref(),
+        Some("rabbitmq://localhost/SagaWithMasstransitShared:NewOrderEvent")
+    );
+    assert_eq!(envelope.message_type, ["urn:message:SagaWithMasstransitShared:NewOrderEvent"]);
+    let sent = envelope.sent_time.expect("sent time");
+    assert_eq!(format_time(&sent), "2026-03-02T14:07:31.5131874Z", "7 fractional digits kept");
+    assert_eq!(
+        envelope.headers.get_str("MT-Activity-Id"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    let host = envelope.host.as_ref().expect("host");
+    assert_eq!(host.machine_name.as_deref(), Some("vm"));
+    assert_eq!(host.process_id, Some(4711));
+    assert_eq!(host.mass_transit_version.as_deref(), Some("8.5.8.0"));
+    let message: NewOrderEvent = envelope.message_as().expect("message reads");
+    assert_eq!(
+        message,
+        NewOrderEvent {
+            order_id: Uuid::parse_str("3f2a9d41-1c7b-4e0a-9a55-2d8c6e1b7f03").expect("uuid"),
+            user_email: "customer@example.com".into()
+        }
+    );
+}
+
+#[test]
+fn property_names_match_case_insensitively() {
+    let json = br#"{"MessageId":"0a790000-5d3a-0015-4ccf-08dd5f3c2a41","MESSAGETYPE":["urn:message:A:B"],
+        "Message":{"x":1},"SentTime":"2026-03-02T14:07:31Z","Unknown":{"ignored":true}}"#;
+    let envelope = Envelope::from_json(json).expect("reads");
+    assert_eq!(envelope.message_type, ["urn:message:A:B"]);
+    assert_eq!(envelope.message.get(), r#"{"x":1}"#);
+}
+
+#[test]
+fn written_envelope_has_every_field_masstransit_reads() {
+    let mut envelope = Envelope::new(
+        NewOrderEvent::message_types().iter().map(|s| (*s).to_owned()).collect(),
+        serde_json::value::to_raw_value(&NewOrderEvent { order_id: Uuid::nil(), user_email: "a@b".into() })
+            .expect("raw"),
+    );
+    envelope.conversation_id = Some(Uuid::now_v7());
+    envelope.host = Some(bus_core::HostInfo::current());
+    let wire = MassTransitJsonSerializer.serialize(&envelope).expect("writes");
+    assert_eq!(wire.content_type.as_deref(), Some("application/vnd.masstransit+json"));
+    assert_eq!(wire.message_id, envelope.message_id);
+    let json: serde_json::Value = serde_json::from_slice(&wire.body).expect("json");
+    let object = json.as_object().expect("object");
+    for field in [
+        "messageId",
+        "requestId",
+        "correlationId",
+        "conversationId",
+        "initiatorId",
+        "sourceAddress",
+        "destinationAddress",
+        "responseAddress",
+        "faultAddress",
+        "messageType",
+        "message",
+        "expirationTime",
+        "sentTime",
+        "headers",
+        "host",
+    ] {
+        assert!(object.contains_key(field), "field {field} written");
+    }
+    for field in [
+        "machineName",
+        "processName",
+        "processId",
+        "assembly",
+        "assemblyVersion",
+        "frameworkVersion",
+        "massTransitVersion",
+        "operatingSystemVersion",
+    ] {
+        assert!(json["host"].get(field).is_some(), "host field {field} written");
+    }
+    let sent = json["sentTime"].as_str().expect("sent time string");
+    assert!(sent.ends_with('Z') && sent.split('.').nth(1).is_some_and(|f| f.len() == 8), "7 digits: {sent}");
+    assert_eq!(json["message"]["userEmail"], "a@b");
+    let id = json["messageId"].as_str().expect("id");
+    assert_eq!(id, id.to_lowercase(), "GUIDs lowercase");
+}
+
+#[test]
+fn envelope_round_trips_through_the_serializer() {
+    let mut envelope = Envelope::new(vec!["urn:message:A:B".into()], serde_json::value::to_raw_value(&1).expect("raw"));
+    envelope.request_id = Some(Uuid::now_v7());
+    envelope.response_address = Some("loopback://localhost/x".into());
+    envelope.headers.insert("Tenant", "acme");
+    let back = MassTransitJsonSerializer
+        .deserialize(&MassTransitJsonSerializer.serialize(&envelope).expect("write"))
+        .expect("read");
+    assert_eq!(back.message_id, envelope.message_id);
+    assert_eq!(back.request_id, envelope.request_id);
+    assert_eq!(back.response_address, envelope.response_address);
+    assert_eq!(back.headers.get_str("Tenant"), Some("acme"));
+}
+
+#[test]
+fn raw_json_round_trips_with_identity_in_headers() {
+    let mut envelope = Envelope::new(
+        vec!["urn:message:A:B".into(), "urn:message:A:Contract".into()],
+        serde_json::value::to_raw_value(&serde_json::json!({"x": 1})).expect("raw"),
+    );
+    envelope.correlation_id = Some(Uuid::now_v7());
+    envelope.conversation_id = Some(Uuid::now_v7());
+    envelope.request_id = Some(Uuid::now_v7());
+    envelope.initiator_id = Some(Uuid::now_v7());
+    envelope.source_address = Some("loopback://localhost/src".into());
+    envelope.response_address = Some("loopback://localhost/resp".into());
+    envelope.fault_address = Some("loopback://localhost/fault".into());
+    envelope.host = Some(bus_core::HostInfo::current());
+    envelope.headers.insert("Tenant", "acme");
+    let wire = RawJsonSerializer.serialize(&envelope).expect("writes");
+    assert_eq!(&wire.body[..], br#"{"x":1}"#, "the body is the bare message");
+    assert_eq!(wire.headers.get_str("MT-MessageType"), Some("urn:message:A:B;urn:message:A:Contract"));
+    assert_eq!(wire.headers.get_str("MessageId"), envelope.message_id.map(|u| u.to_string()).as_deref());
+    let back = RawJsonSerializer.deserialize(&wire).expect("reads");
+    assert_eq!(back.message_id, envelope.message_id);
+    assert_eq!(back.correlation_id, envelope.correlation_id);
+    assert_eq!(back.conversation_id, envelope.conversation_id);
+    assert_eq!(back.request_id, envelope.request_id);
+    assert_eq!(back.initiator_id, envelope.initiator_id);
+    assert_eq!(back.source_address, envelope.source_address);
+    assert_eq!(back.response_address, envelope.response_address);
+    assert_eq!(back.fault_address, envelope.fault_address);
+    assert_eq!(back.message_type, envelope.message_type);
+    assert_eq!(back.host.as_ref().and_then(|h| h.process_id), envelope.host.as_ref().and_then(|h| h.process_id));
+    assert_eq!(back.headers.get_str("Tenant"), Some("acme"));
+    assert!(!back.headers.contains("MessageId"), "identity headers become envelope fields");
+}
+
+fn wire(body: &'static [u8], content_type: &'static str) -> TransportMessage {
+    TransportMessage { body: Bytes::from_static(body), content_type: Some(content_type.into()), ..Default::default() }
+}
+
+fn reason(result: bus_core::Result<Envelope>) -> String {
+    match result {
+        Err(Error::Deserialize { reason, .. }) => reason,
+        other => panic!("expected a deserialization error, got {other:?}"),
+    }
+}
+
+#[test]
+fn body_that_is_not_json_is_a_clear_error() {
+    let serializers = Serializers::default();
+    let why = reason(serializers.deserialize(&wire(b"\x00\xffnot json", "application/vnd.masstransit+json")));
+    assert!(why.contains("not valid JSON"), "{why}");
+    let why = reason(serializers.deserialize(&wire(
+        b"{\"messageType\":[\"urn:message:A:B\"],\"message\":",
+        "application/vnd.masstransit+json",
+    )));
+    assert!(why.contains("not valid JSON"), "truncated: {why}");
+    let why = reason(serializers.deserialize(&wire(b"{nope", "application/json")));
+    assert!(why.contains("not valid JSON"), "{why}");
+}
+
+#[test]
+fn envelope_without_message_type_is_a_clear_error() {
+    let why = reason(Envelope::from_json(br#"{"messageId":"0a790000-5d3a-0015-4ccf-08dd5f3c2a41","message":{}}"#));
+    assert!(why.contains("no messageType"), "{why}");
+    let why = reason(Envelope::from_json(br#"{"messageType":[],"message":{}}"#));
+    assert!(why.contains("no messageType"), "{why}");
+    let why = reason(Envelope::from_json(br#"{"messageType":["urn:message:A:B"]}"#));
+    assert!(why.contains("no message"), "{why}");
+    let why =
+        reason(Envelope::from_json(br#"{"messageId":"not-a-guid","messageType":["urn:message:A:B"],"message":{}}"#));
+    assert!(why.contains("invalid GUID"), "{why}");
+    let why = reason(Envelope::from_json(br#"[1,2]"#));
+    assert!(why.contains("not a MassTransit envelope"), "{why}");
+}
+
+#[test]
+fn unknown_content_type_is_a_clear_error() {
+    match Serializers::default().deserialize(&wire(b"<xml/>", "text/xml")) {
+        Err(Error::UnsupportedContentType(ct)) => assert_eq!(ct, "text/xml"),
+        other => panic!("expected unsupported content type, got {other:?}"),
+    }
+}
+
+#[test]
+fn content_type_parameters_and_case_are_ignored() {
+    let serializers = Serializers::default();
+    assert!(serializers.for_content_type(Some("Application/JSON; charset=utf-8")).is_ok());
+}
+
+#[test]
+fn times_parse_as_dotnet_writes_them() {
+    for text in [
+        "2026-03-02T14:07:31.5131874Z",
+        "2026-03-02T14:07:31Z",
+        "2026-03-02T14:07:31.5131874+00:00",
+        "2026-03-02T14:07:31.5131874",
+    ] {
+        let time = parse_time(text).unwrap_or_else(|| panic!("{text} parses"));
+        assert_eq!(time.timestamp(), 1772460451, "{text}");
+    }
+    assert!(parse_time("yesterday").is_none());
+}
+
+#[derive(Debug, Serialize, Deserialize, Message)]
+struct DefaultNamed;
+
+#[test]
+fn derive_defaults_the_namespace_to_the_crate_name() {
+    assert_eq!(DefaultNamed::message_type(), "urn:message:envelope:DefaultNamed");
+}

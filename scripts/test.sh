@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace, as CI does.
+#
+# RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) must answer: the RabbitMQ transport
+# and the Redis saga repository are tested against the real servers. This script starts
+# them when installed but stopped, and installs them with apt-get when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*"; }
+
+answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() {
+  local port=$1 name=$2 seconds=${3:-90}
+  for _ in $(seq 1 "$((seconds * 2))"); do
+    answers "$port" && return 0
+    sleep 0.5
+  done
+  echo "error: $name does not answer on 127.0.0.1:$port after ${seconds}s" >&2
+  return 1
+}
+
+apt_updated=0
+install_package() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: $1 is missing and this script is not root; install it: apt-get install -y $1" >&2
+    exit 1
+  fi
+  if [ "$apt_updated" -eq 0 ]; then
+    log "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+  log "installing $1"
+  # The package's own service start may fail without systemd; we start the server ourselves.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null || true
+  command -v "$2" >/dev/null || { echo "error: installing $1 did not provide $2" >&2; exit 1; }
+}
+
+ensure_redis() {
+  if answers 6379; then log "redis answers on 127.0.0.1:6379"; return; fi
+  command -v redis-server >/dev/null || install_package redis-server redis-server
+  answers 6379 || { log "starting redis"; redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null; }
+  wait_for_port 6379 redis 30
+  log "redis answers on 127.0.0.1:6379"
+}
+
+ensure_rabbitmq() {
+  if answers 5672; then log "rabbitmq answers on 127.0.0.1:5672"; return; fi
+  command -v rabbitmq-server >/dev/null || install_package rabbitmq-server rabbitmq-server
+  answers 5672 || { log "starting rabbitmq"; rabbitmq-server -detached >/dev/null 2>&1 || true; }
+  wait_for_port 5672 rabbitmq 120
+  log "rabbitmq answers on 127.0.0.1:5672"
+}
+
+ensure_redis
+ensure_rabbitmq
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo test"
+cargo test --workspace

@@ -1,0 +1,111 @@
+//! Request/response: typed responses, timeouts, remote faults, request ids.
+
+use std::time::Duration;
+
+use bus_core::{BoxError, ConsumeContext, Error, Message};
+use serde::{Deserialize, Serialize};
+
+use crate::{unique, Fixture};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Conformance:CheckPayment")]
+struct CheckPayment {
+    amount: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Conformance:PaymentChecked")]
+struct PaymentChecked {
+    approved: bool,
+    amount: u32,
+}
+
+/// A request gets the typed response its consumer sends back, with the request's id.
+pub async fn request_returns_the_typed_response<F: Fixture>(fixture: &F) {
+    let name = unique("payments");
+    let bus = fixture
+        .bus()
+        .receive_endpoint(&name, |e| {
+            e.handler(|ctx: ConsumeContext<CheckPayment>| async move {
+                let amount = ctx.message().amount;
+                ctx.respond(PaymentChecked { approved: amount < 100, amount }).await?;
+                Ok::<_, BoxError>(())
+            });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let client = bus.request_client::<CheckPayment>().with_destination(format!("queue:{name}"));
+    let approved = client.request::<PaymentChecked>(CheckPayment { amount: 40 }).await.expect("response");
+    let declined = bus.request::<CheckPayment, PaymentChecked>(CheckPayment { amount: 400 }).await.expect("response");
+    bus.stop().await.expect("stop");
+    assert!(approved.message().approved);
+    assert_eq!(approved.message().amount, 40);
+    assert!(!declined.message().approved);
+    let envelope = approved.envelope();
+    assert!(envelope.request_id.is_some(), "the response carries the request id");
+    assert_eq!(envelope.initiator_id, envelope.request_id, "initiated by the request");
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:NobodyAnswers")]
+struct NobodyAnswers;
+
+/// A request nobody answers ends in a timeout error, not a hang.
+pub async fn request_without_responder_times_out<F: Fixture>(fixture: &F) {
+    let bus = fixture.bus().build();
+    bus.start().await.expect("bus starts");
+    let client = bus.request_client::<NobodyAnswers>().with_timeout(Duration::from_millis(300));
+    let result = client.request::<PaymentChecked>(NobodyAnswers).await;
+    bus.stop().await.expect("stop");
+    match result {
+        Err(Error::RequestTimeout { timeout, request_type }) => {
+            assert_eq!(timeout, Duration::from_millis(300));
+            assert_eq!(request_type, NobodyAnswers::message_type());
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:FailingRequest")]
+struct FailingRequest;
+
+#[derive(Debug)]
+struct CardDeclined;
+
+impl std::fmt::Display for CardDeclined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("card declined")
+    }
+}
+
+impl std::error::Error for CardDeclined {}
+
+/// A request whose consumer fails comes back as the remote fault, promptly (not a timeout).
+pub async fn request_whose_consumer_fails_returns_the_fault<F: Fixture>(fixture: &F) {
+    let name = unique("failing-requests");
+    let bus = fixture
+        .bus()
+        .receive_endpoint(&name, |e| {
+            e.handler(|_: ConsumeContext<FailingRequest>| async move { Err::<(), BoxError>(CardDeclined.into()) });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let client = bus.request_client::<FailingRequest>().with_timeout(Duration::from_secs(10));
+    let started = std::time::Instant::now();
+    let result = client.request::<PaymentChecked>(FailingRequest).await;
+    let waited = started.elapsed();
+    let errors = fixture.take_messages(&format!("{name}_error"), 1, crate::WAIT).await;
+    bus.stop().await.expect("stop");
+    match result {
+        Err(Error::RequestFaulted { exception_type, message }) => {
+            assert_eq!(exception_type, "CardDeclined");
+            assert_eq!(message, "card declined");
+        }
+        other => panic!("expected the remote fault, got {other:?}"),
+    }
+    assert!(waited < Duration::from_secs(10), "the fault came back before the timeout");
+    assert_eq!(errors.len(), 1, "the failed request is in the error queue");
+}
