@@ -59,6 +59,18 @@ macro_rules! conformance_suite {
             request_returns_the_typed_response,
             request_without_responder_times_out,
             request_whose_consumer_fails_returns_the_fault,
+            always_failing_consumer_is_retried_then_moved_to_error_with_one_fault,
+            redelivered_failures_produce_one_fault_after_the_last_redelivery,
+            consumer_failing_twice_then_succeeding_publishes_only_from_the_successful_attempt,
+            delayed_redelivery_delivers_again_with_a_counted_header,
+            unknown_message_type_goes_to_skipped_queue,
+            unreadable_messages_go_to_error_queue_with_their_reason,
+            panicking_and_hung_consumers_are_failed_attempts,
+            permanent_errors_are_not_retried,
+            a_retrying_message_does_not_block_the_others,
+            consumer_concurrency_limit_is_respected,
+            stop_and_restart_mid_run_loses_nothing,
+            stop_cancels_overrunning_consumers_and_requeues_their_messages,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {

@@ -65,6 +65,9 @@ pub enum Error {
         /// The remote error message.
         message: String,
     },
+    /// A send middleware refused the message.
+    #[error("send refused by middleware: {0}")]
+    SendRejected(#[source] BoxError),
     /// The bus was stopped (or not started where starting is required).
     #[error("the bus is stopped")]
     Stopped,

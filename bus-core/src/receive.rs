@@ -236,10 +236,14 @@ impl EndpointRuntime {
         headers.insert("MT-Fault-ConsumerType", consumer_type);
         headers.insert("MT-Fault-MessageType", state.envelope.message_type.first().cloned().unwrap_or_default());
         headers.insert("MT-Fault-RetryCount", error.retry_count());
-        let stack = error.causes();
-        if !stack.is_empty() {
-            headers.insert("MT-Fault-StackTrace", truncate(&stack, 4096));
-        }
+        // Rust errors carry no stack trace; the cause chain is what says where it came from.
+        let causes = error.causes();
+        let trace = if causes.is_empty() {
+            format!("{}: {}", error.exception_type(), error.message())
+        } else {
+            format!("{}: {}\n{causes}", error.exception_type(), error.message())
+        };
+        headers.insert("MT-Fault-StackTrace", truncate(&trace, 4096));
         let queue = self.topology.error_queue();
         self.notify_dead_letter(bus, &queue, error.message(), message);
         Settlement::MoveTo { queue, headers }

@@ -126,6 +126,16 @@ impl MessageLog {
         self.envelopes::<M>().len()
     }
 
+    /// How many messages of any type were recorded.
+    pub fn len(&self) -> usize {
+        self.log.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.log.is_empty()
+    }
+
     /// Every envelope recorded.
     pub fn all(&self) -> Vec<Envelope> {
         self.log.snapshot()

@@ -1,10 +1,14 @@
 //! The conformance cases; each takes a [`Fixture`](crate::Fixture) and panics on failure.
 
+mod failures;
 mod ids;
 mod messaging;
 mod request;
+mod shutdown;
 mod support;
 
+pub use failures::*;
 pub use ids::*;
 pub use messaging::*;
 pub use request::*;
+pub use shutdown::*;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::{Bus, BusInner, CREATED};
 use crate::endpoint::ReceiveEndpointBuilder;
+use crate::middleware::SendMiddleware;
 use crate::observer::BusObserver;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
@@ -18,6 +19,7 @@ pub struct BusBuilder {
     endpoints: Vec<ReceiveEndpointBuilder>,
     serializers: Serializers,
     observers: Vec<Arc<dyn BusObserver>>,
+    send_middleware: Vec<Arc<dyn SendMiddleware>>,
     formatter: Arc<dyn EndpointNameFormatter>,
     request_timeout: Duration,
     stop_timeout: Duration,
@@ -42,6 +44,7 @@ impl BusBuilder {
             endpoints: Vec::new(),
             serializers: Serializers::default(),
             observers: Vec::new(),
+            send_middleware: Vec::new(),
             formatter: Arc::new(DefaultEndpointNameFormatter),
             request_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(30),
@@ -104,6 +107,12 @@ impl BusBuilder {
         self
     }
 
+    /// Adds a step every outgoing message goes through (see [`SendMiddleware`]).
+    pub fn send_middleware(mut self, middleware: impl SendMiddleware) -> Self {
+        self.send_middleware.push(Arc::new(middleware));
+        self
+    }
+
     /// Default timeout of requests (30 s).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -140,6 +149,7 @@ impl BusBuilder {
                 serializers: self.serializers,
                 host,
                 observers: self.observers,
+                send_middleware: self.send_middleware,
                 address,
                 response_topology,
                 endpoints,

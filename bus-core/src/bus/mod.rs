@@ -21,6 +21,7 @@ pub use request::{RequestClient, Response};
 pub(crate) use send::Parent;
 pub use send::SendOptions;
 
+use crate::middleware::SendMiddleware;
 use crate::observer::BusObserver;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
@@ -83,6 +84,7 @@ pub(crate) struct BusInner {
     pub(crate) serializers: Serializers,
     pub(crate) host: Arc<HostInfo>,
     pub(crate) observers: Vec<Arc<dyn BusObserver>>,
+    pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
     /// Address of the bus's own (response) endpoint.
     pub(crate) address: String,
     response_topology: EndpointTopology,

@@ -124,7 +124,10 @@ impl BusInner {
         Ok(envelope)
     }
 
-    fn outgoing(&self, route: Route, envelope: Envelope) -> Result<Outgoing> {
+    fn outgoing(&self, route: Route, mut envelope: Envelope) -> Result<Outgoing> {
+        for middleware in &self.send_middleware {
+            middleware.on_send(&mut envelope).map_err(Error::SendRejected)?;
+        }
         let message = self.serializers.default_serializer().serialize(&envelope)?;
         Ok(Outgoing { route, envelope, message })
     }

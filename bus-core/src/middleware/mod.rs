@@ -11,11 +11,14 @@
 //!
 //! Delayed redelivery, `_error` and faults happen after the pipeline, once all retries
 //! are spent (see `docs/failures.md`).
+//!
+//! Outgoing messages go through [`SendMiddleware`] steps before they are serialized.
 
 mod catch_panic;
 mod concurrency;
 mod from_fn;
 mod retry;
+mod send;
 mod timeout;
 
 use std::fmt;
@@ -27,6 +30,7 @@ pub use catch_panic::CatchPanic;
 pub use concurrency::ConcurrencyLimit;
 pub use from_fn::{from_fn, FromFn};
 pub use retry::{Retry, RetryPolicy};
+pub use send::SendMiddleware;
 pub use timeout::Timeout;
 
 use crate::consumer::ErasedConsumer;

@@ -1,0 +1,172 @@
+//! Custom consume and send middleware, and the outbox switch.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_core::middleware::{from_fn, RetryPolicy};
+use bus_core::{BoxError, ConsumeContext, Envelope, Error, Message};
+use bus_inmemory::InMemoryTestHarness;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Tests:Job")]
+struct Job {
+    fail_first: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Tests:Note")]
+struct Note {
+    attempt: u32,
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn middleware_runs_in_documented_order_around_each_attempt() {
+    let trace = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (outer, inner) = (trace.clone(), trace.clone());
+    let in_consumer = trace.clone();
+    let harness = InMemoryTestHarness::start(move |bus| {
+        bus.receive_endpoint("ordered", move |e| {
+            e.retry(RetryPolicy::immediate(1))
+                .middleware(from_fn(move |ctx, next| {
+                    let trace = outer.clone();
+                    async move {
+                        if let Ok(mut t) = trace.lock() {
+                            t.push("endpoint:before".into());
+                        }
+                        let result = next.run(ctx).await;
+                        if let Ok(mut t) = trace.lock() {
+                            t.push(format!("endpoint:after ok={}", result.is_ok()));
+                        }
+                        result
+                    }
+                }))
+                .handler_with(
+                    move |ctx: ConsumeContext<Job>| {
+                        let trace = in_consumer.clone();
+                        async move {
+                            trace.lock().map_err(|e| e.to_string())?.push(format!("consumer attempt {}", ctx.retry_attempt()));
+                            if ctx.message().fail_first && ctx.retry_attempt() == 0 {
+                                return Err("first attempt fails".into());
+                            }
+                            Ok::<_, BoxError>(())
+                        }
+                    },
+                    move |c| {
+                        c.middleware(from_fn(move |ctx, next| {
+                            let trace = inner.clone();
+                            async move {
+                                if let Ok(mut t) = trace.lock() {
+                                    t.push("consumer-middleware".into());
+                                }
+                                next.run(ctx).await
+                            }
+                        }));
+                    },
+                );
+        })
+    })
+    .await
+    .expect("harness");
+    harness.bus().publish(Job { fail_first: true }).await.expect("publish");
+    harness.consumed().wait_for::<Job>(1, WAIT).await.expect("consumed");
+    harness.stop().await.expect("stop");
+    let trace = trace.lock().expect("lock").clone();
+    assert_eq!(
+        trace,
+        [
+            "endpoint:before",
+            "consumer-middleware",
+            "consumer attempt 0",
+            "consumer attempt 1",
+            "endpoint:after ok=true"
+        ],
+        "user middleware sits outside retry: it sees one call per message"
+    );
+}
+
+#[tokio::test]
+async fn send_middleware_sees_every_outgoing_message_and_can_refuse() {
+    let harness = InMemoryTestHarness::start(|bus| {
+        bus.send_middleware(|envelope: &mut Envelope| {
+            envelope.headers.insert_if_absent("Tenant", "acme");
+            Ok::<_, BoxError>(())
+        })
+        .send_middleware(|envelope: &mut Envelope| {
+            if envelope.headers.contains("Forbidden") {
+                return Err("forbidden header".into());
+            }
+            Ok::<_, BoxError>(())
+        })
+        .receive_endpoint("notes", |e| {
+            e.handler(|ctx: ConsumeContext<Job>| async move {
+                ctx.publish(Note { attempt: ctx.retry_attempt() }).await?;
+                Ok::<_, BoxError>(())
+            });
+        })
+    })
+    .await
+    .expect("harness");
+    harness.bus().publish(Job { fail_first: false }).await.expect("publish");
+    harness.published().wait_for::<Note>(1, WAIT).await.expect("note published");
+    let refused = harness
+        .bus()
+        .publish_with(Job { fail_first: false }, bus_core::SendOptions::new().header("Forbidden", true))
+        .await;
+    harness.stop().await.expect("stop");
+    for envelope in harness.published().all() {
+        assert_eq!(envelope.headers.get_str("Tenant"), Some("acme"), "{:?}", envelope.message_type);
+    }
+    assert!(matches!(refused, Err(Error::SendRejected(_))), "{refused:?}");
+}
+
+#[tokio::test]
+async fn with_the_outbox_off_failed_attempts_publish_at_once() {
+    let harness = InMemoryTestHarness::start(|bus| {
+        bus.receive_endpoint("no-outbox", |e| {
+            e.outbox(false).retry(RetryPolicy::immediate(1)).handler(|ctx: ConsumeContext<Job>| async move {
+                ctx.publish(Note { attempt: ctx.retry_attempt() }).await?;
+                if ctx.retry_attempt() == 0 {
+                    return Err("first attempt fails".into());
+                }
+                Ok::<_, BoxError>(())
+            });
+        })
+    })
+    .await
+    .expect("harness");
+    harness.bus().publish(Job { fail_first: true }).await.expect("publish");
+    let notes = harness.published().wait_for::<Note>(2, WAIT).await.expect("both attempts published");
+    harness.stop().await.expect("stop");
+    assert_eq!(notes.iter().map(|n| n.attempt).collect::<Vec<_>>(), [0, 1]);
+}
+
+#[tokio::test]
+async fn publishing_after_stop_is_a_clear_error() {
+    let harness = InMemoryTestHarness::start(|bus| bus).await.expect("harness");
+    harness.stop().await.expect("stop");
+    let result = harness.bus().publish(Note { attempt: 0 }).await;
+    assert!(matches!(result, Err(Error::Stopped)), "{result:?}");
+    assert_eq!(result.err().map(|e| e.to_string()).as_deref(), Some("the bus is stopped"));
+}
+
+#[tokio::test]
+async fn endpoint_names_follow_the_formatter() {
+    struct SubmitOrderConsumer;
+    impl bus_core::Consumer<Job> for SubmitOrderConsumer {
+        async fn consume(&self, _: ConsumeContext<Job>) -> Result<(), BoxError> {
+            Ok(())
+        }
+    }
+    let harness = InMemoryTestHarness::start(|bus| {
+        bus.endpoint_name_formatter(bus_core::KebabCaseEndpointNameFormatter).consumer_endpoint(SubmitOrderConsumer, |_| {})
+    })
+    .await
+    .expect("harness");
+    let declared = harness.transport().has_queue("submit-order");
+    let bound = harness.transport().is_bound("Tests:Job", "submit-order", false);
+    harness.stop().await.expect("stop");
+    assert!(declared && bound);
+}
