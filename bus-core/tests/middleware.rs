@@ -47,7 +47,10 @@ async fn middleware_runs_in_documented_order_around_each_attempt() {
                     move |ctx: ConsumeContext<Job>| {
                         let trace = in_consumer.clone();
                         async move {
-                            trace.lock().map_err(|e| e.to_string())?.push(format!("consumer attempt {}", ctx.retry_attempt()));
+                            trace
+                                .lock()
+                                .map_err(|e| e.to_string())?
+                                .push(format!("consumer attempt {}", ctx.retry_attempt()));
                             if ctx.message().fail_first && ctx.retry_attempt() == 0 {
                                 return Err("first attempt fails".into());
                             }
@@ -161,7 +164,8 @@ async fn endpoint_names_follow_the_formatter() {
         }
     }
     let harness = InMemoryTestHarness::start(|bus| {
-        bus.endpoint_name_formatter(bus_core::KebabCaseEndpointNameFormatter).consumer_endpoint(SubmitOrderConsumer, |_| {})
+        bus.endpoint_name_formatter(bus_core::KebabCaseEndpointNameFormatter)
+            .consumer_endpoint(SubmitOrderConsumer, |_| {})
     })
     .await
     .expect("harness");

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use bus_core::middleware::RetryPolicy;
 use bus_core::testing::{BusRecorder, MessageLog};
-use bus_core::{BoxError, ConsumeContext, Fault, Headers, Message, Permanent, RedeliveryPolicy, Transport, TransportMessage};
+use bus_core::{
+    BoxError, ConsumeContext, Fault, Headers, Message, Permanent, RedeliveryPolicy, Transport, TransportMessage,
+};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -41,7 +43,12 @@ fn header<'a>(message: &'a TransportMessage, name: &str) -> &'a str {
 
 /// Runs a consumer that always fails under `retry` and `redelivery`; checks attempts, the
 /// error queue with its headers, and exactly one fault.
-async fn always_failing<F: Fixture>(fixture: &F, retry: RetryPolicy, redelivery: RedeliveryPolicy, attempts_expected: u32) {
+async fn always_failing<F: Fixture>(
+    fixture: &F,
+    retry: RetryPolicy,
+    redelivery: RedeliveryPolicy,
+    attempts_expected: u32,
+) {
     let name = unique("always-fails");
     let attempts = Arc::new(AtomicU32::new(0));
     let faults = log();
@@ -133,7 +140,9 @@ struct JobAttempted {
 
 /// A consumer that fails twice then succeeds is consumed once, leaves nothing in `_error`,
 /// raises no fault, and what the failed attempts published never left the outbox.
-pub async fn consumer_failing_twice_then_succeeding_publishes_only_from_the_successful_attempt<F: Fixture>(fixture: &F) {
+pub async fn consumer_failing_twice_then_succeeding_publishes_only_from_the_successful_attempt<F: Fixture>(
+    fixture: &F,
+) {
     let recorder = Arc::new(BusRecorder::default());
     let name = unique("flaky");
     let seen_attempts = Arc::new(Mutex::new(Vec::new()));
@@ -142,18 +151,20 @@ pub async fn consumer_failing_twice_then_succeeding_publishes_only_from_the_succ
         .bus()
         .observer_arc(recorder.clone())
         .receive_endpoint(&name, move |e| {
-            e.retry(RetryPolicy::intervals([Duration::from_millis(10); 3])).handler(move |ctx: ConsumeContext<FlakyJob>| {
-                let seen = seen.clone();
-                async move {
-                    let attempt = ctx.retry_attempt();
-                    seen.lock().map_err(|e| e.to_string())?.push(attempt);
-                    ctx.publish(JobAttempted { attempt }).await?;
-                    if attempt < 2 {
-                        return Err(InventoryDown.into());
+            e.retry(RetryPolicy::intervals([Duration::from_millis(10); 3])).handler(
+                move |ctx: ConsumeContext<FlakyJob>| {
+                    let seen = seen.clone();
+                    async move {
+                        let attempt = ctx.retry_attempt();
+                        seen.lock().map_err(|e| e.to_string())?.push(attempt);
+                        ctx.publish(JobAttempted { attempt }).await?;
+                        if attempt < 2 {
+                            return Err(InventoryDown.into());
+                        }
+                        Ok::<_, BoxError>(())
                     }
-                    Ok::<_, BoxError>(())
-                }
-            });
+                },
+            );
         })
         .build();
     bus.start().await.expect("bus starts");
@@ -248,7 +259,12 @@ pub async fn unknown_message_type_goes_to_skipped_queue<F: Fixture>(fixture: &F)
 }
 
 fn raw(body: impl Into<Bytes>, content_type: &'static str) -> TransportMessage {
-    TransportMessage { body: body.into(), content_type: Some(content_type.into()), headers: Headers::new(), ..Default::default() }
+    TransportMessage {
+        body: body.into(),
+        content_type: Some(content_type.into()),
+        headers: Headers::new(),
+        ..Default::default()
+    }
 }
 
 /// Malformed JSON, an unknown content type and an oversized body go straight to `_error`
@@ -279,7 +295,10 @@ pub async fn unreadable_messages_go_to_error_queue_with_their_reason<F: Fixture>
         "x".repeat(70 * 1024)
     );
     let cases = [
-        raw(&b"{\"messageType\":[\"urn:message:Conformance:Consumed\"],\"message\":"[..], "application/vnd.masstransit+json"),
+        raw(
+            &b"{\"messageType\":[\"urn:message:Conformance:Consumed\"],\"message\":"[..],
+            "application/vnd.masstransit+json",
+        ),
         raw(&b"<order/>"[..], "application/xml"),
         raw(oversized.into_bytes(), "application/vnd.masstransit+json"),
         raw(&b"{\"message\":{\"n\":1}}"[..], "application/vnd.masstransit+json"),
