@@ -5,6 +5,8 @@
 //! transport must pass the same cases unchanged.
 
 pub mod conformance;
+pub mod rabbit_fixture;
+pub mod rabbit_support;
 
 use std::future::Future;
 use std::time::Duration;
@@ -35,6 +37,19 @@ pub trait Fixture: Send + Sync + 'static {
     fn bus(&self) -> BusBuilder {
         Bus::builder(self.transport()).stop_timeout(Duration::from_secs(5)).request_timeout(Duration::from_secs(5))
     }
+}
+
+/// One runtime for every test of a binary, so that they can share a broker connection
+/// (a connection lives on the runtime that opened it).
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("the test runtime starts")
+    })
 }
 
 /// A name no other test (or earlier run) uses, so tests can share a broker.
@@ -75,10 +90,12 @@ macro_rules! conformance_suite {
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let fixture = $fixture.await;
-                $crate::conformance::$case(&fixture).await;
+            #[test]
+            fn $case() {
+                $crate::runtime().block_on(async {
+                    let fixture = $fixture.await;
+                    $crate::conformance::$case(&fixture).await;
+                });
             }
         )*
     };

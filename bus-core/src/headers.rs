@@ -89,15 +89,6 @@ impl Headers {
         self.0.iter()
     }
 
-    /// Adds every header of `other` that is not set here.
-    pub fn merge_absent(&mut self, other: &Headers) {
-        for (k, v) in &other.0 {
-            if !self.0.contains_key(k) {
-                self.0.insert(k.clone(), v.clone());
-            }
-        }
-    }
-
     /// Adds every header of `other`, replacing values set here.
     pub fn extend(&mut self, other: Headers) {
         self.0.extend(other.0);

@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use uuid::Uuid;
 
-use crate::{Headers, Result};
+use crate::{EndpointHealth, Headers, Result};
 
 /// A message as it travels: the serialized body plus transport-level properties.
 #[derive(Debug, Clone, Default)]
@@ -175,6 +175,12 @@ pub trait Transport: Send + Sync + 'static {
     /// Starts consuming a declared endpoint with at most `topology.prefetch` unsettled deliveries.
     fn consume(&self, topology: &EndpointTopology) -> impl Future<Output = Result<DeliveryStream>> + Send;
 
+    /// Whether the endpoint's consumer is really running now. The default trusts that a
+    /// stream returned by [`consume`](Self::consume) keeps delivering.
+    fn endpoint_health(&self, queue: &str) -> EndpointHealth {
+        EndpointHealth::healthy(queue)
+    }
+
     /// Deletes a temporary endpoint (a response queue) when its bus stops.
     fn delete_endpoint(&self, topology: &EndpointTopology) -> impl Future<Output = Result<()>> + Send {
         let _ = topology;
@@ -191,6 +197,7 @@ pub(crate) trait DynTransport: Send + Sync + 'static {
     fn send<'a>(&'a self, destination: &'a str, message: TransportMessage) -> BoxFuture<'a, Result<()>>;
     fn consume<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<DeliveryStream>>;
     fn delete_endpoint<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>>;
+    fn endpoint_health(&self, queue: &str) -> EndpointHealth;
 }
 
 impl<T: Transport> DynTransport for T {
@@ -214,5 +221,8 @@ impl<T: Transport> DynTransport for T {
     }
     fn delete_endpoint<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>> {
         Box::pin(Transport::delete_endpoint(self, topology))
+    }
+    fn endpoint_health(&self, queue: &str) -> EndpointHealth {
+        Transport::endpoint_health(self, queue)
     }
 }

@@ -26,7 +26,7 @@ use crate::observer::BusObserver;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
 use crate::transport::DynTransport;
-use crate::{EndpointTopology, Envelope, Error, HostInfo, Result, Transport};
+use crate::{BusHealth, EndpointHealth, EndpointTopology, Envelope, Error, HealthStatus, HostInfo, Result, Transport};
 
 const CREATED: u8 = 0;
 const STARTED: u8 = 1;
@@ -198,6 +198,35 @@ impl Bus {
         inner.state.store(STOPPED, Ordering::Release);
         tracing::info!(address = %inner.address, "bus stopped");
         Ok(())
+    }
+
+    /// The health of every endpoint: unhealthy when the bus is not started or an endpoint's
+    /// consume loop has ended, else what the transport says of its consumer.
+    pub async fn health(&self) -> BusHealth {
+        let inner = &self.inner;
+        let running = inner.running.lock().await;
+        let endpoints: Vec<EndpointHealth> = inner
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(index, endpoint)| {
+                let queue = &endpoint.topology.queue;
+                match running.as_ref() {
+                    None => EndpointHealth::new(queue, HealthStatus::Unhealthy, "bus not started"),
+                    // loops[0] is the response endpoint; endpoint i runs in loops[i + 1].
+                    Some(run) if run.loops.get(index + 1).is_none_or(JoinHandle::is_finished) => {
+                        EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended")
+                    }
+                    Some(_) => inner.transport.endpoint_health(queue),
+                }
+            })
+            .collect();
+        let status = endpoints.iter().map(|e| e.status).max().unwrap_or(if running.is_some() {
+            HealthStatus::Healthy
+        } else {
+            HealthStatus::Unhealthy
+        });
+        BusHealth { status, endpoints }
     }
 
     /// Whether the bus is started and not stopping.

@@ -75,6 +75,16 @@ impl SendOptions {
     }
 }
 
+/// Copies the consumed message's user headers onto a message produced while consuming it:
+/// not the bus's own `MT-*` headers, nor broker headers (`x-*`), nor any already set.
+fn copy_flow_headers(consumed: &Headers, produced: &mut Headers) {
+    for (name, value) in consumed {
+        if !name.starts_with("MT-") && !name.starts_with("x-") {
+            produced.insert_if_absent(name, value.clone());
+        }
+    }
+}
+
 /// The message being consumed, when a message is produced while consuming it.
 #[derive(Clone, Copy)]
 pub(crate) struct Parent<'a> {
@@ -110,11 +120,7 @@ impl BusInner {
                 envelope.conversation_id = consumed.conversation_id.or_else(|| Some(Uuid::now_v7()));
                 envelope.initiator_id = consumed.correlation_id.or(consumed.request_id);
                 envelope.source_address = Some(parent.source_address.to_owned());
-                for (name, value) in &consumed.headers {
-                    if !name.starts_with("MT-") {
-                        envelope.headers.insert_if_absent(name, value.clone());
-                    }
-                }
+                copy_flow_headers(&consumed.headers, &mut envelope.headers);
             }
             None => {
                 envelope.conversation_id = Some(Uuid::now_v7());
@@ -188,11 +194,7 @@ impl BusInner {
         envelope.initiator_id = failed.message_id;
         envelope.source_address = Some(source_address.to_owned());
         envelope.host = Some(self.host.clone());
-        for (name, value) in &failed.headers {
-            if !name.starts_with("MT-") {
-                envelope.headers.insert_if_absent(name, value.clone());
-            }
-        }
+        copy_flow_headers(&failed.headers, &mut envelope.headers);
         let route = match failed.fault_address.as_deref().or(failed.response_address.as_deref()) {
             Some(target) => {
                 envelope.destination_address = Some(target.to_owned());

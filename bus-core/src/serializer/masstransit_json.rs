@@ -44,8 +44,13 @@ impl Serializer for MassTransitJsonSerializer {
 
     fn deserialize(&self, message: &TransportMessage) -> Result<Envelope> {
         let mut envelope = Envelope::from_json(&message.body)?;
-        // Headers added by the transport after sending (MT-Redelivery-Count, MT-Reason...).
-        envelope.headers.merge_absent(&message.headers);
+        // Infrastructure headers added by the transport after sending (MT-Redelivery-Count,
+        // MT-Reason...). Other transport headers (the broker's `x-death`...) stay out of the envelope.
+        for (name, value) in &message.headers {
+            if name.starts_with("MT-") {
+                envelope.headers.insert_if_absent(name, value.clone());
+            }
+        }
         Ok(envelope)
     }
 }

@@ -1,0 +1,265 @@
+//! One connection to the broker, kept alive: reconnects with capped exponential backoff,
+//! redeclares the topology, and tells everyone who waits when a new session is up.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_core::EndpointTopology;
+use futures::StreamExt;
+use lapin::options::ConfirmSelectOptions;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder, Event};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::options::{redact, with_heartbeat, RabbitMqOptions};
+use crate::topology;
+
+/// A live connection with its confirm channels for publishing.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) connection: Connection,
+    pub(crate) generation: u64,
+    publishers: Vec<Mutex<Channel>>,
+    next: AtomicUsize,
+}
+
+impl Session {
+    /// A confirm channel, reopened first if the broker closed it.
+    pub(crate) async fn publisher(&self) -> std::result::Result<Channel, lapin::Error> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.publishers.len();
+        let slot = &self.publishers[index];
+        let current = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        let fresh = open_confirm_channel(&self.connection).await?;
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+        Ok(fresh)
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        self.connection.status().connected()
+    }
+}
+
+async fn open_confirm_channel(connection: &Connection) -> std::result::Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+/// Where the link to the broker stands.
+#[derive(Debug, Clone)]
+pub(crate) enum Link {
+    /// Not connected yet, or reconnecting after `error`.
+    Down {
+        error: Option<String>,
+    },
+    Up(Arc<Session>),
+    Closed,
+}
+
+/// What has been declared, to declare again on every new connection.
+#[derive(Debug, Default)]
+pub(crate) struct Declared {
+    pub(crate) endpoints: HashMap<String, EndpointTopology>,
+    /// Message-type exchanges and the contract exchanges each is bound to.
+    pub(crate) publish_exchanges: HashMap<String, Vec<String>>,
+}
+
+/// Everything the transport's clones share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    address: String,
+    pub(crate) redacted: String,
+    pub(crate) options: RabbitMqOptions,
+    pub(crate) link: watch::Sender<Link>,
+    pub(crate) declared: Mutex<Declared>,
+    pub(crate) closed: CancellationToken,
+}
+
+impl Shared {
+    pub(crate) fn new(address: String, options: RabbitMqOptions) -> Arc<Self> {
+        let redacted = redact(&address);
+        let address = with_heartbeat(&address, options.heartbeat);
+        Arc::new(Shared {
+            address,
+            redacted,
+            options,
+            link: watch::channel(Link::Down { error: None }).0,
+            declared: Mutex::new(Declared::default()),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    pub(crate) fn declared(&self) -> std::sync::MutexGuard<'_, Declared> {
+        self.declared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current session, waiting up to `deadline` for one during an outage.
+    pub(crate) async fn session(&self, deadline: Instant) -> Result<Arc<Session>> {
+        let mut link = self.link.subscribe();
+        loop {
+            match &*link.borrow_and_update() {
+                Link::Up(session) if session.is_alive() => return Ok(session.clone()),
+                Link::Closed => return Err(Error::Closed),
+                _ => {}
+            }
+            match tokio::time::timeout_at(deadline, link.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => return Err(Error::Unavailable(self.options.publish_timeout)),
+            }
+        }
+    }
+
+    /// A session for work that may wait as long as the outage lasts (consumers).
+    pub(crate) async fn session_when_up(&self) -> Option<Arc<Session>> {
+        let mut link = self.link.subscribe();
+        loop {
+            match &*link.borrow_and_update() {
+                Link::Up(session) if session.is_alive() => return Some(session.clone()),
+                Link::Closed => return None,
+                _ => {}
+            }
+            tokio::select! {
+                changed = link.changed() => if changed.is_err() { return None },
+                () = self.closed.cancelled() => return None,
+            }
+        }
+    }
+
+    fn tls(&self) -> OwnedTLSConfig {
+        let tls = &self.options.tls;
+        let identity = match (&tls.client_cert_pem, &tls.client_key_der) {
+            (Some(chain), Some(key)) => {
+                Some(OwnedIdentity::PKCS8 { pem: chain.clone().into_bytes(), key: key.clone() })
+            }
+            _ => None,
+        };
+        OwnedTLSConfig { identity, cert_chain: tls.ca_pem.clone() }
+    }
+
+    async fn connect_once(&self) -> Result<Connection> {
+        let properties =
+            ConnectionProperties::default().with_connection_name(self.options.connection_name.clone().into());
+        let builder = DefaultConnectionBuilder::new()
+            .map_err(|e| self.connection_error("no async runtime", e))?
+            .with_uri_str(self.address.clone())
+            .with_properties(properties)
+            .with_tls_config(self.tls());
+        match tokio::time::timeout(self.options.connect_timeout, builder.connect()).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(self.connection_error("could not connect", error)),
+            Err(_) => Err(Error::Connection {
+                address: self.redacted.clone(),
+                reason: format!("no connection within {:?}", self.options.connect_timeout),
+                source: None,
+            }),
+        }
+    }
+
+    fn connection_error(&self, what: &str, error: lapin::Error) -> Error {
+        Error::Connection { address: self.redacted.clone(), reason: format!("{what}: {error}"), source: Some(error) }
+    }
+
+    /// Opens a session: connection, confirm channels, the whole declared topology.
+    async fn open(&self, generation: u64) -> Result<Arc<Session>> {
+        let connection = self.connect_once().await?;
+        let mut publishers = Vec::with_capacity(self.options.publish_channels.max(1));
+        for _ in 0..self.options.publish_channels.max(1) {
+            let channel = open_confirm_channel(&connection)
+                .await
+                .map_err(|e| self.connection_error("could not open a channel", e))?;
+            publishers.push(Mutex::new(channel));
+        }
+        let session = Arc::new(Session { connection, generation, publishers, next: AtomicUsize::new(0) });
+        let (endpoints, exchanges) = {
+            let declared = self.declared();
+            (
+                declared.endpoints.values().cloned().collect::<Vec<_>>(),
+                declared.publish_exchanges.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>(),
+            )
+        };
+        for endpoint in &endpoints {
+            topology::declare_endpoint(&session.connection, endpoint, self.options.queue_type).await?;
+        }
+        for (exchange, contracts) in &exchanges {
+            topology::declare_publish_exchange(&session.connection, exchange, contracts).await?;
+        }
+        Ok(session)
+    }
+
+    /// Keeps the link up until the transport is closed.
+    pub(crate) async fn supervise(self: Arc<Self>, first: tokio::sync::oneshot::Sender<Result<()>>) {
+        let mut first = Some(first);
+        let mut generation = 0u64;
+        let mut pause = self.options.reconnect_min;
+        loop {
+            if self.closed.is_cancelled() {
+                break;
+            }
+            generation += 1;
+            let opened = tokio::select! {
+                opened = self.open(generation) => opened,
+                () = self.closed.cancelled() => break,
+            };
+            match opened {
+                Ok(session) => {
+                    // An error before this point is caught by the status check below.
+                    let mut events = session.connection.events_listener();
+                    pause = self.options.reconnect_min;
+                    tracing::info!(address = %self.redacted, generation, "connected to rabbitmq");
+                    self.link.send_replace(Link::Up(session.clone()));
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Ok(()));
+                    }
+                    // Heartbeats turn a silent stall into an error event within about two intervals;
+                    // the status check catches a close that raised no event.
+                    let mut check = tokio::time::interval(Duration::from_millis(500));
+                    let error = loop {
+                        tokio::select! {
+                            event = events.next() => match event {
+                                Some(Event::Error(error)) => break error.to_string(),
+                                Some(_) => {}
+                                None => break "connection closed".to_owned(),
+                            },
+                            _ = check.tick() => if !session.is_alive() {
+                                break "connection no longer open".to_owned();
+                            },
+                            () = self.closed.cancelled() => {
+                                let _ = session.connection.close(200, "transport closed".into()).await;
+                                self.link.send_replace(Link::Closed);
+                                return;
+                            }
+                        }
+                    };
+                    tracing::warn!(address = %self.redacted, %error, "rabbitmq connection lost; reconnecting");
+                    self.link.send_replace(Link::Down { error: Some(error) });
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    if let Some(first) = first.take() {
+                        // The first connection decides whether the transport starts at all.
+                        let _ = first.send(Err(error));
+                        self.link.send_replace(Link::Closed);
+                        return;
+                    }
+                    tracing::warn!(%message, retry_in = ?pause, "rabbitmq reconnection failed");
+                    self.link.send_replace(Link::Down { error: Some(message) });
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.closed.cancelled() => break,
+                    }
+                    pause = (pause * 2).min(self.options.reconnect_max);
+                }
+            }
+        }
+        self.link.send_replace(Link::Closed);
+    }
+}

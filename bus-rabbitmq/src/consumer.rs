@@ -1,0 +1,258 @@
+//! Consuming an endpoint across reconnects: one task per endpoint re-subscribes on every new
+//! session and forwards deliveries to the bus through a bounded channel.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_core::{Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, TransportMessage};
+use futures::future::BoxFuture;
+use futures::{stream, StreamExt};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Acker;
+use tokio::sync::{mpsc, Notify};
+
+use crate::connection::Shared;
+use crate::error::{Error, Result};
+use crate::headers::{properties, strip_broker_headers, transport_message};
+use crate::publisher::publish;
+use crate::topology::delay_queue;
+
+/// Whether an endpoint's consumer runs, as reported to health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConsumerState {
+    Starting,
+    /// Subscribed on the session of this generation.
+    Consuming(u64),
+    /// Lost its subscription; waiting for the connection to come back.
+    Recovering(String),
+    /// Could not subscribe on a live connection.
+    Failing(String),
+    Stopped,
+}
+
+/// Counts deliveries handed out and not yet settled, so a stopping consumer can wait for them.
+#[derive(Debug, Default)]
+struct Outstanding {
+    count: AtomicUsize,
+    settled: Notify,
+}
+
+impl Outstanding {
+    fn done(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    async fn wait_zero(&self, bound: Duration) {
+        let wait = async {
+            loop {
+                let notified = self.settled.notified();
+                if self.count.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(bound, wait).await;
+    }
+}
+
+/// Starts the consumer task of an endpoint and returns its deliveries.
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    endpoint: EndpointTopology,
+    state: Arc<Mutex<ConsumerState>>,
+) -> DeliveryStream {
+    let (tx, rx) = mpsc::channel::<Delivery>(usize::from(endpoint.prefetch.max(1)));
+    tokio::spawn(run(shared, endpoint, tx, state));
+    Box::pin(stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|d| (d, rx)) }))
+}
+
+fn set(state: &Mutex<ConsumerState>, value: ConsumerState) {
+    *state.lock().unwrap_or_else(|e| e.into_inner()) = value;
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    endpoint: EndpointTopology,
+    tx: mpsc::Sender<Delivery>,
+    state: Arc<Mutex<ConsumerState>>,
+) {
+    let outstanding = Arc::new(Outstanding::default());
+    let queue = endpoint.queue.clone();
+    let mut pause = shared.options.reconnect_min;
+    'sessions: loop {
+        let session = tokio::select! {
+            session = shared.session_when_up() => match session {
+                Some(session) => session,
+                None => break,
+            },
+            () = tx.closed() => break,
+        };
+        let subscribed = async {
+            let channel = session.connection.create_channel().await?;
+            channel.basic_qos(endpoint.prefetch.max(1), BasicQosOptions::default()).await?;
+            let tag = format!("{}-{}", shared.options.connection_name, uuid::Uuid::now_v7().simple());
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((channel, consumer, tag))
+        };
+        let (channel, mut consumer, tag) = match subscribed.await {
+            Ok(subscribed) => subscribed,
+            Err(error) => {
+                tracing::warn!(queue = %queue, %error, "could not consume; trying again");
+                set(&state, ConsumerState::Failing(error.to_string()));
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = tx.closed() => break,
+                }
+                pause = (pause * 2).min(shared.options.reconnect_max);
+                continue;
+            }
+        };
+        pause = shared.options.reconnect_min;
+        set(&state, ConsumerState::Consuming(session.generation));
+        tracing::info!(queue = %queue, generation = session.generation, "consuming");
+        loop {
+            tokio::select! {
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let message = transport_message(delivery.data, &delivery.properties);
+                        outstanding.count.fetch_add(1, Ordering::AcqRel);
+                        let settle = RabbitMqSettle {
+                            shared: shared.clone(),
+                            queue: queue.clone(),
+                            acker: delivery.acker,
+                            outstanding: outstanding.clone(),
+                        };
+                        let delivery = Delivery::new(message, delivery.redelivered, settle);
+                        if tx.send(delivery).await.is_err() {
+                            // The bus stopped taking deliveries; the one in hand was requeued on drop.
+                            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                            break 'sessions;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        set(&state, ConsumerState::Recovering(error.to_string()));
+                        tracing::warn!(queue = %queue, %error, "consumer lost; waiting for the connection");
+                        break;
+                    }
+                    None => {
+                        set(&state, ConsumerState::Recovering("consumer cancelled".to_owned()));
+                        tracing::warn!(queue = %queue, "consumer cancelled by the broker; subscribing again");
+                        break;
+                    }
+                },
+                () = tx.closed() => {
+                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    // In-flight messages finish (and are acked on this channel) before it closes.
+                    outstanding.wait_zero(Duration::from_secs(60)).await;
+                    let _ = channel.close(200, "endpoint stopped".into()).await;
+                    break 'sessions;
+                }
+            }
+        }
+        // Wait for the supervisor to replace a dead session rather than spin on it.
+        if !session.is_alive() {
+            let mut link = shared.link.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(1), link.changed()).await;
+        }
+    }
+    set(&state, ConsumerState::Stopped);
+}
+
+/// Settles one RabbitMQ delivery on the channel it came from.
+struct RabbitMqSettle {
+    shared: Arc<Shared>,
+    queue: String,
+    acker: Acker,
+    outstanding: Arc<Outstanding>,
+}
+
+impl Drop for RabbitMqSettle {
+    fn drop(&mut self) {
+        self.outstanding.done();
+    }
+}
+
+impl RabbitMqSettle {
+    async fn ack(&self) -> Result<()> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Refused { operation: "basic.ack".into(), source })
+    }
+
+    async fn requeue(&self) -> Result<()> {
+        self.acker
+            .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Refused { operation: "basic.nack".into(), source })
+    }
+
+    /// Publishes the message elsewhere (confirmed), then acks it here; on failure it is
+    /// requeued so nothing is lost.
+    async fn forward(&self, exchange: &str, routing_key: &str, mut message: TransportMessage) -> Result<()> {
+        strip_broker_headers(&mut message.headers);
+        let properties = properties(&message, true);
+        match publish(&self.shared, exchange, routing_key, &message.body, &properties, true).await {
+            Ok(()) => self.ack().await,
+            Err(error) => {
+                let _ = self.requeue().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Settle for RabbitMqSettle {
+    fn settle(
+        self: Box<Self>,
+        message: TransportMessage,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, bus_core::Result<()>> {
+        Box::pin(async move {
+            let result = match settlement {
+                Settlement::Ack => self.ack().await,
+                Settlement::Requeue => self.requeue().await,
+                Settlement::MoveTo { queue, headers } => {
+                    let mut moved = message;
+                    moved.headers.extend(headers);
+                    self.forward(&queue, "", moved).await
+                }
+                Settlement::Redeliver { delay, headers } => {
+                    let mut again = message;
+                    again.headers.extend(headers);
+                    let waiting = delay_queue(&self.queue, delay);
+                    self.forward("", &waiting, again).await
+                }
+                other => {
+                    tracing::warn!(?other, "unknown settlement; requeueing");
+                    self.requeue().await
+                }
+            };
+            result.map_err(Into::into)
+        })
+    }
+
+    fn abandon(self: Box<Self>, _message: TransportMessage) {
+        // Returned to the queue now if possible; otherwise the broker requeues it when the
+        // channel closes. Either way it is not lost.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = self.requeue().await;
+            });
+        }
+    }
+}

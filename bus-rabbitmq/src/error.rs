@@ -1,0 +1,79 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+/// Result with this crate's [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong talking to RabbitMQ. Messages never contain credentials.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Could not connect, or the connection was lost.
+    #[error("rabbitmq at {address}: {reason}")]
+    Connection {
+        /// The broker address, password redacted.
+        address: String,
+        /// What happened.
+        reason: String,
+        /// lapin's error.
+        #[source]
+        source: Option<lapin::Error>,
+    },
+    /// The broker stayed unreachable for longer than the publish timeout.
+    #[error("rabbitmq unavailable: no connection within {0:?}")]
+    Unavailable(Duration),
+    /// The broker refused an operation (a declaration with other arguments, a missing entity...).
+    #[error("rabbitmq refused {operation}: {source}")]
+    Refused {
+        /// What was attempted.
+        operation: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker negatively acknowledged a published message.
+    #[error("rabbitmq did not accept a message published to `{0}`")]
+    Nacked(String),
+    /// A sent message had no queue to go to.
+    #[error("no queue receives messages sent to `{0}`")]
+    Unroutable(String),
+    /// The transport was closed.
+    #[error("the rabbitmq transport is closed")]
+    Closed,
+    /// The URI or options cannot work.
+    #[error("invalid rabbitmq configuration: {0}")]
+    Configuration(String),
+}
+
+impl Error {
+    /// Whether trying again may succeed: lost connections and outages may heal; refusals,
+    /// unroutable sends and bad configuration do not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connection { .. } | Error::Unavailable(_) | Error::Nacked(_) => true,
+            Error::Refused { source, .. } => is_connection_loss(source),
+            Error::Unroutable(_) | Error::Closed | Error::Configuration(_) => false,
+        }
+    }
+}
+
+/// Whether a lapin error means the connection (or channel) went away rather than the broker
+/// refusing what was asked.
+pub(crate) fn is_connection_loss(error: &lapin::Error) -> bool {
+    use lapin::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::IOError(_)
+            | ErrorKind::MissingHeartbeatError
+            | ErrorKind::InvalidConnectionState(_)
+            | ErrorKind::InvalidChannelState(..)
+            | ErrorKind::InvalidChannel(_)
+    ) || error.is_amqp_hard_error()
+}
+
+impl From<Error> for bus_core::Error {
+    fn from(error: Error) -> Self {
+        bus_core::Error::transport(error.to_string(), error.is_transient(), Some(Box::new(error) as bus_core::BoxError))
+    }
+}

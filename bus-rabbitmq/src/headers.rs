@@ -1,0 +1,161 @@
+//! Conversions between bus-core's messages and AMQP properties and header tables.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use bus_core::{Headers, TransportMessage};
+use bytes::Bytes;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+use serde_json::Value;
+
+fn to_amqp(value: &Value) -> AMQPValue {
+    match value {
+        Value::Null => AMQPValue::Void,
+        // MassTransit writes booleans as "True"/"False" strings.
+        Value::Bool(b) => AMQPValue::LongString(LongString::from(if *b { "True" } else { "False" })),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(items.iter().map(to_amqp).collect::<Vec<_>>())),
+        Value::Object(map) => {
+            let mut table = FieldTable::default();
+            for (k, v) in map {
+                if let Ok(key) = ShortString::try_new(k.as_str()) {
+                    table.insert(key, to_amqp(v));
+                }
+            }
+            AMQPValue::FieldTable(table)
+        }
+    }
+}
+
+fn from_amqp(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(i) => Value::from(*i),
+        AMQPValue::ShortShortUInt(i) => Value::from(*i),
+        AMQPValue::ShortInt(i) => Value::from(*i),
+        AMQPValue::ShortUInt(i) => Value::from(*i),
+        AMQPValue::LongInt(i) => Value::from(*i),
+        AMQPValue::LongUInt(i) => Value::from(*i),
+        AMQPValue::LongLongInt(i) => Value::from(*i),
+        AMQPValue::Float(f) => Value::from(f64::from(*f)),
+        AMQPValue::Double(f) => Value::from(*f),
+        AMQPValue::DecimalValue(d) => Value::String(format!("{d:?}")),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+        // Headers from the wire need not be UTF-8: keep what can be read, never fail.
+        AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::FieldArray(items) => Value::Array(items.as_slice().iter().map(from_amqp).collect()),
+        AMQPValue::Timestamp(t) => Value::from(*t),
+        AMQPValue::FieldTable(table) => {
+            Value::Object(table.inner().iter().map(|(k, v)| (k.as_str().to_owned(), from_amqp(v))).collect())
+        }
+        AMQPValue::ByteArray(bytes) => Value::String(String::from_utf8_lossy(bytes.as_slice()).into_owned()),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+/// Headers the broker writes when it dead-letters a message. Republishing them (moving a
+/// message to `_error`, or into a delay queue) would confuse the broker's own bookkeeping,
+/// so they are dropped on the way.
+const BROKER_HEADERS: [&str; 8] = [
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+];
+
+/// Removes the broker's dead-lettering headers before a message is published again.
+pub(crate) fn strip_broker_headers(headers: &mut Headers) {
+    for name in BROKER_HEADERS {
+        headers.remove(name);
+    }
+}
+
+/// Headers as an AMQP table.
+pub(crate) fn to_table(headers: &Headers) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        // AMQP header names are short strings (at most 255 bytes); longer ones cannot travel.
+        if let Ok(key) = ShortString::try_new(name.as_str()) {
+            table.insert(key, to_amqp(value));
+        }
+    }
+    table
+}
+
+/// An AMQP table as headers.
+pub(crate) fn from_table(table: &FieldTable) -> Headers {
+    table.inner().iter().map(|(k, v)| (k.as_str().to_owned(), from_amqp(v))).collect()
+}
+
+/// AMQP properties for a message: content type, ids, persistence, expiration, headers.
+pub(crate) fn properties(message: &TransportMessage, persistent: bool) -> BasicProperties {
+    let mut properties = BasicProperties::default().with_headers(to_table(&message.headers));
+    if persistent {
+        properties = properties.with_delivery_mode(2);
+    }
+    if let Some(content_type) = &message.content_type {
+        properties = properties.with_content_type(ShortString::from(content_type.as_ref()));
+    }
+    if let Some(id) = message.message_id {
+        properties = properties.with_message_id(ShortString::from(id.to_string()));
+    }
+    if let Some(id) = message.correlation_id {
+        properties = properties.with_correlation_id(ShortString::from(id.to_string()));
+    }
+    if let Some(ttl) = message.time_to_live {
+        properties = properties.with_expiration(ShortString::from(ttl.as_millis().max(1).to_string()));
+    }
+    properties
+}
+
+/// A delivered message as a [`TransportMessage`]; nothing from the wire makes this fail.
+pub fn transport_message(data: Vec<u8>, properties: &BasicProperties) -> TransportMessage {
+    TransportMessage {
+        body: Bytes::from(data),
+        content_type: properties.content_type().as_ref().map(|c| Cow::Owned(c.as_str().to_owned())),
+        headers: properties.headers().as_ref().map(from_table).unwrap_or_default(),
+        message_id: properties.message_id().as_ref().and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok()),
+        correlation_id: properties.correlation_id().as_ref().and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok()),
+        time_to_live: properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| e.as_str().parse::<u64>().ok())
+            .map(Duration::from_millis),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_survive_a_round_trip_through_an_amqp_table() {
+        let mut headers = Headers::new();
+        headers.insert("Tenant", "acme");
+        headers.insert("MT-Redelivery-Count", 2);
+        headers.insert("Ratio", 0.5);
+        headers.insert("Urgent", true);
+        let back = from_table(&to_table(&headers));
+        assert_eq!(back.get_str("Tenant"), Some("acme"));
+        assert_eq!(back.get_i64("MT-Redelivery-Count"), Some(2));
+        assert_eq!(back.get("Ratio"), Some(&Value::from(0.5)));
+        assert_eq!(back.get_str("Urgent"), Some("True"), "booleans as MassTransit writes them");
+    }
+
+    #[test]
+    fn non_utf8_header_values_are_read_lossily() {
+        let mut table = FieldTable::default();
+        table.insert("Bad".into(), AMQPValue::LongString(LongString::from(vec![0xff, 0xfe, b'a'])));
+        let headers = from_table(&table);
+        assert_eq!(headers.get_str("Bad"), Some("\u{fffd}\u{fffd}a"));
+    }
+}

@@ -1,0 +1,57 @@
+//! Confirmed publishing: pipelined over a few confirm channels, re-sent when a confirm is
+//! lost with the connection, bounded in time during an outage.
+
+use std::sync::Arc;
+
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use tokio::time::Instant;
+
+use crate::connection::Shared;
+use crate::error::{is_connection_loss, Error, Result};
+
+/// Publishes `body` to `exchange` and waits for the broker's confirm.
+///
+/// Many calls may be in flight at once on one channel; each resolves with its own confirm.
+/// A confirm lost with the connection means the message may or may not have arrived: it is
+/// published again on the next connection (at least once; duplicates possible, loss not).
+pub(crate) async fn publish(
+    shared: &Arc<Shared>,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: &BasicProperties,
+    mandatory: bool,
+) -> Result<()> {
+    let deadline = Instant::now() + shared.options.publish_timeout;
+    loop {
+        let session = shared.session(deadline).await?;
+        let attempt = async {
+            let channel = session.publisher().await?;
+            let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
+            channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties.clone()).await?.await
+        };
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(confirmation)) => {
+                if confirmation.is_nack() {
+                    return Err(Error::Nacked(exchange.to_owned()));
+                }
+                if confirmation.take_message().is_some() {
+                    return Err(Error::Unroutable(exchange.to_owned()));
+                }
+                return Ok(());
+            }
+            Ok(Err(error)) if is_connection_loss(&error) || !session.is_alive() => {
+                tracing::debug!(%error, exchange, "publish interrupted by a connection loss; publishing again");
+                // The supervisor notices the loss and brings up a new session; `session()` waits for it.
+                if session.is_alive() {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Ok(Err(error)) => {
+                return Err(Error::Refused { operation: format!("publishing to `{exchange}`"), source: error });
+            }
+            Err(_) => return Err(Error::Unavailable(shared.options.publish_timeout)),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! MassTransit's topology on RabbitMQ: declared with short-lived channels, so a refused
+//! declaration never breaks the channels that publish and consume.
+
+use bus_core::message::entity_name;
+use bus_core::EndpointTopology;
+use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ExchangeKind};
+
+use crate::error::{Error, Result};
+use crate::options::QueueType;
+
+fn refused(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
+    let operation = operation.into();
+    move |source| Error::Refused { operation, source }
+}
+
+/// Name of the queue that holds messages waiting `delay` before redelivery to `queue`.
+pub(crate) fn delay_queue(queue: &str, delay: std::time::Duration) -> String {
+    format!("{queue}_delay_{}ms", delay.as_millis())
+}
+
+async fn with_channel<T>(connection: &Connection, f: impl AsyncFnOnce(&Channel) -> Result<T>) -> Result<T> {
+    let channel = connection.create_channel().await.map_err(refused("channel.open"))?;
+    let result = f(&channel).await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "declared".into()).await;
+    }
+    result
+}
+
+async fn exchange(channel: &Channel, name: &str, durable: bool, auto_delete: bool) -> Result<()> {
+    let options = ExchangeDeclareOptions { durable, auto_delete, ..ExchangeDeclareOptions::default() };
+    channel
+        .exchange_declare(name.into(), ExchangeKind::Fanout, options, FieldTable::default())
+        .await
+        .map_err(refused(format!("declaring exchange `{name}`")))
+}
+
+async fn queue(channel: &Channel, name: &str, durable: bool, auto_delete: bool, arguments: FieldTable) -> Result<()> {
+    let options = QueueDeclareOptions { durable, auto_delete, ..QueueDeclareOptions::default() };
+    channel
+        .queue_declare(name.into(), options, arguments)
+        .await
+        .map_err(refused(format!("declaring queue `{name}`")))?;
+    Ok(())
+}
+
+async fn queue_with_exchange(
+    channel: &Channel,
+    name: &str,
+    durable: bool,
+    auto_delete: bool,
+    arguments: FieldTable,
+) -> Result<()> {
+    queue(channel, name, durable, auto_delete, arguments).await?;
+    exchange(channel, name, durable, auto_delete).await?;
+    channel
+        .queue_bind(name.into(), name.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .map_err(refused(format!("binding queue `{name}`")))
+}
+
+fn queue_arguments(queue_type: QueueType, temporary: bool) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if queue_type == QueueType::Quorum && !temporary {
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    }
+    arguments
+}
+
+/// Declares an endpoint: its queue and same-named fanout exchange bound to it; the exchange
+/// of each consumed message type bound to the endpoint's exchange; `_error` and `_skipped`
+/// (each a queue with its exchange); one TTL queue per redelivery delay that dead-letters
+/// back to the endpoint's exchange.
+pub(crate) async fn declare_endpoint(
+    connection: &Connection,
+    endpoint: &EndpointTopology,
+    queue_type: QueueType,
+) -> Result<()> {
+    with_channel(connection, async |channel| {
+        let name = endpoint.queue.as_str();
+        let temporary = endpoint.temporary;
+        queue_with_exchange(channel, name, !temporary, temporary, queue_arguments(queue_type, temporary)).await?;
+        for urn in &endpoint.message_types {
+            let source = entity_name(urn);
+            exchange(channel, &source, true, false).await?;
+            channel
+                .exchange_bind(
+                    name.into(),
+                    source.as_str().into(),
+                    "".into(),
+                    ExchangeBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(refused(format!("binding exchange `{source}` to `{name}`")))?;
+        }
+        if !temporary {
+            for dead_letters in [endpoint.error_queue(), endpoint.skipped_queue()] {
+                queue_with_exchange(channel, &dead_letters, true, false, queue_arguments(queue_type, false)).await?;
+            }
+            for delay in &endpoint.redelivery_delays {
+                let mut arguments = queue_arguments(queue_type, false);
+                let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+                arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from(name)));
+                queue(channel, &delay_queue(name, *delay), true, false, arguments).await?;
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Declares a message type's exchange and binds it to the exchanges of the contracts it lists.
+pub(crate) async fn declare_publish_exchange(
+    connection: &Connection,
+    exchange_name: &str,
+    contracts: &[String],
+) -> Result<()> {
+    with_channel(connection, async |channel| {
+        exchange(channel, exchange_name, true, false).await?;
+        for contract in contracts {
+            exchange(channel, contract, true, false).await?;
+            channel
+                .exchange_bind(
+                    contract.as_str().into(),
+                    exchange_name.into(),
+                    "".into(),
+                    ExchangeBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(refused(format!("binding exchange `{exchange_name}` to `{contract}`")))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Whether an exchange exists (a passive declaration, on its own channel).
+pub(crate) async fn exchange_exists(connection: &Connection, name: &str) -> Result<bool> {
+    let channel = connection.create_channel().await.map_err(refused("channel.open"))?;
+    let options = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
+    match channel.exchange_declare(name.into(), ExchangeKind::Fanout, options, FieldTable::default()).await {
+        Ok(()) => {
+            let _ = channel.close(200, "checked".into()).await;
+            Ok(true)
+        }
+        Err(error) if matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) => Ok(false),
+        Err(error) => Err(Error::Refused { operation: format!("checking exchange `{name}`"), source: error }),
+    }
+}
+
+/// Deletes a temporary endpoint's queue and exchange.
+pub(crate) async fn delete_endpoint(connection: &Connection, endpoint: &EndpointTopology) -> Result<()> {
+    with_channel(connection, async |channel| {
+        let name = endpoint.queue.as_str();
+        channel
+            .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .map_err(refused(format!("deleting queue `{name}`")))?;
+        channel
+            .exchange_delete(name.into(), lapin::options::ExchangeDeleteOptions::default())
+            .await
+            .map_err(refused(format!("deleting exchange `{name}`")))
+    })
+    .await
+}

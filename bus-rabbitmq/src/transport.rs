@@ -1,0 +1,225 @@
+//! [`RabbitMqTransport`]: bus-core's transport contract on RabbitMQ.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bus_core::message::entity_name;
+use bus_core::{DeliveryStream, EndpointHealth, EndpointTopology, HealthStatus, Transport, TransportMessage};
+use tokio::time::Instant;
+
+use crate::connection::{Link, Shared};
+use crate::consumer::{self, ConsumerState};
+use crate::error::{Error, Result};
+use crate::headers::properties;
+use crate::options::{default_address, RabbitMqOptions};
+use crate::publisher::publish;
+use crate::topology;
+
+/// The RabbitMQ transport: MassTransit's topology, confirmed publishing, and a connection
+/// that recovers by itself.
+///
+/// Clones share one connection. Dropping every clone does not close it; call
+/// [`close`](Self::close).
+///
+/// ```no_run
+/// use bus_core::Bus;
+/// use bus_rabbitmq::RabbitMqTransport;
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let transport = RabbitMqTransport::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+/// let bus = Bus::builder(transport.clone()).build();
+/// bus.start().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RabbitMqTransport {
+    shared: Arc<Shared>,
+    state: Arc<TransportState>,
+}
+
+#[derive(Debug, Default)]
+struct TransportState {
+    /// Exchanges known to exist (declared for publishing, or seen by a send).
+    known_exchanges: Mutex<HashSet<String>>,
+    consumers: Mutex<HashMap<String, Arc<Mutex<ConsumerState>>>>,
+}
+
+impl RabbitMqTransport {
+    /// Connects with default options to `address` (`amqp://` or `amqps://`).
+    pub async fn connect(address: &str) -> Result<Self> {
+        Self::connect_with(address, RabbitMqOptions::default()).await
+    }
+
+    /// Connects to `AMQP_ADDR`, or to the local broker when it is not set.
+    pub async fn from_env() -> Result<Self> {
+        Self::connect(&default_address()).await
+    }
+
+    /// Connects with options. Fails when the first connection cannot be made; after that,
+    /// lost connections are re-established in the background.
+    pub async fn connect_with(address: &str, options: RabbitMqOptions) -> Result<Self> {
+        if !(address.starts_with("amqp://") || address.starts_with("amqps://")) {
+            return Err(Error::Configuration(format!(
+                "address must start with amqp:// or amqps://: {}",
+                crate::options::redact(address)
+            )));
+        }
+        let shared = Shared::new(address.to_owned(), options);
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(shared.clone().supervise(first_tx));
+        first_rx.await.map_err(|_| Error::Closed)??;
+        Ok(RabbitMqTransport { shared, state: Arc::new(TransportState::default()) })
+    }
+
+    /// The broker address, password redacted.
+    pub fn address_redacted(&self) -> &str {
+        &self.shared.redacted
+    }
+
+    /// Whether the connection is up now.
+    pub fn is_connected(&self) -> bool {
+        matches!(&*self.shared.link.borrow(), Link::Up(session) if session.is_alive())
+    }
+
+    /// Closes the connection; consumers stop, publishes fail with [`Error::Closed`].
+    pub async fn close(&self) {
+        self.shared.closed.cancel();
+        let mut link = self.shared.link.subscribe();
+        let closed = async {
+            while !matches!(&*link.borrow_and_update(), Link::Closed) {
+                if link.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.shared.options.connect_timeout, closed).await;
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.shared.options.publish_timeout
+    }
+
+    fn knows(&self, exchange: &str) -> bool {
+        self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).contains(exchange)
+    }
+
+    fn remember(&self, exchange: &str) {
+        self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
+    }
+
+    async fn ensure_publish_exchange(&self, message_types: &[&str]) -> Result<String> {
+        let Some((first, contracts)) = message_types.split_first() else {
+            return Err(Error::Configuration("a published message needs a message type".into()));
+        };
+        let exchange = entity_name(first);
+        if self.knows(&exchange) {
+            return Ok(exchange);
+        }
+        let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
+        let session = self.shared.session(self.deadline()).await?;
+        topology::declare_publish_exchange(&session.connection, &exchange, &contracts).await?;
+        self.shared.declared().publish_exchanges.insert(exchange.clone(), contracts);
+        self.remember(&exchange);
+        Ok(exchange)
+    }
+
+    fn consumer_state(&self, queue: &str) -> Option<ConsumerState> {
+        let consumers = self.state.consumers.lock().unwrap_or_else(|e| e.into_inner());
+        consumers.get(queue).map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+impl Transport for RabbitMqTransport {
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn address(&self, name: &str) -> String {
+        // MassTransit's form: rabbitmq://host/name, or rabbitmq://host/vhost/name off the default vhost.
+        let host_and_vhost = self.shared.redacted.split_once("://").map(|(_, rest)| rest).unwrap_or("localhost");
+        let host_and_vhost = host_and_vhost.rsplit_once('@').map_or(host_and_vhost, |(_, h)| h);
+        let host_and_vhost = host_and_vhost.split('?').next().unwrap_or(host_and_vhost);
+        let (host, vhost) = host_and_vhost.split_once('/').unwrap_or((host_and_vhost, ""));
+        let host = host.split(':').next().unwrap_or(host);
+        match vhost {
+            "" | "%2f" | "%2F" => format!("rabbitmq://{host}/{name}"),
+            vhost => format!("rabbitmq://{host}/{vhost}/{name}"),
+        }
+    }
+
+    async fn declare_endpoint(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
+        let session = self.shared.session(self.deadline()).await?;
+        topology::declare_endpoint(&session.connection, endpoint, self.shared.options.queue_type).await?;
+        self.shared.declared().endpoints.insert(endpoint.queue.clone(), endpoint.clone());
+        self.remember(&endpoint.queue);
+        Ok(())
+    }
+
+    async fn publish(&self, message_types: &[&str], message: TransportMessage) -> bus_core::Result<()> {
+        let exchange = self.ensure_publish_exchange(message_types).await?;
+        let properties = properties(&message, true);
+        publish(&self.shared, &exchange, "", &message.body, &properties, false).await?;
+        Ok(())
+    }
+
+    async fn send(&self, destination: &str, message: TransportMessage) -> bus_core::Result<()> {
+        if !self.knows(destination) {
+            // Publishing to a missing exchange would close the channel; check on the side first.
+            let session = self.shared.session(self.deadline()).await?;
+            if !topology::exchange_exists(&session.connection, destination).await? {
+                return Err(Error::Unroutable(destination.to_owned()).into());
+            }
+            self.remember(destination);
+        }
+        let properties = properties(&message, true);
+        publish(&self.shared, destination, "", &message.body, &properties, true).await?;
+        Ok(())
+    }
+
+    async fn consume(&self, endpoint: &EndpointTopology) -> bus_core::Result<DeliveryStream> {
+        let state = Arc::new(Mutex::new(ConsumerState::Starting));
+        self.state.consumers.lock().unwrap_or_else(|e| e.into_inner()).insert(endpoint.queue.clone(), state.clone());
+        Ok(consumer::start(self.shared.clone(), endpoint.clone(), state))
+    }
+
+    async fn delete_endpoint(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
+        self.shared.declared().endpoints.remove(&endpoint.queue);
+        self.state.consumers.lock().unwrap_or_else(|e| e.into_inner()).remove(&endpoint.queue);
+        if endpoint.temporary {
+            if let Ok(session) = self.shared.session(self.deadline()).await {
+                topology::delete_endpoint(&session.connection, endpoint).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn endpoint_health(&self, queue: &str) -> EndpointHealth {
+        let link = self.shared.link.borrow().clone();
+        let current = match &link {
+            Link::Up(session) if session.is_alive() => Some(session.generation),
+            Link::Closed => return EndpointHealth::new(queue, HealthStatus::Unhealthy, "transport closed"),
+            _ => None,
+        };
+        match (self.consumer_state(queue), current) {
+            (Some(ConsumerState::Consuming(generation)), Some(live)) if generation == live => {
+                EndpointHealth::healthy(queue)
+            }
+            (None, _) => EndpointHealth::new(queue, HealthStatus::Unhealthy, "not consuming"),
+            (Some(ConsumerState::Stopped), _) => {
+                EndpointHealth::new(queue, HealthStatus::Unhealthy, "consumer stopped")
+            }
+            (Some(ConsumerState::Failing(error)), Some(_)) => {
+                EndpointHealth::new(queue, HealthStatus::Unhealthy, error)
+            }
+            (Some(_), None) => {
+                let why = match link {
+                    Link::Down { error: Some(error), .. } => format!("reconnecting: {error}"),
+                    _ => "reconnecting".to_owned(),
+                };
+                EndpointHealth::new(queue, HealthStatus::Degraded, why)
+            }
+            (Some(state), Some(_)) => {
+                EndpointHealth::new(queue, HealthStatus::Degraded, format!("resubscribing ({state:?})"))
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The conformance fixture for RabbitMQ: one vhost and one connection per test binary.
+
+use std::time::Duration;
+
+use bus_core::TransportMessage;
+use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use tokio::sync::OnceCell;
+
+use crate::rabbit_support::{rabbitmqctl, Vhost};
+use crate::Fixture;
+
+/// The broker every RabbitMQ test uses.
+pub const BROKER_PORT: u16 = 5672;
+
+/// A RabbitMQ transport on a vhost of its own, with a side connection to look into queues.
+#[derive(Debug, Clone)]
+pub struct RabbitFixture {
+    transport: RabbitMqTransport,
+    inspector: std::sync::Arc<lapin::Connection>,
+    uri: String,
+}
+
+struct Held {
+    fixture: RabbitFixture,
+    // Kept for the life of the process; a later run deletes it (see `shared`).
+    _vhost: Vhost,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("fixture", &self.fixture).finish()
+    }
+}
+
+/// Panics with a message that says what to do when the broker does not answer.
+pub fn require_broker() {
+    if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], BROKER_PORT).into(), Duration::from_secs(2)).is_err() {
+        panic!(
+            "RabbitMQ does not answer on 127.0.0.1:{BROKER_PORT}. These tests need a real broker: \
+             run scripts/test.sh (it starts or installs RabbitMQ), or start it with `rabbitmq-server -detached`."
+        );
+    }
+}
+
+impl RabbitFixture {
+    /// The fixture shared by every test of this binary, on a fresh vhost named after `prefix`.
+    /// Vhosts left by earlier runs of the same binary are deleted first.
+    pub async fn shared(prefix: &'static str) -> RabbitFixture {
+        static HELD: OnceCell<Held> = OnceCell::const_new();
+        let held = HELD
+            .get_or_init(|| async move {
+                require_broker();
+                let listed =
+                    tokio::task::spawn_blocking(|| rabbitmqctl(&["list_vhosts", "--quiet", "--no-table-headers"]))
+                        .await
+                        .expect("rabbitmqctl runs");
+                for stale in listed.lines().map(str::trim).filter(|v| v.starts_with(&format!("{prefix}-"))) {
+                    let stale = stale.to_owned();
+                    let _ = tokio::task::spawn_blocking(move || rabbitmqctl(&["delete_vhost", &stale])).await;
+                }
+                let vhost = tokio::task::spawn_blocking(move || Vhost::create(prefix)).await.expect("vhost created");
+                let uri = vhost.uri(BROKER_PORT);
+                let fixture = RabbitFixture::connect(&uri).await;
+                Held { fixture, _vhost: vhost }
+            })
+            .await;
+        held.fixture.clone()
+    }
+
+    /// A fixture on the broker at `uri`.
+    pub async fn connect(uri: &str) -> RabbitFixture {
+        let options = RabbitMqOptions { publish_timeout: Duration::from_secs(10), ..RabbitMqOptions::default() };
+        let transport = RabbitMqTransport::connect_with(uri, options)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to RabbitMQ ({e}); run scripts/test.sh to start it"));
+        let inspector = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("cannot open the inspection connection: {e}"));
+        RabbitFixture { transport, inspector: std::sync::Arc::new(inspector), uri: uri.to_owned() }
+    }
+
+    /// The broker URI (with credentials: tests only).
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// A channel on the side connection, for raw publishing and checks.
+    pub async fn channel(&self) -> lapin::Channel {
+        self.inspector.create_channel().await.expect("inspection channel opens")
+    }
+}
+
+impl Fixture for RabbitFixture {
+    type Transport = RabbitMqTransport;
+
+    fn transport(&self) -> RabbitMqTransport {
+        self.transport.clone()
+    }
+
+    async fn take_messages(&self, queue: &str, n: usize, timeout: Duration) -> Vec<TransportMessage> {
+        let channel = self.channel().await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut taken = Vec::new();
+        loop {
+            // Drain what is there now.
+            while let Some(message) = channel
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("basic.get on `{queue}` fails: {e}"))
+            {
+                let delivery = message.delivery;
+                delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+                taken.push(bus_rabbitmq::testing::transport_message(delivery.data, &delivery.properties));
+            }
+            if taken.len() >= n || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            // The broker has no push for "queue grew" on basic.get: poll within the deadline.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = channel.close(200, "inspected".into()).await;
+        taken
+    }
+}
