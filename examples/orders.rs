@@ -3,16 +3,19 @@
 //! MicroserviceA publishes `NewOrderEvent`s; a consumer logs who ordered. For each order,
 //! MicroserviceA then asks MicroserviceB for a payment result (request/response).
 //!
-//! Runs on the in-memory transport; exits by itself. Ctrl-C stops it gracefully.
+//! Runs on the in-memory transport, or on RabbitMQ when `AMQP_ADDR` is set; exits by itself.
+//! Ctrl-C stops it gracefully.
 //!
 //! ```text
 //! cargo run --example orders
+//! AMQP_ADDR=amqp://guest:guest@127.0.0.1:5672/%2f cargo run --example orders
 //! ```
 
 use std::time::Duration;
 
-use bus_core::{BoxError, Bus, ConsumeContext, Consumer, Message};
+use bus_core::{BoxError, Bus, ConsumeContext, Consumer, Message, Transport};
 use bus_inmemory::InMemoryTransport;
+use bus_rabbitmq::RabbitMqTransport;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -96,13 +99,24 @@ fn short(id: Option<uuid::Uuid>) -> String {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
-    if std::env::var_os("AMQP_ADDR").is_some() {
-        println!("note: AMQP_ADDR is set, but the RabbitMQ transport is not built yet; using the in-memory transport");
+    match std::env::var("AMQP_ADDR") {
+        Ok(address) => {
+            let transport = RabbitMqTransport::connect(&address).await?;
+            println!("orders: a MassTransit-compatible bus in Rust (transport: RabbitMQ at {})\n", transport.address_redacted());
+            let result = run(transport.clone()).await;
+            transport.close().await;
+            result
+        }
+        Err(_) => {
+            println!("orders: a MassTransit-compatible bus in Rust (transport: in-memory; set AMQP_ADDR for RabbitMQ)\n");
+            run(InMemoryTransport::new()).await
+        }
     }
-    println!("orders: a MassTransit-compatible bus in Rust (transport: in-memory)\n");
+}
 
+async fn run(transport: impl Transport) -> Result<(), BoxError> {
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
-    let bus = Bus::builder(InMemoryTransport::new())
+    let bus = Bus::builder(transport)
         // Endpoint names come from the consumer types, as in MassTransit: `NewOrder`, `Payment`.
         .consumer_endpoint(NewOrderConsumer { seen: seen_tx }, |_| {})
         .consumer_endpoint(PaymentConsumer { limit_cents: 10_000 }, |_| {})

@@ -65,3 +65,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 log "cargo test"
 cargo test --workspace
+
+log "examples (in-memory, then RabbitMQ)"
+cargo run --quiet --example orders >/dev/null
+cargo run --quiet --example failures >/dev/null
+AMQP_ADDR="amqp://guest:guest@127.0.0.1:5672/%2f" cargo run --quiet --example orders >/dev/null
+log "all checks passed"

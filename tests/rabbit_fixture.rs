@@ -19,6 +19,7 @@ pub struct RabbitFixture {
     transport: RabbitMqTransport,
     inspector: std::sync::Arc<lapin::Connection>,
     uri: String,
+    vhost: String,
 }
 
 struct Held {
@@ -77,12 +78,18 @@ impl RabbitFixture {
         let inspector = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
             .await
             .unwrap_or_else(|e| panic!("cannot open the inspection connection: {e}"));
-        RabbitFixture { transport, inspector: std::sync::Arc::new(inspector), uri: uri.to_owned() }
+        let vhost = uri.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").replace("%2f", "/");
+        RabbitFixture { transport, inspector: std::sync::Arc::new(inspector), uri: uri.to_owned(), vhost }
     }
 
     /// The broker URI (with credentials: tests only).
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// The vhost the fixture works in.
+    pub fn vhost(&self) -> &str {
+        &self.vhost
     }
 
     /// A channel on the side connection, for raw publishing and checks.

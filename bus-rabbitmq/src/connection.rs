@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) link: watch::Sender<Link>,
     pub(crate) declared: Mutex<Declared>,
     pub(crate) closed: CancellationToken,
+    /// Connections opened so far, the first included.
+    pub(crate) connections: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -94,6 +96,7 @@ impl Shared {
             link: watch::channel(Link::Down { error: None }).0,
             declared: Mutex::new(Declared::default()),
             closed: CancellationToken::new(),
+            connections: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -214,6 +217,7 @@ impl Shared {
                     // An error before this point is caught by the status check below.
                     let mut events = session.connection.events_listener();
                     pause = self.options.reconnect_min;
+                    self.connections.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(address = %self.redacted, generation, "connected to rabbitmq");
                     self.link.send_replace(Link::Up(session.clone()));
                     if let Some(first) = first.take() {

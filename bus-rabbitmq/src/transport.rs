@@ -80,6 +80,11 @@ impl RabbitMqTransport {
         matches!(&*self.shared.link.borrow(), Link::Up(session) if session.is_alive())
     }
 
+    /// How many connections were opened so far: 1, plus one per recovery.
+    pub fn connection_count(&self) -> u64 {
+        self.shared.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Closes the connection; consumers stop, publishes fail with [`Error::Closed`].
     pub async fn close(&self) {
         self.shared.closed.cancel();

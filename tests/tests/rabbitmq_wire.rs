@@ -1,0 +1,275 @@
+//! RabbitMQ topology, MassTransit interop and bad input from the wire, on the real broker.
+
+use std::time::Duration;
+
+use bus_core::testing::MessageLog;
+use bus_core::{BoxError, ConsumeContext, Message, SendOptions};
+use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::BasicProperties;
+use serde::{Deserialize, Serialize};
+use tests::rabbit_fixture::RabbitFixture;
+use tests::rabbit_support::rabbitmqctl;
+use tests::{runtime, unique, Fixture, WAIT};
+
+async fn fixture() -> RabbitFixture {
+    RabbitFixture::shared("wire").await
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:SagaWithMasstransitShared:NewOrderEvent")]
+struct NewOrderEvent {
+    order_id: uuid::Uuid,
+    user_email: String,
+}
+
+fn ctl_lines(args: &[&str]) -> Vec<Vec<String>> {
+    rabbitmqctl(args).lines().map(|l| l.split('\t').map(str::to_owned).collect()).collect()
+}
+
+#[test]
+fn endpoint_topology_matches_masstransit() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let queue = unique("OrderState");
+        let bus = fixture
+            .bus()
+            .receive_endpoint(&queue, |e| {
+                e.redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_secs(5)]));
+                e.handler(|_: ConsumeContext<NewOrderEvent>| async { Ok::<_, BoxError>(()) });
+            })
+            .build();
+        bus.start().await.expect("bus starts");
+        let vhost = fixture.vhost().to_owned();
+        let (exchanges, queues, bindings) = tokio::task::spawn_blocking(move || {
+            (
+                ctl_lines(&["list_exchanges", "-p", &vhost, "name", "type", "durable", "--quiet", "--no-table-headers"]),
+                ctl_lines(&["list_queues", "-p", &vhost, "name", "durable", "arguments", "--quiet", "--no-table-headers"]),
+                ctl_lines(&[
+                    "list_bindings",
+                    "-p",
+                    &vhost,
+                    "source_name",
+                    "destination_name",
+                    "destination_kind",
+                    "--quiet",
+                    "--no-table-headers",
+                ]),
+            )
+        })
+        .await
+        .expect("rabbitmqctl");
+        bus.stop().await.expect("stop");
+
+        let exchange = |name: &str| exchanges.iter().find(|e| e[0] == name).cloned();
+        let type_exchange = "SagaWithMasstransitShared:NewOrderEvent";
+        assert_eq!(exchange(type_exchange), Some(vec![type_exchange.into(), "fanout".into(), "true".into()]));
+        for name in [queue.clone(), format!("{queue}_error"), format!("{queue}_skipped")] {
+            assert_eq!(exchange(&name), Some(vec![name.clone(), "fanout".into(), "true".into()]), "exchange {name}");
+            assert!(queues.iter().any(|q| q[0] == name && q[1] == "true"), "durable queue {name}");
+            assert!(
+                bindings.iter().any(|b| b[0] == name && b[1] == name && b[2] == "queue"),
+                "exchange {name} bound to queue {name}"
+            );
+        }
+        assert!(
+            bindings.iter().any(|b| b[0] == type_exchange && b[1] == queue && b[2] == "exchange"),
+            "message-type exchange bound to the endpoint exchange: {bindings:?}"
+        );
+        let delay = queues.iter().find(|q| q[0] == format!("{queue}_delay_5000ms")).expect("redelivery queue");
+        assert!(delay[2].contains("x-message-ttl") && delay[2].contains("5000"), "{delay:?}");
+        assert!(delay[2].contains("x-dead-letter-exchange") && delay[2].contains(&queue), "{delay:?}");
+    });
+}
+
+const VECTOR: &[u8] = include_bytes!("../../bus-core/tests/vectors/new-order-event.envelope.json");
+
+#[test]
+fn masstransit_envelope_published_raw_is_consumed_with_ids_intact() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let got = std::sync::Arc::new(MessageLog::default());
+        let log = got.clone();
+        let bus = fixture
+            .bus()
+            .receive_endpoint(unique("interop-in"), move |e| {
+                let log = log.clone();
+                e.handler(move |ctx: ConsumeContext<NewOrderEvent>| {
+                    let log = log.clone();
+                    async move {
+                        log.record(ctx.envelope());
+                        Ok::<_, BoxError>(())
+                    }
+                });
+            })
+            .build();
+        bus.start().await.expect("bus starts");
+        // As a .NET MassTransit service publishes it: to the type exchange, with its properties.
+        let channel = fixture.channel().await;
+        let mut headers = FieldTable::default();
+        headers.insert("MT-Activity-Id".into(), AMQPValue::LongString(LongString::from("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")));
+        let properties = BasicProperties::default()
+            .with_content_type("application/vnd.masstransit+json".into())
+            .with_message_id("0a790000-5d3a-0015-4ccf-08dd5f3c2a41".into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        channel
+            .basic_publish("SagaWithMasstransitShared:NewOrderEvent".into(), "".into(), BasicPublishOptions::default(), VECTOR, properties)
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        let messages = got.wait_for::<NewOrderEvent>(1, WAIT).await.expect("consumed");
+        bus.stop().await.expect("stop");
+        let envelope = &got.all()[0];
+        assert_eq!(envelope.message_id.map(|u| u.to_string()).as_deref(), Some("0a790000-5d3a-0015-4ccf-08dd5f3c2a41"));
+        assert_eq!(envelope.conversation_id.map(|u| u.to_string()).as_deref(), Some("0a790000-5d3a-0015-8e4c-08dd5f3c2a42"));
+        assert!(envelope.source_address.as_deref().is_some_and(|a| a.contains("SagaWithMasstransitWebsite")));
+        assert_eq!(envelope.headers.get_str("MT-Activity-Id"), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert_eq!(messages[0].user_email, "customer@example.com");
+        assert_eq!(messages[0].order_id.to_string(), "3f2a9d41-1c7b-4e0a-9a55-2d8c6e1b7f03");
+    });
+}
+
+#[test]
+fn published_message_read_back_raw_is_a_masstransit_envelope() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let bus = fixture.bus().build();
+        bus.start().await.expect("bus starts");
+        // A plain queue bound to the type exchange, as any other subscriber would have.
+        let channel = fixture.channel().await;
+        let tap = unique("tap");
+        channel.queue_declare(tap.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("tap");
+        let message = NewOrderEvent { order_id: uuid::Uuid::now_v7(), user_email: "ann@example.com".into() };
+        bus.publish_with(message.clone(), SendOptions::new().header("Tenant", "acme")).await.expect("declares the exchange");
+        channel
+            .queue_bind(tap.as_str().into(), "SagaWithMasstransitShared:NewOrderEvent".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .expect("bind");
+        bus.publish_with(message.clone(), SendOptions::new().header("Tenant", "acme")).await.expect("publish");
+        let raw = fixture.take_messages(&tap, 1, WAIT).await;
+        bus.stop().await.expect("stop");
+        assert_eq!(raw.len(), 1);
+        let wire = &raw[0];
+        assert_eq!(wire.content_type.as_deref(), Some("application/vnd.masstransit+json"));
+        assert_eq!(wire.headers.get_str("Tenant"), Some("acme"), "envelope headers copied to AMQP headers");
+        let json: serde_json::Value = serde_json::from_slice(&wire.body).expect("JSON body");
+        for field in [
+            "messageId", "requestId", "correlationId", "conversationId", "initiatorId", "sourceAddress",
+            "destinationAddress", "responseAddress", "faultAddress", "messageType", "message", "expirationTime",
+            "sentTime", "headers", "host",
+        ] {
+            assert!(json.get(field).is_some(), "envelope field {field}");
+        }
+        assert_eq!(json["messageType"][0], "urn:message:SagaWithMasstransitShared:NewOrderEvent");
+        assert_eq!(json["message"]["userEmail"], "ann@example.com");
+        assert_eq!(json["destinationAddress"], "rabbitmq://127.0.0.1/".to_owned() + fixture.vhost() + "/SagaWithMasstransitShared:NewOrderEvent");
+        assert_eq!(wire.message_id.map(|u| u.to_string()), json["messageId"].as_str().map(str::to_owned), "message_id property");
+        assert_eq!(json["headers"]["Tenant"], "acme");
+    });
+}
+
+#[test]
+fn delivery_properties_are_persistent_with_ids() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let queue = unique("props");
+        let bus = fixture
+            .bus()
+            .receive_endpoint(&queue, |e| {
+                e.handler(|_: ConsumeContext<NewOrderEvent>| async { Ok::<_, BoxError>(()) });
+            })
+            .build();
+        // Declared but not consuming: the message stays for inspection.
+        use bus_core::Transport;
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 1, ..Default::default() };
+        fixture.transport().declare_endpoint(&topology).await.expect("declare");
+        bus.send_with(&format!("queue:{queue}"), NewOrderEvent { order_id: uuid::Uuid::nil(), user_email: "x".into() }, SendOptions::new().correlation_id(uuid::Uuid::nil()).time_to_live(Duration::from_secs(60)))
+            .await
+            .expect("send");
+        let channel = fixture.channel().await;
+        let got = channel.basic_get(queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true }).await.expect("get").expect("a message");
+        let properties = &got.delivery.properties;
+        assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
+        assert!(properties.message_id().is_some());
+        assert_eq!(properties.correlation_id().as_ref().map(|c| c.as_str().to_owned()), Some(uuid::Uuid::nil().to_string()));
+        let expiration: u64 = properties.expiration().as_ref().expect("expiration").as_str().parse().expect("ms");
+        assert!(expiration > 50_000 && expiration <= 60_000, "{expiration}");
+    });
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Wire:Probe")]
+struct Probe {
+    n: u32,
+}
+
+#[test]
+fn bad_input_from_the_wire_ends_in_error_queue_without_panic() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let queue = unique("bad-wire");
+        let got = std::sync::Arc::new(MessageLog::default());
+        let log = got.clone();
+        let bus = fixture
+            .bus()
+            .receive_endpoint(&queue, move |e| {
+                let log = log.clone();
+                e.handler(move |ctx: ConsumeContext<Probe>| {
+                    let log = log.clone();
+                    async move {
+                        log.record(ctx.envelope());
+                        Ok::<_, BoxError>(())
+                    }
+                });
+            })
+            .build();
+        bus.start().await.expect("bus starts");
+        let channel = fixture.channel().await;
+        let publish = |body: Vec<u8>, content_type: &str, headers: FieldTable| {
+            let channel = channel.clone();
+            let queue = queue.clone();
+            let properties = BasicProperties::default().with_content_type(content_type.into()).with_headers(headers);
+            async move {
+                channel
+                    .basic_publish(queue.as_str().into(), "".into(), BasicPublishOptions::default(), &body, properties)
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("confirm");
+            }
+        };
+        let envelope = |n: u32| {
+            format!(r#"{{"messageId":"{}","messageType":["urn:message:Wire:Probe"],"message":{{"n":{n}}}}}"#, uuid::Uuid::now_v7())
+        };
+        let mut garbage_id = FieldTable::default();
+        garbage_id.insert("MessageId".into(), AMQPValue::LongString(LongString::from(vec![0xff, 0xfe, 0x00, 0x41])));
+        garbage_id.insert("MT-MessageType".into(), AMQPValue::LongString(LongString::from("urn:message:Wire:Probe")));
+        publish(br#"{"n":1}"#.to_vec(), "application/json", garbage_id).await;
+        let full = envelope(2).into_bytes();
+        publish(full[..full.len() / 2].to_vec(), "application/vnd.masstransit+json", FieldTable::default()).await;
+        publish(envelope(3).into_bytes(), "text/plain", FieldTable::default()).await;
+        let mut huge = envelope(4).into_bytes();
+        huge.extend(std::iter::repeat_n(b' ', 10 * 1024 * 1024));
+        publish(huge, "application/vnd.masstransit+json", FieldTable::default()).await;
+        // A good message with a header that is not UTF-8: read lossily and consumed.
+        let mut odd_header = FieldTable::default();
+        odd_header.insert("Odd".into(), AMQPValue::LongString(LongString::from(vec![0xc3, 0x28])));
+        publish(envelope(5).into_bytes(), "application/vnd.masstransit+json", odd_header).await;
+
+        let errors = fixture.take_messages(&format!("{queue}_error"), 4, Duration::from_secs(20)).await;
+        got.wait_for::<Probe>(1, WAIT).await.expect("the good message is consumed");
+        bus.stop().await.expect("stop");
+        let reasons: Vec<String> =
+            errors.iter().map(|m| m.headers.get_str("MT-Fault-Message").unwrap_or_default().to_owned()).collect();
+        assert_eq!(errors.len(), 4, "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("MessageId is not a GUID")), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("not valid JSON")), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("unsupported content type `text/plain`")), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("exceeds the limit of 4194304 bytes")), "{reasons:?}");
+        assert_eq!(got.messages::<Probe>().iter().map(|p| p.n).collect::<Vec<_>>(), [5]);
+        assert_eq!(got.all()[0].headers.get_str("Odd"), None, "transport-only headers stay out of the envelope");
+    });
+}
