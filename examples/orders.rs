@@ -102,13 +102,18 @@ async fn main() -> Result<(), BoxError> {
     match std::env::var("AMQP_ADDR") {
         Ok(address) => {
             let transport = RabbitMqTransport::connect(&address).await?;
-            println!("orders: a MassTransit-compatible bus in Rust (transport: RabbitMQ at {})\n", transport.address_redacted());
+            println!(
+                "orders: a MassTransit-compatible bus in Rust (transport: RabbitMQ at {})\n",
+                transport.address_redacted()
+            );
             let result = run(transport.clone()).await;
             transport.close().await;
             result
         }
         Err(_) => {
-            println!("orders: a MassTransit-compatible bus in Rust (transport: in-memory; set AMQP_ADDR for RabbitMQ)\n");
+            println!(
+                "orders: a MassTransit-compatible bus in Rust (transport: in-memory; set AMQP_ADDR for RabbitMQ)\n"
+            );
             run(InMemoryTransport::new()).await
         }
     }

@@ -102,13 +102,24 @@ impl Envelope {
     }
 
     /// Reads the message as type `T`.
+    ///
+    /// Property names written in PascalCase (as some .NET serializers do) are matched too:
+    /// when the message does not read as it is, it is read again with camelCase names.
     pub fn message_as<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
-        serde_json::from_str(self.message.get()).map_err(|e| {
-            crate::Error::deserialize(
-                format!("message does not match {}: {e}", std::any::type_name::<T>()),
-                Some(Box::new(e) as crate::BoxError),
-            )
-        })
+        serde_json::from_str(self.message.get())
+            .or_else(|first| {
+                let retry = serde_json::from_str::<Value>(self.message.get())
+                    .ok()
+                    .map(crate::wire::camel_case_keys)
+                    .and_then(|v| serde_json::from_value(v).ok());
+                retry.ok_or(first)
+            })
+            .map_err(|e| {
+                crate::Error::deserialize(
+                    format!("message does not match {}: {e}", std::any::type_name::<T>()),
+                    Some(Box::new(e) as crate::BoxError),
+                )
+            })
     }
 
     /// Whether the envelope lists `urn` among its message types.

@@ -61,6 +61,7 @@ mod redelivery;
 pub mod serializer;
 pub mod testing;
 mod transport;
+pub mod wire;
 
 pub use bus::{Bus, BusBuilder, RequestClient, Response, SendOptions};
 pub use bus_derive::Message;

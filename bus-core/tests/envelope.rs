@@ -243,3 +243,22 @@ struct DefaultNamed;
 fn derive_defaults_the_namespace_to_the_crate_name() {
     assert_eq!(DefaultNamed::message_type(), "urn:message:envelope:DefaultNamed");
 }
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct Priced {
+    user_email: String,
+    #[serde(deserialize_with = "bus_core::wire::number_or_string")]
+    amount: f64,
+}
+
+#[test]
+fn payloads_from_dotnet_read_with_pascal_case_names_and_decimal_strings() {
+    let json = br#"{"messageType":["urn:message:A:B"],"message":{"UserEmail":"a@b","Amount":"12.50"}}"#;
+    let envelope = Envelope::from_json(json).expect("reads");
+    let priced: Priced = envelope.message_as().expect("PascalCase names match");
+    assert_eq!(priced, Priced { user_email: "a@b".into(), amount: 12.5 });
+    let json = br#"{"messageType":["urn:message:A:B"],"message":{"userEmail":"a@b","amount":3}}"#;
+    let priced: Priced = Envelope::from_json(json).expect("reads").message_as().expect("numbers too");
+    assert_eq!(priced.amount, 3.0);
+}

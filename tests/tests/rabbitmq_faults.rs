@@ -209,7 +209,8 @@ async fn a_silent_network_stall_is_detected_and_recovered() {
         publish_timeout: Duration::from_secs(30),
         ..options()
     };
-    let transport = RabbitMqTransport::connect_with(&vhost.uri(proxy.port()), options).await.expect("connects through the proxy");
+    let transport =
+        RabbitMqTransport::connect_with(&vhost.uri(proxy.port()), options).await.expect("connects through the proxy");
     let queue = unique("stall");
     let tally = Tally::default();
     let bus = consuming_bus(transport, &queue, &tally);
@@ -236,7 +237,8 @@ async fn a_silent_network_stall_is_detected_and_recovered() {
         HealthStatus::Healthy,
         "healthy again after recovery"
     );
-    let published = tokio::time::timeout(Duration::from_secs(40), in_flight).await.expect("the in-flight publish did not hang");
+    let published =
+        tokio::time::timeout(Duration::from_secs(40), in_flight).await.expect("the in-flight publish did not hang");
     published.expect("task").expect("the in-flight publish was retried on the new connection");
     tally.wait_all(2, Duration::from_secs(20)).await.expect("the in-flight message arrived");
     bus.stop().await.expect("stop");

@@ -44,8 +44,26 @@ fn endpoint_topology_matches_masstransit() {
         let vhost = fixture.vhost().to_owned();
         let (exchanges, queues, bindings) = tokio::task::spawn_blocking(move || {
             (
-                ctl_lines(&["list_exchanges", "-p", &vhost, "name", "type", "durable", "--quiet", "--no-table-headers"]),
-                ctl_lines(&["list_queues", "-p", &vhost, "name", "durable", "arguments", "--quiet", "--no-table-headers"]),
+                ctl_lines(&[
+                    "list_exchanges",
+                    "-p",
+                    &vhost,
+                    "name",
+                    "type",
+                    "durable",
+                    "--quiet",
+                    "--no-table-headers",
+                ]),
+                ctl_lines(&[
+                    "list_queues",
+                    "-p",
+                    &vhost,
+                    "name",
+                    "durable",
+                    "arguments",
+                    "--quiet",
+                    "--no-table-headers",
+                ]),
                 ctl_lines(&[
                     "list_bindings",
                     "-p",
@@ -108,14 +126,23 @@ fn masstransit_envelope_published_raw_is_consumed_with_ids_intact() {
         // As a .NET MassTransit service publishes it: to the type exchange, with its properties.
         let channel = fixture.channel().await;
         let mut headers = FieldTable::default();
-        headers.insert("MT-Activity-Id".into(), AMQPValue::LongString(LongString::from("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")));
+        headers.insert(
+            "MT-Activity-Id".into(),
+            AMQPValue::LongString(LongString::from("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")),
+        );
         let properties = BasicProperties::default()
             .with_content_type("application/vnd.masstransit+json".into())
             .with_message_id("0a790000-5d3a-0015-4ccf-08dd5f3c2a41".into())
             .with_delivery_mode(2)
             .with_headers(headers);
         channel
-            .basic_publish("SagaWithMasstransitShared:NewOrderEvent".into(), "".into(), BasicPublishOptions::default(), VECTOR, properties)
+            .basic_publish(
+                "SagaWithMasstransitShared:NewOrderEvent".into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                VECTOR,
+                properties,
+            )
             .await
             .expect("publish")
             .await
@@ -124,9 +151,15 @@ fn masstransit_envelope_published_raw_is_consumed_with_ids_intact() {
         bus.stop().await.expect("stop");
         let envelope = &got.all()[0];
         assert_eq!(envelope.message_id.map(|u| u.to_string()).as_deref(), Some("0a790000-5d3a-0015-4ccf-08dd5f3c2a41"));
-        assert_eq!(envelope.conversation_id.map(|u| u.to_string()).as_deref(), Some("0a790000-5d3a-0015-8e4c-08dd5f3c2a42"));
+        assert_eq!(
+            envelope.conversation_id.map(|u| u.to_string()).as_deref(),
+            Some("0a790000-5d3a-0015-8e4c-08dd5f3c2a42")
+        );
         assert!(envelope.source_address.as_deref().is_some_and(|a| a.contains("SagaWithMasstransitWebsite")));
-        assert_eq!(envelope.headers.get_str("MT-Activity-Id"), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert_eq!(
+            envelope.headers.get_str("MT-Activity-Id"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
         assert_eq!(messages[0].user_email, "customer@example.com");
         assert_eq!(messages[0].order_id.to_string(), "3f2a9d41-1c7b-4e0a-9a55-2d8c6e1b7f03");
     });
@@ -141,11 +174,22 @@ fn published_message_read_back_raw_is_a_masstransit_envelope() {
         // A plain queue bound to the type exchange, as any other subscriber would have.
         let channel = fixture.channel().await;
         let tap = unique("tap");
-        channel.queue_declare(tap.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("tap");
-        let message = NewOrderEvent { order_id: uuid::Uuid::now_v7(), user_email: "ann@example.com".into() };
-        bus.publish_with(message.clone(), SendOptions::new().header("Tenant", "acme")).await.expect("declares the exchange");
         channel
-            .queue_bind(tap.as_str().into(), "SagaWithMasstransitShared:NewOrderEvent".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_declare(tap.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .expect("tap");
+        let message = NewOrderEvent { order_id: uuid::Uuid::now_v7(), user_email: "ann@example.com".into() };
+        bus.publish_with(message.clone(), SendOptions::new().header("Tenant", "acme"))
+            .await
+            .expect("declares the exchange");
+        channel
+            .queue_bind(
+                tap.as_str().into(),
+                "SagaWithMasstransitShared:NewOrderEvent".into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("bind");
         bus.publish_with(message.clone(), SendOptions::new().header("Tenant", "acme")).await.expect("publish");
@@ -157,16 +201,35 @@ fn published_message_read_back_raw_is_a_masstransit_envelope() {
         assert_eq!(wire.headers.get_str("Tenant"), Some("acme"), "envelope headers copied to AMQP headers");
         let json: serde_json::Value = serde_json::from_slice(&wire.body).expect("JSON body");
         for field in [
-            "messageId", "requestId", "correlationId", "conversationId", "initiatorId", "sourceAddress",
-            "destinationAddress", "responseAddress", "faultAddress", "messageType", "message", "expirationTime",
-            "sentTime", "headers", "host",
+            "messageId",
+            "requestId",
+            "correlationId",
+            "conversationId",
+            "initiatorId",
+            "sourceAddress",
+            "destinationAddress",
+            "responseAddress",
+            "faultAddress",
+            "messageType",
+            "message",
+            "expirationTime",
+            "sentTime",
+            "headers",
+            "host",
         ] {
             assert!(json.get(field).is_some(), "envelope field {field}");
         }
         assert_eq!(json["messageType"][0], "urn:message:SagaWithMasstransitShared:NewOrderEvent");
         assert_eq!(json["message"]["userEmail"], "ann@example.com");
-        assert_eq!(json["destinationAddress"], "rabbitmq://127.0.0.1/".to_owned() + fixture.vhost() + "/SagaWithMasstransitShared:NewOrderEvent");
-        assert_eq!(wire.message_id.map(|u| u.to_string()), json["messageId"].as_str().map(str::to_owned), "message_id property");
+        assert_eq!(
+            json["destinationAddress"],
+            "rabbitmq://127.0.0.1/".to_owned() + fixture.vhost() + "/SagaWithMasstransitShared:NewOrderEvent"
+        );
+        assert_eq!(
+            wire.message_id.map(|u| u.to_string()),
+            json["messageId"].as_str().map(str::to_owned),
+            "message_id property"
+        );
         assert_eq!(json["headers"]["Tenant"], "acme");
     });
 }
@@ -186,15 +249,26 @@ fn delivery_properties_are_persistent_with_ids() {
         use bus_core::Transport;
         let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 1, ..Default::default() };
         fixture.transport().declare_endpoint(&topology).await.expect("declare");
-        bus.send_with(&format!("queue:{queue}"), NewOrderEvent { order_id: uuid::Uuid::nil(), user_email: "x".into() }, SendOptions::new().correlation_id(uuid::Uuid::nil()).time_to_live(Duration::from_secs(60)))
-            .await
-            .expect("send");
+        bus.send_with(
+            &format!("queue:{queue}"),
+            NewOrderEvent { order_id: uuid::Uuid::nil(), user_email: "x".into() },
+            SendOptions::new().correlation_id(uuid::Uuid::nil()).time_to_live(Duration::from_secs(60)),
+        )
+        .await
+        .expect("send");
         let channel = fixture.channel().await;
-        let got = channel.basic_get(queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true }).await.expect("get").expect("a message");
+        let got = channel
+            .basic_get(queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("a message");
         let properties = &got.delivery.properties;
         assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
         assert!(properties.message_id().is_some());
-        assert_eq!(properties.correlation_id().as_ref().map(|c| c.as_str().to_owned()), Some(uuid::Uuid::nil().to_string()));
+        assert_eq!(
+            properties.correlation_id().as_ref().map(|c| c.as_str().to_owned()),
+            Some(uuid::Uuid::nil().to_string())
+        );
         let expiration: u64 = properties.expiration().as_ref().expect("expiration").as_str().parse().expect("ms");
         assert!(expiration > 50_000 && expiration <= 60_000, "{expiration}");
     });
@@ -242,7 +316,10 @@ fn bad_input_from_the_wire_ends_in_error_queue_without_panic() {
             }
         };
         let envelope = |n: u32| {
-            format!(r#"{{"messageId":"{}","messageType":["urn:message:Wire:Probe"],"message":{{"n":{n}}}}}"#, uuid::Uuid::now_v7())
+            format!(
+                r#"{{"messageId":"{}","messageType":["urn:message:Wire:Probe"],"message":{{"n":{n}}}}}"#,
+                uuid::Uuid::now_v7()
+            )
         };
         let mut garbage_id = FieldTable::default();
         garbage_id.insert("MessageId".into(), AMQPValue::LongString(LongString::from(vec![0xff, 0xfe, 0x00, 0x41])));
@@ -271,5 +348,25 @@ fn bad_input_from_the_wire_ends_in_error_queue_without_panic() {
         assert!(reasons.iter().any(|r| r.contains("exceeds the limit of 4194304 bytes")), "{reasons:?}");
         assert_eq!(got.messages::<Probe>().iter().map(|p| p.n).collect::<Vec<_>>(), [5]);
         assert_eq!(got.all()[0].headers.get_str("Odd"), None, "transport-only headers stay out of the envelope");
+    });
+}
+
+#[test]
+fn send_to_a_missing_endpoint_is_an_error_and_the_bus_keeps_publishing() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let bus = fixture.bus().build();
+        bus.start().await.expect("bus starts");
+        let missing = bus.send(&format!("queue:{}", unique("nowhere")), Probe { n: 1 }).await;
+        match &missing {
+            Err(error) => {
+                assert!(!error.is_transient(), "a missing endpoint stays missing: {error}");
+                assert!(error.to_string().contains("no queue receives"), "{error}");
+            }
+            Ok(()) => panic!("an unroutable send must fail"),
+        }
+        // The failure did not break the publishing channels.
+        bus.publish(Probe { n: 2 }).await.expect("publishing still works");
+        bus.stop().await.expect("stop");
     });
 }

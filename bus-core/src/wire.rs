@@ -1,0 +1,74 @@
+//! Reading what .NET writes: decimals as strings, PascalCase property names.
+
+use std::fmt::Display;
+use std::str::FromStr;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde_json::Value;
+
+/// Deserializes a number written either as a JSON number or as a string, as .NET writes
+/// `decimal` values. Use it with `#[serde(deserialize_with = "...")]`.
+///
+/// ```
+/// use serde::Deserialize;
+/// #[derive(Deserialize)]
+/// struct Payment {
+///     #[serde(deserialize_with = "bus_core::wire::number_or_string")]
+///     amount: f64,
+/// }
+/// let a: Payment = serde_json::from_str(r#"{"amount":"12.50"}"#).unwrap();
+/// let b: Payment = serde_json::from_str(r#"{"amount":12.5}"#).unwrap();
+/// assert_eq!(a.amount, b.amount);
+/// ```
+pub fn number_or_string<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: Display,
+{
+    struct NumberOrString<T>(std::marker::PhantomData<T>);
+    impl<T: FromStr> Visitor<'_> for NumberOrString<T>
+    where
+        T::Err: Display,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a number, or a string holding one")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            v.trim().parse().map_err(E::custom)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            self.visit_str(&v.to_string())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            self.visit_str(&v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+            self.visit_str(&v.to_string())
+        }
+    }
+    deserializer.deserialize_any(NumberOrString(std::marker::PhantomData))
+}
+
+/// Rewrites object keys to camelCase (first letter lowercased), recursively: a second
+/// chance for payloads written with PascalCase names, since MassTransit readers match
+/// property names case-insensitively.
+pub(crate) fn camel_case_keys(value: Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let mut chars = k.chars();
+                    let key = match chars.next() {
+                        Some(first) => first.to_lowercase().chain(chars).collect(),
+                        None => k,
+                    };
+                    (key, camel_case_keys(v))
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(camel_case_keys).collect()),
+        other => other,
+    }
+}
