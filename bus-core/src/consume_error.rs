@@ -16,6 +16,8 @@ pub enum ConsumeErrorKind {
     Panicked,
     /// The consumer exceeded its timeout; retried by policy.
     TimedOut,
+    /// The consumer returned [`Skip`](crate::Skip): the message moves to `_skipped`.
+    Skipped,
 }
 
 /// A failed consume attempt, as middleware and observers see it.
@@ -44,6 +46,9 @@ impl ConsumeError {
     }
 
     pub(crate) fn from_consumer(error: BoxError) -> Self {
+        if error.is::<crate::Skip>() {
+            return ConsumeError::new(ConsumeErrorKind::Skipped, "Skip", error);
+        }
         if let Some(permanent) = error.downcast_ref::<Permanent>() {
             let exception_type = short_type_name(permanent.type_name());
             return ConsumeError::new(ConsumeErrorKind::Permanent, exception_type, error);
@@ -93,7 +98,7 @@ impl ConsumeError {
 
     /// Whether a retry may help: false for permanent and deserialization failures.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self.kind, ConsumeErrorKind::Permanent | ConsumeErrorKind::Deserialize)
+        !matches!(self.kind, ConsumeErrorKind::Permanent | ConsumeErrorKind::Deserialize | ConsumeErrorKind::Skipped)
     }
 
     /// The error's type, as written to `MT-Fault-ExceptionType` and the fault.

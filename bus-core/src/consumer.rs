@@ -92,6 +92,29 @@ impl Permanent {
     }
 }
 
+/// Returned by a consumer that decides the message is not for it after all: the message
+/// moves to `{queue}_skipped` (with `MT-Reason: dead-letter`), as if no consumer matched.
+///
+/// Sagas use it for an event whose instance does not exist.
+///
+/// ```
+/// use bus_core::{BoxError, Skip};
+/// let err: BoxError = Skip::new("no saga instance 42").into();
+/// assert_eq!(err.to_string(), "skipped: no saga instance 42");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("skipped: {reason}")]
+pub struct Skip {
+    reason: String,
+}
+
+impl Skip {
+    /// Skips the message for `reason`.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Skip { reason: reason.into() }
+    }
+}
+
 /// A consumer with its message type erased: the pipeline's innermost call.
 pub(crate) trait ErasedConsumer: Send + Sync + 'static {
     fn consume(&self, ctx: ReceiveContext) -> BoxFuture<'_, Result<(), ConsumeError>>;

@@ -66,7 +66,7 @@ pub mod wire;
 pub use bus::{Bus, BusBuilder, RequestClient, Response, SendOptions};
 pub use bus_derive::Message;
 pub use consume_error::{ConsumeError, ConsumeErrorKind};
-pub use consumer::{Consumer, Permanent};
+pub use consumer::{Consumer, Permanent, Skip};
 pub use context::{ConsumeContext, ReceiveContext};
 pub use endpoint::{default_prefetch, ConsumerConfig, ReceiveEndpointBuilder, DEFAULT_MAX_MESSAGE_SIZE};
 pub use endpoint_name::{

@@ -15,8 +15,8 @@ use crate::headers::names;
 use crate::middleware::{CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
 use crate::outbox::Outbox;
 use crate::{
-    Bus, ConsumeError, Delivery, DeliveryStream, EndpointTopology, Envelope, Error, Headers, ReceiveContext,
-    Settlement, TransportMessage,
+    Bus, ConsumeError, ConsumeErrorKind, Delivery, DeliveryStream, EndpointTopology, Envelope, Error, Headers,
+    ReceiveContext, Settlement, TransportMessage,
 };
 
 #[derive(Debug)]
@@ -140,12 +140,8 @@ impl EndpointRuntime {
         };
         let matched = self.matching_consumers(&envelope);
         if matched.is_empty() {
-            let queue = self.topology.skipped_queue();
-            let mut headers = Headers::new();
-            headers.insert(names::REASON, "dead-letter");
-            self.notify_dead_letter(bus, &queue, "dead-letter", message);
             tracing::debug!(endpoint = %self.info.name, types = ?envelope.message_type, "no consumer for message; moved to skipped");
-            return Settlement::MoveTo { queue, headers };
+            return self.skip(bus, message);
         }
         let redelivery_count =
             message.headers.get_i64(names::REDELIVERY_COUNT).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
@@ -211,6 +207,10 @@ impl EndpointRuntime {
         error: ConsumeError,
     ) -> Settlement {
         let inner = &bus.inner;
+        if error.kind() == ConsumeErrorKind::Skipped {
+            tracing::debug!(endpoint = %self.info.name, reason = %error, "consumer skipped the message");
+            return self.skip(bus, message);
+        }
         for observer in &inner.observers {
             observer.on_consume_fault(&self.info.name, consumer_type, &state.envelope, &error);
         }
@@ -257,6 +257,14 @@ impl EndpointRuntime {
         let headers = self.fault_headers(bus, exception_type, &reason);
         let queue = self.topology.error_queue();
         self.notify_dead_letter(bus, &queue, &reason, message);
+        Settlement::MoveTo { queue, headers }
+    }
+
+    fn skip(&self, bus: &Bus, message: &TransportMessage) -> Settlement {
+        let queue = self.topology.skipped_queue();
+        let mut headers = Headers::new();
+        headers.insert(names::REASON, "dead-letter");
+        self.notify_dead_letter(bus, &queue, "dead-letter", message);
         Settlement::MoveTo { queue, headers }
     }
 

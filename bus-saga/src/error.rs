@@ -1,0 +1,77 @@
+//! The crate's error type.
+
+use uuid::Uuid;
+
+/// Result with this crate's [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong running a saga.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another message changed (or created) the instance first; the saga reloads and tries again.
+    #[error("saga instance {0} was changed concurrently")]
+    Conflict(Uuid),
+    /// Concurrency conflicts went on past the configured number of attempts.
+    #[error("saga instance {id} still conflicting after {attempts} attempts")]
+    TooManyConflicts {
+        /// The instance.
+        id: Uuid,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The event is not accepted in the instance's current state (and not ignored there).
+    #[error("event {event} is not accepted in state {state} of saga instance {id}")]
+    NotAccepted {
+        /// The instance.
+        id: Uuid,
+        /// Its current state.
+        state: String,
+        /// The event's URN.
+        event: &'static str,
+    },
+    /// The event is configured to fault when its instance does not exist.
+    #[error("no saga instance {id} for event {event}")]
+    MissingInstance {
+        /// The instance looked for.
+        id: Uuid,
+        /// The event's URN.
+        event: &'static str,
+    },
+    /// The repository's store failed (Redis unreachable...).
+    #[error("saga repository: {0}")]
+    Repository(#[source] redis::RedisError),
+    /// An instance could not be read or written as JSON.
+    #[error("saga instance {id} is not valid JSON: {source}")]
+    Serialization {
+        /// The instance.
+        id: Uuid,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An activity of the state machine failed.
+    #[error("saga activity failed: {0}")]
+    Activity(#[source] bus_core::BoxError),
+    /// Publishing, sending or responding failed.
+    #[error(transparent)]
+    Bus(#[from] bus_core::Error),
+}
+
+impl Error {
+    /// Whether trying again may succeed: conflicts and an unreachable store do; an event not
+    /// accepted in its state does not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Conflict(_) | Error::TooManyConflicts { .. } | Error::Repository(_) => true,
+            Error::Bus(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(error: redis::RedisError) -> Self {
+        Error::Repository(error)
+    }
+}

@@ -1,0 +1,49 @@
+//! A saga instance: the user's state plus correlation id, current state and version.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Name of the state a new instance starts in.
+pub const INITIAL: &str = "Initial";
+/// Name of the state `finalize()` moves to.
+pub const FINAL: &str = "Final";
+
+/// One saga instance, as stored: `{"correlationId":..,"currentState":..,"version":..,<your fields>}`.
+///
+/// ```
+/// use bus_saga::SagaInstance;
+/// #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+/// #[serde(rename_all = "camelCase")]
+/// struct OrderState { processing_id: Option<uuid::Uuid> }
+///
+/// let instance = SagaInstance::new(uuid::Uuid::nil(), OrderState::default());
+/// let json = serde_json::to_value(&instance).unwrap();
+/// assert_eq!(json["currentState"], "Initial");
+/// assert_eq!(json["version"], 0);
+/// assert!(json.get("processingId").is_some());
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaInstance<S> {
+    /// The instance's id: what events correlate on.
+    pub correlation_id: Uuid,
+    /// The state it is in.
+    pub current_state: String,
+    /// Optimistic concurrency version: 0 before the first save, then 1, 2...
+    pub version: u64,
+    /// Your data.
+    #[serde(flatten)]
+    pub data: S,
+}
+
+impl<S> SagaInstance<S> {
+    /// A new instance in the initial state.
+    pub fn new(correlation_id: Uuid, data: S) -> Self {
+        SagaInstance { correlation_id, current_state: INITIAL.to_owned(), version: 0, data }
+    }
+
+    /// Whether the instance is in `state`.
+    pub fn is_in(&self, state: &str) -> bool {
+        self.current_state == state
+    }
+}

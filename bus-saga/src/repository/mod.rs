@@ -1,0 +1,45 @@
+//! Where saga instances live between messages.
+
+mod memory;
+mod redis;
+
+use std::future::Future;
+
+use uuid::Uuid;
+
+pub use self::memory::InMemorySagaRepository;
+pub use self::redis::{RedisSagaOptions, RedisSagaRepository};
+use crate::{Result, SagaInstance};
+
+/// Loads and saves saga instances with optimistic concurrency.
+///
+/// Versions: an inserted instance has version 1; each update stores `expected + 1`. A write
+/// whose expectation does not hold fails with [`Error::Conflict`](crate::Error::Conflict),
+/// and the saga reloads the instance and runs the event again.
+pub trait SagaRepository<S>: Send + Sync + 'static {
+    /// The instance with this id, if there is one.
+    fn load(&self, id: Uuid) -> impl Future<Output = Result<Option<SagaInstance<S>>>> + Send;
+
+    /// Stores a new instance (version 1); a conflict if one exists already.
+    fn insert(&self, instance: &SagaInstance<S>) -> impl Future<Output = Result<()>> + Send;
+
+    /// Replaces an instance stored with `expected_version` by `instance` (saved as
+    /// `expected_version + 1`); a conflict when the stored version differs or it is gone.
+    fn update(&self, instance: &SagaInstance<S>, expected_version: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Deletes an instance stored with `expected_version`; a conflict when it differs.
+    fn delete(&self, id: Uuid, expected_version: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Takes an exclusive lock on the instance for pessimistic concurrency; `None` when the
+    /// repository does not lock (the default: optimistic only).
+    fn lock(&self, id: Uuid) -> impl Future<Output = Result<Option<String>>> + Send {
+        let _ = id;
+        async { Ok(None) }
+    }
+
+    /// Releases a lock taken by [`lock`](Self::lock), only if it is still held with `token`.
+    fn unlock(&self, id: Uuid, token: String) -> impl Future<Output = Result<()>> + Send {
+        let _ = (id, token);
+        async { Ok(()) }
+    }
+}

@@ -1,0 +1,240 @@
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::SagaRepository;
+use crate::{Error, Result, SagaInstance};
+
+/// Settings of a [`RedisSagaRepository`].
+#[derive(Debug, Clone)]
+pub struct RedisSagaOptions {
+    /// Keys are `{key_prefix}:{correlationId}`; an empty prefix stores under the bare id
+    /// (MassTransit's default).
+    pub key_prefix: String,
+    /// Expiry of an instance, refreshed on every write; `None` keeps instances until deleted.
+    pub expiry: Option<Duration>,
+    /// Pessimistic mode: hold a lock key (`{key}_lock`, a random token, this lease) while a
+    /// message is processed. `None` (default) is optimistic concurrency only.
+    pub lock_lease: Option<Duration>,
+    /// How long to wait for a lock held by another process.
+    pub lock_wait: Duration,
+    /// How long one Redis command may take before it fails (and the message is retried).
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisSagaOptions {
+    fn default() -> Self {
+        RedisSagaOptions {
+            key_prefix: String::new(),
+            expiry: None,
+            lock_lease: None,
+            lock_wait: Duration::from_secs(30),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Replaces the instance only if the stored one has the expected version.
+const UPDATE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local ok, stored = pcall(cjson.decode, current)
+if not ok then return redis.error_reply('stored saga instance is not JSON') end
+if tonumber(stored['version']) ~= tonumber(ARGV[1]) then return 0 end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+";
+
+/// Deletes the instance only if the stored one has the expected version.
+const DELETE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local ok, stored = pcall(cjson.decode, current)
+if not ok then return redis.error_reply('stored saga instance is not JSON') end
+if tonumber(stored['version']) ~= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+";
+
+/// Releases a lock only if it is still held with our token.
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Saga instances in Redis, one string key each, as camelCase JSON with a `version`.
+///
+/// Insert is set-if-absent, so two concurrent initiating events never create two
+/// instances (the loser runs again as an update); update and delete are atomic
+/// compare-and-set on `version` (Lua). Redis unreachable makes the message fail
+/// transiently: it is retried or redelivered, never lost or acked.
+///
+/// ```no_run
+/// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct OrderState;
+/// use bus_saga::{RedisSagaOptions, RedisSagaRepository};
+/// # async fn run() -> bus_saga::Result<()> {
+/// let repository = RedisSagaRepository::<OrderState>::connect("redis://127.0.0.1:6379", RedisSagaOptions::default()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisSagaRepository<S> {
+    connection: ConnectionManager,
+    options: RedisSagaOptions,
+    update: Script,
+    delete: Script,
+    unlock: Script,
+    _state: PhantomData<fn() -> S>,
+}
+
+impl<S> std::fmt::Debug for RedisSagaRepository<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSagaRepository").field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+impl<S> RedisSagaRepository<S> {
+    /// Connects to `url` (`redis://host:port/db`). The connection reconnects by itself.
+    pub async fn connect(url: &str, options: RedisSagaOptions) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.response_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_with_config(client, config).await?;
+        Ok(Self::with_connection(connection, options))
+    }
+
+    /// Uses an existing connection.
+    pub fn with_connection(connection: ConnectionManager, options: RedisSagaOptions) -> Self {
+        RedisSagaRepository {
+            connection,
+            options,
+            update: Script::new(UPDATE),
+            delete: Script::new(DELETE),
+            unlock: Script::new(UNLOCK),
+            _state: PhantomData,
+        }
+    }
+
+    /// The key an instance is stored under.
+    pub fn key(&self, id: Uuid) -> String {
+        if self.options.key_prefix.is_empty() {
+            id.to_string()
+        } else {
+            format!("{}:{id}", self.options.key_prefix)
+        }
+    }
+
+    fn expiry_ms(&self) -> u64 {
+        self.options.expiry.map_or(0, |e| u64::try_from(e.as_millis()).unwrap_or(u64::MAX).max(1))
+    }
+
+    /// The connection, for tools and benchmarks that talk to the same Redis.
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+}
+
+fn to_json<S: Serialize>(instance: &SagaInstance<S>) -> Result<String> {
+    serde_json::to_string(instance).map_err(|source| Error::Serialization { id: instance.correlation_id, source })
+}
+
+impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaRepository<S> for RedisSagaRepository<S> {
+    async fn load(&self, id: Uuid) -> Result<Option<SagaInstance<S>>> {
+        let mut connection = self.connection.clone();
+        let stored: Option<String> = redis::cmd("GET").arg(self.key(id)).query_async(&mut connection).await?;
+        stored.map(|json| serde_json::from_str(&json).map_err(|source| Error::Serialization { id, source })).transpose()
+    }
+
+    async fn insert(&self, instance: &SagaInstance<S>) -> Result<()> {
+        let mut stored = instance.clone();
+        stored.version = 1;
+        let mut command = redis::cmd("SET");
+        command.arg(self.key(instance.correlation_id)).arg(to_json(&stored)?).arg("NX");
+        if self.expiry_ms() > 0 {
+            command.arg("PX").arg(self.expiry_ms());
+        }
+        let mut connection = self.connection.clone();
+        let set: Option<String> = command.query_async(&mut connection).await?;
+        match set {
+            Some(_) => Ok(()),
+            None => Err(Error::Conflict(instance.correlation_id)),
+        }
+    }
+
+    async fn update(&self, instance: &SagaInstance<S>, expected_version: u64) -> Result<()> {
+        let mut stored = instance.clone();
+        stored.version = expected_version + 1;
+        let mut connection = self.connection.clone();
+        let updated: i64 = self
+            .update
+            .key(self.key(instance.correlation_id))
+            .arg(expected_version)
+            .arg(to_json(&stored)?)
+            .arg(self.expiry_ms())
+            .invoke_async(&mut connection)
+            .await?;
+        if updated == 1 {
+            Ok(())
+        } else {
+            Err(Error::Conflict(instance.correlation_id))
+        }
+    }
+
+    async fn delete(&self, id: Uuid, expected_version: u64) -> Result<()> {
+        let mut connection = self.connection.clone();
+        let deleted: i64 = self.delete.key(self.key(id)).arg(expected_version).invoke_async(&mut connection).await?;
+        if deleted == 1 {
+            Ok(())
+        } else {
+            Err(Error::Conflict(id))
+        }
+    }
+
+    async fn lock(&self, id: Uuid) -> Result<Option<String>> {
+        let Some(lease) = self.options.lock_lease else {
+            return Ok(None);
+        };
+        let key = format!("{}_lock", self.key(id));
+        let token = Uuid::new_v4().to_string();
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
+        let deadline = tokio::time::Instant::now() + self.options.lock_wait;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let mut connection = self.connection.clone();
+            let taken: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(lease_ms)
+                .query_async(&mut connection)
+                .await?;
+            if taken.is_some() {
+                return Ok(Some(token));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Conflict(id));
+            }
+            // Another process holds the lock; Redis has no wake-up for its release, so back off.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    async fn unlock(&self, id: Uuid, token: String) -> Result<()> {
+        let mut connection = self.connection.clone();
+        let _: i64 = self.unlock.key(format!("{}_lock", self.key(id))).arg(token).invoke_async(&mut connection).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! Running a state machine on a receive endpoint: load, apply, save, then send.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::{BoxError, ConsumeContext, Consumer, Message, Skip};
+use futures::future::BoxFuture;
+use uuid::Uuid;
+
+use crate::machine::{MissingInstance, Outcome, TransitionRecord};
+use crate::{Error, Result, SagaData, SagaInstance, SagaRepository, StateMachine};
+
+/// The repository with its type erased: the saga's one erasure point.
+pub(crate) trait DynRepository<S>: Send + Sync {
+    fn load(&self, id: Uuid) -> BoxFuture<'_, Result<Option<SagaInstance<S>>>>;
+    fn insert<'a>(&'a self, instance: &'a SagaInstance<S>) -> BoxFuture<'a, Result<()>>;
+    fn update<'a>(&'a self, instance: &'a SagaInstance<S>, expected: u64) -> BoxFuture<'a, Result<()>>;
+    fn delete(&self, id: Uuid, expected: u64) -> BoxFuture<'_, Result<()>>;
+    fn lock(&self, id: Uuid) -> BoxFuture<'_, Result<Option<String>>>;
+    fn unlock(&self, id: Uuid, token: String) -> BoxFuture<'_, Result<()>>;
+}
+
+impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
+    fn load(&self, id: Uuid) -> BoxFuture<'_, Result<Option<SagaInstance<S>>>> {
+        Box::pin(SagaRepository::load(self, id))
+    }
+    fn insert<'a>(&'a self, instance: &'a SagaInstance<S>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(SagaRepository::insert(self, instance))
+    }
+    fn update<'a>(&'a self, instance: &'a SagaInstance<S>, expected: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(SagaRepository::update(self, instance, expected))
+    }
+    fn delete(&self, id: Uuid, expected: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(SagaRepository::delete(self, id, expected))
+    }
+    fn lock(&self, id: Uuid) -> BoxFuture<'_, Result<Option<String>>> {
+        Box::pin(SagaRepository::lock(self, id))
+    }
+    fn unlock(&self, id: Uuid, token: String) -> BoxFuture<'_, Result<()>> {
+        Box::pin(SagaRepository::unlock(self, id, token))
+    }
+}
+
+/// Counters of a running saga.
+#[derive(Debug, Default)]
+pub struct SagaStats {
+    conflicts: AtomicU64,
+    transitions: AtomicU64,
+}
+
+impl SagaStats {
+    /// Concurrency conflicts met (each was retried with fresh state).
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
+    }
+
+    /// Events applied and saved.
+    pub fn transitions(&self) -> u64 {
+        self.transitions.load(Ordering::Relaxed)
+    }
+}
+
+/// A state machine bound to a repository.
+pub(crate) struct SagaRuntime<S> {
+    pub(crate) machine: Arc<StateMachine<S>>,
+    pub(crate) repository: Arc<dyn DynRepository<S>>,
+    pub(crate) stats: Arc<SagaStats>,
+}
+
+impl<S: SagaData> SagaRuntime<S> {
+    async fn consume<E: Message>(&self, ctx: &ConsumeContext<E>) -> Result<(), BoxError> {
+        let Some(id) = self.machine.correlate(ctx.message()) else {
+            return Err(format!("event {} is not declared on saga {}", E::message_type(), self.machine.name()).into());
+        };
+        let lock = self.repository.lock(id).await?;
+        let result = self.consume_instance(ctx, id).await;
+        if let Some(token) = lock {
+            if let Err(error) = self.repository.unlock(id, token).await {
+                // The lease expires by itself; the next holder waits at most that long.
+                tracing::warn!(saga = self.machine.name(), %id, %error, "could not release the saga lock");
+            }
+        }
+        result
+    }
+
+    async fn consume_instance<E: Message>(&self, ctx: &ConsumeContext<E>, id: Uuid) -> Result<(), BoxError> {
+        let attempts = self.machine.conflict_attempts();
+        for attempt in 1..=attempts {
+            let loaded = self.repository.load(id).await?;
+            let expected = loaded.as_ref().map(|i| i.version);
+            let transition = self.machine.apply(loaded, ctx.message()).await?;
+            let saved = match transition.outcome {
+                Outcome::Missing => return self.missing(ctx, id).await,
+                Outcome::Ignored => {
+                    tracing::debug!(saga = self.machine.name(), %id, event = E::message_type(), "event ignored in state");
+                    return Ok(());
+                }
+                Outcome::Created => self.repository.insert(&transition.instance).await,
+                Outcome::Updated => self.repository.update(&transition.instance, expected.unwrap_or_default()).await,
+                Outcome::Completed => match expected {
+                    Some(version) => self.repository.delete(id, version).await,
+                    // Created and finished by one event: nothing was stored.
+                    None => Ok(()),
+                },
+            };
+            match saved {
+                Ok(()) => {
+                    self.stats.transitions.fetch_add(1, Ordering::Relaxed);
+                    record_transition(
+                        self.machine.name(),
+                        id,
+                        &transition.begin_state,
+                        &transition.instance.current_state,
+                    );
+                    self.machine.notify(&TransitionRecord {
+                        saga: self.machine.name().to_owned(),
+                        id,
+                        event: E::message_type(),
+                        begin_state: transition.begin_state,
+                        path: transition.path,
+                        outcome: transition.outcome,
+                    });
+                    // Saved: now the messages may leave (through the consume's outbox).
+                    for produced in transition.produced {
+                        (produced.dispatch)(ctx).await?;
+                    }
+                    return Ok(());
+                }
+                Err(Error::Conflict(_)) => {
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(saga = self.machine.name(), %id, attempt, "saga conflict; reloading");
+                    // Spread the competitors out a little so one of them wins the next round.
+                    let pause = Duration::from_micros(fastrand::u64(0..500 * u64::from(attempt.min(10))));
+                    tokio::time::sleep(pause).await;
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Err(Error::TooManyConflicts { id, attempts }.into())
+    }
+
+    async fn missing<E: Message>(&self, ctx: &ConsumeContext<E>, id: Uuid) -> Result<(), BoxError> {
+        let definition = self.machine.event::<E>();
+        match definition.map(|d| &d.missing) {
+            Some(MissingInstance::Discard) => Ok(()),
+            Some(MissingInstance::Fault) => Err(Error::MissingInstance { id, event: E::message_type() }.into()),
+            Some(MissingInstance::Execute(f)) => f(ctx).await,
+            Some(MissingInstance::Skip) | None => {
+                Err(Skip::new(format!("no saga instance {id} for {}", E::message_type())).into())
+            }
+        }
+    }
+}
+
+/// The hook that marks a transition on the current span; the observability layer builds
+/// the spans, this records what the saga did.
+fn record_transition(saga: &str, id: Uuid, begin: &str, end: &str) {
+    let span = tracing::Span::current();
+    span.record("saga.id", tracing::field::display(id));
+    span.record("saga.begin_state", begin);
+    span.record("saga.end_state", end);
+    tracing::debug!(saga, saga.id = %id, saga.begin_state = begin, saga.end_state = end, "saga transition");
+}
+
+/// Consumes event `E` for a saga.
+pub(crate) struct SagaEventConsumer<S, E> {
+    runtime: Arc<SagaRuntime<S>>,
+    _event: PhantomData<fn(E)>,
+}
+
+impl<S, E> SagaEventConsumer<S, E> {
+    pub(crate) fn new(runtime: Arc<SagaRuntime<S>>) -> Self {
+        SagaEventConsumer { runtime, _event: PhantomData }
+    }
+}
+
+impl<S: SagaData, E: Message> Consumer<E> for SagaEventConsumer<S, E> {
+    async fn consume(&self, ctx: ConsumeContext<E>) -> Result<(), BoxError> {
+        self.runtime.consume(&ctx).await
+    }
+}
