@@ -48,9 +48,25 @@ impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
 pub struct SagaStats {
     conflicts: AtomicU64,
     transitions: AtomicU64,
+    saved: tokio::sync::Notify,
 }
 
 impl SagaStats {
+    /// Waits until at least `n` transitions were saved, for at most `timeout`; returns
+    /// whether they were.
+    pub async fn wait_for_transitions(&self, n: u64, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let saved = self.saved.notified();
+                if self.transitions() >= n {
+                    return;
+                }
+                saved.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
     /// Concurrency conflicts met (each was retried with fresh state).
     pub fn conflicts(&self) -> u64 {
         self.conflicts.load(Ordering::Relaxed)
@@ -108,6 +124,7 @@ impl<S: SagaData> SagaRuntime<S> {
             match saved {
                 Ok(()) => {
                     self.stats.transitions.fetch_add(1, Ordering::Relaxed);
+                    self.stats.saved.notify_waiters();
                     record_transition(
                         self.machine.name(),
                         id,

@@ -1,0 +1,317 @@
+//! Sagas on the real Redis (127.0.0.1:6379): concurrency, initiating races, an outage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::middleware::RetryPolicy;
+use bus_core::{Bus, Message, RedeliveryPolicy};
+use bus_inmemory::InMemoryTransport;
+use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, SagaBusExt, SagaRepository, StateMachine};
+use examples::order_saga::{order_state_machine, NewOrderEvent, OrderState, ProcessOrder};
+use serde::{Deserialize, Serialize};
+use tests::unique;
+use uuid::Uuid;
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+fn require_redis() {
+    if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], 6379).into(), Duration::from_secs(2)).is_err() {
+        panic!(
+            "Redis does not answer on 127.0.0.1:6379. These tests need a real Redis: run scripts/test.sh \
+             (it starts or installs Redis), or start it with `redis-server --daemonize yes`."
+        );
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CounterState {
+    count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:SagaTests:Increment")]
+struct Increment {
+    counter_id: Uuid,
+}
+
+fn counter_machine(name: &str) -> Arc<StateMachine<CounterState>> {
+    StateMachine::<CounterState>::builder(name)
+        .states(["Counting"])
+        .event::<Increment>(|m| m.counter_id)
+        .initially(when::<CounterState, Increment>().then(|c, _| c.data.count += 1).transition_to("Counting"))
+        .during("Counting", when::<CounterState, Increment>().then(|c, _| c.data.count += 1))
+        .build()
+}
+
+async fn repository<S>(prefix: &str) -> RedisSagaRepository<S> {
+    let options = RedisSagaOptions { key_prefix: prefix.to_owned(), ..RedisSagaOptions::default() };
+    RedisSagaRepository::connect(REDIS, options).await.expect("connects to Redis")
+}
+
+async fn delete_prefix(prefix: &str) {
+    let client = redis::Client::open(REDIS).expect("client");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("connection");
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.expect("keys");
+    for chunk in keys.chunks(500) {
+        let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut connection).await.expect("del");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_events_on_real_redis_lose_no_update() {
+    require_redis();
+    const INSTANCES: usize = 1_000;
+    const EVENTS: u32 = 16;
+    let prefix = unique("counters");
+    let endpoint = unique("Counter");
+    let transport = InMemoryTransport::new();
+    let mut buses = Vec::new();
+    let mut stats = Vec::new();
+    for _ in 0..2 {
+        let (builder, saga_stats) = Bus::builder(transport.clone()).saga_endpoint(
+            counter_machine(&endpoint),
+            repository::<CounterState>(&prefix).await,
+            |e| {
+                e.concurrency_limit(8).retry(RetryPolicy::immediate(5));
+            },
+        );
+        buses.push(builder.build());
+        stats.push(saga_stats);
+    }
+    for bus in &buses {
+        bus.start().await.expect("bus starts");
+    }
+    let ids: Vec<Uuid> = (0..INSTANCES).map(|_| Uuid::now_v7()).collect();
+    // Every instance gets its 16 events back to back, so they meet in both buses at once.
+    let publisher = buses[0].clone();
+    let mut sends = Vec::new();
+    for id in &ids {
+        for _ in 0..EVENTS {
+            sends.push(publisher.publish(Increment { counter_id: *id }));
+        }
+    }
+    futures::future::try_join_all(sends).await.expect("all published");
+    let total = u64::from(EVENTS) * INSTANCES as u64;
+    // Each event is consumed once, by one of the two buses: together they reach the total.
+    let done = async {
+        loop {
+            let saved: u64 = stats.iter().map(|s| s.transitions()).sum();
+            if saved >= total {
+                return;
+            }
+            tokio::select! {
+                _ = stats[0].wait_for_transitions(stats[0].transitions() + 1, Duration::from_secs(5)) => {}
+                _ = stats[1].wait_for_transitions(stats[1].transitions() + 1, Duration::from_secs(5)) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(180), done).await.expect("every event applied");
+    for bus in &buses {
+        bus.stop().await.expect("stop");
+    }
+    let repository = repository::<CounterState>(&prefix).await;
+    let mut wrong = Vec::new();
+    for id in &ids {
+        let instance = repository.load(*id).await.expect("load").expect("instance exists");
+        if instance.data.count != EVENTS || instance.version != u64::from(EVENTS) {
+            wrong.push((instance.data.count, instance.version));
+        }
+    }
+    let conflicts: u64 = stats.iter().map(|s| s.conflicts()).sum();
+    let errors = transport.peek(&format!("{endpoint}_error"));
+    delete_prefix(&prefix).await;
+    println!("redis saga concurrency: {INSTANCES} instances x {EVENTS} events, {conflicts} conflicts retried");
+    assert!(wrong.is_empty(), "lost updates (count, version): {:?}", &wrong[..wrong.len().min(10)]);
+    assert!(errors.is_empty(), "nothing failed for good");
+    assert!(conflicts > 0, "two buses with concurrency really raced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_initiating_events_create_one_instance_in_redis() {
+    require_redis();
+    let prefix = unique("orders");
+    let transport = InMemoryTransport::new();
+    let recorder = Arc::new(bus_core::testing::BusRecorder::default());
+    let (builder, _) = Bus::builder(transport.clone()).observer_arc(recorder.clone()).saga_endpoint(
+        order_state_machine(),
+        repository::<OrderState>(&prefix).await,
+        |e| {
+            e.concurrency_limit(16);
+        },
+    );
+    let bus = builder.build();
+    bus.start().await.expect("bus starts");
+    let id = Uuid::now_v7();
+    let sends = (0..16).map(|_| bus.publish(NewOrderEvent { order_id: id, user_email: "ann@example.com".into() }));
+    futures::future::try_join_all(sends).await.expect("published");
+    recorder.consumed.wait_for::<NewOrderEvent>(16, Duration::from_secs(20)).await.expect("all consumed");
+    bus.stop().await.expect("stop");
+    let repository = repository::<OrderState>(&prefix).await;
+    let instance = repository.load(id).await.expect("load").expect("one instance");
+    delete_prefix(&prefix).await;
+    assert_eq!(instance.current_state, "Pending");
+    assert_eq!(instance.version, 1, "created once, never overwritten");
+    assert_eq!(recorder.published.count::<ProcessOrder>(), 1, "exactly one ProcessOrder");
+}
+
+/// A Redis server of the test's own, on its own port, with its data in a temporary folder
+/// so that it comes back with its data after a stop.
+struct ThrowawayRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl ThrowawayRedis {
+    fn start() -> ThrowawayRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let dir = std::env::temp_dir().join(unique("redis"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let redis = ThrowawayRedis { port, dir };
+        redis.launch();
+        redis
+    }
+
+    fn launch(&self) {
+        let status = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--daemonize", "yes", "--appendonly", "no"])
+            .args(["--save", "", "--dir", &self.dir.to_string_lossy(), "--dbfilename", "dump.rdb"])
+            .args(["--pidfile", &self.dir.join("redis.pid").to_string_lossy()])
+            .status()
+            .expect("redis-server runs");
+        assert!(status.success(), "redis-server started");
+        self.wait_port(true);
+    }
+
+    fn wait_port(&self, open: bool) {
+        for _ in 0..100 {
+            let answers = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if answers == open {
+                return;
+            }
+            // Waiting on an external process: there is nothing to subscribe to.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis on port {} did not {}", self.port, if open { "start" } else { "stop" });
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Saves to disk and stops, as an operator restarting Redis would.
+    fn stop(&self) {
+        let _ =
+            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string(), "shutdown", "save"]).status();
+        self.wait_port(false);
+    }
+}
+
+impl Drop for ThrowawayRedis {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string(), "shutdown", "nosave"]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_survive_a_redis_outage_and_complete_after_it_returns() {
+    const INSTANCES: u32 = 200;
+    let redis = tokio::task::spawn_blocking(ThrowawayRedis::start).await.expect("redis starts");
+    let endpoint = unique("Outage");
+    let options = RedisSagaOptions {
+        key_prefix: "outage".into(),
+        response_timeout: Duration::from_millis(500),
+        ..RedisSagaOptions::default()
+    };
+    let repository =
+        RedisSagaRepository::<CounterState>::connect(&redis.url(), options.clone()).await.expect("connects");
+    let transport = InMemoryTransport::new();
+    let recorder = Arc::new(bus_core::testing::BusRecorder::default());
+    let (builder, stats) = Bus::builder(transport.clone()).observer_arc(recorder.clone()).saga_endpoint(
+        counter_machine(&endpoint),
+        repository,
+        |e| {
+            e.concurrency_limit(4)
+                .retry(RetryPolicy::intervals([Duration::from_millis(100); 3]))
+                .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(500); 20]));
+        },
+    );
+    let bus = builder.build();
+    bus.start().await.expect("bus starts");
+    let ids: Vec<Uuid> = (0..INSTANCES).map(|_| Uuid::now_v7()).collect();
+    for id in &ids[..INSTANCES as usize / 2] {
+        bus.publish(Increment { counter_id: *id }).await.expect("publish");
+    }
+    assert!(stats.wait_for_transitions(u64::from(INSTANCES / 2), Duration::from_secs(30)).await, "first half saved");
+
+    let redis = Arc::new(redis);
+    let stopped = redis.clone();
+    tokio::task::spawn_blocking(move || stopped.stop()).await.expect("redis stopped");
+    for id in &ids[INSTANCES as usize / 2..] {
+        bus.publish(Increment { counter_id: *id }).await.expect("publishing does not need Redis");
+    }
+    // The consumers meet the outage: attempts fail, are retried, then redelivered later.
+    recorder
+        .faults
+        .wait_until("a delivery failing on the outage", Duration::from_secs(20), |faults| !faults.is_empty())
+        .await
+        .expect("the outage was met");
+    let saved_during_outage = stats.transitions() - u64::from(INSTANCES / 2);
+    let restarted = redis.clone();
+    tokio::task::spawn_blocking(move || restarted.launch()).await.expect("redis back");
+    assert!(
+        stats.wait_for_transitions(u64::from(INSTANCES), Duration::from_secs(60)).await,
+        "every message completed after Redis returned"
+    );
+    bus.stop().await.expect("stop");
+    let check = RedisSagaRepository::<CounterState>::connect(&redis.url(), options).await.expect("connects");
+    for id in &ids {
+        let instance = check.load(*id).await.expect("load").expect("every instance saved");
+        assert_eq!(instance.data.count, 1);
+    }
+    assert!(transport.peek(&format!("{endpoint}_error")).is_empty(), "nothing given up on");
+    assert_eq!(saved_during_outage, 0, "nothing could be saved while Redis was down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pessimistic_mode_serializes_an_instance_without_conflicts() {
+    require_redis();
+    const INSTANCES: usize = 50;
+    const EVENTS: u32 = 8;
+    let prefix = unique("locked");
+    let endpoint = unique("Locked");
+    let options = RedisSagaOptions {
+        key_prefix: prefix.clone(),
+        lock_lease: Some(Duration::from_secs(5)),
+        ..RedisSagaOptions::default()
+    };
+    let locking = RedisSagaRepository::<CounterState>::connect(REDIS, options).await.expect("redis");
+    let (builder, stats) =
+        Bus::builder(InMemoryTransport::new()).saga_endpoint(counter_machine(&endpoint), locking, |e| {
+            e.concurrency_limit(8);
+        });
+    let bus = builder.build();
+    bus.start().await.expect("bus starts");
+    let ids: Vec<Uuid> = (0..INSTANCES).map(|_| Uuid::now_v7()).collect();
+    let sends =
+        ids.iter().flat_map(|id| (0..EVENTS).map(move |_| Increment { counter_id: *id })).map(|m| bus.publish(m));
+    futures::future::try_join_all(sends).await.expect("published");
+    let total = u64::from(EVENTS) * INSTANCES as u64;
+    assert!(stats.wait_for_transitions(total, Duration::from_secs(60)).await, "every event applied");
+    bus.stop().await.expect("stop");
+    let check = repository::<CounterState>(&prefix).await;
+    for id in &ids {
+        assert_eq!(check.load(*id).await.expect("load").expect("instance").data.count, EVENTS);
+    }
+    let client = redis::Client::open(REDIS).expect("client");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("connection");
+    let locks: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*_lock")).query_async(&mut connection).await.expect("keys");
+    delete_prefix(&prefix).await;
+    assert_eq!(stats.conflicts(), 0, "the lock serialized every instance");
+    assert!(locks.is_empty(), "every lock released: {locks:?}");
+}
