@@ -59,7 +59,9 @@ use serde::Serialize;
 pub use activities::{when, EventActivities, Produced, ProducedKind};
 pub use error::{Error, Result};
 pub use instance::{SagaInstance, FINAL, INITIAL};
-pub use machine::{MissingInstance, Outcome, StateMachine, StateMachineBuilder, Transition, TransitionRecord};
+pub use machine::{
+    MissingHandler, MissingInstance, Outcome, StateMachine, StateMachineBuilder, Transition, TransitionRecord,
+};
 pub use register::{SagaBusExt, SagaEndpointExt};
 pub use repository::{InMemorySagaRepository, RedisSagaOptions, RedisSagaRepository, SagaRepository};
 pub use runtime::SagaStats;

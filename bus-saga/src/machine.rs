@@ -13,6 +13,10 @@ use crate::instance::{FINAL, INITIAL};
 use crate::runtime::{SagaEventConsumer, SagaRuntime};
 use crate::{Error, SagaData, SagaInstance};
 
+/// Custom handling of an event whose instance is missing.
+pub type MissingHandler<E> =
+    Arc<dyn for<'a> Fn(&'a ConsumeContext<E>) -> BoxFuture<'a, Result<(), BoxError>> + Send + Sync>;
+
 /// What to do with an event whose instance does not exist (and that does not create one).
 pub enum MissingInstance<E> {
     /// Move the message to `_skipped` (the default).
@@ -22,7 +26,7 @@ pub enum MissingInstance<E> {
     /// Fail it: retries, then `_error` and a fault.
     Fault,
     /// Run custom code.
-    Execute(Arc<dyn for<'a> Fn(&'a ConsumeContext<E>) -> BoxFuture<'a, Result<(), BoxError>> + Send + Sync>),
+    Execute(MissingHandler<E>),
 }
 
 impl<E> std::fmt::Debug for MissingInstance<E> {
