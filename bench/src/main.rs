@@ -1,0 +1,72 @@
+//! bus-bench: every path of the bus measured against its raw baseline in the same run.
+//!
+//! ```text
+//! cargo run --release -p bus-bench                 # everything
+//! cargo run --release -p bus-bench -- inmemory saga
+//! cargo run --release -p bus-bench -- --smoke      # a few hundred messages each (CI)
+//! ```
+//!
+//! Prints one `name value unit` line per figure, then a table of ratios.
+
+mod inmemory;
+mod rabbitmq;
+mod report;
+mod saga;
+mod serializers;
+
+use std::time::Duration;
+
+/// Sizes of a run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scale {
+    pub(crate) inmemory: u64,
+    pub(crate) rabbitmq: u64,
+    pub(crate) saga_events: u64,
+    pub(crate) serializer_rounds: u64,
+    pub(crate) duration: Duration,
+}
+
+impl Scale {
+    fn full() -> Self {
+        Scale {
+            inmemory: 1_000_000,
+            rabbitmq: 50_000,
+            saga_events: 20_000,
+            serializer_rounds: 500_000,
+            duration: Duration::from_secs(5),
+        }
+    }
+
+    fn smoke() -> Self {
+        Scale { inmemory: 500, rabbitmq: 300, saga_events: 200, serializer_rounds: 500, duration: Duration::from_millis(300) }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn main() -> Result<(), bus_core::BoxError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let mut chosen: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
+    if chosen.is_empty() || chosen.contains(&"all") {
+        chosen = vec!["serializers", "inmemory", "rabbitmq", "saga"];
+    }
+    let scale = if smoke { Scale::smoke() } else { Scale::full() };
+    if cfg!(debug_assertions) && !smoke {
+        println!("warning: a debug build; run with --release for real figures");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        for scenario in chosen {
+            match scenario {
+                "serializers" => serializers::run(scale),
+                "inmemory" => inmemory::run(scale).await?,
+                "rabbitmq" => rabbitmq::run(scale).await?,
+                "saga" => saga::run(scale).await?,
+                other => return Err(format!("unknown scenario `{other}`: serializers, inmemory, rabbitmq, saga, all").into()),
+            }
+        }
+        Ok::<_, bus_core::BoxError>(())
+    })?;
+    report::table();
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! RabbitMQ: end to end (publish with confirms + consume with ack) and publish-only, bus
+//! versus raw lapin with identical settings: same body size, persistent, 1,000 publishes in
+//! flight, prefetch 100, one ack per message.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus_core::{BoxError, Bus, ConsumeContext, EndpointTopology, Message, Transport};
+use bus_rabbitmq::RabbitMqTransport;
+use futures::stream::{FuturesUnordered, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::report::{compare, figure};
+use crate::Scale;
+
+const IN_FLIGHT: usize = 1_000;
+const PREFETCH: u16 = 100;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Bench:Shipment")]
+struct Shipment {
+    order_id: uuid::Uuid,
+    note: String,
+}
+
+fn shipment() -> Shipment {
+    // About 240 bytes of JSON payload, as in the raw figures this issue quotes.
+    Shipment { order_id: uuid::Uuid::now_v7(), note: "x".repeat(180) }
+}
+
+fn address() -> String {
+    bus_rabbitmq::default_address()
+}
+
+/// Publishes `count` bodies to `queue` with confirms, `IN_FLIGHT` at a time.
+async fn raw_publish(connection: &Connection, queue: &str, count: u64, body: &[u8]) -> Result<(), BoxError> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..count {
+        if pending.len() >= IN_FLIGHT {
+            if let Some(confirm) = pending.next().await {
+                let _: lapin::Confirmation = confirm?;
+            }
+        }
+        let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let confirm = channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties).await?;
+        pending.push(confirm);
+    }
+    while let Some(confirm) = pending.next().await {
+        confirm?;
+    }
+    Ok(())
+}
+
+async fn raw(count: u64, body_size: usize) -> Result<(f64, f64), BoxError> {
+    let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
+    let setup = connection.create_channel().await?;
+    let queue = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    setup.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await?;
+    let body = vec![b'x'; body_size];
+
+    let started = Instant::now();
+    raw_publish(&connection, &queue, count, &body).await?;
+    let publish_only = count as f64 / started.elapsed().as_secs_f64();
+    setup.queue_purge(queue.as_str().into(), lapin::options::QueuePurgeOptions::default()).await?;
+
+    let consumer_channel = connection.create_channel().await?;
+    consumer_channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let mut consumer = consumer_channel
+        .basic_consume(queue.as_str().into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let started = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut n = 0;
+        while n < count {
+            match consumer.next().await {
+                Some(Ok(delivery)) => {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        Ok::<_, lapin::Error>(n)
+    });
+    raw_publish(&connection, &queue, count, &body).await?;
+    let consumed = consume.await??;
+    let end_to_end = consumed as f64 / started.elapsed().as_secs_f64();
+    setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    let _ = connection.close(200, "bench done".into()).await;
+    Ok((end_to_end, publish_only))
+}
+
+async fn bus_publish(bus: &Bus, count: u64) -> Result<(), BoxError> {
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..count {
+        if pending.len() >= IN_FLIGHT {
+            if let Some(result) = pending.next().await {
+                result?;
+            }
+        }
+        let bus = bus.clone();
+        pending.push(async move { bus.publish(shipment()).await });
+    }
+    while let Some(result) = pending.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
+    let transport = RabbitMqTransport::connect(&address()).await?;
+    let queue = format!("bench-bus-{}", uuid::Uuid::now_v7().simple());
+    // Publish-only: a queue bound to the message type, with nobody consuming it.
+    let tap = EndpointTopology { queue: queue.clone(), message_types: vec![Shipment::message_type().into()], prefetch: PREFETCH, ..Default::default() };
+    transport.declare_endpoint(&tap).await?;
+    let publisher = Bus::builder(transport.clone()).build();
+    let started = Instant::now();
+    bus_publish(&publisher, count).await?;
+    let publish_only = count as f64 / started.elapsed().as_secs_f64();
+
+    let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
+    let admin = connection.create_channel().await?;
+    let sample = admin.basic_get(queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true }).await?;
+    let body_size = sample.map(|m| m.delivery.data.len()).unwrap_or_default();
+    admin.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+
+    let consumed = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let (c, d) = (consumed.clone(), done.clone());
+    let endpoint = format!("bench-consume-{}", uuid::Uuid::now_v7().simple());
+    let bus = Bus::builder(transport.clone())
+        .receive_endpoint(&endpoint, move |e| {
+            let (c, d) = (c.clone(), d.clone());
+            e.prefetch(PREFETCH).handler(move |ctx: ConsumeContext<Shipment>| {
+                std::hint::black_box(ctx.message());
+                if c.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                    d.notify_one();
+                }
+                async { Ok::<_, BoxError>(()) }
+            });
+        })
+        .build();
+    bus.start().await?;
+    let finished = done.notified();
+    let started = Instant::now();
+    bus_publish(&publisher, count).await?;
+    tokio::time::timeout(Duration::from_secs(600), finished).await?;
+    let end_to_end = count as f64 / started.elapsed().as_secs_f64();
+    bus.stop().await?;
+    for name in [endpoint.clone(), format!("{endpoint}_error"), format!("{endpoint}_skipped")] {
+        admin.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
+    }
+    transport.close().await;
+    let _ = connection.close(200, "bench done".into()).await;
+    Ok((end_to_end, publish_only, body_size))
+}
+
+pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
+    let (bus_e2e, bus_publish_only, body_size) = bus(scale.rabbitmq).await?;
+    figure("rabbitmq.bus.body_size", body_size as f64, "bytes");
+    let (raw_e2e, raw_publish_only) = raw(scale.rabbitmq, body_size).await?;
+    figure("rabbitmq.baseline.lapin_end_to_end", raw_e2e, "msg/s");
+    figure("rabbitmq.baseline.lapin_publish_only", raw_publish_only, "msg/s");
+    figure("rabbitmq.bus.end_to_end", bus_e2e, "msg/s");
+    figure("rabbitmq.bus.publish_only", bus_publish_only, "msg/s");
+    compare("rabbitmq end to end vs raw lapin", bus_e2e, raw_e2e, "msg/s", Some(0.9));
+    compare("rabbitmq publish-only vs raw lapin", bus_publish_only, raw_publish_only, "msg/s", Some(0.9));
+    Ok(())
+}
