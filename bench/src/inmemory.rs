@@ -59,7 +59,8 @@ async fn baseline(count: u64) -> f64 {
 }
 
 async fn bus(count: u64) -> Result<f64, BoxError> {
-    let transport = InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
+    let transport =
+        InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
     let consumed = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
     let total = count / PRODUCERS * PRODUCERS;

@@ -38,7 +38,13 @@ impl Scale {
     }
 
     fn smoke() -> Self {
-        Scale { inmemory: 500, rabbitmq: 300, saga_events: 200, serializer_rounds: 500, duration: Duration::from_millis(300) }
+        Scale {
+            inmemory: 500,
+            rabbitmq: 300,
+            saga_events: 200,
+            serializer_rounds: 500,
+            duration: Duration::from_millis(300),
+        }
     }
 }
 
@@ -62,7 +68,9 @@ fn main() -> Result<(), bus_core::BoxError> {
                 "inmemory" => inmemory::run(scale).await?,
                 "rabbitmq" => rabbitmq::run(scale).await?,
                 "saga" => saga::run(scale).await?,
-                other => return Err(format!("unknown scenario `{other}`: serializers, inmemory, rabbitmq, saga, all").into()),
+                other => {
+                    return Err(format!("unknown scenario `{other}`: serializers, inmemory, rabbitmq, saga, all").into())
+                }
             }
         }
         Ok::<_, bus_core::BoxError>(())

@@ -10,8 +10,8 @@ use bus_core::{BoxError, Bus, ConsumeContext, EndpointTopology, Message, Transpo
 use bus_rabbitmq::RabbitMqTransport;
 use futures::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -53,7 +53,8 @@ async fn raw_publish(connection: &Connection, queue: &str, count: u64, body: &[u
             }
         }
         let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
-        let confirm = channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties).await?;
+        let confirm =
+            channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties).await?;
         pending.push(confirm);
     }
     while let Some(confirm) = pending.next().await {
@@ -123,7 +124,12 @@ async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
     let transport = RabbitMqTransport::connect(&address()).await?;
     let queue = format!("bench-bus-{}", uuid::Uuid::now_v7().simple());
     // Publish-only: a queue bound to the message type, with nobody consuming it.
-    let tap = EndpointTopology { queue: queue.clone(), message_types: vec![Shipment::message_type().into()], prefetch: PREFETCH, ..Default::default() };
+    let tap = EndpointTopology {
+        queue: queue.clone(),
+        message_types: vec![Shipment::message_type().into()],
+        prefetch: PREFETCH,
+        ..Default::default()
+    };
     transport.declare_endpoint(&tap).await?;
     let publisher = Bus::builder(transport.clone()).build();
     let started = Instant::now();

@@ -22,7 +22,7 @@ pub(crate) fn figure(name: &str, value: f64, unit: &str) {
 /// Records a comparison for the final table.
 pub(crate) fn compare(scenario: &str, bus: f64, baseline: f64, unit: &'static str, target: Option<f64>) {
     let ratio = if baseline > 0.0 { bus / baseline } else { 0.0 };
-    println!("{scenario}.ratio {:.3} bus/baseline", ratio);
+    println!("{scenario}.ratio {ratio:.3} bus/baseline");
     if let Ok(mut rows) = ROWS.lock() {
         rows.push(Comparison { scenario: scenario.to_owned(), bus, baseline, unit, target });
     }
@@ -39,9 +39,10 @@ pub(crate) fn table() {
     println!("| --- | ---: | ---: | --- | ---: | ---: |");
     for row in rows {
         let ratio = if row.baseline > 0.0 { row.bus / row.baseline } else { 0.0 };
-        let target = row.target.map_or_else(|| "-".to_owned(), |t| {
-            format!("{:.0}% {}", t * 100.0, if ratio >= t { "met" } else { "missed" })
-        });
+        let target = row.target.map_or_else(
+            || "-".to_owned(),
+            |t| format!("{:.0}% {}", t * 100.0, if ratio >= t { "met" } else { "missed" }),
+        );
         println!(
             "| {} | {:.0} | {:.0} | {} | {:.0}% | {} |",
             row.scenario,

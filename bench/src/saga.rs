@@ -53,9 +53,14 @@ async fn raw_cas(duration: Duration, prefix: &str) -> Result<f64, BoxError> {
         tasks.push(tokio::spawn(async move {
             let script = redis::Script::new(CAS);
             let mut version = 1u64;
-            let _: () = redis::cmd("SET").arg(&key).arg(format!(r#"{{"version":1,"count":0}}"#)).query_async(&mut connection).await?;
+            let _: () =
+                redis::cmd("SET").arg(&key).arg(r#"{"version":1,"count":0}"#).query_async(&mut connection).await?;
             while Instant::now() < deadline {
-                let next = format!(r#"{{"correlationId":"{key}","currentState":"Counting","version":{},"count":{}}}"#, version + 1, version);
+                let next = format!(
+                    r#"{{"correlationId":"{key}","currentState":"Counting","version":{},"count":{}}}"#,
+                    version + 1,
+                    version
+                );
                 let swapped: i64 = script.key(&key).arg(version).arg(next).invoke_async(&mut connection).await?;
                 if swapped == 1 {
                     version += 1;
@@ -117,6 +122,12 @@ pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     let (transitions, conflicts) = saga(scale.saga_events, &prefix).await?;
     figure("saga.redis.transitions", transitions, "transitions/s");
     figure("saga.redis.conflicts", conflicts as f64, "conflicts");
-    compare("saga transitions (Redis, 100 instances, concurrency 16) vs raw Redis CAS", transitions, raw, "ops/s", Some(0.25));
+    compare(
+        "saga transitions (Redis, 100 instances, concurrency 16) vs raw Redis CAS",
+        transitions,
+        raw,
+        "ops/s",
+        Some(0.25),
+    );
     Ok(())
 }

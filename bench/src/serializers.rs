@@ -68,6 +68,10 @@ pub(crate) fn run(scale: Scale) {
         let decoded: Option<Order> = serde_json::from_slice(&encoded).ok();
         black_box(decoded);
     }
-    figure("serializer.serde_json_bare.roundtrips", scale.serializer_rounds as f64 / started.elapsed().as_secs_f64(), "msg/s");
+    figure(
+        "serializer.serde_json_bare.roundtrips",
+        scale.serializer_rounds as f64 / started.elapsed().as_secs_f64(),
+        "msg/s",
+    );
     figure("serializer.serde_json_bare.bytes", bytes as f64, "bytes/msg");
 }

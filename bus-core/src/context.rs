@@ -48,6 +48,16 @@ impl ReceiveContext {
         &self.outbox
     }
 
+    /// Counts a retry and marks it on the current (process) span.
+    pub(crate) fn record_retry(&self, retry: u32, delay: std::time::Duration, error: &crate::ConsumeError) {
+        let attributes = [
+            opentelemetry::KeyValue::new("endpoint", self.state.endpoint.name.clone()),
+            opentelemetry::KeyValue::new("consumer", self.consumer_type),
+        ];
+        self.state.bus.inner.metrics.retries.add(1, &attributes);
+        tracing::info!(retry.attempt = retry, retry.delay_ms = delay.as_millis() as u64, error = %error, "retry");
+    }
+
     /// The envelope of the message being consumed.
     pub fn envelope(&self) -> &Envelope {
         &self.state.envelope

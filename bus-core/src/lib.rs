@@ -59,6 +59,7 @@ mod outbox;
 mod receive;
 mod redelivery;
 pub mod serializer;
+pub mod telemetry;
 pub mod testing;
 mod transport;
 pub mod wire;

@@ -4,9 +4,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use opentelemetry::KeyValue;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::context::ReceiveState;
 use crate::endpoint::{EndpointInfo, EndpointSettings, ReceiveEndpointBuilder};
@@ -14,6 +16,7 @@ use crate::envelope::format_time;
 use crate::headers::names;
 use crate::middleware::{CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
 use crate::outbox::Outbox;
+use crate::telemetry::{self, metrics::ConsumerAttributes};
 use crate::{
     Bus, ConsumeError, ConsumeErrorKind, Delivery, DeliveryStream, EndpointTopology, Envelope, Error, Headers,
     ReceiveContext, Settlement, TransportMessage,
@@ -23,6 +26,7 @@ use crate::{
 struct ConsumerEntry {
     consumer_type: &'static str,
     pipeline: Pipeline,
+    attributes: ConsumerAttributes,
 }
 
 /// A configured endpoint, ready to consume.
@@ -33,10 +37,12 @@ pub(crate) struct EndpointRuntime {
     settings: EndpointSettings,
     consumers: Vec<ConsumerEntry>,
     by_type: HashMap<&'static str, Vec<usize>>,
+    system: &'static str,
+    endpoint_attributes: [KeyValue; 1],
 }
 
 impl EndpointRuntime {
-    pub(crate) fn new(builder: ReceiveEndpointBuilder, address: String) -> Self {
+    pub(crate) fn new(builder: ReceiveEndpointBuilder, address: String, system: &'static str) -> Self {
         let ReceiveEndpointBuilder { name, settings, middleware, consumers: registrations } = builder;
         let mut consumers = Vec::with_capacity(registrations.len());
         let mut by_type: HashMap<&'static str, Vec<usize>> = HashMap::new();
@@ -57,6 +63,7 @@ impl EndpointRuntime {
             consumers.push(ConsumerEntry {
                 consumer_type: registration.consumer_type,
                 pipeline: Pipeline::new(stack, registration.consumer),
+                attributes: ConsumerAttributes::new(&name, registration.message_type, registration.consumer_type),
             });
             by_type.entry(registration.message_type).or_default().push(index);
             if !message_types.iter().any(|t| t == registration.message_type) {
@@ -70,7 +77,16 @@ impl EndpointRuntime {
             temporary: false,
             prefetch: settings.prefetch,
         };
-        EndpointRuntime { topology, info: Arc::new(EndpointInfo { name, address }), settings, consumers, by_type }
+        let endpoint_attributes = [KeyValue::new("endpoint", name.clone())];
+        EndpointRuntime {
+            topology,
+            info: Arc::new(EndpointInfo { name, address }),
+            settings,
+            consumers,
+            by_type,
+            system,
+            endpoint_attributes,
+        }
     }
 
     /// Takes deliveries until `stop_taking` fires; each runs on its own task, at most
@@ -138,6 +154,18 @@ impl EndpointRuntime {
                 return self.unreadable(bus, message, kind, &error);
             }
         };
+        let span = telemetry::receive_span(self.system, &self.info.name, &envelope);
+        self.consume(bus, message, envelope, cancel).instrument(span).await
+    }
+
+    async fn consume(
+        &self,
+        bus: &Bus,
+        message: &TransportMessage,
+        envelope: Envelope,
+        cancel: CancellationToken,
+    ) -> Settlement {
+        let inner = &bus.inner;
         let matched = self.matching_consumers(&envelope);
         if matched.is_empty() {
             tracing::debug!(endpoint = %self.info.name, types = ?envelope.message_type, "no consumer for message; moved to skipped");
@@ -145,6 +173,11 @@ impl EndpointRuntime {
         }
         let redelivery_count =
             message.headers.get_i64(names::REDELIVERY_COUNT).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        if let Some(sent) = envelope.sent_time {
+            if let Ok(latency) = (chrono::Utc::now() - sent).to_std() {
+                inner.metrics.delivery_latency.record(latency.as_secs_f64(), &self.endpoint_attributes);
+            }
+        }
         let state = Arc::new(ReceiveState {
             envelope,
             endpoint: self.info.clone(),
@@ -157,8 +190,16 @@ impl EndpointRuntime {
             let entry = &self.consumers[index];
             let outbox = Outbox::new(self.settings.outbox);
             let ctx = ReceiveContext::new(state.clone(), entry.consumer_type, outbox.clone());
-            match entry.pipeline.run(ctx).await {
+            let span =
+                telemetry::process_span(&tracing::Span::current(), self.system, &self.info.name, entry.consumer_type);
+            inner.metrics.in_flight.add(1, &self.endpoint_attributes);
+            let started = std::time::Instant::now();
+            let result = entry.pipeline.run(ctx).instrument(span.clone()).await;
+            inner.metrics.in_flight.add(-1, &self.endpoint_attributes);
+            inner.metrics.consume_duration.record(started.elapsed().as_secs_f64(), &entry.attributes.full);
+            match result {
                 Ok(()) => {
+                    inner.metrics.consumed.add(1, &entry.attributes.full);
                     for observer in &inner.observers {
                         observer.on_consumed(&self.info.name, entry.consumer_type, &state.envelope);
                     }
@@ -166,7 +207,11 @@ impl EndpointRuntime {
                 }
                 Err(error) => {
                     outbox.discard();
-                    return self.failed(bus, &state, message, entry.consumer_type, error).await;
+                    if error.kind() != ConsumeErrorKind::Skipped {
+                        telemetry::record_error(&span, &error);
+                        telemetry::record_error(&tracing::Span::current(), &error);
+                    }
+                    return self.failed(bus, &state, message, entry, error).await;
                 }
             }
         }
@@ -203,9 +248,10 @@ impl EndpointRuntime {
         bus: &Bus,
         state: &ReceiveState,
         message: &TransportMessage,
-        consumer_type: &str,
+        entry: &ConsumerEntry,
         error: ConsumeError,
     ) -> Settlement {
+        let consumer_type = entry.consumer_type;
         let inner = &bus.inner;
         if error.kind() == ConsumeErrorKind::Skipped {
             tracing::debug!(endpoint = %self.info.name, reason = %error, "consumer skipped the message");
@@ -222,11 +268,13 @@ impl EndpointRuntime {
             if let Some(delay) = self.settings.redelivery.delay_after(state.redelivery_count) {
                 let mut headers = Headers::new();
                 headers.insert(names::REDELIVERY_COUNT, state.redelivery_count + 1);
+                inner.metrics.redeliveries.add(1, &self.endpoint_attributes);
                 tracing::info!(endpoint = %self.info.name, message_id = ?state.envelope.message_id, ?delay,
                     redelivery = state.redelivery_count + 1, %error, "consume failed; redelivering later");
                 return Settlement::Redeliver { delay, headers };
             }
         }
+        inner.metrics.failed.add(1, &entry.attributes.full);
         tracing::error!(endpoint = %self.info.name, message_id = ?state.envelope.message_id, consumer = consumer_type,
             %error, "consume failed; moved to the error queue");
         if let Err(fault_error) = inner.emit_fault(&state.envelope, &error, consumer_type, &self.info.address).await {

@@ -10,6 +10,7 @@ use crate::middleware::SendMiddleware;
 use crate::observer::BusObserver;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
+use crate::telemetry::BusMetrics;
 use crate::transport::DynTransport;
 use crate::{Consumer, DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, HostInfo, Message};
 
@@ -20,6 +21,7 @@ pub struct BusBuilder {
     serializers: Serializers,
     observers: Vec<Arc<dyn BusObserver>>,
     send_middleware: Vec<Arc<dyn SendMiddleware>>,
+    metrics: Option<BusMetrics>,
     formatter: Arc<dyn EndpointNameFormatter>,
     request_timeout: Duration,
     stop_timeout: Duration,
@@ -45,6 +47,7 @@ impl BusBuilder {
             serializers: Serializers::default(),
             observers: Vec::new(),
             send_middleware: Vec::new(),
+            metrics: None,
             formatter: Arc::new(DefaultEndpointNameFormatter),
             request_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(30),
@@ -113,6 +116,12 @@ impl BusBuilder {
         self
     }
 
+    /// Records metrics with `meter` instead of the global meter provider's.
+    pub fn meter(mut self, meter: &opentelemetry::metrics::Meter) -> Self {
+        self.metrics = Some(BusMetrics::new(meter));
+        self
+    }
+
     /// Default timeout of requests (30 s).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -140,7 +149,7 @@ impl BusBuilder {
             .into_iter()
             .map(|e| {
                 let address = self.transport.address(&e.name);
-                Arc::new(EndpointRuntime::new(e, address))
+                Arc::new(EndpointRuntime::new(e, address, self.transport.system()))
             })
             .collect();
         Bus {
@@ -150,6 +159,7 @@ impl BusBuilder {
                 host,
                 observers: self.observers,
                 send_middleware: self.send_middleware,
+                metrics: self.metrics.unwrap_or_else(BusMetrics::global),
                 address,
                 response_topology,
                 endpoints,

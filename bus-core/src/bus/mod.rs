@@ -25,6 +25,7 @@ use crate::middleware::SendMiddleware;
 use crate::observer::BusObserver;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
+use crate::telemetry::BusMetrics;
 use crate::transport::DynTransport;
 use crate::{BusHealth, EndpointHealth, EndpointTopology, Envelope, Error, HealthStatus, HostInfo, Result, Transport};
 
@@ -85,6 +86,7 @@ pub(crate) struct BusInner {
     pub(crate) host: Arc<HostInfo>,
     pub(crate) observers: Vec<Arc<dyn BusObserver>>,
     pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
+    pub(crate) metrics: BusMetrics,
     /// Address of the bus's own (response) endpoint.
     pub(crate) address: String,
     response_topology: EndpointTopology,

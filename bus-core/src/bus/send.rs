@@ -2,13 +2,15 @@
 
 use std::time::Duration;
 
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use super::{Bus, BusInner};
 use crate::fault::{fault_urn, ExceptionInfo, Fault, FAULT_URN};
 use crate::message::entity_name as type_entity_name;
 use crate::outbox::{MessageTypes, Outbox, Outgoing, Route};
-use crate::{address, ConsumeError, Envelope, Error, Headers, Message, Result};
+use crate::{address, telemetry, ConsumeError, Envelope, Error, Headers, Message, Result};
 
 /// Options for one publish or send.
 ///
@@ -73,6 +75,10 @@ impl SendOptions {
         self.time_to_live = Some(ttl);
         self
     }
+}
+
+fn message_type_attribute(envelope: &Envelope) -> opentelemetry::KeyValue {
+    opentelemetry::KeyValue::new("message_type", envelope.message_type.first().cloned().unwrap_or_default())
 }
 
 /// Copies the consumed message's user headers onto a message produced while consuming it:
@@ -149,12 +155,14 @@ impl BusInner {
             }
             Route::Send(destination) => {
                 self.transport.send(&destination, message).await?;
+                self.metrics.sent.add(1, &[message_type_attribute(&envelope)]);
                 for observer in &self.observers {
                     observer.on_send(&destination, &envelope);
                 }
                 return Ok(());
             }
         }
+        self.metrics.published.add(1, &[message_type_attribute(&envelope)]);
         for observer in &self.observers {
             observer.on_publish(&envelope);
         }
@@ -243,10 +251,13 @@ impl Bus {
         if parent.is_none() {
             inner.ensure_not_stopped()?;
         }
-        let destination = inner.transport.address(&type_entity_name(M::message_type()));
-        let envelope = inner.envelope_for(&message, options, parent, destination)?;
+        let entity = type_entity_name(M::message_type());
+        let destination = inner.transport.address(&entity);
+        let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
+        let span = telemetry::send_span(inner.transport.system(), &entity, "publish", &envelope);
+        telemetry::inject(&span.context(), &mut envelope.headers);
         let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
-        self.release_or_hold(outgoing, parent).await
+        self.release_or_hold(outgoing, parent).instrument(span).await
     }
 
     pub(crate) async fn send_from<M: Message>(
@@ -262,9 +273,11 @@ impl Bus {
         }
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
-        let envelope = inner.envelope_for(&message, options, parent, destination)?;
+        let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
+        let span = telemetry::send_span(inner.transport.system(), &name, "send", &envelope);
+        telemetry::inject(&span.context(), &mut envelope.headers);
         let outgoing = inner.outgoing(Route::Send(name), envelope)?;
-        self.release_or_hold(outgoing, parent).await
+        self.release_or_hold(outgoing, parent).instrument(span).await
     }
 
     async fn release_or_hold(&self, outgoing: Outgoing, parent: Option<Parent<'_>>) -> Result<()> {

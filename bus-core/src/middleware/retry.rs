@@ -177,6 +177,7 @@ impl Middleware for Retry {
                 let Some(delay) = self.0.delay(retry) else {
                     return Err(error);
                 };
+                ctx.record_retry(retry, delay, &error);
                 if !delay.is_zero() {
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}

@@ -1,0 +1,331 @@
+//! One trace across every hop, MassTransit trace headers, errors and retries on spans,
+//! and the metrics, with the SDK's in-memory exporters.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bus_core::middleware::RetryPolicy;
+use bus_core::testing::BusRecorder;
+use bus_core::{BoxError, Bus, ConsumeContext, Message, Transport, TransportMessage};
+use bus_inmemory::InMemoryTransport;
+use bus_saga::{InMemorySagaRepository, SagaBusExt};
+use examples::order_saga::{order_state_machine, InventoryConsumer, NewOrderEvent, OrderProcessed};
+use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry::{KeyValue, Value};
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use serde::{Deserialize, Serialize};
+use tests::unique;
+use tracing_subscriber::layer::SubscriberExt;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Telemetry {
+    spans: InMemorySpanExporter,
+    provider: SdkTracerProvider,
+}
+
+/// One tracing subscriber for the whole test binary (spawned tasks run on any thread).
+fn telemetry() -> &'static Telemetry {
+    static TELEMETRY: OnceLock<Telemetry> = OnceLock::new();
+    TELEMETRY.get_or_init(|| {
+        let spans = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(spans.clone()).build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("tests"));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        Telemetry { spans, provider }
+    })
+}
+
+fn finished_spans() -> Vec<SpanData> {
+    let telemetry = telemetry();
+    let _ = telemetry.provider.force_flush();
+    telemetry.spans.get_finished_spans().expect("spans")
+}
+
+fn attribute<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
+    span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| &kv.value)
+}
+
+fn string_attribute(span: &SpanData, key: &str) -> Option<String> {
+    attribute(span, key).map(|v| v.as_str().into_owned())
+}
+
+/// Spans of one trace whose names mention `marker`, waiting until `n` are there.
+async fn spans_named(marker: &str, n: usize) -> Vec<SpanData> {
+    let wait = async {
+        loop {
+            let spans: Vec<SpanData> = finished_spans().into_iter().filter(|s| s.name.contains(marker)).collect();
+            if spans.len() >= n {
+                return spans;
+            }
+            // The exporter has no notification; spans end as the consumers finish.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, wait).await.unwrap_or_else(|_| panic!("{n} spans named *{marker}*"))
+}
+
+fn find<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
+    spans.iter().find(|s| s.name == name).unwrap_or_else(|| {
+        panic!("no span `{name}` in {:?}", spans.iter().map(|s| s.name.to_string()).collect::<Vec<_>>())
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Telemetry:First")]
+struct First {
+    n: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Telemetry:Second")]
+struct Second {
+    n: u32,
+}
+
+async fn two_hops(transport: impl Transport, marker: &str) -> Vec<SpanData> {
+    telemetry();
+    let recorder = Arc::new(BusRecorder::default());
+    let (first, second) = (format!("{marker}-first"), format!("{marker}-second"));
+    let bus = Bus::builder(transport)
+        .observer_arc(recorder.clone())
+        .receive_endpoint(&first, |e| {
+            e.handler(|ctx: ConsumeContext<First>| async move {
+                ctx.publish(Second { n: ctx.message().n + 1 }).await?;
+                Ok::<_, BoxError>(())
+            });
+        })
+        .receive_endpoint(&second, |e| {
+            e.handler(|_: ConsumeContext<Second>| async { Ok::<_, BoxError>(()) });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    bus.send(&format!("queue:{first}"), First { n: 1 }).await.expect("send");
+    recorder.consumed.wait_for::<Second>(1, WAIT).await.expect("second consumed");
+    bus.stop().await.expect("stop");
+    // send to first, receive + process on first, publish Second, receive + process on second.
+    let named = spans_named(marker, 5).await;
+    let send = find(&named, &format!("{first} send"));
+    let trace = send.span_context.trace_id();
+    finished_spans().into_iter().filter(|s| s.span_context.trace_id() == trace).collect()
+}
+
+fn check_one_trace(spans: &[SpanData], marker: &str, system: &str) {
+    let first = format!("{marker}-first");
+    let second = format!("{marker}-second");
+    let send = find(spans, &format!("{first} send"));
+    let receive = find(spans, &format!("{first} receive"));
+    let process = find(spans, &format!("{first} process"));
+    let receive2 = find(spans, &format!("{second} receive"));
+    let process2 = find(spans, &format!("{second} process"));
+    let trace = send.span_context.trace_id();
+    assert_ne!(trace, TraceId::INVALID);
+    for span in [receive, process, receive2, process2] {
+        assert_eq!(span.span_context.trace_id(), trace, "{} is in the one trace", span.name);
+    }
+    assert_eq!(receive.parent_span_id, send.span_context.span_id(), "receive is a child of send");
+    assert_eq!(process.parent_span_id, receive.span_context.span_id(), "process is a child of receive");
+    let publish2 = spans
+        .iter()
+        .find(|s| s.parent_span_id == process.span_context.span_id() && s.name.ends_with(" send"))
+        .expect("the consumer's publish is a child of its process span");
+    assert_eq!(publish2.name, "Telemetry:Second send");
+    assert_eq!(receive2.parent_span_id, publish2.span_context.span_id());
+    assert_eq!(process2.parent_span_id, receive2.span_context.span_id());
+    assert_eq!(send.span_kind, opentelemetry::trace::SpanKind::Producer);
+    assert_eq!(receive.span_kind, opentelemetry::trace::SpanKind::Consumer);
+    for span in [send, receive, process] {
+        assert_eq!(string_attribute(span, "messaging.system").as_deref(), Some(system));
+        assert_eq!(string_attribute(span, "messaging.destination.name").as_deref(), Some(first.as_str()));
+    }
+    assert_eq!(string_attribute(send, "messaging.operation").as_deref(), Some("send"));
+    assert_eq!(string_attribute(receive, "messaging.operation").as_deref(), Some("receive"));
+    assert_eq!(string_attribute(process, "messaging.operation").as_deref(), Some("process"));
+    assert_eq!(string_attribute(send, "messaging.message.id"), string_attribute(receive, "messaging.message.id"));
+    assert!(string_attribute(receive, "messaging.message.conversation_id").is_some_and(|c| !c.is_empty()));
+    assert_eq!(string_attribute(publish2, "messaging.operation").as_deref(), Some("publish"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_consume_publish_consume_is_one_trace() {
+    let marker = unique("trace");
+    let spans = two_hops(InMemoryTransport::new(), &marker).await;
+    check_one_trace(&spans, &marker, "in-memory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_on_rabbitmq_too() {
+    tests::rabbit_fixture::require_broker();
+    let transport = bus_rabbitmq::RabbitMqTransport::connect(&bus_rabbitmq::default_address()).await.expect("rabbitmq");
+    let marker = unique("trace-rabbit");
+    let spans = two_hops(transport.clone(), &marker).await;
+    transport.close().await;
+    check_one_trace(&spans, &marker, "rabbitmq");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masstransit_activity_id_continues_its_trace_and_bad_headers_are_ignored() {
+    telemetry();
+    let marker = unique("mt-activity");
+    let transport = InMemoryTransport::new();
+    let recorder = Arc::new(BusRecorder::default());
+    let bus = Bus::builder(transport.clone())
+        .observer_arc(recorder.clone())
+        .receive_endpoint(&marker, |e| {
+            e.handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let envelope = |activity: &str| {
+        let body = format!(
+            r#"{{"messageId":"{}","messageType":["urn:message:Telemetry:First"],"message":{{"n":1}},"headers":{{"MT-Activity-Id":"{activity}"}}}}"#,
+            uuid::Uuid::now_v7()
+        );
+        TransportMessage {
+            body: body.into_bytes().into(),
+            content_type: Some("application/vnd.masstransit+json".into()),
+            ..Default::default()
+        }
+    };
+    transport.send(&marker, envelope("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")).await.expect("send");
+    transport.send(&marker, envelope("00-not-a-trace-01")).await.expect("send");
+    recorder.consumed.wait_for::<First>(2, WAIT).await.expect("both consumed, the bad header ignored");
+    bus.stop().await.expect("stop");
+    let receives: Vec<SpanData> =
+        spans_named(&marker, 4).await.into_iter().filter(|s| s.name.ends_with("receive")).collect();
+    let continued = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("trace id");
+    let parent = SpanId::from_hex("00f067aa0ba902b7").expect("span id");
+    assert!(
+        receives.iter().any(|s| s.span_context.trace_id() == continued && s.parent_span_id == parent),
+        "the MassTransit trace continues"
+    );
+    assert!(receives.iter().any(|s| s.span_context.trace_id() != continued), "a malformed header starts a new trace");
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Telemetry:Flaky")]
+struct Flaky;
+
+fn sum_u64(metrics: &[opentelemetry_sdk::metrics::data::ResourceMetrics], name: &str, endpoint: &str) -> u64 {
+    let mut total = 0;
+    for resource in metrics {
+        for scope in resource.scope_metrics() {
+            for metric in scope.metrics().filter(|m| m.name() == name) {
+                if let AggregatedMetrics::U64(MetricData::Sum(sum)) = metric.data() {
+                    total += sum
+                        .data_points()
+                        .filter(|p| p.attributes().any(|kv| kv == &KeyValue::new("endpoint", endpoint.to_owned())))
+                        .map(|p| p.value())
+                        .sum::<u64>();
+                }
+            }
+        }
+    }
+    total
+}
+
+fn histogram_count(metrics: &[opentelemetry_sdk::metrics::data::ResourceMetrics], name: &str) -> u64 {
+    let mut total = 0;
+    for resource in metrics {
+        for scope in resource.scope_metrics() {
+            for metric in scope.metrics().filter(|m| m.name() == name) {
+                if let AggregatedMetrics::F64(MetricData::Histogram(histogram)) = metric.data() {
+                    total += histogram.data_points().map(|p| p.count()).sum::<u64>();
+                }
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_recorded_on_spans_and_in_metrics() {
+    telemetry();
+    let exporter = InMemoryMetricExporter::default();
+    let meters = SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
+    let meter = opentelemetry::metrics::MeterProvider::meter(&meters, "tests");
+    let marker = unique("failing");
+    let transport = InMemoryTransport::new();
+    let bus = Bus::builder(transport.clone())
+        .meter(&meter)
+        .receive_endpoint(&marker, |e| {
+            e.retry(RetryPolicy::immediate(2))
+                .handler(|_: ConsumeContext<Flaky>| async { Err::<(), BoxError>("flaky dependency".into()) });
+            e.handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    bus.send(&format!("queue:{marker}"), Flaky).await.expect("send");
+    for n in 0..3 {
+        bus.send(&format!("queue:{marker}"), First { n }).await.expect("send");
+    }
+    transport.wait_for_queue_len(&format!("{marker}_error"), 1, WAIT).await.expect("failed for good");
+    let spans = spans_named(&marker, 2 + 1 + 4 * 2).await;
+    bus.stop().await.expect("stop");
+    meters.force_flush().expect("flush");
+    let metrics = exporter.get_finished_metrics().expect("metrics");
+
+    let failed = spans
+        .iter()
+        .find(|s| s.name == format!("{marker} process") && s.status != opentelemetry::trace::Status::Unset)
+        .expect("the failing process span");
+    assert!(
+        matches!(&failed.status, opentelemetry::trace::Status::Error { description } if description.contains("flaky dependency"))
+    );
+    let events: Vec<&str> = failed.events.iter().map(|e| e.name.as_ref()).collect();
+    assert_eq!(events.iter().filter(|e| **e == "retry").count(), 2, "two retries as events: {events:?}");
+    assert!(events.contains(&"exception"), "{events:?}");
+
+    assert_eq!(sum_u64(&metrics, "messaging.bus.consumed", &marker), 3);
+    assert_eq!(sum_u64(&metrics, "messaging.bus.failed", &marker), 1);
+    assert_eq!(sum_u64(&metrics, "messaging.bus.retries", &marker), 2);
+    assert!(histogram_count(&metrics, "messaging.bus.consume.duration") >= 4);
+    assert!(histogram_count(&metrics, "messaging.bus.delivery.latency") >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_saga_flow_is_one_trace_with_saga_attributes() {
+    telemetry();
+    let transport = InMemoryTransport::new();
+    let recorder = Arc::new(BusRecorder::default());
+    let (builder, _) = Bus::builder(transport).observer_arc(recorder.clone()).saga_endpoint(
+        order_state_machine(),
+        InMemorySagaRepository::new(),
+        |_| {},
+    );
+    let bus = builder
+        .receive_endpoint("Inventory", |e| {
+            e.consumer(InventoryConsumer::default());
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let order_id = uuid::Uuid::now_v7();
+    bus.publish(NewOrderEvent { order_id, user_email: "ann@example.com".into() }).await.expect("publish");
+    recorder.consumed.wait_for::<OrderProcessed>(1, WAIT).await.expect("order processed");
+    bus.stop().await.expect("stop");
+    let order = order_id.to_string();
+    let wait = async {
+        loop {
+            let spans = finished_spans();
+            let saga: Vec<SpanData> = spans
+                .iter()
+                .filter(|s| string_attribute(s, "saga.id").as_deref() == Some(order.as_str()))
+                .cloned()
+                .collect();
+            if saga.len() >= 2 {
+                return (spans, saga);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (spans, saga) = tokio::time::timeout(WAIT, wait).await.expect("saga spans");
+    let trace = saga[0].span_context.trace_id();
+    assert!(saga.iter().all(|s| s.span_context.trace_id() == trace), "NewOrderEvent to finalization is one trace");
+    let ends: Vec<String> = saga.iter().filter_map(|s| string_attribute(s, "saga.end_state")).collect();
+    assert!(ends.contains(&"Pending".to_owned()) && ends.contains(&"Final".to_owned()), "{ends:?}");
+    let inventory = spans.iter().find(|s| s.name == "Inventory process" && s.span_context.trace_id() == trace);
+    assert!(inventory.is_some(), "inventory's processing is in the same trace");
+}
