@@ -62,7 +62,8 @@ async fn run_until_ctrl_c(bus: Bus, what: &str) -> Result<(), BoxError> {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
+    // Traces go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, else print as a tree at exit.
+    let _telemetry = bus_telemetry::init(env!("CARGO_BIN_NAME"))?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().map(String::as_str).unwrap_or("all");
     let rabbit = match std::env::var("AMQP_ADDR") {

@@ -98,7 +98,8 @@ fn short(id: Option<uuid::Uuid>) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
+    // Traces go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, else print as a tree at exit.
+    let _telemetry = bus_telemetry::init(env!("CARGO_BIN_NAME"))?;
     match std::env::var("AMQP_ADDR") {
         Ok(address) => {
             let transport = RabbitMqTransport::connect(&address).await?;
