@@ -58,7 +58,7 @@ async fn baseline(count: u64) -> f64 {
     received as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn bus(count: u64) -> Result<f64, BoxError> {
+pub(crate) async fn bus(count: u64) -> Result<f64, BoxError> {
     let transport =
         InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
     let consumed = Arc::new(AtomicU64::new(0));

@@ -13,6 +13,7 @@ mod rabbitmq;
 mod report;
 mod saga;
 mod serializers;
+mod telemetry;
 
 use std::time::Duration;
 
@@ -54,27 +55,24 @@ fn main() -> Result<(), bus_core::BoxError> {
     let smoke = args.iter().any(|a| a == "--smoke");
     let mut chosen: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
     if chosen.is_empty() || chosen.contains(&"all") {
-        chosen = vec!["serializers", "inmemory", "rabbitmq", "saga"];
+        chosen = vec!["serializers", "inmemory", "tracing", "rabbitmq", "saga"];
     }
     let scale = if smoke { Scale::smoke() } else { Scale::full() };
     if cfg!(debug_assertions) && !smoke {
         println!("warning: a debug build; run with --release for real figures");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
-        for scenario in chosen {
-            match scenario {
-                "serializers" => serializers::run(scale),
-                "inmemory" => inmemory::run(scale).await?,
-                "rabbitmq" => rabbitmq::run(scale).await?,
-                "saga" => saga::run(scale).await?,
-                other => {
-                    return Err(format!("unknown scenario `{other}`: serializers, inmemory, rabbitmq, saga, all").into())
-                }
-            }
+    for scenario in chosen {
+        match scenario {
+            "serializers" => serializers::run(scale),
+            "inmemory" => runtime.block_on(inmemory::run(scale))?,
+            // Runs its own single-thread runtimes, with and without a subscriber.
+            "tracing" => telemetry::run(scale)?,
+            "rabbitmq" => runtime.block_on(rabbitmq::run(scale))?,
+            "saga" => runtime.block_on(saga::run(scale))?,
+            other => return Err(format!("unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, saga, all").into()),
         }
-        Ok::<_, bus_core::BoxError>(())
-    })?;
+    }
     report::table();
     Ok(())
 }
