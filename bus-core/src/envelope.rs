@@ -1,6 +1,6 @@
 //! The MassTransit message envelope: ids, addresses, message types, headers and the message.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -8,7 +8,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{Headers, HostInfo};
@@ -129,8 +129,27 @@ impl Envelope {
 }
 
 /// Formats a time as MassTransit does: UTC with seven fractional digits.
+///
+/// ```
+/// let time = bus_core::envelope::parse_time("2026-03-02T14:07:31.5131874Z").unwrap();
+/// assert_eq!(bus_core::envelope::format_time(&time), "2026-03-02T14:07:31.5131874Z");
+/// ```
 pub fn format_time(time: &DateTime<Utc>) -> String {
-    format!("{}.{:07}Z", time.format("%Y-%m-%dT%H:%M:%S"), time.timestamp_subsec_nanos() / 100)
+    use chrono::{Datelike, Timelike};
+    // By hand: chrono's strftime parses its format string on every call, on the hot path.
+    let mut out = String::with_capacity(28);
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
+        time.year(),
+        time.month(),
+        time.day(),
+        time.hour(),
+        time.minute(),
+        time.second(),
+        time.timestamp_subsec_nanos() % 1_000_000_000 / 100
+    );
+    out
 }
 
 /// Parses an ISO-8601 time as .NET writes it (up to 7 fractional digits, `Z`, an offset, or none).
@@ -255,27 +274,61 @@ impl<'de> Deserialize<'de> for OptTime {
     }
 }
 
-fn host_from_map(map: Map<String, Value>) -> HostInfo {
-    let mut host = HostInfo::default();
-    for (key, value) in map {
-        let text = || match &value {
-            Value::String(s) => Some(s.clone()),
-            Value::Null => None,
-            other => Some(other.to_string()),
-        };
-        match key.to_ascii_lowercase().as_str() {
-            "machinename" => host.machine_name = text(),
-            "processname" => host.process_name = text(),
-            "processid" => host.process_id = value.as_i64().or_else(|| value.as_str().and_then(|s| s.parse().ok())),
-            "assembly" => host.assembly = text(),
-            "assemblyversion" => host.assembly_version = text(),
-            "frameworkversion" => host.framework_version = text(),
-            "masstransitversion" => host.mass_transit_version = text(),
-            "operatingsystemversion" => host.operating_system_version = text(),
-            _ => {}
+/// The envelope's `host`, read without an intermediate map; names match case-insensitively.
+struct HostField(Option<HostInfo>);
+
+impl<'de> Deserialize<'de> for HostField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct HostVisitor;
+        impl<'de> Visitor<'de> for HostVisitor {
+            type Value = HostField;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a host object or null")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<HostField, E> {
+                Ok(HostField(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<HostField, E> {
+                Ok(HostField(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<HostField, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<HostField, A::Error> {
+                let mut host = HostInfo::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match key.to_ascii_lowercase().as_str() {
+                        "machinename" => &mut host.machine_name,
+                        "processname" => &mut host.process_name,
+                        "assembly" => &mut host.assembly,
+                        "assemblyversion" => &mut host.assembly_version,
+                        "frameworkversion" => &mut host.framework_version,
+                        "masstransitversion" => &mut host.mass_transit_version,
+                        "operatingsystemversion" => &mut host.operating_system_version,
+                        "processid" => {
+                            host.process_id = match map.next_value::<Value>()? {
+                                Value::Number(n) => n.as_i64(),
+                                Value::String(s) => s.parse().ok(),
+                                _ => None,
+                            };
+                            continue;
+                        }
+                        _ => {
+                            map.next_value::<de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = match map.next_value::<Value>()? {
+                        Value::String(s) => Some(s),
+                        Value::Null => None,
+                        other => Some(other.to_string()),
+                    };
+                }
+                Ok(HostField(Some(host)))
+            }
         }
+        d.deserialize_option(HostVisitor)
     }
-    host
 }
 
 impl<'de> Deserialize<'de> for Envelope {
@@ -324,10 +377,7 @@ impl<'de> Deserialize<'de> for Envelope {
                         Field::Headers => {
                             env.headers = map.next_value::<Option<Headers>>()?.unwrap_or_default();
                         }
-                        Field::Host => {
-                            env.host =
-                                map.next_value::<Option<Map<String, Value>>>()?.map(|m| Arc::new(host_from_map(m)));
-                        }
+                        Field::Host => env.host = map.next_value::<HostField>()?.0.map(Arc::new),
                         Field::Other => {
                             map.next_value::<de::IgnoredAny>()?;
                         }
