@@ -70,7 +70,11 @@ fn main() -> Result<(), bus_core::BoxError> {
             "tracing" => telemetry::run(scale)?,
             "rabbitmq" => runtime.block_on(rabbitmq::run(scale))?,
             "saga" => runtime.block_on(saga::run(scale))?,
-            other => return Err(format!("unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, saga, all").into()),
+            other => {
+                return Err(
+                    format!("unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, saga, all").into()
+                )
+            }
         }
     }
     report::table();

@@ -43,12 +43,28 @@ impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
     }
 }
 
-/// Counters of a running saga.
-#[derive(Debug, Default)]
+/// Counters of a running saga. Conflicts are also counted in the OpenTelemetry metric
+/// `messaging.saga.conflicts` (global meter `rust-bus`, attribute `saga`).
+#[derive(Debug)]
 pub struct SagaStats {
     conflicts: AtomicU64,
     transitions: AtomicU64,
     saved: tokio::sync::Notify,
+    conflict_counter: opentelemetry::metrics::Counter<u64>,
+}
+
+impl Default for SagaStats {
+    fn default() -> Self {
+        SagaStats {
+            conflicts: AtomicU64::new(0),
+            transitions: AtomicU64::new(0),
+            saved: tokio::sync::Notify::new(),
+            conflict_counter: opentelemetry::global::meter("rust-bus")
+                .u64_counter("messaging.saga.conflicts")
+                .with_description("saga concurrency conflicts, each retried with fresh state")
+                .build(),
+        }
+    }
 }
 
 impl SagaStats {
@@ -147,6 +163,9 @@ impl<S: SagaData> SagaRuntime<S> {
                 }
                 Err(Error::Conflict(_)) => {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .conflict_counter
+                        .add(1, &[opentelemetry::KeyValue::new("saga", self.machine.name().to_owned())]);
                     tracing::debug!(saga = self.machine.name(), %id, attempt, "saga conflict; reloading");
                     // Spread the competitors out a little so one of them wins the next round.
                     let pause = Duration::from_micros(fastrand::u64(0..500 * u64::from(attempt.min(10))));

@@ -1,0 +1,180 @@
+//! Saga features beyond the order saga: respond, send, during_any, async activities,
+//! missing-instance policies, expiry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::{BoxError, ConsumeContext, Message};
+use bus_inmemory::InMemoryTestHarness;
+use bus_saga::{
+    when, InMemorySagaRepository, MissingInstance, RedisSagaOptions, RedisSagaRepository, SagaBusExt, SagaInstance,
+    SagaRepository, StateMachine,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TicketState {
+    notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Tickets:Open")]
+struct Open {
+    ticket: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Tickets:Note")]
+struct Note {
+    ticket: Uuid,
+    text: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Tickets:Status")]
+struct Status {
+    ticket: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Tickets:StatusReply")]
+struct StatusReply {
+    state: String,
+    notes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Tickets:Audit")]
+struct Audit {
+    ticket: Uuid,
+}
+
+fn machine(missing: MissingInstance<Note>) -> Arc<StateMachine<TicketState>> {
+    StateMachine::<TicketState>::builder("TicketState")
+        .states(["Opened", "Answered"])
+        .event::<Open>(|m| m.ticket)
+        .event_with::<Note>(|m| m.ticket, missing)
+        .event::<Status>(|m| m.ticket)
+        .initially(
+            when::<TicketState, Open>()
+                .send("queue:audit", |t, _| Audit { ticket: t.correlation_id })
+                .transition_to("Opened"),
+        )
+        .during_any(
+            when::<TicketState, Note>()
+                .then_async(|ticket, note| {
+                    Box::pin(async move {
+                        tokio::task::yield_now().await;
+                        ticket.data.notes.push(note.text.clone());
+                        Ok::<_, BoxError>(())
+                    })
+                })
+                .transition_to("Answered"),
+        )
+        .during_any(
+            when::<TicketState, Status>()
+                .respond(|t, _| StatusReply { state: t.current_state.clone(), notes: t.data.notes.len() }),
+        )
+        .build()
+}
+
+#[tokio::test]
+async fn during_any_async_activities_send_and_respond() {
+    let m = machine(MissingInstance::Skip);
+    let id = Uuid::now_v7();
+    let opened = m.apply(None, &Open { ticket: id }).await.expect("opened");
+    assert_eq!(opened.produced[0].kind, bus_saga::ProducedKind::Send("queue:audit".into()));
+    let noted = m.apply(Some(opened.instance), &Note { ticket: id, text: "hi".into() }).await.expect("noted");
+    assert_eq!(noted.instance.current_state, "Answered");
+    assert_eq!(noted.instance.data.notes, ["hi"]);
+    let status = m.apply(Some(noted.instance), &Status { ticket: id }).await.expect("status");
+    assert_eq!(status.produced[0].message::<StatusReply>(), Some(StatusReply { state: "Answered".into(), notes: 1 }));
+
+    let repository = InMemorySagaRepository::<TicketState>::new();
+    let saga_repository = repository.clone();
+    let harness = InMemoryTestHarness::start(move |bus| {
+        bus.saga_endpoint(machine(MissingInstance::Skip), saga_repository, |_| {}).0.receive_endpoint("audit", |e| {
+            e.handler(|_: ConsumeContext<Audit>| async { Ok::<_, BoxError>(()) });
+        })
+    })
+    .await
+    .expect("harness");
+    harness.bus().publish(Open { ticket: id }).await.expect("open");
+    harness.consumed().wait_for::<Audit>(1, WAIT).await.expect("the saga sent an audit");
+    harness.bus().publish(Note { ticket: id, text: "first".into() }).await.expect("note");
+    harness.consumed().wait_for::<Note>(1, WAIT).await.expect("noted");
+    let reply = harness.bus().request::<Status, StatusReply>(Status { ticket: id }).await.expect("the saga responds");
+    harness.stop().await.expect("stop");
+    assert_eq!(reply.message(), &StatusReply { state: "Answered".into(), notes: 1 });
+}
+
+#[tokio::test]
+async fn missing_instance_can_fault_or_run_custom_code() {
+    let harness = InMemoryTestHarness::start(|bus| {
+        bus.saga_endpoint(machine(MissingInstance::Fault), InMemorySagaRepository::new(), |_| {}).0
+    })
+    .await
+    .expect("harness");
+    harness.bus().publish(Note { ticket: Uuid::now_v7(), text: "lost".into() }).await.expect("publish");
+    harness.transport().wait_for_queue_len("TicketState_error", 1, WAIT).await.expect("faulted to _error");
+    harness.stop().await.expect("stop");
+    let moved = &harness.transport().peek("TicketState_error")[0];
+    assert!(moved.headers.get_str("MT-Fault-Message").is_some_and(|m| m.contains("no saga instance")));
+
+    let custom = MissingInstance::Execute(Arc::new(|ctx: &ConsumeContext<Note>| {
+        Box::pin(async move {
+            ctx.publish(Audit { ticket: ctx.message().ticket }).await?;
+            Ok::<_, BoxError>(())
+        })
+    }));
+    let harness = InMemoryTestHarness::start(move |bus| {
+        bus.saga_endpoint(machine(custom), InMemorySagaRepository::new(), |_| {}).0
+    })
+    .await
+    .expect("harness");
+    let ticket = Uuid::now_v7();
+    harness.bus().publish(Note { ticket, text: "orphan".into() }).await.expect("publish");
+    let audits = harness.published().wait_for::<Audit>(1, WAIT).await.expect("custom code ran");
+    harness.stop().await.expect("stop");
+    assert_eq!(audits[0], Audit { ticket });
+}
+
+#[tokio::test]
+async fn redis_instances_expire_and_the_expiry_is_refreshed_on_write() {
+    if std::net::TcpStream::connect(("127.0.0.1", 6379)).is_err() {
+        panic!("Redis does not answer on 127.0.0.1:6379: run scripts/test.sh, which starts it");
+    }
+    let options = RedisSagaOptions {
+        key_prefix: tests::unique("expiring"),
+        expiry: Some(Duration::from_secs(60)),
+        ..RedisSagaOptions::default()
+    };
+    let repository =
+        RedisSagaRepository::<TicketState>::connect("redis://127.0.0.1:6379", options).await.expect("redis");
+    let id = Uuid::now_v7();
+    let mut connection = repository.connection();
+    let ttl = |mut c: redis::aio::ConnectionManager, key: String| async move {
+        redis::cmd("PTTL").arg(key).query_async::<i64>(&mut c).await.expect("pttl")
+    };
+    repository.insert(&SagaInstance::new(id, TicketState::default())).await.expect("insert");
+    let key = repository.key(id);
+    assert!(ttl(connection.clone(), key.clone()).await > 50_000, "expiry set on insert");
+    let _: () = redis::cmd("PEXPIRE").arg(&key).arg(1_000).query_async(&mut connection).await.expect("shorten");
+    let mut instance = repository.load(id).await.expect("load").expect("instance");
+    instance.data.notes.push("x".into());
+    repository.update(&instance, 1).await.expect("update");
+    assert!(ttl(connection.clone(), key.clone()).await > 50_000, "expiry refreshed on update");
+    let stale = repository.update(&instance, 1).await;
+    assert!(matches!(stale, Err(bus_saga::Error::Conflict(_))), "a stale version conflicts");
+    repository.delete(id, 2).await.expect("delete");
+    assert_eq!(ttl(connection, key).await, -2, "deleted");
+}
