@@ -9,6 +9,8 @@
 //! Prints one `name value unit` line per figure, then a table of ratios.
 
 mod inmemory;
+mod latency;
+mod memory;
 mod rabbitmq;
 mod report;
 mod saga;
@@ -52,10 +54,15 @@ impl Scale {
 #[allow(clippy::print_stdout)]
 fn main() -> Result<(), bus_core::BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("__memory") {
+        let mode = args.get(1).map(String::as_str).unwrap_or("idle");
+        let messages = args.get(2).and_then(|m| m.parse().ok()).unwrap_or(0);
+        return memory::child(mode, messages);
+    }
     let smoke = args.iter().any(|a| a == "--smoke");
     let mut chosen: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
     if chosen.is_empty() || chosen.contains(&"all") {
-        chosen = vec!["serializers", "inmemory", "tracing", "rabbitmq", "saga"];
+        chosen = vec!["serializers", "inmemory", "tracing", "rabbitmq", "latency", "saga", "memory"];
     }
     let scale = if smoke { Scale::smoke() } else { Scale::full() };
     if cfg!(debug_assertions) && !smoke {
@@ -70,9 +77,11 @@ fn main() -> Result<(), bus_core::BoxError> {
             "tracing" => telemetry::run(scale)?,
             "rabbitmq" => runtime.block_on(rabbitmq::run(scale))?,
             "saga" => runtime.block_on(saga::run(scale))?,
+            "latency" => runtime.block_on(latency::run(scale))?,
+            "memory" => memory::run(scale)?,
             other => {
                 return Err(
-                    format!("unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, saga, all").into()
+                    format!("unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, memory, all").into()
                 )
             }
         }
