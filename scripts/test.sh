@@ -70,4 +70,6 @@ log "examples (in-memory, then RabbitMQ)"
 cargo run --quiet --example orders >/dev/null
 cargo run --quiet --example failures >/dev/null
 AMQP_ADDR="amqp://guest:guest@127.0.0.1:5672/%2f" cargo run --quiet --example orders >/dev/null
+log "benchmark smoke run (a few hundred messages per scenario; figures are meaningless in debug)"
+cargo run --quiet -p bus-bench -- --smoke >/dev/null
 log "all checks passed"

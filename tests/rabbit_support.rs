@@ -8,7 +8,9 @@
 //! - [`TcpProxy`]: a loopback TCP proxy in front of a broker, to stall the network silently
 //!   ([`TcpProxy::stall`]) or cut every connection ([`TcpProxy::cut`]).
 //! - [`ThrowawayNode`]: a RabbitMQ node of its own (own ports, own data directory), for
-//!   broker restarts and crashes. Stopped and removed on drop.
+//!   broker restarts and crashes, or for settings the shared broker lacks (extra
+//!   `rabbitmq.conf` lines via [`ThrowawayNode::start_with_config`], e.g. a TLS listener on a
+//!   port from [`free_port`]). Stopped and removed on drop.
 //!
 //! Everything here shells out to `rabbitmqctl` / `rabbitmq-server` and so needs root (the
 //! Debian wrappers switch to the `rabbitmq` user themselves). Every wait is bounded.
@@ -69,6 +71,13 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
 /// it fails or takes longer than 60 s.
 pub fn try_rabbitmqctl(args: &[&str]) -> Result<String, String> {
     run_captured("rabbitmqctl", args, CTL_TIMEOUT)
+}
+
+/// Runs `program args` and returns its stdout, or a message with its stderr if it cannot
+/// start, fails, or takes longer than `timeout` (then it is killed). Blocks: call it from
+/// `tokio::task::spawn_blocking` in async tests.
+pub fn run_command(program: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
+    run_captured(program, args, timeout)
 }
 
 /// Runs `rabbitmqctl` on a blocking thread, so async tests keep running meanwhile.
@@ -553,7 +562,7 @@ where
 /// The node gets its own `rabbitmq.conf` (`RABBITMQ_CONFIG_FILE`) with the listener on its
 /// port: on this machine `/etc/rabbitmq/rabbitmq.conf` pins `listeners.tcp.local` to 5672,
 /// which overrides `RABBITMQ_NODE_PORT`, so without it the node would crash on
-/// `eaddrinuse`.
+/// `eaddrinuse`. [`ThrowawayNode::start_with_config`] appends lines of its own to that file.
 #[derive(Debug)]
 pub struct ThrowawayNode {
     node: String,
@@ -571,6 +580,25 @@ impl ThrowawayNode {
     /// If the directory cannot be prepared, `rabbitmq-server` fails, the node crashes while
     /// booting, or it is not up within 60 s; the message carries the end of its log.
     pub async fn start() -> ThrowawayNode {
+        ThrowawayNode::start_with_config("").await
+    }
+
+    /// Starts a node as [`start`](Self::start) does, with `extra_conf` appended to its
+    /// `rabbitmq.conf` after the AMQP listener line: new-style `key = value` lines, one per
+    /// line, for example a TLS listener:
+    ///
+    /// ```text
+    /// listeners.ssl.default = 127.0.0.1:{port from free_port()}
+    /// ssl_options.cacertfile = /path/ca.pem
+    /// ```
+    ///
+    /// Files the lines name must be readable by the `rabbitmq` user. The node is ready once
+    /// its AMQP (TCP) port accepts; the other listeners start with it.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start); a setting the node rejects shows in the log in the message.
+    pub async fn start_with_config(extra_conf: &str) -> ThrowawayNode {
         let (port, dist_port) = free_ports();
         let short = short_id();
         let dir = PathBuf::from(format!("/tmp/rabbit-throwaway-{short}"));
@@ -578,7 +606,12 @@ impl ThrowawayNode {
         // Built before anything can fail so that Drop cleans up.
         let node = ThrowawayNode { node: format!("throwaway{short}@localhost"), port, dist_port, dir };
         write_file(&node.dir.join("enabled_plugins"), "[].\n");
-        write_file(&node.dir.join("rabbitmq.conf"), &format!("listeners.tcp.local = 127.0.0.1:{port}\n"));
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
+        for line in extra_conf.lines() {
+            conf.push_str(line.trim());
+            conf.push('\n');
+        }
+        write_file(&node.dir.join("rabbitmq.conf"), &conf);
         let dir = node.dir.display().to_string();
         run_captured("chown", &["-R", "rabbitmq:rabbitmq", &dir], CTL_TIMEOUT)
             .unwrap_or_else(|e| panic!("cannot hand {dir} to the rabbitmq user: {e}"));
@@ -793,6 +826,17 @@ impl Drop for ThrowawayNode {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A free port on 127.0.0.1 (held while asked for, then released), for a listener a test
+/// configures itself, such as a [`ThrowawayNode`]'s TLS listener.
+///
+/// # Panics
+///
+/// If 127.0.0.1:0 cannot be bound.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("cannot bind 127.0.0.1:0");
+    listener.local_addr().expect("bound listener has no address").port()
 }
 
 /// Two distinct free ports on 127.0.0.1 (both held while asked for, then released).

@@ -4,6 +4,7 @@
 //! cargo run --release -p bus-bench                 # everything
 //! cargo run --release -p bus-bench -- inmemory saga
 //! cargo run --release -p bus-bench -- --smoke      # a few hundred messages each (CI)
+//! cargo run --release -p bus-bench -- --chart docs/performance.svg
 //! ```
 //!
 //! Prints one `name value unit` line per figure, then a table of ratios.
@@ -60,7 +61,9 @@ fn main() -> Result<(), bus_core::BoxError> {
         return memory::child(mode, messages);
     }
     let smoke = args.iter().any(|a| a == "--smoke");
-    let mut chosen: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
+    let chart_path = args.iter().position(|a| a == "--chart").and_then(|i| args.get(i + 1)).map(String::as_str);
+    let mut chosen: Vec<&str> =
+        args.iter().map(String::as_str).filter(|a| !a.starts_with("--") && Some(*a) != chart_path).collect();
     if chosen.is_empty() || chosen.contains(&"all") {
         chosen = vec!["serializers", "inmemory", "tracing", "rabbitmq", "latency", "saga", "memory"];
     }
@@ -87,5 +90,10 @@ fn main() -> Result<(), bus_core::BoxError> {
         }
     }
     report::table();
+    if let Some(index) = args.iter().position(|a| a == "--chart") {
+        let path = args.get(index + 1).map_or("docs/performance.svg", String::as_str);
+        report::chart(std::path::Path::new(path))?;
+        println!("chart written to {path}");
+    }
     Ok(())
 }

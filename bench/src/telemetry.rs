@@ -27,11 +27,11 @@ fn measure(count: u64) -> Result<f64, BoxError> {
 }
 
 pub(crate) fn run(scale: Scale) -> Result<(), BoxError> {
-    let off = measure(scale.inmemory / 2)?;
+    let off = measure(scale.inmemory / 4)?;
     let provider = SdkTracerProvider::builder().with_batch_exporter(NullExporter).build();
     let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("bench"));
     let subscriber = tracing_subscriber::registry().with(layer);
-    let on = tracing::subscriber::with_default(subscriber, || measure(scale.inmemory / 2))?;
+    let on = tracing::subscriber::with_default(subscriber, || measure(scale.inmemory / 4))?;
     let _ = provider.shutdown();
     figure("tracing.off.publish_consume", off, "msg/s");
     figure("tracing.on.publish_consume", on, "msg/s");
