@@ -83,9 +83,10 @@ fn main() -> Result<(), bus_core::BoxError> {
             "latency" => runtime.block_on(latency::run(scale))?,
             "memory" => memory::run(scale)?,
             other => {
-                return Err(
-                    format!("unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, memory, all").into()
+                return Err(format!(
+                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, memory, all"
                 )
+                .into())
             }
         }
     }

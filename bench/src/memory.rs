@@ -32,7 +32,8 @@ pub(crate) fn child(mode: &str, messages: u64) -> Result<(), BoxError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let capacity = usize::try_from(messages).unwrap_or(usize::MAX).max(1);
-        let transport = InMemoryTransport::with_options(InMemoryOptions { queue_capacity: capacity, full_queue_wait: None });
+        let transport =
+            InMemoryTransport::with_options(InMemoryOptions { queue_capacity: capacity, full_queue_wait: None });
         let mut builder = Bus::builder(transport.clone());
         for i in 0..10 {
             builder = builder.receive_endpoint(format!("idle-{i}"), |e| {

@@ -139,9 +139,10 @@ impl Shared {
 
     fn tls(&self) -> OwnedTLSConfig {
         let tls = &self.options.tls;
-        let identity = match (&tls.client_cert_pem, &tls.client_key_der) {
+        let identity = match (&tls.client_cert_pem, &tls.client_key_pem) {
+            // lapin's TLS backends read both the chain and the key as PEM.
             (Some(chain), Some(key)) => {
-                Some(OwnedIdentity::PKCS8 { pem: chain.clone().into_bytes(), key: key.clone() })
+                Some(OwnedIdentity::PKCS8 { pem: chain.clone().into_bytes(), key: key.clone().into_bytes() })
             }
             _ => None,
         };

@@ -19,8 +19,8 @@ pub struct TlsOptions {
     pub ca_pem: Option<String>,
     /// Client certificate chain, PEM, for mutual TLS.
     pub client_cert_pem: Option<String>,
-    /// The client certificate's private key, PKCS#8 DER.
-    pub client_key_der: Option<Vec<u8>>,
+    /// The client certificate's private key, PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
+    pub client_key_pem: Option<String>,
 }
 
 impl std::fmt::Debug for TlsOptions {
@@ -28,7 +28,7 @@ impl std::fmt::Debug for TlsOptions {
         f.debug_struct("TlsOptions")
             .field("ca_pem", &self.ca_pem.is_some())
             .field("client_cert_pem", &self.client_cert_pem.is_some())
-            .field("client_key_der", &"<redacted>")
+            .field("client_key_pem", &"<redacted>")
             .finish()
     }
 }

@@ -96,8 +96,8 @@ impl Pki {
              extendedKeyUsage = clientAuth\n",
         );
         let client_key = pki.path("client.key");
-        let client_key_der = pki.path("client.key.der");
-        pki.openssl(&["pkcs8", "-topk8", "-nocrypt", "-in", &client_key, "-outform", "DER", "-out", &client_key_der]);
+        let client_key_pem = pki.path("client.key.pk8");
+        pki.openssl(&["pkcs8", "-topk8", "-nocrypt", "-in", &client_key, "-out", &client_key_pem]);
         let dir = pki.dir.display().to_string();
         run_command("chown", &["-R", "rabbitmq:rabbitmq", &dir], TOOL_TIMEOUT)
             .unwrap_or_else(|e| panic!("cannot hand {dir} to the rabbitmq user: {e}"));
@@ -156,12 +156,6 @@ impl Pki {
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
     }
 
-    /// The bytes of the file `name`.
-    fn read_bytes(&self, name: &str) -> Vec<u8> {
-        let path = self.path(name);
-        std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
-    }
-
     /// `rabbitmq.conf` lines for a TLS listener on 127.0.0.1:`port` that presents the server
     /// certificate and requires a client certificate signed by the CA.
     fn broker_conf(&self, port: u16) -> String {
@@ -179,12 +173,12 @@ impl Pki {
     }
 
     /// Client TLS options: the CA to trust (`trust_ca`) and the client certificate with its
-    /// PKCS#8 DER key (`present_client_cert`).
+    /// PKCS#8 PEM key (`present_client_cert`).
     fn client_tls(&self, trust_ca: bool, present_client_cert: bool) -> TlsOptions {
         TlsOptions {
             ca_pem: trust_ca.then(|| self.read_text("ca.pem")),
             client_cert_pem: present_client_cert.then(|| self.read_text("client.pem")),
-            client_key_der: present_client_cert.then(|| self.read_bytes("client.key.der")),
+            client_key_pem: present_client_cert.then(|| self.read_text("client.key.pk8")),
         }
     }
 }

@@ -370,3 +370,27 @@ fn send_to_a_missing_endpoint_is_an_error_and_the_bus_keeps_publishing() {
         bus.stop().await.expect("stop");
     });
 }
+
+#[test]
+fn quorum_queue_type_is_declared_when_chosen() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let options =
+            bus_rabbitmq::RabbitMqOptions { queue_type: bus_rabbitmq::QueueType::Quorum, ..Default::default() };
+        let transport = bus_rabbitmq::RabbitMqTransport::connect_with(fixture.uri(), options).await.expect("connects");
+        let queue = unique("quorum");
+        use bus_core::Transport;
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 1, ..Default::default() };
+        transport.declare_endpoint(&topology).await.expect("declared");
+        transport.close().await;
+        let vhost = fixture.vhost().to_owned();
+        let queues = tokio::task::spawn_blocking(move || {
+            ctl_lines(&["list_queues", "-p", &vhost, "name", "type", "--quiet", "--no-table-headers"])
+        })
+        .await
+        .expect("rabbitmqctl");
+        for name in [queue.clone(), format!("{queue}_error"), format!("{queue}_skipped")] {
+            assert!(queues.iter().any(|q| q[0] == name && q[1] == "quorum"), "{name} is a quorum queue: {queues:?}");
+        }
+    });
+}
