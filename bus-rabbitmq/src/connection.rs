@@ -169,7 +169,11 @@ impl Shared {
     }
 
     fn connection_error(&self, what: &str, error: lapin::Error) -> Error {
-        Error::Connection { address: self.redacted.clone(), reason: format!("{what}: {error}"), source: Some(error) }
+        Error::Connection {
+            address: self.redacted.clone(),
+            reason: format!("{what}: {error}"),
+            source: Some(Box::new(error)),
+        }
     }
 
     /// Opens a session: connection, confirm channels, the whole declared topology.

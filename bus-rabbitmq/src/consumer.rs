@@ -190,7 +190,7 @@ impl RabbitMqSettle {
             .ack(BasicAckOptions::default())
             .await
             .map(|_| ())
-            .map_err(|source| Error::Refused { operation: "basic.ack".into(), source })
+            .map_err(|source| Error::Refused { operation: "basic.ack".into(), source: Box::new(source) })
     }
 
     async fn requeue(&self) -> Result<()> {
@@ -198,7 +198,7 @@ impl RabbitMqSettle {
             .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
             .await
             .map(|_| ())
-            .map_err(|source| Error::Refused { operation: "basic.nack".into(), source })
+            .map_err(|source| Error::Refused { operation: "basic.nack".into(), source: Box::new(source) })
     }
 
     /// Publishes the message elsewhere (confirmed), then acks it here; on failure it is

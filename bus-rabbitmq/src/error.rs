@@ -16,9 +16,9 @@ pub enum Error {
         address: String,
         /// What happened.
         reason: String,
-        /// lapin's error.
+        /// lapin's error (boxed: it is large).
         #[source]
-        source: Option<lapin::Error>,
+        source: Option<Box<lapin::Error>>,
     },
     /// The broker stayed unreachable for longer than the publish timeout.
     #[error("rabbitmq unavailable: no connection within {0:?}")]
@@ -28,9 +28,9 @@ pub enum Error {
     Refused {
         /// What was attempted.
         operation: String,
-        /// lapin's error.
+        /// lapin's error (boxed: it is large).
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// The broker negatively acknowledged a published message.
     #[error("rabbitmq did not accept a message published to `{0}`")]

@@ -49,7 +49,10 @@ pub(crate) async fn publish(
                 }
             }
             Ok(Err(error)) => {
-                return Err(Error::Refused { operation: format!("publishing to `{exchange}`"), source: error });
+                return Err(Error::Refused {
+                    operation: format!("publishing to `{exchange}`"),
+                    source: Box::new(error),
+                });
             }
             Err(_) => return Err(Error::Unavailable(shared.options.publish_timeout)),
         }

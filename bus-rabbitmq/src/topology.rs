@@ -12,7 +12,7 @@ use crate::options::QueueType;
 
 fn refused(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
     let operation = operation.into();
-    move |source| Error::Refused { operation, source }
+    move |source| Error::Refused { operation, source: Box::new(source) }
 }
 
 /// Name of the queue that holds messages waiting `delay` before redelivery to `queue`.
@@ -149,7 +149,7 @@ pub(crate) async fn exchange_exists(connection: &Connection, name: &str) -> Resu
             Ok(true)
         }
         Err(error) if matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) => Ok(false),
-        Err(error) => Err(Error::Refused { operation: format!("checking exchange `{name}`"), source: error }),
+        Err(error) => Err(Error::Refused { operation: format!("checking exchange `{name}`"), source: Box::new(error) }),
     }
 }
 
