@@ -30,7 +30,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)] as f64 / 1_000_000.0
 }
 
-async fn measure(builder: BusBuilder, name: &str, duration: Duration) -> Result<(), BoxError> {
+async fn measure(builder: BusBuilder, name: &str, duration: Duration) -> Result<String, BoxError> {
     let start = Instant::now();
     let samples = Arc::new(Mutex::new(Vec::<u64>::new()));
     let recorded = samples.clone();
@@ -69,13 +69,15 @@ async fn measure(builder: BusBuilder, name: &str, duration: Duration) -> Result<
     figure(&format!("latency.{name}.p99"), percentile(&sorted, 0.99), "ms");
     figure(&format!("latency.{name}.p99_9"), percentile(&sorted, 0.999), "ms");
     figure(&format!("latency.{name}.samples"), sorted.len() as f64, "messages");
-    Ok(())
+    Ok(endpoint)
 }
 
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     measure(Bus::builder(InMemoryTransport::new()), "inmemory", scale.duration).await?;
     let transport = RabbitMqTransport::connect(&bus_rabbitmq::default_address()).await?;
-    measure(Bus::builder(transport.clone()), "rabbitmq", scale.duration).await?;
+    let endpoint = measure(Bus::builder(transport.clone()), "rabbitmq", scale.duration).await?;
     transport.close().await;
+    crate::rabbitmq::delete_queues(&[endpoint.clone(), format!("{endpoint}_error"), format!("{endpoint}_skipped")])
+        .await?;
     Ok(())
 }

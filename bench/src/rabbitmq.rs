@@ -173,6 +173,17 @@ async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
     Ok((end_to_end, publish_only, body_size))
 }
 
+/// Deletes queues a run declared, so runs leave nothing on the broker.
+pub(crate) async fn delete_queues(names: &[String]) -> Result<(), BoxError> {
+    let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    for name in names {
+        channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
+    }
+    let _ = connection.close(200, "cleaned up".into()).await;
+    Ok(())
+}
+
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     let (bus_e2e, bus_publish_only, body_size) = bus(scale.rabbitmq).await?;
     figure("rabbitmq.bus.body_size", body_size as f64, "bytes");

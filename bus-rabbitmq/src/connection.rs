@@ -106,6 +106,12 @@ impl Shared {
 
     /// The current session, waiting up to `deadline` for one during an outage.
     pub(crate) async fn session(&self, deadline: Instant) -> Result<Arc<Session>> {
+        // The common case, without subscribing to changes.
+        if let Link::Up(session) = &*self.link.borrow() {
+            if session.is_alive() {
+                return Ok(session.clone());
+            }
+        }
         let mut link = self.link.subscribe();
         loop {
             match &*link.borrow_and_update() {

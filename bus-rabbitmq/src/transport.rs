@@ -40,6 +40,8 @@ pub struct RabbitMqTransport {
 struct TransportState {
     /// Exchanges known to exist (declared for publishing, or seen by a send).
     known_exchanges: Mutex<HashSet<String>>,
+    /// Message type URN -> its declared exchange, looked up on every publish without allocating.
+    publish_exchanges: std::sync::RwLock<HashMap<String, Arc<str>>>,
     consumers: Mutex<HashMap<String, Arc<Mutex<ConsumerState>>>>,
 }
 
@@ -111,19 +113,25 @@ impl RabbitMqTransport {
         self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
     }
 
-    async fn ensure_publish_exchange(&self, message_types: &[&str]) -> Result<String> {
+    async fn ensure_publish_exchange(&self, message_types: &[&str]) -> Result<Arc<str>> {
         let Some((first, contracts)) = message_types.split_first() else {
             return Err(Error::Configuration("a published message needs a message type".into()));
         };
-        let exchange = entity_name(first);
-        if self.knows(&exchange) {
-            return Ok(exchange);
+        if let Some(exchange) = self.state.publish_exchanges.read().unwrap_or_else(|e| e.into_inner()).get(*first) {
+            return Ok(exchange.clone());
         }
+        let exchange = entity_name(first);
         let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
         let session = self.shared.session(self.deadline()).await?;
         topology::declare_publish_exchange(&session.connection, &exchange, &contracts).await?;
         self.shared.declared().publish_exchanges.insert(exchange.clone(), contracts);
         self.remember(&exchange);
+        let exchange: Arc<str> = exchange.into();
+        self.state
+            .publish_exchanges
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((*first).to_owned(), exchange.clone());
         Ok(exchange)
     }
 

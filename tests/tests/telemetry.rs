@@ -159,7 +159,9 @@ async fn publish_consume_publish_consume_is_one_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_on_rabbitmq_too() {
     tests::rabbit_fixture::require_broker();
-    let transport = bus_rabbitmq::RabbitMqTransport::connect(&bus_rabbitmq::default_address()).await.expect("rabbitmq");
+    // A vhost of its own (deleted by the next run), so no queue is left on the shared one.
+    let vhost = tokio::task::spawn_blocking(|| tests::rabbit_support::Vhost::create("telemetry")).await.expect("vhost");
+    let transport = bus_rabbitmq::RabbitMqTransport::connect(&vhost.uri(5672)).await.expect("rabbitmq");
     let marker = unique("trace-rabbit");
     let spans = two_hops(transport.clone(), &marker).await;
     transport.close().await;

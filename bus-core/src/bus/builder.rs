@@ -160,6 +160,7 @@ impl BusBuilder {
                 observers: self.observers,
                 send_middleware: self.send_middleware,
                 metrics: self.metrics.unwrap_or_else(BusMetrics::global),
+                destinations: std::sync::RwLock::default(),
                 address,
                 response_topology,
                 endpoints,

@@ -87,6 +87,8 @@ pub(crate) struct BusInner {
     pub(crate) observers: Vec<Arc<dyn BusObserver>>,
     pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
     pub(crate) metrics: BusMetrics,
+    /// Per published message type: its exchange name and address.
+    pub(crate) destinations: std::sync::RwLock<HashMap<&'static str, (Arc<str>, Arc<str>)>>,
     /// Address of the bus's own (response) endpoint.
     pub(crate) address: String,
     response_topology: EndpointTopology,

@@ -1,5 +1,6 @@
 //! Building and dispatching outgoing messages: ids, addresses, headers, outbox.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::Instrument;
@@ -136,6 +137,18 @@ impl BusInner {
         Ok(envelope)
     }
 
+    /// The exchange and address a message type is published to, computed once per type.
+    fn publish_destination(&self, urn: &'static str) -> (Arc<str>, Arc<str>) {
+        if let Some(found) = self.destinations.read().unwrap_or_else(|e| e.into_inner()).get(urn) {
+            return found.clone();
+        }
+        let entity = type_entity_name(urn);
+        let address: Arc<str> = self.transport.address(&entity).into();
+        let found = (Arc::<str>::from(entity), address);
+        self.destinations.write().unwrap_or_else(|e| e.into_inner()).insert(urn, found.clone());
+        found
+    }
+
     fn outgoing(&self, route: Route, mut envelope: Envelope) -> Result<Outgoing> {
         for middleware in &self.send_middleware {
             middleware.on_send(&mut envelope).map_err(Error::SendRejected)?;
@@ -148,7 +161,15 @@ impl BusInner {
     pub(crate) async fn dispatch(&self, outgoing: Outgoing) -> Result<()> {
         let Outgoing { route, envelope, message } = outgoing;
         match route {
-            Route::Publish(MessageTypes::Static(types)) => self.transport.publish(types, message).await?,
+            Route::Publish(MessageTypes::Static(types)) => {
+                self.transport.publish(types, message).await?;
+                let message_type = types.first().copied().unwrap_or_default();
+                self.metrics.published.add(1, &[opentelemetry::KeyValue::new("message_type", message_type)]);
+                for observer in &self.observers {
+                    observer.on_publish(&envelope);
+                }
+                return Ok(());
+            }
             Route::Publish(MessageTypes::Owned(types)) => {
                 let types: Vec<&str> = types.iter().map(String::as_str).collect();
                 self.transport.publish(&types, message).await?;
@@ -251,9 +272,8 @@ impl Bus {
         if parent.is_none() {
             inner.ensure_not_stopped()?;
         }
-        let entity = type_entity_name(M::message_type());
-        let destination = inner.transport.address(&entity);
-        let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
+        let (entity, destination) = inner.publish_destination(M::message_type());
+        let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
         let span = telemetry::send_span(inner.transport.system(), &entity, "publish", &envelope);
         telemetry::inject(&span.context(), &mut envelope.headers);
         let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
