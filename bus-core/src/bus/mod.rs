@@ -88,7 +88,7 @@ pub(crate) struct BusInner {
     pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
     pub(crate) metrics: BusMetrics,
     /// Per published message type: its exchange name and address.
-    pub(crate) destinations: std::sync::RwLock<HashMap<&'static str, (Arc<str>, Arc<str>)>>,
+    pub(crate) destinations: std::sync::RwLock<HashMap<&'static str, Destination>>,
     /// Address of the bus's own (response) endpoint.
     pub(crate) address: String,
     response_topology: EndpointTopology,
@@ -99,6 +99,9 @@ pub(crate) struct BusInner {
     pub(crate) request_timeout: Duration,
     stop_timeout: Duration,
 }
+
+/// Where a message type is published: its exchange (entity) name and address.
+pub(crate) type Destination = (Arc<str>, Arc<str>);
 
 struct Running {
     stop_taking: CancellationToken,

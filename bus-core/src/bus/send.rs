@@ -138,7 +138,7 @@ impl BusInner {
     }
 
     /// The exchange and address a message type is published to, computed once per type.
-    fn publish_destination(&self, urn: &'static str) -> (Arc<str>, Arc<str>) {
+    fn publish_destination(&self, urn: &'static str) -> super::Destination {
         if let Some(found) = self.destinations.read().unwrap_or_else(|e| e.into_inner()).get(urn) {
             return found.clone();
         }
