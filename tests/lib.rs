@@ -5,6 +5,8 @@
 //! transport must pass the same cases unchanged.
 
 pub mod conformance;
+
+pub use conformance::support::record;
 pub mod rabbit_fixture;
 pub mod rabbit_support;
 

@@ -128,6 +128,25 @@ impl Envelope {
     }
 }
 
+/// The envelope's fields as MassTransit names them, in the order they are written.
+pub const FIELDS: [&str; 15] = [
+    "messageId",
+    "requestId",
+    "correlationId",
+    "conversationId",
+    "initiatorId",
+    "sourceAddress",
+    "destinationAddress",
+    "responseAddress",
+    "faultAddress",
+    "messageType",
+    "message",
+    "expirationTime",
+    "sentTime",
+    "headers",
+    "host",
+];
+
 /// Formats a time as MassTransit does: UTC with seven fractional digits.
 ///
 /// ```

@@ -5,7 +5,7 @@ mod ids;
 mod messaging;
 mod request;
 mod shutdown;
-mod support;
+pub(crate) mod support;
 
 pub use failures::*;
 pub use ids::*;

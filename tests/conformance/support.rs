@@ -1,4 +1,4 @@
-//! Small helpers shared by the cases.
+//! Small helpers shared by the cases (and by the other test binaries through `tests::record`).
 
 use std::sync::Arc;
 
@@ -6,7 +6,7 @@ use bus_core::testing::MessageLog;
 use bus_core::{BoxError, ConsumeContext, Message, ReceiveEndpointBuilder};
 
 /// Adds a handler of `M` that records every envelope it consumes into `log`.
-pub(crate) fn record<M: Message>(e: &mut ReceiveEndpointBuilder, log: &MessageLog) {
+pub fn record<M: Message>(e: &mut ReceiveEndpointBuilder, log: &MessageLog) {
     let log = log.clone();
     e.handler(move |ctx: ConsumeContext<M>| {
         let log = log.clone();

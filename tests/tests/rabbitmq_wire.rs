@@ -108,20 +108,8 @@ fn masstransit_envelope_published_raw_is_consumed_with_ids_intact() {
     runtime().block_on(async {
         let fixture = fixture().await;
         let got = std::sync::Arc::new(MessageLog::default());
-        let log = got.clone();
-        let bus = fixture
-            .bus()
-            .receive_endpoint(unique("interop-in"), move |e| {
-                let log = log.clone();
-                e.handler(move |ctx: ConsumeContext<NewOrderEvent>| {
-                    let log = log.clone();
-                    async move {
-                        log.record(ctx.envelope());
-                        Ok::<_, BoxError>(())
-                    }
-                });
-            })
-            .build();
+        let bus =
+            fixture.bus().receive_endpoint(unique("interop-in"), |e| tests::record::<NewOrderEvent>(e, &got)).build();
         bus.start().await.expect("bus starts");
         // As a .NET MassTransit service publishes it: to the type exchange, with its properties.
         let channel = fixture.channel().await;
@@ -200,23 +188,7 @@ fn published_message_read_back_raw_is_a_masstransit_envelope() {
         assert_eq!(wire.content_type.as_deref(), Some("application/vnd.masstransit+json"));
         assert_eq!(wire.headers.get_str("Tenant"), Some("acme"), "envelope headers copied to AMQP headers");
         let json: serde_json::Value = serde_json::from_slice(&wire.body).expect("JSON body");
-        for field in [
-            "messageId",
-            "requestId",
-            "correlationId",
-            "conversationId",
-            "initiatorId",
-            "sourceAddress",
-            "destinationAddress",
-            "responseAddress",
-            "faultAddress",
-            "messageType",
-            "message",
-            "expirationTime",
-            "sentTime",
-            "headers",
-            "host",
-        ] {
+        for field in bus_core::envelope::FIELDS {
             assert!(json.get(field).is_some(), "envelope field {field}");
         }
         assert_eq!(json["messageType"][0], "urn:message:SagaWithMasstransitShared:NewOrderEvent");
@@ -286,20 +258,7 @@ fn bad_input_from_the_wire_ends_in_error_queue_without_panic() {
         let fixture = fixture().await;
         let queue = unique("bad-wire");
         let got = std::sync::Arc::new(MessageLog::default());
-        let log = got.clone();
-        let bus = fixture
-            .bus()
-            .receive_endpoint(&queue, move |e| {
-                let log = log.clone();
-                e.handler(move |ctx: ConsumeContext<Probe>| {
-                    let log = log.clone();
-                    async move {
-                        log.record(ctx.envelope());
-                        Ok::<_, BoxError>(())
-                    }
-                });
-            })
-            .build();
+        let bus = fixture.bus().receive_endpoint(&queue, |e| tests::record::<Probe>(e, &got)).build();
         bus.start().await.expect("bus starts");
         let channel = fixture.channel().await;
         let publish = |body: Vec<u8>, content_type: &str, headers: FieldTable| {
