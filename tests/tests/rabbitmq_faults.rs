@@ -244,3 +244,44 @@ async fn a_silent_network_stall_is_detected_and_recovered() {
     bus.stop().await.expect("stop");
     println!("stall noticed after {noticed_after:?} (heartbeat {heartbeat:?})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_during_an_outage_fail_clearly_after_the_bound() {
+    require_broker();
+    let vhost = tokio::task::spawn_blocking(|| Vhost::create("fault-outage")).await.expect("vhost");
+    let proxy = TcpProxy::start(shared_addr()).await;
+    let options = RabbitMqOptions {
+        heartbeat: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        publish_timeout: Duration::from_secs(2),
+        ..options()
+    };
+    let transport = RabbitMqTransport::connect_with(&vhost.uri(proxy.port()), options).await.expect("connects");
+    let bus = Bus::builder(transport.clone()).build();
+    bus.publish(Numbered { n: 0 }).await.expect("publishes while connected");
+    proxy.stall();
+    let lost = async {
+        while transport.is_connected() {
+            // The transport's state has no change notification for tests; sample it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), lost).await.expect("the stall is noticed");
+    let started = tokio::time::Instant::now();
+    let result = bus.publish(Numbered { n: 1 }).await;
+    let waited = started.elapsed();
+    proxy.resume();
+    let error = result.expect_err("no broker: the publish fails");
+    assert!(error.is_transient(), "an outage may heal: {error}");
+    assert!(error.to_string().contains("unavailable"), "{error}");
+    assert!(!error.to_string().contains("guest:guest"), "no credentials in errors: {error}");
+    assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(6), "waited about the bound: {waited:?}");
+    let back = async {
+        while !transport.is_connected() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), back).await.expect("reconnects after the outage");
+    bus.publish(Numbered { n: 2 }).await.expect("publishes again");
+    transport.close().await;
+}
