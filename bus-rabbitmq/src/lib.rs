@@ -24,6 +24,15 @@
 //! ([`bus_core::Bus::health`]) says healthy only when an endpoint's consumer is subscribed on
 //! the live connection, degraded while reconnecting, unhealthy when its consumer is not running.
 //!
+//! # Connections
+//!
+//! From an `amqp://` or `amqps://` URI (`AMQP_ADDR`, else the local broker). TLS goes through
+//! lapin's rustls support: the server's certificate is verified against the system's roots
+//! plus [`TlsOptions::ca_pem`]; [`TlsOptions::client_cert_pem`] and
+//! [`TlsOptions::client_key_pem`] add a client certificate for mutual TLS. The connection
+//! carries a name the broker shows ([`RabbitMqOptions::connection_name`]); passwords never
+//! appear in logs or errors ([`redact`]).
+//!
 //! # Delivery guarantee: at least once
 //!
 //! Every publish waits for the broker's confirm. A confirm lost with the connection means

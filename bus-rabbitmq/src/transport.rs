@@ -82,6 +82,29 @@ impl RabbitMqTransport {
         matches!(&*self.shared.link.borrow(), Link::Up(session) if session.is_alive())
     }
 
+    /// Waits until the connection is up (`connected`) or down (`!connected`), for at most
+    /// `timeout`; returns whether it got there. Useful for readiness checks.
+    pub async fn wait_for_connection(&self, connected: bool, timeout: std::time::Duration) -> bool {
+        let mut link = self.shared.link.subscribe();
+        let wait = async {
+            loop {
+                let up = matches!(&*link.borrow_and_update(), Link::Up(session) if session.is_alive());
+                if up == connected {
+                    return true;
+                }
+                // A session can die before the supervisor notices; check again shortly even
+                // without a change of state.
+                if tokio::time::timeout(std::time::Duration::from_millis(100), link.changed())
+                    .await
+                    .is_ok_and(|r| r.is_err())
+                {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
     /// How many connections were opened so far: 1, plus one per recovery.
     pub fn connection_count(&self) -> u64 {
         self.shared.connections.load(std::sync::atomic::Ordering::Relaxed)

@@ -260,13 +260,7 @@ async fn publishes_during_an_outage_fail_clearly_after_the_bound() {
     let bus = Bus::builder(transport.clone()).build();
     bus.publish(Numbered { n: 0 }).await.expect("publishes while connected");
     proxy.stall();
-    let lost = async {
-        while transport.is_connected() {
-            // The transport's state has no change notification for tests; sample it.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), lost).await.expect("the stall is noticed");
+    assert!(transport.wait_for_connection(false, Duration::from_secs(10)).await, "the stall is noticed");
     let started = tokio::time::Instant::now();
     let result = bus.publish(Numbered { n: 1 }).await;
     let waited = started.elapsed();
@@ -276,12 +270,7 @@ async fn publishes_during_an_outage_fail_clearly_after_the_bound() {
     assert!(error.to_string().contains("unavailable"), "{error}");
     assert!(!error.to_string().contains("guest:guest"), "no credentials in errors: {error}");
     assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(6), "waited about the bound: {waited:?}");
-    let back = async {
-        while !transport.is_connected() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), back).await.expect("reconnects after the outage");
+    assert!(transport.wait_for_connection(true, Duration::from_secs(20)).await, "reconnects after the outage");
     bus.publish(Numbered { n: 2 }).await.expect("publishes again");
     transport.close().await;
 }

@@ -24,6 +24,22 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Telemetry {
     spans: InMemorySpanExporter,
     provider: SdkTracerProvider,
+    exported: Arc<tokio::sync::Notify>,
+}
+
+/// The in-memory exporter, plus a wake-up for tests waiting on spans.
+#[derive(Debug)]
+struct Notifying {
+    inner: InMemorySpanExporter,
+    exported: Arc<tokio::sync::Notify>,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for Notifying {
+    async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        self.exported.notify_waiters();
+        result
+    }
 }
 
 /// One tracing subscriber for the whole test binary (spawned tasks run on any thread).
@@ -31,11 +47,13 @@ fn telemetry() -> &'static Telemetry {
     static TELEMETRY: OnceLock<Telemetry> = OnceLock::new();
     TELEMETRY.get_or_init(|| {
         let spans = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder().with_simple_exporter(spans.clone()).build();
+        let exported = Arc::new(tokio::sync::Notify::new());
+        let exporter = Notifying { inner: spans.clone(), exported: exported.clone() };
+        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter).build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("tests"));
         let subscriber = tracing_subscriber::registry().with(layer);
         tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        Telemetry { spans, provider }
+        Telemetry { spans, provider, exported }
     })
 }
 
@@ -53,19 +71,27 @@ fn string_attribute(span: &SpanData, key: &str) -> Option<String> {
     attribute(span, key).map(|v| v.as_str().into_owned())
 }
 
-/// Spans of one trace whose names mention `marker`, waiting until `n` are there.
-async fn spans_named(marker: &str, n: usize) -> Vec<SpanData> {
+/// Waits until `found` returns something for the finished spans (checked on every export).
+async fn wait_spans<T>(what: &str, found: impl Fn(Vec<SpanData>) -> Option<T>) -> T {
     let wait = async {
         loop {
-            let spans: Vec<SpanData> = finished_spans().into_iter().filter(|s| s.name.contains(marker)).collect();
-            if spans.len() >= n {
-                return spans;
+            let exported = telemetry().exported.notified();
+            if let Some(result) = found(finished_spans()) {
+                return result;
             }
-            // The exporter has no notification; spans end as the consumers finish.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            exported.await;
         }
     };
-    tokio::time::timeout(WAIT, wait).await.unwrap_or_else(|_| panic!("{n} spans named *{marker}*"))
+    tokio::time::timeout(WAIT, wait).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Spans whose names mention `marker`, once at least `n` are there.
+async fn spans_named(marker: &str, n: usize) -> Vec<SpanData> {
+    wait_spans(&format!("{n} spans named *{marker}*"), |all| {
+        let spans: Vec<SpanData> = all.into_iter().filter(|s| s.name.contains(marker)).collect();
+        (spans.len() >= n).then_some(spans)
+    })
+    .await
 }
 
 fn find<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
@@ -309,21 +335,15 @@ async fn the_order_saga_flow_is_one_trace_with_saga_attributes() {
     recorder.consumed.wait_for::<OrderProcessed>(1, WAIT).await.expect("order processed");
     bus.stop().await.expect("stop");
     let order = order_id.to_string();
-    let wait = async {
-        loop {
-            let spans = finished_spans();
-            let saga: Vec<SpanData> = spans
-                .iter()
-                .filter(|s| string_attribute(s, "saga.id").as_deref() == Some(order.as_str()))
-                .cloned()
-                .collect();
-            if saga.len() >= 2 {
-                return (spans, saga);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let (spans, saga) = tokio::time::timeout(WAIT, wait).await.expect("saga spans");
+    let (spans, saga) = wait_spans("the saga's spans", |spans| {
+        let saga: Vec<SpanData> = spans
+            .iter()
+            .filter(|s| string_attribute(s, "saga.id").as_deref() == Some(order.as_str()))
+            .cloned()
+            .collect();
+        (saga.len() >= 2).then_some((spans, saga))
+    })
+    .await;
     let trace = saga[0].span_context.trace_id();
     assert!(saga.iter().all(|s| s.span_context.trace_id() == trace), "NewOrderEvent to finalization is one trace");
     let ends: Vec<String> = saga.iter().filter_map(|s| string_attribute(s, "saga.end_state")).collect();
