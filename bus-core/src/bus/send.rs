@@ -275,7 +275,9 @@ impl Bus {
         let (entity, destination) = inner.publish_destination(M::message_type());
         let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
         let span = telemetry::send_span(inner.transport.system(), &entity, "publish", &envelope);
-        telemetry::inject(&span.context(), &mut envelope.headers);
+        if !span.is_disabled() {
+            telemetry::inject(&span.context(), &mut envelope.headers);
+        }
         let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
         self.release_or_hold(outgoing, parent).instrument(span).await
     }
@@ -295,7 +297,9 @@ impl Bus {
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
         let span = telemetry::send_span(inner.transport.system(), &name, "send", &envelope);
-        telemetry::inject(&span.context(), &mut envelope.headers);
+        if !span.is_disabled() {
+            telemetry::inject(&span.context(), &mut envelope.headers);
+        }
         let outgoing = inner.outgoing(Route::Send(name), envelope)?;
         self.release_or_hold(outgoing, parent).instrument(span).await
     }

@@ -49,6 +49,10 @@ pub(crate) fn receive_span(system: &'static str, endpoint: &str, envelope: &Enve
         messaging.masstransit.initiator_id = id(envelope.initiator_id),
         messaging.masstransit.message_types = envelope.message_type.join(","),
     );
+    if span.is_disabled() {
+        // No subscriber wants it: skip reading the trace headers too.
+        return span;
+    }
     let producer = super::extract(&envelope.headers);
     let producer_span = producer.span();
     let context = producer_span.span_context();
