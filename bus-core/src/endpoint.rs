@@ -29,11 +29,19 @@ pub(crate) struct EndpointInfo {
 #[derive(Debug, Clone)]
 pub(crate) struct EndpointSettings {
     pub(crate) prefetch: u16,
-    pub(crate) concurrency: usize,
+    /// `None`: as many as the prefetch.
+    pub(crate) concurrency: Option<usize>,
     pub(crate) retry: RetryPolicy,
     pub(crate) redelivery: RedeliveryPolicy,
     pub(crate) max_message_size: usize,
     pub(crate) outbox: bool,
+}
+
+impl EndpointSettings {
+    /// Messages consumed at once: the limit set, else the prefetch.
+    pub(crate) fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(usize::from(self.prefetch))
+    }
 }
 
 impl Default for EndpointSettings {
@@ -41,7 +49,7 @@ impl Default for EndpointSettings {
         let prefetch = default_prefetch();
         EndpointSettings {
             prefetch,
-            concurrency: usize::from(prefetch),
+            concurrency: None,
             retry: RetryPolicy::none(),
             redelivery: RedeliveryPolicy::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
@@ -215,7 +223,7 @@ impl ReceiveEndpointBuilder {
 
     /// How many messages are consumed at once (default: the prefetch).
     pub fn concurrency_limit(&mut self, n: usize) -> &mut Self {
-        self.settings.concurrency = n.max(1);
+        self.settings.concurrency = Some(n.max(1));
         self
     }
 

@@ -99,7 +99,7 @@ impl EndpointRuntime {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let limit = Arc::new(Semaphore::new(self.settings.concurrency));
+        let limit = Arc::new(Semaphore::new(self.settings.concurrency()));
         loop {
             let permit = tokio::select! {
                 biased;

@@ -89,7 +89,10 @@ impl Queue {
     /// Waits for the next message. Cancel-safe: a message is taken only when returned.
     pub(crate) async fn pop(&self) -> Stored {
         loop {
+            // Registered before looking, so a push between the look and the wait wakes us.
             let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if let Some(stored) = self.items().pop_front() {
                 return stored;
             }

@@ -42,6 +42,8 @@ struct Topology {
     queues: HashMap<String, QueueRef>,
     /// Queues each exchange reaches, computed on first use; cleared when bindings change.
     routes: HashMap<String, Arc<[QueueRef]>>,
+    /// Message types published at least once (their contract bindings are made).
+    published: HashSet<String>,
 }
 
 impl Topology {
@@ -258,19 +260,19 @@ impl Transport for InMemoryTransport {
             return Err(bus_core::Error::Configuration("a published message needs a message type".into()));
         };
         let exchange = entity_name(first);
-        let route = match self.route(&exchange) {
-            Some(route) => route,
-            None => {
-                let mut topology = self.write();
-                topology.exchange(&exchange);
-                for contract in contracts {
-                    let contract = entity_name(contract);
-                    topology.exchange(&contract);
-                    topology.exchange(&exchange).insert(Binding::Exchange(contract));
-                }
-                topology.route(&exchange).unwrap_or_else(|| Arc::from(Vec::new()))
+        // The type's exchange may exist already (an endpoint consuming the type declared it);
+        // its bindings to the contracts it lists are made on its first publish all the same.
+        if !self.read().published.contains(*first) {
+            let mut topology = self.write();
+            topology.exchange(&exchange);
+            for contract in contracts {
+                let contract = entity_name(contract);
+                topology.exchange(&contract);
+                topology.exchange(&exchange).insert(Binding::Exchange(contract));
             }
-        };
+            topology.published.insert((*first).to_owned());
+        }
+        let route = self.route(&exchange).unwrap_or_else(|| Arc::from(Vec::new()));
         self.deliver(&route, message).await
     }
 
@@ -330,7 +332,11 @@ impl Settle for InMemorySettle {
                 Settlement::Ack => self.queue.release(),
                 Settlement::Requeue => self.queue.requeue(message),
                 Settlement::MoveTo { queue, headers } => {
-                    let target = self.transport.queue(&queue).ok_or_else(|| Error::QueueNotFound(queue.clone()))?;
+                    let Some(target) = self.transport.queue(&queue) else {
+                        // Nothing may be lost: the original goes back to its own queue.
+                        self.queue.requeue(message);
+                        return Err(Error::QueueNotFound(queue).into());
+                    };
                     let mut moved = message.clone();
                     moved.headers.extend(headers);
                     if let Err(error) = target.push(moved, wait).await {

@@ -47,6 +47,12 @@ impl Session {
     }
 }
 
+/// Whether an error concerns the whole connection rather than one channel.
+fn is_connection_error(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::IOError(_) | lapin::ErrorKind::MissingHeartbeatError)
+        || error.is_amqp_hard_error()
+}
+
 async fn open_confirm_channel(connection: &Connection) -> std::result::Result<Channel, lapin::Error> {
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -240,6 +246,11 @@ impl Shared {
                     let error = loop {
                         tokio::select! {
                             event = events.next() => match event {
+                                // lapin reports channel-level errors (a 404 on one channel) here too;
+                                // only a connection-level one means the session is gone.
+                                Some(Event::Error(error)) if session.is_alive() && !is_connection_error(&error) => {
+                                    tracing::debug!(%error, "channel error on a live connection");
+                                }
                                 Some(Event::Error(error)) => break error.to_string(),
                                 Some(_) => {}
                                 None => break "connection closed".to_owned(),

@@ -124,6 +124,12 @@ async fn run(
         tracing::info!(queue = %queue, generation = session.generation, "consuming");
         loop {
             tokio::select! {
+                // Stopping first: a delivery ready at the same moment must not skip the drain.
+                biased;
+                () = tx.closed() => {
+                    drain_and_close(&channel, &tag, &outstanding).await;
+                    break 'sessions;
+                }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let message = transport_message(delivery.data, &delivery.properties);
@@ -137,7 +143,7 @@ async fn run(
                         let delivery = Delivery::new(message, delivery.redelivered, settle);
                         if tx.send(delivery).await.is_err() {
                             // The bus stopped taking deliveries; the one in hand was requeued on drop.
-                            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                            drain_and_close(&channel, &tag, &outstanding).await;
                             break 'sessions;
                         }
                     }
@@ -149,16 +155,12 @@ async fn run(
                     None => {
                         set(&state, ConsumerState::Recovering("consumer cancelled".to_owned()));
                         tracing::warn!(queue = %queue, "consumer cancelled by the broker; subscribing again");
+                        // Deliveries in progress still ack on the old channel; close it after them.
+                        let (old, outstanding) = (channel.clone(), outstanding.clone());
+                        tokio::spawn(async move { drain_and_close(&old, "", &outstanding).await });
                         break;
                     }
                 },
-                () = tx.closed() => {
-                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                    // In-flight messages finish (and are acked on this channel) before it closes.
-                    outstanding.wait_zero(Duration::from_secs(60)).await;
-                    let _ = channel.close(200, "endpoint stopped".into()).await;
-                    break 'sessions;
-                }
             }
         }
         // Wait for the supervisor to replace a dead session rather than spin on it.
@@ -168,6 +170,21 @@ async fn run(
         }
     }
     set(&state, ConsumerState::Stopped);
+}
+
+/// How long a stopping endpoint waits for its deliveries in progress before closing their
+/// channel; longer than any stop timeout a bus should use.
+const DRAIN_BOUND: Duration = Duration::from_secs(300);
+
+/// Stops the subscription, lets deliveries in progress settle on this channel, then closes it.
+async fn drain_and_close(channel: &lapin::Channel, tag: &str, outstanding: &Outstanding) {
+    if !tag.is_empty() {
+        let _ = channel.basic_cancel(tag.into(), BasicCancelOptions::default()).await;
+    }
+    outstanding.wait_zero(DRAIN_BOUND).await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "endpoint stopped".into()).await;
+    }
 }
 
 /// Settles one RabbitMQ delivery on the channel it came from.

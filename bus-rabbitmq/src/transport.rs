@@ -207,8 +207,15 @@ impl Transport for RabbitMqTransport {
             self.remember(destination);
         }
         let properties = properties(&message, true);
-        publish(&self.shared, destination, "", &message.body, &properties, true).await?;
-        Ok(())
+        match publish(&self.shared, destination, "", &message.body, &properties, true).await {
+            Err(Error::Refused { source, .. }) if matches!(source.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) =>
+            {
+                // Deleted since we saw it (a requester's temporary endpoint, say).
+                self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+                Err(Error::Unroutable(destination.to_owned()).into())
+            }
+            other => Ok(other?),
+        }
     }
 
     async fn consume(&self, endpoint: &EndpointTopology) -> bus_core::Result<DeliveryStream> {

@@ -246,6 +246,9 @@ impl<S: SagaData> StateMachine<S> {
         let urn = E::message_type();
         let found = if state == INITIAL {
             self.initially.get(urn)
+        } else if state == FINAL {
+            // A finalized instance (kept when not completed) takes no more events.
+            self.during.get(state).and_then(|b| b.get(urn))
         } else {
             self.during.get(state).and_then(|b| b.get(urn)).or_else(|| self.during_any.get(urn))
         };

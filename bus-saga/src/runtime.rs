@@ -43,6 +43,36 @@ impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
     }
 }
 
+/// A pessimistic lock, released when the consume ends, even when it is cancelled (a consumer
+/// timeout drops the future): a lock left behind would hold up the instance for its lease.
+struct LockGuard<S: Send + Sync + 'static> {
+    repository: Arc<dyn DynRepository<S>>,
+    id: Uuid,
+    token: Option<String>,
+}
+
+impl<S: Send + Sync + 'static> LockGuard<S> {
+    async fn release(&mut self) {
+        if let Some(token) = self.token.take() {
+            if let Err(error) = self.repository.unlock(self.id, token).await {
+                // The lease expires by itself; the next holder waits at most that long.
+                tracing::warn!(id = %self.id, %error, "could not release the saga lock");
+            }
+        }
+    }
+}
+
+impl<S: Send + Sync + 'static> Drop for LockGuard<S> {
+    fn drop(&mut self) {
+        if let (Some(token), Ok(runtime)) = (self.token.take(), tokio::runtime::Handle::try_current()) {
+            let (repository, id) = (self.repository.clone(), self.id);
+            runtime.spawn(async move {
+                let _ = repository.unlock(id, token).await;
+            });
+        }
+    }
+}
+
 /// Counters of a running saga. Conflicts are also counted in the OpenTelemetry metric
 /// `messaging.saga.conflicts` (global meter `rust-bus`, attribute `saga`).
 #[derive(Debug)]
@@ -106,14 +136,9 @@ impl<S: SagaData> SagaRuntime<S> {
         let Some(id) = self.machine.correlate(ctx.message()) else {
             return Err(format!("event {} is not declared on saga {}", E::message_type(), self.machine.name()).into());
         };
-        let lock = self.repository.lock(id).await?;
+        let mut lock = LockGuard { repository: self.repository.clone(), id, token: self.repository.lock(id).await? };
         let result = self.consume_instance(ctx, id).await;
-        if let Some(token) = lock {
-            if let Err(error) = self.repository.unlock(id, token).await {
-                // The lease expires by itself; the next holder waits at most that long.
-                tracing::warn!(saga = self.machine.name(), %id, %error, "could not release the saga lock");
-            }
-        }
+        lock.release().await;
         result
     }
 

@@ -168,11 +168,18 @@ struct OrderEvent {
 
 /// A consumer of a contract URN receives a message that lists the contract.
 pub async fn consumer_of_a_contract_receives_messages_that_list_it<F: Fixture>(fixture: &F) {
-    let events = log();
-    let bus = fixture.bus().receive_endpoint(unique("contract"), |e| record::<OrderEvent>(e, &events)).build();
+    let (events, shipped) = (log(), log());
+    // One endpoint consumes the concrete type (so its exchange exists before the first
+    // publish), another only the contract: both receive the message.
+    let bus = fixture
+        .bus()
+        .receive_endpoint(unique("contract"), |e| record::<OrderEvent>(e, &events))
+        .receive_endpoint(unique("concrete"), |e| record::<OrderShipped>(e, &shipped))
+        .build();
     bus.start().await.expect("bus starts");
     bus.publish(OrderShipped { order_id: 12, carrier: "ups".into() }).await.expect("publish");
     let got = events.wait_for::<OrderEvent>(1, WAIT).await.expect("contract consumer receives");
+    shipped.wait_for::<OrderShipped>(1, WAIT).await.expect("concrete consumer receives");
     bus.stop().await.expect("stop");
     assert_eq!(got[0].order_id, 12);
     assert_eq!(events.all()[0].message_type, OrderShipped::message_types());

@@ -178,8 +178,10 @@ impl Bus {
     }
 
     /// Stops the bus: takes no new deliveries, lets in-flight consumers finish within the stop
-    /// timeout, then cancels them through their cancellation token. Every message not finished
-    /// goes back to its queue. Publishing afterwards fails with [`Error::Stopped`].
+    /// timeout, then cancels them through their cancellation token; a consume cut short this
+    /// way returns its message to its queue. A consumer that ignores its token is waited for
+    /// one more stop timeout, then left to finish on its own (its message is settled when it
+    /// does). Publishing afterwards fails with [`Error::Stopped`].
     pub async fn stop(&self) -> Result<()> {
         let inner = &self.inner;
         let mut running = inner.running.lock().await;
@@ -194,7 +196,7 @@ impl Bus {
                 tracing::warn!(timeout = ?inner.stop_timeout, "consumers still running at stop timeout; cancelling them");
                 run.cancel.cancel();
                 // Consumers that honour the token end promptly; the bound keeps stop() finite
-                // even for one that does not (its message is requeued when its delivery drops).
+                // even for one that does not (it settles its message whenever it finishes).
                 let _ = tokio::time::timeout(inner.stop_timeout, run.tracker.wait()).await;
             }
             inner.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -117,10 +117,11 @@ impl BusInner {
         envelope.destination_address = Some(destination);
         envelope.headers = options.headers;
         envelope.host = Some(self.host.clone());
+        // A time to live too long to represent means no expiry.
         envelope.expiration_time = options
             .time_to_live
             .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
-            .map(|ttl| chrono::Utc::now() + ttl);
+            .and_then(|ttl| chrono::Utc::now().checked_add_signed(ttl));
         match parent {
             Some(parent) => {
                 let consumed = parent.envelope;
