@@ -13,6 +13,12 @@
 //!   compare-and-set on `version`, optional pessimistic locks), with concurrency conflicts
 //!   retried automatically on fresh state and counted.
 //!
+//! Known limit: the instance is saved before its messages leave, so a failure between the two
+//! (the broker down for longer than the publish timeout while the outbox is released) redelivers
+//! the event to the already-advanced instance, where it is normally not accepted and ends in
+//! `_error` with its reason: visible, but the messages of that transition must be re-sent by
+//! hand. Storing the produced messages with the instance (a transactional outbox) closes this.
+//!
 //! ```
 //! use bus_core::{BoxError, Message};
 //! use bus_inmemory::InMemoryTestHarness;
