@@ -3,7 +3,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use bus_core::serializer::{MassTransitJsonSerializer, RawJsonSerializer, Serializer};
+use bus_core::serializer::{MassTransitJsonSerializer, ProtobufSerializer, RawJsonSerializer, Serializer};
 use bus_core::Envelope;
 use serde::{Deserialize, Serialize};
 
@@ -55,9 +55,51 @@ fn measure(name: &str, serializer: &dyn Serializer, rounds: u64) {
     figure(&format!("serializer.{name}.bytes"), bytes as f64, "bytes/msg");
 }
 
+/// The same order as a prost message, for the protobuf serializer.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize, bus_core::Message)]
+#[message(urn = "urn:message:Bench:Order", protobuf)]
+struct ProtoOrder {
+    #[prost(string, tag = "1")]
+    order_id: String,
+    #[prost(string, tag = "2")]
+    user_email: String,
+    #[prost(uint64, tag = "3")]
+    amount_cents: u64,
+    #[prost(string, tag = "4")]
+    note: String,
+}
+
+fn measure_protobuf(rounds: u64) {
+    use bus_core::Message as _;
+    let order = Order::sample();
+    let proto = ProtoOrder {
+        order_id: order.order_id.to_string(),
+        user_email: order.user_email,
+        amount_cents: order.amount_cents,
+        note: order.note,
+    };
+    let mut envelope =
+        Envelope::new(vec!["urn:message:Bench:Order".into()], serde_json::value::RawValue::NULL.to_owned());
+    envelope.conversation_id = Some(uuid::Uuid::now_v7());
+    let mut bytes = 0;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let mut envelope = envelope.clone();
+        envelope.binary = black_box(&proto).to_protobuf().map(Into::into);
+        let wire = ProtobufSerializer.serialize(&envelope).unwrap_or_default();
+        bytes = wire.body.len();
+        let back = ProtobufSerializer.deserialize(&wire).ok();
+        let decoded: Option<ProtoOrder> = back.and_then(|e| e.message_of().ok());
+        black_box(decoded);
+    }
+    figure("serializer.protobuf.roundtrips", rounds as f64 / started.elapsed().as_secs_f64(), "msg/s");
+    figure("serializer.protobuf.bytes", bytes as f64, "bytes/msg");
+}
+
 pub(crate) fn run(scale: Scale) {
     measure("masstransit_json", &MassTransitJsonSerializer, scale.serializer_rounds);
     measure("raw_json", &RawJsonSerializer, scale.serializer_rounds);
+    measure_protobuf(scale.serializer_rounds);
     // The floor: serde_json on the bare struct.
     let order = Order::sample();
     let started = Instant::now();

@@ -134,7 +134,7 @@ impl<M: Message, C: Consumer<M>> TypedConsumer<M, C> {
 impl<M: Message, C: Consumer<M>> ErasedConsumer for TypedConsumer<M, C> {
     fn consume(&self, ctx: ReceiveContext) -> BoxFuture<'_, Result<(), ConsumeError>> {
         Box::pin(async move {
-            let message: M = ctx.envelope().message_as().map_err(ConsumeError::deserialize)?;
+            let message: M = ctx.envelope().message_of().map_err(ConsumeError::deserialize)?;
             let ctx = ConsumeContext::new(message, ctx);
             self.consumer.consume(ctx).await.map_err(ConsumeError::from_consumer)
         })

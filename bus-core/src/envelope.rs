@@ -50,8 +50,10 @@ pub struct Envelope {
     pub fault_address: Option<String>,
     /// The message's URNs, its own first.
     pub message_type: Vec<String>,
-    /// The message as raw JSON.
+    /// The message as raw JSON (`null` when it travelled as protobuf).
     pub message: Box<RawValue>,
+    /// The message as protobuf, when the serializer carries it so.
+    pub binary: Option<bytes::Bytes>,
     /// When the message expires.
     pub expiration_time: Option<DateTime<Utc>>,
     /// When the message was sent.
@@ -77,6 +79,7 @@ impl Envelope {
             fault_address: None,
             message_type,
             message,
+            binary: None,
             expiration_time: None,
             sent_time: Some(Utc::now()),
             headers: Headers::new(),
@@ -120,6 +123,16 @@ impl Envelope {
                     Some(Box::new(e) as crate::BoxError),
                 )
             })
+    }
+
+    /// Reads the message as message type `M`: from protobuf when it travelled so, else JSON.
+    pub fn message_of<M: crate::Message>(&self) -> crate::Result<M> {
+        match &self.binary {
+            Some(bytes) => M::from_protobuf(bytes).ok_or_else(|| {
+                crate::Error::deserialize(format!("protobuf body does not decode as {}", M::message_type()), None)
+            }),
+            None => self.message_as(),
+        }
     }
 
     /// Whether the envelope lists `urn` among its message types.
@@ -373,6 +386,7 @@ impl<'de> Deserialize<'de> for Envelope {
                     fault_address: None,
                     message_type: Vec::new(),
                     message: RawValue::NULL.to_owned(),
+                    binary: None,
                     expiration_time: None,
                     sent_time: None,
                     headers: Headers::new(),

@@ -88,5 +88,6 @@ pub use transport::{Delivery, DeliveryStream, EndpointTopology, Settle, Settleme
 #[doc(hidden)]
 pub mod __private {
     pub use crate::message::ToCorrelationId;
+    pub use prost;
     pub use uuid::Uuid;
 }

@@ -51,6 +51,21 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn correlation_id(&self) -> Option<Uuid> {
         None
     }
+
+    /// The message as protobuf, for prost messages declared with `#[message(protobuf)]`.
+    fn to_protobuf(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Reads the message from protobuf; `None` when it is not a prost message or the bytes
+    /// do not decode.
+    fn from_protobuf(bytes: &[u8]) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        let _ = bytes;
+        None
+    }
 }
 
 /// The MassTransit exchange (entity) name of a message URN: `Ns:Type`, generics as `Name--Ns:Arg--`.

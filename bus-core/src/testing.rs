@@ -118,7 +118,7 @@ impl MessageLog {
 
     /// Messages of type `M`, in the order recorded (those that do not read as `M` are left out).
     pub fn messages<M: Message>(&self) -> Vec<M> {
-        self.envelopes::<M>().iter().filter_map(|e| e.message_as().ok()).collect()
+        self.envelopes::<M>().iter().filter_map(|e| e.message_of().ok()).collect()
     }
 
     /// How many messages of type `M` were recorded.

@@ -16,7 +16,8 @@ use syn::{parse_macro_input, DeriveInput, Expr, ExprLit, Lit, LitStr, Meta, Toke
 /// - `namespace = "Ns"`: the namespace, the URN being `urn:message:{namespace}:{TypeName}`
 ///   (default namespace: the crate's name);
 /// - `implements("urn:message:Ns:Contract", ...)`: further contract URNs the message carries;
-/// - `correlation_id = "field"`: a `Uuid` (or `Option<Uuid>`) field used as the envelope's `correlationId`.
+/// - `correlation_id = "field"`: a `Uuid` (or `Option<Uuid>`) field used as the envelope's `correlationId`;
+/// - `protobuf`: the type is also a `prost::Message`, so the protobuf serializer can carry it.
 #[proc_macro_derive(Message, attributes(message))]
 pub fn derive_message(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
@@ -31,6 +32,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     let mut namespace: Option<LitStr> = None;
     let mut implements: Vec<LitStr> = Vec::new();
     let mut correlation: Option<syn::Ident> = None;
+    let mut protobuf = false;
 
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
         let items = attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)?;
@@ -42,18 +44,17 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
                     let lit = string_literal(&nv.value)?;
                     correlation = Some(syn::Ident::new(&lit.value(), lit.span()));
                 }
+                Meta::Path(path) if path.is_ident("protobuf") => protobuf = true,
                 Meta::List(list) if list.path.is_ident("implements") => {
                     let lits = list.parse_args_with(Punctuated::<Expr, Token![,]>::parse_terminated)?;
                     for lit in &lits {
                         implements.push(string_literal(lit)?);
                     }
                 }
-                other => {
-                    return Err(syn::Error::new_spanned(
-                        other,
-                        "unknown message attribute; expected urn, namespace, implements(..) or correlation_id",
-                    ))
-                }
+                other => return Err(syn::Error::new_spanned(
+                    other,
+                    "unknown message attribute; expected urn, namespace, implements(..), correlation_id or protobuf",
+                )),
             }
         }
     }
@@ -80,6 +81,16 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             }
         }
     });
+    let protobuf_fns = protobuf.then(|| {
+        quote! {
+            fn to_protobuf(&self) -> ::core::option::Option<::std::vec::Vec<u8>> {
+                ::core::option::Option::Some(::bus_core::__private::prost::Message::encode_to_vec(self))
+            }
+            fn from_protobuf(bytes: &[u8]) -> ::core::option::Option<Self> {
+                <Self as ::bus_core::__private::prost::Message>::decode(bytes).ok()
+            }
+        }
+    });
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     Ok(quote! {
         impl #impl_generics ::bus_core::Message for #name #ty_generics #where_clause {
@@ -88,6 +99,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
                 TYPES
             }
             #correlation_fn
+            #protobuf_fns
         }
     })
 }

@@ -113,7 +113,7 @@ impl Drop for PendingGuard<'_> {
 
 fn response_from<R: Message>(envelope: Envelope) -> Result<Response<R>> {
     if envelope.has_message_type(R::message_type()) {
-        let message = envelope.message_as()?;
+        let message = envelope.message_of()?;
         return Ok(Response { message, envelope });
     }
     if envelope.message_type.iter().any(|t| t.starts_with(FAULT_URN)) {

@@ -110,6 +110,9 @@ impl BusInner {
     ) -> Result<Envelope> {
         let raw = serde_json::value::to_raw_value(message).map_err(Error::Serialize)?;
         let mut envelope = Envelope::new(M::message_types().iter().map(|t| (*t).to_owned()).collect(), raw);
+        if self.serializers.default_serializer().writes_protobuf() {
+            envelope.binary = message.to_protobuf().map(bytes::Bytes::from);
+        }
         envelope.correlation_id = options.correlation_id.or_else(|| message.correlation_id());
         envelope.request_id = options.request_id;
         envelope.response_address = options.response_address;

@@ -1,12 +1,14 @@
 //! Serializers: envelope to bytes and back; the content type on the wire picks the reader.
 
 mod masstransit_json;
+mod protobuf;
 mod raw_json;
 
 use std::fmt::Debug;
 use std::sync::Arc;
 
 pub use masstransit_json::MassTransitJsonSerializer;
+pub use protobuf::ProtobufSerializer;
 pub use raw_json::RawJsonSerializer;
 
 use crate::{Envelope, Error, Result, TransportMessage};
@@ -15,6 +17,12 @@ use crate::{Envelope, Error, Result, TransportMessage};
 pub trait Serializer: Debug + Send + Sync + 'static {
     /// The content type this serializer writes and reads, e.g. `application/vnd.masstransit+json`.
     fn content_type(&self) -> &'static str;
+
+    /// Whether this serializer writes the message as protobuf (the bus then fills
+    /// [`Envelope::binary`] from [`Message::to_protobuf`](crate::Message::to_protobuf)).
+    fn writes_protobuf(&self) -> bool {
+        false
+    }
 
     /// Writes the envelope: body, content type and the transport headers that go with it.
     fn serialize(&self, envelope: &Envelope) -> Result<TransportMessage>;
@@ -41,7 +49,10 @@ pub struct Serializers {
 impl Default for Serializers {
     fn default() -> Self {
         let envelope: Arc<dyn Serializer> = Arc::new(MassTransitJsonSerializer);
-        Serializers { default: envelope.clone(), all: vec![envelope, Arc::new(RawJsonSerializer)] }
+        Serializers {
+            default: envelope.clone(),
+            all: vec![envelope, Arc::new(RawJsonSerializer), Arc::new(ProtobufSerializer)],
+        }
     }
 }
 

@@ -129,6 +129,7 @@ impl Serializer for RawJsonSerializer {
             fault_address: take_str(&mut headers, FAULT_ADDRESS),
             message_type,
             message: raw,
+            binary: None,
             expiration_time: None,
             sent_time: None,
             headers,
