@@ -77,7 +77,6 @@ pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     let transport = RabbitMqTransport::connect(&bus_rabbitmq::default_address()).await?;
     let endpoint = measure(Bus::builder(transport.clone()), "rabbitmq", scale.duration).await?;
     transport.close().await;
-    crate::rabbitmq::delete_queues(&[endpoint.clone(), format!("{endpoint}_error"), format!("{endpoint}_skipped")])
-        .await?;
+    crate::rabbitmq::delete_endpoints(&[endpoint]).await?;
     Ok(())
 }

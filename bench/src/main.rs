@@ -20,6 +20,11 @@ mod telemetry;
 
 use std::time::Duration;
 
+/// Every scenario, bus and baseline alike, runs on mimalloc: with glibc's allocator the
+/// threads of a run spend much of their time waiting on its arena locks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sizes of a run.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Scale {

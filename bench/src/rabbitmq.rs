@@ -140,7 +140,7 @@ async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
     let admin = connection.create_channel().await?;
     let sample = admin.basic_get(queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true }).await?;
     let body_size = sample.map(|m| m.delivery.data.len()).unwrap_or_default();
-    admin.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    delete_endpoints(std::slice::from_ref(&queue)).await?;
 
     let consumed = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
@@ -165,20 +165,23 @@ async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
     tokio::time::timeout(Duration::from_secs(600), finished).await?;
     let end_to_end = count as f64 / started.elapsed().as_secs_f64();
     bus.stop().await?;
-    for name in [endpoint.clone(), format!("{endpoint}_error"), format!("{endpoint}_skipped")] {
-        admin.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
-    }
+    delete_endpoints(&[endpoint]).await?;
     transport.close().await;
     let _ = connection.close(200, "bench done".into()).await;
     Ok((end_to_end, publish_only, body_size))
 }
 
-/// Deletes queues a run declared, so runs leave nothing on the broker.
-pub(crate) async fn delete_queues(names: &[String]) -> Result<(), BoxError> {
+/// Deletes the endpoints a run declared (queue and exchange, with `_error` and `_skipped`),
+/// so runs leave nothing behind: a leftover endpoint exchange stays bound to the message
+/// type and would slow every later publish.
+pub(crate) async fn delete_endpoints(names: &[String]) -> Result<(), BoxError> {
     let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
-    for name in names {
-        channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
+    for endpoint in names {
+        for name in [endpoint.clone(), format!("{endpoint}_error"), format!("{endpoint}_skipped")] {
+            channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
+            channel.exchange_delete(name.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await?;
+        }
     }
     let _ = connection.close(200, "cleaned up".into()).await;
     Ok(())
