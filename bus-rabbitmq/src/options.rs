@@ -52,7 +52,8 @@ pub struct RabbitMqOptions {
     pub publish_timeout: Duration,
     /// Queue type of durable queues.
     pub queue_type: QueueType,
-    /// Number of confirm channels publishes are spread over.
+    /// Number of confirm channels publishes are spread over (default 1: on a small machine
+    /// one channel pipelines best; more can help with many cores).
     pub publish_channels: usize,
     /// TLS settings for `amqps://`.
     pub tls: TlsOptions,
@@ -72,7 +73,7 @@ impl Default for RabbitMqOptions {
             reconnect_max: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(30),
             queue_type: QueueType::Classic,
-            publish_channels: 2,
+            publish_channels: 1,
             tls: TlsOptions::default(),
         }
     }
