@@ -1,8 +1,6 @@
-use std::borrow::Cow;
-
 use bytes::Bytes;
 
-use super::Serializer;
+use super::{merge_infrastructure_headers, wire, Serializer};
 use crate::{Envelope, Result, TransportMessage};
 
 /// MassTransit's JSON envelope, `application/vnd.masstransit+json`: the default.
@@ -31,26 +29,13 @@ impl Serializer for MassTransitJsonSerializer {
     }
 
     fn serialize(&self, envelope: &Envelope) -> Result<TransportMessage> {
-        Ok(TransportMessage {
-            body: Bytes::from(envelope.to_json()?),
-            content_type: Some(Cow::Borrowed(Self::CONTENT_TYPE)),
-            // MassTransit copies every envelope header into the transport headers.
-            headers: envelope.headers.clone(),
-            message_id: envelope.message_id,
-            correlation_id: envelope.correlation_id,
-            time_to_live: envelope.expiration_time.and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
-        })
+        // MassTransit copies every envelope header into the transport headers.
+        Ok(wire(envelope, Bytes::from(envelope.to_json()?), Self::CONTENT_TYPE, envelope.headers.clone()))
     }
 
     fn deserialize(&self, message: &TransportMessage) -> Result<Envelope> {
         let mut envelope = Envelope::from_json(&message.body)?;
-        // Infrastructure headers added by the transport after sending (MT-Redelivery-Count,
-        // MT-Reason...). Other transport headers (the broker's `x-death`...) stay out of the envelope.
-        for (name, value) in &message.headers {
-            if name.starts_with("MT-") {
-                envelope.headers.insert_if_absent(name, value.clone());
-            }
-        }
+        merge_infrastructure_headers(&mut envelope.headers, &message.headers);
         Ok(envelope)
     }
 }

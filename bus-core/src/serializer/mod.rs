@@ -11,7 +11,31 @@ pub use masstransit_json::MassTransitJsonSerializer;
 pub use protobuf::ProtobufSerializer;
 pub use raw_json::RawJsonSerializer;
 
-use crate::{Envelope, Error, Result, TransportMessage};
+use crate::{Envelope, Error, Headers, Result, TransportMessage};
+
+/// The transport message of a serialized envelope: its body and content type, the given
+/// transport headers, and the ids and time to live taken from the envelope.
+fn wire(envelope: &Envelope, body: bytes::Bytes, content_type: &'static str, headers: Headers) -> TransportMessage {
+    TransportMessage {
+        body,
+        content_type: Some(std::borrow::Cow::Borrowed(content_type)),
+        headers,
+        message_id: envelope.message_id,
+        correlation_id: envelope.correlation_id,
+        time_to_live: envelope.expiration_time.and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
+    }
+}
+
+/// Adds the infrastructure headers a transport added after sending (`MT-Redelivery-Count`,
+/// `MT-Reason`...) to the envelope's headers; other transport headers (the broker's
+/// `x-death`...) stay out of the envelope.
+fn merge_infrastructure_headers(envelope: &mut Headers, transport: &Headers) {
+    for (name, value) in transport {
+        if name.starts_with("MT-") {
+            envelope.insert_if_absent(name, value.clone());
+        }
+    }
+}
 
 /// Turns an [`Envelope`] into a [`TransportMessage`] and back.
 pub trait Serializer: Debug + Send + Sync + 'static {

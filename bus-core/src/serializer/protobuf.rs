@@ -1,4 +1,3 @@
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -6,7 +5,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::Serializer;
+use super::{merge_infrastructure_headers, wire, Serializer};
 use crate::envelope::{format_time, parse_time};
 use crate::{Envelope, Error, Headers, Result, TransportMessage};
 
@@ -128,14 +127,8 @@ impl Serializer for ProtobufSerializer {
             sent_time: envelope.sent_time.as_ref().map(format_time).unwrap_or_default(),
             headers: envelope.headers.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
         };
-        Ok(TransportMessage {
-            body: Bytes::from(prost::Message::encode_to_vec(&proto)),
-            content_type: Some(Cow::Borrowed(Self::CONTENT_TYPE)),
-            headers: envelope.headers.clone(),
-            message_id: envelope.message_id,
-            correlation_id: envelope.correlation_id,
-            time_to_live: envelope.expiration_time.and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
-        })
+        let body = Bytes::from(prost::Message::encode_to_vec(&proto));
+        Ok(wire(envelope, body, Self::CONTENT_TYPE, envelope.headers.clone()))
     }
 
     fn deserialize(&self, message: &TransportMessage) -> Result<Envelope> {
@@ -152,11 +145,7 @@ impl Serializer for ProtobufSerializer {
                 (k, value)
             })
             .collect();
-        for (name, value) in &message.headers {
-            if name.starts_with("MT-") {
-                headers.insert_if_absent(name, value.clone());
-            }
-        }
+        merge_infrastructure_headers(&mut headers, &message.headers);
         Ok(Envelope {
             message_id: read_id("messageId", &proto.message_id)?,
             request_id: read_id("requestId", &proto.request_id)?,

@@ -1,11 +1,9 @@
-use std::borrow::Cow;
-
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::Serializer;
+use super::{wire, Serializer};
 use crate::{Envelope, Error, Headers, HostInfo, Result, TransportMessage};
 
 const MESSAGE_ID: &str = "MessageId";
@@ -93,14 +91,8 @@ impl Serializer for RawJsonSerializer {
         if let Some(host) = &envelope.host {
             headers.insert(HOST_INFO, serde_json::to_string(host).map_err(Error::Serialize)?);
         }
-        Ok(TransportMessage {
-            body: Bytes::copy_from_slice(envelope.message.get().as_bytes()),
-            content_type: Some(Cow::Borrowed(Self::CONTENT_TYPE)),
-            headers,
-            message_id: envelope.message_id,
-            correlation_id: envelope.correlation_id,
-            time_to_live: envelope.expiration_time.and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
-        })
+        let body = Bytes::copy_from_slice(envelope.message.get().as_bytes());
+        Ok(wire(envelope, body, Self::CONTENT_TYPE, headers))
     }
 
     fn deserialize(&self, message: &TransportMessage) -> Result<Envelope> {
