@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use bus_core::{BoxError, Bus, ConsumeContext, Message};
 use bus_inmemory::{InMemoryOptions, InMemoryTransport};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -58,14 +59,19 @@ async fn baseline(count: u64) -> f64 {
     received as f64 / started.elapsed().as_secs_f64()
 }
 
-pub(crate) async fn bus(count: u64) -> Result<f64, BoxError> {
+/// The bus's figure; with `tracer`, every message is traced with it.
+pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>) -> Result<f64, BoxError> {
     let transport =
         InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
     let consumed = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
     let total = count / PRODUCERS * PRODUCERS;
     let (c, d) = (consumed.clone(), done.clone());
-    let bus = Bus::builder(transport)
+    let mut builder = Bus::builder(transport);
+    if let Some(tracer) = tracer {
+        builder = builder.tracer_provider(tracer);
+    }
+    let bus = builder
         .receive_endpoint("bench-orders", move |e| {
             let (c, d) = (c.clone(), d.clone());
             e.prefetch(1000).concurrency_limit(64).handler(move |ctx: ConsumeContext<OrderPlaced>| {
@@ -109,7 +115,7 @@ pub(crate) async fn bus(count: u64) -> Result<f64, BoxError> {
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     let raw = baseline(scale.inmemory).await;
     figure("inmemory.baseline.mpsc_serde_json", raw, "msg/s");
-    let measured = bus(scale.inmemory).await?;
+    let measured = bus(scale.inmemory, None).await?;
     figure("inmemory.bus.publish_consume", measured, "msg/s");
     compare("inmemory publish->consume (JSON envelope) vs mpsc+serde_json", measured, raw, "msg/s", Some(0.6));
     Ok(())

@@ -55,7 +55,17 @@ impl ReceiveContext {
             opentelemetry::KeyValue::new("consumer", self.consumer_type),
         ];
         self.state.bus.inner.metrics.retries.add(1, &attributes);
-        tracing::info!(retry.attempt = retry, retry.delay_ms = delay.as_millis() as u64, error = %error, "retry");
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        crate::telemetry::current_event("retry", || {
+            vec![
+                opentelemetry::KeyValue::new("retry.attempt", i64::from(retry)),
+                opentelemetry::KeyValue::new("retry.delay_ms", delay_ms),
+                opentelemetry::KeyValue::new("exception.message", error.message().to_owned()),
+            ]
+        });
+        tracing::info!(endpoint = %self.state.endpoint.name, message_id = ?self.state.envelope.message_id,
+            trace_id = crate::telemetry::current_trace_id(), retry.attempt = retry, retry.delay_ms = delay_ms,
+            %error, "consume failed; retrying");
     }
 
     /// The envelope of the message being consumed.

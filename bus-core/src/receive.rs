@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use opentelemetry::trace::FutureExt as _;
 use opentelemetry::KeyValue;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::context::ReceiveState;
 use crate::endpoint::{EndpointInfo, EndpointSettings, ReceiveEndpointBuilder};
@@ -39,6 +39,8 @@ pub(crate) struct EndpointRuntime {
     by_type: HashMap<&'static str, Vec<usize>>,
     system: &'static str,
     endpoint_attributes: [KeyValue; 1],
+    /// The endpoint's name, shared by the attributes of its spans.
+    span_destination: Arc<str>,
 }
 
 impl EndpointRuntime {
@@ -78,7 +80,9 @@ impl EndpointRuntime {
             prefetch: settings.prefetch,
         };
         let endpoint_attributes = [KeyValue::new("endpoint", name.clone())];
+        let span_destination = Arc::from(name.as_str());
         EndpointRuntime {
+            span_destination,
             topology,
             info: Arc::new(EndpointInfo { name, address }),
             settings,
@@ -154,8 +158,11 @@ impl EndpointRuntime {
                 return self.unreadable(bus, message, kind, &error);
             }
         };
-        let span = telemetry::receive_span(self.system, &self.info.name, &envelope);
-        self.consume(bus, message, envelope, cancel).instrument(span).await
+        let producer = telemetry::extract_producer(&envelope.headers);
+        let span = telemetry::receive_span(&inner.tracer, self.system, &self.span_destination, &envelope, producer);
+        let settlement = self.consume(bus, message, envelope, cancel, &span).with_context(span.context().clone()).await;
+        span.end();
+        settlement
     }
 
     async fn consume(
@@ -164,6 +171,7 @@ impl EndpointRuntime {
         message: &TransportMessage,
         envelope: Envelope,
         cancel: CancellationToken,
+        receive: &telemetry::MessageSpan,
     ) -> Settlement {
         let inner = &bus.inner;
         let matched = self.matching_consumers(&envelope);
@@ -190,11 +198,23 @@ impl EndpointRuntime {
             let entry = &self.consumers[index];
             let outbox = Outbox::new(self.settings.outbox);
             let ctx = ReceiveContext::new(state.clone(), entry.consumer_type, outbox.clone());
-            let span =
-                telemetry::process_span(&tracing::Span::current(), self.system, &self.info.name, entry.consumer_type);
+            let span = telemetry::process_span(
+                &inner.tracer,
+                receive,
+                self.system,
+                &self.span_destination,
+                entry.consumer_type,
+            );
             inner.metrics.in_flight.add(1, &self.endpoint_attributes);
             let started = std::time::Instant::now();
-            let result = entry.pipeline.run(ctx).instrument(span.clone()).await;
+            let result = entry.pipeline.run(ctx).with_context(span.context().clone()).await;
+            if let Err(error) = &result {
+                if error.kind() != ConsumeErrorKind::Skipped {
+                    span.record_error(error);
+                    receive.record_error(error);
+                }
+            }
+            span.end();
             inner.metrics.in_flight.add(-1, &self.endpoint_attributes);
             inner.metrics.consume_duration.record(started.elapsed().as_secs_f64(), &entry.attributes.full);
             match result {
@@ -207,10 +227,6 @@ impl EndpointRuntime {
                 }
                 Err(error) => {
                     outbox.discard();
-                    if error.kind() != ConsumeErrorKind::Skipped {
-                        telemetry::record_error(&span, &error);
-                        telemetry::record_error(&tracing::Span::current(), &error);
-                    }
                     return self.failed(bus, &state, message, entry, error).await;
                 }
             }
@@ -269,14 +285,24 @@ impl EndpointRuntime {
                 let mut headers = Headers::new();
                 headers.insert(names::REDELIVERY_COUNT, state.redelivery_count + 1);
                 inner.metrics.redeliveries.add(1, &self.endpoint_attributes);
-                tracing::info!(endpoint = %self.info.name, message_id = ?state.envelope.message_id, ?delay,
-                    redelivery = state.redelivery_count + 1, %error, "consume failed; redelivering later");
+                let redelivery = state.redelivery_count + 1;
+                telemetry::current_event("redelivery", || {
+                    vec![
+                        KeyValue::new("redelivery.count", i64::from(redelivery)),
+                        KeyValue::new("redelivery.delay_ms", i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                    ]
+                });
+                tracing::info!(endpoint = %self.info.name, message_id = ?state.envelope.message_id,
+                    message_type = state.envelope.message_type.first().map(String::as_str),
+                    trace_id = telemetry::current_trace_id(), ?delay, redelivery, %error,
+                    "consume failed; redelivering later");
                 return Settlement::Redeliver { delay, headers };
             }
         }
         inner.metrics.failed.add(1, &entry.attributes.full);
-        tracing::error!(endpoint = %self.info.name, message_id = ?state.envelope.message_id, consumer = consumer_type,
-            %error, "consume failed; moved to the error queue");
+        tracing::error!(endpoint = %self.info.name, message_id = ?state.envelope.message_id,
+            message_type = state.envelope.message_type.first().map(String::as_str), consumer = consumer_type,
+            trace_id = telemetry::current_trace_id(), %error, "consume failed; moved to the error queue");
         if let Err(fault_error) = inner.emit_fault(&state.envelope, &error, consumer_type, &self.info.address).await {
             tracing::warn!(endpoint = %self.info.name, error = %fault_error, "could not emit the fault");
         }

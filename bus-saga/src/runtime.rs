@@ -218,10 +218,16 @@ impl<S: SagaData> SagaRuntime<S> {
 /// The hook that marks a transition on the current span; the observability layer builds
 /// the spans, this records what the saga did.
 fn record_transition(saga: &str, id: Uuid, begin: &str, end: &str) {
-    let span = tracing::Span::current();
-    span.record("saga.id", tracing::field::display(id));
-    span.record("saga.begin_state", begin);
-    span.record("saga.end_state", end);
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = opentelemetry::Context::current();
+    let span = cx.span();
+    if span.is_recording() {
+        span.set_attributes([
+            opentelemetry::KeyValue::new("saga.id", id.to_string()),
+            opentelemetry::KeyValue::new("saga.begin_state", begin.to_owned()),
+            opentelemetry::KeyValue::new("saga.end_state", end.to_owned()),
+        ]);
+    }
     tracing::debug!(saga, saga.id = %id, saga.begin_state = begin, saga.end_state = end, "saga transition");
 }
 

@@ -17,6 +17,7 @@ use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMete
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use serde::{Deserialize, Serialize};
 use tests::unique;
+use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -42,7 +43,9 @@ impl opentelemetry_sdk::trace::SpanExporter for Notifying {
     }
 }
 
-/// One tracing subscriber for the whole test binary (spawned tasks run on any thread).
+/// One tracer provider for the whole test binary, installed globally (buses built after this
+/// record with it), and a `tracing` subscriber that turns user code's `tracing` spans into
+/// OpenTelemetry spans too (spawned tasks run on any thread).
 fn telemetry() -> &'static Telemetry {
     static TELEMETRY: OnceLock<Telemetry> = OnceLock::new();
     TELEMETRY.get_or_init(|| {
@@ -50,6 +53,7 @@ fn telemetry() -> &'static Telemetry {
         let exported = Arc::new(tokio::sync::Notify::new());
         let exporter = Notifying { inner: spans.clone(), exported: exported.clone() };
         let provider = SdkTracerProvider::builder().with_simple_exporter(exporter).build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("tests"));
         let subscriber = tracing_subscriber::registry().with(layer);
         tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
@@ -119,9 +123,14 @@ async fn two_hops(transport: impl Transport, marker: &str) -> Vec<SpanData> {
     let bus = Bus::builder(transport)
         .observer_arc(recorder.clone())
         .receive_endpoint(&first, |e| {
-            e.handler(|ctx: ConsumeContext<First>| async move {
-                ctx.publish(Second { n: ctx.message().n + 1 }).await?;
-                Ok::<_, BoxError>(())
+            e.handler(|ctx: ConsumeContext<First>| {
+                // The consumer's own `tracing` span: a child of the process span.
+                let work = tracing::info_span!("reserve stock");
+                async move {
+                    ctx.publish(Second { n: ctx.message().n + 1 }).await?;
+                    Ok::<_, BoxError>(())
+                }
+                .instrument(work)
             });
         })
         .receive_endpoint(&second, |e| {
@@ -136,7 +145,11 @@ async fn two_hops(transport: impl Transport, marker: &str) -> Vec<SpanData> {
     let named = spans_named(marker, 5).await;
     let send = find(&named, &format!("{first} send"));
     let trace = send.span_context.trace_id();
-    finished_spans().into_iter().filter(|s| s.span_context.trace_id() == trace).collect()
+    wait_spans("the consumer's own span", |all| {
+        let trace: Vec<SpanData> = all.into_iter().filter(|s| s.span_context.trace_id() == trace).collect();
+        trace.iter().any(|s| s.name == "reserve stock").then_some(trace)
+    })
+    .await
 }
 
 fn check_one_trace(spans: &[SpanData], marker: &str, system: &str) {
@@ -154,10 +167,12 @@ fn check_one_trace(spans: &[SpanData], marker: &str, system: &str) {
     }
     assert_eq!(receive.parent_span_id, send.span_context.span_id(), "receive is a child of send");
     assert_eq!(process.parent_span_id, receive.span_context.span_id(), "process is a child of receive");
+    let work = find(spans, "reserve stock");
+    assert_eq!(work.parent_span_id, process.span_context.span_id(), "the consumer's own span is a child of process");
     let publish2 = spans
         .iter()
-        .find(|s| s.parent_span_id == process.span_context.span_id() && s.name.ends_with(" send"))
-        .expect("the consumer's publish is a child of its process span");
+        .find(|s| s.parent_span_id == work.span_context.span_id() && s.name.ends_with(" send"))
+        .expect("the consumer's publish is a child of its own span, inside process");
     assert_eq!(publish2.name, "Telemetry:Second send");
     assert_eq!(receive2.parent_span_id, publish2.span_context.span_id());
     assert_eq!(process2.parent_span_id, receive2.span_context.span_id());
@@ -350,4 +365,60 @@ async fn the_order_saga_flow_is_one_trace_with_saga_attributes() {
     assert!(ends.contains(&"Pending".to_owned()) && ends.contains(&"Final".to_owned()), "{ends:?}");
     let inventory = spans.iter().find(|s| s.name == "Inventory process" && s.span_context.trace_id() == trace);
     assert!(inventory.is_some(), "inventory's processing is in the same trace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_propagation_links_the_producer_and_baggage_flows_on() {
+    telemetry();
+    let marker = unique("link");
+    let next = format!("{marker}-next");
+    let transport = InMemoryTransport::new();
+    let recorder = Arc::new(BusRecorder::default());
+    let bus = Bus::builder(transport.clone())
+        .observer_arc(recorder.clone())
+        .receive_endpoint(&marker, |e| {
+            let next = next.clone();
+            e.handler(move |ctx: ConsumeContext<First>| {
+                let next = format!("queue:{next}");
+                async move {
+                    ctx.send(&next, Second { n: 2 }).await?;
+                    Ok::<_, BoxError>(())
+                }
+            });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let topology = bus_core::EndpointTopology { queue: next.clone(), ..Default::default() };
+    transport.declare_endpoint(&topology).await.expect("the next queue");
+    let body = format!(
+        r#"{{"messageId":"{}","messageType":["urn:message:Telemetry:First"],"message":{{"n":1}},
+            "headers":{{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                        "MT-Activity-Propagation":"Link","baggage":"tenant=acme"}}}}"#,
+        uuid::Uuid::now_v7()
+    );
+    let message = TransportMessage {
+        body: body.into_bytes().into(),
+        content_type: Some("application/vnd.masstransit+json".into()),
+        ..Default::default()
+    };
+    transport.send(&marker, message).await.expect("send");
+    transport.wait_for_queue_len(&next, 1, WAIT).await.expect("the consumer sent on");
+    bus.stop().await.expect("stop");
+    let receive = spans_named(&marker, 2).await.into_iter().find(|s| s.name == format!("{marker} receive"));
+    let receive = receive.expect("the receive span");
+    let producer_trace = TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("trace id");
+    assert_ne!(receive.span_context.trace_id(), producer_trace, "linked, so a trace of its own");
+    assert_eq!(receive.parent_span_id, SpanId::INVALID, "a root, not a child of the producer");
+    let links: Vec<_> = receive.links.iter().map(|l| (l.span_context.trace_id(), l.span_context.span_id())).collect();
+    assert_eq!(links, [(producer_trace, SpanId::from_hex("b7ad6b7169203331").expect("span id"))]);
+    let forwarded = transport.peek(&next).into_iter().next().expect("the message sent on");
+    let envelope = bus_core::Envelope::from_json(&forwarded.body).expect("envelope");
+    assert_eq!(envelope.headers.get_str("baggage"), Some("tenant=acme"), "baggage flows on");
+    assert!(
+        envelope
+            .headers
+            .get_str("traceparent")
+            .is_some_and(|t| t.contains(&receive.span_context.trace_id().to_string())),
+        "the message sent on continues the consumer's trace"
+    );
 }

@@ -14,6 +14,9 @@ use crate::telemetry::BusMetrics;
 use crate::transport::DynTransport;
 use crate::{Consumer, DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, HostInfo, Message};
 
+/// The instrumentation scope of the bus's spans.
+const TRACER_NAME: &str = "rust-bus";
+
 /// Configures a [`Bus`]: its endpoints, serializers, observers and timeouts.
 pub struct BusBuilder {
     transport: Arc<dyn DynTransport>,
@@ -22,6 +25,7 @@ pub struct BusBuilder {
     observers: Vec<Arc<dyn BusObserver>>,
     send_middleware: Vec<Arc<dyn SendMiddleware>>,
     metrics: Option<BusMetrics>,
+    tracer: Option<opentelemetry::global::BoxedTracer>,
     formatter: Arc<dyn EndpointNameFormatter>,
     request_timeout: Duration,
     stop_timeout: Duration,
@@ -48,6 +52,7 @@ impl BusBuilder {
             observers: Vec::new(),
             send_middleware: Vec::new(),
             metrics: None,
+            tracer: None,
             formatter: Arc::new(DefaultEndpointNameFormatter),
             request_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(30),
@@ -122,6 +127,27 @@ impl BusBuilder {
         self
     }
 
+    /// Records spans with `provider`'s tracer instead of the global tracer provider's (the
+    /// one installed when the bus is built).
+    ///
+    /// ```
+    /// use opentelemetry_sdk::trace::SdkTracerProvider;
+    /// let provider = SdkTracerProvider::builder().build();
+    /// let bus = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new())
+    ///     .tracer_provider(&provider)
+    ///     .build();
+    /// # drop(bus);
+    /// ```
+    pub fn tracer_provider<P>(mut self, provider: &P) -> Self
+    where
+        P: opentelemetry::trace::TracerProvider,
+        P::Tracer: Send + Sync + 'static,
+        <P::Tracer as opentelemetry::trace::Tracer>::Span: Send + Sync + 'static,
+    {
+        self.tracer = Some(opentelemetry::global::BoxedTracer::new(Box::new(provider.tracer(TRACER_NAME))));
+        self
+    }
+
     /// Default timeout of requests (30 s).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -160,6 +186,7 @@ impl BusBuilder {
                 observers: self.observers,
                 send_middleware: self.send_middleware,
                 metrics: self.metrics.unwrap_or_else(BusMetrics::global),
+                tracer: self.tracer.unwrap_or_else(|| opentelemetry::global::tracer(TRACER_NAME)),
                 destinations: std::sync::RwLock::default(),
                 address,
                 response_topology,

@@ -3,8 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use opentelemetry::trace::FutureExt as _;
 use uuid::Uuid;
 
 use super::{Bus, BusInner};
@@ -278,12 +277,12 @@ impl Bus {
         }
         let (entity, destination) = inner.publish_destination(M::message_type());
         let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
-        let span = telemetry::send_span(inner.transport.system(), &entity, "publish", &envelope);
-        if !span.is_disabled() {
-            telemetry::inject(&span.context(), &mut envelope.headers);
+        let span = telemetry::send_span(&inner.tracer, inner.transport.system(), &entity, "publish", &envelope);
+        if span.is_traced() {
+            telemetry::inject(span.context(), &mut envelope.headers);
         }
         let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
-        self.release_or_hold(outgoing, parent).instrument(span).await
+        self.release_in(span, outgoing, parent).await
     }
 
     pub(crate) async fn send_from<M: Message>(
@@ -300,12 +299,28 @@ impl Bus {
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
-        let span = telemetry::send_span(inner.transport.system(), &name, "send", &envelope);
-        if !span.is_disabled() {
-            telemetry::inject(&span.context(), &mut envelope.headers);
+        let span =
+            telemetry::send_span(&inner.tracer, inner.transport.system(), &Arc::from(name.as_str()), "send", &envelope);
+        if span.is_traced() {
+            telemetry::inject(span.context(), &mut envelope.headers);
         }
         let outgoing = inner.outgoing(Route::Send(name), envelope)?;
-        self.release_or_hold(outgoing, parent).instrument(span).await
+        self.release_in(span, outgoing, parent).await
+    }
+
+    /// Releases (or holds) `outgoing` with its send span current, then ends the span.
+    async fn release_in(
+        &self,
+        span: telemetry::MessageSpan,
+        outgoing: Outgoing,
+        parent: Option<Parent<'_>>,
+    ) -> Result<()> {
+        let result = self.release_or_hold(outgoing, parent).with_context(span.context().clone()).await;
+        if let Err(error) = &result {
+            span.record_exception("SendException", &error.to_string());
+        }
+        span.end();
+        result
     }
 
     async fn release_or_hold(&self, outgoing: Outgoing, parent: Option<Parent<'_>>) -> Result<()> {

@@ -1,99 +1,184 @@
 //! The spans of the message path, named and attributed as OpenTelemetry's messaging
 //! conventions and MassTransit's tracing say.
+//!
+//! They are built on the OpenTelemetry API directly, not through `tracing`: three spans per
+//! message through `tracing-opentelemetry` cost more than the message itself. Attributes are
+//! only computed for spans that record (a no-op tracer builds nothing but the context).
+//! Running a future under a span's [`Context`] makes it current, so `tracing` spans that user
+//! code opens there (with `tracing-opentelemetry`'s context activation, its default) become
+//! its children.
 
-use opentelemetry::trace::TraceContextExt;
-use tracing::field::Empty;
-use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use std::borrow::Cow;
+use std::sync::Arc;
 
+use opentelemetry::global::{BoxedSpan, BoxedTracer};
+use opentelemetry::trace::{Link, Span as _, SpanBuilder, SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::{Context, KeyValue, StringValue};
+use uuid::Uuid;
+
+use super::propagation::Producer;
 use crate::{ConsumeError, Envelope};
 
-fn id(id: Option<uuid::Uuid>) -> String {
-    id.map(|u| u.to_string()).unwrap_or_default()
+/// A span of the message path, with the context that makes it current.
+#[derive(Debug, Clone)]
+pub(crate) struct MessageSpan {
+    cx: Context,
 }
 
-/// `{destination} send`: a message leaving (publish or send).
-pub(crate) fn send_span(system: &'static str, destination: &str, operation: &'static str, envelope: &Envelope) -> Span {
-    tracing::info_span!(
-        "send",
-        otel.name = format!("{destination} send"),
-        otel.kind = "producer",
-        otel.status_code = Empty,
-        messaging.system = system,
-        messaging.destination.name = destination,
-        messaging.operation = operation,
-        messaging.message.id = id(envelope.message_id),
-        messaging.message.conversation_id = id(envelope.conversation_id),
-        messaging.masstransit.correlation_id = id(envelope.correlation_id),
-        messaging.masstransit.request_id = id(envelope.request_id),
-        messaging.masstransit.initiator_id = id(envelope.initiator_id),
-        messaging.masstransit.message_types = envelope.message_type.join(","),
-    )
+impl MessageSpan {
+    /// The context to run under (and to inject into outgoing headers).
+    pub(crate) fn context(&self) -> &Context {
+        &self.cx
+    }
+
+    /// Whether the span is part of a trace (a tracer is installed or the producer sent one):
+    /// only then are trace headers written.
+    pub(crate) fn is_traced(&self) -> bool {
+        self.cx.has_active_span() && self.cx.span().span_context().is_valid()
+    }
+
+    /// Marks the span failed and records the error as an `exception` event.
+    pub(crate) fn record_error(&self, error: &ConsumeError) {
+        self.record_exception(error.exception_type(), error.message());
+    }
+
+    /// Marks the span failed with an `exception` event of this type and message.
+    pub(crate) fn record_exception(&self, exception_type: &str, message: &str) {
+        let span = self.cx.span();
+        if !span.is_recording() {
+            return;
+        }
+        span.set_status(Status::error(message.to_owned()));
+        span.add_event(
+            "exception",
+            vec![
+                KeyValue::new("exception.type", exception_type.to_owned()),
+                KeyValue::new("exception.message", message.to_owned()),
+            ],
+        );
+    }
+
+    /// Ends the span now (not when the last clone of its context drops).
+    pub(crate) fn end(&self) {
+        self.cx.span().end();
+    }
+}
+
+fn start(tracer: &BoxedTracer, kind: SpanKind, parent: &Context, links: Vec<Link>) -> BoxedSpan {
+    // A static name first: the real one (and the attributes) only for a span that records.
+    let builder = SpanBuilder::from_name("message").with_kind(kind).with_links(links);
+    tracer.build_with_context(builder, parent)
+}
+
+fn in_context(parent: &Context, span: BoxedSpan) -> MessageSpan {
+    MessageSpan { cx: parent.with_span(span) }
+}
+
+fn id(id: Option<Uuid>) -> Option<StringValue> {
+    // Encoded straight into a buffer: `to_string` goes through the formatting machinery.
+    id.map(|u| StringValue::from(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()))
+}
+
+/// The ids every span of one message carries.
+fn message_attributes(envelope: &Envelope, attributes: &mut Vec<KeyValue>) {
+    let ids = [
+        ("messaging.message.id", envelope.message_id),
+        ("messaging.message.conversation_id", envelope.conversation_id),
+        ("messaging.masstransit.correlation_id", envelope.correlation_id),
+        ("messaging.masstransit.request_id", envelope.request_id),
+        ("messaging.masstransit.initiator_id", envelope.initiator_id),
+    ];
+    for (key, value) in ids {
+        if let Some(value) = id(value) {
+            attributes.push(KeyValue::new(key, value));
+        }
+    }
+    let types = match envelope.message_type.as_slice() {
+        [one] => one.clone(),
+        many => many.join(","),
+    };
+    attributes.push(KeyValue::new("messaging.masstransit.message_types", types));
+}
+
+fn common(system: &'static str, destination: &Arc<str>, operation: &'static str) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(10);
+    attributes.push(KeyValue::new("messaging.system", system));
+    attributes.push(KeyValue::new("messaging.destination.name", StringValue::from(destination.clone())));
+    attributes.push(KeyValue::new("messaging.operation", operation));
+    attributes
+}
+
+/// `{destination} send`: a message leaving (publish or send), child of the current context.
+pub(crate) fn send_span(
+    tracer: &BoxedTracer,
+    system: &'static str,
+    destination: &Arc<str>,
+    operation: &'static str,
+    envelope: &Envelope,
+) -> MessageSpan {
+    let parent = Context::current();
+    let mut span = start(tracer, SpanKind::Producer, &parent, Vec::new());
+    if span.is_recording() {
+        span.update_name(Cow::Owned(format!("{destination} send")));
+        let mut attributes = common(system, destination, operation);
+        message_attributes(envelope, &mut attributes);
+        span.set_attributes(attributes);
+    }
+    in_context(&parent, span)
 }
 
 /// `{endpoint} receive`: a delivery arriving, child of (or linked to) its producer's span.
-pub(crate) fn receive_span(system: &'static str, endpoint: &str, envelope: &Envelope) -> Span {
-    let span = tracing::info_span!(
-        "receive",
-        otel.name = format!("{endpoint} receive"),
-        otel.kind = "consumer",
-        otel.status_code = Empty,
-        otel.status_description = Empty,
-        messaging.system = system,
-        messaging.destination.name = endpoint,
-        messaging.operation = "receive",
-        messaging.message.id = id(envelope.message_id),
-        messaging.message.conversation_id = id(envelope.conversation_id),
-        messaging.masstransit.correlation_id = id(envelope.correlation_id),
-        messaging.masstransit.request_id = id(envelope.request_id),
-        messaging.masstransit.initiator_id = id(envelope.initiator_id),
-        messaging.masstransit.message_types = envelope.message_type.join(","),
-    );
-    if span.is_disabled() {
-        // No subscriber wants it: skip reading the trace headers too.
-        return span;
+pub(crate) fn receive_span(
+    tracer: &BoxedTracer,
+    system: &'static str,
+    endpoint: &Arc<str>,
+    envelope: &Envelope,
+    producer: Producer,
+) -> MessageSpan {
+    let Producer { parent, link } = producer;
+    let links = link.map(|remote| vec![Link::with_context(remote)]).unwrap_or_default();
+    let mut span = start(tracer, SpanKind::Consumer, &parent, links);
+    if span.is_recording() {
+        span.update_name(Cow::Owned(format!("{endpoint} receive")));
+        let mut attributes = common(system, endpoint, "receive");
+        message_attributes(envelope, &mut attributes);
+        span.set_attributes(attributes);
     }
-    let producer = super::extract(&envelope.headers);
-    let producer_span = producer.span();
-    let context = producer_span.span_context();
-    if context.is_valid() {
-        let link = envelope.headers.get_str("MT-Activity-Propagation").is_some_and(|p| p.eq_ignore_ascii_case("link"));
-        if link {
-            span.add_link(context.clone());
-        } else {
-            let _ = span.set_parent(producer.clone());
-        }
-    }
-    span
+    in_context(&parent, span)
 }
 
-/// `{endpoint} process`: one consumer handling the message; saga fields are filled by sagas.
-pub(crate) fn process_span(parent: &Span, system: &'static str, endpoint: &str, consumer: &str) -> Span {
-    tracing::info_span!(
-        parent: parent,
-        "process",
-        otel.name = format!("{endpoint} process"),
-        otel.kind = "consumer",
-        otel.status_code = Empty,
-        otel.status_description = Empty,
-        messaging.system = system,
-        messaging.destination.name = endpoint,
-        messaging.operation = "process",
-        messaging.masstransit.consumer_type = consumer,
-        saga.id = Empty,
-        saga.begin_state = Empty,
-        saga.end_state = Empty,
-    )
+/// `{endpoint} process`: one consumer handling the message, child of the receive span;
+/// sagas add `saga.id`, `saga.begin_state` and `saga.end_state` to it.
+pub(crate) fn process_span(
+    tracer: &BoxedTracer,
+    receive: &MessageSpan,
+    system: &'static str,
+    endpoint: &Arc<str>,
+    consumer: &'static str,
+) -> MessageSpan {
+    let mut span = start(tracer, SpanKind::Consumer, &receive.cx, Vec::new());
+    if span.is_recording() {
+        span.update_name(Cow::Owned(format!("{endpoint} process")));
+        let mut attributes = common(system, endpoint, "process");
+        attributes.push(KeyValue::new("messaging.masstransit.consumer_type", consumer));
+        span.set_attributes(attributes);
+    }
+    in_context(&receive.cx, span)
 }
 
-/// Marks a span failed and records the error as an exception event.
-pub(crate) fn record_error(span: &Span, error: &ConsumeError) {
-    span.record("otel.status_code", "ERROR");
-    span.record("otel.status_description", error.message());
-    tracing::error!(
-        parent: span,
-        exception.r#type = error.exception_type(),
-        exception.message = error.message(),
-        "exception"
-    );
+/// Adds an event to the current span (the process span while a consumer runs).
+pub(crate) fn current_event(name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
+    let cx = Context::current();
+    let span = cx.span();
+    if span.is_recording() {
+        span.add_event(name, attributes());
+    }
+}
+
+/// The current trace id, for logs; `None` outside a trace.
+pub(crate) fn current_trace_id() -> Option<String> {
+    let cx = Context::current();
+    let span = cx.span();
+    let context = span.span_context();
+    context.is_valid().then(|| context.trace_id().to_string())
 }
