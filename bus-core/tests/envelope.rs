@@ -247,3 +247,46 @@ fn payloads_from_dotnet_read_with_pascal_case_names_and_decimal_strings() {
     let priced: Priced = Envelope::from_json(json).expect("reads").message_as().expect("numbers too");
     assert_eq!(priced.amount, 3.0);
 }
+
+/// The host block is written and read through per-thread caches: envelopes from different
+/// hosts, interleaved, must each keep their own host, and a changed host must be written anew.
+#[test]
+fn hosts_of_interleaved_envelopes_stay_their_own() {
+    use std::sync::Arc;
+    let host = |machine: &str, pid: i64| {
+        Arc::new(bus_core::HostInfo {
+            machine_name: Some(machine.into()),
+            process_id: Some(pid),
+            ..bus_core::HostInfo::default()
+        })
+    };
+    let (a, b) = (host("alpha", 1), host("beta", 2));
+    let mut written = Vec::new();
+    for (i, h) in [&a, &b, &a, &a, &b].into_iter().enumerate() {
+        let mut envelope = Envelope::new(vec!["urn:message:Shop:Ping".into()], raw(&format!("{{\"n\":{i}}}")));
+        envelope.host = Some(h.clone());
+        written.push((h.clone(), MassTransitJsonSerializer.serialize(&envelope).expect("serialize")));
+    }
+    for (expected, wire) in written.iter().rev() {
+        let back = MassTransitJsonSerializer.deserialize(wire).expect("deserialize");
+        assert_eq!(back.host.as_deref(), Some(&**expected));
+        let json: serde_json::Value = serde_json::from_slice(&wire.body).expect("json");
+        assert_eq!(json["host"]["machineName"], expected.machine_name.as_deref().unwrap_or_default());
+    }
+    // A host with the same contents but another Arc is written the same; one that differs is not.
+    let mut c = (*a).clone();
+    c.process_id = Some(3);
+    let mut envelope = Envelope::new(vec!["urn:message:Shop:Ping".into()], raw("{}"));
+    envelope.host = Some(Arc::new(c));
+    let json: serde_json::Value = serde_json::from_slice(&envelope.to_json().expect("json")).expect("json");
+    assert_eq!(json["host"]["processId"], 3);
+    envelope.host = None;
+    let json: serde_json::Value = serde_json::from_slice(&envelope.to_json().expect("json")).expect("json");
+    assert!(json["host"].is_null());
+    let back = Envelope::from_json(&envelope.to_json().expect("json")).expect("envelope");
+    assert!(back.host.is_none());
+}
+
+fn raw(json: &str) -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string(json.to_owned()).expect("raw json")
+}
