@@ -98,7 +98,11 @@ pub(crate) fn from_table(table: &FieldTable) -> Headers {
 
 /// AMQP properties for a message: content type, ids, persistence, expiration, headers.
 pub(crate) fn properties(message: &TransportMessage, persistent: bool) -> BasicProperties {
-    let mut properties = BasicProperties::default().with_headers(to_table(&message.headers));
+    let mut properties = BasicProperties::default();
+    // No table at all rather than an empty one: less for the broker to read and store.
+    if !message.headers.is_empty() {
+        properties = properties.with_headers(to_table(&message.headers));
+    }
     if persistent {
         properties = properties.with_delivery_mode(2);
     }
