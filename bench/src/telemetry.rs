@@ -28,15 +28,23 @@ fn measure(count: u64, tracer: Option<&SdkTracerProvider>) -> Result<f64, BoxErr
     runtime.block_on(crate::inmemory::bus(count, tracer))
 }
 
+/// Runs off and on alternately, three times each, and keeps each one's best: on this shared
+/// two-core machine one run of either can lose a third to a neighbour, which made a
+/// single pair's ratio swing between 55% and 85%.
 pub(crate) fn run(scale: Scale) -> Result<(), BoxError> {
-    let off = measure(scale.inmemory / 4, None)?;
+    const ROUNDS: u64 = 3;
+    let count = scale.inmemory / 8;
     let exporter = NullExporter::default();
     let provider = SdkTracerProvider::builder().with_batch_exporter(exporter.clone()).build();
-    let on = measure(scale.inmemory / 4, Some(&provider))?;
+    let (mut off, mut on) = (0f64, 0f64);
+    for _ in 0..ROUNDS {
+        off = off.max(measure(count, None)?);
+        on = on.max(measure(count, Some(&provider))?);
+    }
     let _ = provider.shutdown();
     // Three spans per message (send, receive, process); the batch processor drops spans when
     // its queue is full, which would flatter the figure: the count shows it did not.
-    let per_message = exporter.0.load(Ordering::Relaxed) as f64 / (scale.inmemory / 4) as f64;
+    let per_message = exporter.0.load(Ordering::Relaxed) as f64 / (count * ROUNDS) as f64;
     figure("tracing.on.spans_exported_per_message", per_message, "spans");
     figure("tracing.off.publish_consume", off, "msg/s");
     figure("tracing.on.publish_consume", on, "msg/s");

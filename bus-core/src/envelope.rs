@@ -1,6 +1,6 @@
 //! The MassTransit message envelope: ids, addresses, message types, headers and the message.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -100,11 +100,70 @@ impl Envelope {
     }
 
     /// Writes the envelope as MassTransit JSON.
+    ///
+    /// The same bytes as serializing it with serde_json, written directly: property names
+    /// are constants, ids and times need no escaping, and other strings are only escaped
+    /// when they hold a character that needs it. Through serde_json's serializer, escaping
+    /// alone was a quarter of the cost of a publish.
     pub fn to_json(&self) -> crate::Result<Vec<u8>> {
         // Room for the ids, addresses and host around the message: one allocation, no regrowth.
         let mut out = Vec::with_capacity(self.message.get().len() + 1024);
-        serde_json::to_writer(&mut out, self).map_err(crate::Error::Serialize)?;
+        self.write_json(&mut out).map_err(crate::Error::Serialize)?;
         Ok(out)
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        out.extend_from_slice(b"{\"messageId\":");
+        write_uuid(out, self.message_id);
+        out.extend_from_slice(b",\"requestId\":");
+        write_uuid(out, self.request_id);
+        out.extend_from_slice(b",\"correlationId\":");
+        write_uuid(out, self.correlation_id);
+        out.extend_from_slice(b",\"conversationId\":");
+        write_uuid(out, self.conversation_id);
+        out.extend_from_slice(b",\"initiatorId\":");
+        write_uuid(out, self.initiator_id);
+        out.extend_from_slice(b",\"sourceAddress\":");
+        write_opt_str(out, self.source_address.as_deref())?;
+        out.extend_from_slice(b",\"destinationAddress\":");
+        write_opt_str(out, self.destination_address.as_deref())?;
+        out.extend_from_slice(b",\"responseAddress\":");
+        write_opt_str(out, self.response_address.as_deref())?;
+        out.extend_from_slice(b",\"faultAddress\":");
+        write_opt_str(out, self.fault_address.as_deref())?;
+        out.extend_from_slice(b",\"messageType\":[");
+        for (i, urn) in self.message_type.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(out, urn)?;
+        }
+        out.extend_from_slice(b"],\"message\":");
+        out.extend_from_slice(self.message.get().as_bytes());
+        out.extend_from_slice(b",\"expirationTime\":");
+        write_opt_time(out, self.expiration_time.as_ref());
+        out.extend_from_slice(b",\"sentTime\":");
+        write_opt_time(out, self.sent_time.as_ref());
+        out.extend_from_slice(b",\"headers\":{");
+        for (i, (name, value)) in self.headers.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(out, name)?;
+            out.push(b':');
+            match value {
+                Value::String(text) => write_str(out, text)?,
+                other => serde_json::to_writer(&mut *out, other)?,
+            }
+        }
+        out.push(b'}');
+        out.extend_from_slice(b",\"host\":");
+        match &self.host {
+            Some(host) => out.extend_from_slice(host_json(host).get().as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b'}');
+        Ok(())
     }
 
     /// Reads the message as type `T`.
@@ -170,21 +229,46 @@ pub const FIELDS: [&str; 15] = [
 /// assert_eq!(bus_core::envelope::format_time(&time), "2026-03-02T14:07:31.5131874Z");
 /// ```
 pub fn format_time(time: &DateTime<Utc>) -> String {
+    let mut buffer = [0u8; TIME_LEN];
+    write_time(time, &mut buffer).to_owned()
+}
+
+/// The length of a time as [`format_time`] writes it (for years 0 to 9999).
+const TIME_LEN: usize = 28;
+
+/// Writes `time` as [`format_time`] does into `buffer`, digit by digit: through `write!`,
+/// formatting the two times of each envelope cost a tenth of writing it.
+fn write_time<'b>(time: &DateTime<Utc>, buffer: &'b mut [u8; TIME_LEN]) -> &'b str {
     use chrono::{Datelike, Timelike};
-    // By hand: chrono's strftime parses its format string on every call, on the hot path.
-    let mut out = String::with_capacity(28);
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
-        time.year(),
-        time.month(),
-        time.day(),
-        time.hour(),
-        time.minute(),
-        time.second(),
-        time.timestamp_subsec_nanos() % 1_000_000_000 / 100
-    );
-    out
+    fn digits(out: &mut [u8], mut value: u32) {
+        for slot in out.iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    // Years outside 0..=9999 cannot be written in this format; clamp rather than fail.
+    let year = time.year().clamp(0, 9999) as u32;
+    digits(&mut buffer[0..4], year);
+    buffer[4] = b'-';
+    digits(&mut buffer[5..7], time.month());
+    buffer[7] = b'-';
+    digits(&mut buffer[8..10], time.day());
+    buffer[10] = b'T';
+    digits(&mut buffer[11..13], time.hour());
+    buffer[13] = b':';
+    digits(&mut buffer[14..16], time.minute());
+    buffer[16] = b':';
+    // A leap second (nanoseconds past 1e9) is written as second 59.9999999, as .NET has none.
+    let (second, ticks) = match time.timestamp_subsec_nanos() {
+        nanos if nanos >= 1_000_000_000 => (59, 9_999_999),
+        nanos => (time.second(), nanos / 100),
+    };
+    digits(&mut buffer[17..19], second);
+    buffer[19] = b'.';
+    digits(&mut buffer[20..27], ticks);
+    buffer[27] = b'Z';
+    // Every byte written above is an ASCII digit or separator.
+    std::str::from_utf8(buffer).unwrap_or_default()
 }
 
 /// Parses an ISO-8601 time as .NET writes it (up to 7 fractional digits, `Z`, an offset, or none).
@@ -241,12 +325,58 @@ fn read_host(raw: &RawValue) -> Result<Option<Arc<HostInfo>>, serde_json::Error>
     Ok(host)
 }
 
+fn write_uuid(out: &mut Vec<u8>, id: Option<Uuid>) {
+    match id {
+        Some(id) => {
+            out.push(b'"');
+            out.extend_from_slice(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn write_opt_time(out: &mut Vec<u8>, time: Option<&DateTime<Utc>>) {
+    match time {
+        Some(time) => {
+            out.push(b'"');
+            out.extend_from_slice(write_time(time, &mut [0u8; TIME_LEN]).as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn write_opt_str(out: &mut Vec<u8>, text: Option<&str>) -> Result<(), serde_json::Error> {
+    match text {
+        Some(text) => write_str(out, text),
+        None => {
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
+    }
+}
+
+/// A JSON string: copied as it is when no character needs escaping (addresses and URNs
+/// never do), else written by serde_json.
+fn write_str(out: &mut Vec<u8>, text: &str) -> Result<(), serde_json::Error> {
+    // No early exit: a plain fold over the bytes is one the compiler vectorizes.
+    let needs_escape = text.bytes().fold(false, |found, b| found | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if needs_escape {
+        return serde_json::to_writer(&mut *out, text);
+    }
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
+    Ok(())
+}
+
 struct Time<'a>(&'a Option<DateTime<Utc>>);
 
 impl Serialize for Time<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.0 {
-            Some(t) => s.serialize_str(&format_time(t)),
+            Some(t) => s.serialize_str(write_time(t, &mut [0u8; TIME_LEN])),
             None => s.serialize_none(),
         }
     }

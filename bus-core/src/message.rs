@@ -76,7 +76,13 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// assert_eq!(entity_name("urn:message:MassTransit:Fault[[Shop:OrderPlaced]]"), "MassTransit:Fault--Shop:OrderPlaced--");
 /// ```
 pub fn entity_name(urn: &str) -> String {
-    urn.strip_prefix("urn:message:").unwrap_or(urn).replace("[[", "--").replace("]]", "--")
+    let name = urn.strip_prefix("urn:message:").unwrap_or(urn);
+    // Only generic types' URNs have brackets; the others need no search-and-replace.
+    if name.contains('[') || name.contains(']') {
+        name.replace("[[", "--").replace("]]", "--")
+    } else {
+        name.to_owned()
+    }
 }
 
 /// Interns URN lists computed at run time for generic message types such as `Fault<T>`.

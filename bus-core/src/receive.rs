@@ -127,10 +127,12 @@ impl EndpointRuntime {
             let endpoint = self.clone();
             let bus = bus.clone();
             let cancel = cancel.clone();
-            tracker.spawn(async move {
+            // Boxed: the consume future is large, and a task moves its future several times
+            // (into the task, out when it finishes); a box is moved instead.
+            tracker.spawn(Box::pin(async move {
                 endpoint.handle(&bus, delivery, cancel).await;
                 drop(permit);
-            });
+            }));
         }
     }
 

@@ -290,3 +290,62 @@ fn hosts_of_interleaved_envelopes_stay_their_own() {
 fn raw(json: &str) -> Box<serde_json::value::RawValue> {
     serde_json::value::RawValue::from_string(json.to_owned()).expect("raw json")
 }
+
+/// `format_time` writes digits by hand; chrono's own formatting is the reference.
+#[test]
+fn times_are_written_as_chrono_formats_them() {
+    use chrono::{DateTime, Utc};
+    let mut seconds: i64 = 0;
+    let mut nanos: u32 = 0;
+    for i in 0..20_000u32 {
+        // Spread over years 0001 to about 8000 and many sub-second digit patterns.
+        seconds = (seconds + 7_919_007_337 + i64::from(i) * 104_729) % 253_402_300_799;
+        nanos = (nanos + 123_456_789 + i * 7) % 1_000_000_000;
+        let time = DateTime::<Utc>::from_timestamp(seconds - 62_135_596_800, nanos).expect("time");
+        let expected = time.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
+        // .NET writes seven fractional digits: drop the last two of chrono's nine.
+        let expected = format!("{}Z", &expected[..expected.len() - 3]);
+        assert_eq!(format_time(&time), expected);
+        assert_eq!(parse_time(&format_time(&time)).map(|t| t.timestamp()), Some(time.timestamp()));
+    }
+}
+
+/// `to_json` writes the envelope by hand; it must give exactly the bytes serde_json writes
+/// through the envelope's `Serialize`, escapes included.
+#[test]
+fn hand_written_json_is_byte_for_byte_what_serde_json_writes() {
+    use std::sync::Arc;
+    let mut envelopes = Vec::new();
+    let plain = Envelope::new(vec!["urn:message:Shop:Ping".into()], raw(r#"{"n":1,"s":"a\"b"}"#));
+    envelopes.push(plain.clone());
+    let mut full = plain.clone();
+    full.request_id = Some(Uuid::now_v7());
+    full.correlation_id = Some(Uuid::now_v7());
+    full.conversation_id = Some(Uuid::now_v7());
+    full.initiator_id = Some(Uuid::now_v7());
+    full.source_address = Some("rabbitmq://localhost/vhost/orders?temporary=true".into());
+    full.destination_address = Some("loopback://localhost/Shop:Ping".into());
+    full.response_address = Some("queue:with \"quotes\" and \\ backslash".into());
+    full.fault_address = Some("tab\tnewline\ncontrol\u{1}é€😀".into());
+    full.message_type = vec!["urn:message:Shop:Ping".into(), "urn:message:Shop:\"Odd\"".into()];
+    full.expiration_time = Some(chrono::Utc::now());
+    full.headers.insert("Tenant", "acme \"x\"");
+    full.headers.insert("n", 3);
+    full.headers.insert("nested", serde_json::json!({"a": [1, "b\u{7f}"]}));
+    full.host = Some(Arc::new(bus_core::HostInfo {
+        machine_name: Some("host \"one\"".into()),
+        process_id: Some(42),
+        ..bus_core::HostInfo::default()
+    }));
+    envelopes.push(full);
+    let mut empty = plain;
+    empty.message_id = None;
+    empty.sent_time = None;
+    empty.message_type = Vec::new();
+    envelopes.push(empty);
+    for envelope in envelopes {
+        let by_hand = envelope.to_json().expect("to_json");
+        let by_serde = serde_json::to_vec(&envelope).expect("serde_json");
+        assert_eq!(String::from_utf8_lossy(&by_hand), String::from_utf8_lossy(&by_serde));
+    }
+}

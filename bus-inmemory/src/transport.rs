@@ -42,8 +42,9 @@ struct Topology {
     queues: HashMap<String, QueueRef>,
     /// Queues each exchange reaches, computed on first use; cleared when bindings change.
     routes: HashMap<String, Arc<[QueueRef]>>,
-    /// Message types published at least once (their contract bindings are made).
-    published: HashSet<String>,
+    /// Message types published at least once (their contract bindings are made), with
+    /// their exchange's name.
+    published: HashMap<String, Arc<str>>,
 }
 
 impl Topology {
@@ -259,19 +260,25 @@ impl Transport for InMemoryTransport {
         let Some((first, contracts)) = message_types.split_first() else {
             return Err(bus_core::Error::Configuration("a published message needs a message type".into()));
         };
-        let exchange = entity_name(first);
-        // The type's exchange may exist already (an endpoint consuming the type declared it);
-        // its bindings to the contracts it lists are made on its first publish all the same.
-        if !self.read().published.contains(*first) {
-            let mut topology = self.write();
-            topology.exchange(&exchange);
-            for contract in contracts {
-                let contract = entity_name(contract);
-                topology.exchange(&contract);
-                topology.exchange(&exchange).insert(Binding::Exchange(contract));
+        let known = self.read().published.get(*first).cloned();
+        let exchange = match known {
+            Some(exchange) => exchange,
+            None => {
+                // The type's exchange may exist already (an endpoint consuming the type
+                // declared it); its bindings to the contracts it lists are made on its first
+                // publish all the same.
+                let exchange: Arc<str> = entity_name(first).into();
+                let mut topology = self.write();
+                topology.exchange(&exchange);
+                for contract in contracts {
+                    let contract = entity_name(contract);
+                    topology.exchange(&contract);
+                    topology.exchange(&exchange).insert(Binding::Exchange(contract));
+                }
+                topology.published.insert((*first).to_owned(), exchange.clone());
+                exchange
             }
-            topology.published.insert((*first).to_owned());
-        }
+        };
         let route = self.route(&exchange).unwrap_or_else(|| Arc::from(Vec::new()));
         self.deliver(&route, message).await
     }

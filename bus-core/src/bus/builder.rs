@@ -186,7 +186,9 @@ impl BusBuilder {
                 observers: self.observers,
                 send_middleware: self.send_middleware,
                 metrics: self.metrics.unwrap_or_else(BusMetrics::global),
-                tracer: self.tracer.unwrap_or_else(|| opentelemetry::global::tracer(TRACER_NAME)),
+                tracer: crate::telemetry::BusTracer::new(
+                    self.tracer.unwrap_or_else(|| opentelemetry::global::tracer(TRACER_NAME)),
+                ),
                 destinations: std::sync::RwLock::default(),
                 address,
                 response_topology,

@@ -87,7 +87,7 @@ pub(crate) struct BusInner {
     pub(crate) observers: Vec<Arc<dyn BusObserver>>,
     pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
     pub(crate) metrics: BusMetrics,
-    pub(crate) tracer: opentelemetry::global::BoxedTracer,
+    pub(crate) tracer: crate::telemetry::BusTracer,
     /// Per published message type: its exchange name and address.
     pub(crate) destinations: std::sync::RwLock<HashMap<&'static str, Destination>>,
     /// Address of the bus's own (response) endpoint.

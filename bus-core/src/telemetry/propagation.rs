@@ -2,7 +2,7 @@
 
 use opentelemetry::baggage::BaggageExt;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 
@@ -10,6 +10,7 @@ use crate::headers::names::ACTIVITY_ID;
 use crate::Headers;
 
 const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
 const BAGGAGE: &str = "baggage";
 const PROPAGATION: &str = "MT-Activity-Propagation";
 
@@ -41,28 +42,100 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// Writes `cx` into the headers, when it holds a valid span.
+/// Writes `cx` into the headers, when it holds a valid span: `traceparent` and
+/// `MT-Activity-Id` (the same value), `tracestate` when there is one, `baggage` when there
+/// is some.
 ///
-/// The two propagators are called one by one, baggage only when there is some: this runs
-/// for every message, and a composite propagator would look for baggage every time.
+/// This runs for every message. The `traceparent` is written here rather than by the SDK's
+/// propagator, which formats it through `format!` and always adds an empty `tracestate`:
+/// together, a seventh of a traced message's cost. [`extract`] is checked against the SDK.
 pub(crate) fn inject(cx: &Context, headers: &mut Headers) {
-    if !cx.span().span_context().is_valid() {
+    let span = cx.span();
+    let context = span.span_context();
+    if !context.is_valid() {
         return;
     }
-    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
-    if let Some(traceparent) = headers.get_str(TRACEPARENT).map(str::to_owned) {
-        headers.insert(ACTIVITY_ID, traceparent);
+    let traceparent = traceparent(context);
+    headers.insert(ACTIVITY_ID, traceparent.clone());
+    headers.insert(TRACEPARENT, traceparent);
+    let state = context.trace_state().header();
+    if !state.is_empty() {
+        headers.insert(TRACESTATE, state);
     }
     if !cx.baggage().is_empty() {
         BaggagePropagator::new().inject_context(cx, &mut HeaderInjector(headers));
     }
 }
 
+/// `00-{trace id}-{span id}-{flags}`: W3C Trace Context, version 00.
+fn traceparent(context: &SpanContext) -> String {
+    fn push_hex(out: &mut String, bytes: &[u8]) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for byte in bytes {
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        }
+    }
+    let mut out = String::with_capacity(TRACEPARENT_LEN);
+    out.push_str("00-");
+    push_hex(&mut out, &context.trace_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &context.span_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &[(context.trace_flags() & TraceFlags::SAMPLED).to_u8()]);
+    out
+}
+
+const TRACEPARENT_LEN: usize = 55;
+
+/// Reads a `traceparent` in its canonical form (version 00, lowercase hex), the one every
+/// producer writes; `None` for anything else, which the SDK's propagator then reads.
+fn parse_canonical(value: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
+    fn decode<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
+        fn nibble(c: u8) -> Option<u8> {
+            match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            }
+        }
+        let mut out = [0u8; N];
+        for (slot, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+            *slot = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        }
+        Some(out)
+    }
+    let bytes = value.as_bytes();
+    if bytes.len() != TRACEPARENT_LEN || !bytes.starts_with(b"00-") || bytes[35] != b'-' || bytes[52] != b'-' {
+        return None;
+    }
+    let trace_id = TraceId::from_bytes(decode::<16>(&bytes[3..35])?);
+    let span_id = SpanId::from_bytes(decode::<8>(&bytes[36..52])?);
+    let [flags] = decode::<1>(&bytes[53..55])?;
+    Some((trace_id, span_id, TraceFlags::new(flags) & TraceFlags::SAMPLED))
+}
+
 /// Reads the producer's context from the headers; an empty context when there is none or
 /// it does not parse.
 pub(crate) fn extract(headers: &Headers) -> Context {
     let extractor = HeaderExtractor(headers);
-    let cx = TraceContextPropagator::new().extract(&extractor);
+    let canonical = extractor.get(TRACEPARENT).map(str::trim).and_then(parse_canonical);
+    let cx = match canonical {
+        Some((trace_id, span_id, flags)) => {
+            // As the SDK's propagator does: a bad `tracestate` is dropped, not fatal.
+            let state = match extractor.get(TRACESTATE) {
+                Some(state) if !state.is_empty() => state.parse().unwrap_or_default(),
+                _ => TraceState::default(),
+            };
+            let context = SpanContext::new(trace_id, span_id, flags, true, state);
+            if context.is_valid() {
+                Context::current().with_remote_span_context(context)
+            } else {
+                Context::current()
+            }
+        }
+        None => TraceContextPropagator::new().extract(&extractor),
+    };
     with_baggage(cx, &extractor)
 }
 
@@ -161,6 +234,73 @@ mod tests {
         inject(&producer, &mut headers);
         assert!(headers.get(BAGGAGE).is_none());
         assert!(headers.get(TRACEPARENT).is_some());
+    }
+
+    /// The hand-written `traceparent` codec must agree with the SDK's propagator: the same
+    /// header written, and the same context read from well-formed and malformed headers.
+    #[test]
+    fn traceparent_agrees_with_the_sdk_propagator() {
+        use opentelemetry::trace::TraceState;
+        use std::collections::HashMap;
+        let sdk = TraceContextPropagator::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..2_000u32 {
+            let trace = (u128::from(next()) << 64) | u128::from(next());
+            let span = next();
+            let flags = TraceFlags::new((next() & 0xff) as u8);
+            let state =
+                if i % 3 == 0 { TraceState::from_key_value([("k", "v")]).expect("state") } else { TraceState::NONE };
+            let context = SpanContext::new(TraceId::from(trace), SpanId::from(span), flags, true, state);
+            let cx = Context::new().with_remote_span_context(context);
+            let mut ours = Headers::new();
+            inject(&cx, &mut ours);
+            let mut theirs = HashMap::new();
+            sdk.inject_context(&cx, &mut theirs);
+            assert_eq!(ours.get_str(TRACEPARENT), theirs.get(TRACEPARENT).map(String::as_str));
+            let state = theirs.get(TRACESTATE).filter(|s| !s.is_empty()).map(String::as_str);
+            assert_eq!(ours.get_str(TRACESTATE), state);
+            let back = extract(&ours);
+            let read = sdk.extract(&theirs);
+            assert_eq!(back.span().span_context(), read.span().span_context());
+        }
+        let odd = [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "",
+            "garbage",
+        ];
+        for value in odd {
+            for state in [None, Some("vendor=x1"), Some("not a valid state!")] {
+                let mut ours = Headers::new();
+                ours.insert(TRACEPARENT, value);
+                let mut theirs = HashMap::from([(TRACEPARENT.to_owned(), value.to_owned())]);
+                if let Some(state) = state {
+                    ours.insert(TRACESTATE, state);
+                    theirs.insert(TRACESTATE.to_owned(), state.to_owned());
+                }
+                let back = extract(&ours);
+                let read = sdk.extract(&theirs);
+                assert_eq!(back.span().span_context(), read.span().span_context(), "{value:?} {state:?}");
+            }
+        }
     }
 
     #[test]

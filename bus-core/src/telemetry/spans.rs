@@ -9,6 +9,7 @@
 //! its children.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use opentelemetry::global::{BoxedSpan, BoxedTracer};
@@ -64,10 +65,53 @@ impl MessageSpan {
     }
 }
 
-fn start(tracer: &BoxedTracer, kind: SpanKind, parent: &Context, links: Vec<Link>) -> BoxedSpan {
-    // A static name first: the real one (and the attributes) only for a span that records.
-    let builder = SpanBuilder::from_name("message").with_kind(kind).with_links(links);
-    tracer.build_with_context(builder, parent)
+/// The bus's tracer, and whether its spans were recorded lately.
+///
+/// Attributes handed to the span builder cost less than setting them one by one on a
+/// started span, but only a recording span wants them. The hint says which to expect:
+/// when it is wrong the attributes are built in vain (or set afterwards) once, and it flips.
+pub(crate) struct BusTracer {
+    tracer: BoxedTracer,
+    recording: AtomicBool,
+}
+
+impl BusTracer {
+    pub(crate) fn new(tracer: BoxedTracer) -> Self {
+        BusTracer { tracer, recording: AtomicBool::new(true) }
+    }
+
+    fn start(
+        &self,
+        kind: SpanKind,
+        parent: &Context,
+        links: Vec<Link>,
+        name: impl FnOnce() -> String,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> BoxedSpan {
+        if self.recording.load(Ordering::Relaxed) {
+            let builder =
+                SpanBuilder::from_name(name()).with_kind(kind).with_links(links).with_attributes(attributes());
+            let span = self.tracer.build_with_context(builder, parent);
+            if !span.is_recording() {
+                self.recording.store(false, Ordering::Relaxed);
+            }
+            return span;
+        }
+        let builder = SpanBuilder::from_name("message").with_kind(kind).with_links(links);
+        let mut span = self.tracer.build_with_context(builder, parent);
+        if span.is_recording() {
+            self.recording.store(true, Ordering::Relaxed);
+            span.update_name(Cow::Owned(name()));
+            span.set_attributes(attributes());
+        }
+        span
+    }
+}
+
+impl std::fmt::Debug for BusTracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusTracer").field("recording", &self.recording).finish_non_exhaustive()
+    }
 }
 
 fn in_context(parent: &Context, span: BoxedSpan) -> MessageSpan {
@@ -110,26 +154,30 @@ fn common(system: &'static str, destination: &Arc<str>, operation: &'static str)
 
 /// `{destination} send`: a message leaving (publish or send), child of the current context.
 pub(crate) fn send_span(
-    tracer: &BoxedTracer,
+    tracer: &BusTracer,
     system: &'static str,
     destination: &Arc<str>,
     operation: &'static str,
     envelope: &Envelope,
 ) -> MessageSpan {
     let parent = Context::current();
-    let mut span = start(tracer, SpanKind::Producer, &parent, Vec::new());
-    if span.is_recording() {
-        span.update_name(Cow::Owned(format!("{destination} send")));
-        let mut attributes = common(system, destination, operation);
-        message_attributes(envelope, &mut attributes);
-        span.set_attributes(attributes);
-    }
+    let span = tracer.start(
+        SpanKind::Producer,
+        &parent,
+        Vec::new(),
+        || [&**destination, " send"].concat(),
+        || {
+            let mut attributes = common(system, destination, operation);
+            message_attributes(envelope, &mut attributes);
+            attributes
+        },
+    );
     in_context(&parent, span)
 }
 
 /// `{endpoint} receive`: a delivery arriving, child of (or linked to) its producer's span.
 pub(crate) fn receive_span(
-    tracer: &BoxedTracer,
+    tracer: &BusTracer,
     system: &'static str,
     endpoint: &Arc<str>,
     envelope: &Envelope,
@@ -137,32 +185,40 @@ pub(crate) fn receive_span(
 ) -> MessageSpan {
     let Producer { parent, link } = producer;
     let links = link.map(|remote| vec![Link::with_context(remote)]).unwrap_or_default();
-    let mut span = start(tracer, SpanKind::Consumer, &parent, links);
-    if span.is_recording() {
-        span.update_name(Cow::Owned(format!("{endpoint} receive")));
-        let mut attributes = common(system, endpoint, "receive");
-        message_attributes(envelope, &mut attributes);
-        span.set_attributes(attributes);
-    }
+    let span = tracer.start(
+        SpanKind::Consumer,
+        &parent,
+        links,
+        || [&**endpoint, " receive"].concat(),
+        || {
+            let mut attributes = common(system, endpoint, "receive");
+            message_attributes(envelope, &mut attributes);
+            attributes
+        },
+    );
     in_context(&parent, span)
 }
 
 /// `{endpoint} process`: one consumer handling the message, child of the receive span;
 /// sagas add `saga.id`, `saga.begin_state` and `saga.end_state` to it.
 pub(crate) fn process_span(
-    tracer: &BoxedTracer,
+    tracer: &BusTracer,
     receive: &MessageSpan,
     system: &'static str,
     endpoint: &Arc<str>,
     consumer: &'static str,
 ) -> MessageSpan {
-    let mut span = start(tracer, SpanKind::Consumer, &receive.cx, Vec::new());
-    if span.is_recording() {
-        span.update_name(Cow::Owned(format!("{endpoint} process")));
-        let mut attributes = common(system, endpoint, "process");
-        attributes.push(KeyValue::new("messaging.masstransit.consumer_type", consumer));
-        span.set_attributes(attributes);
-    }
+    let span = tracer.start(
+        SpanKind::Consumer,
+        &receive.cx,
+        Vec::new(),
+        || [&**endpoint, " process"].concat(),
+        || {
+            let mut attributes = common(system, endpoint, "process");
+            attributes.push(KeyValue::new("messaging.masstransit.consumer_type", consumer));
+            attributes
+        },
+    );
     in_context(&receive.cx, span)
 }
 
