@@ -111,10 +111,33 @@ impl Envelope {
     /// when they hold a character that needs it. Through serde_json's serializer, escaping
     /// alone was a quarter of the cost of a publish.
     pub fn to_json(&self) -> crate::Result<Vec<u8>> {
-        // Room for the ids, addresses and host around the message: one allocation, no regrowth.
-        let mut out = Vec::with_capacity(self.message.get().len() + 1024);
+        // Sized to fit (the body is kept as it is while the message waits in a queue, so
+        // spare capacity is memory held per waiting message), and written in one go.
+        let mut out = Vec::with_capacity(self.json_len_estimate());
         self.write_json(&mut out).map_err(crate::Error::Serialize)?;
         Ok(out)
+    }
+
+    /// The length of the JSON `to_json` writes, exact unless strings need escaping or
+    /// headers hold other than short strings.
+    fn json_len_estimate(&self) -> usize {
+        const NAMES_AND_PUNCTUATION: usize = 230;
+        const UUID: usize = 38;
+        const TIME: usize = TIME_LEN + 2;
+        let text = |s: &Option<String>| s.as_ref().map_or(4, |s| s.len() + 2);
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.as_str().map_or(16, str::len) + 6).sum();
+        let host = self.host.as_ref().map_or(4, |h| host_json(h).get().len());
+        NAMES_AND_PUNCTUATION
+            + 5 * UUID
+            + 2 * TIME
+            + text(&self.source_address)
+            + text(&self.destination_address)
+            + text(&self.response_address)
+            + text(&self.fault_address)
+            + self.message_type.iter().map(|t| t.len() + 3).sum::<usize>()
+            + self.message.get().len()
+            + headers
+            + host
     }
 
     fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {

@@ -349,3 +349,15 @@ fn hand_written_json_is_byte_for_byte_what_serde_json_writes() {
         assert_eq!(String::from_utf8_lossy(&by_hand), String::from_utf8_lossy(&by_serde));
     }
 }
+
+/// The body of a waiting message is kept as written: no spare capacity beyond a little.
+#[test]
+fn written_envelope_is_sized_to_fit() {
+    let mut envelope = Envelope::new(vec!["urn:message:Shop:Ping".into()], raw(r#"{"note":"x"}"#));
+    envelope.source_address = Some("rabbitmq://localhost/orders".into());
+    envelope.headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    envelope.host = Some(bus_core::HostInfo::current());
+    let json = envelope.to_json().expect("json");
+    assert!(json.capacity() >= json.len());
+    assert!(json.capacity() - json.len() < 256, "{} bytes spare of {}", json.capacity() - json.len(), json.len());
+}
