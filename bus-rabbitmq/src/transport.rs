@@ -43,6 +43,11 @@ struct TransportState {
     /// Message type URN -> its declared exchange, looked up on every publish without allocating.
     publish_exchanges: std::sync::RwLock<HashMap<String, Arc<str>>>,
     consumers: Mutex<HashMap<String, Arc<Mutex<ConsumerState>>>>,
+    /// Held while an exchange is declared or checked, so that the first publishes (or
+    /// sends) of a type, when many start at once, wait for one declaration rather than each
+    /// opening a channel of its own: a thousand of them once left lapin's channel table a
+    /// thousand wide, and every frame written afterwards walked it.
+    declaring: tokio::sync::Mutex<()>,
 }
 
 impl RabbitMqTransport {
@@ -140,8 +145,15 @@ impl RabbitMqTransport {
         let Some((first, contracts)) = message_types.split_first() else {
             return Err(Error::Configuration("a published message needs a message type".into()));
         };
-        if let Some(exchange) = self.state.publish_exchanges.read().unwrap_or_else(|e| e.into_inner()).get(*first) {
-            return Ok(exchange.clone());
+        let known = |state: &TransportState| {
+            state.publish_exchanges.read().unwrap_or_else(|e| e.into_inner()).get(*first).cloned()
+        };
+        if let Some(exchange) = known(&self.state) {
+            return Ok(exchange);
+        }
+        let _one_at_a_time = self.state.declaring.lock().await;
+        if let Some(exchange) = known(&self.state) {
+            return Ok(exchange);
         }
         let exchange = entity_name(first);
         let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
@@ -199,12 +211,15 @@ impl Transport for RabbitMqTransport {
 
     async fn send(&self, destination: &str, message: TransportMessage) -> bus_core::Result<()> {
         if !self.knows(destination) {
-            // Publishing to a missing exchange would close the channel; check on the side first.
-            let session = self.shared.session(self.deadline()).await?;
-            if !topology::exchange_exists(&session.connection, destination).await? {
-                return Err(Error::Unroutable(destination.to_owned()).into());
+            let _one_at_a_time = self.state.declaring.lock().await;
+            if !self.knows(destination) {
+                // Publishing to a missing exchange would close the channel; check on the side first.
+                let session = self.shared.session(self.deadline()).await?;
+                if !topology::exchange_exists(&session.connection, destination).await? {
+                    return Err(Error::Unroutable(destination.to_owned()).into());
+                }
+                self.remember(destination);
             }
-            self.remember(destination);
         }
         let properties = properties(&message, true);
         match publish(&self.shared, destination, "", &message.body, &properties, true).await {
