@@ -353,3 +353,25 @@ fn quorum_queue_type_is_declared_when_chosen() {
         }
     });
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Tests:FirstPublishHerd")]
+struct FirstPublishHerd {
+    n: u32,
+}
+
+/// Thousands of publishes of a type nobody published yet, all at once: its exchange is
+/// declared once while the others wait. (Each once declared it on a channel of its own,
+/// which broke past the broker's 2,047 channels per connection.)
+#[test]
+fn many_concurrent_first_publishes_of_a_type_all_succeed() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let bus = fixture.bus().build();
+        let publishes: Vec<_> = (0..3_000).map(|n| bus.publish(FirstPublishHerd { n })).collect();
+        let results =
+            tokio::time::timeout(WAIT * 3, futures::future::join_all(publishes)).await.expect("the publishes finish");
+        let failed: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+        assert!(failed.is_empty(), "{} of 3000 publishes failed, first: {:?}", failed.len(), failed.first());
+    });
+}
