@@ -26,6 +26,9 @@ pub(crate) struct Session {
     pub(crate) generation: u64,
     publishers: Vec<Mutex<Channel>>,
     next: AtomicUsize,
+    /// Held while a closed confirm channel is reopened: the publishes that find it closed
+    /// together wait for one new channel instead of each opening (and leaking) their own.
+    reopening: tokio::sync::Mutex<()>,
 }
 
 impl Session {
@@ -33,9 +36,15 @@ impl Session {
     pub(crate) async fn publisher(&self) -> std::result::Result<Channel, lapin::Error> {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.publishers.len();
         let slot = &self.publishers[index];
-        let current = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if current.status().connected() {
-            return Ok(current);
+        let current = || slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let open = current();
+        if open.status().connected() {
+            return Ok(open);
+        }
+        let _one_at_a_time = self.reopening.lock().await;
+        let open = current();
+        if open.status().connected() {
+            return Ok(open);
         }
         let fresh = open_confirm_channel(&self.connection).await?;
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
@@ -198,7 +207,13 @@ impl Shared {
                 .map_err(|e| self.connection_error("could not open a channel", e))?;
             publishers.push(Mutex::new(channel));
         }
-        let session = Arc::new(Session { connection, generation, publishers, next: AtomicUsize::new(0) });
+        let session = Arc::new(Session {
+            connection,
+            generation,
+            publishers,
+            next: AtomicUsize::new(0),
+            reopening: tokio::sync::Mutex::new(()),
+        });
         let (endpoints, exchanges) = {
             let declared = self.declared();
             (

@@ -375,3 +375,37 @@ fn many_concurrent_first_publishes_of_a_type_all_succeed() {
         assert!(failed.is_empty(), "{} of 3000 publishes failed, first: {:?}", failed.len(), failed.first());
     });
 }
+
+/// A publish channel closed by the broker (here: a send to an exchange deleted behind the
+/// bus's back) is reopened once for all the publishes that find it closed, not once each.
+#[test]
+fn a_closed_publish_channel_is_reopened_once_for_many_publishes() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        // A transport of its own: closing its publish channel must not disturb other tests.
+        let transport = bus_rabbitmq::RabbitMqTransport::connect(fixture.uri()).await.expect("connect");
+        let bus = bus_core::Bus::builder(transport.clone()).build();
+        let exchange = unique("deleted-later");
+        let channel = fixture.channel().await;
+        let fanout = lapin::options::ExchangeDeclareOptions::default();
+        channel
+            .exchange_declare(exchange.as_str().into(), lapin::ExchangeKind::Fanout, fanout, FieldTable::default())
+            .await
+            .expect("declare");
+        let address = format!("exchange:{exchange}");
+        // Known to exist now (the send itself is unroutable: nothing is bound).
+        let _ = bus.send(&address, Probe { n: 0 }).await;
+        channel
+            .exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+            .await
+            .expect("delete");
+        // Publishing to the deleted exchange closes the publish channel (404).
+        assert!(bus.send(&address, Probe { n: 1 }).await.is_err());
+        let publishes: Vec<_> = (0..3_000).map(|n| bus.publish(Probe { n })).collect();
+        let results =
+            tokio::time::timeout(WAIT * 3, futures::future::join_all(publishes)).await.expect("the publishes finish");
+        let failed: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+        assert!(failed.is_empty(), "{} of 3000 publishes failed, first: {:?}", failed.len(), failed.first());
+        transport.close().await;
+    });
+}
