@@ -376,6 +376,13 @@ fn many_concurrent_first_publishes_of_a_type_all_succeed() {
     });
 }
 
+/// A type of its own: endpoints of other tests here consume `Probe`.
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Tests:AfterReopen")]
+struct AfterReopen {
+    n: u32,
+}
+
 /// A publish channel closed by the broker (here: a send to an exchange deleted behind the
 /// bus's back) is reopened once for all the publishes that find it closed, not once each.
 #[test]
@@ -394,14 +401,14 @@ fn a_closed_publish_channel_is_reopened_once_for_many_publishes() {
             .expect("declare");
         let address = format!("exchange:{exchange}");
         // Known to exist now (the send itself is unroutable: nothing is bound).
-        let _ = bus.send(&address, Probe { n: 0 }).await;
+        let _ = bus.send(&address, AfterReopen { n: 0 }).await;
         channel
             .exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
             .await
             .expect("delete");
         // Publishing to the deleted exchange closes the publish channel (404).
-        assert!(bus.send(&address, Probe { n: 1 }).await.is_err());
-        let publishes: Vec<_> = (0..3_000).map(|n| bus.publish(Probe { n })).collect();
+        assert!(bus.send(&address, AfterReopen { n: 1 }).await.is_err());
+        let publishes: Vec<_> = (0..3_000).map(|n| bus.publish(AfterReopen { n })).collect();
         let results =
             tokio::time::timeout(WAIT * 3, futures::future::join_all(publishes)).await.expect("the publishes finish");
         let failed: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
