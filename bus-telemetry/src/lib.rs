@@ -1,8 +1,10 @@
 //! bus-telemetry: one call that wires OpenTelemetry for a service on the bus.
 //!
-//! [`init`] installs a `tracing` subscriber (readable logs filtered by `RUST_LOG`, plus the
-//! OpenTelemetry layer that turns the bus's spans into traces), the W3C propagators, and a
-//! meter provider. With `OTEL_EXPORTER_OTLP_ENDPOINT` set (and the `otlp` feature, on by
+//! [`init`] installs the global tracer provider (the bus records its send, receive and
+//! process spans with it: build buses after calling `init`), a `tracing` subscriber
+//! (readable logs filtered by `RUST_LOG`, plus the OpenTelemetry layer that makes your own
+//! `tracing` spans part of the same traces), the W3C propagator, and a global meter
+//! provider. With `OTEL_EXPORTER_OTLP_ENDPOINT` set (and the `otlp` feature, on by
 //! default) traces and metrics go there over OTLP/HTTP; otherwise each trace is printed as
 //! a tree on stdout when the returned guard drops, so a newcomer sees what happened.
 //!
