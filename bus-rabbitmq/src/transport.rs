@@ -133,6 +133,16 @@ impl RabbitMqTransport {
         Instant::now() + self.shared.options.publish_timeout
     }
 
+    /// Runs `work` (a declaration or a check) alone among this transport's declarations,
+    /// within `deadline`: waiting for the others counts against it, so during an outage a
+    /// queue of first publishes each fails at its own deadline rather than one after another.
+    async fn declaring<T>(&self, deadline: Instant, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let unavailable = || Error::Unavailable(self.shared.options.publish_timeout);
+        let _one_at_a_time =
+            tokio::time::timeout_at(deadline, self.state.declaring.lock()).await.map_err(|_| unavailable())?;
+        tokio::time::timeout_at(deadline, work).await.map_err(|_| unavailable())?
+    }
+
     fn knows(&self, exchange: &str) -> bool {
         self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).contains(exchange)
     }
@@ -151,23 +161,26 @@ impl RabbitMqTransport {
         if let Some(exchange) = known(&self.state) {
             return Ok(exchange);
         }
-        let _one_at_a_time = self.state.declaring.lock().await;
-        if let Some(exchange) = known(&self.state) {
-            return Ok(exchange);
-        }
-        let exchange = entity_name(first);
-        let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
-        let session = self.shared.session(self.deadline()).await?;
-        topology::declare_publish_exchange(&session.connection, &exchange, &contracts).await?;
-        self.shared.declared().publish_exchanges.insert(exchange.clone(), contracts);
-        self.remember(&exchange);
-        let exchange: Arc<str> = exchange.into();
-        self.state
-            .publish_exchanges
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((*first).to_owned(), exchange.clone());
-        Ok(exchange)
+        let deadline = self.deadline();
+        self.declaring(deadline, async {
+            if let Some(exchange) = known(&self.state) {
+                return Ok(exchange);
+            }
+            let exchange = entity_name(first);
+            let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
+            let session = self.shared.session(deadline).await?;
+            topology::declare_publish_exchange(&session.connection, &exchange, &contracts).await?;
+            self.shared.declared().publish_exchanges.insert(exchange.clone(), contracts);
+            self.remember(&exchange);
+            let exchange: Arc<str> = exchange.into();
+            self.state
+                .publish_exchanges
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((*first).to_owned(), exchange.clone());
+            Ok(exchange)
+        })
+        .await
     }
 
     fn consumer_state(&self, queue: &str) -> Option<ConsumerState> {
@@ -211,15 +224,20 @@ impl Transport for RabbitMqTransport {
 
     async fn send(&self, destination: &str, message: TransportMessage) -> bus_core::Result<()> {
         if !self.knows(destination) {
-            let _one_at_a_time = self.state.declaring.lock().await;
-            if !self.knows(destination) {
+            let deadline = self.deadline();
+            self.declaring(deadline, async {
+                if self.knows(destination) {
+                    return Ok(());
+                }
                 // Publishing to a missing exchange would close the channel; check on the side first.
-                let session = self.shared.session(self.deadline()).await?;
+                let session = self.shared.session(deadline).await?;
                 if !topology::exchange_exists(&session.connection, destination).await? {
-                    return Err(Error::Unroutable(destination.to_owned()).into());
+                    return Err(Error::Unroutable(destination.to_owned()));
                 }
                 self.remember(destination);
-            }
+                Ok(())
+            })
+            .await?;
         }
         let properties = properties(&message, true);
         match publish(&self.shared, destination, "", &message.body, &properties, true).await {
