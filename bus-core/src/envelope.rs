@@ -281,9 +281,27 @@ fn write_time<'b>(time: &DateTime<Utc>, buffer: &'b mut [u8; TIME_LEN]) -> &'b s
             value /= 10;
         }
     }
-    // Years outside 0..=9999 cannot be written in this format; clamp rather than fail.
-    let year = time.year().clamp(0, 9999) as u32;
-    digits(&mut buffer[0..4], year);
+    // Times outside years 0 to 9999 cannot be written in this format: the nearest one that
+    // can is written (clamping the year alone could make a date that does not exist).
+    let bound = |y, m, d, h, min, s, nanos| {
+        chrono::NaiveDate::from_ymd_opt(y, m, d)
+            .and_then(|date| date.and_hms_nano_opt(h, min, s, nanos))
+            .map(|t| t.and_utc())
+            .unwrap_or_default()
+    };
+    let clamped;
+    let time = match time.year() {
+        year if year > 9999 => {
+            clamped = bound(9999, 12, 31, 23, 59, 59, 999_999_900);
+            &clamped
+        }
+        year if year < 0 => {
+            clamped = bound(0, 1, 1, 0, 0, 0, 0);
+            &clamped
+        }
+        _ => time,
+    };
+    digits(&mut buffer[0..4], time.year().unsigned_abs());
     buffer[4] = b'-';
     digits(&mut buffer[5..7], time.month());
     buffer[7] = b'-';

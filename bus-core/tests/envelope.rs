@@ -274,6 +274,13 @@ fn hosts_of_interleaved_envelopes_stay_their_own() {
         assert_eq!(json["host"]["machineName"], expected.machine_name.as_deref().unwrap_or_default());
     }
     // A host with the same contents but another Arc is written the same; one that differs is not.
+    let twin = Arc::new((*a).clone());
+    let mut envelope = Envelope::new(vec!["urn:message:Shop:Ping".into()], raw("{}"));
+    envelope.host = Some(a.clone());
+    let from_a: serde_json::Value = serde_json::from_slice(&envelope.to_json().expect("json")).expect("json");
+    envelope.host = Some(twin);
+    let from_twin: serde_json::Value = serde_json::from_slice(&envelope.to_json().expect("json")).expect("json");
+    assert_eq!(from_a["host"], from_twin["host"]);
     let mut c = (*a).clone();
     c.process_id = Some(3);
     let mut envelope = Envelope::new(vec!["urn:message:Shop:Ping".into()], raw("{}"));
@@ -308,6 +315,12 @@ fn times_are_written_as_chrono_formats_them() {
         assert_eq!(format_time(&time), expected);
         assert_eq!(parse_time(&format_time(&time)).map(|t| t.timestamp()), Some(time.timestamp()));
     }
+    // Out of .NET's range: the nearest time that can be written, still a valid date.
+    let far = DateTime::<Utc>::from_timestamp(253_402_300_800 + 59 * 86_400, 0).expect("year 10000");
+    assert_eq!(format_time(&far), "9999-12-31T23:59:59.9999999Z");
+    assert!(parse_time(&format_time(&far)).is_some());
+    let before = DateTime::<Utc>::from_timestamp(-62_167_219_200 - 86_400, 0).expect("year -1");
+    assert_eq!(format_time(&before), "0000-01-01T00:00:00.0000000Z");
 }
 
 /// `to_json` writes the envelope by hand; it must give exactly the bytes serde_json writes

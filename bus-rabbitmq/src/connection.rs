@@ -27,7 +27,8 @@ pub(crate) struct Session {
     publishers: Vec<Mutex<Channel>>,
     next: AtomicUsize,
     /// Held while a closed confirm channel is reopened: the publishes that find it closed
-    /// together wait for one new channel instead of each opening (and leaking) their own.
+    /// together wait for one new channel instead of each opening their own at once (past
+    /// the broker's channel limit, the rest failed).
     reopening: tokio::sync::Mutex<()>,
 }
 

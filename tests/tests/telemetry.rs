@@ -422,3 +422,77 @@ async fn link_propagation_links_the_producer_and_baggage_flows_on() {
         "the message sent on continues the consumer's trace"
     );
 }
+
+/// Drops every span of one destination, by the attribute it is created with.
+#[derive(Debug, Clone)]
+struct DropDestination(String);
+
+impl opentelemetry_sdk::trace::ShouldSample for DropDestination {
+    fn should_sample(
+        &self,
+        _parent: Option<&opentelemetry::Context>,
+        _trace: TraceId,
+        name: &str,
+        _kind: &opentelemetry::trace::SpanKind,
+        attributes: &[KeyValue],
+        _links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        use opentelemetry::trace::TraceState;
+        use opentelemetry_sdk::trace::{SamplingDecision, SamplingResult};
+        let dropped = attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == "messaging.destination.name" && kv.value.as_str() == self.0.as_str());
+        let decision = if dropped || name.starts_with(&self.0) {
+            SamplingDecision::Drop
+        } else {
+            SamplingDecision::RecordAndSample
+        };
+        SamplingResult { decision, attributes: Vec::new(), trace_state: TraceState::default() }
+    }
+}
+
+/// Samplers see each span's name and attributes when it is created, whatever the span
+/// before it was: spans of a dropped endpoint are dropped, the others all recorded whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samplers_see_names_and_attributes_of_every_span() {
+    let marker = unique("sampled");
+    let (kept, dropped) = (format!("{marker}-kept"), format!("{marker}-dropped"));
+    let spans = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_sampler(DropDestination(dropped.clone()))
+        .with_simple_exporter(spans.clone())
+        .build();
+    let transport = InMemoryTransport::new();
+    let recorder = Arc::new(BusRecorder::default());
+    let bus = Bus::builder(transport)
+        .tracer_provider(&provider)
+        .observer_arc(recorder.clone())
+        .receive_endpoint(&kept, |e| {
+            e.handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
+        })
+        .receive_endpoint(&dropped, |e| {
+            e.handler(|_: ConsumeContext<Second>| async { Ok::<_, BoxError>(()) });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    for n in 0..5 {
+        bus.send(&format!("queue:{dropped}"), Second { n }).await.expect("send");
+        bus.send(&format!("queue:{kept}"), First { n }).await.expect("send");
+    }
+    recorder.consumed.wait_for::<First>(5, WAIT).await.expect("kept consumed");
+    recorder.consumed.wait_for::<Second>(5, WAIT).await.expect("dropped consumed");
+    bus.stop().await.expect("stop");
+    let _ = provider.force_flush();
+    let finished = spans.get_finished_spans().expect("spans");
+    assert!(finished.iter().all(|s| !s.name.contains(&dropped)), "no span of the dropped endpoint");
+    for suffix in ["send", "receive", "process"] {
+        let name = format!("{kept} {suffix}");
+        let named: Vec<&SpanData> = finished.iter().filter(|s| s.name == name).collect();
+        assert_eq!(named.len(), 5, "{name}");
+        for span in named {
+            assert_eq!(string_attribute(span, "messaging.destination.name").as_deref(), Some(kept.as_str()));
+            assert!(string_attribute(span, "messaging.operation").is_some(), "{name} has its attributes");
+        }
+    }
+    let _ = provider.shutdown();
+}

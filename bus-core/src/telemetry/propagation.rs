@@ -59,7 +59,10 @@ pub(crate) fn inject(cx: &Context, headers: &mut Headers) {
     headers.insert(ACTIVITY_ID, traceparent.clone());
     headers.insert(TRACEPARENT, traceparent);
     let state = context.trace_state().header();
-    if !state.is_empty() {
+    if state.is_empty() {
+        // One left from elsewhere (another trace's) must not travel with this one.
+        headers.remove(TRACESTATE);
+    } else {
         headers.insert(TRACESTATE, state);
     }
     if !cx.baggage().is_empty() {

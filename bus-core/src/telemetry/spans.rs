@@ -2,14 +2,14 @@
 //! conventions and MassTransit's tracing say.
 //!
 //! They are built on the OpenTelemetry API directly, not through `tracing`: three spans per
-//! message through `tracing-opentelemetry` cost more than the message itself. Attributes are
-//! only computed for spans that record (a no-op tracer builds nothing but the context).
+//! message through `tracing-opentelemetry` cost more than the message itself. Names and
+//! attributes are given at creation, so samplers see them, except under a no-op tracer
+//! (see [`BusTracer`]).
 //! Running a future under a span's [`Context`] makes it current, so `tracing` spans that user
 //! code opens there (with `tracing-opentelemetry`'s context activation, its default) become
 //! its children.
 
-use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use opentelemetry::global::{BoxedSpan, BoxedTracer};
@@ -65,19 +65,22 @@ impl MessageSpan {
     }
 }
 
-/// The bus's tracer, and whether its spans were recorded lately.
+/// The bus's tracer, and whether it turned out to be a no-op one.
 ///
-/// Attributes handed to the span builder cost less than setting them one by one on a
-/// started span, but only a recording span wants them. The hint says which to expect:
-/// when it is wrong the attributes are built in vain (or set afterwards) once, and it flips.
+/// Spans are built with their name and attributes, so that samplers and processors see
+/// them whole. Without a tracer provider that work is wasted on every message, so a tracer
+/// whose spans neither record nor get ids of their own is marked no-op, and then spans are
+/// built bare (they still carry the producer's context on). Every 1,024th span is built
+/// whole again, in case that was only a passing state (a suppressed context, say).
 pub(crate) struct BusTracer {
     tracer: BoxedTracer,
-    recording: AtomicBool,
+    noop: AtomicBool,
+    bare: AtomicU32,
 }
 
 impl BusTracer {
     pub(crate) fn new(tracer: BoxedTracer) -> Self {
-        BusTracer { tracer, recording: AtomicBool::new(true) }
+        BusTracer { tracer, noop: AtomicBool::new(false), bare: AtomicU32::new(0) }
     }
 
     fn start(
@@ -88,29 +91,25 @@ impl BusTracer {
         name: impl FnOnce() -> String,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> BoxedSpan {
-        if self.recording.load(Ordering::Relaxed) {
-            let builder =
-                SpanBuilder::from_name(name()).with_kind(kind).with_links(links).with_attributes(attributes());
-            let span = self.tracer.build_with_context(builder, parent);
-            if !span.is_recording() {
-                self.recording.store(false, Ordering::Relaxed);
-            }
-            return span;
+        if self.noop.load(Ordering::Relaxed) && self.bare.fetch_add(1, Ordering::Relaxed) % 1024 != 1023 {
+            let builder = SpanBuilder::from_name("message").with_kind(kind).with_links(links);
+            return self.tracer.build_with_context(builder, parent);
         }
-        let builder = SpanBuilder::from_name("message").with_kind(kind).with_links(links);
-        let mut span = self.tracer.build_with_context(builder, parent);
-        if span.is_recording() {
-            self.recording.store(true, Ordering::Relaxed);
-            span.update_name(Cow::Owned(name()));
-            span.set_attributes(attributes());
-        }
+        let builder = SpanBuilder::from_name(name()).with_kind(kind).with_links(links).with_attributes(attributes());
+        let span = self.tracer.build_with_context(builder, parent);
+        // An SDK span that is sampled out still gets an id of its own; a no-op tracer's span
+        // has none (it repeats its parent's, or is empty).
+        let context = span.span_context();
+        let no_id_of_its_own = !context.is_valid()
+            || parent.has_active_span() && parent.span().span_context().span_id() == context.span_id();
+        self.noop.store(!span.is_recording() && no_id_of_its_own, Ordering::Relaxed);
         span
     }
 }
 
 impl std::fmt::Debug for BusTracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BusTracer").field("recording", &self.recording).finish_non_exhaustive()
+        f.debug_struct("BusTracer").field("noop", &self.noop).finish_non_exhaustive()
     }
 }
 
