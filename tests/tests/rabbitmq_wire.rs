@@ -354,6 +354,14 @@ fn quorum_queue_type_is_declared_when_chosen() {
     });
 }
 
+/// Runs the publishes all at once and expects every one to succeed.
+async fn all_succeed(publishes: impl Iterator<Item = impl std::future::Future<Output = bus_core::Result<()>>>) {
+    let results = tokio::time::timeout(WAIT * 3, futures::future::join_all(publishes)).await.expect("they finish");
+    let total = results.len();
+    let failed: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+    assert!(failed.is_empty(), "{} of {total} publishes failed, first: {:?}", failed.len(), failed.first());
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(urn = "urn:message:Tests:FirstPublishHerd")]
 struct FirstPublishHerd {
@@ -368,11 +376,7 @@ fn many_concurrent_first_publishes_of_a_type_all_succeed() {
     runtime().block_on(async {
         let fixture = fixture().await;
         let bus = fixture.bus().build();
-        let publishes: Vec<_> = (0..3_000).map(|n| bus.publish(FirstPublishHerd { n })).collect();
-        let results =
-            tokio::time::timeout(WAIT * 3, futures::future::join_all(publishes)).await.expect("the publishes finish");
-        let failed: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
-        assert!(failed.is_empty(), "{} of 3000 publishes failed, first: {:?}", failed.len(), failed.first());
+        all_succeed((0..3_000).map(|n| bus.publish(FirstPublishHerd { n }))).await;
     });
 }
 
@@ -408,11 +412,7 @@ fn a_closed_publish_channel_is_reopened_once_for_many_publishes() {
             .expect("delete");
         // Publishing to the deleted exchange closes the publish channel (404).
         assert!(bus.send(&address, AfterReopen { n: 1 }).await.is_err());
-        let publishes: Vec<_> = (0..3_000).map(|n| bus.publish(AfterReopen { n })).collect();
-        let results =
-            tokio::time::timeout(WAIT * 3, futures::future::join_all(publishes)).await.expect("the publishes finish");
-        let failed: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
-        assert!(failed.is_empty(), "{} of 3000 publishes failed, first: {:?}", failed.len(), failed.first());
+        all_succeed((0..3_000).map(|n| bus.publish(AfterReopen { n }))).await;
         transport.close().await;
     });
 }
