@@ -488,28 +488,6 @@ impl<'de> Deserialize<'de> for Field {
                 f.write_str("an envelope property name")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
-                // The names as MassTransit writes them first, then any other casing.
-                let exact = match v {
-                    "messageId" => Some(Field::MessageId),
-                    "requestId" => Some(Field::RequestId),
-                    "correlationId" => Some(Field::CorrelationId),
-                    "conversationId" => Some(Field::ConversationId),
-                    "initiatorId" => Some(Field::InitiatorId),
-                    "sourceAddress" => Some(Field::SourceAddress),
-                    "destinationAddress" => Some(Field::DestinationAddress),
-                    "responseAddress" => Some(Field::ResponseAddress),
-                    "faultAddress" => Some(Field::FaultAddress),
-                    "messageType" => Some(Field::MessageType),
-                    "message" => Some(Field::Message),
-                    "expirationTime" => Some(Field::ExpirationTime),
-                    "sentTime" => Some(Field::SentTime),
-                    "headers" => Some(Field::Headers),
-                    "host" => Some(Field::Host),
-                    _ => None,
-                };
-                if let Some(field) = exact {
-                    return Ok(field);
-                }
                 const FIELDS: [(&str, Field); 15] = [
                     ("messageId", Field::MessageId),
                     ("requestId", Field::RequestId),
@@ -527,7 +505,11 @@ impl<'de> Deserialize<'de> for Field {
                     ("headers", Field::Headers),
                     ("host", Field::Host),
                 ];
-                Ok(FIELDS.into_iter().find(|(name, _)| name.eq_ignore_ascii_case(v)).map_or(Field::Other, |(_, f)| f))
+                // The names as MassTransit writes them first (the common case, and the cheaper
+                // comparison), then any other casing.
+                let found = FIELDS.into_iter().find(|(name, _)| *name == v);
+                let found = found.or_else(|| FIELDS.into_iter().find(|(name, _)| name.eq_ignore_ascii_case(v)));
+                Ok(found.map_or(Field::Other, |(_, f)| f))
             }
         }
         d.deserialize_identifier(FieldVisitor)

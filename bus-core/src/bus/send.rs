@@ -301,8 +301,7 @@ impl Bus {
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
-        let span =
-            telemetry::send_span(&inner.tracer, inner.transport.system(), &Arc::from(name.as_str()), "send", &envelope);
+        let span = telemetry::send_span(&inner.tracer, inner.transport.system(), &name, "send", &envelope);
         if span.is_traced() {
             telemetry::inject(span.context(), &mut envelope.headers);
         }

@@ -143,10 +143,10 @@ fn message_attributes(envelope: &Envelope, attributes: &mut Vec<KeyValue>) {
     attributes.push(KeyValue::new("messaging.masstransit.message_types", types));
 }
 
-fn common(system: &'static str, destination: &Arc<str>, operation: &'static str) -> Vec<KeyValue> {
+fn common(system: &'static str, destination: StringValue, operation: &'static str) -> Vec<KeyValue> {
     let mut attributes = Vec::with_capacity(10);
     attributes.push(KeyValue::new("messaging.system", system));
-    attributes.push(KeyValue::new("messaging.destination.name", StringValue::from(destination.clone())));
+    attributes.push(KeyValue::new("messaging.destination.name", destination));
     attributes.push(KeyValue::new("messaging.operation", operation));
     attributes
 }
@@ -155,7 +155,7 @@ fn common(system: &'static str, destination: &Arc<str>, operation: &'static str)
 pub(crate) fn send_span(
     tracer: &BusTracer,
     system: &'static str,
-    destination: &Arc<str>,
+    destination: &str,
     operation: &'static str,
     envelope: &Envelope,
 ) -> MessageSpan {
@@ -164,9 +164,9 @@ pub(crate) fn send_span(
         SpanKind::Producer,
         &parent,
         Vec::new(),
-        || [&**destination, " send"].concat(),
+        || [destination, " send"].concat(),
         || {
-            let mut attributes = common(system, destination, operation);
+            let mut attributes = common(system, StringValue::from(destination.to_owned()), operation);
             message_attributes(envelope, &mut attributes);
             attributes
         },
@@ -190,7 +190,7 @@ pub(crate) fn receive_span(
         links,
         || [&**endpoint, " receive"].concat(),
         || {
-            let mut attributes = common(system, endpoint, "receive");
+            let mut attributes = common(system, StringValue::from(endpoint.clone()), "receive");
             message_attributes(envelope, &mut attributes);
             attributes
         },
@@ -213,7 +213,7 @@ pub(crate) fn process_span(
         Vec::new(),
         || [&**endpoint, " process"].concat(),
         || {
-            let mut attributes = common(system, endpoint, "process");
+            let mut attributes = common(system, StringValue::from(endpoint.clone()), "process");
             attributes.push(KeyValue::new("messaging.masstransit.consumer_type", consumer));
             attributes
         },
