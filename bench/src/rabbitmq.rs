@@ -131,6 +131,7 @@ async fn raw(count: u64, body_size: usize) -> Result<(f64, f64, f64), BoxError> 
         .basic_consume(queue.as_str().into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
     let started = Instant::now();
+    let cpu = cpu_seconds();
     let consume = tokio::spawn(async move {
         let mut n = 0;
         while n < count {
@@ -147,6 +148,7 @@ async fn raw(count: u64, body_size: usize) -> Result<(f64, f64, f64), BoxError> 
     raw_publish(&connection, &queue, count, &body, Properties::Bare).await?;
     let consumed = consume.await??;
     let end_to_end = consumed as f64 / started.elapsed().as_secs_f64();
+    figure("rabbitmq.baseline.lapin_end_to_end.cpu", (cpu_seconds() - cpu) * 1e6 / count as f64, "us/msg");
     setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
     let _ = connection.close(200, "bench done".into()).await;
     Ok((end_to_end, publish_only, same_properties))
@@ -212,9 +214,11 @@ async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
     bus.start().await?;
     let finished = done.notified();
     let started = Instant::now();
+    let cpu = cpu_seconds();
     bus_publish(&publisher, count).await?;
     tokio::time::timeout(Duration::from_secs(600), finished).await?;
     let end_to_end = count as f64 / started.elapsed().as_secs_f64();
+    figure("rabbitmq.bus.end_to_end.cpu", (cpu_seconds() - cpu) * 1e6 / count as f64, "us/msg");
     bus.stop().await?;
     delete_endpoints(&[endpoint]).await?;
     transport.close().await;

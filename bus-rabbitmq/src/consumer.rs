@@ -1,18 +1,17 @@
 //! Consuming an endpoint across reconnects: one task per endpoint re-subscribes on every new
 //! session and forwards deliveries to the bus through a bounded channel.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_core::{Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, TransportMessage};
 use futures::future::BoxFuture;
 use futures::{stream, StreamExt};
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::Acker;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
+use crate::acks::{Acks, Outstanding};
 use crate::connection::Shared;
 use crate::error::{Error, Result};
 use crate::headers::{properties, strip_broker_headers, transport_message};
@@ -30,34 +29,6 @@ pub(crate) enum ConsumerState {
     /// Could not subscribe on a live connection.
     Failing(String),
     Stopped,
-}
-
-/// Counts deliveries handed out and not yet settled, so a stopping consumer can wait for them.
-#[derive(Debug, Default)]
-struct Outstanding {
-    count: AtomicUsize,
-    settled: Notify,
-}
-
-impl Outstanding {
-    fn done(&self) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.settled.notify_waiters();
-        }
-    }
-
-    async fn wait_zero(&self, bound: Duration) {
-        let wait = async {
-            loop {
-                let notified = self.settled.notified();
-                if self.count.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        let _ = tokio::time::timeout(bound, wait).await;
-    }
 }
 
 /// Starts the consumer task of an endpoint and returns its deliveries.
@@ -120,6 +91,7 @@ async fn run(
             }
         };
         pause = shared.options.reconnect_min;
+        let acks = Acks::new(channel.clone(), outstanding.clone());
         set(&state, ConsumerState::Consuming(session.generation));
         tracing::info!(queue = %queue, generation = session.generation, "consuming");
         loop {
@@ -133,12 +105,13 @@ async fn run(
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let message = transport_message(delivery.data, &delivery.properties);
-                        outstanding.count.fetch_add(1, Ordering::AcqRel);
+                        acks.delivered(delivery.delivery_tag);
                         let settle = RabbitMqSettle {
                             shared: shared.clone(),
                             queue: queue.clone(),
-                            acker: delivery.acker,
-                            outstanding: outstanding.clone(),
+                            tag: delivery.delivery_tag,
+                            acks: acks.clone(),
+                            unsettled: true,
                         };
                         let delivery = Delivery::new(message, delivery.redelivered, settle);
                         if tx.send(delivery).await.is_err() {
@@ -191,40 +164,59 @@ async fn drain_and_close(channel: &lapin::Channel, tag: &str, outstanding: &Outs
 struct RabbitMqSettle {
     shared: Arc<Shared>,
     queue: String,
-    acker: Acker,
-    outstanding: Arc<Outstanding>,
+    tag: u64,
+    acks: Arc<Acks>,
+    /// Until settled: dropped like this (its task aborted mid-settle), it is requeued.
+    unsettled: bool,
 }
 
 impl Drop for RabbitMqSettle {
     fn drop(&mut self) {
-        self.outstanding.done();
+        if self.unsettled {
+            self.requeue_later();
+        }
     }
 }
 
 impl RabbitMqSettle {
-    async fn ack(&self) -> Result<()> {
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|source| Error::Refused { operation: "basic.ack".into(), source: Box::new(source) })
+    fn ack(&mut self) {
+        self.unsettled = false;
+        self.acks.ack(self.tag);
     }
 
-    async fn requeue(&self) -> Result<()> {
-        self.acker
-            .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
+    async fn requeue(&mut self) -> Result<()> {
+        self.unsettled = false;
+        self.acks
+            .requeue(self.tag)
             .await
-            .map(|_| ())
             .map_err(|source| Error::Refused { operation: "basic.nack".into(), source: Box::new(source) })
+    }
+
+    /// Requeues from a context that cannot wait. Without a runtime the delivery stays open
+    /// (never covered by a multiple ack) and the broker requeues it when the channel closes.
+    fn requeue_later(&mut self) {
+        self.unsettled = false;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let (acks, tag) = (self.acks.clone(), self.tag);
+                runtime.spawn(async move {
+                    let _ = acks.requeue(tag).await;
+                });
+            }
+            Err(_) => self.acks.leave_open(self.tag),
+        }
     }
 
     /// Publishes the message elsewhere (confirmed), then acks it here; on failure it is
     /// requeued so nothing is lost.
-    async fn forward(&self, exchange: &str, routing_key: &str, mut message: TransportMessage) -> Result<()> {
+    async fn forward(&mut self, exchange: &str, routing_key: &str, mut message: TransportMessage) -> Result<()> {
         strip_broker_headers(&mut message.headers);
         let properties = properties(&message, true);
         match publish(&self.shared, exchange, routing_key, &message.body, &properties, true).await {
-            Ok(()) => self.ack().await,
+            Ok(()) => {
+                self.ack();
+                Ok(())
+            }
             Err(error) => {
                 let _ = self.requeue().await;
                 Err(error)
@@ -239,37 +231,42 @@ impl Settle for RabbitMqSettle {
         message: TransportMessage,
         settlement: Settlement,
     ) -> BoxFuture<'static, bus_core::Result<()>> {
+        let mut this = self;
+        if matches!(settlement, Settlement::Ack) {
+            // Nothing to wait for: the ack goes out with the channel's next flush.
+            this.ack();
+            return Box::pin(std::future::ready(Ok(())));
+        }
         Box::pin(async move {
             let result = match settlement {
-                Settlement::Ack => self.ack().await,
-                Settlement::Requeue => self.requeue().await,
+                Settlement::Ack => {
+                    this.ack();
+                    Ok(())
+                }
+                Settlement::Requeue => this.requeue().await,
                 Settlement::MoveTo { queue, headers } => {
                     let mut moved = message;
                     moved.headers.extend(headers);
-                    self.forward(&queue, "", moved).await
+                    this.forward(&queue, "", moved).await
                 }
                 Settlement::Redeliver { delay, headers } => {
                     let mut again = message;
                     again.headers.extend(headers);
-                    let waiting = delay_queue(&self.queue, delay);
-                    self.forward("", &waiting, again).await
+                    let waiting = delay_queue(&this.queue, delay);
+                    this.forward("", &waiting, again).await
                 }
                 other => {
                     tracing::warn!(?other, "unknown settlement; requeueing");
-                    self.requeue().await
+                    this.requeue().await
                 }
             };
             result.map_err(Into::into)
         })
     }
 
-    fn abandon(self: Box<Self>, _message: TransportMessage) {
+    fn abandon(mut self: Box<Self>, _message: TransportMessage) {
         // Returned to the queue now if possible; otherwise the broker requeues it when the
         // channel closes. Either way it is not lost.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = self.requeue().await;
-            });
-        }
+        self.requeue_later();
     }
 }

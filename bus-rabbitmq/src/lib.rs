@@ -39,6 +39,8 @@
 //! the message may or may not have arrived, so it is published again: duplicates are
 //! possible, loss is not. A delivery is acknowledged only after its consumers and their
 //! outbox succeeded; one in progress when the connection drops is delivered again.
+//! Acknowledgements are coalesced: deliveries settled in order share one `basic.ack` with
+//! `multiple` set, which never reaches past a delivery still in progress.
 //!
 //! ```no_run
 //! use bus_core::{BoxError, Bus, ConsumeContext, Message};
@@ -64,6 +66,7 @@
 
 #![warn(clippy::print_stdout)]
 
+mod acks;
 mod connection;
 mod consumer;
 mod error;

@@ -416,3 +416,92 @@ fn a_closed_publish_channel_is_reopened_once_for_many_publishes() {
         transport.close().await;
     });
 }
+
+/// A type of its own, sent to one endpoint only.
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Tests:AckedAround")]
+struct AckedAround {
+    n: u32,
+}
+
+/// The queue's ready and unacknowledged counts, once they are `expected` (polling the
+/// broker, at most 30 s).
+async fn wait_for_queue_counts(vhost: &str, queue: &str, expected: (u64, u64)) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        let (vhost, queue) = (vhost.to_owned(), queue.to_owned());
+        let rows = tokio::task::spawn_blocking(move || {
+            ctl_lines(&[
+                "list_queues",
+                "-p",
+                &vhost,
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .into_iter()
+            .find(|row| row[0] == queue)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if let Some(row) = rows {
+            let count = |i: usize| row.get(i).and_then(|c| c.parse::<u64>().ok());
+            if (count(1), count(2)) == (Some(expected.0), Some(expected.1)) {
+                return Ok(());
+            }
+            last = format!("ready {:?}, unacknowledged {:?}", row.get(1), row.get(2));
+        }
+    }
+    Err(format!("{queue}: expected ready {}, unacknowledged {}; last seen {last}", expected.0, expected.1))
+}
+
+/// Acks are coalesced into `multiple` acks, but never past a delivery still in progress:
+/// while one message in the middle is held by its consumer, the forty around it are acked
+/// and it alone stays unacknowledged (a multiple ack covering it would have lost it).
+#[test]
+fn coalesced_acks_never_cover_a_delivery_in_progress() {
+    runtime().block_on(async {
+        const HELD: u32 = 10;
+        let fixture = fixture().await;
+        let queue = unique("acks");
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let got = std::sync::Arc::new(MessageLog::default());
+        let (g, log) = (gate.clone(), got.clone());
+        let bus = fixture
+            .bus()
+            .receive_endpoint(&queue, move |e| {
+                let (g, log) = (g.clone(), log.clone());
+                e.prefetch(50).concurrency_limit(8).handler(move |ctx: ConsumeContext<AckedAround>| {
+                    let (g, log) = (g.clone(), log.clone());
+                    async move {
+                        if ctx.message().n == HELD {
+                            let _permit = g.acquire().await?;
+                        }
+                        log.record(ctx.envelope());
+                        Ok::<_, BoxError>(())
+                    }
+                });
+            })
+            .build();
+        // Queued before consuming starts, so that deliveries come in bursts and their acks
+        // coalesce.
+        let sender = fixture.bus().build();
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 50, ..Default::default() };
+        bus_core::Transport::declare_endpoint(&fixture.transport(), &topology).await.expect("declared");
+        let address = format!("queue:{queue}");
+        for n in 0..41 {
+            sender.send(&address, AckedAround { n }).await.expect("send");
+        }
+        bus.start().await.expect("bus starts");
+        got.wait_for::<AckedAround>(40, WAIT).await.expect("all but the held one are consumed");
+        let vhost = fixture.vhost().to_owned();
+        wait_for_queue_counts(&vhost, &queue, (0, 1)).await.expect("only the held message is unacknowledged");
+        gate.add_permits(1);
+        got.wait_for::<AckedAround>(41, WAIT).await.expect("the held one is consumed once released");
+        wait_for_queue_counts(&vhost, &queue, (0, 0)).await.expect("everything is acknowledged");
+        bus.stop().await.expect("stop");
+    });
+}
