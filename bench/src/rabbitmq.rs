@@ -1,6 +1,7 @@
 //! RabbitMQ: end to end (publish with confirms + consume with ack) and publish-only, bus
 //! versus raw lapin with identical settings: same body size, persistent, 1,000 publishes in
-//! flight, prefetch 100, one ack per message.
+//! flight, prefetch 100, one ack per message (the bus coalesces its acks). Each side's best
+//! of three alternating rounds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -105,8 +106,34 @@ async fn raw_publish(
     Ok(())
 }
 
+/// One round's figures of one side: messages per second and client CPU microseconds per
+/// message.
+#[derive(Debug, Default, Clone, Copy)]
+struct Round {
+    end_to_end: f64,
+    end_to_end_cpu: f64,
+    publish_only: f64,
+    publish_only_cpu: f64,
+    /// Raw only: publish-only with the bus's AMQP properties.
+    same_properties: f64,
+}
+
+impl Round {
+    /// Each figure's best across rounds (highest rate, least CPU).
+    fn best(self, other: Round) -> Round {
+        let least = |a: f64, b: f64| if a == 0.0 { b } else { a.min(b) };
+        Round {
+            end_to_end: self.end_to_end.max(other.end_to_end),
+            end_to_end_cpu: least(self.end_to_end_cpu, other.end_to_end_cpu),
+            publish_only: self.publish_only.max(other.publish_only),
+            publish_only_cpu: least(self.publish_only_cpu, other.publish_only_cpu),
+            same_properties: self.same_properties.max(other.same_properties),
+        }
+    }
+}
+
 /// Raw lapin: end to end, publish-only, and publish-only with the bus's properties.
-async fn raw(count: u64, body_size: usize) -> Result<(f64, f64, f64), BoxError> {
+async fn raw(count: u64, body_size: usize) -> Result<Round, BoxError> {
     let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
     let setup = connection.create_channel().await?;
     let queue = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
@@ -118,7 +145,7 @@ async fn raw(count: u64, body_size: usize) -> Result<(f64, f64, f64), BoxError> 
     let cpu = cpu_seconds();
     raw_publish(&connection, &queue, count, &body, Properties::Bare).await?;
     let publish_only = count as f64 / started.elapsed().as_secs_f64();
-    figure("rabbitmq.baseline.lapin_publish_only.cpu", (cpu_seconds() - cpu) * 1e6 / count as f64, "us/msg");
+    let publish_only_cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
     setup.queue_purge(queue.as_str().into(), lapin::options::QueuePurgeOptions::default()).await?;
     let started = Instant::now();
     raw_publish(&connection, &queue, count, &body, Properties::SameAsBus).await?;
@@ -148,10 +175,10 @@ async fn raw(count: u64, body_size: usize) -> Result<(f64, f64, f64), BoxError> 
     raw_publish(&connection, &queue, count, &body, Properties::Bare).await?;
     let consumed = consume.await??;
     let end_to_end = consumed as f64 / started.elapsed().as_secs_f64();
-    figure("rabbitmq.baseline.lapin_end_to_end.cpu", (cpu_seconds() - cpu) * 1e6 / count as f64, "us/msg");
+    let end_to_end_cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
     setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
     let _ = connection.close(200, "bench done".into()).await;
-    Ok((end_to_end, publish_only, same_properties))
+    Ok(Round { end_to_end, end_to_end_cpu, publish_only, publish_only_cpu, same_properties })
 }
 
 async fn bus_publish(bus: &Bus, count: u64) -> Result<(), BoxError> {
@@ -171,7 +198,7 @@ async fn bus_publish(bus: &Bus, count: u64) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
+async fn bus(count: u64) -> Result<(Round, usize), BoxError> {
     let transport = RabbitMqTransport::connect(&address()).await?;
     let queue = format!("bench-bus-{}", uuid::Uuid::now_v7().simple());
     // Publish-only: a queue bound to the message type, with nobody consuming it.
@@ -187,7 +214,7 @@ async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
     let cpu = cpu_seconds();
     bus_publish(&publisher, count).await?;
     let publish_only = count as f64 / started.elapsed().as_secs_f64();
-    figure("rabbitmq.bus.publish_only.cpu", (cpu_seconds() - cpu) * 1e6 / count as f64, "us/msg");
+    let publish_only_cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
 
     let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
     let admin = connection.create_channel().await?;
@@ -218,12 +245,12 @@ async fn bus(count: u64) -> Result<(f64, f64, usize), BoxError> {
     bus_publish(&publisher, count).await?;
     tokio::time::timeout(Duration::from_secs(600), finished).await?;
     let end_to_end = count as f64 / started.elapsed().as_secs_f64();
-    figure("rabbitmq.bus.end_to_end.cpu", (cpu_seconds() - cpu) * 1e6 / count as f64, "us/msg");
+    let end_to_end_cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
     bus.stop().await?;
     delete_endpoints(&[endpoint]).await?;
     transport.close().await;
     let _ = connection.close(200, "bench done".into()).await;
-    Ok((end_to_end, publish_only, body_size))
+    Ok((Round { end_to_end, end_to_end_cpu, publish_only, publish_only_cpu, same_properties: 0.0 }, body_size))
 }
 
 /// Deletes the endpoints a run declared (queue and exchange, with `_error` and `_skipped`),
@@ -242,21 +269,39 @@ pub(crate) async fn delete_endpoints(names: &[String]) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Rounds of bus and raw runs, alternating: the broker's speed drifts by a tenth or more
+/// within minutes on this shared machine, so each side keeps its best round.
+const ROUNDS: usize = 3;
+
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
-    let (bus_e2e, bus_publish_only, body_size) = bus(scale.rabbitmq).await?;
+    let (mut bus_best, mut raw_best, mut body_size) = (Round::default(), Round::default(), 0);
+    for _ in 0..ROUNDS {
+        let (round, size) = bus(scale.rabbitmq).await?;
+        (bus_best, body_size) = (bus_best.best(round), size);
+        raw_best = raw_best.best(raw(scale.rabbitmq, body_size).await?);
+    }
     figure("rabbitmq.bus.body_size", body_size as f64, "bytes");
-    let (raw_e2e, raw_publish_only, raw_same_properties) = raw(scale.rabbitmq, body_size).await?;
-    figure("rabbitmq.baseline.lapin_end_to_end", raw_e2e, "msg/s");
-    figure("rabbitmq.baseline.lapin_publish_only", raw_publish_only, "msg/s");
-    figure("rabbitmq.baseline.lapin_publish_only_same_properties", raw_same_properties, "msg/s");
-    figure("rabbitmq.bus.end_to_end", bus_e2e, "msg/s");
-    figure("rabbitmq.bus.publish_only", bus_publish_only, "msg/s");
-    compare("rabbitmq end to end vs raw lapin", bus_e2e, raw_e2e, "msg/s", Some(0.9));
-    compare("rabbitmq publish-only vs raw lapin (bare properties)", bus_publish_only, raw_publish_only, "msg/s", None);
+    figure("rabbitmq.baseline.lapin_end_to_end", raw_best.end_to_end, "msg/s");
+    figure("rabbitmq.baseline.lapin_end_to_end.cpu", raw_best.end_to_end_cpu, "us/msg");
+    figure("rabbitmq.baseline.lapin_publish_only", raw_best.publish_only, "msg/s");
+    figure("rabbitmq.baseline.lapin_publish_only.cpu", raw_best.publish_only_cpu, "us/msg");
+    figure("rabbitmq.baseline.lapin_publish_only_same_properties", raw_best.same_properties, "msg/s");
+    figure("rabbitmq.bus.end_to_end", bus_best.end_to_end, "msg/s");
+    figure("rabbitmq.bus.end_to_end.cpu", bus_best.end_to_end_cpu, "us/msg");
+    figure("rabbitmq.bus.publish_only", bus_best.publish_only, "msg/s");
+    figure("rabbitmq.bus.publish_only.cpu", bus_best.publish_only_cpu, "us/msg");
+    compare("rabbitmq end to end vs raw lapin", bus_best.end_to_end, raw_best.end_to_end, "msg/s", Some(0.9));
+    compare(
+        "rabbitmq publish-only vs raw lapin (bare properties)",
+        bus_best.publish_only,
+        raw_best.publish_only,
+        "msg/s",
+        None,
+    );
     compare(
         "rabbitmq publish-only vs raw lapin (same properties)",
-        bus_publish_only,
-        raw_same_properties,
+        bus_best.publish_only,
+        raw_best.same_properties,
         "msg/s",
         Some(0.9),
     );

@@ -129,7 +129,9 @@ impl Delivery {
         self.redelivered
     }
 
-    /// Settles the delivery. Resolves when the transport has done it.
+    /// Settles the delivery. Resolves when the transport has done it, except that an ack
+    /// may be left to go out with others (RabbitMQ coalesces acks): a failed ack means the
+    /// message is delivered again, never lost.
     pub async fn settle(mut self, settlement: Settlement) -> Result<()> {
         let message = std::mem::take(&mut self.message);
         match self.settler.take() {

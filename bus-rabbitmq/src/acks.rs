@@ -30,7 +30,12 @@ impl Outstanding {
     }
 
     fn done(&self, n: usize) {
-        if n > 0 && self.count.fetch_sub(n, Ordering::AcqRel) == n {
+        if n == 0 {
+            return;
+        }
+        let before = self.count.fetch_sub(n, Ordering::AcqRel);
+        debug_assert!(before >= n, "a delivery settled twice");
+        if before == n {
             self.settled.notify_waiters();
         }
     }
@@ -114,12 +119,20 @@ impl Acks {
 
     /// Records a delivery before it is handed out.
     pub(crate) fn delivered(&self, tag: u64) {
+        // Tag 0 with `multiple` would mean every delivery on the channel; brokers start at 1.
+        debug_assert!(tag != 0, "delivery tags start at 1");
         self.outstanding.add();
         self.ledger().open.insert(tag);
     }
 
     /// The delivery's consumers succeeded: acknowledge it with the next flush.
     pub(crate) fn ack(self: &Arc<Self>, tag: u64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to send it on: it stays open, and the broker delivers it again
+            // when the channel closes, as any unacknowledged delivery.
+            self.leave_open();
+            return;
+        };
         let start_flush = {
             let mut ledger = self.ledger();
             ledger.open.remove(&tag);
@@ -127,29 +140,22 @@ impl Acks {
             !std::mem::replace(&mut ledger.flushing, true)
         };
         if start_flush {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn(self.clone().flush());
-                }
-                // No runtime to send it on: leave the delivery to be redelivered when the
-                // channel closes, as an unacknowledged one is.
-                Err(_) => {
-                    let mut ledger = self.ledger();
-                    let dropped = ledger.due.len();
-                    ledger.due.clear();
-                    ledger.flushing = false;
-                    self.outstanding.done(dropped);
-                }
-            }
+            runtime.spawn(self.clone().flush());
         }
     }
 
     /// Returns the delivery to its queue now.
     pub(crate) async fn requeue(&self, tag: u64) -> lapin::Result<()> {
-        let result = self.channel.basic_nack(tag, BasicNackOptions { requeue: true, ..Default::default() }).await;
-        // Open until the nack is on its way: no multiple ack may cover it before.
-        self.settled(tag);
-        result
+        // Open until the nack is on its way, so that no multiple ack covers it before. The
+        // frame is queued when the nack is first polled: settled even if this is dropped then.
+        struct SettledOnDrop<'a>(&'a Acks, u64);
+        impl Drop for SettledOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.settled(self.1);
+            }
+        }
+        let _settled = SettledOnDrop(self, tag);
+        self.channel.basic_nack(tag, BasicNackOptions { requeue: true, ..Default::default() }).await
     }
 
     /// The delivery was settled some other way (its nack sent, or its channel gone).
@@ -161,9 +167,9 @@ impl Acks {
         }
     }
 
-    /// Leaves the delivery unsettled for good: it is never covered by a multiple ack, and
-    /// the broker requeues it when the channel closes. Stop does not wait for it.
-    pub(crate) fn leave_open(&self, _tag: u64) {
+    /// Leaves a delivery unsettled for good: it stays open, so no multiple ack covers it,
+    /// and the broker requeues it when the channel closes. Stop does not wait for it.
+    pub(crate) fn leave_open(&self) {
         self.outstanding.done(1);
     }
 
@@ -171,20 +177,20 @@ impl Acks {
     async fn flush(self: Arc<Self>) {
         loop {
             let Some(frames) = self.ledger().take() else { break };
-            if let Some((newest, covered)) = frames.multiple {
-                let options = BasicAckOptions { multiple: covered > 1 };
-                if let Err(error) = self.channel.basic_ack(newest, options).await {
-                    // The channel is gone and the broker delivers these again.
-                    tracing::debug!(%error, covered, "could not acknowledge deliveries");
-                }
-                self.outstanding.done(covered);
+            let covered = frames.multiple.map_or(0, |(_, covered)| covered);
+            // Each frame is queued when its future is first polled, and `join_all` polls them
+            // in order: one write carries them all, in this order.
+            let multiple = frames.multiple.map(|(newest, covered)| (newest, BasicAckOptions { multiple: covered > 1 }));
+            let sends = multiple
+                .into_iter()
+                .chain(frames.single.iter().map(|&tag| (tag, BasicAckOptions::default())))
+                .map(|(tag, options)| self.channel.basic_ack(tag, options));
+            let failed = futures::future::join_all(sends).await.into_iter().filter_map(Result::err).next();
+            if let Some(error) = failed {
+                // The channel is gone, and with it the deliveries: the broker delivers them again.
+                tracing::warn!(%error, "could not acknowledge deliveries; they will be delivered again");
             }
-            for tag in frames.single {
-                if let Err(error) = self.channel.basic_ack(tag, BasicAckOptions::default()).await {
-                    tracing::debug!(%error, "could not acknowledge a delivery");
-                }
-                self.outstanding.done(1);
-            }
+            self.outstanding.done(covered + frames.single.len());
         }
     }
 }

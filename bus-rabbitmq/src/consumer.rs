@@ -185,6 +185,7 @@ impl RabbitMqSettle {
     }
 
     async fn requeue(&mut self) -> Result<()> {
+        // From here `Acks::requeue` settles it, even if this future is dropped half-way.
         self.unsettled = false;
         self.acks
             .requeue(self.tag)
@@ -203,7 +204,7 @@ impl RabbitMqSettle {
                     let _ = acks.requeue(tag).await;
                 });
             }
-            Err(_) => self.acks.leave_open(self.tag),
+            Err(_) => self.acks.leave_open(),
         }
     }
 
@@ -227,18 +228,19 @@ impl RabbitMqSettle {
 
 impl Settle for RabbitMqSettle {
     fn settle(
-        self: Box<Self>,
+        mut self: Box<Self>,
         message: TransportMessage,
         settlement: Settlement,
     ) -> BoxFuture<'static, bus_core::Result<()>> {
-        let mut this = self;
         if matches!(settlement, Settlement::Ack) {
             // Nothing to wait for: the ack goes out with the channel's next flush.
-            this.ack();
+            self.ack();
             return Box::pin(std::future::ready(Ok(())));
         }
+        let mut this = self;
         Box::pin(async move {
             let result = match settlement {
+                // Taken above; kept here so that the match stays whole.
                 Settlement::Ack => {
                     this.ack();
                     Ok(())

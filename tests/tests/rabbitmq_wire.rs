@@ -431,7 +431,7 @@ async fn wait_for_queue_counts(vhost: &str, queue: &str, expected: (u64, u64)) -
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
         let (vhost, queue) = (vhost.to_owned(), queue.to_owned());
-        let rows = tokio::task::spawn_blocking(move || {
+        let row = tokio::task::spawn_blocking(move || {
             ctl_lines(&[
                 "list_queues",
                 "-p",
@@ -447,7 +447,7 @@ async fn wait_for_queue_counts(vhost: &str, queue: &str, expected: (u64, u64)) -
         })
         .await
         .map_err(|e| e.to_string())?;
-        if let Some(row) = rows {
+        if let Some(row) = row {
             let count = |i: usize| row.get(i).and_then(|c| c.parse::<u64>().ok());
             if (count(1), count(2)) == (Some(expected.0), Some(expected.1)) {
                 return Ok(());
