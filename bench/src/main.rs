@@ -38,7 +38,7 @@ pub(crate) struct Scale {
 impl Scale {
     fn full() -> Self {
         Scale {
-            inmemory: 1_000_000,
+            inmemory: std::env::var("BENCH_INMEMORY").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000_000),
             rabbitmq: 50_000,
             saga_events: 20_000,
             serializer_rounds: 500_000,

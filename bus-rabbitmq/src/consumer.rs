@@ -52,7 +52,6 @@ async fn run(
     tx: mpsc::Sender<Delivery>,
     state: Arc<Mutex<ConsumerState>>,
 ) {
-    let outstanding = Arc::new(Outstanding::default());
     let queue = endpoint.queue.clone();
     let mut pause = shared.options.reconnect_min;
     'sessions: loop {
@@ -91,6 +90,9 @@ async fn run(
             }
         };
         pause = shared.options.reconnect_min;
+        // Counted per channel: a channel left behind (its consumer cancelled by the broker)
+        // closes once its own deliveries are settled, whatever the new one is doing.
+        let outstanding = Arc::new(Outstanding::default());
         let acks = Acks::new(channel.clone(), outstanding.clone());
         set(&state, ConsumerState::Consuming(session.generation));
         tracing::info!(queue = %queue, generation = session.generation, "consuming");
