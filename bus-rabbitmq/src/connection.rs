@@ -89,7 +89,6 @@ pub(crate) struct Declared {
 }
 
 /// Everything the transport's clones share.
-#[derive(Debug)]
 pub(crate) struct Shared {
     address: String,
     pub(crate) redacted: String,
@@ -99,6 +98,16 @@ pub(crate) struct Shared {
     pub(crate) closed: CancellationToken,
     /// Connections opened so far, the first included.
     pub(crate) connections: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    // By hand: the address holds the password, and `Debug` output ends up in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("address", &self.redacted)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {

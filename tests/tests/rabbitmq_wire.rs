@@ -505,3 +505,15 @@ fn coalesced_acks_never_cover_a_delivery_in_progress() {
         bus.stop().await.expect("stop");
     });
 }
+
+/// `Debug` output ends up in logs: the transport's shows its address without the password.
+#[test]
+fn the_transport_debug_output_hides_the_password() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        assert!(fixture.uri().contains("guest:guest@"), "the fixture connects with a password");
+        let shown = format!("{:?}", fixture.transport());
+        assert!(!shown.contains("guest:guest"), "{shown}");
+        assert!(shown.contains("guest:***@"), "{shown}");
+    });
+}
