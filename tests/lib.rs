@@ -86,6 +86,8 @@ macro_rules! conformance_suite {
             permanent_errors_are_not_retried,
             a_retrying_message_does_not_block_the_others,
             consumer_concurrency_limit_is_respected,
+            a_message_whose_outbox_cannot_be_delivered_ends_in_error,
+            a_message_produced_after_the_consume_finished_still_leaves,
             stop_and_restart_mid_run_loses_nothing,
             stop_cancels_overrunning_consumers_and_requeues_their_messages,
         );

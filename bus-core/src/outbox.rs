@@ -26,37 +26,55 @@ pub(crate) struct Outgoing {
     pub(crate) message: TransportMessage,
 }
 
+/// What an outbox holds, and whether it was released.
+#[derive(Debug, Default)]
+struct Held {
+    messages: Vec<Outgoing>,
+    /// Set when the held messages were taken for release: a message produced after that (by
+    /// a task the consumer left running) leaves at once instead of waiting for a release that
+    /// already happened.
+    released: bool,
+}
+
 /// Messages held for one consume attempt; `None` when the outbox is off and messages leave at once.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Outbox(Option<Arc<Mutex<Vec<Outgoing>>>>);
+pub(crate) struct Outbox(Option<Arc<Mutex<Held>>>);
 
 impl Outbox {
     pub(crate) fn new(enabled: bool) -> Self {
         Outbox(enabled.then(Default::default))
     }
 
-    /// Holds `outgoing`, or hands it back when the outbox is off.
+    fn held(&self) -> Option<std::sync::MutexGuard<'_, Held>> {
+        self.0.as_ref().map(|held| held.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Holds `outgoing`, or hands it back when it is to leave now (the outbox is off, or
+    /// was already released).
     pub(crate) fn hold(&self, outgoing: Outgoing) -> Option<Outgoing> {
-        match &self.0 {
-            Some(held) => {
-                held.lock().unwrap_or_else(|e| e.into_inner()).push(outgoing);
+        match self.held() {
+            Some(mut held) if !held.released => {
+                held.messages.push(outgoing);
                 None
             }
-            None => Some(outgoing),
+            _ => Some(outgoing),
         }
     }
 
     /// Drops everything held: the attempt failed.
     pub(crate) fn discard(&self) {
-        if let Some(held) = &self.0 {
-            held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(mut held) = self.held() {
+            held.messages.clear();
         }
     }
 
     /// Takes everything held, to be released after the consume succeeded.
     pub(crate) fn take(&self) -> Vec<Outgoing> {
-        match &self.0 {
-            Some(held) => std::mem::take(&mut *held.lock().unwrap_or_else(|e| e.into_inner())),
+        match self.held() {
+            Some(mut held) => {
+                held.released = true;
+                std::mem::take(&mut held.messages)
+            }
             None => Vec::new(),
         }
     }

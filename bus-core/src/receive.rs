@@ -195,6 +195,7 @@ impl EndpointRuntime {
             redelivery_count,
             cancel,
         });
+        // What each consumer produced, with the consumer, held until all of them succeeded.
         let mut release = Vec::new();
         for index in matched {
             let entry = &self.consumers[index];
@@ -225,7 +226,7 @@ impl EndpointRuntime {
                     for observer in &inner.observers {
                         observer.on_consumed(&self.info.name, entry.consumer_type, &state.envelope);
                     }
-                    release.extend(outbox.take());
+                    release.extend(outbox.take().into_iter().map(|outgoing| (index, outgoing)));
                 }
                 Err(error) => {
                     outbox.discard();
@@ -233,11 +234,15 @@ impl EndpointRuntime {
                 }
             }
         }
-        for outgoing in release {
+        for (index, outgoing) in release {
             if let Err(error) = inner.dispatch(outgoing).await {
-                // Consumed, but what it produced did not all leave: deliver again (at least once).
-                tracing::warn!(endpoint = %self.info.name, %error, "outbox release failed; message requeued");
-                return Settlement::Requeue;
+                // Consumed, but what it produced did not all leave: a failed attempt like any
+                // other, so that redelivery counts it and `_error` ends it. (Requeued as it
+                // was, a message whose consumer sends to an endpoint that does not exist came
+                // back at once, for ever.) Messages already released leave again: at least once.
+                let kind = if error.is_transient() { ConsumeErrorKind::Failed } else { ConsumeErrorKind::Permanent };
+                let error = ConsumeError::new(kind, "OutboxDeliveryException", error);
+                return self.failed(bus, &state, message, &self.consumers[index], error).await;
             }
         }
         Settlement::Ack

@@ -492,3 +492,83 @@ pub async fn consumer_concurrency_limit_is_respected<F: Fixture>(fixture: &F) {
     assert!(third.is_err(), "no third message while two are in the consumer");
     assert_eq!(peak.load(Ordering::SeqCst), 2);
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:SendsNowhere")]
+struct SendsNowhere;
+
+/// A consumer that succeeds but whose outgoing message cannot leave (its destination does
+/// not exist) fails like any other attempt: counted, then in `_error` with the reason. (It
+/// was requeued as it was, and came back at once, for ever.)
+pub async fn a_message_whose_outbox_cannot_be_delivered_ends_in_error<F: Fixture>(fixture: &F) {
+    let name = unique("outbox-nowhere");
+    let nowhere = format!("queue:{}", unique("missing"));
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counter = attempts.clone();
+    let bus = fixture
+        .bus()
+        .receive_endpoint(&name, move |e| {
+            let nowhere = nowhere.clone();
+            let counter = counter.clone();
+            e.handler(move |ctx: ConsumeContext<SendsNowhere>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let nowhere = nowhere.clone();
+                async move {
+                    ctx.send(&nowhere, Consumed { n: 1 }).await?;
+                    Ok::<_, BoxError>(())
+                }
+            });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    bus.send(&format!("queue:{name}"), SendsNowhere).await.expect("send");
+    let errors = fixture.take_messages(&format!("{name}_error"), 1, WAIT).await;
+    bus.stop().await.expect("stop");
+    assert_eq!(errors.len(), 1, "the message ends in the error queue");
+    assert_eq!(header(&errors[0], "MT-Fault-ExceptionType"), "OutboxDeliveryException");
+    assert!(header(&errors[0], "MT-Fault-Message").contains("missing"), "{:?}", errors[0].headers);
+    assert_eq!(attempts.load(Ordering::SeqCst), 1, "a destination that does not exist is not retried");
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:PublishesLater")]
+struct PublishesLater;
+
+/// A message produced through the consume context after the consume finished (by a task the
+/// consumer left running) leaves at once: its outbox was already released.
+pub async fn a_message_produced_after_the_consume_finished_still_leaves<F: Fixture>(fixture: &F) {
+    let name = unique("publishes-later");
+    let got = log();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let consumed = Arc::new(MessageLog::default());
+    let (c, recorded) = (consumed.clone(), got.clone());
+    let bus = fixture
+        .bus()
+        .receive_endpoint(&name, move |e| {
+            let (g, c) = (g.clone(), c.clone());
+            e.handler(move |ctx: ConsumeContext<PublishesLater>| {
+                let (g, c) = (g.clone(), c.clone());
+                async move {
+                    let later = ctx.receive_context().clone();
+                    tokio::spawn(async move {
+                        if let Ok(_permit) = g.acquire().await {
+                            let address = format!("queue:{}", later.endpoint_name());
+                            let _ = later.send(&address, Consumed { n: 7 }).await;
+                        }
+                    });
+                    c.record(ctx.envelope());
+                    Ok::<_, BoxError>(())
+                }
+            });
+            record::<Consumed>(e, &recorded);
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    bus.send(&format!("queue:{name}"), PublishesLater).await.expect("send");
+    consumed.wait_for::<PublishesLater>(1, WAIT).await.expect("consumed");
+    gate.add_permits(1);
+    let later = got.wait_for::<Consumed>(1, WAIT).await;
+    bus.stop().await.expect("stop");
+    assert_eq!(later.expect("the late message arrives").first().map(|m| m.n), Some(7));
+}
