@@ -1,9 +1,10 @@
 //! The receive path of one endpoint: delivery -> envelope -> consumers -> settlement.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use opentelemetry::trace::FutureExt as _;
 use opentelemetry::KeyValue;
 use tokio::sync::Semaphore;
@@ -14,7 +15,7 @@ use crate::context::ReceiveState;
 use crate::endpoint::{EndpointInfo, EndpointSettings, ReceiveEndpointBuilder};
 use crate::envelope::format_time;
 use crate::headers::names;
-use crate::middleware::{CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
+use crate::middleware::{panic_message, CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
 use crate::outbox::Outbox;
 use crate::telemetry::{self, metrics::ConsumerAttributes};
 use crate::{
@@ -210,7 +211,13 @@ impl EndpointRuntime {
             );
             inner.metrics.in_flight.add(1, &self.endpoint_attributes);
             let started = std::time::Instant::now();
-            let result = entry.pipeline.run(ctx).with_context(span.context().clone()).await;
+            // The consumer's own panics are caught innermost; one in middleware is a failed
+            // attempt too, rather than a dropped delivery that comes straight back, for ever.
+            let attempt = entry.pipeline.run(ctx).with_context(span.context().clone());
+            let result = match AssertUnwindSafe(attempt).catch_unwind().await {
+                Ok(result) => result,
+                Err(panic) => Err(ConsumeError::panicked(panic_message(&*panic))),
+            };
             if let Err(error) = &result {
                 if error.kind() != ConsumeErrorKind::Skipped {
                     span.record_error(error);
@@ -224,7 +231,7 @@ impl EndpointRuntime {
                 Ok(()) => {
                     inner.metrics.consumed.add(1, &entry.attributes.full);
                     for observer in &inner.observers {
-                        observer.on_consumed(&self.info.name, entry.consumer_type, &state.envelope);
+                        guarded(|| observer.on_consumed(&self.info.name, entry.consumer_type, &state.envelope));
                     }
                     release.extend(outbox.take().into_iter().map(|outgoing| (index, outgoing)));
                 }
@@ -281,7 +288,7 @@ impl EndpointRuntime {
             return self.skip(bus, message);
         }
         for observer in &inner.observers {
-            observer.on_consume_fault(&self.info.name, consumer_type, &state.envelope, &error);
+            guarded(|| observer.on_consume_fault(&self.info.name, consumer_type, &state.envelope, &error));
         }
         if state.cancel.is_cancelled() {
             // The bus is stopping: the attempt was cut short, not failed; deliver it again later.
@@ -351,7 +358,7 @@ impl EndpointRuntime {
 
     fn notify_dead_letter(&self, bus: &Bus, queue: &str, reason: &str, message: &TransportMessage) {
         for observer in &bus.inner.observers {
-            observer.on_dead_letter(queue, reason, message);
+            guarded(|| observer.on_dead_letter(queue, reason, message));
         }
     }
 
@@ -364,6 +371,14 @@ impl EndpointRuntime {
         headers.insert("MT-Fault-InputAddress", self.info.address.as_str());
         bus.inner.host.to_fault_headers(&mut headers);
         headers
+    }
+}
+
+/// Runs an observer's callback; a panic in it is logged, not allowed to drop the delivery
+/// (which would come straight back and panic again).
+fn guarded(callback: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(callback)) {
+        tracing::error!(panic = %panic_message(&*panic), "a bus observer panicked");
     }
 }
 

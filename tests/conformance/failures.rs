@@ -572,3 +572,59 @@ pub async fn a_message_produced_after_the_consume_finished_still_leaves<F: Fixtu
     bus.stop().await.expect("stop");
     assert_eq!(later.expect("the late message arrives").first().map(|m| m.n), Some(7));
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:PanicsAround")]
+struct PanicsAround {
+    n: u32,
+}
+
+/// An observer that panics when told a message was consumed.
+struct PanickingObserver;
+
+impl bus_core::BusObserver for PanickingObserver {
+    fn on_consumed(&self, _: &str, _: &str, _: &bus_core::Envelope) {
+        panic!("observer bug");
+    }
+}
+
+/// A panic in consume middleware is a failed attempt like the consumer's own (it ends in
+/// `_error`), and one in an observer is logged: neither drops the delivery, which came
+/// straight back and panicked again, for ever.
+pub async fn panics_in_middleware_and_observers_do_not_loop<F: Fixture>(fixture: &F) {
+    let name = unique("panics-around");
+    let consumed = log();
+    let recorded = consumed.clone();
+    let bus = fixture
+        .bus()
+        .observer(PanickingObserver)
+        .receive_endpoint(&name, move |e| {
+            let recorded = recorded.clone();
+            e.middleware(bus_core::middleware::from_fn(
+                |ctx: bus_core::ReceiveContext, next: bus_core::middleware::Next| async move {
+                    if ctx.envelope().message.get().contains("\"n\":1") {
+                        panic!("middleware bug");
+                    }
+                    next.run(ctx).await
+                },
+            ));
+            e.handler(move |ctx: ConsumeContext<PanicsAround>| {
+                recorded.record(ctx.envelope());
+                async { Ok::<_, BoxError>(()) }
+            });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let queue = format!("queue:{name}");
+    bus.send(&queue, PanicsAround { n: 1 }).await.expect("send");
+    bus.send(&queue, PanicsAround { n: 2 }).await.expect("send");
+    let errors = fixture.take_messages(&format!("{name}_error"), 1, WAIT).await;
+    consumed.wait_for::<PanicsAround>(1, WAIT).await.expect("the other message is consumed");
+    // A message consumed again and again would show here (or leave `_error` empty).
+    let again = fixture.take_messages(&name, 1, Duration::from_millis(200)).await;
+    bus.stop().await.expect("stop");
+    assert_eq!(errors.len(), 1, "the message whose middleware panics ends in the error queue");
+    assert!(header(&errors[0], "MT-Fault-Message").contains("middleware bug"), "{:?}", errors[0].headers);
+    assert_eq!(consumed.count::<PanicsAround>(), 1, "the other is consumed once despite its observer panicking");
+    assert!(again.is_empty(), "nothing came back to the queue");
+}

@@ -16,15 +16,17 @@ impl Middleware for CatchPanic {
         Box::pin(async move {
             match AssertUnwindSafe(next.run(ctx)).catch_unwind().await {
                 Ok(result) => result,
-                Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "non-string panic payload".to_owned());
-                    Err(ConsumeError::panicked(message))
-                }
+                Err(panic) => Err(ConsumeError::panicked(panic_message(&*panic))),
             }
         })
     }
+}
+
+/// The text a panic was raised with.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }

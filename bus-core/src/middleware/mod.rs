@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
+pub(crate) use catch_panic::panic_message;
 pub use catch_panic::CatchPanic;
 pub use concurrency::ConcurrencyLimit;
 pub use from_fn::{from_fn, FromFn};
