@@ -628,3 +628,33 @@ pub async fn panics_in_middleware_and_observers_do_not_loop<F: Fixture>(fixture:
     assert_eq!(consumed.count::<PanicsAround>(), 1, "the other is consumed once despite its observer panicking");
     assert!(again.is_empty(), "nothing came back to the queue");
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:BadFaultAddress")]
+struct BadFaultAddress;
+
+/// A `faultAddress` from the wire that names no endpoint is skipped: the fault goes to the
+/// `responseAddress` instead of nowhere.
+pub async fn a_fault_address_that_names_no_endpoint_falls_back_to_the_response_address<F: Fixture>(fixture: &F) {
+    let name = unique("bad-fault-address");
+    let requester = unique("fault-requester");
+    let faults = log();
+    let recorded = faults.clone();
+    let bus = fixture
+        .bus()
+        .receive_endpoint(&name, |e| {
+            e.handler(|_: ConsumeContext<BadFaultAddress>| async {
+                Err::<(), BoxError>(Permanent::new(InventoryDown).into())
+            });
+        })
+        .receive_endpoint(&requester, move |e| record::<Fault<BadFaultAddress>>(e, &recorded))
+        .build();
+    bus.start().await.expect("bus starts");
+    let mut options = bus_core::SendOptions::new();
+    options.fault_address = Some("rabbitmq://localhost/".into());
+    options.response_address = Some(format!("queue:{requester}"));
+    bus.send_with(&format!("queue:{name}"), BadFaultAddress, options).await.expect("send");
+    let received = faults.wait_for::<Fault<BadFaultAddress>>(1, WAIT).await;
+    bus.stop().await.expect("stop");
+    assert_eq!(received.expect("the fault reaches the response address").len(), 1);
+}

@@ -229,10 +229,22 @@ impl BusInner {
         envelope.source_address = Some(source_address.to_owned());
         envelope.host = Some(self.host.clone());
         copy_flow_headers(&failed.headers, &mut envelope.headers);
-        let route = match failed.fault_address.as_deref().or(failed.response_address.as_deref()) {
-            Some(target) => {
+        // The first of `faultAddress` and `responseAddress` that names an endpoint; one that
+        // does not (it came from the wire) is skipped, not the end of the fault.
+        let target = [failed.fault_address.as_deref(), failed.response_address.as_deref()]
+            .into_iter()
+            .flatten()
+            .find_map(|target| match address::entity_name(target) {
+                Ok(name) => Some((target, name.to_owned())),
+                Err(error) => {
+                    tracing::warn!(address = target, %error, "fault address is not an endpoint; trying the next");
+                    None
+                }
+            });
+        let route = match target {
+            Some((target, name)) => {
                 envelope.destination_address = Some(target.to_owned());
-                Route::Send(address::entity_name(target)?.to_owned())
+                Route::Send(name)
             }
             None => {
                 envelope.destination_address = Some(self.transport.address(&type_entity_name(&types[0])));
