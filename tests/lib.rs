@@ -92,6 +92,7 @@ macro_rules! conformance_suite {
             a_fault_address_that_names_no_endpoint_falls_back_to_the_response_address,
             stop_and_restart_mid_run_loses_nothing,
             stop_cancels_overrunning_consumers_and_requeues_their_messages,
+            a_consumer_finishing_during_stop_can_still_publish_and_request,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {

@@ -121,3 +121,77 @@ pub async fn stop_cancels_overrunning_consumers_and_requeues_their_messages<F: F
     bus.stop().await.expect("stop");
     assert_eq!(started.count::<LongRunning>(), 2);
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:FinishesDuringStop")]
+struct FinishesDuringStop;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:ProducedDuringStop")]
+struct ProducedDuringStop;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:AskedDuringStop")]
+struct AskedDuringStop;
+
+/// A consumer that finishes while the bus stops can still publish and request through the
+/// bus (requests are answered until its consumers are done): its message is acknowledged,
+/// not failed into `_error` because the bus was stopping.
+pub async fn a_consumer_finishing_during_stop_can_still_publish_and_request<F: Fixture>(fixture: &F) {
+    let name = unique("finishes-during-stop");
+    let responder_name = unique("stop-responder");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = log();
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let (g, s, o) = (gate.clone(), started.clone(), outcomes.clone());
+    // The responder runs on a bus of its own, which keeps running.
+    let responder = fixture
+        .bus()
+        .receive_endpoint(&responder_name, |e| {
+            e.handler(|ctx: ConsumeContext<AskedDuringStop>| async move {
+                ctx.respond(AskedDuringStop).await?;
+                Ok::<_, BoxError>(())
+            });
+        })
+        .build();
+    responder.start().await.expect("responder starts");
+    let target = format!("queue:{responder_name}");
+    let bus = fixture
+        .bus()
+        .receive_endpoint(&name, move |e| {
+            let (g, s, o, target) = (g.clone(), s.clone(), o.clone(), target.clone());
+            e.handler(move |ctx: ConsumeContext<FinishesDuringStop>| {
+                let (g, s, o, target) = (g.clone(), s.clone(), o.clone(), target.clone());
+                async move {
+                    s.record(ctx.envelope());
+                    let _permit = g.acquire().await?;
+                    let published = ctx.bus().publish(ProducedDuringStop).await;
+                    let client = ctx.bus().request_client::<AskedDuringStop>().with_destination(target);
+                    let answered = client.request::<AskedDuringStop>(AskedDuringStop).await.map(|_| ());
+                    o.lock().unwrap_or_else(|e| e.into_inner()).push((published.is_ok(), answered.is_ok()));
+                    published?;
+                    answered?;
+                    Ok::<_, BoxError>(())
+                }
+            });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    bus.send(&format!("queue:{name}"), FinishesDuringStop).await.expect("send");
+    started.wait_for::<FinishesDuringStop>(1, WAIT).await.expect("the consumer started");
+    let stopping = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.stop().await }
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bus.is_started() && tokio::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert!(!bus.is_started(), "the bus is stopping");
+    gate.add_permits(1);
+    stopping.await.expect("stop task").expect("stop");
+    let errors = fixture.take_messages(&format!("{name}_error"), 0, Duration::ZERO).await;
+    responder.stop().await.expect("responder stops");
+    assert_eq!(*outcomes.lock().unwrap_or_else(|e| e.into_inner()), [(true, true)], "publish and request worked");
+    assert!(errors.is_empty(), "the message was not failed into the error queue");
+}

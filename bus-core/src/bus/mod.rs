@@ -106,16 +106,29 @@ pub(crate) type Destination = (Arc<str>, Arc<str>);
 
 struct Running {
     stop_taking: CancellationToken,
+    /// Stops the response endpoint: last, so that consumers finishing during a stop still
+    /// get the responses to their requests.
+    stop_responses: CancellationToken,
     cancel: CancellationToken,
     tracker: TaskTracker,
     loops: Vec<JoinHandle<()>>,
 }
 
 impl BusInner {
+    /// Publishing and sending work until the bus has stopped: consumers that finish while
+    /// it stops still produce their messages (they were failed, and dead-lettered, before).
     pub(crate) fn ensure_not_stopped(&self) -> Result<()> {
         match self.state.load(Ordering::Acquire) {
-            STOPPED | STOPPING => Err(Error::Stopped),
+            STOPPED => Err(Error::Stopped),
             _ => Ok(()),
+        }
+    }
+
+    /// Requests need the response endpoint: from start until the bus has stopped.
+    pub(crate) fn ensure_answerable(&self) -> Result<()> {
+        match self.state.load(Ordering::Acquire) {
+            STARTED | STOPPING => Ok(()),
+            _ => Err(Error::Stopped),
         }
     }
 }
@@ -145,6 +158,7 @@ impl Bus {
             return Ok(());
         }
         let stop_taking = CancellationToken::new();
+        let stop_responses = CancellationToken::new();
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut loops = Vec::with_capacity(inner.endpoints.len() + 1);
@@ -152,7 +166,10 @@ impl Bus {
         let transport = &inner.transport;
         transport.declare_endpoint(&inner.response_topology).await?;
         let responses = transport.consume(&inner.response_topology).await?;
-        loops.push(tokio::spawn(request::run_response_endpoint(self.clone(), responses, stop_taking.clone())));
+        loops.push(tokio::spawn(request::run_response_endpoint(self.clone(), responses, stop_responses.clone())));
+        // Started as soon as responses can be received: a backlog on the first endpoint is
+        // consumed while the next ones are declared, and its consumers may publish and request.
+        let before = inner.state.swap(STARTED, Ordering::AcqRel);
 
         for endpoint in &inner.endpoints {
             let started = async {
@@ -163,17 +180,24 @@ impl Bus {
                 Ok(stream) => stream,
                 Err(error) => {
                     stop_taking.cancel();
-                    for handle in loops {
+                    let (responses, endpoints) = loops.split_at_mut(1);
+                    for handle in endpoints {
                         let _ = handle.await;
                     }
+                    tracker.close();
+                    let _ = tokio::time::timeout(inner.stop_timeout, tracker.wait()).await;
+                    stop_responses.cancel();
+                    for handle in responses {
+                        let _ = handle.await;
+                    }
+                    inner.state.store(before, Ordering::Release);
                     return Err(error);
                 }
             };
             let run = endpoint.clone().run(self.clone(), stream, stop_taking.clone(), cancel.clone(), tracker.clone());
             loops.push(tokio::spawn(run));
         }
-        inner.state.store(STARTED, Ordering::Release);
-        *running = Some(Running { stop_taking, cancel, tracker, loops });
+        *running = Some(Running { stop_taking, stop_responses, cancel, tracker, loops });
         tracing::info!(address = %inner.address, endpoints = inner.endpoints.len(), "bus started");
         Ok(())
     }
@@ -182,14 +206,17 @@ impl Bus {
     /// timeout, then cancels them through their cancellation token; a consume cut short this
     /// way returns its message to its queue. A consumer that ignores its token is waited for
     /// one more stop timeout, then left to finish on its own (its message is settled when it
-    /// does). Publishing afterwards fails with [`Error::Stopped`].
+    /// does). Until then, consumers finishing can still publish, send and make requests (the
+    /// response endpoint stops last); afterwards publishing fails with [`Error::Stopped`].
     pub async fn stop(&self) -> Result<()> {
         let inner = &self.inner;
         let mut running = inner.running.lock().await;
         inner.state.store(STOPPING, Ordering::Release);
-        if let Some(run) = running.take() {
+        if let Some(mut run) = running.take() {
             run.stop_taking.cancel();
-            for handle in run.loops {
+            // loops[0] is the response endpoint: it runs until the consumers are done.
+            let endpoints = run.loops.split_off(1);
+            for handle in endpoints {
                 let _ = handle.await;
             }
             run.tracker.close();
@@ -199,6 +226,10 @@ impl Bus {
                 // Consumers that honour the token end promptly; the bound keeps stop() finite
                 // even for one that does not (it settles its message whenever it finishes).
                 let _ = tokio::time::timeout(inner.stop_timeout, run.tracker.wait()).await;
+            }
+            run.stop_responses.cancel();
+            for handle in run.loops {
+                let _ = handle.await;
             }
             inner.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
             if let Err(error) = inner.transport.delete_endpoint(&inner.response_topology).await {

@@ -77,9 +77,7 @@ impl<M: Message> RequestClient<M> {
     /// Sends the request with options and waits for a response of type `R`.
     pub async fn request_with<R: Message>(&self, message: M, mut options: SendOptions) -> Result<Response<R>> {
         let inner = &self.bus.inner;
-        if !self.bus.is_started() {
-            return Err(Error::Stopped);
-        }
+        inner.ensure_answerable()?;
         let request_id = Uuid::now_v7();
         options.request_id = Some(request_id);
         options.response_address = Some(inner.address.clone());
