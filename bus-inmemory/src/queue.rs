@@ -37,7 +37,8 @@ impl Queue {
             items: Mutex::new(VecDeque::new()),
             ready: Notify::new(),
             observed: Notify::new(),
-            room: Semaphore::new(capacity.max(1)),
+            // Clamped: "no limit" as `usize::MAX` would panic the semaphore.
+            room: Semaphore::new(capacity.clamp(1, Semaphore::MAX_PERMITS)),
             temporary,
         }
     }

@@ -316,6 +316,20 @@ impl Transport for InMemoryTransport {
     }
 }
 
+/// A delivered message that goes back to its queue when dropped, unless taken out first.
+struct RequeueOnDrop {
+    queue: QueueRef,
+    message: Option<TransportMessage>,
+}
+
+impl Drop for RequeueOnDrop {
+    fn drop(&mut self) {
+        if let Some(message) = self.message.take() {
+            self.queue.requeue(message);
+        }
+    }
+}
+
 /// Settles one in-memory delivery; holds its prefetch place until then.
 struct InMemorySettle {
     queue: QueueRef,
@@ -346,11 +360,12 @@ impl Settle for InMemorySettle {
                     };
                     let mut moved = message.clone();
                     moved.headers.extend(headers);
-                    if let Err(error) = target.push(moved, wait).await {
-                        // Nothing may be lost: the original goes back to its own queue.
-                        self.queue.requeue(message);
-                        return Err(error.into());
-                    }
+                    // Nothing may be lost: until the copy is in the target, the original goes
+                    // back to its own queue if the move fails or this future is dropped
+                    // (waiting for room in a full `_error`, say).
+                    let mut original = RequeueOnDrop { queue: self.queue.clone(), message: Some(message) };
+                    target.push(moved, wait).await?;
+                    original.message = None;
                     self.queue.release();
                 }
                 Settlement::Redeliver { delay, headers } => {
