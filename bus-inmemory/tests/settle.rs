@@ -18,7 +18,6 @@ async fn a_move_cut_short_returns_the_message_to_its_queue() {
     let transport = InMemoryTransport::with_options(InMemoryOptions {
         queue_capacity: 1,
         full_queue_wait: Some(Duration::from_secs(30)),
-        ..InMemoryOptions::default()
     });
     let topology = EndpointTopology { queue: "orders".into(), prefetch: 1, ..EndpointTopology::default() };
     transport.declare_endpoint(&topology).await.expect("declared");
