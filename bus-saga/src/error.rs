@@ -50,6 +50,10 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// The saga's state has a field named like one of the instance's own (`correlationId`,
+    /// `currentState`, `version`): stored as JSON, the two would collide.
+    #[error("saga state field `{0}` collides with the instance's own; rename it (e.g. with #[serde(rename)])")]
+    ReservedField(&'static str),
     /// An activity of the state machine failed.
     #[error("saga activity failed: {0}")]
     Activity(#[source] bus_core::BoxError),

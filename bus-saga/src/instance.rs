@@ -10,6 +10,11 @@ pub const FINAL: &str = "Final";
 
 /// One saga instance, as stored: `{"correlationId":..,"currentState":..,"version":..,<your fields>}`.
 ///
+/// Your state's fields share that object, so none may be named `correlationId`,
+/// `currentState` or `version`: the Redis repository refuses such state with
+/// [`Error::ReservedField`](crate::Error::ReservedField) (the in-memory one never
+/// serializes it, and cannot tell).
+///
 /// ```
 /// use bus_saga::SagaInstance;
 /// #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -34,6 +39,20 @@ pub struct SagaInstance<S> {
     /// Your data.
     #[serde(flatten)]
     pub data: S,
+}
+
+/// The names the instance itself takes in its JSON.
+const RESERVED: [&str; 3] = ["correlationId", "currentState", "version"];
+
+/// Checks that the state's own fields do not collide with the instance's when stored as one
+/// JSON object (they would: two `version` keys, say, and the stored instance would not load).
+pub(crate) fn check_fields<S: Serialize>(data: &S) -> crate::Result<()> {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(data) {
+        if let Some(reserved) = RESERVED.into_iter().find(|name| fields.contains_key(*name)) {
+            return Err(crate::Error::ReservedField(reserved));
+        }
+    }
+    Ok(())
 }
 
 impl<S> SagaInstance<S> {

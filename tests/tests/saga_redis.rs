@@ -315,3 +315,25 @@ async fn pessimistic_mode_serializes_an_instance_without_conflicts() {
     assert_eq!(stats.conflicts(), 0, "the lock serialized every instance");
     assert!(locks.is_empty(), "every lock released: {locks:?}");
 }
+
+/// State with a field named like the instance's own `version`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct VersionedState {
+    version: u32,
+}
+
+/// Such state would be stored with two `version` keys and never load again: the Redis
+/// repository refuses it at once, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_with_a_reserved_field_name_is_refused_with_the_reason() {
+    require_redis();
+    let prefix = unique("saga-reserved");
+    let repository = repository::<VersionedState>(&prefix).await;
+    let instance = bus_saga::SagaInstance::new(Uuid::now_v7(), VersionedState { version: 3 });
+    let refused = repository.insert(&instance).await;
+    delete_prefix(&prefix).await;
+    match refused {
+        Err(bus_saga::Error::ReservedField(field)) => assert_eq!(field, "version"),
+        other => panic!("expected ReservedField, got {other:?}"),
+    }
+}
