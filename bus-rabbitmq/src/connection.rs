@@ -19,6 +19,21 @@ use crate::error::{Error, Result};
 use crate::options::{redact, with_heartbeat, RabbitMqOptions};
 use crate::topology;
 
+/// A confirm channel that carries one publish at a time (see `Session::sender`): its slot
+/// stays locked while this lives.
+pub(crate) struct SenderChannel<'a> {
+    channel: Channel,
+    _slot: tokio::sync::MutexGuard<'a, Option<Channel>>,
+}
+
+impl std::ops::Deref for SenderChannel<'_> {
+    type Target = Channel;
+
+    fn deref(&self) -> &Channel {
+        &self.channel
+    }
+}
+
 /// A live connection with its confirm channels for publishing.
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -30,9 +45,34 @@ pub(crate) struct Session {
     /// together wait for one new channel instead of each opening their own at once (past
     /// the broker's channel limit, the rest failed).
     reopening: tokio::sync::Mutex<()>,
+    /// Confirm channels for mandatory publishes (sends, moves to `_error`, redeliveries),
+    /// each with one publish in flight at a time, opened when first needed. The broker
+    /// returns an unroutable message just before its confirm, and lapin hands the returned
+    /// message to whichever confirm of the channel it resolves next (with confirms coalesced,
+    /// not necessarily that one): alone on its channel, a publish can only get its own.
+    senders: Vec<tokio::sync::Mutex<Option<Channel>>>,
+    next_sender: AtomicUsize,
 }
 
+/// How many mandatory publishes may be in flight on one connection at once.
+const SENDER_CHANNELS: usize = 8;
+
 impl Session {
+    /// A confirm channel for one mandatory publish, held until its confirm arrives.
+    pub(crate) async fn sender(&self) -> std::result::Result<SenderChannel<'_>, lapin::Error> {
+        let index = self.next_sender.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        let mut slot = self.senders[index].lock().await;
+        let channel = match slot.as_ref() {
+            Some(channel) if channel.status().connected() => channel.clone(),
+            _ => {
+                let channel = open_confirm_channel(&self.connection).await?;
+                *slot = Some(channel.clone());
+                channel
+            }
+        };
+        Ok(SenderChannel { channel, _slot: slot })
+    }
+
     /// A confirm channel, reopened first if the broker closed it.
     pub(crate) async fn publisher(&self) -> std::result::Result<Channel, lapin::Error> {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.publishers.len();
@@ -223,6 +263,8 @@ impl Shared {
             publishers,
             next: AtomicUsize::new(0),
             reopening: tokio::sync::Mutex::new(()),
+            senders: (0..SENDER_CHANNELS).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next_sender: AtomicUsize::new(0),
         });
         let (endpoints, exchanges) = {
             let declared = self.declared();

@@ -1,5 +1,7 @@
 //! Confirmed publishing: pipelined over a few confirm channels, re-sent when a confirm is
-//! lost with the connection, bounded in time during an outage.
+//! lost with the connection, bounded in time during an outage. Mandatory publishes (sends and
+//! moves, which must fail when nothing receives them) go one at a time per channel over
+//! channels of their own, so that a returned message is always matched to its own publish.
 
 use std::sync::Arc;
 
@@ -27,16 +29,29 @@ pub(crate) async fn publish(
     loop {
         let session = shared.session(deadline).await?;
         let attempt = async {
-            let channel = session.publisher().await?;
             let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
-            channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties.clone()).await?.await
+            if mandatory {
+                // Alone on its channel until confirmed, so that a returned message is its own.
+                let channel = session.sender().await?;
+                channel
+                    .basic_publish(exchange.into(), routing_key.into(), options, body, properties.clone())
+                    .await?
+                    .await
+            } else {
+                let channel = session.publisher().await?;
+                channel
+                    .basic_publish(exchange.into(), routing_key.into(), options, body, properties.clone())
+                    .await?
+                    .await
+            }
         };
         match tokio::time::timeout_at(deadline, attempt).await {
             Ok(Ok(confirmation)) => {
                 if confirmation.is_nack() {
                     return Err(Error::Nacked(exchange.to_owned()));
                 }
-                if confirmation.take_message().is_some() {
+                // Only a mandatory publish can come back, and only on its own channel.
+                if mandatory && confirmation.take_message().is_some() {
                     return Err(Error::Unroutable(exchange.to_owned()));
                 }
                 return Ok(());

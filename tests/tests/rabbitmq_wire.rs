@@ -517,3 +517,47 @@ fn the_transport_debug_output_hides_the_password() {
         assert!(shown.contains("guest:***@"), "{shown}");
     });
 }
+
+/// A type of its own for the mixed sends below.
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Tests:MixedSend")]
+struct MixedSend {
+    n: u32,
+}
+
+/// Unroutable and routable sends at once: each unroutable one fails, each routable one
+/// succeeds and arrives. (The broker coalesces confirms, and lapin hands a returned message
+/// to whichever confirm of its channel resolves next: sharing channels, a routable send
+/// could fail and an unroutable one pass as delivered.)
+#[test]
+fn concurrent_unroutable_and_routable_sends_each_get_their_own_outcome() {
+    runtime().block_on(async {
+        const EACH: u32 = 300;
+        let fixture = fixture().await;
+        let bus = fixture.bus().build();
+        let nowhere = unique("bound-to-nothing");
+        let channel = fixture.channel().await;
+        let fanout = lapin::options::ExchangeDeclareOptions::default();
+        channel
+            .exchange_declare(nowhere.as_str().into(), lapin::ExchangeKind::Fanout, fanout, FieldTable::default())
+            .await
+            .expect("declare");
+        let queue = unique("mixed-sends");
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 1, ..Default::default() };
+        bus_core::Transport::declare_endpoint(&fixture.transport(), &topology).await.expect("declared");
+        let (to_nowhere, to_queue) = (format!("exchange:{nowhere}"), format!("queue:{queue}"));
+        let sends = (0..EACH * 2).map(|n| {
+            let (bus, address) = (bus.clone(), if n % 2 == 0 { to_nowhere.clone() } else { to_queue.clone() });
+            async move { (n % 2 == 0, bus.send(&address, MixedSend { n }).await) }
+        });
+        let results = tokio::time::timeout(WAIT * 3, futures::future::join_all(sends)).await.expect("they finish");
+        let wrong: Vec<String> = results
+            .iter()
+            .filter(|(unroutable, result)| *unroutable == result.is_ok())
+            .map(|(unroutable, result)| format!("unroutable {unroutable}: {result:?}"))
+            .collect();
+        let arrived = fixture.take_messages(&queue, EACH as usize, WAIT).await;
+        assert!(wrong.is_empty(), "{} of {} sends had the other's outcome: {:?}", wrong.len(), EACH * 2, wrong.first());
+        assert_eq!(arrived.len(), EACH as usize, "every routable send arrived");
+    });
+}
