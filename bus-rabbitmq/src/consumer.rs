@@ -215,7 +215,8 @@ impl RabbitMqSettle {
     async fn forward(&mut self, exchange: &str, routing_key: &str, mut message: TransportMessage) -> Result<()> {
         strip_broker_headers(&mut message.headers);
         let properties = properties(&message, true);
-        match publish(&self.shared, exchange, routing_key, &message.body, &properties, true).await {
+        let deadline = tokio::time::Instant::now() + self.shared.options.publish_timeout;
+        match publish(&self.shared, exchange, routing_key, &message.body, &properties, true, deadline).await {
             Ok(()) => {
                 self.ack();
                 Ok(())

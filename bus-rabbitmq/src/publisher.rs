@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use crate::connection::Shared;
 use crate::error::{is_connection_loss, Error, Result};
 
-/// Publishes `body` to `exchange` and waits for the broker's confirm.
+/// Publishes `body` to `exchange` and waits for the broker's confirm, until `deadline` (the
+/// whole operation's: time spent declaring the exchange first counts against it).
 ///
 /// Many calls may be in flight at once on one channel; each resolves with its own confirm.
 /// A confirm lost with the connection means the message may or may not have arrived: it is
@@ -24,8 +25,8 @@ pub(crate) async fn publish(
     body: &[u8],
     properties: &BasicProperties,
     mandatory: bool,
+    deadline: Instant,
 ) -> Result<()> {
-    let deadline = Instant::now() + shared.options.publish_timeout;
     loop {
         let session = shared.session(deadline).await?;
         let attempt = async {

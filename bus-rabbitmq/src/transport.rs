@@ -151,7 +151,7 @@ impl RabbitMqTransport {
         self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
     }
 
-    async fn ensure_publish_exchange(&self, message_types: &[&str]) -> Result<Arc<str>> {
+    async fn ensure_publish_exchange(&self, message_types: &[&str], deadline: Instant) -> Result<Arc<str>> {
         let Some((first, contracts)) = message_types.split_first() else {
             return Err(Error::Configuration("a published message needs a message type".into()));
         };
@@ -161,7 +161,6 @@ impl RabbitMqTransport {
         if let Some(exchange) = known(&self.state) {
             return Ok(exchange);
         }
-        let deadline = self.deadline();
         self.declaring(deadline, async {
             if let Some(exchange) = known(&self.state) {
                 return Ok(exchange);
@@ -216,15 +215,17 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn publish(&self, message_types: &[&str], message: TransportMessage) -> bus_core::Result<()> {
-        let exchange = self.ensure_publish_exchange(message_types).await?;
+        // One bound for the whole publish, declaration included.
+        let deadline = self.deadline();
+        let exchange = self.ensure_publish_exchange(message_types, deadline).await?;
         let properties = properties(&message, true);
-        publish(&self.shared, &exchange, "", &message.body, &properties, false).await?;
+        publish(&self.shared, &exchange, "", &message.body, &properties, false, deadline).await?;
         Ok(())
     }
 
     async fn send(&self, destination: &str, message: TransportMessage) -> bus_core::Result<()> {
+        let deadline = self.deadline();
         if !self.knows(destination) {
-            let deadline = self.deadline();
             self.declaring(deadline, async {
                 if self.knows(destination) {
                     return Ok(());
@@ -240,7 +241,7 @@ impl Transport for RabbitMqTransport {
             .await?;
         }
         let properties = properties(&message, true);
-        match publish(&self.shared, destination, "", &message.body, &properties, true).await {
+        match publish(&self.shared, destination, "", &message.body, &properties, true, deadline).await {
             Err(Error::Refused { source, .. }) if matches!(source.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) =>
             {
                 // Deleted since we saw it (a requester's temporary endpoint, say).
