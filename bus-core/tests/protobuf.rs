@@ -45,3 +45,40 @@ async fn prost_messages_travel_as_protobuf() {
     }
     assert!(harness.transport().peek("proto_error").is_empty());
 }
+
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Proto:Reserve", protobuf)]
+struct Reserve {
+    #[prost(string, tag = "1")]
+    sku: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Proto:Reserved", protobuf)]
+struct Reserved {
+    #[prost(string, tag = "1")]
+    sku: String,
+}
+
+/// On a bus that writes protobuf, a failing consumer's fault still reaches the requester
+/// (as MassTransit JSON: a fault has no protobuf form), which gets the fault, not a timeout.
+#[tokio::test]
+async fn faults_leave_a_protobuf_bus_as_json() {
+    let harness = InMemoryTestHarness::start(|bus| {
+        bus.serializers(Serializers::default().with_default(ProtobufSerializer))
+            .request_timeout(Duration::from_secs(5))
+            .receive_endpoint("reservations", |e| {
+                e.handler(|_: ConsumeContext<Reserve>| async move {
+                    Err::<(), BoxError>(bus_core::Permanent::new(std::io::Error::other("out of stock")).into())
+                });
+            })
+    })
+    .await
+    .expect("harness");
+    let answer = harness.bus().request::<Reserve, Reserved>(Reserve { sku: "A-1".into() }).await;
+    harness.stop().await.expect("stop");
+    match answer {
+        Err(Error::RequestFaulted { message, .. }) => assert!(message.contains("out of stock"), "{message}"),
+        other => panic!("expected the fault, got {other:?}"),
+    }
+}

@@ -10,6 +10,7 @@ use super::{Bus, BusInner};
 use crate::fault::{fault_urn, ExceptionInfo, Fault, FAULT_URN};
 use crate::message::entity_name as type_entity_name;
 use crate::outbox::{MessageTypes, Outbox, Outgoing, Route};
+use crate::serializer::{MassTransitJsonSerializer, Serializer};
 use crate::{address, telemetry, ConsumeError, Envelope, Error, Headers, Message, Result};
 
 /// Options for one publish or send.
@@ -154,11 +155,15 @@ impl BusInner {
         found
     }
 
-    fn outgoing(&self, route: Route, mut envelope: Envelope) -> Result<Outgoing> {
+    fn outgoing(&self, route: Route, envelope: Envelope) -> Result<Outgoing> {
+        self.outgoing_with(route, envelope, self.serializers.default_serializer())
+    }
+
+    fn outgoing_with(&self, route: Route, mut envelope: Envelope, serializer: &dyn Serializer) -> Result<Outgoing> {
         for middleware in &self.send_middleware {
             middleware.on_send(&mut envelope).map_err(Error::SendRejected)?;
         }
-        let message = self.serializers.default_serializer().serialize(&envelope)?;
+        let message = serializer.serialize(&envelope)?;
         Ok(Outgoing { route, envelope, message })
     }
 
@@ -251,7 +256,9 @@ impl BusInner {
                 Route::Publish(MessageTypes::Owned(types))
             }
         };
-        let outgoing = self.outgoing(route, envelope)?;
+        // Always MassTransit JSON: a fault has no protobuf form, and a bus writing protobuf by
+        // default would otherwise drop every fault (requesters then timed out).
+        let outgoing = self.outgoing_with(route, envelope, &MassTransitJsonSerializer)?;
         self.dispatch(outgoing).await
     }
 }
