@@ -53,8 +53,12 @@ struct LockGuard<S: Send + Sync + 'static> {
 
 impl<S: Send + Sync + 'static> LockGuard<S> {
     async fn release(&mut self) {
-        if let Some(token) = self.token.take() {
-            if let Err(error) = self.repository.unlock(self.id, token).await {
+        // The token is kept until the unlock returns: cut short, `Drop` unlocks again (a
+        // second unlock with the same token does nothing).
+        if let Some(token) = self.token.clone() {
+            let released = self.repository.unlock(self.id, token).await;
+            self.token = None;
+            if let Err(error) = released {
                 // The lease expires by itself; the next holder waits at most that long.
                 tracing::warn!(id = %self.id, %error, "could not release the saga lock");
             }
@@ -246,5 +250,72 @@ impl<S, E> SagaEventConsumer<S, E> {
 impl<S: SagaData, E: Message> Consumer<E> for SagaEventConsumer<S, E> {
     async fn consume(&self, ctx: ConsumeContext<E>) -> Result<(), BoxError> {
         self.runtime.consume(&ctx).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{SagaInstance, SagaRepository};
+
+    /// A repository whose first unlock never finishes; it records every unlock.
+    #[derive(Default)]
+    struct StuckUnlock {
+        unlocks: Mutex<Vec<String>>,
+        unlocked: tokio::sync::Notify,
+    }
+
+    impl SagaRepository<()> for StuckUnlock {
+        async fn load(&self, _: Uuid) -> Result<Option<SagaInstance<()>>> {
+            Ok(None)
+        }
+        async fn insert(&self, _: &SagaInstance<()>) -> Result<()> {
+            Ok(())
+        }
+        async fn update(&self, _: &SagaInstance<()>, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn delete(&self, _: Uuid, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn unlock(&self, _: Uuid, token: String) -> Result<()> {
+            let first = {
+                let mut unlocks = self.unlocks.lock().unwrap_or_else(|e| e.into_inner());
+                unlocks.push(token);
+                unlocks.len() == 1
+            };
+            self.unlocked.notify_one();
+            if first {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        }
+    }
+
+    /// A release cut short (the consume's future dropped by a timeout) still unlocks: the
+    /// guard keeps its token until the unlock returns, and unlocks again when dropped.
+    #[tokio::test]
+    async fn a_release_cut_short_still_unlocks() {
+        let repository = Arc::new(StuckUnlock::default());
+        let mut guard =
+            LockGuard::<()> { repository: repository.clone(), id: Uuid::nil(), token: Some("token".to_owned()) };
+        let cut_short = tokio::time::timeout(Duration::from_millis(20), guard.release()).await;
+        assert!(cut_short.is_err(), "the first unlock hangs");
+        drop(guard);
+        let again = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let notified = repository.unlocked.notified();
+                if repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()).len() == 2 {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        assert!(again.is_ok(), "dropping the guard unlocks again");
+        assert_eq!(*repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()), ["token", "token"]);
     }
 }
