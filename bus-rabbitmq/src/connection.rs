@@ -273,11 +273,25 @@ impl Shared {
                 declared.publish_exchanges.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>(),
             )
         };
+        // One refusal (a queue recreated meanwhile with other arguments, say) must not keep the
+        // whole transport down: it is logged, and the rest of the topology and every other
+        // endpoint come up. Only a lost connection fails the session.
         for endpoint in &endpoints {
-            topology::declare_endpoint(&session.connection, endpoint, self.options.queue_type).await?;
+            if let Err(error) = topology::declare_endpoint(&session.connection, endpoint, self.options.queue_type).await
+            {
+                if !session.is_alive() {
+                    return Err(error);
+                }
+                tracing::error!(queue = %endpoint.queue, %error, "could not declare the endpoint again after reconnecting");
+            }
         }
         for (exchange, contracts) in &exchanges {
-            topology::declare_publish_exchange(&session.connection, exchange, contracts).await?;
+            if let Err(error) = topology::declare_publish_exchange(&session.connection, exchange, contracts).await {
+                if !session.is_alive() {
+                    return Err(error);
+                }
+                tracing::error!(%exchange, %error, "could not declare the exchange again after reconnecting");
+            }
         }
         Ok(session)
     }

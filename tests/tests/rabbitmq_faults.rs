@@ -287,3 +287,37 @@ async fn publishes_during_an_outage_fail_clearly_after_the_bound() {
     bus.publish(Numbered { n: 2 }).await.expect("publishes again");
     transport.close().await;
 }
+
+/// A queue recreated during an outage with other arguments cannot be declared again: that is
+/// logged, and the transport still comes back for everything else (it used to retry the
+/// whole session for ever, and every publish failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_endpoint_refused_on_reconnect_does_not_keep_the_transport_down() {
+    require_broker();
+    let vhost = Arc::new(tokio::task::spawn_blocking(|| Vhost::create("fault-redeclare")).await.expect("vhost"));
+    let options = RabbitMqOptions { publish_timeout: Duration::from_secs(10), ..options() };
+    let transport = RabbitMqTransport::connect_with(&vhost.uri(5672), options).await.expect("connects");
+    let (good, doomed) = (unique("good"), unique("doomed"));
+    let tally = Tally::default();
+    let bus = consuming_bus(transport.clone(), &good, &tally);
+    let doomed_topology = bus_core::EndpointTopology { queue: doomed.clone(), prefetch: 1, ..Default::default() };
+    bus_core::Transport::declare_endpoint(&transport, &doomed_topology).await.expect("declared");
+    bus.start().await.expect("bus starts");
+
+    // Behind the transport's back: the queue is recreated with an argument it does not declare.
+    let side =
+        lapin::Connection::connect(&vhost.uri(5672), lapin::ConnectionProperties::default()).await.expect("side");
+    let channel = side.create_channel().await.expect("channel");
+    channel.queue_delete(doomed.as_str().into(), Default::default()).await.expect("deleted");
+    let mut arguments = lapin::types::FieldTable::default();
+    arguments.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(10));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(doomed.as_str().into(), durable, arguments).await.expect("recreated");
+    let connections_before = transport.connection_count();
+    let cut = vhost.clone();
+    tokio::task::spawn_blocking(move || cut.close_all_connections()).await.expect("rabbitmqctl");
+    bus.send(&format!("queue:{good}"), Numbered { n: 1 }).await.expect("the transport is back");
+    tally.wait_all(1, Duration::from_secs(30)).await.expect("and the good endpoint consumes");
+    assert!(transport.connection_count() > connections_before, "it reconnected");
+    bus.stop().await.expect("stop");
+}
