@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::{Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, TransportMessage};
+use bus_core::{Delivery, DeliveryStream, EndpointTopology, Headers, Settle, Settlement, TransportMessage};
 use futures::future::BoxFuture;
 use futures::{stream, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::acks::{Acks, Outstanding};
 use crate::connection::Shared;
 use crate::error::{Error, Result};
-use crate::headers::{properties, strip_broker_headers, transport_message};
+use crate::headers::{forwarded_properties, transport_message};
 use crate::publisher::publish;
 use crate::topology::delay_queue;
 
@@ -112,6 +112,7 @@ async fn run(
                             shared: shared.clone(),
                             queue: queue.clone(),
                             tag: delivery.delivery_tag,
+                            properties: delivery.properties,
                             acks: acks.clone(),
                             unsettled: true,
                         };
@@ -167,6 +168,8 @@ struct RabbitMqSettle {
     shared: Arc<Shared>,
     queue: String,
     tag: u64,
+    /// The delivery's AMQP properties as they came, for forwarding it unchanged.
+    properties: lapin::BasicProperties,
     acks: Arc<Acks>,
     /// Until settled: dropped like this (its task aborted mid-settle), it is requeued.
     unsettled: bool,
@@ -210,11 +213,16 @@ impl RabbitMqSettle {
         }
     }
 
-    /// Publishes the message elsewhere (confirmed), then acks it here; on failure it is
-    /// requeued so nothing is lost.
-    async fn forward(&mut self, exchange: &str, routing_key: &str, mut message: TransportMessage) -> Result<()> {
-        strip_broker_headers(&mut message.headers);
-        let properties = properties(&message, true);
+    /// Publishes the message elsewhere (confirmed), with its original properties plus
+    /// `added` headers, then acks it here; on failure it is requeued so nothing is lost.
+    async fn forward(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        message: TransportMessage,
+        added: &Headers,
+    ) -> Result<()> {
+        let properties = forwarded_properties(&self.properties, added);
         let deadline = tokio::time::Instant::now() + self.shared.options.publish_timeout;
         match publish(&self.shared, exchange, routing_key, &message.body, &properties, true, deadline).await {
             Ok(()) => {
@@ -249,16 +257,10 @@ impl Settle for RabbitMqSettle {
                     Ok(())
                 }
                 Settlement::Requeue => this.requeue().await,
-                Settlement::MoveTo { queue, headers } => {
-                    let mut moved = message;
-                    moved.headers.extend(headers);
-                    this.forward(&queue, "", moved).await
-                }
+                Settlement::MoveTo { queue, headers } => this.forward(&queue, "", message, &headers).await,
                 Settlement::Redeliver { delay, headers } => {
-                    let mut again = message;
-                    again.headers.extend(headers);
                     let waiting = delay_queue(&this.queue, delay);
-                    this.forward("", &waiting, again).await
+                    this.forward("", &waiting, message, &headers).await
                 }
                 other => {
                     tracing::warn!(?other, "unknown settlement; requeueing");

@@ -72,10 +72,29 @@ const BROKER_HEADERS: [&str; 8] = [
     "x-delivery-count",
 ];
 
-/// Removes the broker's dead-lettering headers before a message is published again.
-pub(crate) fn strip_broker_headers(headers: &mut Headers) {
-    for name in BROKER_HEADERS {
-        headers.remove(name);
+/// The properties of a delivered message forwarded elsewhere (to `_error`, `_skipped` or a
+/// delay queue): the original ones as they came, ids and header values untouched (whatever
+/// their types: byte arrays, decimals, timestamps, ids that are not GUIDs), without the
+/// broker's dead-lettering headers, with `added` on top, and persistent.
+pub(crate) fn forwarded_properties(original: &BasicProperties, added: &Headers) -> BasicProperties {
+    let mut table = FieldTable::default();
+    if let Some(headers) = original.headers() {
+        for (name, value) in headers.inner() {
+            if !BROKER_HEADERS.contains(&name.as_str()) {
+                table.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    for (name, value) in added {
+        if let Ok(key) = ShortString::try_new(name.as_str()) {
+            table.insert(key, to_amqp(value));
+        }
+    }
+    let properties = original.clone().with_delivery_mode(2);
+    if table.inner().is_empty() {
+        properties
+    } else {
+        properties.with_headers(table)
     }
 }
 

@@ -561,3 +561,60 @@ fn concurrent_unroutable_and_routable_sends_each_get_their_own_outcome() {
         assert_eq!(arrived.len(), EACH as usize, "every routable send arrived");
     });
 }
+
+/// A message moved to `_error` keeps its AMQP properties as they came: an id that is not a
+/// GUID, header values of any AMQP type (bytes that are not UTF-8, decimals, timestamps),
+/// its content type; the fault headers are added beside them.
+#[test]
+fn a_message_moved_to_error_keeps_its_original_properties() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let queue = unique("keeps-properties");
+        let got = std::sync::Arc::new(MessageLog::default());
+        let bus = fixture.bus().receive_endpoint(&queue, |e| tests::record::<Probe>(e, &got)).build();
+        bus.start().await.expect("bus starts");
+        let channel = fixture.channel().await;
+        let mut headers = FieldTable::default();
+        headers.insert("Raw".into(), AMQPValue::ByteArray(vec![0xff, 0x00, 0x80].into()));
+        headers.insert("Price".into(), AMQPValue::DecimalValue(lapin::types::DecimalValue { scale: 2, value: 1999 }));
+        headers.insert("At".into(), AMQPValue::Timestamp(1_700_000_000));
+        let properties = BasicProperties::default()
+            .with_content_type("application/vnd.masstransit+json".into())
+            .with_message_id("order-123".into())
+            .with_correlation_id("not-a-guid-either".into())
+            .with_headers(headers);
+        channel
+            .basic_publish(queue.as_str().into(), "".into(), BasicPublishOptions::default(), b"{ not json", properties)
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        let error_queue = format!("{queue}_error");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let moved = loop {
+            let got = channel
+                .basic_get(error_queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get");
+            match got {
+                Some(message) => break message,
+                None if tokio::time::Instant::now() < deadline => tokio::task::yield_now().await,
+                None => panic!("nothing reached {error_queue}"),
+            }
+        };
+        bus.stop().await.expect("stop");
+        let properties = &moved.delivery.properties;
+        assert_eq!(moved.delivery.data, b"{ not json");
+        assert_eq!(properties.message_id().as_ref().map(|s| s.as_str()), Some("order-123"));
+        assert_eq!(properties.correlation_id().as_ref().map(|s| s.as_str()), Some("not-a-guid-either"));
+        let headers = properties.headers().clone().unwrap_or_default();
+        let header = |name: &str| headers.inner().get(name).cloned();
+        assert_eq!(header("Raw"), Some(AMQPValue::ByteArray(vec![0xff, 0x00, 0x80].into())));
+        assert_eq!(
+            header("Price"),
+            Some(AMQPValue::DecimalValue(lapin::types::DecimalValue { scale: 2, value: 1999 }))
+        );
+        assert_eq!(header("At"), Some(AMQPValue::Timestamp(1_700_000_000)));
+        assert!(header("MT-Fault-Message").is_some(), "the reason is added: {headers:?}");
+    });
+}
