@@ -18,7 +18,7 @@ pub(crate) trait DynRepository<S>: Send + Sync {
     fn insert<'a>(&'a self, instance: &'a SagaInstance<S>) -> BoxFuture<'a, Result<()>>;
     fn update<'a>(&'a self, instance: &'a SagaInstance<S>, expected: u64) -> BoxFuture<'a, Result<()>>;
     fn delete(&self, id: Uuid, expected: u64) -> BoxFuture<'_, Result<()>>;
-    fn lock(&self, id: Uuid) -> BoxFuture<'_, Result<Option<String>>>;
+    fn lock<'a>(&'a self, id: Uuid, token: &'a str) -> BoxFuture<'a, Result<bool>>;
     fn unlock(&self, id: Uuid, token: String) -> BoxFuture<'_, Result<()>>;
 }
 
@@ -35,8 +35,8 @@ impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
     fn delete(&self, id: Uuid, expected: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(SagaRepository::delete(self, id, expected))
     }
-    fn lock(&self, id: Uuid) -> BoxFuture<'_, Result<Option<String>>> {
-        Box::pin(SagaRepository::lock(self, id))
+    fn lock<'a>(&'a self, id: Uuid, token: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(SagaRepository::lock(self, id, token))
     }
     fn unlock(&self, id: Uuid, token: String) -> BoxFuture<'_, Result<()>> {
         Box::pin(SagaRepository::unlock(self, id, token))
@@ -52,6 +52,18 @@ struct LockGuard<S: Send + Sync + 'static> {
 }
 
 impl<S: Send + Sync + 'static> LockGuard<S> {
+    /// Takes the instance's lock, when the repository locks. The guard holds the token
+    /// before the lock is asked for: cut short before the reply (a consumer timeout), it
+    /// still unlocks, in case the lock was taken.
+    async fn take(repository: Arc<dyn DynRepository<S>>, id: Uuid) -> Result<Self> {
+        let token = Uuid::new_v4().to_string();
+        let mut guard = LockGuard { repository, id, token: Some(token.clone()) };
+        if !guard.repository.lock(id, &token).await? {
+            guard.token = None;
+        }
+        Ok(guard)
+    }
+
     async fn release(&mut self) {
         // The token is kept until the unlock returns: cut short, `Drop` unlocks again (a
         // second unlock with the same token does nothing).
@@ -140,7 +152,7 @@ impl<S: SagaData> SagaRuntime<S> {
         let Some(id) = self.machine.correlate(ctx.message()) else {
             return Err(format!("event {} is not declared on saga {}", E::message_type(), self.machine.name()).into());
         };
-        let mut lock = LockGuard { repository: self.repository.clone(), id, token: self.repository.lock(id).await? };
+        let mut lock = LockGuard::take(self.repository.clone(), id).await?;
         let result = self.consume_instance(ctx, id).await;
         lock.release().await;
         result
@@ -261,11 +273,28 @@ mod tests {
     use super::*;
     use crate::{SagaInstance, SagaRepository};
 
-    /// A repository whose first unlock never finishes; it records every unlock.
+    /// A repository whose first unlock never finishes; it records every unlock. Its lock
+    /// takes the lock and then never answers (a reply lost to a consumer timeout).
     #[derive(Default)]
     struct StuckUnlock {
+        locks: Mutex<Vec<String>>,
         unlocks: Mutex<Vec<String>>,
         unlocked: tokio::sync::Notify,
+    }
+
+    impl StuckUnlock {
+        async fn wait_unlocks(&self, n: usize) -> bool {
+            let wait = async {
+                loop {
+                    let notified = self.unlocked.notified();
+                    if self.unlocks.lock().unwrap_or_else(|e| e.into_inner()).len() >= n {
+                        return;
+                    }
+                    notified.await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), wait).await.is_ok()
+        }
     }
 
     impl SagaRepository<()> for StuckUnlock {
@@ -280,6 +309,11 @@ mod tests {
         }
         async fn delete(&self, _: Uuid, _: u64) -> Result<()> {
             Ok(())
+        }
+        async fn lock(&self, _: Uuid, token: &str) -> Result<bool> {
+            self.locks.lock().unwrap_or_else(|e| e.into_inner()).push(token.to_owned());
+            std::future::pending::<()>().await;
+            Ok(true)
         }
         async fn unlock(&self, _: Uuid, token: String) -> Result<()> {
             let first = {
@@ -305,17 +339,25 @@ mod tests {
         let cut_short = tokio::time::timeout(Duration::from_millis(20), guard.release()).await;
         assert!(cut_short.is_err(), "the first unlock hangs");
         drop(guard);
-        let again = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                let notified = repository.unlocked.notified();
-                if repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()).len() == 2 {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
-        assert!(again.is_ok(), "dropping the guard unlocks again");
+        assert!(repository.wait_unlocks(2).await, "dropping the guard unlocks again");
         assert_eq!(*repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()), ["token", "token"]);
+    }
+
+    /// A lock whose reply never comes (the consume cut short by its timeout) is released
+    /// with the token it was asked for, in case the store took it.
+    #[tokio::test]
+    async fn a_lock_cut_short_is_released_with_its_token() {
+        let repository = Arc::new(StuckUnlock::default());
+        let dyn_repository: Arc<dyn DynRepository<()>> = repository.clone();
+        let cut_short =
+            tokio::time::timeout(Duration::from_millis(20), LockGuard::take(dyn_repository, Uuid::nil())).await;
+        assert!(cut_short.is_err(), "the lock's reply never comes");
+        assert!(repository.wait_unlocks(1).await, "it is unlocked all the same");
+        let asked = repository.locks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(
+            *repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()),
+            asked,
+            "with the token it asked with"
+        );
     }
 }

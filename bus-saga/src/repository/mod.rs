@@ -30,11 +30,14 @@ pub trait SagaRepository<S>: Send + Sync + 'static {
     /// Deletes an instance stored with `expected_version`; a conflict when it differs.
     fn delete(&self, id: Uuid, expected_version: u64) -> impl Future<Output = Result<()>> + Send;
 
-    /// Takes an exclusive lock on the instance for pessimistic concurrency; `None` when the
-    /// repository does not lock (the default: optimistic only).
-    fn lock(&self, id: Uuid) -> impl Future<Output = Result<Option<String>>> + Send {
-        let _ = id;
-        async { Ok(None) }
+    /// Takes an exclusive lock on the instance for pessimistic concurrency, held with
+    /// `token`; `false` when the repository does not lock (the default: optimistic only).
+    ///
+    /// The caller makes the token, and releases with it even when this call is cut short:
+    /// a lock taken whose reply never arrived is not left behind for its whole lease.
+    fn lock(&self, id: Uuid, token: &str) -> impl Future<Output = Result<bool>> + Send {
+        let _ = (id, token);
+        async { Ok(false) }
     }
 
     /// Releases a lock taken by [`lock`](Self::lock), only if it is still held with `token`.

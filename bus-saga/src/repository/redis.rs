@@ -202,12 +202,11 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
         }
     }
 
-    async fn lock(&self, id: Uuid) -> Result<Option<String>> {
+    async fn lock(&self, id: Uuid, token: &str) -> Result<bool> {
         let Some(lease) = self.options.lock_lease else {
-            return Ok(None);
+            return Ok(false);
         };
         let key = format!("{}_lock", self.key(id));
-        let token = Uuid::new_v4().to_string();
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let deadline = tokio::time::Instant::now() + self.options.lock_wait;
         let mut pause = Duration::from_millis(2);
@@ -215,14 +214,14 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
             let mut connection = self.connection.clone();
             let taken: Option<String> = redis::cmd("SET")
                 .arg(&key)
-                .arg(&token)
+                .arg(token)
                 .arg("NX")
                 .arg("PX")
                 .arg(lease_ms)
                 .query_async(&mut connection)
                 .await?;
             if taken.is_some() {
-                return Ok(Some(token));
+                return Ok(true);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::Conflict(id));
