@@ -30,9 +30,9 @@ pub(crate) struct Outgoing {
 #[derive(Debug, Default)]
 struct Held {
     messages: Vec<Outgoing>,
-    /// Set when the held messages were taken for release: a message produced after that (by
-    /// a task the consumer left running) leaves at once instead of waiting for a release that
-    /// already happened.
+    /// Set when the held messages were taken for release (every consumer of the message
+    /// succeeded): a message produced after that (by a task the consumer left running)
+    /// leaves at once instead of waiting for a release that already happened.
     released: bool,
 }
 
@@ -68,8 +68,9 @@ impl Outbox {
         }
     }
 
-    /// Takes everything held, to be released after the consume succeeded.
-    pub(crate) fn take(&self) -> Vec<Outgoing> {
+    /// Takes everything held, to be released now that every consumer of the message
+    /// succeeded; from here on, messages leave at once.
+    pub(crate) fn release(&self) -> Vec<Outgoing> {
         match self.held() {
             Some(mut held) => {
                 held.released = true;

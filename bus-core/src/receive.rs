@@ -16,6 +16,7 @@ use crate::endpoint::{EndpointInfo, EndpointSettings, ReceiveEndpointBuilder};
 use crate::envelope::format_time;
 use crate::headers::names;
 use crate::middleware::{panic_message, CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
+use crate::observer::guarded;
 use crate::outbox::Outbox;
 use crate::telemetry::{self, metrics::ConsumerAttributes};
 use crate::{
@@ -138,7 +139,18 @@ impl EndpointRuntime {
     }
 
     async fn handle(&self, bus: &Bus, delivery: Delivery, cancel: CancellationToken) {
-        let settlement = self.process(bus, delivery.message(), cancel).await;
+        // Panics in consumers, middleware and observers are caught where they happen; this
+        // is the net under the rest (send middleware on a fault, say). Dropped unsettled, the
+        // delivery would come straight back and panic again, for ever.
+        let processed = AssertUnwindSafe(self.process(bus, delivery.message(), cancel.clone())).catch_unwind().await;
+        let settlement = match processed {
+            Ok(settlement) => settlement,
+            Err(panic) => {
+                let reason = format!("the bus panicked handling the message: {}", panic_message(&*panic));
+                let error = Error::Configuration(reason);
+                self.unreadable(bus, delivery.message(), "Panic", &error)
+            }
+        };
         if let Err(error) = delivery.settle(settlement).await {
             // The transport keeps the delivery unacknowledged; the broker delivers it again.
             tracing::warn!(endpoint = %self.info.name, %error, "could not settle a delivery");
@@ -196,8 +208,8 @@ impl EndpointRuntime {
             redelivery_count,
             cancel,
         });
-        // What each consumer produced, with the consumer, held until all of them succeeded.
-        let mut release = Vec::new();
+        // The outbox of each consumer that succeeded, released once all of them have.
+        let mut succeeded = Vec::with_capacity(matched.len());
         for index in matched {
             let entry = &self.consumers[index];
             let outbox = Outbox::new(self.settings.outbox);
@@ -233,7 +245,7 @@ impl EndpointRuntime {
                     for observer in &inner.observers {
                         guarded(|| observer.on_consumed(&self.info.name, entry.consumer_type, &state.envelope));
                     }
-                    release.extend(outbox.take().into_iter().map(|outgoing| (index, outgoing)));
+                    succeeded.push((index, outbox));
                 }
                 Err(error) => {
                     outbox.discard();
@@ -241,7 +253,9 @@ impl EndpointRuntime {
                 }
             }
         }
-        for (index, outgoing) in release {
+        let release =
+            succeeded.iter().flat_map(|(index, outbox)| outbox.release().into_iter().map(move |o| (*index, o)));
+        for (index, outgoing) in release.collect::<Vec<_>>() {
             if let Err(error) = inner.dispatch(outgoing).await {
                 // Consumed, but what it produced did not all leave: a failed attempt like any
                 // other, so that redelivery counts it and `_error` ends it. (Requeued as it
@@ -371,14 +385,6 @@ impl EndpointRuntime {
         headers.insert("MT-Fault-InputAddress", self.info.address.as_str());
         bus.inner.host.to_fault_headers(&mut headers);
         headers
-    }
-}
-
-/// Runs an observer's callback; a panic in it is logged, not allowed to drop the delivery
-/// (which would come straight back and panic again).
-fn guarded(callback: impl FnOnce()) {
-    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(callback)) {
-        tracing::error!(panic = %panic_message(&*panic), "a bus observer panicked");
     }
 }
 

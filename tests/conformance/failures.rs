@@ -586,7 +586,15 @@ impl bus_core::BusObserver for PanickingObserver {
     fn on_consumed(&self, _: &str, _: &str, _: &bus_core::Envelope) {
         panic!("observer bug");
     }
+
+    fn on_publish(&self, _: &bus_core::Envelope) {
+        panic!("observer bug on publish");
+    }
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:PublishedByPanicsAround")]
+struct PublishedByPanicsAround;
 
 /// A panic in consume middleware is a failed attempt like the consumer's own (it ends in
 /// `_error`), and one in an observer is logged: neither drops the delivery, which came
@@ -610,7 +618,11 @@ pub async fn panics_in_middleware_and_observers_do_not_loop<F: Fixture>(fixture:
             ));
             e.handler(move |ctx: ConsumeContext<PanicsAround>| {
                 recorded.record(ctx.envelope());
-                async { Ok::<_, BoxError>(()) }
+                async move {
+                    // Released after the consume: the observer panics on it.
+                    ctx.publish(PublishedByPanicsAround).await?;
+                    Ok::<_, BoxError>(())
+                }
             });
         })
         .build();

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{Bus, BusInner};
 use crate::fault::{fault_urn, ExceptionInfo, Fault, FAULT_URN};
 use crate::message::entity_name as type_entity_name;
+use crate::observer::guarded;
 use crate::outbox::{MessageTypes, Outbox, Outgoing, Route};
 use crate::serializer::{MassTransitJsonSerializer, Serializer};
 use crate::{address, telemetry, ConsumeError, Envelope, Error, Headers, Message, Result};
@@ -176,7 +177,7 @@ impl BusInner {
                 let message_type = types.first().copied().unwrap_or_default();
                 self.metrics.published.add(1, &[opentelemetry::KeyValue::new("message_type", message_type)]);
                 for observer in &self.observers {
-                    observer.on_publish(&envelope);
+                    guarded(|| observer.on_publish(&envelope));
                 }
                 return Ok(());
             }
@@ -188,14 +189,14 @@ impl BusInner {
                 self.transport.send(&destination, message).await?;
                 self.metrics.sent.add(1, &[message_type_attribute(&envelope)]);
                 for observer in &self.observers {
-                    observer.on_send(&destination, &envelope);
+                    guarded(|| observer.on_send(&destination, &envelope));
                 }
                 return Ok(());
             }
         }
         self.metrics.published.add(1, &[message_type_attribute(&envelope)]);
         for observer in &self.observers {
-            observer.on_publish(&envelope);
+            guarded(|| observer.on_publish(&envelope));
         }
         Ok(())
     }
