@@ -75,7 +75,8 @@ const BROKER_HEADERS: [&str; 8] = [
 /// The properties of a delivered message forwarded elsewhere (to `_error`, `_skipped` or a
 /// delay queue): the original ones as they came, ids and header values untouched (whatever
 /// their types: byte arrays, decimals, timestamps, ids that are not GUIDs), without the
-/// broker's dead-lettering headers, with `added` on top, and persistent.
+/// broker's dead-lettering headers and the sender's `user_id`, with `added` on top, and
+/// persistent.
 pub(crate) fn forwarded_properties(original: &BasicProperties, added: &Headers) -> BasicProperties {
     let mut table = FieldTable::default();
     if let Some(headers) = original.headers() {
@@ -90,7 +91,40 @@ pub(crate) fn forwarded_properties(original: &BasicProperties, added: &Headers) 
             table.insert(key, to_amqp(value));
         }
     }
-    let properties = original.clone().with_delivery_mode(2);
+    // Field by field, all but `user_id`: the broker checks it against the publishing
+    // connection's user, and a message from another user would be refused for ever.
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    let text = |value: &Option<ShortString>| value.clone();
+    if let Some(v) = text(original.content_type()) {
+        properties = properties.with_content_type(v);
+    }
+    if let Some(v) = text(original.content_encoding()) {
+        properties = properties.with_content_encoding(v);
+    }
+    if let Some(v) = *original.priority() {
+        properties = properties.with_priority(v);
+    }
+    if let Some(v) = text(original.correlation_id()) {
+        properties = properties.with_correlation_id(v);
+    }
+    if let Some(v) = text(original.reply_to()) {
+        properties = properties.with_reply_to(v);
+    }
+    if let Some(v) = text(original.expiration()) {
+        properties = properties.with_expiration(v);
+    }
+    if let Some(v) = text(original.message_id()) {
+        properties = properties.with_message_id(v);
+    }
+    if let Some(v) = *original.timestamp() {
+        properties = properties.with_timestamp(v);
+    }
+    if let Some(v) = text(original.kind()) {
+        properties = properties.with_type(v);
+    }
+    if let Some(v) = text(original.app_id()) {
+        properties = properties.with_app_id(v);
+    }
     if table.inner().is_empty() {
         properties
     } else {

@@ -58,10 +58,21 @@ impl<S: Send + Sync + 'static> LockGuard<S> {
     async fn take(repository: Arc<dyn DynRepository<S>>, id: Uuid) -> Result<Self> {
         let token = Uuid::new_v4().to_string();
         let mut guard = LockGuard { repository, id, token: Some(token.clone()) };
-        if !guard.repository.lock(id, &token).await? {
-            guard.token = None;
+        match guard.repository.lock(id, &token).await {
+            Ok(true) => Ok(guard),
+            Ok(false) => {
+                guard.token = None;
+                Ok(guard)
+            }
+            Err(error) => {
+                // A conflict means it was not taken: nothing to release. Any other failure may
+                // come after the store took it: the dropped guard releases it.
+                if matches!(error, Error::Conflict(_)) {
+                    guard.token = None;
+                }
+                Err(error)
+            }
         }
-        Ok(guard)
     }
 
     async fn release(&mut self) {

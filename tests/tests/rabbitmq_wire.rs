@@ -582,6 +582,8 @@ fn a_message_moved_to_error_keeps_its_original_properties() {
             .with_content_type("application/vnd.masstransit+json".into())
             .with_message_id("order-123".into())
             .with_correlation_id("not-a-guid-either".into())
+            .with_app_id("legacy-billing".into())
+            .with_user_id("guest".into())
             .with_headers(headers);
         channel
             .basic_publish(queue.as_str().into(), "".into(), BasicPublishOptions::default(), b"{ not json", properties)
@@ -607,6 +609,9 @@ fn a_message_moved_to_error_keeps_its_original_properties() {
         assert_eq!(moved.delivery.data, b"{ not json");
         assert_eq!(properties.message_id().as_ref().map(|s| s.as_str()), Some("order-123"));
         assert_eq!(properties.correlation_id().as_ref().map(|s| s.as_str()), Some("not-a-guid-either"));
+        assert_eq!(properties.app_id().as_ref().map(|s| s.as_str()), Some("legacy-billing"));
+        // The sender's user is not claimed by the bus, which may connect as another.
+        assert_eq!(properties.user_id().as_ref(), None);
         let headers = properties.headers().clone().unwrap_or_default();
         let header = |name: &str| headers.inner().get(name).cloned();
         assert_eq!(header("Raw"), Some(AMQPValue::ByteArray(vec![0xff, 0x00, 0x80].into())));
