@@ -116,6 +116,8 @@ struct Round {
     publish_only_cpu: f64,
     /// Raw only: publish-only with the bus's AMQP properties.
     same_properties: f64,
+    /// Bus only: sends (mandatory publishes) to one endpoint.
+    send_only: f64,
 }
 
 impl Round {
@@ -128,6 +130,7 @@ impl Round {
             publish_only: self.publish_only.max(other.publish_only),
             publish_only_cpu: least(self.publish_only_cpu, other.publish_only_cpu),
             same_properties: self.same_properties.max(other.same_properties),
+            send_only: self.send_only.max(other.send_only),
         }
     }
 }
@@ -178,10 +181,11 @@ async fn raw(count: u64, body_size: usize) -> Result<Round, BoxError> {
     let end_to_end_cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
     setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
     let _ = connection.close(200, "bench done".into()).await;
-    Ok(Round { end_to_end, end_to_end_cpu, publish_only, publish_only_cpu, same_properties })
+    Ok(Round { end_to_end, end_to_end_cpu, publish_only, publish_only_cpu, same_properties, send_only: 0.0 })
 }
 
-async fn bus_publish(bus: &Bus, count: u64) -> Result<(), BoxError> {
+/// Publishes `count` messages (or sends them to `to`), `IN_FLIGHT` at a time.
+async fn bus_publish(bus: &Bus, count: u64, to: Option<&str>) -> Result<(), BoxError> {
     let mut pending = FuturesUnordered::new();
     for _ in 0..count {
         if pending.len() >= IN_FLIGHT {
@@ -190,7 +194,13 @@ async fn bus_publish(bus: &Bus, count: u64) -> Result<(), BoxError> {
             }
         }
         let bus = bus.clone();
-        pending.push(async move { bus.publish(shipment()).await });
+        let to = to.map(str::to_owned);
+        pending.push(async move {
+            match to {
+                Some(address) => bus.send(&address, shipment()).await,
+                None => bus.publish(shipment()).await,
+            }
+        });
     }
     while let Some(result) = pending.next().await {
         result?;
@@ -212,7 +222,7 @@ async fn bus(count: u64) -> Result<(Round, usize), BoxError> {
     let publisher = Bus::builder(transport.clone()).build();
     let started = Instant::now();
     let cpu = cpu_seconds();
-    bus_publish(&publisher, count).await?;
+    bus_publish(&publisher, count, None).await?;
     let publish_only = count as f64 / started.elapsed().as_secs_f64();
     let publish_only_cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
 
@@ -220,6 +230,12 @@ async fn bus(count: u64) -> Result<(Round, usize), BoxError> {
     let admin = connection.create_channel().await?;
     let sample = admin.basic_get(queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true }).await?;
     let body_size = sample.map(|m| m.delivery.data.len()).unwrap_or_default();
+    // Send-only to the same queue: sends are mandatory (they fail when nothing receives
+    // them), and go one at a time per sender channel.
+    admin_purge(&queue).await?;
+    let started = Instant::now();
+    bus_publish(&publisher, count, Some(&format!("queue:{queue}"))).await?;
+    let send_only = count as f64 / started.elapsed().as_secs_f64();
     delete_endpoints(std::slice::from_ref(&queue)).await?;
 
     let consumed = Arc::new(AtomicU64::new(0));
@@ -242,7 +258,7 @@ async fn bus(count: u64) -> Result<(Round, usize), BoxError> {
     let finished = done.notified();
     let started = Instant::now();
     let cpu = cpu_seconds();
-    bus_publish(&publisher, count).await?;
+    bus_publish(&publisher, count, None).await?;
     tokio::time::timeout(Duration::from_secs(600), finished).await?;
     let end_to_end = count as f64 / started.elapsed().as_secs_f64();
     let end_to_end_cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
@@ -250,7 +266,19 @@ async fn bus(count: u64) -> Result<(Round, usize), BoxError> {
     delete_endpoints(&[endpoint]).await?;
     transport.close().await;
     let _ = connection.close(200, "bench done".into()).await;
-    Ok((Round { end_to_end, end_to_end_cpu, publish_only, publish_only_cpu, same_properties: 0.0 }, body_size))
+    Ok((
+        Round { end_to_end, end_to_end_cpu, publish_only, publish_only_cpu, same_properties: 0.0, send_only },
+        body_size,
+    ))
+}
+
+/// Empties a queue.
+async fn admin_purge(queue: &str) -> Result<(), BoxError> {
+    let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel.queue_purge(queue.into(), lapin::options::QueuePurgeOptions::default()).await?;
+    let _ = connection.close(200, "purged".into()).await;
+    Ok(())
 }
 
 /// Deletes the endpoints a run declared (queue and exchange, with `_error` and `_skipped`),
@@ -290,11 +318,19 @@ pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     figure("rabbitmq.bus.end_to_end.cpu", bus_best.end_to_end_cpu, "us/msg");
     figure("rabbitmq.bus.publish_only", bus_best.publish_only, "msg/s");
     figure("rabbitmq.bus.publish_only.cpu", bus_best.publish_only_cpu, "us/msg");
+    figure("rabbitmq.bus.send_only", bus_best.send_only, "msg/s");
     compare("rabbitmq end to end vs raw lapin", bus_best.end_to_end, raw_best.end_to_end, "msg/s", Some(0.9));
     compare(
         "rabbitmq publish-only vs raw lapin (bare properties)",
         bus_best.publish_only,
         raw_best.publish_only,
+        "msg/s",
+        None,
+    );
+    compare(
+        "rabbitmq send-only (mandatory) vs raw lapin publish-only (same properties)",
+        bus_best.send_only,
+        raw_best.same_properties,
         "msg/s",
         None,
     );

@@ -54,21 +54,23 @@ pub(crate) struct Session {
     next_sender: AtomicUsize,
 }
 
-/// How many mandatory publishes may be in flight on one connection at once: with a confirm
-/// taking about half a millisecond on a classic queue, some 30,000 sends a second.
-const SENDER_CHANNELS: usize = 16;
+/// How many mandatory publishes may be in flight on one connection at once. Persistent
+/// messages wait for the broker's disk: measured here, 16 gave half the throughput of
+/// pipelined publishing, 64 three quarters, 128 hardly more.
+const SENDER_CHANNELS: usize = 64;
 
 impl Session {
     /// A confirm channel for one mandatory publish, held until its confirm arrives.
     pub(crate) async fn sender(&self) -> std::result::Result<SenderChannel<'_>, lapin::Error> {
-        // A free channel if there is one (a slow confirm holds up only its own); else wait
-        // for the next in turn.
-        let start = self.next_sender.fetch_add(1, Ordering::Relaxed);
-        let count = self.senders.len();
-        let free = (0..count).find_map(|i| self.senders[(start + i) % count].try_lock().ok());
+        // The first free channel (so that only as many are opened as sends run at once, and
+        // a slow confirm holds up only its own); when all are busy, the next in turn.
+        let free = self.senders.iter().find_map(|slot| slot.try_lock().ok());
         let mut slot = match free {
             Some(slot) => slot,
-            None => self.senders[start % count].lock().await,
+            None => {
+                let next = self.next_sender.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+                self.senders[next].lock().await
+            }
         };
         let channel = match slot.as_ref() {
             Some(channel) if channel.status().connected() => channel.clone(),
