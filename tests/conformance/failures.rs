@@ -670,3 +670,41 @@ pub async fn a_fault_address_that_names_no_endpoint_falls_back_to_the_response_a
     bus.stop().await.expect("stop");
     assert_eq!(received.expect("the fault reaches the response address").len(), 1);
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:FaultPanics")]
+struct FaultPanics;
+
+/// A panic the bus meets while handling a delivery outside any consumer or middleware (here:
+/// send middleware that panics on the fault it writes) moves the message to `_error` with
+/// the reason, instead of dropping it to come straight back, for ever.
+pub async fn a_panic_while_writing_the_fault_moves_the_message_to_error<F: Fixture>(fixture: &F) {
+    let name = unique("fault-panics");
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counter = attempts.clone();
+    let bus = fixture
+        .bus()
+        .send_middleware(|envelope: &mut bus_core::Envelope| {
+            if envelope.message_type.iter().any(|t| t.starts_with("urn:message:MassTransit:Fault")) {
+                panic!("send middleware bug");
+            }
+            Ok::<(), BoxError>(())
+        })
+        .receive_endpoint(&name, move |e| {
+            let counter = counter.clone();
+            e.handler(move |_: ConsumeContext<FaultPanics>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), BoxError>(Permanent::new(InventoryDown).into()) }
+            });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    bus.send(&format!("queue:{name}"), FaultPanics).await.expect("send");
+    let errors = fixture.take_messages(&format!("{name}_error"), 1, WAIT).await;
+    let again = fixture.take_messages(&name, 1, Duration::from_millis(200)).await;
+    bus.stop().await.expect("stop");
+    assert_eq!(errors.len(), 1, "the message ends in the error queue");
+    assert!(header(&errors[0], "MT-Fault-Message").contains("send middleware bug"), "{:?}", errors[0].headers);
+    assert_eq!(attempts.load(Ordering::SeqCst), 1, "consumed once");
+    assert!(again.is_empty(), "nothing came back to the queue");
+}
