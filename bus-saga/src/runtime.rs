@@ -371,4 +371,47 @@ mod tests {
             "with the token it asked with"
         );
     }
+
+    /// A repository whose lock is always held by someone else; it records unlocks.
+    #[derive(Default)]
+    struct Contended {
+        unlocks: Mutex<Vec<String>>,
+    }
+
+    impl SagaRepository<()> for Contended {
+        async fn load(&self, _: Uuid) -> Result<Option<SagaInstance<()>>> {
+            Ok(None)
+        }
+        async fn insert(&self, _: &SagaInstance<()>) -> Result<()> {
+            Ok(())
+        }
+        async fn update(&self, _: &SagaInstance<()>, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn delete(&self, _: Uuid, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn lock(&self, id: Uuid, _: &str) -> Result<bool> {
+            Err(Error::Conflict(id))
+        }
+        async fn unlock(&self, _: Uuid, token: String) -> Result<()> {
+            self.unlocks.lock().unwrap_or_else(|e| e.into_inner()).push(token);
+            Ok(())
+        }
+    }
+
+    /// A lock held by someone else was never ours: no unlock is sent for it (a round trip
+    /// to the store on every conflict, when it is busiest).
+    #[tokio::test]
+    async fn a_lock_conflict_sends_no_unlock() {
+        let repository = Arc::new(Contended::default());
+        let dyn_repository: Arc<dyn DynRepository<()>> = repository.clone();
+        let taken = LockGuard::take(dyn_repository, Uuid::nil()).await;
+        assert!(matches!(taken, Err(Error::Conflict(_))));
+        // On this single-threaded runtime, an unlock spawned by the dropped guard runs here.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+    }
 }
