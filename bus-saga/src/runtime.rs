@@ -284,21 +284,27 @@ mod tests {
     use super::*;
     use crate::{SagaInstance, SagaRepository};
 
-    /// A repository whose first unlock never finishes; it records every unlock. Its lock
-    /// takes the lock and then never answers (a reply lost to a consumer timeout).
+    /// A repository that records locks and unlocks. Its lock either never answers (a reply
+    /// lost to a consumer timeout) or finds the lock held by someone else; its first unlock
+    /// never finishes.
     #[derive(Default)]
-    struct StuckUnlock {
+    struct Recording {
+        contended: bool,
         locks: Mutex<Vec<String>>,
         unlocks: Mutex<Vec<String>>,
         unlocked: tokio::sync::Notify,
     }
 
-    impl StuckUnlock {
+    impl Recording {
+        fn unlocks(&self) -> Vec<String> {
+            self.unlocks.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        }
+
         async fn wait_unlocks(&self, n: usize) -> bool {
             let wait = async {
                 loop {
                     let notified = self.unlocked.notified();
-                    if self.unlocks.lock().unwrap_or_else(|e| e.into_inner()).len() >= n {
+                    if self.unlocks().len() >= n {
                         return;
                     }
                     notified.await;
@@ -308,7 +314,7 @@ mod tests {
         }
     }
 
-    impl SagaRepository<()> for StuckUnlock {
+    impl SagaRepository<()> for Recording {
         async fn load(&self, _: Uuid) -> Result<Option<SagaInstance<()>>> {
             Ok(None)
         }
@@ -321,7 +327,10 @@ mod tests {
         async fn delete(&self, _: Uuid, _: u64) -> Result<()> {
             Ok(())
         }
-        async fn lock(&self, _: Uuid, token: &str) -> Result<bool> {
+        async fn lock(&self, id: Uuid, token: &str) -> Result<bool> {
+            if self.contended {
+                return Err(Error::Conflict(id));
+            }
             self.locks.lock().unwrap_or_else(|e| e.into_inner()).push(token.to_owned());
             std::future::pending::<()>().await;
             Ok(true)
@@ -344,21 +353,21 @@ mod tests {
     /// guard keeps its token until the unlock returns, and unlocks again when dropped.
     #[tokio::test]
     async fn a_release_cut_short_still_unlocks() {
-        let repository = Arc::new(StuckUnlock::default());
+        let repository = Arc::new(Recording::default());
         let mut guard =
             LockGuard::<()> { repository: repository.clone(), id: Uuid::nil(), token: Some("token".to_owned()) };
         let cut_short = tokio::time::timeout(Duration::from_millis(20), guard.release()).await;
         assert!(cut_short.is_err(), "the first unlock hangs");
         drop(guard);
         assert!(repository.wait_unlocks(2).await, "dropping the guard unlocks again");
-        assert_eq!(*repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()), ["token", "token"]);
+        assert_eq!(repository.unlocks(), ["token", "token"]);
     }
 
     /// A lock whose reply never comes (the consume cut short by its timeout) is released
     /// with the token it was asked for, in case the store took it.
     #[tokio::test]
     async fn a_lock_cut_short_is_released_with_its_token() {
-        let repository = Arc::new(StuckUnlock::default());
+        let repository = Arc::new(Recording::default());
         let dyn_repository: Arc<dyn DynRepository<()>> = repository.clone();
         let cut_short =
             tokio::time::timeout(Duration::from_millis(20), LockGuard::take(dyn_repository, Uuid::nil())).await;
@@ -372,39 +381,11 @@ mod tests {
         );
     }
 
-    /// A repository whose lock is always held by someone else; it records unlocks.
-    #[derive(Default)]
-    struct Contended {
-        unlocks: Mutex<Vec<String>>,
-    }
-
-    impl SagaRepository<()> for Contended {
-        async fn load(&self, _: Uuid) -> Result<Option<SagaInstance<()>>> {
-            Ok(None)
-        }
-        async fn insert(&self, _: &SagaInstance<()>) -> Result<()> {
-            Ok(())
-        }
-        async fn update(&self, _: &SagaInstance<()>, _: u64) -> Result<()> {
-            Ok(())
-        }
-        async fn delete(&self, _: Uuid, _: u64) -> Result<()> {
-            Ok(())
-        }
-        async fn lock(&self, id: Uuid, _: &str) -> Result<bool> {
-            Err(Error::Conflict(id))
-        }
-        async fn unlock(&self, _: Uuid, token: String) -> Result<()> {
-            self.unlocks.lock().unwrap_or_else(|e| e.into_inner()).push(token);
-            Ok(())
-        }
-    }
-
     /// A lock held by someone else was never ours: no unlock is sent for it (a round trip
     /// to the store on every conflict, when it is busiest).
     #[tokio::test]
     async fn a_lock_conflict_sends_no_unlock() {
-        let repository = Arc::new(Contended::default());
+        let repository = Arc::new(Recording { contended: true, ..Recording::default() });
         let dyn_repository: Arc<dyn DynRepository<()>> = repository.clone();
         let taken = LockGuard::take(dyn_repository, Uuid::nil()).await;
         assert!(matches!(taken, Err(Error::Conflict(_))));
@@ -412,6 +393,6 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert!(repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        assert!(repository.unlocks().is_empty());
     }
 }
