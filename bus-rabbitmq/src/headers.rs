@@ -94,37 +94,25 @@ pub(crate) fn forwarded_properties(original: &BasicProperties, added: &Headers) 
     // Field by field, all but `user_id`: the broker checks it against the publishing
     // connection's user, and a message from another user would be refused for ever.
     let mut properties = BasicProperties::default().with_delivery_mode(2);
-    let text = |value: &Option<ShortString>| value.clone();
-    if let Some(v) = text(original.content_type()) {
-        properties = properties.with_content_type(v);
+    macro_rules! copy {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(value) = original.$get().clone() {
+                properties = properties.$set(value);
+            })*
+        };
     }
-    if let Some(v) = text(original.content_encoding()) {
-        properties = properties.with_content_encoding(v);
-    }
-    if let Some(v) = *original.priority() {
-        properties = properties.with_priority(v);
-    }
-    if let Some(v) = text(original.correlation_id()) {
-        properties = properties.with_correlation_id(v);
-    }
-    if let Some(v) = text(original.reply_to()) {
-        properties = properties.with_reply_to(v);
-    }
-    if let Some(v) = text(original.expiration()) {
-        properties = properties.with_expiration(v);
-    }
-    if let Some(v) = text(original.message_id()) {
-        properties = properties.with_message_id(v);
-    }
-    if let Some(v) = *original.timestamp() {
-        properties = properties.with_timestamp(v);
-    }
-    if let Some(v) = text(original.kind()) {
-        properties = properties.with_type(v);
-    }
-    if let Some(v) = text(original.app_id()) {
-        properties = properties.with_app_id(v);
-    }
+    copy!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        expiration => with_expiration,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+    );
     if table.inner().is_empty() {
         properties
     } else {

@@ -114,6 +114,36 @@ struct Running {
     loops: Vec<JoinHandle<()>>,
 }
 
+impl Running {
+    /// Stops taking deliveries, lets consumers finish within the stop timeout (then cancels
+    /// them, and waits one more timeout at most), and only then stops the response endpoint,
+    /// so that consumers finishing meanwhile still get the responses to their requests.
+    async fn shut_down(mut self, inner: &BusInner) {
+        self.stop_taking.cancel();
+        // loops[0] is the response endpoint: it runs until the consumers are done.
+        let endpoints = self.loops.split_off(1.min(self.loops.len()));
+        for handle in endpoints {
+            let _ = handle.await;
+        }
+        self.tracker.close();
+        if tokio::time::timeout(inner.stop_timeout, self.tracker.wait()).await.is_err() {
+            tracing::warn!(timeout = ?inner.stop_timeout, "consumers still running at stop timeout; cancelling them");
+            self.cancel.cancel();
+            // Consumers that honour the token end promptly; the bound keeps stop() finite
+            // even for one that does not (it settles its message whenever it finishes).
+            let _ = tokio::time::timeout(inner.stop_timeout, self.tracker.wait()).await;
+        }
+        self.stop_responses.cancel();
+        for handle in self.loops {
+            let _ = handle.await;
+        }
+        inner.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Err(error) = inner.transport.delete_endpoint(&inner.response_topology).await {
+            tracing::warn!(%error, "could not delete the bus response endpoint");
+        }
+    }
+}
+
 impl BusInner {
     /// Publishing and sending work until the bus has stopped: consumers that finish while
     /// it stops still produce their messages (they were failed, and dead-lettered, before).
@@ -179,17 +209,7 @@ impl Bus {
             let stream = match started.await {
                 Ok(stream) => stream,
                 Err(error) => {
-                    stop_taking.cancel();
-                    let (responses, endpoints) = loops.split_at_mut(1);
-                    for handle in endpoints {
-                        let _ = handle.await;
-                    }
-                    tracker.close();
-                    let _ = tokio::time::timeout(inner.stop_timeout, tracker.wait()).await;
-                    stop_responses.cancel();
-                    for handle in responses {
-                        let _ = handle.await;
-                    }
+                    Running { stop_taking, stop_responses, cancel, tracker, loops }.shut_down(inner).await;
                     inner.state.store(before, Ordering::Release);
                     return Err(error);
                 }
@@ -212,29 +232,8 @@ impl Bus {
         let inner = &self.inner;
         let mut running = inner.running.lock().await;
         inner.state.store(STOPPING, Ordering::Release);
-        if let Some(mut run) = running.take() {
-            run.stop_taking.cancel();
-            // loops[0] is the response endpoint: it runs until the consumers are done.
-            let endpoints = run.loops.split_off(1);
-            for handle in endpoints {
-                let _ = handle.await;
-            }
-            run.tracker.close();
-            if tokio::time::timeout(inner.stop_timeout, run.tracker.wait()).await.is_err() {
-                tracing::warn!(timeout = ?inner.stop_timeout, "consumers still running at stop timeout; cancelling them");
-                run.cancel.cancel();
-                // Consumers that honour the token end promptly; the bound keeps stop() finite
-                // even for one that does not (it settles its message whenever it finishes).
-                let _ = tokio::time::timeout(inner.stop_timeout, run.tracker.wait()).await;
-            }
-            run.stop_responses.cancel();
-            for handle in run.loops {
-                let _ = handle.await;
-            }
-            inner.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            if let Err(error) = inner.transport.delete_endpoint(&inner.response_topology).await {
-                tracing::warn!(%error, "could not delete the bus response endpoint");
-            }
+        if let Some(run) = running.take() {
+            run.shut_down(inner).await;
         }
         inner.state.store(STOPPED, Ordering::Release);
         tracing::info!(address = %inner.address, "bus stopped");
