@@ -19,6 +19,9 @@ use crate::{Headers, HostInfo};
 /// consumers of different contracts each read it as their own type and an unknown type
 /// costs no parsing.
 ///
+/// Its `Deserialize` reads from text held in memory (`serde_json::from_str` or `from_slice`,
+/// as [`Envelope::from_json`] does), not from a reader: parts of it are borrowed while read.
+///
 /// ```
 /// use bus_core::Envelope;
 /// let json = br#"{"MessageId":"0a790000-5d3a-0015-4ccf-08dd5f3c2a41",
@@ -650,8 +653,9 @@ impl<'de> Deserialize<'de> for Envelope {
                             env.headers = map.next_value::<Option<Headers>>()?.unwrap_or_default();
                         }
                         Field::Host => {
-                            let raw = map.next_value::<Box<RawValue>>()?;
-                            env.host = read_host(&raw).map_err(de::Error::custom)?;
+                            // Borrowed, not copied: it is only compared with the last host read.
+                            let raw = map.next_value::<&'de RawValue>()?;
+                            env.host = read_host(raw).map_err(de::Error::custom)?;
                         }
                         Field::Other => {
                             map.next_value::<de::IgnoredAny>()?;

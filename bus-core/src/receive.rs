@@ -1,6 +1,5 @@
 //! The receive path of one endpoint: delivery -> envelope -> consumers -> settlement.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -38,7 +37,9 @@ pub(crate) struct EndpointRuntime {
     info: Arc<EndpointInfo>,
     settings: EndpointSettings,
     consumers: Vec<ConsumerEntry>,
-    by_type: HashMap<&'static str, Vec<usize>>,
+    /// foldhash: looked up for every delivery; a fixed table, so keys from the wire cannot
+    /// grow it.
+    by_type: foldhash::HashMap<&'static str, Vec<usize>>,
     system: &'static str,
     endpoint_attributes: [KeyValue; 1],
     /// The endpoint's name, shared by the attributes of its spans.
@@ -49,7 +50,7 @@ impl EndpointRuntime {
     pub(crate) fn new(builder: ReceiveEndpointBuilder, address: String, system: &'static str) -> Self {
         let ReceiveEndpointBuilder { name, settings, middleware, consumers: registrations } = builder;
         let mut consumers = Vec::with_capacity(registrations.len());
-        let mut by_type: HashMap<&'static str, Vec<usize>> = HashMap::new();
+        let mut by_type: foldhash::HashMap<&'static str, Vec<usize>> = foldhash::HashMap::default();
         let mut message_types = Vec::new();
         for (index, registration) in registrations.into_iter().enumerate() {
             let config = registration.config;

@@ -41,10 +41,11 @@ struct Topology {
     exchanges: HashMap<String, HashSet<Binding>>,
     queues: HashMap<String, QueueRef>,
     /// Queues each exchange reaches, computed on first use; cleared when bindings change.
-    routes: HashMap<String, Arc<[QueueRef]>>,
+    /// (foldhash for this map and the next: both are looked up on every publish.)
+    routes: foldhash::HashMap<String, Arc<[QueueRef]>>,
     /// Message types published at least once (their contract bindings are made), with
     /// their exchange's name.
-    published: HashMap<String, Arc<str>>,
+    published: foldhash::HashMap<String, Arc<str>>,
 }
 
 impl Topology {

@@ -88,8 +88,9 @@ pub(crate) struct BusInner {
     pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
     pub(crate) metrics: BusMetrics,
     pub(crate) tracer: crate::telemetry::BusTracer,
-    /// Per published message type: its exchange name and address.
-    pub(crate) destinations: std::sync::RwLock<HashMap<&'static str, Destination>>,
+    /// Per published message type: its exchange name and address. (foldhash: looked up on
+    /// every publish, and SipHash was most of the lookup; the keys are our own types.)
+    pub(crate) destinations: std::sync::RwLock<foldhash::HashMap<&'static str, Destination>>,
     /// Address of the bus's own (response) endpoint.
     pub(crate) address: String,
     response_topology: EndpointTopology,
