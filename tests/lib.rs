@@ -76,6 +76,7 @@ macro_rules! conformance_suite {
             request_returns_the_typed_response,
             request_without_responder_times_out,
             request_whose_consumer_fails_returns_the_fault,
+            messages_answering_no_request_go_to_the_response_endpoints_error_and_skipped_queues,
             always_failing_consumer_is_retried_then_moved_to_error_with_one_fault,
             redelivered_failures_produce_one_fault_after_the_last_redelivery,
             consumer_failing_twice_then_succeeding_publishes_only_from_the_successful_attempt,

@@ -44,6 +44,7 @@ mod bus;
 mod consume_error;
 mod consumer;
 mod context;
+mod dead_letter;
 mod endpoint;
 mod endpoint_name;
 pub mod envelope;

@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::context::ReceiveState;
+use crate::dead_letter::{self, truncate};
 use crate::endpoint::{EndpointInfo, EndpointSettings, ReceiveEndpointBuilder};
-use crate::envelope::format_time;
 use crate::headers::names;
 use crate::middleware::{panic_message, CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
 use crate::observer::guarded;
@@ -335,7 +335,7 @@ impl EndpointRuntime {
         if let Err(fault_error) = inner.emit_fault(&state.envelope, &error, consumer_type, &self.info.address).await {
             tracing::warn!(endpoint = %self.info.name, error = %fault_error, "could not emit the fault");
         }
-        let mut headers = self.fault_headers(bus, error.exception_type(), error.message());
+        let mut headers = dead_letter::fault_headers(bus, &self.info.address, error.exception_type(), error.message());
         headers.insert("MT-Fault-ConsumerType", consumer_type);
         headers.insert("MT-Fault-MessageType", state.envelope.message_type.first().cloned().unwrap_or_default());
         headers.insert("MT-Fault-RetryCount", error.retry_count());
@@ -348,50 +348,17 @@ impl EndpointRuntime {
         };
         headers.insert("MT-Fault-StackTrace", truncate(&trace, 4096));
         let queue = self.topology.error_queue();
-        self.notify_dead_letter(bus, &queue, error.message(), message);
+        dead_letter::notify(bus, &queue, error.message(), message);
         Settlement::MoveTo { queue, headers }
     }
 
     /// A message that cannot be read at all: straight to `_error`, never retried, no fault
     /// (there is no message to put in one).
     fn unreadable(&self, bus: &Bus, message: &TransportMessage, exception_type: &str, error: &Error) -> Settlement {
-        let reason = error.to_string();
-        tracing::error!(endpoint = %self.info.name, %reason, "unreadable message moved to the error queue");
-        let headers = self.fault_headers(bus, exception_type, &reason);
-        let queue = self.topology.error_queue();
-        self.notify_dead_letter(bus, &queue, &reason, message);
-        Settlement::MoveTo { queue, headers }
+        dead_letter::unreadable(bus, &self.topology, &self.info.address, message, exception_type, error)
     }
 
     fn skip(&self, bus: &Bus, message: &TransportMessage) -> Settlement {
-        let queue = self.topology.skipped_queue();
-        let mut headers = Headers::new();
-        headers.insert(names::REASON, "dead-letter");
-        self.notify_dead_letter(bus, &queue, "dead-letter", message);
-        Settlement::MoveTo { queue, headers }
-    }
-
-    fn notify_dead_letter(&self, bus: &Bus, queue: &str, reason: &str, message: &TransportMessage) {
-        for observer in &bus.inner.observers {
-            guarded(|| observer.on_dead_letter(queue, reason, message));
-        }
-    }
-
-    fn fault_headers(&self, bus: &Bus, exception_type: &str, message: &str) -> Headers {
-        let mut headers = Headers::new();
-        headers.insert(names::REASON, "fault");
-        headers.insert("MT-Fault-ExceptionType", exception_type);
-        headers.insert("MT-Fault-Message", truncate(message, 4096));
-        headers.insert("MT-Fault-Timestamp", format_time(&chrono::Utc::now()));
-        headers.insert("MT-Fault-InputAddress", self.info.address.as_str());
-        bus.inner.host.to_fault_headers(&mut headers);
-        headers
-    }
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((cut, _)) => text[..cut].to_owned(),
-        None => text.to_owned(),
+        dead_letter::skipped(bus, &self.topology, message)
     }
 }

@@ -174,6 +174,13 @@ pub trait Transport: Send + Sync + 'static {
     /// Resolves when the broker has taken the message.
     fn send(&self, destination: &str, message: TransportMessage) -> impl Future<Output = Result<()>> + Send;
 
+    /// Declares, idempotently, the `_error` and `_skipped` queues of a temporary endpoint,
+    /// which [`declare_endpoint`](Self::declare_endpoint) leaves out. The bus declares them
+    /// when a message on its response endpoint first needs one (one that cannot be read, a
+    /// response nobody waits for), so a response endpoint leaves queues behind only when
+    /// something went there, as MassTransit's bus endpoint does. Durable, as any endpoint's.
+    fn declare_dead_letter_queues(&self, topology: &EndpointTopology) -> impl Future<Output = Result<()>> + Send;
+
     /// Starts consuming a declared endpoint with at most `topology.prefetch` unsettled deliveries.
     fn consume(&self, topology: &EndpointTopology) -> impl Future<Output = Result<DeliveryStream>> + Send;
 
@@ -198,6 +205,7 @@ pub(crate) trait DynTransport: Send + Sync + 'static {
     fn publish<'a>(&'a self, types: &'a [&'a str], message: TransportMessage) -> BoxFuture<'a, Result<()>>;
     fn send<'a>(&'a self, destination: &'a str, message: TransportMessage) -> BoxFuture<'a, Result<()>>;
     fn consume<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<DeliveryStream>>;
+    fn declare_dead_letter_queues<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>>;
     fn delete_endpoint<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>>;
     fn endpoint_health(&self, queue: &str) -> EndpointHealth;
 }
@@ -220,6 +228,9 @@ impl<T: Transport> DynTransport for T {
     }
     fn consume<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<DeliveryStream>> {
         Box::pin(Transport::consume(self, topology))
+    }
+    fn declare_dead_letter_queues<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>> {
+        Box::pin(Transport::declare_dead_letter_queues(self, topology))
     }
     fn delete_endpoint<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>> {
         Box::pin(Transport::delete_endpoint(self, topology))

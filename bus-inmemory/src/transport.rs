@@ -153,6 +153,11 @@ impl InMemoryTransport {
         self.read().queues.get(name).cloned()
     }
 
+    fn declare_dead_letters(&self, topology: &mut Topology, endpoint: &EndpointTopology) {
+        self.declare_queue(topology, &endpoint.error_queue(), false);
+        self.declare_queue(topology, &endpoint.skipped_queue(), false);
+    }
+
     fn declare_queue(&self, topology: &mut Topology, name: &str, temporary: bool) {
         if !topology.queues.contains_key(name) {
             let queue = Arc::new(Queue::new(name.to_owned(), self.broker.options.queue_capacity, temporary));
@@ -248,8 +253,7 @@ impl Transport for InMemoryTransport {
         let name = endpoint.queue.as_str();
         self.declare_queue(&mut topology, name, endpoint.temporary);
         if !endpoint.temporary {
-            self.declare_queue(&mut topology, &endpoint.error_queue(), false);
-            self.declare_queue(&mut topology, &endpoint.skipped_queue(), false);
+            self.declare_dead_letters(&mut topology, endpoint);
         }
         for urn in &endpoint.message_types {
             topology.exchange(&entity_name(urn)).insert(Binding::Exchange(name.to_owned()));
@@ -289,6 +293,11 @@ impl Transport for InMemoryTransport {
             Some(route) if !route.is_empty() => self.deliver(&route, message).await,
             _ => Err(Error::Unroutable { destination: destination.to_owned() }.into()),
         }
+    }
+
+    async fn declare_dead_letter_queues(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
+        self.declare_dead_letters(&mut self.write(), endpoint);
+        Ok(())
     }
 
     async fn consume(&self, endpoint: &EndpointTopology) -> bus_core::Result<DeliveryStream> {

@@ -12,7 +12,8 @@
 //! - `{queue}_error` and `{queue}_skipped`, each a queue with its exchange;
 //! - delayed redelivery without any plugin: one queue per delay, `{queue}_delay_{ms}ms`,
 //!   with `x-message-ttl` and a dead-letter exchange that routes back to the endpoint;
-//! - the bus's response endpoint is temporary (auto-delete), deleted when the bus stops.
+//! - the bus's response endpoint is temporary (auto-delete), deleted when the bus stops;
+//!   its `_error` and `_skipped` queues are durable, declared when a message first needs one.
 //!
 //! # Recovery
 //!

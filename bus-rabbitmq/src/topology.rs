@@ -97,9 +97,7 @@ pub(crate) async fn declare_endpoint(
                 .map_err(refused(format!("binding exchange `{source}` to `{name}`")))?;
         }
         if !temporary {
-            for dead_letters in [endpoint.error_queue(), endpoint.skipped_queue()] {
-                queue_with_exchange(channel, &dead_letters, true, false, queue_arguments(queue_type, false)).await?;
-            }
+            dead_letter_queues(channel, endpoint, queue_type).await?;
             for delay in &endpoint.redelivery_delays {
                 let mut arguments = queue_arguments(queue_type, false);
                 let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -111,6 +109,22 @@ pub(crate) async fn declare_endpoint(
         Ok(())
     })
     .await
+}
+
+/// Declares an endpoint's `_error` and `_skipped` queues, each with its exchange.
+pub(crate) async fn declare_dead_letter_queues(
+    connection: &Connection,
+    endpoint: &EndpointTopology,
+    queue_type: QueueType,
+) -> Result<()> {
+    with_channel(connection, async |channel| dead_letter_queues(channel, endpoint, queue_type).await).await
+}
+
+async fn dead_letter_queues(channel: &Channel, endpoint: &EndpointTopology, queue_type: QueueType) -> Result<()> {
+    for dead_letters in [endpoint.error_queue(), endpoint.skipped_queue()] {
+        queue_with_exchange(channel, &dead_letters, true, false, queue_arguments(queue_type, false)).await?;
+    }
+    Ok(())
 }
 
 /// Declares a message type's exchange and binds it to the exchanges of the contracts it lists.

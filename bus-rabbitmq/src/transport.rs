@@ -252,6 +252,12 @@ impl Transport for RabbitMqTransport {
         }
     }
 
+    async fn declare_dead_letter_queues(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
+        let session = self.shared.session(self.deadline()).await?;
+        topology::declare_dead_letter_queues(&session.connection, endpoint, self.shared.options.queue_type).await?;
+        Ok(())
+    }
+
     async fn consume(&self, endpoint: &EndpointTopology) -> bus_core::Result<DeliveryStream> {
         let state = Arc::new(Mutex::new(ConsumerState::Starting));
         self.state.consumers.lock().unwrap_or_else(|e| e.into_inner()).insert(endpoint.queue.clone(), state.clone());

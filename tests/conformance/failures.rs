@@ -12,7 +12,7 @@ use bus_core::{
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::support::{log, record};
+use super::support::{header, log, raw, record};
 use crate::{unique, Fixture, WAIT};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
@@ -36,10 +36,6 @@ impl std::fmt::Display for InventoryDown {
 }
 
 impl std::error::Error for InventoryDown {}
-
-fn header<'a>(message: &'a TransportMessage, name: &str) -> &'a str {
-    message.headers.get_str(name).unwrap_or_else(|| panic!("header {name} missing: {:?}", message.headers))
-}
 
 /// Runs a consumer that always fails under `retry` and `redelivery`; checks attempts, the
 /// error queue with its headers, and exactly one fault.
@@ -256,15 +252,6 @@ pub async fn unknown_message_type_goes_to_skipped_queue<F: Fixture>(fixture: &F)
     assert_eq!(header(&skipped[0], "MT-Reason"), "dead-letter");
     let body: serde_json::Value = serde_json::from_slice(&skipped[0].body).expect("envelope");
     assert_eq!(body["message"]["n"], 9);
-}
-
-fn raw(body: impl Into<Bytes>, content_type: &'static str) -> TransportMessage {
-    TransportMessage {
-        body: body.into(),
-        content_type: Some(content_type.into()),
-        headers: Headers::new(),
-        ..Default::default()
-    }
 }
 
 /// Malformed JSON, an unknown content type and an oversized body go straight to `_error`

@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use bus_core::{BoxError, ConsumeContext, Error, Message};
+use bus_core::{BoxError, ConsumeContext, Error, Message, Transport};
 use serde::{Deserialize, Serialize};
 
+use super::support::{header, raw};
 use crate::{unique, Fixture};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
@@ -108,4 +109,54 @@ pub async fn request_whose_consumer_fails_returns_the_fault<F: Fixture>(fixture:
     }
     assert!(waited < Duration::from_secs(10), "the fault came back before the timeout");
     assert_eq!(errors.len(), 1, "the failed request is in the error queue");
+}
+
+/// What reaches the bus's response endpoint and answers no request is kept, as on any
+/// endpoint: a message that cannot be read goes to the endpoint's `_error` queue with the
+/// reason, a response nobody waits for (its requester timed out, say) to `_skipped`; and
+/// the endpoint goes on answering requests.
+pub async fn messages_answering_no_request_go_to_the_response_endpoints_error_and_skipped_queues<F: Fixture>(
+    fixture: &F,
+) {
+    let name = unique("payments");
+    let bus = fixture
+        .bus()
+        .receive_endpoint(&name, |e| {
+            e.handler(|ctx: ConsumeContext<CheckPayment>| async move {
+                let amount = ctx.message().amount;
+                ctx.respond(PaymentChecked { approved: true, amount }).await?;
+                Ok::<_, BoxError>(())
+            });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let address = bus.address().to_owned();
+    let queue = address.rsplit('/').next().and_then(|last| last.split('?').next()).expect("queue name").to_owned();
+    let transport = fixture.transport();
+    transport.send(&queue, raw(&b"{not json"[..], "application/vnd.masstransit+json")).await.expect("raw send");
+    let late = format!(
+        r#"{{"requestId":"{}","messageType":["{}"],"message":{{"approved":true,"amount":7}}}}"#,
+        uuid::Uuid::new_v4(),
+        PaymentChecked::message_type()
+    );
+    transport.send(&queue, raw(late.into_bytes(), "application/vnd.masstransit+json")).await.expect("raw send");
+    let errors = fixture.take_messages(&format!("{queue}_error"), 1, crate::WAIT).await;
+    let skipped = fixture.take_messages(&format!("{queue}_skipped"), 1, crate::WAIT).await;
+    let answered = bus
+        .request_client::<CheckPayment>()
+        .with_destination(format!("queue:{name}"))
+        .request::<PaymentChecked>(CheckPayment { amount: 3 })
+        .await;
+    bus.stop().await.expect("stop");
+
+    assert_eq!(errors.len(), 1, "the unreadable message is in the response endpoint's error queue");
+    assert_eq!(&errors[0].body[..], b"{not json", "kept as it came");
+    assert_eq!(header(&errors[0], "MT-Reason"), "fault");
+    assert_eq!(header(&errors[0], "MT-Fault-ExceptionType"), "SerializationException");
+    assert!(header(&errors[0], "MT-Fault-Message").contains("not valid JSON"), "{:?}", errors[0].headers);
+    assert_eq!(header(&errors[0], "MT-Fault-InputAddress"), address);
+    assert_eq!(skipped.len(), 1, "the response nobody waits for is in the skipped queue");
+    assert!(String::from_utf8_lossy(&skipped[0].body).contains(r#""amount":7"#));
+    assert_eq!(header(&skipped[0], "MT-Reason"), "dead-letter");
+    assert_eq!(answered.expect("the endpoint still answers").message().amount, 3);
 }

@@ -93,7 +93,7 @@ pub(crate) struct BusInner {
     pub(crate) destinations: std::sync::RwLock<foldhash::HashMap<&'static str, Destination>>,
     /// Address of the bus's own (response) endpoint.
     pub(crate) address: String,
-    response_topology: EndpointTopology,
+    pub(crate) response_topology: EndpointTopology,
     endpoints: Vec<Arc<EndpointRuntime>>,
     state: AtomicU8,
     pub(crate) pending: Mutex<HashMap<Uuid, oneshot::Sender<Envelope>>>,

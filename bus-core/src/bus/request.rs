@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Bus, BusInner};
+use crate::dead_letter;
 use crate::fault::FAULT_URN;
 use crate::{DeliveryStream, Envelope, Error, Message, Result, SendOptions, Settlement};
 
@@ -148,8 +149,14 @@ impl Bus {
 }
 
 /// Consumes the bus's own endpoint: every message there answers a pending request.
+///
+/// What answers none goes where MassTransit's bus endpoint puts it: a message that cannot be
+/// read to the endpoint's `_error` queue with the reason, a response whose requester is gone
+/// (it timed out, say) to `_skipped`. Those two queues are declared when first needed.
 pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStream, stop: CancellationToken) {
     let inner = &bus.inner;
+    let topology = &inner.response_topology;
+    let mut dead_letters_declared = false;
     loop {
         let delivery = tokio::select! {
             biased;
@@ -159,23 +166,44 @@ pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStre
                 None => break,
             },
         };
-        match inner.serializers.deserialize(delivery.message()) {
+        let settlement = match inner.serializers.deserialize(delivery.message()) {
             Ok(envelope) => {
-                let waiting = envelope
-                    .request_id
-                    .and_then(|id| inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id));
-                match waiting {
-                    // The requester may have given up just now; then the response has nobody to go to.
-                    Some(tx) => drop(tx.send(envelope)),
-                    None => {
-                        tracing::debug!(request_id = ?envelope.request_id, "response for no pending request dropped")
+                let request_id = envelope.request_id;
+                let waiting =
+                    request_id.and_then(|id| inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id));
+                // The requester may have given up just now; then the response has nobody to go to.
+                match waiting.map(|tx| tx.send(envelope)) {
+                    Some(Ok(())) => Settlement::Ack,
+                    _ => {
+                        tracing::info!(?request_id, "response for no pending request moved to the skipped queue");
+                        dead_letter::skipped(&bus, topology, delivery.message())
                     }
                 }
             }
-            Err(error) => tracing::warn!(%error, "unreadable message on the bus response endpoint dropped"),
+            Err(error) => {
+                let kind = match &error {
+                    Error::UnsupportedContentType(_) => "UnsupportedContentType",
+                    _ => "SerializationException",
+                };
+                dead_letter::unreadable(&bus, topology, &inner.address, delivery.message(), kind, &error)
+            }
+        };
+        if matches!(settlement, Settlement::MoveTo { .. }) && !dead_letters_declared {
+            match inner.transport.declare_dead_letter_queues(topology).await {
+                Ok(()) => dead_letters_declared = true,
+                Err(error) => {
+                    // With the connection down, the ack fails too and the broker delivers it
+                    // again later. A refused declaration stays refused: moving the message
+                    // would fail and requeue it, round and round, on an endpoint whose
+                    // messages go with it when the bus stops anyway.
+                    tracing::error!(%error, "could not declare the response endpoint's dead-letter queues; message dropped");
+                    let _ = delivery.settle(Settlement::Ack).await;
+                    continue;
+                }
+            }
         }
-        if let Err(error) = delivery.settle(Settlement::Ack).await {
-            tracing::warn!(%error, "could not acknowledge a response");
+        if let Err(error) = delivery.settle(settlement).await {
+            tracing::warn!(%error, "could not settle a delivery on the response endpoint");
         }
     }
 }
