@@ -36,6 +36,14 @@ pub(crate) fn unreadable(
     Settlement::MoveTo { queue, headers }
 }
 
+/// The exception type recorded for a message that could not be read because of `error`.
+pub(crate) fn unreadable_type(error: &Error) -> &'static str {
+    match error {
+        Error::UnsupportedContentType(_) => "UnsupportedContentType",
+        _ => "SerializationException",
+    }
+}
+
 /// A message nobody here consumes: to `_skipped`.
 pub(crate) fn skipped(bus: &Bus, topology: &EndpointTopology, message: &TransportMessage) -> Settlement {
     let queue = topology.skipped_queue();

@@ -166,13 +166,7 @@ impl EndpointRuntime {
         }
         let envelope = match inner.serializers.deserialize(message) {
             Ok(envelope) => envelope,
-            Err(error) => {
-                let kind = match &error {
-                    Error::UnsupportedContentType(_) => "UnsupportedContentType",
-                    _ => "SerializationException",
-                };
-                return self.unreadable(bus, message, kind, &error);
-            }
+            Err(error) => return self.unreadable(bus, message, dead_letter::unreadable_type(&error), &error),
         };
         let producer = telemetry::extract_producer(&envelope.headers);
         let span = telemetry::receive_span(&inner.tracer, self.system, &self.span_destination, &envelope, producer);

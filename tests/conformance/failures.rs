@@ -6,10 +6,7 @@ use std::time::Duration;
 
 use bus_core::middleware::RetryPolicy;
 use bus_core::testing::{BusRecorder, MessageLog};
-use bus_core::{
-    BoxError, ConsumeContext, Fault, Headers, Message, Permanent, RedeliveryPolicy, Transport, TransportMessage,
-};
-use bytes::Bytes;
+use bus_core::{BoxError, ConsumeContext, Fault, Message, Permanent, RedeliveryPolicy, Transport};
 use serde::{Deserialize, Serialize};
 
 use super::support::{header, log, raw, record};

@@ -23,8 +23,9 @@ struct PaymentChecked {
     amount: u32,
 }
 
-/// A request gets the typed response its consumer sends back, with the request's id.
-pub async fn request_returns_the_typed_response<F: Fixture>(fixture: &F) {
+/// A bus with an endpoint that answers `CheckPayment`, approving amounts under 100; and the
+/// endpoint's name.
+fn payments_bus<F: Fixture>(fixture: &F) -> (String, bus_core::Bus) {
     let name = unique("payments");
     let bus = fixture
         .bus()
@@ -36,6 +37,12 @@ pub async fn request_returns_the_typed_response<F: Fixture>(fixture: &F) {
             });
         })
         .build();
+    (name, bus)
+}
+
+/// A request gets the typed response its consumer sends back, with the request's id.
+pub async fn request_returns_the_typed_response<F: Fixture>(fixture: &F) {
+    let (name, bus) = payments_bus(fixture);
     bus.start().await.expect("bus starts");
     let client = bus.request_client::<CheckPayment>().with_destination(format!("queue:{name}"));
     let approved = client.request::<PaymentChecked>(CheckPayment { amount: 40 }).await.expect("response");
@@ -118,17 +125,7 @@ pub async fn request_whose_consumer_fails_returns_the_fault<F: Fixture>(fixture:
 pub async fn messages_answering_no_request_go_to_the_response_endpoints_error_and_skipped_queues<F: Fixture>(
     fixture: &F,
 ) {
-    let name = unique("payments");
-    let bus = fixture
-        .bus()
-        .receive_endpoint(&name, |e| {
-            e.handler(|ctx: ConsumeContext<CheckPayment>| async move {
-                let amount = ctx.message().amount;
-                ctx.respond(PaymentChecked { approved: true, amount }).await?;
-                Ok::<_, BoxError>(())
-            });
-        })
-        .build();
+    let (name, bus) = payments_bus(fixture);
     bus.start().await.expect("bus starts");
     let address = bus.address().to_owned();
     let queue = address.rsplit('/').next().and_then(|last| last.split('?').next()).expect("queue name").to_owned();

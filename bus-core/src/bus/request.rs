@@ -172,8 +172,8 @@ pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStre
                 let waiting =
                     request_id.and_then(|id| inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id));
                 // The requester may have given up just now; then the response has nobody to go to.
-                match waiting.map(|tx| tx.send(envelope)) {
-                    Some(Ok(())) => Settlement::Ack,
+                match waiting.map(|tx| tx.send(envelope).is_ok()) {
+                    Some(true) => Settlement::Ack,
                     _ => {
                         tracing::info!(?request_id, "response for no pending request moved to the skipped queue");
                         dead_letter::skipped(&bus, topology, delivery.message())
@@ -181,10 +181,7 @@ pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStre
                 }
             }
             Err(error) => {
-                let kind = match &error {
-                    Error::UnsupportedContentType(_) => "UnsupportedContentType",
-                    _ => "SerializationException",
-                };
+                let kind = dead_letter::unreadable_type(&error);
                 dead_letter::unreadable(&bus, topology, &inner.address, delivery.message(), kind, &error)
             }
         };
