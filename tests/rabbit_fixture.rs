@@ -106,16 +106,22 @@ impl Fixture for RabbitFixture {
     }
 
     async fn take_messages(&self, queue: &str, n: usize, timeout: Duration) -> Vec<TransportMessage> {
-        let channel = self.channel().await;
+        let mut channel = self.channel().await;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut taken = Vec::new();
         loop {
-            // Drain what is there now.
-            while let Some(message) = channel
-                .basic_get(queue.into(), BasicGetOptions::default())
-                .await
-                .unwrap_or_else(|e| panic!("basic.get on `{queue}` fails: {e}"))
-            {
+            // Drain what is there now. A queue that does not exist yet holds nothing yet (the
+            // bus declares some when first needed); the refusal closed the channel.
+            loop {
+                let message = match channel.basic_get(queue.into(), BasicGetOptions::default()).await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(e) if e.to_string().contains("NOT_FOUND") => {
+                        channel = self.channel().await;
+                        break;
+                    }
+                    Err(e) => panic!("basic.get on `{queue}` fails: {e}"),
+                };
                 let delivery = message.delivery;
                 delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
                 taken.push(bus_rabbitmq::testing::transport_message(delivery.data, &delivery.properties));

@@ -43,22 +43,29 @@ pub async fn stop_and_restart_mid_run_loses_nothing<F: Fixture>(fixture: &F) {
     bus.start().await.expect("bus starts");
     let sender = fixture.bus().build();
     let address = format!("queue:{name}");
-    let producer = {
-        let sender = sender.clone();
-        let address = address.clone();
-        tokio::spawn(async move {
-            for n in 0..COUNT {
-                sender.send(&address, Numbered { n }).await?;
-            }
-            Ok::<_, Error>(())
+    // Four producers: a send waits for the broker's confirm, and one at a time they were
+    // too slow on a loaded two-core machine to reach a third before the wait ran out.
+    const PRODUCERS: u32 = 4;
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|first| {
+            let sender = sender.clone();
+            let address = address.clone();
+            tokio::spawn(async move {
+                for n in (first..COUNT).step_by(PRODUCERS as usize) {
+                    sender.send(&address, Numbered { n }).await?;
+                }
+                Ok::<_, Error>(())
+            })
         })
-    };
+        .collect();
     all.wait_for::<Numbered>(COUNT as usize / 3, WAIT).await.expect("a third consumed");
     bus.stop().await.expect("stop mid-run");
     assert!(bus.publish(Numbered { n: 0 }).await.is_err(), "publishing after stop fails");
     let consumed_at_stop = all.len();
     bus.start().await.expect("restart");
-    producer.await.expect("producer task").expect("every send accepted");
+    for producer in producers {
+        producer.await.expect("producer task").expect("every send accepted");
+    }
     let complete = async {
         loop {
             if seen.lock().expect("lock").len() == COUNT as usize {
