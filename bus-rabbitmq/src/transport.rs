@@ -151,6 +151,13 @@ impl RabbitMqTransport {
         self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
     }
 
+    /// Forgets that `exchange` exists (it was deleted behind the bus's back), as a
+    /// destination and as any type's publish exchange, so that it is checked or declared again.
+    fn forget(&self, exchange: &str) {
+        self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(exchange);
+        self.state.publish_exchanges.write().unwrap_or_else(|e| e.into_inner()).retain(|_, known| &**known != exchange);
+    }
+
     async fn ensure_publish_exchange(&self, message_types: &[&str], deadline: Instant) -> Result<Arc<str>> {
         let Some((first, contracts)) = message_types.split_first() else {
             return Err(Error::Configuration("a published message needs a message type".into()));
@@ -217,10 +224,23 @@ impl Transport for RabbitMqTransport {
     async fn publish(&self, message_types: &[&str], message: TransportMessage) -> bus_core::Result<()> {
         // One bound for the whole publish, declaration included.
         let deadline = self.deadline();
-        let exchange = self.ensure_publish_exchange(message_types, deadline).await?;
         let properties = properties(&message, true);
-        publish(&self.shared, &exchange, "", &message.body, &properties, false, deadline).await?;
-        Ok(())
+        let mut declared_again = false;
+        loop {
+            let exchange = self.ensure_publish_exchange(message_types, deadline).await?;
+            match publish(&self.shared, &exchange, "", &message.body, &properties, false, deadline).await {
+                // The exchange of this type, or of another published on the same channel, was
+                // deleted behind the bus's back: the broker closed the channel and dropped what
+                // came after the refused publish, this message included. Declared again (the
+                // cache would say it exists for ever), it is published once more, as
+                // MassTransit declares its topology again on a new channel.
+                Err(Error::Refused { source, .. }) if !declared_again && is_not_found(&source) => {
+                    self.forget(&exchange);
+                    declared_again = true;
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     async fn send(&self, destination: &str, message: TransportMessage) -> bus_core::Result<()> {
@@ -242,10 +262,9 @@ impl Transport for RabbitMqTransport {
         }
         let properties = properties(&message, true);
         match publish(&self.shared, destination, "", &message.body, &properties, true, deadline).await {
-            Err(Error::Refused { source, .. }) if matches!(source.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) =>
-            {
+            Err(Error::Refused { source, .. }) if is_not_found(&source) => {
                 // Deleted since we saw it (a requester's temporary endpoint, say).
-                self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+                self.forget(destination);
                 Err(Error::Unroutable(destination.to_owned()).into())
             }
             other => Ok(other?),
@@ -305,4 +324,9 @@ impl Transport for RabbitMqTransport {
             }
         }
     }
+}
+
+/// Whether the broker refused an operation because something it names does not exist (404).
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
 }

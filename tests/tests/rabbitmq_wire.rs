@@ -623,3 +623,40 @@ fn a_message_moved_to_error_keeps_its_original_properties() {
         assert!(header("MT-Fault-Message").is_some(), "the reason is added: {headers:?}");
     });
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Tests:ExchangeDeletedBehind")]
+struct ExchangeDeletedBehind {
+    n: u32,
+}
+
+/// A message type's exchange deleted behind the bus's back (by an operator, say) is declared
+/// again by the type's next publishes, which succeed; so do publishes of another type in
+/// flight on the same channels, which the broker closes over the missing exchange.
+#[test]
+fn a_type_exchange_deleted_behind_the_bus_is_declared_again_by_its_next_publish() {
+    use futures::FutureExt as _;
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        // A transport of its own: its publish channels are closed on purpose.
+        let transport = bus_rabbitmq::RabbitMqTransport::connect(fixture.uri()).await.expect("connect");
+        let bus = bus_core::Bus::builder(transport.clone()).build();
+        bus.publish(ExchangeDeletedBehind { n: 0 }).await.expect("the first publish declares the exchange");
+        bus.publish(AfterReopen { n: 0 }).await.expect("another type's exchange is declared");
+        let exchange = bus_core::message::entity_name(ExchangeDeletedBehind::message_type());
+        let channel = fixture.channel().await;
+        channel
+            .exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+            .await
+            .expect("delete");
+        let deleted = (1..200).map(|n| bus.publish(ExchangeDeletedBehind { n }).boxed());
+        let other = (1..200).map(|n| bus.publish(AfterReopen { n }).boxed());
+        all_succeed(deleted.chain(other)).await;
+        let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
+        channel
+            .exchange_declare(exchange.as_str().into(), lapin::ExchangeKind::Fanout, passive, FieldTable::default())
+            .await
+            .expect("the exchange exists again");
+        transport.close().await;
+    });
+}
