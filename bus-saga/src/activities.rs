@@ -10,7 +10,8 @@ use crate::instance::FINAL;
 use crate::{Error, SagaInstance};
 
 /// How a produced message leaves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum ProducedKind {
     /// Published.
     Publish,
@@ -77,6 +78,8 @@ impl<S, E> Clone for Activity<S, E> {
 /// The activities run when event `E` arrives, in order. Start with [`when`].
 pub struct EventActivities<S, E> {
     pub(crate) activities: Vec<Activity<S, E>>,
+    /// How to send each type of message the activities produce again, from stored JSON.
+    pub(crate) redispatch: Vec<(&'static str, Redispatch<E>)>,
 }
 
 impl<S, E> std::fmt::Debug for EventActivities<S, E> {
@@ -90,22 +93,43 @@ impl<S, E> std::fmt::Debug for EventActivities<S, E> {
 
 /// The start of an event's activities, as MassTransit's `When(Event)`.
 pub fn when<S, E: Message>() -> EventActivities<S, E> {
-    EventActivities { activities: Vec::new() }
+    EventActivities { activities: Vec::new(), redispatch: Vec::new() }
+}
+
+async fn dispatch<E: Message, M: Message>(
+    ctx: &ConsumeContext<E>,
+    kind: ProducedKind,
+    message: M,
+) -> bus_core::Result<()> {
+    match kind {
+        ProducedKind::Publish => ctx.publish(message).await,
+        ProducedKind::Send(address) => ctx.send(&address, message).await,
+        ProducedKind::Respond => ctx.respond(message).await,
+    }
 }
 
 fn produced<E: Message, M: Message>(kind: ProducedKind, message: M) -> Result<Produced<E>, Error> {
     let json = serde_json::to_value(&message).map_err(|e| Error::Activity(Box::new(e)))?;
     let target = kind.clone();
-    let dispatch: Dispatch<E> = Box::new(move |ctx: &ConsumeContext<E>| {
+    let dispatch: Dispatch<E> =
+        Box::new(move |ctx: &ConsumeContext<E>| Box::pin(async move { self::dispatch(ctx, target, message).await }));
+    Ok(Produced { kind, message_type: M::message_type(), json, dispatch })
+}
+
+/// Sends again a message event `E` produced, from the JSON stored with its instance.
+pub(crate) type Redispatch<E> = Arc<
+    dyn for<'a> Fn(&'a ConsumeContext<E>, ProducedKind, Value) -> BoxFuture<'a, Result<(), BoxError>> + Send + Sync,
+>;
+
+fn redispatch<E: Message, M: Message>() -> (&'static str, Redispatch<E>) {
+    let redispatch: Redispatch<E> = Arc::new(|ctx, kind, json| {
         Box::pin(async move {
-            match target {
-                ProducedKind::Publish => ctx.publish(message).await,
-                ProducedKind::Send(address) => ctx.send(&address, message).await,
-                ProducedKind::Respond => ctx.respond(message).await,
-            }
+            let message: M = serde_json::from_value(json)?;
+            dispatch(ctx, kind, message).await?;
+            Ok(())
         })
     });
-    Ok(Produced { kind, message_type: M::message_type(), json, dispatch })
+    (M::message_type(), redispatch)
 }
 
 impl<S: Send + Sync + 'static, E: Message> EventActivities<S, E> {
@@ -127,6 +151,7 @@ impl<S: Send + Sync + 'static, E: Message> EventActivities<S, E> {
     /// Publishes a message built from the instance and the event.
     pub fn publish<M: Message>(mut self, f: impl Fn(&SagaInstance<S>, &E) -> M + Send + Sync + 'static) -> Self {
         self.activities.push(Activity::Produce(Arc::new(move |i, e| produced(ProducedKind::Publish, f(i, e)))));
+        self.redispatch.push(redispatch::<E, M>());
         self
     }
 
@@ -139,12 +164,14 @@ impl<S: Send + Sync + 'static, E: Message> EventActivities<S, E> {
         let address = address.into();
         self.activities
             .push(Activity::Produce(Arc::new(move |i, e| produced(ProducedKind::Send(address.clone()), f(i, e)))));
+        self.redispatch.push(redispatch::<E, M>());
         self
     }
 
     /// Responds to the event (a request) with a message built from the instance and the event.
     pub fn respond<M: Message>(mut self, f: impl Fn(&SagaInstance<S>, &E) -> M + Send + Sync + 'static) -> Self {
         self.activities.push(Activity::Produce(Arc::new(move |i, e| produced(ProducedKind::Respond, f(i, e)))));
+        self.redispatch.push(redispatch::<E, M>());
         self
     }
 

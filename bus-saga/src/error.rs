@@ -57,6 +57,16 @@ pub enum Error {
     /// An activity of the state machine failed.
     #[error("saga activity failed: {0}")]
     Activity(#[source] bus_core::BoxError),
+    /// An event delivered again after its transition was saved produced a message type its
+    /// activities no longer produce (the state machine changed meanwhile), so it cannot be
+    /// sent again.
+    #[error("saga instance {id}: cannot send {message_type} again; the event's activities no longer produce it")]
+    Redispatch {
+        /// The instance.
+        id: Uuid,
+        /// The stored message's URN.
+        message_type: String,
+    },
     /// Publishing, sending or responding failed.
     #[error(transparent)]
     Bus(#[from] bus_core::Error),

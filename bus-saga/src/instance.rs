@@ -8,10 +8,10 @@ pub const INITIAL: &str = "Initial";
 /// Name of the state `finalize()` moves to.
 pub const FINAL: &str = "Final";
 
-/// One saga instance, as stored: `{"correlationId":..,"currentState":..,"version":..,<your fields>}`.
+/// One saga instance, as stored: `{"correlationId":..,"currentState":..,"version":..,"lastEvent":..,<your fields>}`.
 ///
 /// Your state's fields share that object, so none may be named `correlationId`,
-/// `currentState` or `version`: the Redis repository refuses such state with
+/// `currentState`, `version` or `lastEvent`: the Redis repository refuses such state with
 /// [`Error::ReservedField`](crate::Error::ReservedField) (the in-memory one never
 /// serializes it, and cannot tell).
 ///
@@ -36,13 +36,40 @@ pub struct SagaInstance<S> {
     pub current_state: String,
     /// Optimistic concurrency version: 0 before the first save, then 1, 2...
     pub version: u64,
+    /// The last event applied and what its transition produced, saved with the state it
+    /// led to. Delivered again (its messages could not all leave, or its ack was lost), the
+    /// event sends those messages again instead of meeting the state it already moved on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<AppliedEvent>,
     /// Your data.
     #[serde(flatten)]
     pub data: S,
 }
 
+/// An event applied to an instance: its message id and the messages its transition produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedEvent {
+    /// The event's message id.
+    pub message_id: Uuid,
+    /// What the transition published, sent or responded, in order.
+    pub produced: Vec<StoredMessage>,
+}
+
+/// A message a transition produced, as stored with its instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredMessage {
+    /// How it leaves.
+    pub kind: crate::ProducedKind,
+    /// Its URN.
+    pub message_type: String,
+    /// The message.
+    pub message: serde_json::Value,
+}
+
 /// The names the instance itself takes in its JSON.
-const RESERVED: [&str; 3] = ["correlationId", "currentState", "version"];
+const RESERVED: [&str; 4] = ["correlationId", "currentState", "version", "lastEvent"];
 
 /// Checks that the state's own fields do not collide with the instance's when stored as one
 /// JSON object (they would: two `version` keys, say, and the stored instance would not load).
@@ -58,7 +85,7 @@ pub(crate) fn check_fields<S: Serialize>(data: &S) -> crate::Result<()> {
 impl<S> SagaInstance<S> {
     /// A new instance in the initial state.
     pub fn new(correlation_id: Uuid, data: S) -> Self {
-        SagaInstance { correlation_id, current_state: INITIAL.to_owned(), version: 0, data }
+        SagaInstance { correlation_id, current_state: INITIAL.to_owned(), version: 0, last_event: None, data }
     }
 
     /// Whether the instance is in `state`.

@@ -8,16 +8,21 @@
 //!   `ignore`, `then`, `publish`, `send`, `respond`, `transition_to`, `finalize`), testable
 //!   with [`StateMachine::apply`] and no broker or repository;
 //! - missing instances skipped, discarded, faulted or handled by your code, per event;
-//! - the instance is saved before any message it produced leaves (through the outbox);
+//! - the instance is saved before any message it produced leaves (through the outbox), and
+//!   saved with it: the event's message id and the messages its transition produced. An
+//!   event delivered again after its save (its messages could not all leave, the broker being
+//!   down longer than the publish timeout; or its ack was lost) sends those messages again
+//!   and changes nothing, rather than meeting the state it already moved to. At least once:
+//!   messages that had left leave twice;
 //! - [`InMemorySagaRepository`] and [`RedisSagaRepository`] (insert-if-absent, atomic
 //!   compare-and-set on `version`, optional pessimistic locks), with concurrency conflicts
 //!   retried automatically on fresh state and counted.
 //!
-//! Known limit: the instance is saved before its messages leave, so a failure between the two
-//! (the broker down for longer than the publish timeout while the outbox is released) redelivers
-//! the event to the already-advanced instance, where it is normally not accepted and ends in
-//! `_error` with its reason: visible, but the messages of that transition must be re-sent by
-//! hand. Storing the produced messages with the instance (a transactional outbox) closes this.
+//! Known limit: an instance that finalizes (and is deleted) keeps nothing, so an event that
+//! finalized it, delivered again because its messages could not leave, finds no instance and
+//! meets the missing-instance policy (skipped by default): its messages must be re-sent by
+//! hand. Only the last event applied is kept: an earlier one that went to `_error` and comes
+//! back after a later event meets the state that later event left.
 //!
 //! ```
 //! use bus_core::{BoxError, Message};
@@ -64,7 +69,7 @@ use serde::Serialize;
 
 pub use activities::{when, EventActivities, Produced, ProducedKind};
 pub use error::{Error, Result};
-pub use instance::{SagaInstance, FINAL, INITIAL};
+pub use instance::{AppliedEvent, SagaInstance, StoredMessage, FINAL, INITIAL};
 pub use machine::{
     MissingHandler, MissingInstance, Outcome, StateMachine, StateMachineBuilder, Transition, TransitionRecord,
 };

@@ -8,7 +8,7 @@ use bus_core::{BoxError, ConsumeContext, Message, ReceiveEndpointBuilder};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
-use crate::activities::{Activity, EventActivities, Produced};
+use crate::activities::{Activity, EventActivities, Produced, Redispatch};
 use crate::instance::{FINAL, INITIAL};
 use crate::runtime::{SagaEventConsumer, SagaRuntime};
 use crate::{Error, SagaData, SagaInstance};
@@ -148,6 +148,9 @@ pub struct StateMachine<S> {
     conflict_attempts: u32,
     registrations: Vec<Registration<S>>,
     hooks: Vec<TransitionHook>,
+    /// Per event and produced message type: how to send the message again from stored JSON
+    /// (a [`Redispatch<E>`]).
+    redispatch: HashMap<(&'static str, &'static str), Arc<dyn Any + Send + Sync>>,
 }
 
 impl<S> std::fmt::Debug for StateMachine<S> {
@@ -176,11 +179,22 @@ struct Behavior<S, E> {
     activities: Vec<Activity<S, E>>,
 }
 
-fn erase<S: 'static, E: 'static>(activities: EventActivities<S, E>) -> Arc<dyn Any + Send + Sync>
-where
-    Behavior<S, E>: Send + Sync,
-{
-    Arc::new(Behavior { activities: activities.activities })
+impl<S: SagaData> StateMachine<S> {
+    /// Keeps event `E`'s activities (erased) and how to send again what they produce.
+    fn erase<E: Message>(&mut self, activities: EventActivities<S, E>) -> Arc<dyn Any + Send + Sync> {
+        for (message_type, redispatch) in activities.redispatch {
+            self.redispatch.insert((E::message_type(), message_type), Arc::new(redispatch));
+        }
+        Arc::new(Behavior { activities: activities.activities })
+    }
+
+    /// How to send again a message of type `message_type` that event `E` produced.
+    pub(crate) fn redispatcher<E: Message>(&self, message_type: &str) -> Option<&Redispatch<E>> {
+        self.redispatch
+            .iter()
+            .find(|((event, produced), _)| *event == E::message_type() && *produced == message_type)
+            .and_then(|(_, redispatch)| redispatch.downcast_ref::<Redispatch<E>>())
+    }
 }
 
 impl<S: SagaData> StateMachine<S> {
@@ -200,6 +214,7 @@ impl<S: SagaData> StateMachine<S> {
                 conflict_attempts: 25,
                 registrations: Vec::new(),
                 hooks: Vec::new(),
+                redispatch: HashMap::new(),
             },
         }
     }
@@ -340,19 +355,22 @@ impl<S: SagaData> StateMachineBuilder<S> {
 
     /// What events do to a new instance (MassTransit's `Initially`).
     pub fn initially<E: Message>(mut self, activities: EventActivities<S, E>) -> Self {
-        self.machine.initially.insert(E::message_type(), erase(activities));
+        let behavior = self.machine.erase(activities);
+        self.machine.initially.insert(E::message_type(), behavior);
         self
     }
 
     /// What an event does in `state` (MassTransit's `During`).
     pub fn during<E: Message>(mut self, state: &str, activities: EventActivities<S, E>) -> Self {
-        self.machine.during.entry(state.to_owned()).or_default().insert(E::message_type(), erase(activities));
+        let behavior = self.machine.erase(activities);
+        self.machine.during.entry(state.to_owned()).or_default().insert(E::message_type(), behavior);
         self
     }
 
     /// What an event does in any state but `Initial` and `Final` (MassTransit's `DuringAny`).
     pub fn during_any<E: Message>(mut self, activities: EventActivities<S, E>) -> Self {
-        self.machine.during_any.insert(E::message_type(), erase(activities));
+        let behavior = self.machine.erase(activities);
+        self.machine.during_any.insert(E::message_type(), behavior);
         self
     }
 

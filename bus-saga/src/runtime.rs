@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use uuid::Uuid;
 
 use crate::machine::{MissingInstance, Outcome, TransitionRecord};
-use crate::{Error, Result, SagaData, SagaInstance, SagaRepository, StateMachine};
+use crate::{AppliedEvent, Error, Result, SagaData, SagaInstance, SagaRepository, StateMachine, StoredMessage};
 
 /// The repository with its type erased: the saga's one erasure point.
 pub(crate) trait DynRepository<S>: Send + Sync {
@@ -171,10 +171,29 @@ impl<S: SagaData> SagaRuntime<S> {
 
     async fn consume_instance<E: Message>(&self, ctx: &ConsumeContext<E>, id: Uuid) -> Result<(), BoxError> {
         let attempts = self.machine.conflict_attempts();
+        let message_id = ctx.message_id();
         for attempt in 1..=attempts {
             let loaded = self.repository.load(id).await?;
+            if let Some(applied) = loaded.as_ref().and_then(|i| i.last_event.as_ref()) {
+                if Some(applied.message_id) == message_id {
+                    return self.send_again(ctx, id, applied).await;
+                }
+            }
             let expected = loaded.as_ref().map(|i| i.version);
-            let transition = self.machine.apply(loaded, ctx.message()).await?;
+            let mut transition = self.machine.apply(loaded, ctx.message()).await?;
+            // Saved with the state, so that this event, delivered again, finds what it sent.
+            transition.instance.last_event = message_id.map(|message_id| AppliedEvent {
+                message_id,
+                produced: transition
+                    .produced
+                    .iter()
+                    .map(|p| StoredMessage {
+                        kind: p.kind.clone(),
+                        message_type: p.message_type.to_owned(),
+                        message: p.json.clone(),
+                    })
+                    .collect(),
+            });
             let saved = match transition.outcome {
                 Outcome::Missing => return self.missing(ctx, id).await,
                 Outcome::Ignored => {
@@ -227,6 +246,28 @@ impl<S: SagaData> SagaRuntime<S> {
             }
         }
         Err(Error::TooManyConflicts { id, attempts }.into())
+    }
+
+    /// The event was applied and saved before, but its messages may not all have left (the
+    /// broker was unreachable when they were released, say): sends them again, as its
+    /// transition produced them, and changes nothing. At least once, as any outbox: those
+    /// that had left leave twice.
+    async fn send_again<E: Message>(
+        &self,
+        ctx: &ConsumeContext<E>,
+        id: Uuid,
+        applied: &AppliedEvent,
+    ) -> Result<(), BoxError> {
+        tracing::info!(saga = self.machine.name(), %id, event = E::message_type(), produced = applied.produced.len(),
+            "event already applied; sending what its transition produced again");
+        for stored in &applied.produced {
+            let Some(redispatch) = self.machine.redispatcher::<E>(&stored.message_type) else {
+                // The machine changed since: this event no longer produces that type.
+                return Err(Error::Redispatch { id, message_type: stored.message_type.clone() }.into());
+            };
+            redispatch(ctx, stored.kind.clone(), stored.message.clone()).await?;
+        }
+        Ok(())
     }
 
     async fn missing<E: Message>(&self, ctx: &ConsumeContext<E>, id: Uuid) -> Result<(), BoxError> {

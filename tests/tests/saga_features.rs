@@ -178,3 +178,104 @@ async fn redis_instances_expire_and_the_expiry_is_refreshed_on_write() {
     repository.delete(id, 2).await.expect("delete");
     assert_eq!(ttl(connection, key).await, -2, "deleted");
 }
+
+/// A transport that refuses, as an unreachable broker would, the first publish of one
+/// message type; everything else goes to the in-memory transport inside.
+#[derive(Clone)]
+struct RefusesFirstPublishOf {
+    inner: bus_inmemory::InMemoryTransport,
+    urn: &'static str,
+    refused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl bus_core::Transport for RefusesFirstPublishOf {
+    fn system(&self) -> &'static str {
+        self.inner.system()
+    }
+    fn address(&self, name: &str) -> String {
+        self.inner.address(name)
+    }
+    async fn declare_endpoint(&self, topology: &bus_core::EndpointTopology) -> bus_core::Result<()> {
+        self.inner.declare_endpoint(topology).await
+    }
+    async fn publish(&self, types: &[&str], message: bus_core::TransportMessage) -> bus_core::Result<()> {
+        if types.first() == Some(&self.urn) && !self.refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(bus_core::Error::transport("the broker is unreachable", true, None));
+        }
+        self.inner.publish(types, message).await
+    }
+    async fn send(&self, destination: &str, message: bus_core::TransportMessage) -> bus_core::Result<()> {
+        self.inner.send(destination, message).await
+    }
+    async fn declare_dead_letter_queues(&self, topology: &bus_core::EndpointTopology) -> bus_core::Result<()> {
+        self.inner.declare_dead_letter_queues(topology).await
+    }
+    async fn consume(&self, topology: &bus_core::EndpointTopology) -> bus_core::Result<bus_core::DeliveryStream> {
+        self.inner.consume(topology).await
+    }
+    async fn delete_endpoint(&self, topology: &bus_core::EndpointTopology) -> bus_core::Result<()> {
+        self.inner.delete_endpoint(topology).await
+    }
+}
+
+/// Runs an event whose transition is saved but whose published message cannot leave at
+/// first: delivered again, the event sends that message (it used to meet the state it had
+/// already moved to, and end in `_error` with the message never sent).
+async fn event_delivered_again_after_its_save_sends_its_messages<R>(repository: R)
+where
+    R: SagaRepository<TicketState> + Clone,
+{
+    let machine = StateMachine::<TicketState>::builder("AuditedTicket")
+        .states(["Opened"])
+        .event::<Open>(|m| m.ticket)
+        .initially(
+            when::<TicketState, Open>().publish(|t, _| Audit { ticket: t.correlation_id }).transition_to("Opened"),
+        )
+        .build();
+    let inner = bus_inmemory::InMemoryTransport::new();
+    let transport = RefusesFirstPublishOf { inner: inner.clone(), urn: Audit::message_type(), refused: Arc::default() };
+    let audits = Arc::new(bus_core::testing::MessageLog::default());
+    let audits_in = audits.clone();
+    let (builder, stats) = bus_core::Bus::builder(transport).saga_endpoint(machine, repository.clone(), |e| {
+        e.redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(10)]));
+    });
+    let bus = builder
+        .receive_endpoint(tests::unique("audits"), move |e| {
+            let audits = audits_in.clone();
+            e.handler(move |ctx: ConsumeContext<Audit>| {
+                audits.record(ctx.envelope());
+                async { Ok::<_, BoxError>(()) }
+            });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let id = Uuid::now_v7();
+    bus.publish(Open { ticket: id }).await.expect("open");
+    audits.wait_for::<Audit>(1, WAIT).await.expect("the audit leaves when the event comes again");
+    let instance = repository.load(id).await.expect("load").expect("the instance is saved");
+    bus.stop().await.expect("stop");
+    assert_eq!(audits.len(), 1, "sent once: the first attempt was refused");
+    assert_eq!((instance.current_state.as_str(), instance.version), ("Opened", 1), "applied once");
+    assert_eq!(stats.transitions(), 1);
+    let applied = instance.last_event.expect("the applied event is kept");
+    assert_eq!(applied.produced.len(), 1);
+    assert_eq!(applied.produced[0].message_type, Audit::message_type());
+    assert_eq!(applied.produced[0].message["ticket"], id.to_string());
+    assert!(inner.drain("AuditedTicket_error").is_empty(), "nothing in _error");
+}
+
+#[tokio::test]
+async fn an_event_delivered_again_after_its_save_sends_its_messages_in_memory() {
+    event_delivered_again_after_its_save_sends_its_messages(InMemorySagaRepository::<TicketState>::new()).await;
+}
+
+#[tokio::test]
+async fn an_event_delivered_again_after_its_save_sends_its_messages_from_redis() {
+    if std::net::TcpStream::connect(("127.0.0.1", 6379)).is_err() {
+        panic!("Redis does not answer on 127.0.0.1:6379: run scripts/test.sh, which starts it");
+    }
+    let options = RedisSagaOptions { key_prefix: tests::unique("applied"), ..RedisSagaOptions::default() };
+    let repository =
+        RedisSagaRepository::<TicketState>::connect("redis://127.0.0.1:6379", options).await.expect("redis");
+    event_delivered_again_after_its_save_sends_its_messages(repository).await;
+}
