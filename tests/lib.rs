@@ -27,7 +27,8 @@ pub trait Fixture: Send + Sync + 'static {
     fn transport(&self) -> Self::Transport;
 
     /// Waits until `queue` holds at least `n` messages (or `timeout` passes), then takes
-    /// and returns every message waiting there. A queue not declared yet counts as empty.
+    /// and returns every message waiting there. While it waits for messages (`n > 0`), a
+    /// queue not declared yet counts as empty.
     fn take_messages(
         &self,
         queue: &str,

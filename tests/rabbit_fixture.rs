@@ -110,13 +110,14 @@ impl Fixture for RabbitFixture {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut taken = Vec::new();
         loop {
-            // Drain what is there now. A queue that does not exist yet holds nothing yet (the
-            // bus declares some when first needed); the refusal closed the channel.
+            // Drain what is there now. While waiting for messages, a queue that does not exist
+            // yet holds none yet (the bus declares some when first needed; the refusal closed
+            // the channel); a check that a queue is empty needs it to exist.
             loop {
                 let message = match channel.basic_get(queue.into(), BasicGetOptions::default()).await {
                     Ok(Some(message)) => message,
                     Ok(None) => break,
-                    Err(e) if e.to_string().contains("NOT_FOUND") => {
+                    Err(e) if n > 0 && e.to_string().contains("NOT_FOUND") => {
                         channel = self.channel().await;
                         break;
                     }

@@ -177,8 +177,9 @@ pub trait Transport: Send + Sync + 'static {
     /// Declares, idempotently, the `_error` and `_skipped` queues of a temporary endpoint,
     /// which [`declare_endpoint`](Self::declare_endpoint) leaves out. The bus declares them
     /// when a message on its response endpoint first needs one (one that cannot be read, a
-    /// response nobody waits for), so a response endpoint leaves queues behind only when
-    /// something went there, as MassTransit's bus endpoint does. Durable, as any endpoint's.
+    /// response nobody waits for), so they exist only when something went there, as with
+    /// MassTransit's bus endpoint. They are declared like their endpoint (on RabbitMQ: not
+    /// durable, auto-delete), but outlive the bus, so that what went there can be read.
     fn declare_dead_letter_queues(&self, topology: &EndpointTopology) -> impl Future<Output = Result<()>> + Send;
 
     /// Starts consuming a declared endpoint with at most `topology.prefetch` unsettled deliveries.

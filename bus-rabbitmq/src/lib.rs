@@ -13,7 +13,8 @@
 //! - delayed redelivery without any plugin: one queue per delay, `{queue}_delay_{ms}ms`,
 //!   with `x-message-ttl` and a dead-letter exchange that routes back to the endpoint;
 //! - the bus's response endpoint is temporary (auto-delete), deleted when the bus stops;
-//!   its `_error` and `_skipped` queues are durable, declared when a message first needs one.
+//!   its `_error` and `_skipped` queues, not durable either, are declared when a message first
+//!   needs one and stay after the bus stops, until the broker restarts.
 //!
 //! # Recovery
 //!

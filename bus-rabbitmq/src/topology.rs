@@ -121,8 +121,13 @@ pub(crate) async fn declare_dead_letter_queues(
 }
 
 async fn dead_letter_queues(channel: &Channel, endpoint: &EndpointTopology, queue_type: QueueType) -> Result<()> {
+    // As MassTransit declares them: like their endpoint. A temporary endpoint's are not
+    // durable and auto-delete, so they go with the broker's next restart, not with the bus
+    // (having had no consumer, auto-delete never fires): what went there stays to be read.
+    let temporary = endpoint.temporary;
     for dead_letters in [endpoint.error_queue(), endpoint.skipped_queue()] {
-        queue_with_exchange(channel, &dead_letters, true, false, queue_arguments(queue_type, false)).await?;
+        queue_with_exchange(channel, &dead_letters, !temporary, temporary, queue_arguments(queue_type, temporary))
+            .await?;
     }
     Ok(())
 }

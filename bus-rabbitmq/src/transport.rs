@@ -7,7 +7,7 @@ use bus_core::message::entity_name;
 use bus_core::{DeliveryStream, EndpointHealth, EndpointTopology, HealthStatus, Transport, TransportMessage};
 use tokio::time::Instant;
 
-use crate::connection::{Link, Shared};
+use crate::connection::{Link, Session, Shared};
 use crate::consumer::{self, ConsumerState};
 use crate::error::{Error, Result};
 use crate::headers::properties;
@@ -151,6 +151,24 @@ impl RabbitMqTransport {
         self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
     }
 
+    /// Declares again this bus's endpoints that consume any of `message_types`: deleting a
+    /// type's exchange deleted its bindings to them. (Other services' bindings are theirs to
+    /// make again; they are on their next reconnect.)
+    async fn bind_consuming_endpoints(&self, session: &Session, message_types: &[&str]) -> Result<()> {
+        let consuming: Vec<EndpointTopology> = self
+            .shared
+            .declared()
+            .endpoints
+            .values()
+            .filter(|e| e.message_types.iter().any(|t| message_types.contains(&t.as_str())))
+            .cloned()
+            .collect();
+        for endpoint in consuming {
+            topology::declare_endpoint(&session.connection, &endpoint, self.shared.options.queue_type).await?;
+        }
+        Ok(())
+    }
+
     /// Forgets that `exchange` exists (it was deleted behind the bus's back), as a
     /// destination and as any type's publish exchange, so that it is checked or declared again.
     fn forget(&self, exchange: &str) {
@@ -158,7 +176,15 @@ impl RabbitMqTransport {
         self.state.publish_exchanges.write().unwrap_or_else(|e| e.into_inner()).retain(|_, known| &**known != exchange);
     }
 
-    async fn ensure_publish_exchange(&self, message_types: &[&str], deadline: Instant) -> Result<Arc<str>> {
+    /// The exchange to publish `message_types` to, declared (with its bindings to the contract
+    /// exchanges) unless known. `rebind`: it was deleted behind the bus's back; this bus's
+    /// endpoints that consume the types are bound to it again before any publish can use it.
+    async fn ensure_publish_exchange(
+        &self,
+        message_types: &[&str],
+        deadline: Instant,
+        rebind: bool,
+    ) -> Result<Arc<str>> {
         let Some((first, contracts)) = message_types.split_first() else {
             return Err(Error::Configuration("a published message needs a message type".into()));
         };
@@ -176,6 +202,9 @@ impl RabbitMqTransport {
             let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
             let session = self.shared.session(deadline).await?;
             topology::declare_publish_exchange(&session.connection, &exchange, &contracts).await?;
+            if rebind {
+                self.bind_consuming_endpoints(&session, message_types).await?;
+            }
             self.shared.declared().publish_exchanges.insert(exchange.clone(), contracts);
             self.remember(&exchange);
             let exchange: Arc<str> = exchange.into();
@@ -227,14 +256,17 @@ impl Transport for RabbitMqTransport {
         let properties = properties(&message, true);
         let mut declared_again = false;
         loop {
-            let exchange = self.ensure_publish_exchange(message_types, deadline).await?;
+            let exchange = self.ensure_publish_exchange(message_types, deadline, declared_again).await?;
             match publish(&self.shared, &exchange, "", &message.body, &properties, false, deadline).await {
                 // The exchange of this type, or of another published on the same channel, was
                 // deleted behind the bus's back: the broker closed the channel and dropped what
                 // came after the refused publish, this message included. Declared again (the
-                // cache would say it exists for ever), it is published once more, as
-                // MassTransit declares its topology again on a new channel.
-                Err(Error::Refused { source, .. }) if !declared_again && is_not_found(&source) => {
+                // cache would say it exists for ever) and bound again to this bus's endpoints
+                // that consume it, it is published again, until the deadline, as MassTransit
+                // declares its topology again on a new channel. (A publish that read the cache
+                // before this and reaches the broker between the declaration and the bindings
+                // is taken but reaches no endpoint: a window of two round trips.)
+                Err(Error::Refused { source, .. }) if is_not_found(&source) && Instant::now() < deadline => {
                     self.forget(&exchange);
                     declared_again = true;
                 }

@@ -631,7 +631,8 @@ struct ExchangeDeletedBehind {
 }
 
 /// A message type's exchange deleted behind the bus's back (by an operator, say) is declared
-/// again by the type's next publishes, which succeed; so do publishes of another type in
+/// again by the type's next publish, and bound again to the endpoint consuming it, so that
+/// publish and the ones after it succeed and arrive; so do publishes of another type in
 /// flight on the same channels, which the broker closes over the missing exchange.
 #[test]
 fn a_type_exchange_deleted_behind_the_bus_is_declared_again_by_its_next_publish() {
@@ -640,23 +641,37 @@ fn a_type_exchange_deleted_behind_the_bus_is_declared_again_by_its_next_publish(
         let fixture = fixture().await;
         // A transport of its own: its publish channels are closed on purpose.
         let transport = bus_rabbitmq::RabbitMqTransport::connect(fixture.uri()).await.expect("connect");
-        let bus = bus_core::Bus::builder(transport.clone()).build();
-        bus.publish(ExchangeDeletedBehind { n: 0 }).await.expect("the first publish declares the exchange");
+        let received = MessageLog::default();
+        let log = received.clone();
+        let bus = bus_core::Bus::builder(transport.clone())
+            .receive_endpoint(unique("deleted-behind"), move |e| {
+                tests::record::<ExchangeDeletedBehind>(e, &log);
+            })
+            .build();
+        bus.start().await.expect("bus starts");
+        bus.publish(ExchangeDeletedBehind { n: 0 }).await.expect("published while the exchange exists");
         bus.publish(AfterReopen { n: 0 }).await.expect("another type's exchange is declared");
+        received.wait_for::<ExchangeDeletedBehind>(1, WAIT).await.expect("the first arrives");
         let exchange = bus_core::message::entity_name(ExchangeDeletedBehind::message_type());
         let channel = fixture.channel().await;
         channel
             .exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
             .await
             .expect("delete");
-        let deleted = (1..200).map(|n| bus.publish(ExchangeDeletedBehind { n }).boxed());
+        // The first publish after the deletion meets it, among publishes of another type.
+        let first = bus.publish(ExchangeDeletedBehind { n: 1 }).boxed();
         let other = (1..200).map(|n| bus.publish(AfterReopen { n }).boxed());
-        all_succeed(deleted.chain(other)).await;
+        all_succeed(std::iter::once(first).chain(other)).await;
+        for n in 2..20 {
+            bus.publish(ExchangeDeletedBehind { n }).await.expect("published after the exchange is back");
+        }
+        received.wait_for::<ExchangeDeletedBehind>(20, WAIT).await.expect("every one arrives");
         let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
         channel
             .exchange_declare(exchange.as_str().into(), lapin::ExchangeKind::Fanout, passive, FieldTable::default())
             .await
             .expect("the exchange exists again");
+        bus.stop().await.expect("stop");
         transport.close().await;
     });
 }

@@ -152,8 +152,14 @@ impl Bus {
 ///
 /// What answers none goes where MassTransit's bus endpoint puts it: a message that cannot be
 /// read to the endpoint's `_error` queue with the reason, a response whose requester is gone
-/// (it timed out, say) to `_skipped`. Those two queues are declared when first needed.
+/// (it timed out, say) to `_skipped`. Those two queues are declared when first needed, and
+/// again after a move to them fails (deleted meanwhile, or lost with a broker reset).
 pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStream, stop: CancellationToken) {
+    enum Outcome {
+        Answered,
+        Unanswered(Option<Uuid>),
+        Unreadable(Error),
+    }
     let inner = &bus.inner;
     let topology = &inner.response_topology;
     let mut dead_letters_declared = false;
@@ -166,40 +172,54 @@ pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStre
                 None => break,
             },
         };
-        let settlement = match inner.serializers.deserialize(delivery.message()) {
+        let outcome = match inner.serializers.deserialize(delivery.message()) {
             Ok(envelope) => {
                 let request_id = envelope.request_id;
                 let waiting =
                     request_id.and_then(|id| inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id));
                 // The requester may have given up just now; then the response has nobody to go to.
                 match waiting.map(|tx| tx.send(envelope).is_ok()) {
-                    Some(true) => Settlement::Ack,
-                    _ => {
-                        tracing::info!(?request_id, "response for no pending request moved to the skipped queue");
-                        dead_letter::skipped(&bus, topology, delivery.message())
-                    }
+                    Some(true) => Outcome::Answered,
+                    _ => Outcome::Unanswered(request_id),
                 }
             }
-            Err(error) => {
-                let kind = dead_letter::unreadable_type(&error);
-                dead_letter::unreadable(&bus, topology, &inner.address, delivery.message(), kind, &error)
-            }
+            Err(error) => Outcome::Unreadable(error),
         };
-        if matches!(settlement, Settlement::MoveTo { .. }) && !dead_letters_declared {
+        if !matches!(outcome, Outcome::Answered) && !dead_letters_declared {
             match inner.transport.declare_dead_letter_queues(topology).await {
                 Ok(()) => dead_letters_declared = true,
+                Err(error) if error.is_transient() => {
+                    // The broker is unreachable: the message comes back, and declaring is tried again.
+                    tracing::warn!(%error, "could not declare the response endpoint's dead-letter queues; message requeued");
+                    let _ = delivery.settle(Settlement::Requeue).await;
+                    continue;
+                }
                 Err(error) => {
-                    // With the connection down, the ack fails too and the broker delivers it
-                    // again later. A refused declaration stays refused: moving the message
-                    // would fail and requeue it, round and round, on an endpoint whose
-                    // messages go with it when the bus stops anyway.
-                    tracing::error!(%error, "could not declare the response endpoint's dead-letter queues; message dropped");
+                    // Refused for good (a queue of that name exists with other arguments):
+                    // moving would fail and requeue the message, round and round, on an
+                    // endpoint whose messages go with it when the bus stops anyway.
+                    tracing::error!(%error, "the response endpoint's dead-letter queues are refused; message dropped");
                     let _ = delivery.settle(Settlement::Ack).await;
                     continue;
                 }
             }
         }
+        let settlement = match outcome {
+            Outcome::Answered => Settlement::Ack,
+            Outcome::Unanswered(request_id) => {
+                tracing::info!(?request_id, "response for no pending request moved to the skipped queue");
+                dead_letter::skipped(&bus, topology, delivery.message())
+            }
+            Outcome::Unreadable(error) => {
+                let kind = dead_letter::unreadable_type(&error);
+                dead_letter::unreadable(&bus, topology, &inner.address, delivery.message(), kind, &error)
+            }
+        };
+        let moving = matches!(settlement, Settlement::MoveTo { .. });
         if let Err(error) = delivery.settle(settlement).await {
+            // The message went back to its queue; a dead-letter queue may be gone, so the
+            // next one to move declares them again.
+            dead_letters_declared &= !moving;
             tracing::warn!(%error, "could not settle a delivery on the response endpoint");
         }
     }
