@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use bus_core::{BoxError, ConsumeContext, Message};
+use bus_core::{BoxError, ConsumeContext, Message, SendOptions};
 use futures::future::BoxFuture;
 use serde_json::Value;
+use uuid::Uuid;
 
 use crate::instance::FINAL;
 use crate::{Error, SagaInstance};
@@ -30,6 +31,8 @@ pub struct Produced<E> {
     pub kind: ProducedKind,
     /// Its URN.
     pub message_type: &'static str,
+    /// Its message id, given when it was produced: sent again, it is the same message.
+    pub message_id: Uuid,
     /// The message as JSON, for inspection in tests.
     pub json: Value,
     pub(crate) dispatch: Dispatch<E>,
@@ -40,6 +43,7 @@ impl<E> std::fmt::Debug for Produced<E> {
         f.debug_struct("Produced")
             .field("kind", &self.kind)
             .field("message_type", &self.message_type)
+            .field("message_id", &self.message_id)
             .field("json", &self.json)
             .finish()
     }
@@ -96,36 +100,51 @@ pub fn when<S, E: Message>() -> EventActivities<S, E> {
     EventActivities { activities: Vec::new(), redispatch: Vec::new() }
 }
 
+/// Sends `message` as `kind` says, with the message id it was given when produced.
 async fn dispatch<E: Message, M: Message>(
     ctx: &ConsumeContext<E>,
     kind: ProducedKind,
+    message_id: Uuid,
     message: M,
 ) -> bus_core::Result<()> {
+    let options = SendOptions::new().message_id(message_id);
     match kind {
-        ProducedKind::Publish => ctx.publish(message).await,
-        ProducedKind::Send(address) => ctx.send(&address, message).await,
-        ProducedKind::Respond => ctx.respond(message).await,
+        ProducedKind::Publish => ctx.publish_with(message, options).await,
+        ProducedKind::Send(address) => ctx.send_with(&address, message, options).await,
+        // As `ConsumeContext::respond`, with the id.
+        ProducedKind::Respond => {
+            let mut options = options;
+            options.request_id = ctx.request_id();
+            match ctx.response_address() {
+                Some(address) => ctx.send_with(address, message, options).await,
+                None => ctx.publish_with(message, options).await,
+            }
+        }
     }
 }
 
 fn produced<E: Message, M: Message>(kind: ProducedKind, message: M) -> Result<Produced<E>, Error> {
     let json = serde_json::to_value(&message).map_err(|e| Error::Activity(Box::new(e)))?;
     let target = kind.clone();
-    let dispatch: Dispatch<E> =
-        Box::new(move |ctx: &ConsumeContext<E>| Box::pin(async move { self::dispatch(ctx, target, message).await }));
-    Ok(Produced { kind, message_type: M::message_type(), json, dispatch })
+    let message_id = Uuid::now_v7();
+    let dispatch: Dispatch<E> = Box::new(move |ctx: &ConsumeContext<E>| {
+        Box::pin(async move { self::dispatch(ctx, target, message_id, message).await })
+    });
+    Ok(Produced { kind, message_type: M::message_type(), message_id, json, dispatch })
 }
 
-/// Sends again a message event `E` produced, from the JSON stored with its instance.
+/// Sends again a message event `E` produced, from what was stored with its instance.
 pub(crate) type Redispatch<E> = Arc<
-    dyn for<'a> Fn(&'a ConsumeContext<E>, ProducedKind, Value) -> BoxFuture<'a, Result<(), BoxError>> + Send + Sync,
+    dyn for<'a> Fn(&'a ConsumeContext<E>, ProducedKind, Uuid, Value) -> BoxFuture<'a, Result<(), BoxError>>
+        + Send
+        + Sync,
 >;
 
 fn redispatch<E: Message, M: Message>() -> (&'static str, Redispatch<E>) {
-    let redispatch: Redispatch<E> = Arc::new(|ctx, kind, json| {
+    let redispatch: Redispatch<E> = Arc::new(|ctx, kind, message_id, json| {
         Box::pin(async move {
             let message: M = serde_json::from_value(json)?;
-            dispatch(ctx, kind, message).await?;
+            dispatch(ctx, kind, message_id, message).await?;
             Ok(())
         })
     });

@@ -64,6 +64,8 @@ pub struct StoredMessage {
     pub kind: crate::ProducedKind,
     /// Its URN.
     pub message_type: String,
+    /// Its message id: sent again, it keeps it, so receivers can tell it is the same message.
+    pub message_id: Uuid,
     /// The message.
     pub message: serde_json::Value,
 }

@@ -9,20 +9,22 @@
 //!   with [`StateMachine::apply`] and no broker or repository;
 //! - missing instances skipped, discarded, faulted or handled by your code, per event;
 //! - the instance is saved before any message it produced leaves (through the outbox), and
-//!   saved with it: the event's message id and the messages its transition produced. An
-//!   event delivered again after its save (its messages could not all leave, the broker being
-//!   down longer than the publish timeout; or its ack was lost) sends those messages again
-//!   and changes nothing, rather than meeting the state it already moved to. At least once:
-//!   messages that had left leave twice;
+//!   saved with it: the event's message id and the messages its transition produced, each
+//!   with its own message id. An event delivered again after its save sends those messages
+//!   again, with the same ids, and changes nothing, rather than meeting the state it already
+//!   moved to: when they could not all leave (the broker down longer than the publish
+//!   timeout; the endpoint's redelivery, or an operator moving it back from `_error`, brings
+//!   it again), or when its ack was lost with a connection. At least once, as any outbox:
+//!   receivers that keep the ids they saw take each message once;
 //! - [`InMemorySagaRepository`] and [`RedisSagaRepository`] (insert-if-absent, atomic
 //!   compare-and-set on `version`, optional pessimistic locks), with concurrency conflicts
 //!   retried automatically on fresh state and counted.
 //!
-//! Known limit: an instance that finalizes (and is deleted) keeps nothing, so an event that
-//! finalized it, delivered again because its messages could not leave, finds no instance and
-//! meets the missing-instance policy (skipped by default): its messages must be re-sent by
-//! hand. Only the last event applied is kept: an earlier one that went to `_error` and comes
-//! back after a later event meets the state that later event left.
+//! Known limits: only the last event applied is kept, so an event that comes back after
+//! another event moved the same instance on meets that state (and, not accepted there, ends
+//! in `_error` with the reason); its messages must then be re-sent by hand. An event that
+//! finalized its instance (deleted when "completed when finalized") finds no instance when it
+//! comes back, and meets the missing-instance policy (skipped by default).
 //!
 //! ```
 //! use bus_core::{BoxError, Message};

@@ -190,6 +190,7 @@ impl<S: SagaData> SagaRuntime<S> {
                     .map(|p| StoredMessage {
                         kind: p.kind.clone(),
                         message_type: p.message_type.to_owned(),
+                        message_id: p.message_id,
                         message: p.json.clone(),
                     })
                     .collect(),
@@ -265,7 +266,7 @@ impl<S: SagaData> SagaRuntime<S> {
                 // The machine changed since: this event no longer produces that type.
                 return Err(Error::Redispatch { id, message_type: stored.message_type.clone() }.into());
             };
-            redispatch(ctx, stored.kind.clone(), stored.message.clone()).await?;
+            redispatch(ctx, stored.kind.clone(), stored.message_id, stored.message.clone()).await?;
         }
         Ok(())
     }

@@ -44,7 +44,8 @@ pub async fn ids_flow_from_consumed_to_produced_messages<F: Fixture>(fixture: &F
         .build();
     bus.start().await.expect("bus starts");
     let flow_id = Uuid::now_v7();
-    let options = SendOptions::new().header("Tenant", "acme").header("MT-Custom", "not copied");
+    let message_id = Uuid::now_v7();
+    let options = SendOptions::new().header("Tenant", "acme").header("MT-Custom", "not copied").message_id(message_id);
     bus.publish_with(FlowStarted { flow_id }, options).await.expect("publish");
     continued.wait_for::<FlowContinued>(1, WAIT).await.expect("second consumer receives");
     bus.stop().await.expect("stop");
@@ -52,6 +53,7 @@ pub async fn ids_flow_from_consumed_to_produced_messages<F: Fixture>(fixture: &F
     let a = &started.all()[0];
     let b = &continued.all()[0];
     assert!(a.message_id.is_some() && b.message_id.is_some());
+    assert_eq!(a.message_id, Some(message_id), "the id given in the options");
     assert_ne!(a.message_id, b.message_id, "every message has its own id");
     assert_eq!(a.correlation_id, Some(flow_id), "correlation id taken from the message");
     assert!(a.conversation_id.is_some(), "a new flow starts a conversation");

@@ -261,6 +261,8 @@ where
     assert_eq!(applied.produced.len(), 1);
     assert_eq!(applied.produced[0].message_type, Audit::message_type());
     assert_eq!(applied.produced[0].message["ticket"], id.to_string());
+    let sent = audits.envelopes::<Audit>();
+    assert_eq!(sent[0].message_id, Some(applied.produced[0].message_id), "sent again with the id it was given");
     assert!(inner.drain("AuditedTicket_error").is_empty(), "nothing in _error");
 }
 

@@ -30,6 +30,9 @@ use crate::{address, telemetry, ConsumeError, Envelope, Error, Headers, Message,
 pub struct SendOptions {
     /// Headers to write.
     pub headers: Headers,
+    /// The message id (default: a new one). Set it to send a message again as the same one,
+    /// so that receivers that keep the ids they saw take it only once.
+    pub message_id: Option<Uuid>,
     /// Correlation id (default: the message's own, if it declares one).
     pub correlation_id: Option<Uuid>,
     /// Request id.
@@ -51,6 +54,12 @@ impl SendOptions {
     /// Adds a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
         self.headers.insert(name, value);
+        self
+    }
+
+    /// Sets the message id.
+    pub fn message_id(mut self, id: Uuid) -> Self {
+        self.message_id = Some(id);
         self
     }
 
@@ -115,6 +124,9 @@ impl BusInner {
         let mut envelope = Envelope::new(M::message_types().iter().map(|t| (*t).to_owned()).collect(), raw);
         if self.serializers.default_serializer().writes_protobuf() {
             envelope.binary = message.to_protobuf().map(bytes::Bytes::from);
+        }
+        if options.message_id.is_some() {
+            envelope.message_id = options.message_id;
         }
         envelope.correlation_id = options.correlation_id.or_else(|| message.correlation_id());
         envelope.request_id = options.request_id;
