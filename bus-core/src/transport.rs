@@ -179,7 +179,8 @@ pub trait Transport: Send + Sync + 'static {
     /// when a message on its response endpoint first needs one (one that cannot be read, a
     /// response nobody waits for), so they exist only when something went there, as with
     /// MassTransit's bus endpoint. They are declared like their endpoint (on RabbitMQ: not
-    /// durable, auto-delete), but outlive the bus, so that what went there can be read.
+    /// durable, auto-delete), but outlive the bus, so that what went there can be read (with
+    /// `basic.get`; a consumer that subscribes and leaves deletes one, as auto-delete does).
     fn declare_dead_letter_queues(&self, topology: &EndpointTopology) -> impl Future<Output = Result<()>> + Send;
 
     /// Starts consuming a declared endpoint with at most `topology.prefetch` unsettled deliveries.

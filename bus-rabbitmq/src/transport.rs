@@ -48,6 +48,9 @@ struct TransportState {
     /// opening a channel of its own: a thousand of them once left lapin's channel table a
     /// thousand wide, and every frame written afterwards walked it.
     declaring: tokio::sync::Mutex<()>,
+    /// Exchanges deleted behind the bus's back: whoever declares one again binds again what
+    /// this bus had bound to it, before it is used.
+    needs_rebind: Mutex<HashSet<String>>,
 }
 
 impl RabbitMqTransport {
@@ -151,40 +154,62 @@ impl RabbitMqTransport {
         self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
     }
 
-    /// Declares again this bus's endpoints that consume any of `message_types`: deleting a
-    /// type's exchange deleted its bindings to them. (Other services' bindings are theirs to
-    /// make again; they are on their next reconnect.)
-    async fn bind_consuming_endpoints(&self, session: &Session, message_types: &[&str]) -> Result<()> {
-        let consuming: Vec<EndpointTopology> = self
-            .shared
-            .declared()
-            .endpoints
-            .values()
-            .filter(|e| e.message_types.iter().any(|t| message_types.contains(&t.as_str())))
-            .cloned()
-            .collect();
-        for endpoint in consuming {
-            topology::declare_endpoint(&session.connection, &endpoint, self.shared.options.queue_type).await?;
+    /// Binds again to `exchange`, declared again after it was deleted behind the bus's back,
+    /// what this bus had bound to it: its endpoints that consume the type, and the exchanges of
+    /// the types that list it as a contract. A binding the broker refuses is logged and the
+    /// others are made, as on reconnect. (Other services' bindings to it are gone until they
+    /// declare their topology again, on their next start or reconnect: nothing here can tell
+    /// them.)
+    async fn bind_again(&self, session: &Session, exchange: &str) -> Result<()> {
+        let (endpoints, sources): (Vec<EndpointTopology>, Vec<(String, Vec<String>)>) = {
+            let declared = self.shared.declared();
+            let endpoints = declared
+                .endpoints
+                .values()
+                .filter(|e| e.message_types.iter().any(|t| entity_name(t) == exchange))
+                .cloned()
+                .collect();
+            let sources = declared
+                .publish_exchanges
+                .iter()
+                .filter(|(_, contracts)| contracts.iter().any(|c| c == exchange))
+                .map(|(source, contracts)| (source.clone(), contracts.clone()))
+                .collect();
+            (endpoints, sources)
+        };
+        let queue_type = self.shared.options.queue_type;
+        for endpoint in endpoints {
+            match topology::declare_endpoint(&session.connection, &endpoint, queue_type).await {
+                Err(error @ Error::Refused { .. }) => {
+                    tracing::warn!(%error, endpoint = %endpoint.queue, "could not bind an endpoint again");
+                }
+                other => other?,
+            }
+        }
+        for (source, contracts) in sources {
+            match topology::declare_publish_exchange(&session.connection, &source, &contracts).await {
+                Err(error @ Error::Refused { .. }) => {
+                    tracing::warn!(%error, %source, "could not bind a message type's exchange again");
+                }
+                other => other?,
+            }
         }
         Ok(())
     }
 
     /// Forgets that `exchange` exists (it was deleted behind the bus's back), as a
-    /// destination and as any type's publish exchange, so that it is checked or declared again.
+    /// destination and as any type's publish exchange, so that it is checked or declared
+    /// again, and marks it to be bound again when it is.
     fn forget(&self, exchange: &str) {
         self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(exchange);
         self.state.publish_exchanges.write().unwrap_or_else(|e| e.into_inner()).retain(|_, known| &**known != exchange);
+        self.state.needs_rebind.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
     }
 
     /// The exchange to publish `message_types` to, declared (with its bindings to the contract
-    /// exchanges) unless known. `rebind`: it was deleted behind the bus's back; this bus's
-    /// endpoints that consume the types are bound to it again before any publish can use it.
-    async fn ensure_publish_exchange(
-        &self,
-        message_types: &[&str],
-        deadline: Instant,
-        rebind: bool,
-    ) -> Result<Arc<str>> {
+    /// exchanges) unless known; one deleted behind the bus's back is bound again (see
+    /// [`Self::bind_again`]) before any publish can use it.
+    async fn ensure_publish_exchange(&self, message_types: &[&str], deadline: Instant) -> Result<Arc<str>> {
         let Some((first, contracts)) = message_types.split_first() else {
             return Err(Error::Configuration("a published message needs a message type".into()));
         };
@@ -202,8 +227,10 @@ impl RabbitMqTransport {
             let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
             let session = self.shared.session(deadline).await?;
             topology::declare_publish_exchange(&session.connection, &exchange, &contracts).await?;
-            if rebind {
-                self.bind_consuming_endpoints(&session, message_types).await?;
+            if self.state.needs_rebind.lock().unwrap_or_else(|e| e.into_inner()).contains(&exchange) {
+                // Cleared only once bound again: cut short, the next publish does it.
+                self.bind_again(&session, &exchange).await?;
+                self.state.needs_rebind.lock().unwrap_or_else(|e| e.into_inner()).remove(&exchange);
             }
             self.shared.declared().publish_exchanges.insert(exchange.clone(), contracts);
             self.remember(&exchange);
@@ -254,21 +281,19 @@ impl Transport for RabbitMqTransport {
         // One bound for the whole publish, declaration included.
         let deadline = self.deadline();
         let properties = properties(&message, true);
-        let mut declared_again = false;
         loop {
-            let exchange = self.ensure_publish_exchange(message_types, deadline, declared_again).await?;
+            let exchange = self.ensure_publish_exchange(message_types, deadline).await?;
             match publish(&self.shared, &exchange, "", &message.body, &properties, false, deadline).await {
                 // The exchange of this type, or of another published on the same channel, was
                 // deleted behind the bus's back: the broker closed the channel and dropped what
                 // came after the refused publish, this message included. Declared again (the
-                // cache would say it exists for ever) and bound again to this bus's endpoints
-                // that consume it, it is published again, until the deadline, as MassTransit
-                // declares its topology again on a new channel. (A publish that read the cache
-                // before this and reaches the broker between the declaration and the bindings
-                // is taken but reaches no endpoint: a window of two round trips.)
+                // cache would say it exists for ever) and bound again as this bus had bound it,
+                // it is published again, until the deadline, as MassTransit declares its
+                // topology again on a new channel. (A publish that read the cache before this
+                // and reaches the broker between the declaration and the bindings is taken but
+                // reaches no endpoint: a window of a few round trips.)
                 Err(Error::Refused { source, .. }) if is_not_found(&source) && Instant::now() < deadline => {
                     self.forget(&exchange);
-                    declared_again = true;
                 }
                 other => return Ok(other?),
             }

@@ -22,8 +22,9 @@ pub enum ProducedKind {
     Respond,
 }
 
+/// Sends a produced message, with the message id given.
 pub(crate) type Dispatch<E> =
-    Box<dyn for<'a> FnOnce(&'a ConsumeContext<E>) -> BoxFuture<'a, bus_core::Result<()>> + Send>;
+    Box<dyn for<'a> FnOnce(&'a ConsumeContext<E>, Uuid) -> BoxFuture<'a, bus_core::Result<()>> + Send>;
 
 /// A message an event's activities produced; it leaves only after the instance is saved.
 pub struct Produced<E> {
@@ -31,7 +32,10 @@ pub struct Produced<E> {
     pub kind: ProducedKind,
     /// Its URN.
     pub message_type: &'static str,
-    /// Its message id, given when it was produced: sent again, it is the same message.
+    /// Its message id. Consumed by a saga, it is derived from the event's message id, the
+    /// saga and the message's place among those the transition produced: applied or sent
+    /// again, the event produces the same ids, so receivers that keep the ids they saw take
+    /// each message once.
     pub message_id: Uuid,
     /// The message as JSON, for inspection in tests.
     pub json: Value,
@@ -126,11 +130,12 @@ async fn dispatch<E: Message, M: Message>(
 fn produced<E: Message, M: Message>(kind: ProducedKind, message: M) -> Result<Produced<E>, Error> {
     let json = serde_json::to_value(&message).map_err(|e| Error::Activity(Box::new(e)))?;
     let target = kind.clone();
-    let message_id = Uuid::now_v7();
-    let dispatch: Dispatch<E> = Box::new(move |ctx: &ConsumeContext<E>| {
+    let dispatch: Dispatch<E> = Box::new(move |ctx: &ConsumeContext<E>, message_id| {
         Box::pin(async move { self::dispatch(ctx, target, message_id, message).await })
     });
-    Ok(Produced { kind, message_type: M::message_type(), message_id, json, dispatch })
+    // The saga runtime gives it an id derived from the event's, the same whenever the event
+    // is applied again; a new one stands in until then.
+    Ok(Produced { kind, message_type: M::message_type(), message_id: Uuid::now_v7(), json, dispatch })
 }
 
 /// Sends again a message event `E` produced, from what was stored with its instance.

@@ -52,6 +52,9 @@ pub struct SagaInstance<S> {
 pub struct AppliedEvent {
     /// The event's message id.
     pub message_id: Uuid,
+    /// The event's URN: one delivery can reach several event types of a saga (a message
+    /// listing several contracts), each applied on its own.
+    pub event_type: String,
     /// What the transition published, sent or responded, in order.
     pub produced: Vec<StoredMessage>,
 }

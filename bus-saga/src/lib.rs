@@ -9,13 +9,15 @@
 //!   with [`StateMachine::apply`] and no broker or repository;
 //! - missing instances skipped, discarded, faulted or handled by your code, per event;
 //! - the instance is saved before any message it produced leaves (through the outbox), and
-//!   saved with it: the event's message id and the messages its transition produced, each
-//!   with its own message id. An event delivered again after its save sends those messages
-//!   again, with the same ids, and changes nothing, rather than meeting the state it already
-//!   moved to: when they could not all leave (the broker down longer than the publish
-//!   timeout; the endpoint's redelivery, or an operator moving it back from `_error`, brings
-//!   it again), or when its ack was lost with a connection. At least once, as any outbox:
-//!   receivers that keep the ids they saw take each message once;
+//!   saved with it: the event's message id and type, and the messages its transition
+//!   produced. An event delivered again after its save sends those messages again and changes
+//!   nothing, rather than meeting the state it already moved to: when they could not all
+//!   leave (the broker down longer than the publish timeout; the endpoint's redelivery, or an
+//!   operator moving it back from `_error`, brings it again), or when its ack was lost with a
+//!   connection. At least once, as any outbox, but each produced message's id is derived from
+//!   the event's id (and the saga, and its place among the messages), so whenever the event
+//!   is applied or sent again its messages carry the same ids, and receivers that keep the
+//!   ids they saw take each once;
 //! - [`InMemorySagaRepository`] and [`RedisSagaRepository`] (insert-if-absent, atomic
 //!   compare-and-set on `version`, optional pessimistic locks), with concurrency conflicts
 //!   retried automatically on fresh state and counted.
@@ -24,7 +26,8 @@
 //! another event moved the same instance on meets that state (and, not accepted there, ends
 //! in `_error` with the reason); its messages must then be re-sent by hand. An event that
 //! finalized its instance (deleted when "completed when finalized") finds no instance when it
-//! comes back, and meets the missing-instance policy (skipped by default).
+//! comes back: one that also created it is applied again (its messages get the same ids),
+//! any other meets the missing-instance policy (skipped by default).
 //!
 //! ```
 //! use bus_core::{BoxError, Message};

@@ -175,15 +175,21 @@ impl<S: SagaData> SagaRuntime<S> {
         for attempt in 1..=attempts {
             let loaded = self.repository.load(id).await?;
             if let Some(applied) = loaded.as_ref().and_then(|i| i.last_event.as_ref()) {
-                if Some(applied.message_id) == message_id {
+                if Some(applied.message_id) == message_id && applied.event_type == E::message_type() {
                     return self.send_again(ctx, id, applied).await;
                 }
             }
             let expected = loaded.as_ref().map(|i| i.version);
             let mut transition = self.machine.apply(loaded, ctx.message()).await?;
+            if let Some(event_id) = message_id {
+                for (index, produced) in transition.produced.iter_mut().enumerate() {
+                    produced.message_id = self.produced_id(event_id, E::message_type(), index);
+                }
+            }
             // Saved with the state, so that this event, delivered again, finds what it sent.
             transition.instance.last_event = message_id.map(|message_id| AppliedEvent {
                 message_id,
+                event_type: E::message_type().to_owned(),
                 produced: transition
                     .produced
                     .iter()
@@ -229,7 +235,7 @@ impl<S: SagaData> SagaRuntime<S> {
                     });
                     // Saved: now the messages may leave (through the consume's outbox).
                     for produced in transition.produced {
-                        (produced.dispatch)(ctx).await?;
+                        (produced.dispatch)(ctx, produced.message_id).await?;
                     }
                     return Ok(());
                 }
@@ -247,6 +253,14 @@ impl<S: SagaData> SagaRuntime<S> {
             }
         }
         Err(Error::TooManyConflicts { id, attempts }.into())
+    }
+
+    /// The id of the `index`th message a transition produced for the event `event_id` of
+    /// type `event_type`: a name-based (v5) UUID, the same whenever the event is applied or
+    /// sent again, and distinct per saga, event type and message.
+    fn produced_id(&self, event_id: Uuid, event_type: &str, index: usize) -> Uuid {
+        let name = format!("{}/{event_type}/{index}", self.machine.name());
+        Uuid::new_v5(&event_id, name.as_bytes())
     }
 
     /// The event was applied and saved before, but its messages may not all have left (the

@@ -630,10 +630,18 @@ struct ExchangeDeletedBehind {
     n: u32,
 }
 
+/// Lists `ExchangeDeletedBehind` as a contract: its exchange is bound to that one.
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Tests:ListsDeletedBehind", implements("urn:message:Tests:ExchangeDeletedBehind"))]
+struct ListsDeletedBehind {
+    n: u32,
+}
+
 /// A message type's exchange deleted behind the bus's back (by an operator, say) is declared
-/// again by the type's next publish, and bound again to the endpoint consuming it, so that
-/// publish and the ones after it succeed and arrive; so do publishes of another type in
-/// flight on the same channels, which the broker closes over the missing exchange.
+/// again by the type's next publish, and bound again as the bus had bound it (to the endpoint
+/// consuming it, from the exchange of a type listing it as a contract), so that publish and
+/// the ones after it succeed and arrive; so do publishes of another type in flight on the same
+/// channels, which the broker closes over the missing exchange.
 #[test]
 fn a_type_exchange_deleted_behind_the_bus_is_declared_again_by_its_next_publish() {
     use futures::FutureExt as _;
@@ -651,7 +659,8 @@ fn a_type_exchange_deleted_behind_the_bus_is_declared_again_by_its_next_publish(
         bus.start().await.expect("bus starts");
         bus.publish(ExchangeDeletedBehind { n: 0 }).await.expect("published while the exchange exists");
         bus.publish(AfterReopen { n: 0 }).await.expect("another type's exchange is declared");
-        received.wait_for::<ExchangeDeletedBehind>(1, WAIT).await.expect("the first arrives");
+        bus.publish(ListsDeletedBehind { n: 0 }).await.expect("a type listing it as a contract");
+        received.wait_for::<ExchangeDeletedBehind>(2, WAIT).await.expect("the first two arrive");
         let exchange = bus_core::message::entity_name(ExchangeDeletedBehind::message_type());
         let channel = fixture.channel().await;
         channel
@@ -665,7 +674,8 @@ fn a_type_exchange_deleted_behind_the_bus_is_declared_again_by_its_next_publish(
         for n in 2..20 {
             bus.publish(ExchangeDeletedBehind { n }).await.expect("published after the exchange is back");
         }
-        received.wait_for::<ExchangeDeletedBehind>(20, WAIT).await.expect("every one arrives");
+        bus.publish(ListsDeletedBehind { n: 1 }).await.expect("the contract's binding is made again");
+        received.wait_for::<ExchangeDeletedBehind>(21, WAIT).await.expect("every one arrives");
         let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
         channel
             .exchange_declare(exchange.as_str().into(), lapin::ExchangeKind::Fanout, passive, FieldTable::default())

@@ -250,7 +250,8 @@ where
         .build();
     bus.start().await.expect("bus starts");
     let id = Uuid::now_v7();
-    bus.publish(Open { ticket: id }).await.expect("open");
+    let open_id = Uuid::now_v7();
+    bus.publish_with(Open { ticket: id }, bus_core::SendOptions::new().message_id(open_id)).await.expect("open");
     audits.wait_for::<Audit>(1, WAIT).await.expect("the audit leaves when the event comes again");
     let instance = repository.load(id).await.expect("load").expect("the instance is saved");
     bus.stop().await.expect("stop");
@@ -258,11 +259,15 @@ where
     assert_eq!((instance.current_state.as_str(), instance.version), ("Opened", 1), "applied once");
     assert_eq!(stats.transitions(), 1);
     let applied = instance.last_event.expect("the applied event is kept");
+    assert_eq!((applied.message_id, applied.event_type.as_str()), (open_id, Open::message_type()));
     assert_eq!(applied.produced.len(), 1);
     assert_eq!(applied.produced[0].message_type, Audit::message_type());
     assert_eq!(applied.produced[0].message["ticket"], id.to_string());
+    // Derived from the event's id: the same however often the event is applied or sent again.
+    let derived = Uuid::new_v5(&open_id, format!("AuditedTicket/{}/0", Open::message_type()).as_bytes());
+    assert_eq!(applied.produced[0].message_id, derived);
     let sent = audits.envelopes::<Audit>();
-    assert_eq!(sent[0].message_id, Some(applied.produced[0].message_id), "sent again with the id it was given");
+    assert_eq!(sent[0].message_id, Some(derived), "sent again with the id it was given");
     assert!(inner.drain("AuditedTicket_error").is_empty(), "nothing in _error");
 }
 
@@ -280,4 +285,62 @@ async fn an_event_delivered_again_after_its_save_sends_its_messages_from_redis()
     let repository =
         RedisSagaRepository::<TicketState>::connect("redis://127.0.0.1:6379", options).await.expect("redis");
     event_delivered_again_after_its_save_sends_its_messages(repository).await;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Tickets:Ping")]
+struct Ping {
+    ticket: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Tickets:Pong")]
+struct Pong {
+    ticket: Uuid,
+}
+
+/// One message that is both a `Ping` and a `Pong`.
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Tickets:PingPong", implements("urn:message:Tickets:Ping", "urn:message:Tickets:Pong"))]
+struct PingPong {
+    ticket: Uuid,
+}
+
+/// One delivery that is two events of a saga applies both: the second is not taken for the
+/// first delivered again (they share the message id, not the event type).
+#[tokio::test]
+async fn one_message_that_is_two_events_applies_both() {
+    let machine = StateMachine::<TicketState>::builder("PingPongTicket")
+        .states(["Opened"])
+        .event::<Open>(|m| m.ticket)
+        .event::<Ping>(|m| m.ticket)
+        .event::<Pong>(|m| m.ticket)
+        .initially(when::<TicketState, Open>().transition_to("Opened"))
+        .during_any(when::<TicketState, Ping>().then(|t, _| t.data.notes.push("ping".into())))
+        .during_any(when::<TicketState, Pong>().then(|t, _| t.data.notes.push("pong".into())))
+        .build();
+    let repository = InMemorySagaRepository::<TicketState>::new();
+    let (builder, stats) = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new()).saga_endpoint(
+        machine,
+        repository.clone(),
+        |e| {
+            e.concurrency_limit(1);
+        },
+    );
+    let bus = builder.build();
+    bus.start().await.expect("bus starts");
+    let id = Uuid::now_v7();
+    bus.publish(Open { ticket: id }).await.expect("open");
+    assert!(stats.wait_for_transitions(1, WAIT).await, "opened");
+    bus.publish(PingPong { ticket: id }).await.expect("ping-pong");
+    let both = stats.wait_for_transitions(3, WAIT).await;
+    let instance = repository.load(id).await.expect("load").expect("the instance");
+    bus.stop().await.expect("stop");
+    assert!(both, "both events applied: {:?}", instance.data.notes);
+    let mut notes = instance.data.notes.clone();
+    notes.sort();
+    assert_eq!(notes, ["ping", "pong"]);
 }
