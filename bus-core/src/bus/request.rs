@@ -194,6 +194,11 @@ pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStre
                     let _ = delivery.settle(Settlement::Requeue).await;
                     continue;
                 }
+                Err(_) if stop.is_cancelled() => {
+                    // Stopping (the transport may be closing): left unsettled, the message goes
+                    // back to its queue.
+                    break;
+                }
                 Err(error) => {
                     // Refused for good (a queue of that name exists with other arguments):
                     // moving would fail and requeue the message, round and round, on an
