@@ -198,12 +198,10 @@ impl RabbitMqTransport {
     }
 
     /// Forgets that `exchange` exists (it was deleted behind the bus's back), as a
-    /// destination and as any type's publish exchange, so that it is checked or declared
-    /// again, and marks it to be bound again when it is.
+    /// destination and as any type's publish exchange, so that it is checked or declared again.
     fn forget(&self, exchange: &str) {
         self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(exchange);
         self.state.publish_exchanges.write().unwrap_or_else(|e| e.into_inner()).retain(|_, known| &**known != exchange);
-        self.state.needs_rebind.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
     }
 
     /// The exchange to publish `message_types` to, declared (with its bindings to the contract
@@ -293,6 +291,8 @@ impl Transport for RabbitMqTransport {
                 // and reaches the broker between the declaration and the bindings is taken but
                 // reaches no endpoint: a window of a few round trips.)
                 Err(Error::Refused { source, .. }) if is_not_found(&source) && Instant::now() < deadline => {
+                    // Marked first: a publish that finds it forgotten declares it and binds again.
+                    self.state.needs_rebind.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_string());
                     self.forget(&exchange);
                 }
                 other => return Ok(other?),

@@ -265,8 +265,8 @@ impl<S: SagaData> SagaRuntime<S> {
 
     /// The event was applied and saved before, but its messages may not all have left (the
     /// broker was unreachable when they were released, say): sends them again, as its
-    /// transition produced them, and changes nothing. At least once, as any outbox: those
-    /// that had left leave twice.
+    /// transition produced them (with the same ids), and changes nothing. At least once, as
+    /// any outbox: those that had left leave twice, and receivers can tell by their ids.
     async fn send_again<E: Message>(
         &self,
         ctx: &ConsumeContext<E>,
