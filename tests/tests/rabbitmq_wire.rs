@@ -685,3 +685,41 @@ fn a_type_exchange_deleted_behind_the_bus_is_declared_again_by_its_next_publish(
         transport.close().await;
     });
 }
+
+/// The bus's response endpoint declares its `_skipped` queue again when a move there fails
+/// because the queue was deleted meanwhile: the response nobody waits for still ends there.
+#[test]
+fn the_response_endpoints_dead_letter_queues_are_declared_again_after_a_failed_move() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let bus = fixture.bus().build();
+        bus.start().await.expect("bus starts");
+        let queue = bus.address().rsplit('/').next().and_then(|q| q.split('?').next()).expect("queue").to_owned();
+        let late = |n: u32| {
+            let body = format!(
+                r#"{{"requestId":"{}","messageType":["{}"],"message":{{"n":{n}}}}}"#,
+                uuid::Uuid::new_v4(),
+                Probe::message_type()
+            );
+            bus_core::TransportMessage {
+                body: body.into_bytes().into(),
+                content_type: Some("application/vnd.masstransit+json".into()),
+                ..Default::default()
+            }
+        };
+        let transport = fixture.transport();
+        let skipped = format!("{queue}_skipped");
+        bus_core::Transport::send(&transport, &queue, late(1)).await.expect("send");
+        assert_eq!(fixture.take_messages(&skipped, 1, WAIT).await.len(), 1, "the first is skipped");
+        let channel = fixture.channel().await;
+        channel
+            .queue_delete(skipped.as_str().into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .expect("delete the skipped queue");
+        bus_core::Transport::send(&transport, &queue, late(2)).await.expect("send");
+        let again = fixture.take_messages(&skipped, 1, WAIT).await;
+        bus.stop().await.expect("stop");
+        assert_eq!(again.len(), 1, "the second is skipped too, in the queue declared again");
+        assert!(String::from_utf8_lossy(&again[0].body).contains(r#""n":2"#));
+    });
+}
