@@ -218,6 +218,35 @@ impl bus_core::Transport for RefusesFirstPublishOf {
     }
 }
 
+/// A saga on a transport that refuses its first `Audit`, with redelivery, and an endpoint
+/// that records the audits.
+struct AuditedSaga {
+    bus: bus_core::Bus,
+    stats: Arc<bus_saga::SagaStats>,
+    audits: Arc<bus_core::testing::MessageLog>,
+    inner: bus_inmemory::InMemoryTransport,
+}
+
+fn audited_saga<R: SagaRepository<TicketState>>(machine: Arc<StateMachine<TicketState>>, repository: R) -> AuditedSaga {
+    let inner = bus_inmemory::InMemoryTransport::new();
+    let transport = RefusesFirstPublishOf { inner: inner.clone(), urn: Audit::message_type(), refused: Arc::default() };
+    let audits = Arc::new(bus_core::testing::MessageLog::default());
+    let audits_in = audits.clone();
+    let (builder, stats) = bus_core::Bus::builder(transport).saga_endpoint(machine, repository, |e| {
+        e.redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(10)]));
+    });
+    let bus = builder
+        .receive_endpoint(tests::unique("audits"), move |e| {
+            let audits = audits_in.clone();
+            e.handler(move |ctx: ConsumeContext<Audit>| {
+                audits.record(ctx.envelope());
+                async { Ok::<_, BoxError>(()) }
+            });
+        })
+        .build();
+    AuditedSaga { bus, stats, audits, inner }
+}
+
 /// Runs an event whose transition is saved but whose published message cannot leave at
 /// first: delivered again, the event sends that message (it used to meet the state it had
 /// already moved to, and end in `_error` with the message never sent).
@@ -232,22 +261,7 @@ where
             when::<TicketState, Open>().publish(|t, _| Audit { ticket: t.correlation_id }).transition_to("Opened"),
         )
         .build();
-    let inner = bus_inmemory::InMemoryTransport::new();
-    let transport = RefusesFirstPublishOf { inner: inner.clone(), urn: Audit::message_type(), refused: Arc::default() };
-    let audits = Arc::new(bus_core::testing::MessageLog::default());
-    let audits_in = audits.clone();
-    let (builder, stats) = bus_core::Bus::builder(transport).saga_endpoint(machine, repository.clone(), |e| {
-        e.redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(10)]));
-    });
-    let bus = builder
-        .receive_endpoint(tests::unique("audits"), move |e| {
-            let audits = audits_in.clone();
-            e.handler(move |ctx: ConsumeContext<Audit>| {
-                audits.record(ctx.envelope());
-                async { Ok::<_, BoxError>(()) }
-            });
-        })
-        .build();
+    let AuditedSaga { bus, stats, audits, inner } = audited_saga(machine, repository.clone());
     bus.start().await.expect("bus starts");
     let id = Uuid::now_v7();
     let open_id = Uuid::now_v7();
@@ -343,4 +357,27 @@ async fn one_message_that_is_two_events_applies_both() {
     let mut notes = instance.data.notes.clone();
     notes.sort();
     assert_eq!(notes, ["ping", "pong"]);
+}
+
+/// An event that creates and finalizes its instance keeps nothing; delivered again because
+/// its message could not leave, it is applied again, and its message carries the same id as
+/// the first time (derived from the event's), so a receiver can tell a repeat.
+#[tokio::test]
+async fn an_event_that_finalized_its_instance_is_applied_again_with_the_same_message_ids() {
+    let machine = StateMachine::<TicketState>::builder("FinalizedTicket")
+        .event::<Open>(|m| m.ticket)
+        .initially(when::<TicketState, Open>().publish(|t, _| Audit { ticket: t.correlation_id }).finalize())
+        .build();
+    let repository = InMemorySagaRepository::<TicketState>::new();
+    let AuditedSaga { bus, stats, audits, inner } = audited_saga(machine, repository.clone());
+    bus.start().await.expect("bus starts");
+    let (id, open_id) = (Uuid::now_v7(), Uuid::now_v7());
+    bus.publish_with(Open { ticket: id }, bus_core::SendOptions::new().message_id(open_id)).await.expect("open");
+    audits.wait_for::<Audit>(1, WAIT).await.expect("the audit leaves when the event comes again");
+    bus.stop().await.expect("stop");
+    let derived = Uuid::new_v5(&open_id, format!("FinalizedTicket/{}/0", Open::message_type()).as_bytes());
+    assert_eq!(audits.envelopes::<Audit>()[0].message_id, Some(derived));
+    assert_eq!(stats.transitions(), 2, "applied twice: nothing was kept the first time");
+    assert!(repository.load(id).await.expect("load").is_none(), "finalized and deleted");
+    assert!(inner.drain("FinalizedTicket_error").is_empty(), "nothing in _error");
 }
