@@ -69,9 +69,10 @@ impl MessageSpan {
 ///
 /// Spans are built with their name and attributes, so that samplers and processors see
 /// them whole. Without a tracer provider that work is wasted on every message, so a tracer
-/// whose spans neither record nor get ids of their own is marked no-op, and then spans are
-/// built bare (they still carry the producer's context on). Every 1,024th span is built
-/// whole again, in case that was only a passing state (a suppressed context, say).
+/// whose spans neither record nor get ids of their own is marked no-op, and then no spans
+/// are built: the parent context carries the producer's trace on just as a no-op span would.
+/// Every 1,024th span is built whole again, in case that was only a passing state (a
+/// suppressed context, say).
 pub(crate) struct BusTracer {
     tracer: BoxedTracer,
     noop: AtomicBool,
@@ -90,10 +91,10 @@ impl BusTracer {
         links: Vec<Link>,
         name: impl FnOnce() -> String,
         attributes: impl FnOnce() -> Vec<KeyValue>,
-    ) -> BoxedSpan {
+    ) -> Option<BoxedSpan> {
         if self.noop.load(Ordering::Relaxed) && self.bare.fetch_add(1, Ordering::Relaxed) % 1024 != 1023 {
-            let builder = SpanBuilder::from_name("message").with_kind(kind).with_links(links);
-            return self.tracer.build_with_context(builder, parent);
+            // A no-op span only repeats its parent's context: the parent carries it on as well.
+            return None;
         }
         let builder = SpanBuilder::from_name(name()).with_kind(kind).with_links(links).with_attributes(attributes());
         let span = self.tracer.build_with_context(builder, parent);
@@ -103,7 +104,7 @@ impl BusTracer {
         let no_id_of_its_own = !context.is_valid()
             || parent.has_active_span() && parent.span().span_context().span_id() == context.span_id();
         self.noop.store(!span.is_recording() && no_id_of_its_own, Ordering::Relaxed);
-        span
+        Some(span)
     }
 }
 
@@ -113,8 +114,11 @@ impl std::fmt::Debug for BusTracer {
     }
 }
 
-fn in_context(parent: &Context, span: BoxedSpan) -> MessageSpan {
-    MessageSpan { cx: parent.with_span(span) }
+fn in_context(parent: &Context, span: Option<BoxedSpan>) -> MessageSpan {
+    match span {
+        Some(span) => MessageSpan { cx: parent.with_span(span) },
+        None => MessageSpan { cx: parent.clone() },
+    }
 }
 
 fn id(id: Option<Uuid>) -> Option<StringValue> {
