@@ -39,6 +39,7 @@ pub(crate) fn unreadable(
 /// The exception type recorded for a message that could not be read because of `error`.
 pub(crate) fn unreadable_type(error: &Error) -> &'static str {
     match error {
+        Error::MessageTooLarge { .. } => "MessageTooLarge",
         Error::UnsupportedContentType(_) => "UnsupportedContentType",
         _ => "SerializationException",
     }

@@ -131,13 +131,15 @@ pub async fn messages_answering_no_request_go_to_the_response_endpoints_error_an
     let queue = address.rsplit('/').next().and_then(|last| last.split('?').next()).expect("queue name").to_owned();
     let transport = fixture.transport();
     transport.send(&queue, raw(&b"{not json"[..], "application/vnd.masstransit+json")).await.expect("raw send");
+    let oversized = vec![b' '; bus_core::DEFAULT_MAX_MESSAGE_SIZE + 1];
+    transport.send(&queue, raw(oversized, "application/vnd.masstransit+json")).await.expect("raw send");
     let late = format!(
         r#"{{"requestId":"{}","messageType":["{}"],"message":{{"approved":true,"amount":7}}}}"#,
         uuid::Uuid::new_v4(),
         PaymentChecked::message_type()
     );
     transport.send(&queue, raw(late.into_bytes(), "application/vnd.masstransit+json")).await.expect("raw send");
-    let errors = fixture.take_messages(&format!("{queue}_error"), 1, crate::WAIT).await;
+    let errors = fixture.take_messages(&format!("{queue}_error"), 2, crate::WAIT).await;
     let skipped = fixture.take_messages(&format!("{queue}_skipped"), 1, crate::WAIT).await;
     let answered = bus
         .request_client::<CheckPayment>()
@@ -146,7 +148,8 @@ pub async fn messages_answering_no_request_go_to_the_response_endpoints_error_an
         .await;
     bus.stop().await.expect("stop");
 
-    assert_eq!(errors.len(), 1, "the unreadable message is in the response endpoint's error queue");
+    assert_eq!(errors.len(), 2, "the unreadable messages are in the response endpoint's error queue");
+    assert_eq!(header(&errors[1], "MT-Fault-ExceptionType"), "MessageTooLarge", "not read at all");
     assert_eq!(&errors[0].body[..], b"{not json", "kept as it came");
     assert_eq!(header(&errors[0], "MT-Reason"), "fault");
     assert_eq!(header(&errors[0], "MT-Fault-ExceptionType"), "SerializationException");

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{Bus, BusInner};
 use crate::dead_letter;
 use crate::fault::FAULT_URN;
-use crate::{DeliveryStream, Envelope, Error, Message, Result, SendOptions, Settlement};
+use crate::{DeliveryStream, Envelope, Error, Message, Result, SendOptions, Settlement, DEFAULT_MAX_MESSAGE_SIZE};
 
 /// A typed response to a request.
 #[derive(Debug)]
@@ -172,7 +172,14 @@ pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStre
                 None => break,
             },
         };
-        let outcome = match inner.serializers.deserialize(delivery.message()) {
+        let size = delivery.message().body.len();
+        let read = if size > DEFAULT_MAX_MESSAGE_SIZE {
+            // As on any endpoint: not read at all.
+            Err(Error::MessageTooLarge { size, limit: DEFAULT_MAX_MESSAGE_SIZE })
+        } else {
+            inner.serializers.deserialize(delivery.message())
+        };
+        let outcome = match read {
             Ok(envelope) => {
                 let request_id = envelope.request_id;
                 let waiting =
