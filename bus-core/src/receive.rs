@@ -162,7 +162,7 @@ impl EndpointRuntime {
         let inner = &bus.inner;
         if message.body.len() > self.settings.max_message_size {
             let error = Error::MessageTooLarge { size: message.body.len(), limit: self.settings.max_message_size };
-            return self.unreadable(bus, message, "MessageTooLarge", &error);
+            return self.unreadable(bus, message, dead_letter::unreadable_type(&error), &error);
         }
         let envelope = match inner.serializers.deserialize(message) {
             Ok(envelope) => envelope,

@@ -187,7 +187,9 @@ impl<S: SagaData> SagaRuntime<S> {
                 }
             }
             // Saved with the state, so that this event, delivered again, finds what it sent.
-            transition.instance.last_event = message_id.map(|message_id| AppliedEvent {
+            // (Only a state that is stored keeps it: not one ignored, missing or deleted.)
+            let stored = matches!(transition.outcome, Outcome::Created | Outcome::Updated);
+            transition.instance.last_event = message_id.filter(|_| stored).map(|message_id| AppliedEvent {
                 message_id,
                 event_type: E::message_type().to_owned(),
                 produced: transition
