@@ -92,6 +92,7 @@ macro_rules! conformance_suite {
             a_message_produced_after_the_consume_finished_still_leaves,
             panics_in_middleware_and_observers_do_not_loop,
             a_fault_address_that_names_no_endpoint_falls_back_to_the_response_address,
+            names_from_the_wire_too_long_for_the_broker_fail_only_what_needs_them,
             a_panic_while_writing_the_fault_moves_the_message_to_error,
             stop_and_restart_mid_run_loses_nothing,
             stop_cancels_overrunning_consumers_and_requeues_their_messages,

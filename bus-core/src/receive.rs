@@ -326,7 +326,12 @@ impl EndpointRuntime {
         tracing::error!(endpoint = %self.info.name, message_id = ?state.envelope.message_id,
             message_type = state.envelope.message_type.first().map(String::as_str), consumer = consumer_type,
             trace_id = telemetry::current_trace_id(), %error, "consume failed; moved to the error queue");
-        if let Err(fault_error) = inner.emit_fault(&state.envelope, &error, consumer_type, &self.info.address).await {
+        let consumed: Vec<&str> = (state.envelope.message_type.iter().map(String::as_str))
+            .filter(|urn| self.by_type.contains_key(urn))
+            .collect();
+        if let Err(fault_error) =
+            inner.emit_fault(&state.envelope, &consumed, &error, consumer_type, &self.info.address).await
+        {
             tracing::warn!(endpoint = %self.info.name, error = %fault_error, "could not emit the fault");
         }
         let mut headers = dead_letter::fault_headers(bus, &self.info.address, error.exception_type(), error.message());

@@ -44,6 +44,10 @@ pub enum Error {
     /// The URI or options cannot work.
     #[error("invalid rabbitmq configuration: {0}")]
     Configuration(String),
+    /// An exchange, queue or routing key name over AMQP's 255 bytes (such a name can come
+    /// from a message: its fault or response address, its message types).
+    #[error("`{0}...` is not a valid AMQP name: over 255 bytes")]
+    NameTooLong(String),
 }
 
 impl Error {
@@ -53,7 +57,7 @@ impl Error {
         match self {
             Error::Connection { .. } | Error::Unavailable(_) | Error::Nacked(_) => true,
             Error::Refused { source, .. } => is_connection_loss(source),
-            Error::Unroutable(_) | Error::Closed | Error::Configuration(_) => false,
+            Error::Unroutable(_) | Error::Closed | Error::Configuration(_) | Error::NameTooLong(_) => false,
         }
     }
 }

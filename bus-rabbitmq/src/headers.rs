@@ -32,7 +32,19 @@ fn to_amqp(value: &Value) -> AMQPValue {
     }
 }
 
+/// How deep tables and arrays in a header are read; deeper ones are read as `null`.
+/// serde_json stops at 128 levels when it parses; this is the same guard for headers, which
+/// arrive already parsed (and are later written and dropped recursively).
+const MAX_HEADER_DEPTH: usize = 32;
+
 fn from_amqp(value: &AMQPValue) -> Value {
+    from_amqp_at(value, 0)
+}
+
+fn from_amqp_at(value: &AMQPValue, depth: usize) -> Value {
+    if depth >= MAX_HEADER_DEPTH && matches!(value, AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_)) {
+        return Value::Null;
+    }
     match value {
         AMQPValue::Boolean(b) => Value::Bool(*b),
         AMQPValue::ShortShortInt(i) => Value::from(*i),
@@ -48,10 +60,13 @@ fn from_amqp(value: &AMQPValue) -> Value {
         AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
         // Headers from the wire need not be UTF-8: keep what can be read, never fail.
         AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::FieldArray(items) => Value::Array(items.as_slice().iter().map(from_amqp).collect()),
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(|item| from_amqp_at(item, depth + 1)).collect())
+        }
         AMQPValue::Timestamp(t) => Value::from(*t),
         AMQPValue::FieldTable(table) => {
-            Value::Object(table.inner().iter().map(|(k, v)| (k.as_str().to_owned(), from_amqp(v))).collect())
+            let entries = table.inner().iter().map(|(k, v)| (k.as_str().to_owned(), from_amqp_at(v, depth + 1)));
+            Value::Object(entries.collect())
         }
         AMQPValue::ByteArray(bytes) => Value::String(String::from_utf8_lossy(bytes.as_slice()).into_owned()),
         AMQPValue::Void => Value::Null,
@@ -181,6 +196,27 @@ pub fn transport_message(data: Vec<u8>, properties: &BasicProperties) -> Transpo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_tables_nested_past_the_limit_are_read_as_null() {
+        let mut value = AMQPValue::LongString(LongString::from("deep"));
+        for _ in 0..1_000 {
+            let mut table = FieldTable::default();
+            table.insert("inner".into(), value);
+            value = AMQPValue::FieldTable(table);
+        }
+        let mut table = FieldTable::default();
+        table.insert("Nested".into(), value);
+        let headers = from_table(&table);
+        let mut level = headers.get("Nested").expect("the header is kept");
+        let mut depth = 0;
+        while let Some(inner) = level.get("inner") {
+            level = inner;
+            depth += 1;
+        }
+        assert_eq!(depth, MAX_HEADER_DEPTH);
+        assert!(level.is_null(), "the part past the limit is null: {level:?}");
+    }
 
     #[test]
     fn headers_survive_a_round_trip_through_an_amqp_table() {

@@ -27,6 +27,7 @@ pub(crate) async fn publish(
     mandatory: bool,
     deadline: Instant,
 ) -> Result<()> {
+    let (exchange_name, routing_key) = (crate::topology::short(exchange)?, crate::topology::short(routing_key)?);
     loop {
         let session = shared.session(deadline).await?;
         let attempt = async {
@@ -35,13 +36,13 @@ pub(crate) async fn publish(
                 // Alone on its channel until confirmed, so that a returned message is its own.
                 let channel = session.sender().await?;
                 channel
-                    .basic_publish(exchange.into(), routing_key.into(), options, body, properties.clone())
+                    .basic_publish(exchange_name.clone(), routing_key.clone(), options, body, properties.clone())
                     .await?
                     .await
             } else {
                 let channel = session.publisher().await?;
                 channel
-                    .basic_publish(exchange.into(), routing_key.into(), options, body, properties.clone())
+                    .basic_publish(exchange_name.clone(), routing_key.clone(), options, body, properties.clone())
                     .await?
                     .await
             }

@@ -4,7 +4,7 @@
 use bus_core::message::entity_name;
 use bus_core::EndpointTopology;
 use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::error::{Error, Result};
@@ -13,6 +13,15 @@ use crate::options::QueueType;
 fn refused(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
     let operation = operation.into();
     move |source| Error::Refused { operation, source: Box::new(source) }
+}
+
+/// `name` as an AMQP short string: an error, not lapin's panic, when it is over 255 bytes.
+pub(crate) fn short(name: &str) -> Result<ShortString> {
+    ShortString::try_new(name).map_err(|_| {
+        // The start of the name says which one it was; all of it would flood the logs.
+        let start = name.char_indices().nth(64).map_or(name, |(end, _)| &name[..end]);
+        Error::NameTooLong(start.to_owned())
+    })
 }
 
 /// Name of the queue that holds messages waiting `delay` before redelivery to `queue`.
@@ -32,7 +41,7 @@ async fn with_channel<T>(connection: &Connection, f: impl AsyncFnOnce(&Channel) 
 async fn exchange(channel: &Channel, name: &str, durable: bool, auto_delete: bool) -> Result<()> {
     let options = ExchangeDeclareOptions { durable, auto_delete, ..ExchangeDeclareOptions::default() };
     channel
-        .exchange_declare(name.into(), ExchangeKind::Fanout, options, FieldTable::default())
+        .exchange_declare(short(name)?, ExchangeKind::Fanout, options, FieldTable::default())
         .await
         .map_err(refused(format!("declaring exchange `{name}`")))
 }
@@ -40,7 +49,7 @@ async fn exchange(channel: &Channel, name: &str, durable: bool, auto_delete: boo
 async fn queue(channel: &Channel, name: &str, durable: bool, auto_delete: bool, arguments: FieldTable) -> Result<()> {
     let options = QueueDeclareOptions { durable, auto_delete, ..QueueDeclareOptions::default() };
     channel
-        .queue_declare(name.into(), options, arguments)
+        .queue_declare(short(name)?, options, arguments)
         .await
         .map_err(refused(format!("declaring queue `{name}`")))?;
     Ok(())
@@ -56,7 +65,7 @@ async fn queue_with_exchange(
     queue(channel, name, durable, auto_delete, arguments).await?;
     exchange(channel, name, durable, auto_delete).await?;
     channel
-        .queue_bind(name.into(), name.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(short(name)?, short(name)?, "".into(), QueueBindOptions::default(), FieldTable::default())
         .await
         .map_err(refused(format!("binding queue `{name}`")))
 }
@@ -87,8 +96,8 @@ pub(crate) async fn declare_endpoint(
             exchange(channel, &source, true, false).await?;
             channel
                 .exchange_bind(
-                    name.into(),
-                    source.as_str().into(),
+                    short(name)?,
+                    short(&source)?,
                     "".into(),
                     ExchangeBindOptions::default(),
                     FieldTable::default(),
@@ -144,8 +153,8 @@ pub(crate) async fn declare_publish_exchange(
             exchange(channel, contract, true, false).await?;
             channel
                 .exchange_bind(
-                    contract.as_str().into(),
-                    exchange_name.into(),
+                    short(contract)?,
+                    short(exchange_name)?,
                     "".into(),
                     ExchangeBindOptions::default(),
                     FieldTable::default(),
@@ -160,9 +169,10 @@ pub(crate) async fn declare_publish_exchange(
 
 /// Whether an exchange exists (a passive declaration, on its own channel).
 pub(crate) async fn exchange_exists(connection: &Connection, name: &str) -> Result<bool> {
+    let checked = short(name)?;
     let channel = connection.create_channel().await.map_err(refused("channel.open"))?;
     let options = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
-    match channel.exchange_declare(name.into(), ExchangeKind::Fanout, options, FieldTable::default()).await {
+    match channel.exchange_declare(checked, ExchangeKind::Fanout, options, FieldTable::default()).await {
         Ok(()) => {
             let _ = channel.close(200, "checked".into()).await;
             Ok(true)
@@ -177,11 +187,11 @@ pub(crate) async fn delete_endpoint(connection: &Connection, endpoint: &Endpoint
     with_channel(connection, async |channel| {
         let name = endpoint.queue.as_str();
         channel
-            .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
+            .queue_delete(short(name)?, lapin::options::QueueDeleteOptions::default())
             .await
             .map_err(refused(format!("deleting queue `{name}`")))?;
         channel
-            .exchange_delete(name.into(), lapin::options::ExchangeDeleteOptions::default())
+            .exchange_delete(short(name)?, lapin::options::ExchangeDeleteOptions::default())
             .await
             .map_err(refused(format!("deleting exchange `{name}`")))
     })

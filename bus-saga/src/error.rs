@@ -67,12 +67,21 @@ pub enum Error {
         /// The stored message's URN.
         message_type: String,
     },
+    /// The stored instance's version is the largest a `u64` holds (the store was written by
+    /// something else): it cannot be updated, since its next version would repeat an old one.
+    #[error("saga instance {0} is at the last possible version and cannot be updated")]
+    VersionExhausted(Uuid),
     /// Publishing, sending or responding failed.
     #[error(transparent)]
     Bus(#[from] bus_core::Error),
 }
 
 impl Error {
+    /// The version after `version` of instance `id`.
+    pub(crate) fn next_version(id: Uuid, version: u64) -> Result<u64> {
+        version.checked_add(1).ok_or(Error::VersionExhausted(id))
+    }
+
     /// Whether trying again may succeed: conflicts and an unreachable store do; an event not
     /// accepted in its state does not.
     pub fn is_transient(&self) -> bool {

@@ -656,6 +656,64 @@ pub async fn a_fault_address_that_names_no_endpoint_falls_back_to_the_response_a
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:WireNamed")]
+struct WireNamed {
+    n: u32,
+}
+
+/// Names in a message are its sender's, and AMQP names stop at 255 bytes. A message listing
+/// a foreign type with a longer name, or naming such a fault address, fails only what needs
+/// that name: nothing panics, the message goes to `_error` with its consumer's reason, and
+/// the fault is published typed by what the endpoint consumes (the foreign type is named
+/// in `faultMessageTypes` only, so no exchange is declared for it).
+pub async fn names_from_the_wire_too_long_for_the_broker_fail_only_what_needs_them<F: Fixture>(fixture: &F) {
+    let name = unique("long-names");
+    let watcher = unique("long-name-faults");
+    let faults = log();
+    let recorded = faults.clone();
+    let bus = fixture
+        .bus()
+        .receive_endpoint(&name, |e| {
+            e.handler(|_: ConsumeContext<WireNamed>| async {
+                Err::<(), BoxError>(Permanent::new(InventoryDown).into())
+            });
+        })
+        .receive_endpoint(&watcher, move |e| record::<Fault<WireNamed>>(e, &recorded))
+        .build();
+    bus.start().await.expect("bus starts");
+    let long = "A".repeat(300);
+    let foreign = format!("urn:message:Foreign:{long}");
+    let bodies = [
+        format!(r#"{{"messageType":["{}","{foreign}"],"message":{{"n":1}}}}"#, WireNamed::message_type()),
+        format!(
+            r#"{{"messageType":["{}"],"faultAddress":"queue:{long}","message":{{"n":2}}}}"#,
+            WireNamed::message_type()
+        ),
+    ];
+    for body in bodies {
+        let message = raw(body.into_bytes(), "application/vnd.masstransit+json");
+        fixture.transport().send(&name, message).await.expect("raw send");
+    }
+    let errors = fixture.take_messages(&format!("{name}_error"), 2, WAIT).await;
+    let published = faults.wait_for::<Fault<WireNamed>>(1, WAIT).await;
+    bus.stop().await.expect("stop");
+
+    assert_eq!(errors.len(), 2, "both messages are in the error queue");
+    for message in &errors {
+        assert_eq!(header(message, "MT-Fault-Message"), "inventory service unavailable", "{:?}", message.headers);
+    }
+    let published = published.expect("the fault of the message with a foreign type is published");
+    assert_eq!(published[0].message.n, 1);
+    assert!(published[0].fault_message_types.contains(&foreign), "{:?}", published[0].fault_message_types);
+    let envelope = &faults.envelopes::<Fault<WireNamed>>()[0];
+    assert_eq!(
+        envelope.message_type,
+        ["urn:message:MassTransit:Fault[[Conformance:WireNamed]]", "urn:message:MassTransit:Fault"],
+        "typed by what the endpoint consumes"
+    );
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(urn = "urn:message:Conformance:FaultPanics")]
 struct FaultPanics;
 

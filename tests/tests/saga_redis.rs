@@ -337,3 +337,36 @@ async fn state_with_a_reserved_field_name_is_refused_with_the_reason() {
         other => panic!("expected ReservedField, got {other:?}"),
     }
 }
+
+/// A stored instance whose version is the largest a `u64` holds (written by something other
+/// than this bus) cannot be updated: its next version would repeat an old one. The update is
+/// refused with that reason instead of overflowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_stored_at_the_last_version_is_refused_not_overflowed() {
+    require_redis();
+    let prefix = unique("saga-last-version");
+    let repository = repository::<CounterState>(&prefix).await;
+    let id = Uuid::now_v7();
+    repository.insert(&bus_saga::SagaInstance::new(id, CounterState { count: 1 })).await.expect("insert");
+    let client = redis::Client::open(REDIS).expect("client");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("connection");
+    let stored: String = redis::cmd("GET").arg(repository.key(id)).query_async(&mut connection).await.expect("get");
+    let mut json: serde_json::Value = serde_json::from_str(&stored).expect("stored JSON");
+    json["version"] = serde_json::Value::from(u64::MAX);
+    let _: () = redis::cmd("SET")
+        .arg(repository.key(id))
+        .arg(json.to_string())
+        .query_async(&mut connection)
+        .await
+        .expect("set");
+
+    let mut loaded = repository.load(id).await.expect("load").expect("the instance");
+    assert_eq!(loaded.version, u64::MAX);
+    loaded.data.count += 1;
+    let refused = repository.update(&loaded, loaded.version).await;
+    delete_prefix(&prefix).await;
+    match refused {
+        Err(bus_saga::Error::VersionExhausted(instance)) => assert_eq!(instance, id),
+        other => panic!("expected VersionExhausted, got {other:?}"),
+    }
+}

@@ -72,7 +72,7 @@ impl<S: Clone + Send + Sync + 'static> SagaRepository<S> for InMemorySagaReposit
         match map.get(&instance.correlation_id) {
             Some(current) if current.version == expected_version => {
                 let mut stored = instance.clone();
-                stored.version = expected_version + 1;
+                stored.version = Error::next_version(instance.correlation_id, expected_version)?;
                 map.insert(instance.correlation_id, stored);
                 Ok(())
             }

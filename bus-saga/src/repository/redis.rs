@@ -175,7 +175,7 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
 
     async fn update(&self, instance: &SagaInstance<S>, expected_version: u64) -> Result<()> {
         let mut stored = instance.clone();
-        stored.version = expected_version + 1;
+        stored.version = Error::next_version(instance.correlation_id, expected_version)?;
         let mut connection = self.connection.clone();
         let updated: i64 = self
             .update
