@@ -36,10 +36,16 @@ pub(crate) fn run(scale: Scale) -> Result<(), BoxError> {
     let count = scale.inmemory / 8;
     let exporter = NullExporter::default();
     let provider = SdkTracerProvider::builder().with_batch_exporter(exporter.clone()).build();
+    // `BENCH_TRACING=on` (or `off`) runs one side only, for profiling it alone.
+    let only = std::env::var("BENCH_TRACING").ok();
     let (mut off, mut on) = (0f64, 0f64);
     for _ in 0..ROUNDS {
-        off = off.max(measure(count, None)?);
-        on = on.max(measure(count, Some(&provider))?);
+        if only.as_deref() != Some("on") {
+            off = off.max(measure(count, None)?);
+        }
+        if only.as_deref() != Some("off") {
+            on = on.max(measure(count, Some(&provider))?);
+        }
     }
     let _ = provider.shutdown();
     // Three spans per message (send, receive, process); the batch processor drops spans when

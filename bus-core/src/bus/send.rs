@@ -316,7 +316,15 @@ impl Bus {
         }
         let (entity, destination) = inner.publish_destination(M::message_type());
         let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
-        let span = telemetry::send_span(&inner.tracer, inner.transport.system(), &entity, "publish", &envelope);
+        let span = telemetry::send_span(
+            &inner.tracer,
+            inner.transport.system(),
+            &entity,
+            || entity.clone().into(),
+            "publish",
+            &envelope,
+            M::message_types(),
+        );
         if span.is_traced() {
             telemetry::inject(span.context(), &mut envelope.headers);
         }
@@ -338,7 +346,15 @@ impl Bus {
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
-        let span = telemetry::send_span(&inner.tracer, inner.transport.system(), &name, "send", &envelope);
+        let span = telemetry::send_span(
+            &inner.tracer,
+            inner.transport.system(),
+            &name,
+            || name.clone().into(),
+            "send",
+            &envelope,
+            M::message_types(),
+        );
         if span.is_traced() {
             telemetry::inject(span.context(), &mut envelope.headers);
         }

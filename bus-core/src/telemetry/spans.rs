@@ -126,8 +126,9 @@ fn id(id: Option<Uuid>) -> Option<StringValue> {
     id.map(|u| StringValue::from(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()))
 }
 
-/// The ids every span of one message carries.
-fn message_attributes(envelope: &Envelope, attributes: &mut Vec<KeyValue>) {
+/// The ids every span of one message carries, and its message types: `types` when the
+/// sender knows them (its own, static), else the envelope's.
+fn message_attributes(envelope: &Envelope, types: Option<&'static [&'static str]>, attributes: &mut Vec<KeyValue>) {
     let ids = [
         ("messaging.message.id", envelope.message_id),
         ("messaging.message.conversation_id", envelope.conversation_id),
@@ -140,9 +141,12 @@ fn message_attributes(envelope: &Envelope, attributes: &mut Vec<KeyValue>) {
             attributes.push(KeyValue::new(key, value));
         }
     }
-    let types = match envelope.message_type.as_slice() {
-        [one] => one.clone(),
-        many => many.join(","),
+    let types = match (types, envelope.message_type.as_slice()) {
+        // A static name is shared, not copied.
+        (Some([one]), _) => StringValue::from(*one),
+        (Some(many), _) => StringValue::from(many.join(",")),
+        (None, [one]) => StringValue::from(one.clone()),
+        (None, many) => StringValue::from(many.join(",")),
     };
     attributes.push(KeyValue::new("messaging.masstransit.message_types", types));
 }
@@ -156,12 +160,15 @@ fn common(system: &'static str, destination: StringValue, operation: &'static st
 }
 
 /// `{destination} send`: a message leaving (publish or send), child of the current context.
+/// `value` gives the destination as an attribute (shared, when the caller holds it so).
 pub(crate) fn send_span(
     tracer: &BusTracer,
     system: &'static str,
     destination: &str,
+    value: impl FnOnce() -> StringValue,
     operation: &'static str,
     envelope: &Envelope,
+    types: &'static [&'static str],
 ) -> MessageSpan {
     let parent = Context::current();
     let span = tracer.start(
@@ -170,8 +177,8 @@ pub(crate) fn send_span(
         Vec::new(),
         || [destination, " send"].concat(),
         || {
-            let mut attributes = common(system, StringValue::from(destination.to_owned()), operation);
-            message_attributes(envelope, &mut attributes);
+            let mut attributes = common(system, value(), operation);
+            message_attributes(envelope, Some(types), &mut attributes);
             attributes
         },
     );
@@ -195,7 +202,7 @@ pub(crate) fn receive_span(
         || [&**endpoint, " receive"].concat(),
         || {
             let mut attributes = common(system, StringValue::from(endpoint.clone()), "receive");
-            message_attributes(envelope, &mut attributes);
+            message_attributes(envelope, None, &mut attributes);
             attributes
         },
     );
