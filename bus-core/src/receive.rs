@@ -43,7 +43,7 @@ pub(crate) struct EndpointRuntime {
     system: &'static str,
     endpoint_attributes: [KeyValue; 1],
     /// The endpoint's name, shared by the attributes of its spans.
-    span_destination: Arc<str>,
+    spans: telemetry::EndpointSpans,
 }
 
 impl EndpointRuntime {
@@ -83,9 +83,8 @@ impl EndpointRuntime {
             prefetch: settings.prefetch,
         };
         let endpoint_attributes = [KeyValue::new("endpoint", name.clone())];
-        let span_destination = Arc::from(name.as_str());
         EndpointRuntime {
-            span_destination,
+            spans: telemetry::EndpointSpans::new(&name),
             topology,
             info: Arc::new(EndpointInfo { name, address }),
             settings,
@@ -169,7 +168,7 @@ impl EndpointRuntime {
             Err(error) => return self.unreadable(bus, message, dead_letter::unreadable_type(&error), &error),
         };
         let producer = telemetry::extract_producer(&envelope.headers);
-        let span = telemetry::receive_span(&inner.tracer, self.system, &self.span_destination, &envelope, producer);
+        let span = telemetry::receive_span(&inner.tracer, self.system, &self.spans, &envelope, producer);
         let settlement = self.consume(bus, message, envelope, cancel, &span).with_context(span.context().clone()).await;
         span.end();
         settlement
@@ -209,13 +208,7 @@ impl EndpointRuntime {
             let entry = &self.consumers[index];
             let outbox = Outbox::new(self.settings.outbox);
             let ctx = ReceiveContext::new(state.clone(), entry.consumer_type, outbox.clone());
-            let span = telemetry::process_span(
-                &inner.tracer,
-                receive,
-                self.system,
-                &self.span_destination,
-                entry.consumer_type,
-            );
+            let span = telemetry::process_span(&inner.tracer, receive, self.system, &self.spans, entry.consumer_type);
             inner.metrics.in_flight.add(1, &self.endpoint_attributes);
             let started = std::time::Instant::now();
             // The consumer's own panics are caught innermost; one in middleware is a failed

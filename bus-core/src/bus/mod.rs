@@ -103,7 +103,7 @@ pub(crate) struct BusInner {
 }
 
 /// Where a message type is published: its exchange (entity) name and address.
-pub(crate) type Destination = (Arc<str>, Arc<str>);
+pub(crate) type Destination = (Arc<str>, Arc<str>, &'static str);
 
 struct Running {
     stop_taking: CancellationToken,

@@ -163,7 +163,8 @@ impl BusInner {
         }
         let entity = type_entity_name(urn);
         let address: Arc<str> = self.transport.address(&entity).into();
-        let found = (Arc::<str>::from(entity), address);
+        let name = telemetry::span_name(&entity, "send");
+        let found = (Arc::<str>::from(entity), address, name);
         self.destinations.write().unwrap_or_else(|e| e.into_inner()).insert(urn, found.clone());
         found
     }
@@ -314,13 +315,12 @@ impl Bus {
         if parent.is_none() {
             inner.ensure_not_stopped()?;
         }
-        let (entity, destination) = inner.publish_destination(M::message_type());
+        let (entity, destination, span_name) = inner.publish_destination(M::message_type());
         let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
         let span = telemetry::send_span(
             &inner.tracer,
             inner.transport.system(),
-            &entity,
-            || entity.clone().into(),
+            telemetry::SendDestination { entity: &entity, shared: Some((span_name, &entity)) },
             "publish",
             &envelope,
             M::message_types(),
@@ -349,8 +349,7 @@ impl Bus {
         let span = telemetry::send_span(
             &inner.tracer,
             inner.transport.system(),
-            &name,
-            || name.clone().into(),
+            telemetry::SendDestination { entity: &name, shared: None },
             "send",
             &envelope,
             M::message_types(),

@@ -23,5 +23,6 @@ mod spans;
 pub use metrics::BusMetrics;
 pub(crate) use propagation::{extract_producer, inject};
 pub(crate) use spans::{
-    current_event, current_trace_id, process_span, receive_span, send_span, BusTracer, MessageSpan,
+    current_event, current_trace_id, process_span, receive_span, send_span, span_name, BusTracer, EndpointSpans,
+    MessageSpan, SendDestination,
 };

@@ -9,6 +9,7 @@
 //! code opens there (with `tracing-opentelemetry`'s context activation, its default) become
 //! its children.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -89,7 +90,7 @@ impl BusTracer {
         kind: SpanKind,
         parent: &Context,
         links: Vec<Link>,
-        name: impl FnOnce() -> String,
+        name: impl FnOnce() -> Cow<'static, str>,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<BoxedSpan> {
         if self.noop.load(Ordering::Relaxed) && self.bare.fetch_add(1, Ordering::Relaxed) % 1024 != 1023 {
@@ -112,6 +113,25 @@ impl std::fmt::Debug for BusTracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BusTracer").field("noop", &self.noop).finish_non_exhaustive()
     }
+}
+
+/// The span name `{entity} {operation}`, made once per distinct name and kept for the life
+/// of the process, so that spans share it instead of each copying it.
+///
+/// Only for names from a bounded set: the bus's endpoints and its message types' exchanges
+/// (a send's destination can be any address, such as a requester's temporary queue, and is
+/// not interned).
+pub(crate) fn span_name(entity: &str, operation: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Option<foldhash::HashSet<&'static str>>> = std::sync::Mutex::new(None);
+    let name = [entity, " ", operation].concat();
+    let mut names = NAMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let names = names.get_or_insert_with(Default::default);
+    if let Some(known) = names.get(name.as_str()) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(leaked);
+    leaked
 }
 
 fn in_context(parent: &Context, span: Option<BoxedSpan>) -> MessageSpan {
@@ -159,25 +179,35 @@ fn common(system: &'static str, destination: StringValue, operation: &'static st
     attributes
 }
 
+/// Where a message goes, for its send span.
+pub(crate) struct SendDestination<'a> {
+    /// The destination's name.
+    pub(crate) entity: &'a str,
+    /// For a destination of a bounded set (see [`span_name`]): its span name, and its name
+    /// shared as the span's attribute.
+    pub(crate) shared: Option<(&'static str, &'a Arc<str>)>,
+}
+
 /// `{destination} send`: a message leaving (publish or send), child of the current context.
-/// `value` gives the destination as an attribute (shared, when the caller holds it so).
 pub(crate) fn send_span(
     tracer: &BusTracer,
     system: &'static str,
-    destination: &str,
-    value: impl FnOnce() -> StringValue,
+    destination: SendDestination<'_>,
     operation: &'static str,
     envelope: &Envelope,
     types: &'static [&'static str],
 ) -> MessageSpan {
     let parent = Context::current();
+    let SendDestination { entity, shared } = destination;
     let span = tracer.start(
         SpanKind::Producer,
         &parent,
         Vec::new(),
-        || [destination, " send"].concat(),
+        || shared.map_or_else(|| Cow::Owned([entity, " send"].concat()), |(name, _)| Cow::Borrowed(name)),
         || {
-            let mut attributes = common(system, value(), operation);
+            let value =
+                shared.map_or_else(|| StringValue::from(entity.to_owned()), |(_, v)| StringValue::from(v.clone()));
+            let mut attributes = common(system, value, operation);
             message_attributes(envelope, Some(types), &mut attributes);
             attributes
         },
@@ -185,11 +215,29 @@ pub(crate) fn send_span(
     in_context(&parent, span)
 }
 
+/// What an endpoint's spans are named and attributed with, made once per endpoint.
+#[derive(Debug)]
+pub(crate) struct EndpointSpans {
+    destination: Arc<str>,
+    receive: &'static str,
+    process: &'static str,
+}
+
+impl EndpointSpans {
+    pub(crate) fn new(endpoint: &str) -> Self {
+        EndpointSpans {
+            destination: Arc::from(endpoint),
+            receive: span_name(endpoint, "receive"),
+            process: span_name(endpoint, "process"),
+        }
+    }
+}
+
 /// `{endpoint} receive`: a delivery arriving, child of (or linked to) its producer's span.
 pub(crate) fn receive_span(
     tracer: &BusTracer,
     system: &'static str,
-    endpoint: &Arc<str>,
+    endpoint: &EndpointSpans,
     envelope: &Envelope,
     producer: Producer,
 ) -> MessageSpan {
@@ -199,9 +247,9 @@ pub(crate) fn receive_span(
         SpanKind::Consumer,
         &parent,
         links,
-        || [&**endpoint, " receive"].concat(),
+        || Cow::Borrowed(endpoint.receive),
         || {
-            let mut attributes = common(system, StringValue::from(endpoint.clone()), "receive");
+            let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "receive");
             message_attributes(envelope, None, &mut attributes);
             attributes
         },
@@ -215,16 +263,16 @@ pub(crate) fn process_span(
     tracer: &BusTracer,
     receive: &MessageSpan,
     system: &'static str,
-    endpoint: &Arc<str>,
+    endpoint: &EndpointSpans,
     consumer: &'static str,
 ) -> MessageSpan {
     let span = tracer.start(
         SpanKind::Consumer,
         &receive.cx,
         Vec::new(),
-        || [&**endpoint, " process"].concat(),
+        || Cow::Borrowed(endpoint.process),
         || {
-            let mut attributes = common(system, StringValue::from(endpoint.clone()), "process");
+            let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "process");
             attributes.push(KeyValue::new("messaging.masstransit.consumer_type", consumer));
             attributes
         },
@@ -247,4 +295,17 @@ pub(crate) fn current_trace_id() -> Option<String> {
     let span = cx.span();
     let context = span.span_context();
     context.is_valid().then(|| context.trace_id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_span_name_is_made_once_and_shared() {
+        let first = span_name("orders", "receive");
+        assert_eq!(first, "orders receive");
+        assert!(std::ptr::eq(first, span_name("orders", "receive")), "the same name is not made twice");
+        assert_eq!(span_name("orders", "process"), "orders process");
+    }
 }
