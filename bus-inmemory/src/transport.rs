@@ -90,6 +90,8 @@ impl Topology {
 struct Broker {
     options: InMemoryOptions,
     topology: RwLock<Topology>,
+    /// Wakes those waiting for a queue to be declared.
+    declared: tokio::sync::Notify,
 }
 
 /// A transport inside the process, with RabbitMQ's semantics: a fanout exchange per message
@@ -138,7 +140,13 @@ impl InMemoryTransport {
 
     /// A new, empty broker.
     pub fn with_options(options: InMemoryOptions) -> Self {
-        InMemoryTransport { broker: Arc::new(Broker { options, topology: RwLock::new(Topology::default()) }) }
+        InMemoryTransport {
+            broker: Arc::new(Broker {
+                options,
+                topology: RwLock::new(Topology::default()),
+                declared: tokio::sync::Notify::new(),
+            }),
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Topology> {
@@ -162,6 +170,7 @@ impl InMemoryTransport {
         if !topology.queues.contains_key(name) {
             let queue = Arc::new(Queue::new(name.to_owned(), self.broker.options.queue_capacity, temporary));
             topology.queues.insert(name.to_owned(), queue);
+            self.broker.declared.notify_waiters();
         }
         topology.exchange(name).insert(Binding::Queue(name.to_owned()));
     }
@@ -221,9 +230,12 @@ impl InMemoryTransport {
         let what = format!("{n} messages in queue `{name}`");
         let wait = async {
             loop {
+                // Registered before looking, so a declaration in between is not missed.
+                let declared = self.broker.declared.notified();
+                tokio::pin!(declared);
+                declared.as_mut().enable();
                 let Some(queue) = self.queue(name) else {
-                    // Not declared yet: declaring is rare, a short pause is enough.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    declared.await;
                     continue;
                 };
                 let observed = queue.observed.notified();
