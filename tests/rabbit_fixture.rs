@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use bus_core::TransportMessage;
 use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::types::FieldTable;
 use tokio::sync::OnceCell;
 
 use crate::rabbit_support::{rabbitmqctl, Vhost};
@@ -106,34 +108,66 @@ impl Fixture for RabbitFixture {
     }
 
     async fn take_messages(&self, queue: &str, n: usize, timeout: Duration) -> Vec<TransportMessage> {
-        let mut channel = self.channel().await;
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut channel = self.channel().await;
         let mut taken = Vec::new();
+        // What is there now: all a check that a queue is empty needs (which needs it to exist).
         loop {
-            // Drain what is there now. While waiting for messages, a queue that does not exist
-            // yet holds none yet (the bus declares some when first needed; the refusal closed
-            // the channel); a check that a queue is empty needs it to exist.
-            loop {
-                let message = match channel.basic_get(queue.into(), BasicGetOptions::default()).await {
-                    Ok(Some(message)) => message,
-                    Ok(None) => break,
-                    Err(e) if n > 0 && e.to_string().contains("NOT_FOUND") => {
-                        channel = self.channel().await;
-                        break;
-                    }
-                    Err(e) => panic!("basic.get on `{queue}` fails: {e}"),
-                };
-                let delivery = message.delivery;
-                delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
-                taken.push(bus_rabbitmq::testing::transport_message(delivery.data, &delivery.properties));
+            let message = match channel.basic_get(queue.into(), BasicGetOptions::default()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(e) if n > 0 && e.to_string().contains("NOT_FOUND") => {
+                    // Not declared yet (the bus declares some queues when first needed); the
+                    // refusal closed the channel.
+                    channel = self.channel().await;
+                    break;
+                }
+                Err(e) => panic!("basic.get on `{queue}` fails: {e}"),
+            };
+            let delivery = message.delivery;
+            delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+            taken.push(bus_rabbitmq::testing::transport_message(delivery.data, &delivery.properties));
+        }
+        if taken.len() < n {
+            // Then the rest as the broker pushes them, one at a time: none taken beyond `n`.
+            if let Some(mut consumer) = self.consume_when_declared(&mut channel, queue, deadline).await {
+                while taken.len() < n {
+                    let Ok(Some(delivery)) = tokio::time::timeout_at(deadline, consumer.next()).await else { break };
+                    let delivery = delivery.unwrap_or_else(|e| panic!("consuming `{queue}` fails: {e}"));
+                    delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+                    taken.push(bus_rabbitmq::testing::transport_message(delivery.data, &delivery.properties));
+                }
             }
-            if taken.len() >= n || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            // The broker has no push for "queue grew" on basic.get: poll within the deadline.
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = channel.close(200, "inspected".into()).await;
         taken
+    }
+}
+
+impl RabbitFixture {
+    /// Consumes `queue` with a prefetch of one, once it exists; `None` if it is not declared
+    /// before `deadline`.
+    async fn consume_when_declared(
+        &self,
+        channel: &mut lapin::Channel,
+        queue: &str,
+        deadline: tokio::time::Instant,
+    ) -> Option<lapin::Consumer> {
+        loop {
+            channel.basic_qos(1, BasicQosOptions::default()).await.expect("basic.qos");
+            let tag = format!("inspector-{}", uuid::Uuid::now_v7().simple());
+            let options = BasicConsumeOptions::default();
+            match channel.basic_consume(queue.into(), tag.as_str().into(), options, FieldTable::default()).await {
+                Ok(consumer) => return Some(consumer),
+                Err(e) if e.to_string().contains("NOT_FOUND") && tokio::time::Instant::now() < deadline => {
+                    *channel = self.channel().await;
+                    // The broker announces no queue's declaration (without its event-exchange
+                    // plugin): look again shortly, within the deadline.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) if e.to_string().contains("NOT_FOUND") => return None,
+                Err(e) => panic!("basic.consume on `{queue}` fails: {e}"),
+            }
+        }
     }
 }
