@@ -22,7 +22,8 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
-/// Reads headers for the SDK's propagators, with the same precedence as [`TraceHeaders`].
+/// Reads headers for the SDK's propagators: an exact name first, then one equal ignoring
+/// case ([`TraceHeaders`] finds the same values in one pass).
 struct HeaderExtractor<'a>(&'a Headers);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -57,24 +58,29 @@ struct TraceHeaders<'a> {
     link: bool,
 }
 
-/// A header's value, and whether its name matched exactly.
+/// A header looked for: the value under its exact name, and the first under a name equal
+/// ignoring case; read as [`HeaderExtractor::get`] reads it (the exact name's text, else the
+/// first match's).
 #[derive(Default, Clone, Copy)]
-struct Found<'a>(Option<(&'a str, bool)>);
+struct Found<'a> {
+    exact: Option<&'a serde_json::Value>,
+    ignoring_case: Option<&'a serde_json::Value>,
+}
 
 impl<'a> Found<'a> {
     fn offer(&mut self, name: &str, wanted: &str, value: &'a serde_json::Value) {
-        if name.len() != wanted.len() || matches!(self.0, Some((_, true))) {
-            return;
+        if name == wanted {
+            self.exact = Some(value);
         }
-        let exact = name == wanted;
-        if exact || self.0.is_none() && name.eq_ignore_ascii_case(wanted) {
-            // A first match whose value is not text hides later ones, as a lookup would.
-            self.0 = value.as_str().map(|text| (text, exact));
+        if self.ignoring_case.is_none() && name.eq_ignore_ascii_case(wanted) {
+            self.ignoring_case = Some(value);
         }
     }
 
     fn value(self) -> Option<&'a str> {
-        self.0.map(|(text, _)| text)
+        self.exact
+            .and_then(serde_json::Value::as_str)
+            .or_else(|| self.ignoring_case.and_then(serde_json::Value::as_str))
     }
 }
 
@@ -106,7 +112,7 @@ impl<'a> TraceHeaders<'a> {
 ///
 /// This runs for every message. The `traceparent` is written here rather than by the SDK's
 /// propagator, which formats it through `format!` and always adds an empty `tracestate`:
-/// together, a seventh of a traced message's cost. [`extract`] is checked against the SDK.
+/// together, a seventh of a traced message's cost. Reading it back is checked against the SDK.
 pub(crate) fn inject(cx: &Context, headers: &mut Headers) {
     let span = cx.span();
     let context = span.span_context();
@@ -268,6 +274,14 @@ mod tests {
         let producer = extract_producer(&headers);
         assert_eq!(producer.link.map(|l| l.span_id().to_string()).as_deref(), Some("00f067aa0ba902b7"));
         assert!(!producer.parent.span().span_context().is_valid(), "a linked consumer starts a new trace");
+
+        // An exact name whose value is not text gives way to a variant's text, as a lookup does.
+        let mut headers = Headers::new();
+        headers.insert("Baggage", "tenant=acme");
+        headers.insert(BAGGAGE, 1);
+        headers.insert(TRACEPARENT, exact);
+        let cx = extract(&headers);
+        assert_eq!(cx.baggage().get("tenant").map(|v| v.as_str().to_owned()).as_deref(), Some("acme"));
     }
 
     #[test]
