@@ -26,6 +26,8 @@ use crate::{
 #[derive(Debug)]
 struct ConsumerEntry {
     consumer_type: &'static str,
+    /// The message type it consumes (its URN).
+    message_type: &'static str,
     pipeline: Pipeline,
     attributes: ConsumerAttributes,
 }
@@ -42,7 +44,7 @@ pub(crate) struct EndpointRuntime {
     by_type: foldhash::HashMap<&'static str, Vec<usize>>,
     system: &'static str,
     endpoint_attributes: [KeyValue; 1],
-    /// The endpoint's name, shared by the attributes of its spans.
+    /// The names and destination attribute of its spans, made once.
     spans: telemetry::EndpointSpans,
 }
 
@@ -67,6 +69,7 @@ impl EndpointRuntime {
             stack.push(Arc::new(CatchPanic));
             consumers.push(ConsumerEntry {
                 consumer_type: registration.consumer_type,
+                message_type: registration.message_type,
                 pipeline: Pipeline::new(stack, registration.consumer),
                 attributes: ConsumerAttributes::new(&name, registration.message_type, registration.consumer_type),
             });
@@ -319,11 +322,8 @@ impl EndpointRuntime {
         tracing::error!(endpoint = %self.info.name, message_id = ?state.envelope.message_id,
             message_type = state.envelope.message_type.first().map(String::as_str), consumer = consumer_type,
             trace_id = telemetry::current_trace_id(), %error, "consume failed; moved to the error queue");
-        let consumed: Vec<&str> = (state.envelope.message_type.iter().map(String::as_str))
-            .filter(|urn| self.by_type.contains_key(urn))
-            .collect();
         if let Err(fault_error) =
-            inner.emit_fault(&state.envelope, &consumed, &error, consumer_type, &self.info.address).await
+            inner.emit_fault(&state.envelope, entry.message_type, &error, consumer_type, &self.info.address).await
         {
             tracing::warn!(endpoint = %self.info.name, error = %fault_error, "could not emit the fault");
         }

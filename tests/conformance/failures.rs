@@ -661,11 +661,18 @@ struct WireNamed {
     n: u32,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Conformance:AlsoConsumed")]
+struct AlsoConsumed {
+    n: u32,
+}
+
 /// Names in a message are its sender's, and AMQP names stop at 255 bytes. A message listing
 /// a foreign type with a longer name, or naming such a fault address, fails only what needs
 /// that name: nothing panics, the message goes to `_error` with its consumer's reason, and
-/// the fault is published typed by what the endpoint consumes (the foreign type is named
-/// in `faultMessageTypes` only, so no exchange is declared for it).
+/// the fault is published typed by the failed consumer's message type only (not by the
+/// message's other types, even one the endpoint consumes too; the foreign one is named in
+/// `faultMessageTypes` only, so no exchange is declared for it).
 pub async fn names_from_the_wire_too_long_for_the_broker_fail_only_what_needs_them<F: Fixture>(fixture: &F) {
     let name = unique("long-names");
     let watcher = unique("long-name-faults");
@@ -674,6 +681,7 @@ pub async fn names_from_the_wire_too_long_for_the_broker_fail_only_what_needs_th
     let bus = fixture
         .bus()
         .receive_endpoint(&name, |e| {
+            e.handler(|_: ConsumeContext<AlsoConsumed>| async { Ok::<(), BoxError>(()) });
             e.handler(|_: ConsumeContext<WireNamed>| async {
                 Err::<(), BoxError>(Permanent::new(InventoryDown).into())
             });
@@ -684,7 +692,11 @@ pub async fn names_from_the_wire_too_long_for_the_broker_fail_only_what_needs_th
     let long = "A".repeat(300);
     let foreign = format!("urn:message:Foreign:{long}");
     let bodies = [
-        format!(r#"{{"messageType":["{}","{foreign}"],"message":{{"n":1}}}}"#, WireNamed::message_type()),
+        format!(
+            r#"{{"messageType":["{}","{}","{foreign}"],"message":{{"n":1}}}}"#,
+            WireNamed::message_type(),
+            AlsoConsumed::message_type()
+        ),
         format!(
             r#"{{"messageType":["{}"],"faultAddress":"queue:{long}","message":{{"n":2}}}}"#,
             WireNamed::message_type()
@@ -709,7 +721,7 @@ pub async fn names_from_the_wire_too_long_for_the_broker_fail_only_what_needs_th
     assert_eq!(
         envelope.message_type,
         ["urn:message:MassTransit:Fault[[Conformance:WireNamed]]", "urn:message:MassTransit:Fault"],
-        "typed by what the endpoint consumes"
+        "typed by the consumer's message type"
     );
 }
 

@@ -217,14 +217,14 @@ impl BusInner {
     /// Publishes or sends one `Fault` for a message that finally failed: to its
     /// `faultAddress`, else its `responseAddress`, else published.
     ///
-    /// The fault is typed by `consumed`, the failed message's types that its endpoint
-    /// consumes, as MassTransit types it by its consumer's message type. The message's other
-    /// types came from the wire: each would be a fault exchange declared on the broker, so
-    /// they are named only in its `faultMessageTypes`.
+    /// The fault is typed by `consumed`, the message type of the consumer that failed, as
+    /// MassTransit types it (`Fault<T>` of the consumer's `T`). The message's other types
+    /// came from the wire: each would be a fault exchange declared on the broker, so they
+    /// are named only in its `faultMessageTypes`.
     pub(crate) async fn emit_fault(
         &self,
         failed: &Envelope,
-        consumed: &[&str],
+        consumed: &'static str,
         error: &ConsumeError,
         consumer_type: &str,
         source_address: &str,
@@ -243,7 +243,7 @@ impl BusInner {
             fault_message_types: failed.message_type.clone(),
             message: &*failed.message,
         };
-        let types: Vec<String> = consumed.iter().map(|t| fault_urn(t)).chain([FAULT_URN.to_owned()]).collect();
+        let types = vec![fault_urn(consumed), FAULT_URN.to_owned()];
         let raw = serde_json::value::to_raw_value(&fault).map_err(Error::Serialize)?;
         let mut envelope = Envelope::new(types.clone(), raw);
         envelope.correlation_id = failed.correlation_id;
