@@ -109,39 +109,45 @@ impl Fixture for RabbitFixture {
 
     async fn take_messages(&self, queue: &str, n: usize, timeout: Duration) -> Vec<TransportMessage> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut channel = self.channel().await;
         let mut taken = Vec::new();
-        // What is there now: all a check that a queue is empty needs (which needs it to exist).
-        loop {
-            let message = match channel.basic_get(queue.into(), BasicGetOptions::default()).await {
-                Ok(Some(message)) => message,
-                Ok(None) => break,
-                Err(e) if n > 0 && e.to_string().contains("NOT_FOUND") => {
-                    // Not declared yet (the bus declares some queues when first needed); the
-                    // refusal closed the channel.
-                    channel = self.channel().await;
-                    break;
-                }
-                Err(e) => panic!("basic.get on `{queue}` fails: {e}"),
-            };
-            let delivery = message.delivery;
-            delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
-            taken.push(bus_rabbitmq::testing::transport_message(delivery.data, &delivery.properties));
-        }
-        if taken.len() < n {
-            // Then the rest as the broker pushes them, one at a time: none taken beyond `n`.
+        if n > 0 {
+            // Until `n` are there, as the broker pushes them, one at a time.
+            let mut channel = self.channel().await;
             if let Some(mut consumer) = self.consume_when_declared(&mut channel, queue, deadline).await {
                 while taken.len() < n {
                     let Ok(Some(delivery)) = tokio::time::timeout_at(deadline, consumer.next()).await else { break };
-                    let delivery = delivery.unwrap_or_else(|e| panic!("consuming `{queue}` fails: {e}"));
-                    delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
-                    taken.push(bus_rabbitmq::testing::transport_message(delivery.data, &delivery.properties));
+                    taken.push(accept(delivery.unwrap_or_else(|e| panic!("consuming `{queue}` fails: {e}"))).await);
                 }
+            }
+            // Returns the one delivery the broker may have pushed beyond `n`, for the drain below.
+            let _ = channel.close(200, "inspected".into()).await;
+        }
+        // Then every message waiting there, so that a check for exactly `n` sees one more that
+        // arrived with them; for `n == 0`, a check that the queue is empty (it must exist).
+        let channel = self.channel().await;
+        loop {
+            match channel.basic_get(queue.into(), BasicGetOptions::default()).await {
+                Ok(Some(message)) => taken.push(accept(message.delivery).await),
+                Ok(None) => break,
+                // Never declared while we waited: it holds none.
+                Err(e) if n > 0 && is_not_found(&e) => return taken,
+                Err(e) => panic!("basic.get on `{queue}` fails: {e}"),
             }
         }
         let _ = channel.close(200, "inspected".into()).await;
         taken
     }
+}
+
+/// Acknowledges a delivery taken for inspection, and returns it as a transport message.
+async fn accept(delivery: lapin::message::Delivery) -> TransportMessage {
+    delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    bus_rabbitmq::testing::transport_message(delivery.data, &delivery.properties)
+}
+
+/// Whether the broker refused because the queue does not exist (the refusal closes the channel).
+fn is_not_found(error: &lapin::Error) -> bool {
+    error.to_string().contains("NOT_FOUND")
 }
 
 impl RabbitFixture {
@@ -159,13 +165,13 @@ impl RabbitFixture {
             let options = BasicConsumeOptions::default();
             match channel.basic_consume(queue.into(), tag.as_str().into(), options, FieldTable::default()).await {
                 Ok(consumer) => return Some(consumer),
-                Err(e) if e.to_string().contains("NOT_FOUND") && tokio::time::Instant::now() < deadline => {
+                Err(e) if is_not_found(&e) && tokio::time::Instant::now() < deadline => {
                     *channel = self.channel().await;
                     // The broker announces no queue's declaration (without its event-exchange
                     // plugin): look again shortly, within the deadline.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) if e.to_string().contains("NOT_FOUND") => return None,
+                Err(e) if is_not_found(&e) => return None,
                 Err(e) => panic!("basic.consume on `{queue}` fails: {e}"),
             }
         }
