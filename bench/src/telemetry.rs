@@ -48,6 +48,11 @@ pub(crate) fn run(scale: Scale) -> Result<(), BoxError> {
         }
     }
     let _ = provider.shutdown();
+    if only.is_some() {
+        // One side alone (for a profiler) has nothing to compare with.
+        figure("tracing.one_side.publish_consume", off.max(on), "msg/s");
+        return Ok(());
+    }
     // Three spans per message (send, receive, process); the batch processor drops spans when
     // its queue is full, which would flatter the figure: the count shows it did not.
     let per_message = exporter.0.load(Ordering::Relaxed) as f64 / (count * ROUNDS) as f64;

@@ -6,7 +6,7 @@ use bus_core::{EndpointTopology, Transport, TransportMessage};
 use bus_inmemory::InMemoryTransport;
 
 /// Waiting for messages in a queue that is not declared yet ends when it is declared and
-/// filled (the wait is woken by the declaration; no pause or poll stands in for it).
+/// filled: the declaration wakes the wait (without that wake-up, it times out).
 #[tokio::test]
 async fn waiting_for_a_queue_declared_later_ends_when_it_fills() {
     let transport = InMemoryTransport::default();
