@@ -8,10 +8,10 @@ pub const INITIAL: &str = "Initial";
 /// Name of the state `finalize()` moves to.
 pub const FINAL: &str = "Final";
 
-/// One saga instance, as stored: `{"correlationId":..,"currentState":..,"version":..,"lastEvent":..,<your fields>}`.
+/// One saga instance, as stored: `{"correlationId":..,"currentState":..,"version":..,"appliedEvents":[..],<your fields>}`.
 ///
 /// Your state's fields share that object, so none may be named `correlationId`,
-/// `currentState`, `version` or `lastEvent`: the Redis repository refuses such state with
+/// `currentState`, `version` or `appliedEvents`: the Redis repository refuses such state with
 /// [`Error::ReservedField`](crate::Error::ReservedField) (the in-memory one never
 /// serializes it, and cannot tell).
 ///
@@ -36,11 +36,13 @@ pub struct SagaInstance<S> {
     pub current_state: String,
     /// Optimistic concurrency version: 0 before the first save, then 1, 2...
     pub version: u64,
-    /// The last event applied and what its transition produced, saved with the state it
-    /// led to. Delivered again (its messages could not all leave, or its ack was lost), the
-    /// event sends those messages again instead of meeting the state it already moved on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_event: Option<AppliedEvent>,
+    /// The latest events applied (oldest first, at most the machine's
+    /// [`duplicate_window`](crate::StateMachineBuilder::duplicate_window)) and what their
+    /// transitions produced, saved with the state they led to. Delivered again (its messages
+    /// could not all leave, or its ack was lost), such an event sends those messages again
+    /// instead of meeting a state the instance has moved past, even after later events.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied_events: Vec<AppliedEvent>,
     /// Your data.
     #[serde(flatten)]
     pub data: S,
@@ -74,7 +76,7 @@ pub struct StoredMessage {
 }
 
 /// The names the instance itself takes in its JSON.
-const RESERVED: [&str; 4] = ["correlationId", "currentState", "version", "lastEvent"];
+const RESERVED: [&str; 4] = ["correlationId", "currentState", "version", "appliedEvents"];
 
 /// Checks that the state's own fields do not collide with the instance's when stored as one
 /// JSON object (they would: two `version` keys, say, and the stored instance would not load).
@@ -90,7 +92,19 @@ pub(crate) fn check_fields<S: Serialize>(data: &S) -> crate::Result<()> {
 impl<S> SagaInstance<S> {
     /// A new instance in the initial state.
     pub fn new(correlation_id: Uuid, data: S) -> Self {
-        SagaInstance { correlation_id, current_state: INITIAL.to_owned(), version: 0, last_event: None, data }
+        SagaInstance { correlation_id, current_state: INITIAL.to_owned(), version: 0, applied_events: Vec::new(), data }
+    }
+
+    /// The applied event with this message id and type, if it is among the latest kept.
+    pub fn applied(&self, message_id: Uuid, event_type: &str) -> Option<&AppliedEvent> {
+        self.applied_events.iter().rev().find(|e| e.message_id == message_id && e.event_type == event_type)
+    }
+
+    /// Records `event` as applied, keeping the latest `window` events.
+    pub(crate) fn record_applied(&mut self, event: AppliedEvent, window: usize) {
+        self.applied_events.push(event);
+        let excess = self.applied_events.len().saturating_sub(window);
+        self.applied_events.drain(..excess);
     }
 
     /// Whether the instance is in `state`.

@@ -22,9 +22,10 @@
 //!   compare-and-set on `version`, optional pessimistic locks), with concurrency conflicts
 //!   retried automatically on fresh state and counted.
 //!
-//! Known limits: only the last event applied is kept, so an event that comes back after
-//! another event moved the same instance on meets that state (and, not accepted there, ends
-//! in `_error` with the reason); its messages must then be re-sent by hand. An event that
+//! Known limits: an instance keeps its latest applied events only (10 by default, see
+//! [`StateMachineBuilder::duplicate_window`]), so an event that comes back after more than
+//! that many later events meets the state they led to (and, not accepted there, ends in
+//! `_error` with the reason); its messages must then be re-sent by hand. An event that
 //! finalized its instance (deleted when "completed when finalized") finds no instance when it
 //! comes back: one that also created it is applied again (its messages get the same ids),
 //! any other meets the missing-instance policy (skipped by default).
@@ -77,6 +78,7 @@ pub use error::{Error, Result};
 pub use instance::{AppliedEvent, SagaInstance, StoredMessage, FINAL, INITIAL};
 pub use machine::{
     MissingHandler, MissingInstance, Outcome, StateMachine, StateMachineBuilder, Transition, TransitionRecord,
+    DEFAULT_DUPLICATE_WINDOW,
 };
 pub use register::{SagaBusExt, SagaEndpointExt};
 pub use repository::{InMemorySagaRepository, RedisSagaOptions, RedisSagaRepository, SagaRepository};

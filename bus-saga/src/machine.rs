@@ -146,6 +146,7 @@ pub struct StateMachine<S> {
     ignored: HashSet<(String, &'static str)>,
     completed_when_finalized: bool,
     conflict_attempts: u32,
+    duplicate_window: usize,
     registrations: Vec<Registration<S>>,
     hooks: Vec<TransitionHook>,
     /// Per event and produced message type: how to send the message again from stored JSON
@@ -163,6 +164,10 @@ impl<S> std::fmt::Debug for StateMachine<S> {
             .finish()
     }
 }
+
+/// Applied events stored per instance unless [`StateMachineBuilder::duplicate_window`] says
+/// otherwise.
+pub const DEFAULT_DUPLICATE_WINDOW: usize = 10;
 
 /// Builds a [`StateMachine`].
 pub struct StateMachineBuilder<S> {
@@ -212,6 +217,7 @@ impl<S: SagaData> StateMachine<S> {
                 ignored: HashSet::new(),
                 completed_when_finalized: true,
                 conflict_attempts: 25,
+                duplicate_window: DEFAULT_DUPLICATE_WINDOW,
                 registrations: Vec::new(),
                 hooks: Vec::new(),
                 redispatch: HashMap::new(),
@@ -236,6 +242,10 @@ impl<S: SagaData> StateMachine<S> {
 
     pub(crate) fn conflict_attempts(&self) -> u32 {
         self.conflict_attempts
+    }
+
+    pub(crate) fn duplicate_window(&self) -> usize {
+        self.duplicate_window
     }
 
     pub(crate) fn registrations(&self) -> &[Registration<S>] {
@@ -390,6 +400,23 @@ impl<S: SagaData> StateMachineBuilder<S> {
     /// (and goes through the endpoint's retry policy). Default 25.
     pub fn conflict_attempts(mut self, attempts: u32) -> Self {
         self.machine.conflict_attempts = attempts.max(1);
+        self
+    }
+
+    /// How many of an instance's latest applied events are stored with it, each with the
+    /// messages its transition produced (default 10). One of them delivered again sends its
+    /// messages again, with the same ids, instead of being applied to a state the instance
+    /// has moved past; an older one is applied as a new event (and usually not accepted in
+    /// the current state, so it ends in `_error`). As MassTransit's duplicate detection
+    /// window, but counted in events; 0 keeps none. Larger windows store more per instance.
+    ///
+    /// ```
+    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct S;
+    /// let machine = bus_saga::StateMachine::<S>::builder("OrderState").duplicate_window(50).build();
+    /// # let _ = machine;
+    /// ```
+    pub fn duplicate_window(mut self, events: usize) -> Self {
+        self.machine.duplicate_window = events;
         self
     }
 

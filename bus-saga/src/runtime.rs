@@ -174,10 +174,9 @@ impl<S: SagaData> SagaRuntime<S> {
         let message_id = ctx.message_id();
         for attempt in 1..=attempts {
             let loaded = self.repository.load(id).await?;
-            if let Some(applied) = loaded.as_ref().and_then(|i| i.last_event.as_ref()) {
-                if Some(applied.message_id) == message_id && applied.event_type == E::message_type() {
-                    return self.send_again(ctx, id, applied).await;
-                }
+            let applied = message_id.and_then(|m| loaded.as_ref()?.applied(m, E::message_type()));
+            if let Some(applied) = applied {
+                return self.send_again(ctx, id, applied).await;
             }
             let expected = loaded.as_ref().map(|i| i.version);
             let mut transition = self.machine.apply(loaded, ctx.message()).await?;
@@ -189,20 +188,23 @@ impl<S: SagaData> SagaRuntime<S> {
             // Saved with the state, so that this event, delivered again, finds what it sent.
             // (Only a state that is stored keeps it: not one ignored, missing or deleted.)
             let stored = matches!(transition.outcome, Outcome::Created | Outcome::Updated);
-            transition.instance.last_event = message_id.filter(|_| stored).map(|message_id| AppliedEvent {
-                message_id,
-                event_type: E::message_type().to_owned(),
-                produced: transition
-                    .produced
-                    .iter()
-                    .map(|p| StoredMessage {
-                        kind: p.kind.clone(),
-                        message_type: p.message_type.to_owned(),
-                        message_id: p.message_id,
-                        message: p.json.clone(),
-                    })
-                    .collect(),
-            });
+            if let Some(message_id) = message_id.filter(|_| stored) {
+                let applied = AppliedEvent {
+                    message_id,
+                    event_type: E::message_type().to_owned(),
+                    produced: transition
+                        .produced
+                        .iter()
+                        .map(|p| StoredMessage {
+                            kind: p.kind.clone(),
+                            message_type: p.message_type.to_owned(),
+                            message_id: p.message_id,
+                            message: p.json.clone(),
+                        })
+                        .collect(),
+                };
+                transition.instance.record_applied(applied, self.machine.duplicate_window());
+            }
             let saved = match transition.outcome {
                 Outcome::Missing => return self.missing(ctx, id).await,
                 Outcome::Ignored => {

@@ -179,16 +179,16 @@ async fn redis_instances_expire_and_the_expiry_is_refreshed_on_write() {
     assert_eq!(ttl(connection, key).await, -2, "deleted");
 }
 
-/// A transport that refuses, as an unreachable broker would, the first publish of one
-/// message type; everything else goes to the in-memory transport inside.
+/// A transport that refuses, as an unreachable broker would, publishes of one message type
+/// while `refuse` says so; everything else goes to the in-memory transport inside.
 #[derive(Clone)]
-struct RefusesFirstPublishOf {
+struct RefusesPublishOf {
     inner: bus_inmemory::InMemoryTransport,
     urn: &'static str,
-    refused: Arc<std::sync::atomic::AtomicBool>,
+    refuse: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
-impl bus_core::Transport for RefusesFirstPublishOf {
+impl bus_core::Transport for RefusesPublishOf {
     fn system(&self) -> &'static str {
         self.inner.system()
     }
@@ -199,7 +199,7 @@ impl bus_core::Transport for RefusesFirstPublishOf {
         self.inner.declare_endpoint(topology).await
     }
     async fn publish(&self, types: &[&str], message: bus_core::TransportMessage) -> bus_core::Result<()> {
-        if types.first() == Some(&self.urn) && !self.refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if types.first() == Some(&self.urn) && (self.refuse)() {
             return Err(bus_core::Error::transport("the broker is unreachable", true, None));
         }
         self.inner.publish(types, message).await
@@ -218,8 +218,8 @@ impl bus_core::Transport for RefusesFirstPublishOf {
     }
 }
 
-/// A saga on a transport that refuses its first `Audit`, with redelivery, and an endpoint
-/// that records the audits.
+/// A saga on a transport that refuses its first `Audit`, with one redelivery, and an
+/// endpoint that records the audits.
 struct AuditedSaga {
     bus: bus_core::Bus,
     stats: Arc<bus_saga::SagaStats>,
@@ -228,12 +228,26 @@ struct AuditedSaga {
 }
 
 fn audited_saga<R: SagaRepository<TicketState>>(machine: Arc<StateMachine<TicketState>>, repository: R) -> AuditedSaga {
+    let refused = std::sync::atomic::AtomicBool::new(false);
+    let first = move || !refused.swap(true, std::sync::atomic::Ordering::SeqCst);
+    audited_saga_refusing(machine, repository, Arc::new(first), &[Duration::from_millis(10)])
+}
+
+/// As [`audited_saga`], refusing `Audit` while `refuse` says so, redelivering after each of
+/// `redeliveries`.
+fn audited_saga_refusing<R: SagaRepository<TicketState>>(
+    machine: Arc<StateMachine<TicketState>>,
+    repository: R,
+    refuse: Arc<dyn Fn() -> bool + Send + Sync>,
+    redeliveries: &[Duration],
+) -> AuditedSaga {
     let inner = bus_inmemory::InMemoryTransport::new();
-    let transport = RefusesFirstPublishOf { inner: inner.clone(), urn: Audit::message_type(), refused: Arc::default() };
+    let transport = RefusesPublishOf { inner: inner.clone(), urn: Audit::message_type(), refuse };
     let audits = Arc::new(bus_core::testing::MessageLog::default());
     let audits_in = audits.clone();
+    let redelivery = bus_core::RedeliveryPolicy::intervals(redeliveries.iter().copied());
     let (builder, stats) = bus_core::Bus::builder(transport).saga_endpoint(machine, repository, |e| {
-        e.redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(10)]));
+        e.redelivery(redelivery);
     });
     let bus = builder
         .receive_endpoint(tests::unique("audits"), move |e| {
@@ -272,7 +286,8 @@ where
     assert_eq!(audits.len(), 1, "sent once: the first attempt was refused");
     assert_eq!((instance.current_state.as_str(), instance.version), ("Opened", 1), "applied once");
     assert_eq!(stats.transitions(), 1);
-    let applied = instance.last_event.expect("the applied event is kept");
+    assert_eq!(instance.applied_events.len(), 1);
+    let applied = instance.applied(open_id, Open::message_type()).expect("the applied event is kept");
     assert_eq!((applied.message_id, applied.event_type.as_str()), (open_id, Open::message_type()));
     assert_eq!(applied.produced.len(), 1);
     assert_eq!(applied.produced[0].message_type, Audit::message_type());
@@ -380,4 +395,89 @@ async fn an_event_that_finalized_its_instance_is_applied_again_with_the_same_mes
     assert_eq!(stats.transitions(), 2, "applied twice: nothing was kept the first time");
     assert!(repository.load(id).await.expect("load").is_none(), "finalized and deleted");
     assert!(inner.drain("FinalizedTicket_error").is_empty(), "nothing in _error");
+}
+
+/// An event whose message cannot leave, delivered again after a later event moved its
+/// instance on, still finds its record among the instance's latest applied events: it sends
+/// its message then (it used to meet the later state, not be accepted there, and end in
+/// `_error` with its message never sent). An event older than the window is applied anew.
+#[tokio::test]
+async fn an_event_delivered_again_after_a_later_event_still_sends_its_messages() {
+    let machine = StateMachine::<TicketState>::builder("InterleavedTicket")
+        .states(["Opened", "Answered"])
+        .event::<Open>(|m| m.ticket)
+        .event::<Note>(|m| m.ticket)
+        .initially(
+            when::<TicketState, Open>().publish(|t, _| Audit { ticket: t.correlation_id }).transition_to("Opened"),
+        )
+        .during(
+            "Opened",
+            when::<TicketState, Note>().then(|t, n| t.data.notes.push(n.text.clone())).transition_to("Answered"),
+        )
+        .during("Answered", when::<TicketState, Note>().then(|t, n| t.data.notes.push(n.text.clone())))
+        .duplicate_window(2)
+        .build();
+    let repository = InMemorySagaRepository::<TicketState>::new();
+    // The broker is "down" for audits until the note is applied: the open event keeps coming
+    // back (every 20 ms, for up to 10 s) and failing to send its audit meanwhile.
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let is_down = down.clone();
+    let refuse = Arc::new(move || is_down.load(std::sync::atomic::Ordering::SeqCst));
+    let AuditedSaga { bus, stats, audits, inner } =
+        audited_saga_refusing(machine, repository.clone(), refuse, &[Duration::from_millis(20); 500]);
+    bus.start().await.expect("bus starts");
+    let (id, open_id) = (Uuid::now_v7(), Uuid::now_v7());
+    bus.publish_with(Open { ticket: id }, bus_core::SendOptions::new().message_id(open_id)).await.expect("open");
+    assert!(stats.wait_for_transitions(1, WAIT).await, "opened and saved; its audit refused");
+    bus.publish(Note { ticket: id, text: "first".into() }).await.expect("note");
+    assert!(stats.wait_for_transitions(2, WAIT).await, "the note moved the instance on");
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    audits.wait_for::<Audit>(1, WAIT).await.expect("the open event, back again, sends its audit");
+    let instance = repository.load(id).await.expect("load").expect("the instance");
+    bus.stop().await.expect("stop");
+
+    assert_eq!((instance.current_state.as_str(), instance.version), ("Answered", 2), "open applied once");
+    assert_eq!(stats.transitions(), 2);
+    let derived = Uuid::new_v5(&open_id, format!("InterleavedTicket/{}/0", Open::message_type()).as_bytes());
+    assert_eq!(audits.envelopes::<Audit>()[0].message_id, Some(derived), "with the id it was given");
+    assert!(inner.drain("InterleavedTicket_error").is_empty(), "nothing in _error");
+    let kept: Vec<&str> = instance.applied_events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(kept, [Open::message_type(), Note::message_type()], "oldest first");
+}
+
+/// The window keeps the latest events only: the oldest is dropped as new ones are applied.
+#[tokio::test]
+async fn the_applied_events_window_keeps_the_latest() {
+    let machine = StateMachine::<TicketState>::builder("WindowedTicket")
+        .states(["Opened"])
+        .event::<Open>(|m| m.ticket)
+        .event::<Note>(|m| m.ticket)
+        .initially(when::<TicketState, Open>().transition_to("Opened"))
+        .during("Opened", when::<TicketState, Note>().then(|t, n| t.data.notes.push(n.text.clone())))
+        .duplicate_window(2)
+        .build();
+    let repository = InMemorySagaRepository::<TicketState>::new();
+    let (builder, stats) = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new()).saga_endpoint(
+        machine,
+        repository.clone(),
+        |e| {
+            e.concurrency_limit(1);
+        },
+    );
+    let bus = builder.build();
+    bus.start().await.expect("bus starts");
+    let id = Uuid::now_v7();
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    bus.publish_with(Open { ticket: id }, bus_core::SendOptions::new().message_id(ids[0])).await.expect("open");
+    assert!(stats.wait_for_transitions(1, WAIT).await);
+    for (n, note_id) in ids[1..].iter().enumerate() {
+        let note = Note { ticket: id, text: n.to_string() };
+        bus.publish_with(note, bus_core::SendOptions::new().message_id(*note_id)).await.expect("note");
+        assert!(stats.wait_for_transitions(n as u64 + 2, WAIT).await);
+    }
+    let instance = repository.load(id).await.expect("load").expect("the instance");
+    bus.stop().await.expect("stop");
+    let kept: Vec<Uuid> = instance.applied_events.iter().map(|e| e.message_id).collect();
+    assert_eq!(kept, ids[2..], "the two latest, oldest first");
+    assert!(instance.applied(ids[0], Open::message_type()).is_none());
 }
