@@ -338,6 +338,22 @@ struct PingPong {
     ticket: Uuid,
 }
 
+/// A bus on the in-memory transport running `machine` on an in-memory repository, one
+/// event at a time.
+fn one_at_a_time(
+    machine: Arc<StateMachine<TicketState>>,
+) -> (bus_core::Bus, Arc<bus_saga::SagaStats>, InMemorySagaRepository<TicketState>) {
+    let repository = InMemorySagaRepository::<TicketState>::new();
+    let (builder, stats) = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new()).saga_endpoint(
+        machine,
+        repository.clone(),
+        |e| {
+            e.concurrency_limit(1);
+        },
+    );
+    (builder.build(), stats, repository)
+}
+
 /// One delivery that is two events of a saga applies both: the second is not taken for the
 /// first delivered again (they share the message id, not the event type).
 #[tokio::test]
@@ -351,15 +367,7 @@ async fn one_message_that_is_two_events_applies_both() {
         .during_any(when::<TicketState, Ping>().then(|t, _| t.data.notes.push("ping".into())))
         .during_any(when::<TicketState, Pong>().then(|t, _| t.data.notes.push("pong".into())))
         .build();
-    let repository = InMemorySagaRepository::<TicketState>::new();
-    let (builder, stats) = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new()).saga_endpoint(
-        machine,
-        repository.clone(),
-        |e| {
-            e.concurrency_limit(1);
-        },
-    );
-    let bus = builder.build();
+    let (bus, stats, repository) = one_at_a_time(machine);
     bus.start().await.expect("bus starts");
     let id = Uuid::now_v7();
     bus.publish(Open { ticket: id }).await.expect("open");
@@ -456,15 +464,7 @@ async fn the_applied_events_window_keeps_the_latest() {
         .during("Opened", when::<TicketState, Note>().then(|t, n| t.data.notes.push(n.text.clone())))
         .duplicate_window(2)
         .build();
-    let repository = InMemorySagaRepository::<TicketState>::new();
-    let (builder, stats) = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new()).saga_endpoint(
-        machine,
-        repository.clone(),
-        |e| {
-            e.concurrency_limit(1);
-        },
-    );
-    let bus = builder.build();
+    let (bus, stats, repository) = one_at_a_time(machine);
     bus.start().await.expect("bus starts");
     let id = Uuid::now_v7();
     let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
