@@ -57,7 +57,9 @@ pub struct AppliedEvent {
     /// The event's URN: one delivery can reach several event types of a saga (a message
     /// listing several contracts), each applied on its own.
     pub event_type: String,
-    /// What the transition published, sent or responded, in order.
+    /// What the transition published, sent or responded, in order (not stored when none:
+    /// most events produce nothing, and every instance keeps several of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub produced: Vec<StoredMessage>,
 }
 
