@@ -110,7 +110,7 @@ fn run_captured(program: &str, args: &[&str], timeout: Duration) -> Result<Strin
         .map_err(|e| format!("cannot start `{command}`: {e}"))?;
     let stdout = child.stdout.take().map(spawn_reader);
     let stderr = child.stderr.take().map(spawn_reader);
-    match wait_child(&mut child, timeout) {
+    match wait_child(child, timeout) {
         Ok(status) => {
             let stdout = collect(stdout);
             let stderr = collect(stderr);
@@ -143,23 +143,22 @@ fn collect(reader: Option<std::thread::JoinHandle<Vec<u8>>>) -> String {
         .unwrap_or_default()
 }
 
-/// Waits for `child` to exit, killing it after `timeout`.
-fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("timed out after {timeout:?}"));
-            }
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("cannot wait for the process: {e}"));
-            }
+/// Waits for `child` to exit (on a thread of its own, woken by the exit), killing it after
+/// `timeout`.
+fn wait_child(child: Child, timeout: Duration) -> Result<ExitStatus, String> {
+    let pid = child.id().to_string();
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = exited.send(child.wait());
+    });
+    match exit.recv_timeout(timeout) {
+        Ok(Ok(status)) => Ok(status),
+        Ok(Err(e)) => Err(format!("cannot wait for the process: {e}")),
+        Err(_) => {
+            // The waiting thread reaps it once killed.
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+            Err(format!("timed out after {timeout:?}"))
         }
     }
 }
@@ -868,7 +867,7 @@ fn launch(envs: Vec<(&'static str, String)>, out_path: &Path) -> Result<(), Stri
     let out = std::fs::File::create(out_path).map_err(|e| format!("cannot create {}: {e}", out_path.display()))?;
     let err = out.try_clone().map_err(|e| format!("cannot clone {}: {e}", out_path.display()))?;
     // Output goes to a file, not a pipe: the detached VM must not hold our pipe open.
-    let mut child = Command::new("rabbitmq-server")
+    let child = Command::new("rabbitmq-server")
         .arg("-detached")
         .envs(envs)
         .stdin(Stdio::null())
@@ -876,7 +875,7 @@ fn launch(envs: Vec<(&'static str, String)>, out_path: &Path) -> Result<(), Stri
         .stderr(err)
         .spawn()
         .map_err(|e| format!("cannot start: {e}"))?;
-    let status = wait_child(&mut child, LAUNCH_TIMEOUT)?;
+    let status = wait_child(child, LAUNCH_TIMEOUT)?;
     if status.success() {
         Ok(())
     } else {
