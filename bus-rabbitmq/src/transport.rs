@@ -15,6 +15,8 @@ use crate::options::{default_address, RabbitMqOptions};
 use crate::publisher::publish;
 use crate::topology;
 
+/// The longest `connection_name`: consumer tags add 33 characters, and AMQP names stop at 255.
+const MAX_CONNECTION_NAME: usize = 200;
 /// The RabbitMQ transport: MassTransit's topology, confirmed publishing, and a connection
 /// that recovers by itself.
 ///
@@ -64,13 +66,22 @@ impl RabbitMqTransport {
         Self::connect(&default_address()).await
     }
 
-    /// Connects with options. Fails when the first connection cannot be made; after that,
+    /// Connects with options. Fails when the first connection cannot be made (or the options
+    /// cannot work: a `connection_name` over 200 bytes, say); after that,
     /// lost connections are re-established in the background.
     pub async fn connect_with(address: &str, options: RabbitMqOptions) -> Result<Self> {
         if !(address.starts_with("amqp://") || address.starts_with("amqps://")) {
             return Err(Error::Configuration(format!(
                 "address must start with amqp:// or amqps://: {}",
                 crate::options::redact(address)
+            )));
+        }
+        // It names the connection and starts every consumer tag (followed by 33 characters);
+        // both are AMQP short strings.
+        if options.connection_name.len() > MAX_CONNECTION_NAME {
+            return Err(Error::Configuration(format!(
+                "connection_name is {} bytes; at most {MAX_CONNECTION_NAME}",
+                options.connection_name.len()
             )));
         }
         let shared = Shared::new(address.to_owned(), options);

@@ -518,6 +518,21 @@ fn the_transport_debug_output_hides_the_password() {
     });
 }
 
+/// A connection name too long to start consumer tags with is refused when connecting,
+/// with the reason, instead of panicking in the first consume.
+#[test]
+fn a_connection_name_over_the_limit_is_refused_up_front() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let options = bus_rabbitmq::RabbitMqOptions { connection_name: "n".repeat(201), ..Default::default() };
+        match bus_rabbitmq::RabbitMqTransport::connect_with(fixture.uri(), options).await {
+            Err(bus_rabbitmq::Error::Configuration(reason)) => assert!(reason.contains("at most 200"), "{reason}"),
+            Err(other) => panic!("expected a configuration error, got {other}"),
+            Ok(_) => panic!("a 201-byte connection name was accepted"),
+        }
+    });
+}
+
 /// A type of its own for the mixed sends below.
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(urn = "urn:message:Tests:MixedSend")]
