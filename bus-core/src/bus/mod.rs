@@ -102,7 +102,8 @@ pub(crate) struct BusInner {
     stop_timeout: Duration,
 }
 
-/// Where a message type is published: its exchange (entity) name and address.
+/// Where a message type is published: its exchange (entity) name, its address, and the
+/// name of its send spans.
 pub(crate) type Destination = (Arc<str>, Arc<str>, &'static str);
 
 struct Running {
