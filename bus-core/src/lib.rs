@@ -77,7 +77,7 @@ pub use endpoint_name::{
 pub use envelope::Envelope;
 pub use error::{BoxError, Error, Result};
 pub use fault::{ExceptionInfo, Fault};
-pub use headers::{names as header_names, Headers};
+pub use headers::{names as header_names, Headers, Iter as HeadersIter};
 pub use health::{BusHealth, EndpointHealth, HealthStatus};
 pub use host::HostInfo;
 pub use message::Message;

@@ -30,12 +30,39 @@ impl Serializer for MassTransitJsonSerializer {
 
     fn serialize(&self, envelope: &Envelope) -> Result<TransportMessage> {
         // MassTransit copies every envelope header into the transport headers.
-        Ok(wire(envelope, Bytes::from(envelope.to_json()?), Self::CONTENT_TYPE, envelope.headers.clone()))
+        Ok(wire(envelope, Bytes::from(envelope.to_json()?), Self::CONTENT_TYPE, envelope.headers.body_copy()))
     }
 
     fn deserialize(&self, message: &TransportMessage) -> Result<Envelope> {
         let mut envelope = Envelope::from_json(&message.body)?;
         merge_infrastructure_headers(&mut envelope.headers, &message.headers);
         Ok(envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infrastructure_headers_a_transport_added_reach_the_envelope() {
+        let mut envelope = Envelope::new(
+            vec!["urn:message:Shop:Ping".into()],
+            serde_json::value::to_raw_value(&serde_json::json!({"n": 1})).expect("raw"),
+        );
+        envelope.headers.insert("MT-Activity-Id", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        envelope.headers.insert("Tenant", "acme");
+        let mut wire = MassTransitJsonSerializer.serialize(&envelope).expect("serialize");
+        assert_eq!(wire.headers, envelope.headers, "every envelope header travels as a transport header");
+        assert!(wire.headers.is_body_copy(), "the copy is known as one, so reading the body skips it");
+        assert_eq!(MassTransitJsonSerializer.deserialize(&wire).expect("read").headers, envelope.headers);
+
+        // A transport adds its own on the way (a redelivery count, a broker's header).
+        wire.headers.insert("MT-Redelivery-Count", 2);
+        wire.headers.insert("x-death", "broker");
+        let back = MassTransitJsonSerializer.deserialize(&wire).expect("read");
+        assert_eq!(back.headers.get_i64("MT-Redelivery-Count"), Some(2));
+        assert!(!back.headers.contains("x-death"), "other transport headers stay out of the envelope");
+        assert_eq!(back.headers.get_str("Tenant"), Some("acme"));
     }
 }

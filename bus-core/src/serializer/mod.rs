@@ -30,9 +30,12 @@ fn wire(envelope: &Envelope, body: bytes::Bytes, content_type: &'static str, hea
 /// `MT-Reason`...) to the envelope's headers; other transport headers (the broker's
 /// `x-death`...) stay out of the envelope.
 fn merge_infrastructure_headers(envelope: &mut Headers, transport: &Headers) {
+    if transport.is_body_copy() {
+        return;
+    }
     for (name, value) in transport {
-        if name.starts_with("MT-") {
-            envelope.insert_if_absent(name, value.clone());
+        if name.starts_with("MT-") && !envelope.contains(name) {
+            envelope.insert(name.as_str(), value.clone());
         }
     }
 }
