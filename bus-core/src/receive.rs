@@ -171,7 +171,11 @@ impl EndpointRuntime {
             Err(error) => return self.unreadable(bus, message, dead_letter::unreadable_type(&error), &error),
         };
         let producer = telemetry::extract_producer(&envelope.headers);
-        let span = telemetry::receive_span(&inner.tracer, self.system, &self.spans, &envelope, producer);
+        let known_type = match envelope.message_type.as_slice() {
+            [one] => self.by_type.get_key_value(one.as_str()).map(|(known, _)| *known),
+            _ => None,
+        };
+        let span = telemetry::receive_span(&inner.tracer, self.system, &self.spans, &envelope, known_type, producer);
         let settlement = self.consume(bus, message, envelope, cancel, &span).with_context(span.context().clone()).await;
         span.end();
         settlement

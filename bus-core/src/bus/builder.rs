@@ -25,7 +25,7 @@ pub struct BusBuilder {
     observers: Vec<Arc<dyn BusObserver>>,
     send_middleware: Vec<Arc<dyn SendMiddleware>>,
     metrics: Option<BusMetrics>,
-    tracer: Option<opentelemetry::global::BoxedTracer>,
+    tracer: Option<crate::telemetry::BusTracer>,
     formatter: Arc<dyn EndpointNameFormatter>,
     request_timeout: Duration,
     stop_timeout: Duration,
@@ -144,7 +144,7 @@ impl BusBuilder {
         P::Tracer: Send + Sync + 'static,
         <P::Tracer as opentelemetry::trace::Tracer>::Span: Send + Sync + 'static,
     {
-        self.tracer = Some(opentelemetry::global::BoxedTracer::new(Box::new(provider.tracer(TRACER_NAME))));
+        self.tracer = Some(crate::telemetry::BusTracer::new(provider.tracer(TRACER_NAME)));
         self
     }
 
@@ -186,9 +186,9 @@ impl BusBuilder {
                 observers: self.observers,
                 send_middleware: self.send_middleware,
                 metrics: self.metrics.unwrap_or_else(BusMetrics::global),
-                tracer: crate::telemetry::BusTracer::new(
-                    self.tracer.unwrap_or_else(|| opentelemetry::global::tracer(TRACER_NAME)),
-                ),
+                tracer: self
+                    .tracer
+                    .unwrap_or_else(|| crate::telemetry::BusTracer::new(opentelemetry::global::tracer(TRACER_NAME))),
                 destinations: std::sync::RwLock::default(),
                 address,
                 response_topology,

@@ -13,8 +13,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use opentelemetry::global::{BoxedSpan, BoxedTracer};
-use opentelemetry::trace::{Link, Span as _, SpanBuilder, SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{Link, Span as _, SpanBuilder, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, StringValue};
 use uuid::Uuid;
 
@@ -66,6 +65,34 @@ impl MessageSpan {
     }
 }
 
+/// Builds spans with one tracer and puts each straight into its context.
+///
+/// This is the bus's type erasure of the user's tracer. `BoxedTracer` would box each span
+/// for the erasure, and the context would box it again: one allocation more per span, three
+/// per message.
+trait SpanStarter: Send + Sync {
+    /// The context holding the new span, and whether the span is a no-op one: it neither
+    /// records nor has an id of its own.
+    fn start(&self, builder: SpanBuilder, parent: &Context) -> (Context, bool);
+}
+
+impl<T> SpanStarter for T
+where
+    T: Tracer + Send + Sync,
+    T::Span: Send + Sync + 'static,
+{
+    fn start(&self, builder: SpanBuilder, parent: &Context) -> (Context, bool) {
+        let span = self.build_with_context(builder, parent);
+        // An SDK span that is sampled out still gets an id of its own; a no-op tracer's span
+        // has none (it repeats its parent's, or is empty).
+        let context = span.span_context();
+        let no_id_of_its_own = !context.is_valid()
+            || parent.has_active_span() && parent.span().span_context().span_id() == context.span_id();
+        let noop = !span.is_recording() && no_id_of_its_own;
+        (parent.with_span(span), noop)
+    }
+}
+
 /// The bus's tracer, and whether it turned out to be a no-op one.
 ///
 /// Spans are built with their name and attributes, so that samplers and processors see
@@ -75,16 +102,22 @@ impl MessageSpan {
 /// Every 1,024th span is built whole again, in case that was only a passing state (a
 /// suppressed context, say).
 pub(crate) struct BusTracer {
-    tracer: BoxedTracer,
+    tracer: Box<dyn SpanStarter>,
     noop: AtomicBool,
     bare: AtomicU32,
 }
 
 impl BusTracer {
-    pub(crate) fn new(tracer: BoxedTracer) -> Self {
-        BusTracer { tracer, noop: AtomicBool::new(false), bare: AtomicU32::new(0) }
+    pub(crate) fn new<T>(tracer: T) -> Self
+    where
+        T: Tracer + Send + Sync + 'static,
+        T::Span: Send + Sync + 'static,
+    {
+        BusTracer { tracer: Box::new(tracer), noop: AtomicBool::new(false), bare: AtomicU32::new(0) }
     }
 
+    /// The context of a new span under `parent`; `None` under a no-op tracer, whose span
+    /// would only repeat its parent's context (the parent carries it on as well).
     fn start(
         &self,
         kind: SpanKind,
@@ -92,20 +125,14 @@ impl BusTracer {
         links: Vec<Link>,
         name: impl FnOnce() -> Cow<'static, str>,
         attributes: impl FnOnce() -> Vec<KeyValue>,
-    ) -> Option<BoxedSpan> {
+    ) -> Option<Context> {
         if self.noop.load(Ordering::Relaxed) && self.bare.fetch_add(1, Ordering::Relaxed) % 1024 != 1023 {
-            // A no-op span only repeats its parent's context: the parent carries it on as well.
             return None;
         }
         let builder = SpanBuilder::from_name(name()).with_kind(kind).with_links(links).with_attributes(attributes());
-        let span = self.tracer.build_with_context(builder, parent);
-        // An SDK span that is sampled out still gets an id of its own; a no-op tracer's span
-        // has none (it repeats its parent's, or is empty).
-        let context = span.span_context();
-        let no_id_of_its_own = !context.is_valid()
-            || parent.has_active_span() && parent.span().span_context().span_id() == context.span_id();
-        self.noop.store(!span.is_recording() && no_id_of_its_own, Ordering::Relaxed);
-        Some(span)
+        let (cx, noop) = self.tracer.start(builder, parent);
+        self.noop.store(noop, Ordering::Relaxed);
+        Some(cx)
     }
 }
 
@@ -134,11 +161,8 @@ pub(crate) fn span_name(entity: &str, operation: &str) -> &'static str {
     leaked
 }
 
-fn in_context(parent: &Context, span: Option<BoxedSpan>) -> MessageSpan {
-    match span {
-        Some(span) => MessageSpan { cx: parent.with_span(span) },
-        None => MessageSpan { cx: parent.clone() },
-    }
+fn in_context(parent: &Context, span: Option<Context>) -> MessageSpan {
+    MessageSpan { cx: span.unwrap_or_else(|| parent.clone()) }
 }
 
 fn id(id: Option<Uuid>) -> Option<StringValue> {
@@ -146,9 +170,9 @@ fn id(id: Option<Uuid>) -> Option<StringValue> {
     id.map(|u| StringValue::from(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()))
 }
 
-/// The ids every span of one message carries, and its message types: `types` when the
-/// sender knows them (its own, static), else the envelope's.
-fn message_attributes(envelope: &Envelope, types: Option<&'static [&'static str]>, attributes: &mut Vec<KeyValue>) {
+/// The ids every span of one message carries, and its message types: `types` when they
+/// are known as the bus's own (static) names, else the envelope's.
+fn message_attributes(envelope: &Envelope, types: Option<&[&'static str]>, attributes: &mut Vec<KeyValue>) {
     let ids = [
         ("messaging.message.id", envelope.message_id),
         ("messaging.message.conversation_id", envelope.conversation_id),
@@ -234,11 +258,14 @@ impl EndpointSpans {
 }
 
 /// `{endpoint} receive`: a delivery arriving, child of (or linked to) its producer's span.
+/// `known_type` is the envelope's one message type as the endpoint's own name for it, when
+/// the endpoint consumes it: shared instead of copied.
 pub(crate) fn receive_span(
     tracer: &BusTracer,
     system: &'static str,
     endpoint: &EndpointSpans,
     envelope: &Envelope,
+    known_type: Option<&'static str>,
     producer: Producer,
 ) -> MessageSpan {
     let Producer { parent, link } = producer;
@@ -250,7 +277,7 @@ pub(crate) fn receive_span(
         || Cow::Borrowed(endpoint.receive),
         || {
             let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "receive");
-            message_attributes(envelope, None, &mut attributes);
+            message_attributes(envelope, known_type.as_ref().map(std::slice::from_ref), &mut attributes);
             attributes
         },
     );
