@@ -107,7 +107,8 @@ pub struct SagaStats {
     conflicts: AtomicU64,
     transitions: AtomicU64,
     saved: tokio::sync::Notify,
-    conflict_counter: opentelemetry::metrics::Counter<u64>,
+    /// `messaging.saga.conflicts`, made on the meter of the first bus to report one.
+    conflict_counter: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>>,
 }
 
 impl Default for SagaStats {
@@ -116,10 +117,7 @@ impl Default for SagaStats {
             conflicts: AtomicU64::new(0),
             transitions: AtomicU64::new(0),
             saved: tokio::sync::Notify::new(),
-            conflict_counter: opentelemetry::global::meter("rust-bus")
-                .u64_counter("messaging.saga.conflicts")
-                .with_description("saga concurrency conflicts, each retried with fresh state")
-                .build(),
+            conflict_counter: std::sync::OnceLock::new(),
         }
     }
 }
@@ -245,9 +243,14 @@ impl<S: SagaData> SagaRuntime<S> {
                 }
                 Err(Error::Conflict(_)) => {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .conflict_counter
-                        .add(1, &[opentelemetry::KeyValue::new("saga", self.machine.name().to_owned())]);
+                    let counter = self.stats.conflict_counter.get_or_init(|| {
+                        ctx.bus()
+                            .meter()
+                            .u64_counter("messaging.saga.conflicts")
+                            .with_description("saga concurrency conflicts, each retried with fresh state")
+                            .build()
+                    });
+                    counter.add(1, &[opentelemetry::KeyValue::new("saga", self.machine.name().to_owned())]);
                     tracing::debug!(saga = self.machine.name(), %id, attempt, "saga conflict; reloading");
                     // Spread the competitors out a little so one of them wins the next round.
                     let pause = Duration::from_micros(fastrand::u64(0..500 * u64::from(attempt.min(10))));

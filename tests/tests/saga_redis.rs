@@ -68,10 +68,16 @@ async fn concurrent_events_on_real_redis_lose_no_update() {
     let prefix = unique("counters");
     let endpoint = unique("Counter");
     let transport = InMemoryTransport::new();
+    // Conflicts are counted on the buses' own meter, not only in the stats.
+    let exporter = opentelemetry_sdk::metrics::InMemoryMetricExporter::default();
+    let meters = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter.clone()).build())
+        .build();
+    let meter = opentelemetry::metrics::MeterProvider::meter(&meters, "saga-tests");
     let mut buses = Vec::new();
     let mut stats = Vec::new();
     for _ in 0..2 {
-        let (builder, saga_stats) = Bus::builder(transport.clone()).saga_endpoint(
+        let (builder, saga_stats) = Bus::builder(transport.clone()).meter(&meter).saga_endpoint(
             counter_machine(&endpoint),
             repository::<CounterState>(&prefix).await,
             |e| {
@@ -127,6 +133,21 @@ async fn concurrent_events_on_real_redis_lose_no_update() {
     assert!(wrong.is_empty(), "lost updates (count, version): {:?}", &wrong[..wrong.len().min(10)]);
     assert!(errors.is_empty(), "nothing failed for good");
     assert!(conflicts > 0, "two buses with concurrency really raced");
+    meters.force_flush().expect("flush");
+    let metrics = exporter.get_finished_metrics().expect("metrics");
+    let counted: u64 = metrics
+        .iter()
+        .flat_map(|r| r.scope_metrics())
+        .flat_map(|s| s.metrics())
+        .filter(|m| m.name() == "messaging.saga.conflicts")
+        .filter_map(|m| match m.data() {
+            opentelemetry_sdk::metrics::data::AggregatedMetrics::U64(
+                opentelemetry_sdk::metrics::data::MetricData::Sum(sum),
+            ) => Some(sum.data_points().map(|p| p.value()).sum::<u64>()),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(counted, conflicts, "every conflict counted on the buses' meter");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,6 +171,22 @@ impl Bus {
         BusBuilder::new(Arc::new(transport))
     }
 
+    /// The meter the bus records its metrics with (see [`BusMetrics`](crate::telemetry::BusMetrics)),
+    /// for extensions to make their instruments on, so that they reach the same exporter.
+    ///
+    /// ```
+    /// use opentelemetry::metrics::MeterProvider;
+    /// let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder().build();
+    /// let bus = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new())
+    ///     .meter(&provider.meter("orders"))
+    ///     .build();
+    /// let conflicts = bus.meter().u64_counter("orders.conflicts").build();
+    /// conflicts.add(1, &[]);
+    /// ```
+    pub fn meter(&self) -> &opentelemetry::metrics::Meter {
+        &self.inner.metrics.meter
+    }
+
     /// The address of this bus's own endpoint, where responses to its requests arrive.
     pub fn address(&self) -> &str {
         &self.inner.address

@@ -17,8 +17,12 @@ use opentelemetry::KeyValue;
 /// | `messaging.bus.consume.duration` | histogram (s) | `endpoint`, `message_type`, `consumer` |
 /// | `messaging.bus.delivery.latency` | histogram (s), sent time to consume | `endpoint` |
 /// | `messaging.bus.in_flight` | up-down counter | `endpoint` |
+///
+/// Extensions make theirs on the same meter ([`Bus::meter`](crate::Bus::meter)): sagas count
+/// `messaging.saga.conflicts` by `saga`.
 #[derive(Debug, Clone)]
 pub struct BusMetrics {
+    pub(crate) meter: Meter,
     pub(crate) published: Counter<u64>,
     pub(crate) sent: Counter<u64>,
     pub(crate) consumed: Counter<u64>,
@@ -34,6 +38,7 @@ impl BusMetrics {
     /// The instruments, from `meter`.
     pub fn new(meter: &Meter) -> Self {
         BusMetrics {
+            meter: meter.clone(),
             published: meter.u64_counter("messaging.bus.published").with_description("messages published").build(),
             sent: meter.u64_counter("messaging.bus.sent").with_description("messages sent").build(),
             consumed: meter.u64_counter("messaging.bus.consumed").with_description("messages consumed").build(),
