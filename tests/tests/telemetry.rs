@@ -116,7 +116,9 @@ struct Second {
     n: u32,
 }
 
-async fn two_hops(transport: impl Transport, marker: &str) -> Vec<SpanData> {
+/// publish First -> consume on `{marker}-first` -> the consumer publishes Second -> consume
+/// on `{marker}-second`; the spans of that trace, and the first message's ids.
+async fn two_hops(transport: impl Transport, marker: &str) -> (Vec<SpanData>, uuid::Uuid, uuid::Uuid) {
     telemetry();
     let recorder = Arc::new(BusRecorder::default());
     let (first, second) = (format!("{marker}-first"), format!("{marker}-second"));
@@ -138,63 +140,106 @@ async fn two_hops(transport: impl Transport, marker: &str) -> Vec<SpanData> {
         })
         .build();
     bus.start().await.expect("bus starts");
-    bus.send(&format!("queue:{first}"), First { n: 1 }).await.expect("send");
+    let (message_id, correlation_id) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let options = bus_core::SendOptions::new().message_id(message_id).correlation_id(correlation_id);
+    bus.publish_with(First { n: 1 }, options).await.expect("publish");
     recorder.consumed.wait_for::<Second>(1, WAIT).await.expect("second consumed");
     bus.stop().await.expect("stop");
-    // send to first, receive + process on first, publish Second, receive + process on second.
-    let named = spans_named(marker, 5).await;
-    let send = find(&named, &format!("{first} send"));
-    let trace = send.span_context.trace_id();
-    wait_spans("the consumer's own span", |all| {
+    // receive + process on first, receive + process on second (the publishes are named by
+    // their message type's exchange).
+    let named = spans_named(marker, 4).await;
+    let receive = find(&named, &format!("{first} receive"));
+    let trace = receive.span_context.trace_id();
+    let spans = wait_spans("the consumer's own span and both publishes", |all| {
         let trace: Vec<SpanData> = all.into_iter().filter(|s| s.span_context.trace_id() == trace).collect();
-        trace.iter().any(|s| s.name == "reserve stock").then_some(trace)
+        let done = trace.iter().any(|s| s.name == "reserve stock")
+            && trace.iter().filter(|s| s.span_kind == opentelemetry::trace::SpanKind::Producer).count() == 2;
+        done.then_some(trace)
     })
-    .await
+    .await;
+    (spans, message_id, correlation_id)
 }
 
-fn check_one_trace(spans: &[SpanData], marker: &str, system: &str) {
+fn parent_of<'a>(spans: &'a [SpanData], child: &SpanData) -> &'a SpanData {
+    spans
+        .iter()
+        .find(|s| s.span_context.span_id() == child.parent_span_id)
+        .unwrap_or_else(|| panic!("no parent of {} in its trace", child.name))
+}
+
+fn check_one_trace(spans: &[SpanData], marker: &str, system: &str, first_ids: (uuid::Uuid, uuid::Uuid)) {
+    use opentelemetry::trace::SpanKind;
     let first = format!("{marker}-first");
     let second = format!("{marker}-second");
-    let send = find(spans, &format!("{first} send"));
     let receive = find(spans, &format!("{first} receive"));
     let process = find(spans, &format!("{first} process"));
     let receive2 = find(spans, &format!("{second} receive"));
     let process2 = find(spans, &format!("{second} process"));
-    let trace = send.span_context.trace_id();
+    let publish = parent_of(spans, receive);
+    assert_eq!(publish.name, "Telemetry:First send", "the first publish is named by its exchange");
+    assert_eq!(publish.parent_span_id, SpanId::INVALID, "the publish starts the trace");
+    let trace = publish.span_context.trace_id();
     assert_ne!(trace, TraceId::INVALID);
     for span in [receive, process, receive2, process2] {
         assert_eq!(span.span_context.trace_id(), trace, "{} is in the one trace", span.name);
     }
-    assert_eq!(receive.parent_span_id, send.span_context.span_id(), "receive is a child of send");
     assert_eq!(process.parent_span_id, receive.span_context.span_id(), "process is a child of receive");
     let work = find(spans, "reserve stock");
     assert_eq!(work.parent_span_id, process.span_context.span_id(), "the consumer's own span is a child of process");
-    let publish2 = spans
-        .iter()
-        .find(|s| s.parent_span_id == work.span_context.span_id() && s.name.ends_with(" send"))
-        .expect("the consumer's publish is a child of its own span, inside process");
+    let publish2 = parent_of(spans, receive2);
     assert_eq!(publish2.name, "Telemetry:Second send");
-    assert_eq!(receive2.parent_span_id, publish2.span_context.span_id());
+    assert_eq!(publish2.parent_span_id, work.span_context.span_id(), "the consumer's publish is a child of its span");
     assert_eq!(process2.parent_span_id, receive2.span_context.span_id());
-    assert_eq!(send.span_kind, opentelemetry::trace::SpanKind::Producer);
-    assert_eq!(receive.span_kind, opentelemetry::trace::SpanKind::Consumer);
-    for span in [send, receive, process] {
-        assert_eq!(string_attribute(span, "messaging.system").as_deref(), Some(system));
-        assert_eq!(string_attribute(span, "messaging.destination.name").as_deref(), Some(first.as_str()));
+    for span in [publish, publish2] {
+        assert_eq!(span.span_kind, SpanKind::Producer, "{}", span.name);
+        assert_eq!(string_attribute(span, "messaging.operation").as_deref(), Some("publish"));
     }
-    assert_eq!(string_attribute(send, "messaging.operation").as_deref(), Some("send"));
-    assert_eq!(string_attribute(receive, "messaging.operation").as_deref(), Some("receive"));
-    assert_eq!(string_attribute(process, "messaging.operation").as_deref(), Some("process"));
-    assert_eq!(string_attribute(send, "messaging.message.id"), string_attribute(receive, "messaging.message.id"));
-    assert!(string_attribute(receive, "messaging.message.conversation_id").is_some_and(|c| !c.is_empty()));
-    assert_eq!(string_attribute(publish2, "messaging.operation").as_deref(), Some("publish"));
+    for span in [receive, process, receive2, process2] {
+        assert_eq!(span.span_kind, SpanKind::Consumer, "{}", span.name);
+    }
+    for (hop, (publish, receive, process), exchange, urn) in [
+        (&first, (publish, receive, process), "Telemetry:First", "urn:message:Telemetry:First"),
+        (&second, (publish2, receive2, process2), "Telemetry:Second", "urn:message:Telemetry:Second"),
+    ] {
+        for span in [publish, receive, process] {
+            assert_eq!(string_attribute(span, "messaging.system").as_deref(), Some(system), "{}", span.name);
+        }
+        assert_eq!(string_attribute(publish, "messaging.destination.name").as_deref(), Some(exchange));
+        for span in [receive, process] {
+            assert_eq!(string_attribute(span, "messaging.destination.name").as_deref(), Some(hop.as_str()));
+        }
+        assert_eq!(string_attribute(receive, "messaging.operation").as_deref(), Some("receive"));
+        assert_eq!(string_attribute(process, "messaging.operation").as_deref(), Some("process"));
+        let id = string_attribute(publish, "messaging.message.id");
+        assert!(id.as_deref().is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()), "{}: {id:?}", publish.name);
+        assert_eq!(string_attribute(receive, "messaging.message.id"), id, "the receive names the message it got");
+        for span in [publish, receive] {
+            assert_eq!(string_attribute(span, "messaging.masstransit.message_types").as_deref(), Some(urn));
+        }
+        assert!(
+            string_attribute(process, "messaging.masstransit.consumer_type").is_some_and(|c| !c.is_empty()),
+            "{}",
+            process.name
+        );
+    }
+    let (message_id, correlation_id) = first_ids;
+    assert_eq!(string_attribute(publish, "messaging.message.id"), Some(message_id.to_string()));
+    assert_eq!(string_attribute(receive, "messaging.masstransit.correlation_id"), Some(correlation_id.to_string()));
+    // MassTransit's id flow: what the consumer publishes is initiated by the consumed
+    // message's correlation id, in the same conversation.
+    assert_eq!(string_attribute(receive2, "messaging.masstransit.initiator_id"), Some(correlation_id.to_string()));
+    let conversation = string_attribute(receive, "messaging.message.conversation_id");
+    assert!(conversation.as_deref().is_some_and(|c| uuid::Uuid::parse_str(c).is_ok()), "{conversation:?}");
+    for span in [publish, publish2, receive2] {
+        assert_eq!(string_attribute(span, "messaging.message.conversation_id"), conversation, "{}", span.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_consume_publish_consume_is_one_trace() {
     let marker = unique("trace");
-    let spans = two_hops(InMemoryTransport::new(), &marker).await;
-    check_one_trace(&spans, &marker, "in-memory");
+    let (spans, message_id, correlation_id) = two_hops(InMemoryTransport::new(), &marker).await;
+    check_one_trace(&spans, &marker, "in-memory", (message_id, correlation_id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,9 +249,9 @@ async fn one_trace_on_rabbitmq_too() {
     let vhost = tokio::task::spawn_blocking(|| tests::rabbit_support::Vhost::create("telemetry")).await.expect("vhost");
     let transport = bus_rabbitmq::RabbitMqTransport::connect(&vhost.uri(5672)).await.expect("rabbitmq");
     let marker = unique("trace-rabbit");
-    let spans = two_hops(transport.clone(), &marker).await;
+    let (spans, message_id, correlation_id) = two_hops(transport.clone(), &marker).await;
     transport.close().await;
-    check_one_trace(&spans, &marker, "rabbitmq");
+    check_one_trace(&spans, &marker, "rabbitmq", (message_id, correlation_id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,38 +297,60 @@ async fn masstransit_activity_id_continues_its_trace_and_bad_headers_are_ignored
 #[message(urn = "urn:message:Telemetry:Flaky")]
 struct Flaky;
 
-fn sum_u64(metrics: &[opentelemetry_sdk::metrics::data::ResourceMetrics], name: &str, endpoint: &str) -> u64 {
-    let mut total = 0;
-    for resource in metrics {
-        for scope in resource.scope_metrics() {
-            for metric in scope.metrics().filter(|m| m.name() == name) {
-                if let AggregatedMetrics::U64(MetricData::Sum(sum)) = metric.data() {
-                    total += sum
-                        .data_points()
-                        .filter(|p| p.attributes().any(|kv| kv == &KeyValue::new("endpoint", endpoint.to_owned())))
-                        .map(|p| p.value())
-                        .sum::<u64>();
-                }
-            }
+type Metrics = [opentelemetry_sdk::metrics::data::ResourceMetrics];
+
+/// The data points' attributes that `wanted` all match (an attribute of each name given).
+fn matches(attributes: Vec<&KeyValue>, wanted: &[(&str, &str)]) -> bool {
+    wanted.iter().all(|(k, v)| attributes.iter().any(|kv| kv.key.as_str() == *k && kv.value.as_str() == *v))
+}
+
+/// The sum of a `u64` counter's data points with these attributes; `None` when the bus never
+/// recorded the instrument at all.
+fn sum_u64(metrics: &Metrics, name: &str, wanted: &[(&str, &str)]) -> Option<u64> {
+    let mut total = None;
+    for metric in metrics.iter().flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
+    {
+        if let AggregatedMetrics::U64(MetricData::Sum(sum)) = metric.data() {
+            let points = sum.data_points().filter(|p| matches(p.attributes().collect(), wanted));
+            *total.get_or_insert(0) += points.map(|p| p.value()).sum::<u64>();
         }
     }
     total
 }
 
-fn histogram_count(metrics: &[opentelemetry_sdk::metrics::data::ResourceMetrics], name: &str) -> u64 {
-    let mut total = 0;
-    for resource in metrics {
-        for scope in resource.scope_metrics() {
-            for metric in scope.metrics().filter(|m| m.name() == name) {
-                if let AggregatedMetrics::F64(MetricData::Histogram(histogram)) = metric.data() {
-                    total += histogram.data_points().map(|p| p.count()).sum::<u64>();
-                }
-            }
+/// The sum of an `i64` up-down counter's data points with these attributes.
+fn sum_i64(metrics: &Metrics, name: &str, wanted: &[(&str, &str)]) -> Option<i64> {
+    let mut total = None;
+    for metric in metrics.iter().flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
+    {
+        if let AggregatedMetrics::I64(MetricData::Sum(sum)) = metric.data() {
+            let points = sum.data_points().filter(|p| matches(p.attributes().collect(), wanted));
+            *total.get_or_insert(0) += points.map(|p| p.value()).sum::<i64>();
         }
     }
     total
 }
 
+/// How many values a histogram recorded with these attributes.
+fn histogram_count(metrics: &Metrics, name: &str, wanted: &[(&str, &str)]) -> u64 {
+    let mut total = 0;
+    for metric in metrics.iter().flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
+    {
+        if let AggregatedMetrics::F64(MetricData::Histogram(histogram)) = metric.data() {
+            let points = histogram.data_points().filter(|p| matches(p.attributes().collect(), wanted));
+            total += points.map(|p| p.count()).sum::<u64>();
+        }
+    }
+    total
+}
+
+fn event_attribute(event: &opentelemetry::trace::Event, key: &str) -> Option<String> {
+    event.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.as_str().into_owned())
+}
+
+/// A consumer that always fails: two immediate retries per delivery, one delayed
+/// redelivery, then `_error`. Its spans record the error and the retries and redelivery as
+/// events; every instrument counts what happened, by endpoint, message type and consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_recorded_on_spans_and_in_metrics() {
     telemetry();
@@ -296,37 +363,66 @@ async fn failures_are_recorded_on_spans_and_in_metrics() {
         .meter(&meter)
         .receive_endpoint(&marker, |e| {
             e.retry(RetryPolicy::immediate(2))
+                .redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(10)]))
                 .handler(|_: ConsumeContext<Flaky>| async { Err::<(), BoxError>("flaky dependency".into()) });
             e.handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
         })
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{marker}"), Flaky).await.expect("send");
-    for n in 0..3 {
+    for n in 0..2 {
         bus.send(&format!("queue:{marker}"), First { n }).await.expect("send");
     }
+    bus.publish(First { n: 2 }).await.expect("publish");
     transport.wait_for_queue_len(&format!("{marker}_error"), 1, WAIT).await.expect("failed for good");
-    let spans = spans_named(&marker, 2 + 1 + 4 * 2).await;
+    // Flaky: two deliveries (receive + process each); First: three (receive + process each).
+    let spans = spans_named(&marker, 2 * 2 + 3 * 2).await;
     bus.stop().await.expect("stop");
     meters.force_flush().expect("flush");
     let metrics = exporter.get_finished_metrics().expect("metrics");
 
-    let failed = spans
+    let failed: Vec<&SpanData> = spans
         .iter()
-        .find(|s| s.name == format!("{marker} process") && s.status != opentelemetry::trace::Status::Unset)
-        .expect("the failing process span");
-    assert!(
-        matches!(&failed.status, opentelemetry::trace::Status::Error { description } if description.contains("flaky dependency"))
-    );
-    let events: Vec<&str> = failed.events.iter().map(|e| e.name.as_ref()).collect();
-    assert_eq!(events.iter().filter(|e| **e == "retry").count(), 2, "two retries as events: {events:?}");
-    assert!(events.contains(&"exception"), "{events:?}");
+        .filter(|s| s.name == format!("{marker} process") && s.status != opentelemetry::trace::Status::Unset)
+        .collect();
+    assert_eq!(failed.len(), 2, "the first delivery and the redelivery each failed");
+    for span in &failed {
+        assert!(
+            matches!(&span.status, opentelemetry::trace::Status::Error { description } if description.contains("flaky dependency"))
+        );
+        let retries = span.events.iter().filter(|e| e.name == "retry").count();
+        assert_eq!(retries, 2, "two retries as events on each delivery's process span");
+        let exception = span.events.iter().find(|e| e.name == "exception").expect("an exception event");
+        assert!(event_attribute(exception, "exception.type").is_some_and(|t| !t.is_empty()));
+        assert_eq!(event_attribute(exception, "exception.message").as_deref(), Some("flaky dependency"));
+    }
+    let redeliveries: Vec<&opentelemetry::trace::Event> = spans
+        .iter()
+        .filter(|s| s.name == format!("{marker} receive"))
+        .flat_map(|s| s.events.iter().filter(|e| e.name == "redelivery"))
+        .collect();
+    assert_eq!(redeliveries.len(), 1, "one redelivery, as an event of the delivery that failed");
+    assert_eq!(event_attribute(redeliveries[0], "redelivery.count").as_deref(), Some("1"));
 
-    assert_eq!(sum_u64(&metrics, "messaging.bus.consumed", &marker), 3);
-    assert_eq!(sum_u64(&metrics, "messaging.bus.failed", &marker), 1);
-    assert_eq!(sum_u64(&metrics, "messaging.bus.retries", &marker), 2);
-    assert!(histogram_count(&metrics, "messaging.bus.consume.duration") >= 4);
-    assert!(histogram_count(&metrics, "messaging.bus.delivery.latency") >= 4);
+    let endpoint = ("endpoint", marker.as_str());
+    let (flaky, first) =
+        (("message_type", "urn:message:Telemetry:Flaky"), ("message_type", "urn:message:Telemetry:First"));
+    assert_eq!(sum_u64(&metrics, "messaging.bus.sent", &[flaky]), Some(1));
+    assert_eq!(sum_u64(&metrics, "messaging.bus.sent", &[first]), Some(2));
+    assert_eq!(sum_u64(&metrics, "messaging.bus.published", &[first]), Some(1));
+    assert_eq!(sum_u64(&metrics, "messaging.bus.consumed", &[endpoint, first]), Some(3));
+    assert_eq!(sum_u64(&metrics, "messaging.bus.consumed", &[endpoint, flaky]), Some(0));
+    assert_eq!(sum_u64(&metrics, "messaging.bus.failed", &[endpoint, flaky]), Some(1));
+    assert_eq!(sum_u64(&metrics, "messaging.bus.failed", &[endpoint, first]), Some(0));
+    let consumer = failed[0].attributes.iter().find(|kv| kv.key.as_str() == "messaging.masstransit.consumer_type");
+    let consumer = consumer.map(|kv| kv.value.as_str().into_owned()).expect("the failing consumer's type");
+    assert_eq!(sum_u64(&metrics, "messaging.bus.failed", &[endpoint, ("consumer", consumer.as_str())]), Some(1));
+    assert_eq!(sum_u64(&metrics, "messaging.bus.retries", &[endpoint]), Some(4), "two per delivery");
+    assert_eq!(sum_u64(&metrics, "messaging.bus.redeliveries", &[endpoint]), Some(1));
+    assert_eq!(sum_i64(&metrics, "messaging.bus.in_flight", &[endpoint]), Some(0), "recorded, and back to none");
+    assert_eq!(histogram_count(&metrics, "messaging.bus.consume.duration", &[endpoint, first]), 3);
+    assert_eq!(histogram_count(&metrics, "messaging.bus.consume.duration", &[endpoint, flaky]), 2);
+    assert_eq!(histogram_count(&metrics, "messaging.bus.delivery.latency", &[endpoint]), 5, "every delivery");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,9 +457,30 @@ async fn the_order_saga_flow_is_one_trace_with_saga_attributes() {
     .await;
     let trace = saga[0].span_context.trace_id();
     assert!(saga.iter().all(|s| s.span_context.trace_id() == trace), "NewOrderEvent to finalization is one trace");
-    let ends: Vec<String> = saga.iter().filter_map(|s| string_attribute(s, "saga.end_state")).collect();
-    assert!(ends.contains(&"Pending".to_owned()) && ends.contains(&"Final".to_owned()), "{ends:?}");
-    let inventory = spans.iter().find(|s| s.name == "Inventory process" && s.span_context.trace_id() == trace);
+    let trace_spans: Vec<SpanData> = spans.iter().filter(|s| s.span_context.trace_id() == trace).cloned().collect();
+    // The trace starts at the NewOrderEvent publish, and every other span hangs from it.
+    let roots: Vec<&SpanData> = trace_spans.iter().filter(|s| s.parent_span_id == SpanId::INVALID).collect();
+    assert_eq!(roots.len(), 1, "one root: {:?}", roots.iter().map(|s| s.name.to_string()).collect::<Vec<_>>());
+    assert_eq!(roots[0].name, "SagaWithMasstransitShared:NewOrderEvent send");
+    assert_eq!(string_attribute(roots[0], "messaging.operation").as_deref(), Some("publish"));
+    for span in trace_spans.iter().filter(|s| s.parent_span_id != SpanId::INVALID) {
+        parent_of(&trace_spans, span);
+    }
+    // The transitions: Initial -> Pending on NewOrderEvent, then on to Final.
+    let transition = |span: &SpanData| {
+        (
+            string_attribute(span, "saga.begin_state").unwrap_or_default(),
+            string_attribute(span, "saga.end_state").unwrap_or_default(),
+        )
+    };
+    let transitions: Vec<(String, String)> = saga.iter().map(transition).collect();
+    assert!(transitions.contains(&("Initial".to_owned(), "Pending".to_owned())), "{transitions:?}");
+    assert!(transitions.iter().any(|(begin, end)| begin == "Pending" && end == "Final"), "{transitions:?}");
+    let started = saga.iter().find(|s| transition(s) == ("Initial".to_owned(), "Pending".to_owned())).expect("start");
+    let received = parent_of(&trace_spans, started);
+    assert!(received.name.ends_with(" receive"), "the transition is a consumer's processing: {}", received.name);
+    assert_eq!(parent_of(&trace_spans, received).span_context.span_id(), roots[0].span_context.span_id());
+    let inventory = trace_spans.iter().find(|s| s.name == "Inventory process");
     assert!(inventory.is_some(), "inventory's processing is in the same trace");
 }
 
