@@ -423,6 +423,22 @@ async fn failures_are_recorded_on_spans_and_in_metrics() {
     assert_eq!(histogram_count(&metrics, "messaging.bus.consume.duration", &[endpoint, first]), 3);
     assert_eq!(histogram_count(&metrics, "messaging.bus.consume.duration", &[endpoint, flaky]), 2);
     assert_eq!(histogram_count(&metrics, "messaging.bus.delivery.latency", &[endpoint]), 5, "every delivery");
+    for name in ["messaging.bus.consume.duration", "messaging.bus.delivery.latency"] {
+        let bounds: Vec<f64> = metrics
+            .iter()
+            .flat_map(|r| r.scope_metrics())
+            .flat_map(|s| s.metrics())
+            .filter(|m| m.name() == name)
+            .filter_map(|m| match m.data() {
+                AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                    h.data_points().next().map(|p| p.bounds().collect())
+                }
+                _ => None,
+            })
+            .next()
+            .expect("a histogram");
+        assert_eq!(bounds, bus_core::telemetry::SECONDS_BUCKETS, "{name} has buckets in seconds");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

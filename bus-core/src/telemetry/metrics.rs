@@ -34,6 +34,12 @@ pub struct BusMetrics {
     pub(crate) in_flight: UpDownCounter<i64>,
 }
 
+/// Bucket boundaries of the duration histograms, in seconds: those OpenTelemetry's
+/// messaging conventions recommend. The SDK's defaults (0 to 10,000) suit milliseconds, and
+/// would put every consume of a healthy bus in their first bucket.
+pub const SECONDS_BUCKETS: [f64; 14] =
+    [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
+
 impl BusMetrics {
     /// The instruments, from `meter`.
     pub fn new(meter: &Meter) -> Self {
@@ -52,11 +58,13 @@ impl BusMetrics {
                 .f64_histogram("messaging.bus.consume.duration")
                 .with_unit("s")
                 .with_description("time a consumer took")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
                 .build(),
             delivery_latency: meter
                 .f64_histogram("messaging.bus.delivery.latency")
                 .with_unit("s")
                 .with_description("time from sent to consumed")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
                 .build(),
             in_flight: meter
                 .i64_up_down_counter("messaging.bus.in_flight")

@@ -20,7 +20,7 @@ pub(crate) mod metrics;
 mod propagation;
 mod spans;
 
-pub use metrics::BusMetrics;
+pub use metrics::{BusMetrics, SECONDS_BUCKETS};
 pub(crate) use propagation::{extract_producer, inject};
 pub(crate) use spans::{
     current_event, current_trace_id, process_span, receive_span, send_span, span_name, BusTracer, EndpointSpans,
