@@ -35,6 +35,13 @@ impl SpanExporter for TreeExporter {
     }
 }
 
+impl TreeExporter {
+    /// The spans collected so far, as the trees shutdown prints.
+    pub fn rendered(&self) -> String {
+        self.spans.lock().map(|spans| render(&spans)).unwrap_or_default()
+    }
+}
+
 fn label(span: &SpanData) -> String {
     let mut label = format!(
         "{} ({:.1} ms)",
@@ -76,5 +83,51 @@ fn write_tree(out: &mut String, span: &SpanData, all: &[&SpanData], depth: usize
     let _ = writeln!(out, "{}{}", "  ".repeat(depth), label(span));
     for child in all.iter().filter(|s| s.parent_span_id == span.span_context.span_id()) {
         write_tree(out, child, all, depth + 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _, TracerProvider as _};
+    use opentelemetry::KeyValue;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+
+    #[test]
+    fn a_trace_prints_as_a_tree_with_saga_states_and_errors() {
+        let spans = TreeExporter::default();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(spans.clone()).build();
+        let tracer = provider.tracer("test");
+        tracer.in_span("Orders:NewOrder send", |_| {
+            tracer.in_span("orders receive", |_| {
+                tracer.in_span("orders process", |cx| {
+                    cx.span().set_attributes([
+                        KeyValue::new("saga.begin_state", "Initial"),
+                        KeyValue::new("saga.end_state", "Pending"),
+                    ]);
+                });
+            });
+            tracer.in_span("billing process", |cx| cx.span().set_status(Status::error("card declined")));
+        });
+        let mut other = tracer.start("elsewhere send");
+        other.end();
+        let rendered = spans.rendered();
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(lines.len(), 7, "{rendered}");
+        assert!(lines[0].starts_with("trace "), "{rendered}");
+        assert!(lines[1].starts_with("  Orders:NewOrder send ("), "{rendered}");
+        assert!(lines[2].starts_with("    orders receive ("), "{rendered}");
+        assert!(
+            lines[3].starts_with("      orders process (") && lines[3].ends_with("saga Initial -> Pending"),
+            "{rendered}"
+        );
+        assert!(
+            lines[4].starts_with("    billing process (") && lines[4].ends_with("ERROR card declined"),
+            "{rendered}"
+        );
+        assert!(
+            lines[5].starts_with("trace ") && lines[6].starts_with("  elsewhere send ("),
+            "a trace of its own: {rendered}"
+        );
     }
 }
