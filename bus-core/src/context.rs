@@ -63,7 +63,9 @@ impl ReceiveContext {
                 opentelemetry::KeyValue::new("exception.message", error.message().to_owned()),
             ]
         });
-        tracing::info!(endpoint = %self.state.endpoint.name, message_id = ?self.state.envelope.message_id,
+        let envelope = &self.state.envelope;
+        tracing::info!(endpoint = %self.state.endpoint.name, message_id = envelope.message_id.map(tracing::field::display),
+            message_type = envelope.message_type.first().map(String::as_str), consumer = self.consumer_type,
             trace_id = crate::telemetry::current_trace_id(), retry.attempt = retry, retry.delay_ms = delay_ms,
             %error, "consume failed; retrying");
     }

@@ -315,7 +315,7 @@ impl EndpointRuntime {
                         KeyValue::new("redelivery.delay_ms", i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
                     ]
                 });
-                tracing::info!(endpoint = %self.info.name, message_id = ?state.envelope.message_id,
+                tracing::info!(endpoint = %self.info.name, message_id = state.envelope.message_id.map(tracing::field::display),
                     message_type = state.envelope.message_type.first().map(String::as_str),
                     trace_id = telemetry::current_trace_id(), ?delay, redelivery, %error,
                     "consume failed; redelivering later");
@@ -323,7 +323,7 @@ impl EndpointRuntime {
             }
         }
         inner.metrics.failed.add(1, &entry.attributes.full);
-        tracing::error!(endpoint = %self.info.name, message_id = ?state.envelope.message_id,
+        tracing::error!(endpoint = %self.info.name, message_id = state.envelope.message_id.map(tracing::field::display),
             message_type = state.envelope.message_type.first().map(String::as_str), consumer = consumer_type,
             trace_id = telemetry::current_trace_id(), %error, "consume failed; moved to the error queue");
         if let Err(fault_error) =

@@ -1,0 +1,107 @@
+//! Logs that help at 3 a.m.: a failure's log lines say which message, of which type, on
+//! which endpoint and in which trace, and never hold the message's body or a password.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bus_core::middleware::RetryPolicy;
+use bus_core::{BoxError, Bus, ConsumeContext, Message};
+use bus_inmemory::InMemoryTransport;
+use serde::{Deserialize, Serialize};
+use tests::unique;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Everything logged at info and above in this test binary, as the default format writes it.
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .init();
+        logs
+    })
+    .clone()
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logged() -> String {
+    String::from_utf8_lossy(&logs().lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Logs:ChargeCard")]
+struct ChargeCard {
+    card_number: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_logs_its_message_type_endpoint_and_trace_but_not_its_body() {
+    logs();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let marker = unique("payments");
+    let transport = InMemoryTransport::new();
+    let bus = Bus::builder(transport.clone())
+        .tracer_provider(&provider)
+        .receive_endpoint(&marker, |e| {
+            e.retry(RetryPolicy::immediate(1))
+                .handler(|_: ConsumeContext<ChargeCard>| async { Err::<(), BoxError>("card declined".into()) });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    let secret = "4111-1111-1111-SECRET";
+    bus.send(&format!("queue:{marker}"), ChargeCard { card_number: secret.into() }).await.expect("send");
+    transport.wait_for_queue_len(&format!("{marker}_error"), 1, WAIT).await.expect("failed for good");
+    bus.stop().await.expect("stop");
+    let failed = transport.peek(&format!("{marker}_error")).into_iter().next().expect("the failed message");
+    let envelope = bus_core::Envelope::from_json(&failed.body).expect("envelope");
+    let message_id = envelope.message_id.expect("message id").to_string();
+    let trace_id = envelope.headers.get_str("traceparent").and_then(|t| t.split('-').nth(1)).expect("trace id");
+
+    let logged = logged();
+    let ours: Vec<&str> = logged.lines().filter(|l| l.contains(&marker)).collect();
+    for (what, level) in [("consume failed; retrying", "INFO"), ("moved to the error queue", "ERROR")] {
+        let line = ours.iter().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no `{what}` line in {ours:#?}"));
+        assert!(line.contains(level), "{line}");
+        for field in [
+            format!("endpoint={marker}"),
+            format!("message_id={message_id}"),
+            "message_type=\"urn:message:Logs:ChargeCard\"".to_owned(),
+            format!("trace_id=\"{trace_id}\""),
+            "consumer=".to_owned(),
+            "card declined".to_owned(),
+        ] {
+            assert!(line.contains(&field), "`{field}` missing from {line}");
+        }
+    }
+    assert!(!logged.contains(secret), "a message body reached the logs:\n{logged}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_logs_name_the_broker_without_its_password() {
+    tests::rabbit_fixture::require_broker();
+    logs();
+    let transport =
+        bus_rabbitmq::RabbitMqTransport::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await.expect("rabbitmq");
+    transport.close().await;
+    let logged = logged();
+    let connected = logged.lines().find(|l| l.contains("connected to rabbitmq")).expect("the connection is logged");
+    assert!(connected.contains("amqp://guest:***@127.0.0.1:5672"), "{connected}");
+    assert!(!logged.contains("guest:guest"), "a password reached the logs:\n{logged}");
+}
