@@ -35,6 +35,21 @@ pub(crate) struct EndpointSettings {
     pub(crate) redelivery: RedeliveryPolicy,
     pub(crate) max_message_size: usize,
     pub(crate) outbox: bool,
+    pub(crate) trace_propagation: TracePropagation,
+}
+
+/// How a received message's spans continue its producer's trace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TracePropagation {
+    /// The receive span is a child of the producer's span, in the producer's trace, unless
+    /// the message asks for a link with MassTransit's `MT-Activity-Propagation: Link`
+    /// header (a sender sets it with `SendOptions::header`).
+    #[default]
+    Child,
+    /// Every message starts a trace of its own whose receive span links to the producer's
+    /// span, as MassTransit's `MT-Activity-Propagation: Link` asks (baggage still flows):
+    /// for messages from other systems, or long fan-outs that would make one huge trace.
+    Link,
 }
 
 impl EndpointSettings {
@@ -54,6 +69,7 @@ impl Default for EndpointSettings {
             redelivery: RedeliveryPolicy::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             outbox: true,
+            trace_propagation: TracePropagation::Child,
         }
     }
 }
@@ -248,6 +264,28 @@ impl ReceiveEndpointBuilder {
     /// Whether messages produced while consuming are held until the consume succeeds (default on).
     pub fn outbox(&mut self, enabled: bool) -> &mut Self {
         self.settings.outbox = enabled;
+        self
+    }
+
+    /// How received messages continue their producer's trace (default
+    /// [`TracePropagation::Child`]).
+    ///
+    /// ```
+    /// use bus_core::{BoxError, Bus, ConsumeContext, Message, TracePropagation};
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:Webhook")]
+    /// # struct Webhook;
+    /// // Messages from outside start traces of their own here, linked to their sender's.
+    /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
+    ///     .receive_endpoint("webhooks", |e| {
+    ///         e.trace_propagation(TracePropagation::Link)
+    ///             .handler(|_: ConsumeContext<Webhook>| async { Ok::<_, BoxError>(()) });
+    ///     })
+    ///     .build();
+    /// # drop(bus);
+    /// ```
+    pub fn trace_propagation(&mut self, propagation: TracePropagation) -> &mut Self {
+        self.settings.trace_propagation = propagation;
         self
     }
 

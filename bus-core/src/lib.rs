@@ -70,7 +70,9 @@ pub use bus_derive::Message;
 pub use consume_error::{ConsumeError, ConsumeErrorKind};
 pub use consumer::{Consumer, Permanent, Skip};
 pub use context::{ConsumeContext, ReceiveContext};
-pub use endpoint::{default_prefetch, ConsumerConfig, ReceiveEndpointBuilder, DEFAULT_MAX_MESSAGE_SIZE};
+pub use endpoint::{
+    default_prefetch, ConsumerConfig, ReceiveEndpointBuilder, TracePropagation, DEFAULT_MAX_MESSAGE_SIZE,
+};
 pub use endpoint_name::{
     DefaultEndpointNameFormatter, EndpointNameFormatter, KebabCaseEndpointNameFormatter, SnakeCaseEndpointNameFormatter,
 };

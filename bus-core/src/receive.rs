@@ -170,7 +170,8 @@ impl EndpointRuntime {
             Ok(envelope) => envelope,
             Err(error) => return self.unreadable(bus, message, dead_letter::unreadable_type(&error), &error),
         };
-        let producer = telemetry::extract_producer(&envelope.headers);
+        let always_link = self.settings.trace_propagation == crate::TracePropagation::Link;
+        let producer = telemetry::extract_producer(&envelope.headers, always_link);
         let known_type = match envelope.message_type.as_slice() {
             [one] => self.by_type.get_key_value(one.as_str()).map(|(known, _)| *known),
             _ => None,

@@ -556,6 +556,36 @@ async fn link_propagation_links_the_producer_and_baggage_flows_on() {
     );
 }
 
+/// An endpoint set to link starts a trace of its own for every message, linked to the
+/// producer's span, without the producer asking for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_set_to_link_starts_its_own_linked_traces() {
+    telemetry();
+    let marker = unique("linking");
+    let recorder = Arc::new(BusRecorder::default());
+    let bus = Bus::builder(InMemoryTransport::new())
+        .observer_arc(recorder.clone())
+        .receive_endpoint(&marker, |e| {
+            e.trace_propagation(bus_core::TracePropagation::Link)
+                .handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
+        })
+        .build();
+    bus.start().await.expect("bus starts");
+    bus.send(&format!("queue:{marker}"), First { n: 1 }).await.expect("send");
+    recorder.consumed.wait_for::<First>(1, WAIT).await.expect("consumed");
+    bus.stop().await.expect("stop");
+    let spans = spans_named(&marker, 3).await;
+    let send = find(&spans, &format!("{marker} send"));
+    let receive = find(&spans, &format!("{marker} receive"));
+    let process = find(&spans, &format!("{marker} process"));
+    assert_ne!(receive.span_context.trace_id(), send.span_context.trace_id(), "a trace of its own");
+    assert_eq!(receive.parent_span_id, SpanId::INVALID, "the receive span is its root");
+    let links: Vec<_> = receive.links.iter().map(|l| l.span_context.span_id()).collect();
+    assert_eq!(links, [send.span_context.span_id()], "linked to the producer's span");
+    assert_eq!(process.parent_span_id, receive.span_context.span_id());
+    assert_eq!(process.span_context.trace_id(), receive.span_context.trace_id());
+}
+
 /// Drops every span of one destination, by the attribute it is created with.
 #[derive(Debug, Clone)]
 struct DropDestination(String);

@@ -225,11 +225,12 @@ pub(crate) struct Producer {
     pub(crate) link: Option<SpanContext>,
 }
 
-/// Reads the producer's context and how to continue it.
-pub(crate) fn extract_producer(headers: &Headers) -> Producer {
+/// Reads the producer's context and how to continue it: linked when the message asks for
+/// it or `always_link` (the endpoint's setting) says so, else as a child.
+pub(crate) fn extract_producer(headers: &Headers, always_link: bool) -> Producer {
     let found = TraceHeaders::read(headers);
     let parent = extract_from(headers, &found);
-    if found.link {
+    if found.link || always_link {
         let remote = parent.span().span_context().clone();
         if remote.is_valid() {
             let parent = with_baggage(Context::new(), headers, &found);
@@ -271,7 +272,7 @@ mod tests {
         assert_eq!(cx.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
 
         headers.insert(PROPAGATION, "Link");
-        let producer = extract_producer(&headers);
+        let producer = extract_producer(&headers, false);
         assert_eq!(producer.link.map(|l| l.span_id().to_string()).as_deref(), Some("00f067aa0ba902b7"));
         assert!(!producer.parent.span().span_context().is_valid(), "a linked consumer starts a new trace");
 
