@@ -243,22 +243,31 @@ async fn publish_consume_publish_consume_is_one_trace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_trace_on_rabbitmq_too() {
+async fn every_case_on_rabbitmq_too() {
     tests::rabbit_fixture::require_broker();
     // A vhost of its own (deleted by the next run), so no queue is left on the shared one.
     let vhost = tokio::task::spawn_blocking(|| tests::rabbit_support::Vhost::create("telemetry")).await.expect("vhost");
     let transport = bus_rabbitmq::RabbitMqTransport::connect(&vhost.uri(5672)).await.expect("rabbitmq");
     let marker = unique("trace-rabbit");
     let (spans, message_id, correlation_id) = two_hops(transport.clone(), &marker).await;
-    transport.close().await;
     check_one_trace(&spans, &marker, "rabbitmq", (message_id, correlation_id));
+    // The other cases, on the same connection.
+    activity_id_case(transport.clone(), &unique("mt-activity-rabbit")).await;
+    failures_case(transport.clone(), &unique("failing-rabbit")).await;
+    saga_case(transport.clone()).await;
+    transport.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn masstransit_activity_id_continues_its_trace_and_bad_headers_are_ignored() {
+    activity_id_case(InMemoryTransport::new(), &unique("mt-activity")).await;
+}
+
+/// Two messages as MassTransit writes them, with only `MT-Activity-Id`: a valid one
+/// continues its trace, a malformed one starts a new trace and is consumed all the same.
+async fn activity_id_case<T: Transport + Clone>(transport: T, marker: &str) {
     telemetry();
-    let marker = unique("mt-activity");
-    let transport = InMemoryTransport::new();
+    let marker = marker.to_owned();
     let recorder = Arc::new(BusRecorder::default());
     let bus = Bus::builder(transport.clone())
         .observer_arc(recorder.clone())
@@ -353,14 +362,19 @@ fn event_attribute(event: &opentelemetry::trace::Event, key: &str) -> Option<Str
 /// events; every instrument counts what happened, by endpoint, message type and consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_recorded_on_spans_and_in_metrics() {
+    failures_case(InMemoryTransport::new(), &unique("failing")).await;
+}
+
+async fn failures_case(transport: impl Transport, marker: &str) {
     telemetry();
     let exporter = InMemoryMetricExporter::default();
     let meters = SdkMeterProvider::builder().with_reader(PeriodicReader::builder(exporter.clone()).build()).build();
     let meter = opentelemetry::metrics::MeterProvider::meter(&meters, "tests");
-    let marker = unique("failing");
-    let transport = InMemoryTransport::new();
-    let bus = Bus::builder(transport.clone())
+    let marker = marker.to_owned();
+    let recorder = Arc::new(BusRecorder::default());
+    let bus = Bus::builder(transport)
         .meter(&meter)
+        .observer_arc(recorder.clone())
         .receive_endpoint(&marker, |e| {
             e.retry(RetryPolicy::immediate(2))
                 .redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(10)]))
@@ -374,7 +388,12 @@ async fn failures_are_recorded_on_spans_and_in_metrics() {
         bus.send(&format!("queue:{marker}"), First { n }).await.expect("send");
     }
     bus.publish(First { n: 2 }).await.expect("publish");
-    transport.wait_for_queue_len(&format!("{marker}_error"), 1, WAIT).await.expect("failed for good");
+    recorder
+        .dead_letters
+        .wait_until("the move to _error", WAIT, |moved| !moved.is_empty())
+        .await
+        .expect("failed for good");
+    recorder.consumed.wait_for::<First>(3, WAIT).await.expect("the others consumed");
     // Flaky: two deliveries (receive + process each); First: three (receive + process each).
     let spans = spans_named(&marker, 2 * 2 + 3 * 2).await;
     bus.stop().await.expect("stop");
@@ -443,8 +462,11 @@ async fn failures_are_recorded_on_spans_and_in_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_order_saga_flow_is_one_trace_with_saga_attributes() {
+    saga_case(InMemoryTransport::new()).await;
+}
+
+async fn saga_case(transport: impl Transport) {
     telemetry();
-    let transport = InMemoryTransport::new();
     let recorder = Arc::new(BusRecorder::default());
     let (builder, _) = Bus::builder(transport).observer_arc(recorder.clone()).saga_endpoint(
         order_state_machine(),
