@@ -66,8 +66,24 @@ cargo clippy --workspace --all-targets -- -D warnings
 log "cargo test"
 cargo test --workspace
 
+# What a newcomer should see: each flow printed as a trace tree, then the metrics.
+expect_output() {
+    local what=$1 output=$2 pattern
+    shift 2
+    for pattern in "$@"; do
+        if ! grep -qE -- "$pattern" <<<"$output"; then
+            echo "$what printed no line matching '$pattern'; it printed:" >&2
+            echo "$output" >&2
+            exit 1
+        fi
+    done
+}
+
 log "examples (in-memory, then RabbitMQ)"
-cargo run --quiet --example orders >/dev/null
+orders=$(cargo run --quiet --example orders)
+expect_output "the orders example" "$orders" '^trace [0-9a-f]{32}$' '^    NewOrder receive \(' '^      NewOrder process \(' 'messaging\.bus\.consumed'
+saga=$(cargo run --quiet --example order_saga)
+expect_output "the order saga example" "$saga" '^trace [0-9a-f]{32}$' 'OrderState process \(.*saga Initial -> Pending' 'saga Pending -> Final' 'messaging\.bus\.delivery\.latency'
 cargo run --quiet --example failures >/dev/null
 AMQP_ADDR="amqp://guest:guest@127.0.0.1:5672/%2f" cargo run --quiet --example orders >/dev/null
 log "benchmark smoke run (a few hundred messages per scenario; figures are meaningless in debug)"
