@@ -313,31 +313,37 @@ fn matches(attributes: Vec<&KeyValue>, wanted: &[(&str, &str)]) -> bool {
     wanted.iter().all(|(k, v)| attributes.iter().any(|kv| kv.key.as_str() == *k && kv.value.as_str() == *v))
 }
 
-/// The sum of a `u64` counter's data points with these attributes; `None` when the bus never
-/// recorded the instrument at all.
-fn sum_u64(metrics: &Metrics, name: &str, wanted: &[(&str, &str)]) -> Option<u64> {
+/// The sum of a counter's data points with these attributes; `None` when the bus never
+/// recorded the instrument at all. `points` picks the counter's data of the wanted kind.
+fn sum_of<T: Copy + std::iter::Sum<T> + std::ops::AddAssign + Default>(
+    metrics: &Metrics,
+    name: &str,
+    wanted: &[(&str, &str)],
+    points: impl Fn(&AggregatedMetrics) -> Option<&opentelemetry_sdk::metrics::data::Sum<T>>,
+) -> Option<T> {
     let mut total = None;
     for metric in metrics.iter().flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
     {
-        if let AggregatedMetrics::U64(MetricData::Sum(sum)) = metric.data() {
-            let points = sum.data_points().filter(|p| matches(p.attributes().collect(), wanted));
-            *total.get_or_insert(0) += points.map(|p| p.value()).sum::<u64>();
+        if let Some(sum) = points(metric.data()) {
+            let matching = sum.data_points().filter(|p| matches(p.attributes().collect(), wanted));
+            *total.get_or_insert_with(T::default) += matching.map(|p| p.value()).sum::<T>();
         }
     }
     total
 }
 
-/// The sum of an `i64` up-down counter's data points with these attributes.
+fn sum_u64(metrics: &Metrics, name: &str, wanted: &[(&str, &str)]) -> Option<u64> {
+    sum_of(metrics, name, wanted, |data| match data {
+        AggregatedMetrics::U64(MetricData::Sum(sum)) => Some(sum),
+        _ => None,
+    })
+}
+
 fn sum_i64(metrics: &Metrics, name: &str, wanted: &[(&str, &str)]) -> Option<i64> {
-    let mut total = None;
-    for metric in metrics.iter().flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
-    {
-        if let AggregatedMetrics::I64(MetricData::Sum(sum)) = metric.data() {
-            let points = sum.data_points().filter(|p| matches(p.attributes().collect(), wanted));
-            *total.get_or_insert(0) += points.map(|p| p.value()).sum::<i64>();
-        }
-    }
-    total
+    sum_of(metrics, name, wanted, |data| match data {
+        AggregatedMetrics::I64(MetricData::Sum(sum)) => Some(sum),
+        _ => None,
+    })
 }
 
 /// How many values a histogram recorded with these attributes.
