@@ -219,7 +219,7 @@ impl Envelope {
             })
             .map_err(|e| {
                 crate::Error::deserialize(
-                    format!("message does not match {}: {e}", std::any::type_name::<T>()),
+                    format!("message does not match {}: {}", std::any::type_name::<T>(), without_values(&e)),
                     Some(Box::new(e) as crate::BoxError),
                 )
             })
@@ -239,6 +239,31 @@ impl Envelope {
     pub fn has_message_type(&self, urn: &str) -> bool {
         self.message_type.iter().any(|t| t == urn)
     }
+}
+
+/// serde_json's reason a message did not read, without the values it quotes from the message.
+///
+/// `invalid type: string "4111 1111 1111 1111", expected u64` would put part of a message
+/// into logs and fault headers; this keeps what was found and what was expected, and where:
+/// `invalid type: string, expected u64 at line 1 column 29`. The whole error stays the
+/// source of the bus's error, for code that wants it.
+fn without_values(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some((found, expected)) = text.strip_prefix(prefix).and_then(|rest| rest.split_once(", expected ")) {
+            let kind = if found.starts_with("floating point") {
+                "floating point"
+            } else {
+                found.split([' ', '`', '"']).next().unwrap_or_default()
+            };
+            return format!("{prefix}{kind}, expected {expected}");
+        }
+    }
+    if let Some((_, expected)) = text.strip_prefix("unknown variant `").and_then(|rest| rest.split_once("`, expected "))
+    {
+        return format!("unknown variant, expected {expected}");
+    }
+    text
 }
 
 /// The envelope's fields as MassTransit names them, in the order they are written.
@@ -671,5 +696,46 @@ impl<'de> Deserialize<'de> for Envelope {
             }
         }
         d.deserialize_map(EnvelopeVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Charge {
+        amount: u64,
+        kind: Kind,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    enum Kind {
+        Card,
+    }
+
+    fn reason(message: &str) -> String {
+        let envelope =
+            Envelope::new(vec![], serde_json::value::RawValue::from_string(message.to_owned()).expect("raw"));
+        envelope.message_as::<Charge>().expect_err("does not match").to_string()
+    }
+
+    #[test]
+    fn a_message_that_does_not_match_is_explained_without_its_values() {
+        let cases = [
+            (r#"{"amount":"4111-SECRET","kind":"Card"}"#, "invalid type: string, expected u64 at line 1 column 23"),
+            (r#"{"amount":-4111,"kind":"Card"}"#, "invalid value: integer, expected u64"),
+            (r#"{"amount":41.11,"kind":"Card"}"#, "invalid type: floating point, expected u64"),
+            (r#"{"amount":1,"kind":"SECRET-KIND"}"#, "unknown variant, expected `Card`"),
+            (r#"{"kind":"Card"}"#, "missing field `amount`"),
+        ];
+        for (message, expected) in cases {
+            let reason = reason(message);
+            assert!(reason.contains(expected), "{message}: {reason}");
+            for secret in ["4111", "SECRET"] {
+                assert!(!reason.contains(secret), "{message}: {reason}");
+            }
+        }
     }
 }

@@ -68,8 +68,25 @@ async fn a_failure_logs_its_message_type_endpoint_and_trace_but_not_its_body() {
     let secret = "4111-1111-1111-SECRET";
     bus.send(&format!("queue:{marker}"), ChargeCard { card_number: secret.into() }).await.expect("send");
     transport.wait_for_queue_len(&format!("{marker}_error"), 1, WAIT).await.expect("failed for good");
+    // A message that does not match its type: serde's reason would quote the value.
+    let mismatched = format!(
+        r#"{{"messageId":"{}","messageType":["urn:message:Logs:ChargeCard"],"message":{{"card_number":987654321987}}}}"#,
+        uuid::Uuid::now_v7()
+    );
+    let mismatched = bus_core::TransportMessage {
+        body: mismatched.into_bytes().into(),
+        content_type: Some("application/vnd.masstransit+json".into()),
+        ..Default::default()
+    };
+    bus_core::Transport::send(&transport, &marker, mismatched).await.expect("send");
+    transport.wait_for_queue_len(&format!("{marker}_error"), 2, WAIT).await.expect("unreadable as its type");
     bus.stop().await.expect("stop");
     let failed = transport.peek(&format!("{marker}_error")).into_iter().next().expect("the failed message");
+    let logged_so_far = logged();
+    let mismatch = logged_so_far.lines().find(|l| l.contains(&marker) && l.contains("does not match"));
+    let mismatch = mismatch.expect("the mismatched message's failure is logged");
+    assert!(mismatch.contains("invalid type: integer, expected a string"), "{mismatch}");
+    assert!(!logged_so_far.contains("987654321987"), "a value from a message reached the logs:\n{logged_so_far}");
     let envelope = bus_core::Envelope::from_json(&failed.body).expect("envelope");
     let message_id = envelope.message_id.expect("message id").to_string();
     let trace_id = envelope.headers.get_str("traceparent").and_then(|t| t.split('-').nth(1)).expect("trace id");
