@@ -29,7 +29,8 @@ pub(crate) fn unreadable(
     error: &Error,
 ) -> Settlement {
     let reason = error.to_string();
-    tracing::error!(endpoint = %topology.queue, %reason, "unreadable message moved to the error queue");
+    tracing::error!(endpoint = %topology.queue, message_id = message.message_id.map(tracing::field::display),
+        content_type = message.content_type.as_deref(), %reason, "unreadable message moved to the error queue");
     let headers = fault_headers(bus, input_address, exception_type, &reason);
     let queue = topology.error_queue();
     notify(bus, &queue, &reason, message);

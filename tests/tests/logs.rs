@@ -80,6 +80,16 @@ async fn a_failure_logs_its_message_type_endpoint_and_trace_but_not_its_body() {
     };
     bus_core::Transport::send(&transport, &marker, mismatched).await.expect("send");
     transport.wait_for_queue_len(&format!("{marker}_error"), 2, WAIT).await.expect("unreadable as its type");
+    // And one that is no envelope at all: the transport's message id names it.
+    let garbled_id = uuid::Uuid::now_v7();
+    let garbled = bus_core::TransportMessage {
+        body: b"{not json".to_vec().into(),
+        content_type: Some("application/vnd.masstransit+json".into()),
+        message_id: Some(garbled_id),
+        ..Default::default()
+    };
+    bus_core::Transport::send(&transport, &marker, garbled).await.expect("send");
+    transport.wait_for_queue_len(&format!("{marker}_error"), 3, WAIT).await.expect("unreadable");
     bus.stop().await.expect("stop");
     let failed = transport.peek(&format!("{marker}_error")).into_iter().next().expect("the failed message");
     let logged_so_far = logged();
@@ -87,6 +97,9 @@ async fn a_failure_logs_its_message_type_endpoint_and_trace_but_not_its_body() {
     let mismatch = mismatch.expect("the mismatched message's failure is logged");
     assert!(mismatch.contains("invalid type: integer, expected a string"), "{mismatch}");
     assert!(!logged_so_far.contains("987654321987"), "a value from a message reached the logs:\n{logged_so_far}");
+    let unreadable = logged_so_far.lines().find(|l| l.contains(&marker) && l.contains("unreadable message"));
+    let unreadable = unreadable.expect("the unreadable message is logged");
+    assert!(unreadable.contains("ERROR") && unreadable.contains(&format!("message_id={garbled_id}")), "{unreadable}");
     let envelope = bus_core::Envelope::from_json(&failed.body).expect("envelope");
     let message_id = envelope.message_id.expect("message id").to_string();
     let trace_id = envelope.headers.get_str("traceparent").and_then(|t| t.split('-').nth(1)).expect("trace id");
