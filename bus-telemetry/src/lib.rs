@@ -52,7 +52,8 @@ impl Drop for Telemetry {
 pub fn init(service: &str) -> Result<Telemetry, BoxError> {
     let resource = Resource::builder().with_service_name(service.to_owned()).build();
     let endpoint = std::env::var_os(OTLP_ENDPOINT);
-    let (tracer, meter) = match export_to(endpoint.as_deref()) {
+    let export = export_to(endpoint.as_deref());
+    let (tracer, meter) = match export {
         Export::Otlp => otlp(resource)?,
         Export::Stdout => stdout(resource, TreeExporter::default(), opentelemetry_stdout::MetricExporter::default()),
     };
@@ -63,6 +64,10 @@ pub fn init(service: &str) -> Result<Telemetry, BoxError> {
         .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")));
     let traces = tracing_opentelemetry::layer().with_tracer(tracer.tracer("rust-bus")).with_filter(LevelFilter::INFO);
     tracing_subscriber::registry().with(logs).with(traces).try_init()?;
+    if export == Export::Stdout && endpoint.is_some_and(|e| !e.is_empty()) {
+        // Logged once the subscriber is there to write it.
+        tracing::warn!("{OTLP_ENDPOINT} is set but this build has no `otlp` feature: printing instead");
+    }
     Ok(Telemetry { tracer, meter })
 }
 
@@ -83,10 +88,6 @@ enum Export {
 fn export_to(endpoint: Option<&std::ffi::OsStr>) -> Export {
     match endpoint {
         Some(endpoint) if !endpoint.is_empty() && cfg!(feature = "otlp") => Export::Otlp,
-        Some(endpoint) if !endpoint.is_empty() => {
-            tracing::warn!(?endpoint, "{OTLP_ENDPOINT} is set but this build has no `otlp` feature: printing instead");
-            Export::Stdout
-        }
         _ => Export::Stdout,
     }
 }

@@ -135,8 +135,10 @@ async fn concurrent_events_on_real_redis_lose_no_update() {
     assert!(conflicts > 0, "two buses with concurrency really raced");
     meters.force_flush().expect("flush");
     let metrics = exporter.get_finished_metrics().expect("metrics");
+    // The latest export holds the totals (cumulative): earlier ones would count twice.
     let counted: u64 = metrics
-        .iter()
+        .last()
+        .into_iter()
         .flat_map(|r| r.scope_metrics())
         .flat_map(|s| s.metrics())
         .filter(|m| m.name() == "messaging.saga.conflicts")

@@ -308,6 +308,12 @@ struct Flaky;
 
 type Metrics = [opentelemetry_sdk::metrics::data::ResourceMetrics];
 
+/// The latest export only: each holds the totals so far (cumulative), so adding up every
+/// export the periodic reader made before the flush would count twice.
+fn latest(metrics: &Metrics) -> impl Iterator<Item = &opentelemetry_sdk::metrics::data::ResourceMetrics> {
+    metrics.last().into_iter()
+}
+
 /// The data points' attributes that `wanted` all match (an attribute of each name given).
 fn matches(attributes: Vec<&KeyValue>, wanted: &[(&str, &str)]) -> bool {
     wanted.iter().all(|(k, v)| attributes.iter().any(|kv| kv.key.as_str() == *k && kv.value.as_str() == *v))
@@ -322,7 +328,7 @@ fn sum_of<T: Copy + std::iter::Sum<T> + std::ops::AddAssign + Default>(
     points: impl Fn(&AggregatedMetrics) -> Option<&opentelemetry_sdk::metrics::data::Sum<T>>,
 ) -> Option<T> {
     let mut total = None;
-    for metric in metrics.iter().flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
+    for metric in latest(metrics).flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
     {
         if let Some(sum) = points(metric.data()) {
             let matching = sum.data_points().filter(|p| matches(p.attributes().collect(), wanted));
@@ -349,7 +355,7 @@ fn sum_i64(metrics: &Metrics, name: &str, wanted: &[(&str, &str)]) -> Option<i64
 /// How many values a histogram recorded with these attributes.
 fn histogram_count(metrics: &Metrics, name: &str, wanted: &[(&str, &str)]) -> u64 {
     let mut total = 0;
-    for metric in metrics.iter().flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
+    for metric in latest(metrics).flat_map(|r| r.scope_metrics()).flat_map(|s| s.metrics()).filter(|m| m.name() == name)
     {
         if let AggregatedMetrics::F64(MetricData::Histogram(histogram)) = metric.data() {
             let points = histogram.data_points().filter(|p| matches(p.attributes().collect(), wanted));
@@ -400,9 +406,14 @@ async fn failures_case(transport: impl Transport, marker: &str) {
         .await
         .expect("failed for good");
     recorder.consumed.wait_for::<First>(3, WAIT).await.expect("the others consumed");
-    // Flaky: two deliveries (receive + process each); First: three (receive + process each).
-    let spans = spans_named(&marker, 2 * 2 + 3 * 2).await;
     bus.stop().await.expect("stop");
+    // Flaky: two deliveries (receive + process each); First: three (receive + process each).
+    let spans = wait_spans("every delivery's receive and process spans", |all| {
+        let consumed = |s: &SpanData| s.name == format!("{marker} receive") || s.name == format!("{marker} process");
+        let spans: Vec<SpanData> = all.into_iter().filter(consumed).collect();
+        (spans.len() >= 2 * 2 + 3 * 2).then_some(spans)
+    })
+    .await;
     meters.force_flush().expect("flush");
     let metrics = exporter.get_finished_metrics().expect("metrics");
 
@@ -449,8 +460,7 @@ async fn failures_case(transport: impl Transport, marker: &str) {
     assert_eq!(histogram_count(&metrics, "messaging.bus.consume.duration", &[endpoint, flaky]), 2);
     assert_eq!(histogram_count(&metrics, "messaging.bus.delivery.latency", &[endpoint]), 5, "every delivery");
     for name in ["messaging.bus.consume.duration", "messaging.bus.delivery.latency"] {
-        let bounds: Vec<f64> = metrics
-            .iter()
+        let bounds: Vec<f64> = latest(&metrics)
             .flat_map(|r| r.scope_metrics())
             .flat_map(|s| s.metrics())
             .filter(|m| m.name() == name)

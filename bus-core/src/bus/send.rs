@@ -96,12 +96,10 @@ fn message_type_attribute(envelope: &Envelope) -> opentelemetry::KeyValue {
 /// not the bus's own `MT-*` headers, nor broker headers (`x-*`), nor trace headers (the
 /// consumer's own context writes those), nor any already set.
 fn copy_flow_headers(consumed: &Headers, produced: &mut Headers) {
-    for (name, value) in consumed {
+    produced.add_absent(consumed, |name| {
         let trace = ["traceparent", "tracestate", "baggage"].iter().any(|t| name.eq_ignore_ascii_case(t));
-        if !name.starts_with("MT-") && !name.starts_with("x-") && !trace {
-            produced.insert_if_absent(name, value.clone());
-        }
-    }
+        !name.starts_with("MT-") && !name.starts_with("x-") && !trace
+    });
 }
 
 /// The message being consumed, when a message is produced while consuming it.

@@ -29,15 +29,11 @@ fn wire(envelope: &Envelope, body: bytes::Bytes, content_type: &'static str, hea
 /// Adds the infrastructure headers a transport added after sending (`MT-Redelivery-Count`,
 /// `MT-Reason`...) to the envelope's headers; other transport headers (the broker's
 /// `x-death`...) stay out of the envelope.
-fn merge_infrastructure_headers(envelope: &mut Headers, transport: &Headers) {
-    if transport.is_body_copy() {
+fn merge_infrastructure_headers(envelope: &mut Headers, transport: &TransportMessage) {
+    if transport.headers.is_body_copy_of(&transport.body) {
         return;
     }
-    for (name, value) in transport {
-        if name.starts_with("MT-") && !envelope.contains(name) {
-            envelope.insert(name.as_str(), value.clone());
-        }
-    }
+    envelope.add_absent(&transport.headers, |name| name.starts_with("MT-"));
 }
 
 /// Turns an [`Envelope`] into a [`TransportMessage`] and back.

@@ -145,7 +145,7 @@ impl Serializer for ProtobufSerializer {
                 (k, value)
             })
             .collect();
-        merge_infrastructure_headers(&mut headers, &message.headers);
+        merge_infrastructure_headers(&mut headers, message);
         Ok(Envelope {
             message_id: read_id("messageId", &proto.message_id)?,
             request_id: read_id("requestId", &proto.request_id)?,
