@@ -172,7 +172,8 @@ impl EndpointRuntime {
         };
         let always_link = self.settings.trace_propagation == crate::TracePropagation::Link;
         let producer = telemetry::extract_producer(&envelope.headers, always_link);
-        let known_type = match envelope.message_type.as_slice() {
+        // Looked up only when a span is built.
+        let known_type = || match envelope.message_type.as_slice() {
             [one] => self.by_type.get_key_value(one.as_str()).map(|(known, _)| *known),
             _ => None,
         };

@@ -258,14 +258,14 @@ impl EndpointSpans {
 }
 
 /// `{endpoint} receive`: a delivery arriving, child of (or linked to) its producer's span.
-/// `known_type` is the envelope's one message type as the endpoint's own name for it, when
-/// the endpoint consumes it: shared instead of copied.
+/// `known_type` gives the envelope's one message type as the endpoint's own name for it,
+/// when the endpoint consumes it: shared instead of copied.
 pub(crate) fn receive_span(
     tracer: &BusTracer,
     system: &'static str,
     endpoint: &EndpointSpans,
     envelope: &Envelope,
-    known_type: Option<&'static str>,
+    known_type: impl FnOnce() -> Option<&'static str>,
     producer: Producer,
 ) -> MessageSpan {
     let Producer { parent, link } = producer;
@@ -277,7 +277,7 @@ pub(crate) fn receive_span(
         || Cow::Borrowed(endpoint.receive),
         || {
             let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "receive");
-            message_attributes(envelope, known_type.as_ref().map(std::slice::from_ref), &mut attributes);
+            message_attributes(envelope, known_type().as_ref().map(std::slice::from_ref), &mut attributes);
             attributes
         },
     );
