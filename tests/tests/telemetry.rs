@@ -585,6 +585,11 @@ async fn link_propagation_links_the_producer_and_baggage_flows_on() {
     let forwarded = transport.peek(&next).into_iter().next().expect("the message sent on");
     let envelope = bus_core::Envelope::from_json(&forwarded.body).expect("envelope");
     assert_eq!(envelope.headers.get_str("baggage"), Some("tenant=acme"), "baggage flows on");
+    assert_eq!(
+        envelope.headers.get_str("MT-Activity-Correlation-Context"),
+        Some("tenant=acme"),
+        "under MassTransit's name too"
+    );
     assert!(
         envelope
             .headers

@@ -13,6 +13,9 @@ const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
 const BAGGAGE: &str = "baggage";
 const PROPAGATION: &str = "MT-Activity-Propagation";
+/// MassTransit's name for the baggage it carries (the W3C format, under the name of .NET's
+/// older `Correlation-Context`).
+const CORRELATION_CONTEXT: &str = "MT-Activity-Correlation-Context";
 
 struct HeaderInjector<'a>(&'a mut Headers);
 
@@ -32,9 +35,10 @@ impl Extractor for HeaderExtractor<'_> {
             .0
             .get_str(key)
             .or_else(|| self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).and_then(|(_, v)| v.as_str()));
-        // MassTransit writes the W3C value under its own name only.
+        // MassTransit writes the W3C values under its own names only.
         match found {
             None if key == TRACEPARENT => self.0.get_str(ACTIVITY_ID),
+            None if key == BAGGAGE => self.0.get_str(CORRELATION_CONTEXT),
             other => other,
         }
     }
@@ -55,6 +59,7 @@ struct TraceHeaders<'a> {
     tracestate: Found<'a>,
     baggage: Found<'a>,
     activity_id: Option<&'a str>,
+    correlation_context: Option<&'a str>,
     link: bool,
 }
 
@@ -93,6 +98,7 @@ impl<'a> TraceHeaders<'a> {
                 10 => found.tracestate.offer(name, TRACESTATE, value),
                 7 => found.baggage.offer(name, BAGGAGE, value),
                 _ if name == ACTIVITY_ID => found.activity_id = value.as_str(),
+                _ if name == CORRELATION_CONTEXT => found.correlation_context = value.as_str(),
                 _ if name == PROPAGATION => found.link = value.as_str().is_some_and(|p| p.eq_ignore_ascii_case("link")),
                 _ => {}
             }
@@ -107,8 +113,8 @@ impl<'a> TraceHeaders<'a> {
 }
 
 /// Writes `cx` into the headers, when it holds a valid span: `traceparent` and
-/// `MT-Activity-Id` (the same value), `tracestate` when there is one, `baggage` when there
-/// is some.
+/// `MT-Activity-Id` (the same value), `tracestate` when there is one, and when there is
+/// baggage, `baggage` and `MT-Activity-Correlation-Context` (the same value).
 ///
 /// This runs for every message. The `traceparent` is written here rather than by the SDK's
 /// propagator, which formats it through `format!` and always adds an empty `tracestate`:
@@ -131,6 +137,9 @@ pub(crate) fn inject(cx: &Context, headers: &mut Headers) {
     }
     if !cx.baggage().is_empty() {
         BaggagePropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+        if let Some(baggage) = headers.get(BAGGAGE).cloned() {
+            headers.insert(CORRELATION_CONTEXT, baggage);
+        }
     }
 }
 
@@ -208,8 +217,9 @@ fn extract_from(headers: &Headers, found: &TraceHeaders<'_>) -> Context {
     with_baggage(cx, headers, found)
 }
 
+/// Adds the producer's baggage: `baggage`, else MassTransit's `MT-Activity-Correlation-Context`.
 fn with_baggage(cx: Context, headers: &Headers, found: &TraceHeaders<'_>) -> Context {
-    if found.baggage.value().is_some() {
+    if found.baggage.value().is_some() || found.correlation_context.is_some() {
         BaggagePropagator::new().extract_with_context(&cx, &HeaderExtractor(headers))
     } else {
         cx
@@ -325,6 +335,32 @@ mod tests {
     }
 
     #[test]
+    fn masstransit_baggage_is_read_and_written_under_its_own_name_too() {
+        use opentelemetry::KeyValue;
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        // As a .NET MassTransit service writes it: no W3C names at all.
+        let mut from_dotnet = Headers::new();
+        from_dotnet.insert(ACTIVITY_ID, traceparent);
+        from_dotnet.insert(CORRELATION_CONTEXT, "tenant=acme,region=eu");
+        let cx = extract(&from_dotnet);
+        assert_eq!(cx.baggage().get("tenant").map(|v| v.as_str().to_owned()).as_deref(), Some("acme"));
+        assert_eq!(cx.baggage().len(), 2);
+
+        // The W3C header wins when both are there.
+        from_dotnet.insert(BAGGAGE, "tenant=other");
+        let cx = extract(&from_dotnet);
+        assert_eq!(cx.baggage().get("tenant").map(|v| v.as_str().to_owned()).as_deref(), Some("other"));
+        assert_eq!(cx.baggage().len(), 1);
+
+        // Written under both names, so a .NET consumer sees it.
+        let cx = extract(&from_dotnet).with_baggage([KeyValue::new("tenant", "acme")]);
+        let mut headers = Headers::new();
+        inject(&cx, &mut headers);
+        assert_eq!(headers.get_str(BAGGAGE), Some("tenant=acme"));
+        assert_eq!(headers.get_str(CORRELATION_CONTEXT), Some("tenant=acme"));
+    }
+
+    #[test]
     fn no_baggage_header_without_baggage() {
         let producer = extract(&{
             let mut headers = Headers::new();
@@ -334,6 +370,7 @@ mod tests {
         let mut headers = Headers::new();
         inject(&producer, &mut headers);
         assert!(headers.get(BAGGAGE).is_none());
+        assert!(headers.get(CORRELATION_CONTEXT).is_none());
         assert!(headers.get(TRACEPARENT).is_some());
     }
 
