@@ -3,6 +3,7 @@
 
 use crate::envelope::format_time;
 use crate::headers::names;
+use crate::logged::escaped;
 use crate::observer::guarded;
 use crate::{Bus, EndpointTopology, Error, Headers, Settlement, TransportMessage};
 
@@ -11,8 +12,9 @@ use crate::{Bus, EndpointTopology, Error, Headers, Settlement, TransportMessage}
 pub(crate) fn fault_headers(bus: &Bus, input_address: &str, exception_type: &str, message: &str) -> Headers {
     let mut headers = Headers::new();
     headers.insert(names::REASON, "fault");
-    headers.insert("MT-Fault-ExceptionType", exception_type);
-    headers.insert("MT-Fault-Message", truncate(message, 4096));
+    // Both may quote the wire (a content type, an address): escaped and bounded.
+    headers.insert("MT-Fault-ExceptionType", escaped(exception_type, 1024).into_owned());
+    headers.insert("MT-Fault-Message", escaped(message, 4096).into_owned());
     headers.insert("MT-Fault-Timestamp", format_time(&chrono::Utc::now()));
     headers.insert("MT-Fault-InputAddress", input_address);
     bus.inner.host.to_fault_headers(&mut headers);
@@ -30,7 +32,8 @@ pub(crate) fn unreadable(
 ) -> Settlement {
     let reason = error.to_string();
     tracing::error!(endpoint = %topology.queue, message_id = message.message_id.map(tracing::field::display),
-        content_type = message.content_type.as_deref(), %reason, "unreadable message moved to the error queue");
+        content_type = message.content_type.as_deref().map(|c| tracing::field::display(escaped(c, 256))), reason = %escaped(&reason, 4096),
+        "unreadable message moved to the error queue");
     let headers = fault_headers(bus, input_address, exception_type, &reason);
     let queue = topology.error_queue();
     notify(bus, &queue, &reason, message);

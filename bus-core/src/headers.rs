@@ -172,7 +172,7 @@ impl Headers {
     /// Adds the headers of `other` that `wanted` accepts and that are not set here, in one
     /// pass over both (the names here go into a set when there are many: a message from the
     /// wire can carry hundreds of thousands).
-    pub(crate) fn add_absent(&mut self, other: &Headers, wanted: impl Fn(&str) -> bool) {
+    pub(crate) fn add_absent(&mut self, other: &Headers, mut wanted: impl FnMut(&str, &Value) -> bool) {
         let added: Vec<(String, Value)> = {
             let here = self.entries();
             let names: Option<foldhash::HashSet<&str>> =
@@ -182,7 +182,7 @@ impl Headers {
                 None => here.iter().any(|(k, _)| k == name),
             };
             // `other`'s names are unique, so the ones added are too.
-            other.entries().iter().filter(|(name, _)| wanted(name) && !present(name)).cloned().collect()
+            other.entries().iter().filter(|(name, value)| !present(name) && wanted(name, value)).cloned().collect()
         };
         if !added.is_empty() {
             self.entries_mut().extend(added);
@@ -287,6 +287,16 @@ impl<'a> IntoIterator for &'a Headers {
     }
 }
 
+/// About how many bytes `value` takes on the wire: its length for a string, its JSON for
+/// anything else.
+pub(crate) fn value_len(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len(),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+        other => serde_json::to_string(other).map_or(0, |json| json.len()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,7 +364,7 @@ mod tests {
         extended.extend(Headers::new());
         assert!(extended.is_body_copy_of(&body), "adding nothing changes nothing");
         let mut added = copy.clone();
-        added.add_absent(&original, |_| true);
+        added.add_absent(&original, |_, _| true);
         assert!(added.is_body_copy_of(&body), "adding only what is there changes nothing");
         assert!(!Headers::new().is_body_copy_of(&body));
     }
@@ -364,7 +374,7 @@ mod tests {
         // Quadratic merging of 200,000 names would take minutes; one pass takes milliseconds.
         let many: Headers = (0..200_000).map(|i| (format!("h{i}"), Value::from(i))).collect();
         let mut here: Headers = (0..200_000).map(|i| (format!("h{}", i * 2), Value::from(-1))).collect();
-        here.add_absent(&many, |name| name.ends_with('1') || name.ends_with('2'));
+        here.add_absent(&many, |name, _| name.ends_with('1') || name.ends_with('2'));
         assert_eq!(here.get_i64("h2"), Some(-1), "a name set here keeps its value");
         assert_eq!(here.get_i64("h1"), Some(1), "a missing one is added");
         assert_eq!(here.get_i64("h3"), None, "one not wanted is not");

@@ -14,9 +14,11 @@ use crate::context::ReceiveState;
 use crate::dead_letter::{self, truncate};
 use crate::endpoint::{EndpointInfo, EndpointSettings, ReceiveEndpointBuilder};
 use crate::headers::names;
+use crate::logged::escaped;
 use crate::middleware::{panic_message, CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
 use crate::observer::guarded;
 use crate::outbox::Outbox;
+use crate::stalled_moves::{MoveRetry, StalledMoves};
 use crate::telemetry::{self, metrics::ConsumerAttributes};
 use crate::{
     Bus, ConsumeError, ConsumeErrorKind, Delivery, DeliveryStream, EndpointTopology, Envelope, Error, Headers,
@@ -46,6 +48,8 @@ pub(crate) struct EndpointRuntime {
     endpoint_attributes: [KeyValue; 1],
     /// The names and destination attribute of its spans, made once.
     spans: telemetry::EndpointSpans,
+    /// Moves to `_error`, `_skipped` or a delay queue that failed, to try again.
+    stalled: StalledMoves,
 }
 
 impl EndpointRuntime {
@@ -95,6 +99,7 @@ impl EndpointRuntime {
             by_type,
             system,
             endpoint_attributes,
+            stalled: StalledMoves::default(),
         }
     }
 
@@ -142,10 +147,13 @@ impl EndpointRuntime {
     }
 
     async fn handle(&self, bus: &Bus, delivery: Delivery, cancel: CancellationToken) {
+        if let Some(retry) = self.stalled.find(delivery.message()) {
+            return self.move_again(delivery, retry, cancel).await;
+        }
         // Panics in consumers, middleware and observers are caught where they happen; this
         // is the net under the rest (send middleware on a fault, say). Dropped unsettled, the
         // delivery would come straight back and panic again, for ever.
-        let processed = AssertUnwindSafe(self.process(bus, delivery.message(), cancel.clone())).catch_unwind().await;
+        let processed = AssertUnwindSafe(self.process(bus, &delivery, cancel.clone())).catch_unwind().await;
         let settlement = match processed {
             Ok(settlement) => settlement,
             Err(panic) => {
@@ -154,14 +162,52 @@ impl EndpointRuntime {
                 self.unreadable(bus, delivery.message(), "Panic", &error)
             }
         };
-        if let Err(error) = delivery.settle(settlement).await {
-            // The transport keeps the delivery unacknowledged; the broker delivers it again.
-            tracing::warn!(endpoint = %self.info.name, %error, "could not settle a delivery");
+        self.settle(delivery, settlement).await;
+    }
+
+    /// Settles `delivery`; a move that fails is remembered, so that the message is moved
+    /// again (not consumed again) when it comes back.
+    async fn settle(&self, delivery: Delivery, settlement: Settlement) {
+        if !delivery.is_live() {
+            // Its channel closed: the broker has requeued it already and delivers it again.
+            tracing::debug!(endpoint = %self.info.name, "delivery's channel closed before it was settled; the broker delivers it again");
+            return;
+        }
+        let moving = matches!(settlement, Settlement::MoveTo { .. } | Settlement::Redeliver { .. });
+        let key = moving.then(|| StalledMoves::key(delivery.message()));
+        if let Some(key) = key {
+            self.stalled.moving(key, settlement.clone());
+        }
+        match (delivery.settle(settlement).await, key) {
+            (Ok(()), Some(key)) => self.stalled.done(key),
+            (Ok(()), None) => {}
+            (Err(error), Some(key)) => {
+                // Back in its queue: when it returns, the same move is tried after a pause.
+                tracing::warn!(endpoint = %self.info.name, %error, "could not move a message; it went back to its queue and the move is tried again later");
+                self.stalled.failed(key, error.to_string());
+            }
+            (Err(error), None) => {
+                // The transport keeps the delivery unacknowledged; the broker delivers it again.
+                tracing::warn!(endpoint = %self.info.name, %error, "could not settle a delivery");
+            }
         }
     }
 
-    async fn process(&self, bus: &Bus, message: &TransportMessage, cancel: CancellationToken) -> Settlement {
+    /// A message whose move failed before is back: the move is tried again once its pause is
+    /// over, without consuming the message again (its consumers ran, its fault went out).
+    async fn move_again(&self, delivery: Delivery, retry: MoveRetry, cancel: CancellationToken) {
+        tokio::select! {
+            () = tokio::time::sleep_until(retry.retry_at) => {}
+            // Stopping: dropped unsettled, it goes back to its queue.
+            () = cancel.cancelled() => return,
+        }
+        tracing::debug!(endpoint = %self.info.name, key = retry.key, "trying a failed move again");
+        self.settle(delivery, retry.settlement).await;
+    }
+
+    async fn process(&self, bus: &Bus, delivery: &Delivery, cancel: CancellationToken) -> Settlement {
         let inner = &bus.inner;
+        let message = delivery.message();
         if message.body.len() > self.settings.max_message_size {
             let error = Error::MessageTooLarge { size: message.body.len(), limit: self.settings.max_message_size };
             return self.unreadable(bus, message, dead_letter::unreadable_type(&error), &error);
@@ -178,7 +224,8 @@ impl EndpointRuntime {
             _ => None,
         };
         let span = telemetry::receive_span(&inner.tracer, self.system, &self.spans, &envelope, known_type, producer);
-        let settlement = self.consume(bus, message, envelope, cancel, &span).with_context(span.context().clone()).await;
+        let settlement =
+            self.consume(bus, delivery, envelope, cancel, &span).with_context(span.context().clone()).await;
         span.end();
         settlement
     }
@@ -186,12 +233,13 @@ impl EndpointRuntime {
     async fn consume(
         &self,
         bus: &Bus,
-        message: &TransportMessage,
+        delivery: &Delivery,
         envelope: Envelope,
         cancel: CancellationToken,
         receive: &telemetry::MessageSpan,
     ) -> Settlement {
         let inner = &bus.inner;
+        let message = delivery.message();
         let matched = self.matching_consumers(&envelope);
         if matched.is_empty() {
             tracing::debug!(endpoint = %self.info.name, types = ?envelope.message_type, "no consumer for message; moved to skipped");
@@ -246,7 +294,7 @@ impl EndpointRuntime {
                 }
                 Err(error) => {
                     outbox.discard();
-                    return self.failed(bus, &state, message, entry, error).await;
+                    return self.failed(bus, &state, delivery, entry, error).await;
                 }
             }
         }
@@ -260,10 +308,15 @@ impl EndpointRuntime {
                 // back at once, for ever.) Messages already released leave again: at least once.
                 let kind = if error.is_transient() { ConsumeErrorKind::Failed } else { ConsumeErrorKind::Permanent };
                 let error = ConsumeError::new(kind, "OutboxDeliveryException", error);
-                return self.failed(bus, &state, message, &self.consumers[index], error).await;
+                return self.failed(bus, &state, delivery, &self.consumers[index], error).await;
             }
         }
         Settlement::Ack
+    }
+
+    /// Why the endpoint is degraded, from the bus's side: moves it cannot complete.
+    pub(crate) fn health_reason(&self) -> Option<String> {
+        self.stalled.health_reason()
     }
 
     fn matching_consumers(&self, envelope: &Envelope) -> Vec<usize> {
@@ -288,12 +341,13 @@ impl EndpointRuntime {
         &self,
         bus: &Bus,
         state: &ReceiveState,
-        message: &TransportMessage,
+        delivery: &Delivery,
         entry: &ConsumerEntry,
         error: ConsumeError,
     ) -> Settlement {
         let consumer_type = entry.consumer_type;
         let inner = &bus.inner;
+        let message = delivery.message();
         if error.kind() == ConsumeErrorKind::Skipped {
             tracing::debug!(endpoint = %self.info.name, reason = %error, "consumer skipped the message");
             return self.skip(bus, message);
@@ -303,6 +357,13 @@ impl EndpointRuntime {
         }
         if state.cancel.is_cancelled() {
             // The bus is stopping: the attempt was cut short, not failed; deliver it again later.
+            return Settlement::Requeue;
+        }
+        if !delivery.is_live() {
+            // The broker has put it back in its queue already: its next delivery is the one
+            // that redelivers, faults or moves it. Doing it here too would make two.
+            tracing::warn!(endpoint = %self.info.name, message_id = state.envelope.message_id.map(tracing::field::display),
+                %error, "consume failed after the delivery's channel closed; the broker delivers it again");
             return Settlement::Requeue;
         }
         if error.is_retryable() {
@@ -335,7 +396,9 @@ impl EndpointRuntime {
         }
         let mut headers = dead_letter::fault_headers(bus, &self.info.address, error.exception_type(), error.message());
         headers.insert("MT-Fault-ConsumerType", consumer_type);
-        headers.insert("MT-Fault-MessageType", state.envelope.message_type.first().cloned().unwrap_or_default());
+        // From the wire: bounded, so that the move to `_error` always fits the broker's frame.
+        let failed_type = state.envelope.message_type.first().map_or(String::new(), |t| escaped(t, 1024).into_owned());
+        headers.insert("MT-Fault-MessageType", failed_type);
         headers.insert("MT-Fault-RetryCount", error.retry_count());
         // Rust errors carry no stack trace; the cause chain is what says where it came from.
         let causes = error.causes();

@@ -84,9 +84,17 @@ pub enum Settlement {
 }
 
 /// Settles one delivery; implemented by each transport.
-pub trait Settle: Send + 'static {
+pub trait Settle: Send + Sync + 'static {
     /// Settles the delivery whose message is `message` (the transport's original bytes).
     fn settle(self: Box<Self>, message: TransportMessage, settlement: Settlement) -> BoxFuture<'static, Result<()>>;
+
+    /// Whether the delivery can still be settled here. A RabbitMQ delivery whose channel has
+    /// closed cannot: the broker has already put it back in its queue, and will deliver it
+    /// again. The bus then neither moves it nor publishes a fault for it: its next delivery
+    /// does what is needed, once.
+    fn is_live(&self) -> bool {
+        true
+    }
 
     /// The delivery was dropped without being settled (a task was aborted or panicked):
     /// return the message to its queue, as AMQP does when a channel closes with
@@ -127,6 +135,11 @@ impl Delivery {
     /// Whether the broker delivered this message before (AMQP's `redelivered` flag).
     pub fn redelivered(&self) -> bool {
         self.redelivered
+    }
+
+    /// Whether the delivery can still be settled (see [`Settle::is_live`]).
+    pub fn is_live(&self) -> bool {
+        self.settler.as_ref().is_some_and(|settler| settler.is_live())
     }
 
     /// Settles the delivery. Resolves when the transport has done it, except that an ack

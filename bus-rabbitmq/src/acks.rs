@@ -117,6 +117,12 @@ impl Acks {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the channel is still open: its deliveries can be settled on it. Once it has
+    /// closed, the broker has returned them to their queue.
+    pub(crate) fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Records a delivery before it is handed out.
     pub(crate) fn delivered(&self, tag: u64) {
         // Tag 0 with `multiple` would mean every delivery on the channel; brokers start at 1.

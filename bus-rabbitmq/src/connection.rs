@@ -23,7 +23,18 @@ use crate::topology;
 /// stays locked while this lives.
 pub(crate) struct SenderChannel<'a> {
     channel: Channel,
-    _slot: tokio::sync::MutexGuard<'a, Option<Channel>>,
+    slot: tokio::sync::MutexGuard<'a, Option<Channel>>,
+}
+
+impl SenderChannel<'_> {
+    /// Takes the channel out of use for good (a confirm is still pending on it) and closes it.
+    pub(crate) fn discard(mut self) {
+        if let Some(channel) = self.slot.take() {
+            tokio::spawn(async move {
+                let _ = channel.close(200, "confirm timed out".into()).await;
+            });
+        }
+    }
 }
 
 impl std::ops::Deref for SenderChannel<'_> {
@@ -59,6 +70,9 @@ pub(crate) struct Session {
 /// pipelined publishing, 64 three quarters, 128 hardly more.
 const SENDER_CHANNELS: usize = 64;
 
+/// RabbitMQ's default `frame_max`.
+const DEFAULT_FRAME_MAX: usize = 131_072;
+
 impl Session {
     /// A confirm channel for one mandatory publish, held until its confirm arrives.
     pub(crate) async fn sender(&self) -> std::result::Result<SenderChannel<'_>, lapin::Error> {
@@ -80,7 +94,7 @@ impl Session {
                 channel
             }
         };
-        Ok(SenderChannel { channel, _slot: slot })
+        Ok(SenderChannel { channel, slot })
     }
 
     /// A confirm channel, reopened first if the broker closed it.
@@ -104,6 +118,14 @@ impl Session {
 
     pub(crate) fn is_alive(&self) -> bool {
         self.connection.status().connected()
+    }
+
+    /// The largest frame the broker takes on this connection, as negotiated.
+    pub(crate) fn frame_max(&self) -> usize {
+        match self.connection.configuration().frame_max() {
+            0 => usize::MAX,
+            max => max as usize,
+        }
     }
 }
 
@@ -173,6 +195,14 @@ impl Shared {
             closed: CancellationToken::new(),
             connections: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The frame size of the current connection; RabbitMQ's default while there is none.
+    pub(crate) fn frame_max(&self) -> usize {
+        match &*self.link.borrow() {
+            Link::Up(session) => session.frame_max(),
+            _ => DEFAULT_FRAME_MAX,
+        }
     }
 
     pub(crate) fn declared(&self) -> std::sync::MutexGuard<'_, Declared> {

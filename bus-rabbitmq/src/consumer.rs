@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 use crate::acks::{Acks, Outstanding};
 use crate::connection::Shared;
 use crate::error::{Error, Result};
+use crate::frame::fit;
 use crate::headers::{forwarded_properties, transport_message};
 use crate::publisher::publish;
-use crate::topology::delay_queue;
+use crate::topology::{self, delay_queue};
 
 /// Whether an endpoint's consumer runs, as reported to health checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +216,11 @@ impl RabbitMqSettle {
 
     /// Publishes the message elsewhere (confirmed), with its original properties plus
     /// `added` headers, then acks it here; on failure it is requeued so nothing is lost.
+    ///
+    /// A target deleted behind the bus's back (an `_error` queue removed by an operator, say)
+    /// is declared again, with the rest of the endpoint's topology, and the move tried once
+    /// more. A delivery whose channel has closed is not moved at all: the broker has put it
+    /// back in its queue already, and a copy here would be a second one.
     async fn forward(
         &mut self,
         exchange: &str,
@@ -222,9 +228,32 @@ impl RabbitMqSettle {
         message: TransportMessage,
         added: &Headers,
     ) -> Result<()> {
-        let properties = forwarded_properties(&self.properties, added);
+        if !self.acks.is_open() {
+            self.unsettled = false;
+            self.acks.leave_open();
+            return Err(Error::DeliveryGone);
+        }
+        let mut properties = forwarded_properties(&self.properties, added);
+        let cut = fit(&mut properties, self.shared.frame_max());
+        if !cut.is_empty() {
+            tracing::warn!(queue = %self.queue, headers = ?cut, target = exchange,
+                "header values too large for one frame were cut from a moved message");
+        }
         let deadline = tokio::time::Instant::now() + self.shared.options.publish_timeout;
-        match publish(&self.shared, exchange, routing_key, &message.body, &properties, true, deadline).await {
+        let mut result = publish(&self.shared, exchange, routing_key, &message.body, &properties, true, deadline).await;
+        if result.as_ref().is_err_and(is_missing_target) {
+            match self.declare_again(deadline).await {
+                Ok(()) => {
+                    tracing::warn!(queue = %self.queue, target = exchange, "a dead-letter or delay queue was missing; declared it again");
+                    result =
+                        publish(&self.shared, exchange, routing_key, &message.body, &properties, true, deadline).await;
+                }
+                Err(error) => {
+                    tracing::warn!(queue = %self.queue, %error, "could not declare the endpoint's topology again")
+                }
+            }
+        }
+        match result {
             Ok(()) => {
                 self.ack();
                 Ok(())
@@ -234,6 +263,29 @@ impl RabbitMqSettle {
                 Err(error)
             }
         }
+    }
+
+    /// Declares the endpoint's topology again: its `_error`, `_skipped` and delay queues
+    /// among it (only the first two for a temporary endpoint, which has no delays).
+    async fn declare_again(&self, deadline: tokio::time::Instant) -> Result<()> {
+        let endpoint = self.shared.declared().endpoints.get(&self.queue).cloned();
+        let Some(endpoint) = endpoint else { return Ok(()) };
+        let session = self.shared.session(deadline).await?;
+        let queue_type = self.shared.options.queue_type;
+        if endpoint.temporary {
+            topology::declare_dead_letter_queues(&session.connection, &endpoint, queue_type).await
+        } else {
+            topology::declare_endpoint(&session.connection, &endpoint, queue_type).await
+        }
+    }
+}
+
+/// Whether a move failed because its target queue (unroutable) or exchange (404) is gone.
+fn is_missing_target(error: &Error) -> bool {
+    match error {
+        Error::Unroutable(_) => true,
+        Error::Refused { source, .. } => crate::error::is_not_found(source),
+        _ => false,
     }
 }
 
@@ -269,6 +321,10 @@ impl Settle for RabbitMqSettle {
             };
             result.map_err(Into::into)
         })
+    }
+
+    fn is_live(&self) -> bool {
+        self.acks.is_open()
     }
 
     fn abandon(mut self: Box<Self>, _message: TransportMessage) {

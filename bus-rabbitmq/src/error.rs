@@ -44,6 +44,19 @@ pub enum Error {
     /// The URI or options cannot work.
     #[error("invalid rabbitmq configuration: {0}")]
     Configuration(String),
+    /// A message whose properties (its headers, mostly) do not fit in one frame of the size
+    /// the connection negotiated: sent, it would make the broker close the whole connection.
+    #[error("message headers need a frame of {size} bytes; the broker takes at most {limit}")]
+    FrameTooLarge {
+        /// The size of the frame that would carry the properties.
+        size: usize,
+        /// The connection's `frame_max`.
+        limit: usize,
+    },
+    /// The delivery being settled came on a channel that has closed since: the broker has
+    /// already put it back in its queue, so it is neither acknowledged nor moved here.
+    #[error("the delivery's channel is closed; the broker delivers it again")]
+    DeliveryGone,
     /// An exchange, queue or routing key name over AMQP's 255 bytes (such a name can come
     /// from a message: its fault or response address, its message types).
     #[error("`{0}...` is not a valid AMQP name: over 255 bytes")]
@@ -57,7 +70,12 @@ impl Error {
         match self {
             Error::Connection { .. } | Error::Unavailable(_) | Error::Nacked(_) => true,
             Error::Refused { source, .. } => is_connection_loss(source),
-            Error::Unroutable(_) | Error::Closed | Error::Configuration(_) | Error::NameTooLong(_) => false,
+            Error::Unroutable(_)
+            | Error::Closed
+            | Error::Configuration(_)
+            | Error::NameTooLong(_)
+            | Error::FrameTooLarge { .. }
+            | Error::DeliveryGone => false,
         }
     }
 }
@@ -74,6 +92,11 @@ pub(crate) fn is_connection_loss(error: &lapin::Error) -> bool {
             | ErrorKind::InvalidChannelState(..)
             | ErrorKind::InvalidChannel(_)
     ) || error.is_amqp_hard_error()
+}
+
+/// Whether the broker refused an operation because something it names does not exist (404).
+pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
 }
 
 impl From<Error> for bus_core::Error {

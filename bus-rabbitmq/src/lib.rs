@@ -72,6 +72,7 @@ mod acks;
 mod connection;
 mod consumer;
 mod error;
+mod frame;
 mod headers;
 mod options;
 mod publisher;

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::connection::Shared;
 use crate::error::{is_connection_loss, Error, Result};
+use crate::frame::header_frame_size;
 
 /// Publishes `body` to `exchange` and waits for the broker's confirm, until `deadline` (the
 /// whole operation's: time spent declaring the exchange first counts against it).
@@ -18,6 +19,14 @@ use crate::error::{is_connection_loss, Error, Result};
 /// Many calls may be in flight at once on one channel; each resolves with its own confirm.
 /// A confirm lost with the connection means the message may or may not have arrived: it is
 /// published again on the next connection (at least once; duplicates possible, loss not).
+///
+/// A refusal closes the channel it came on, and the broker fails every confirm pending there
+/// with it: the refused publish and its innocent neighbours alike. So a publish refused on a
+/// shared channel is tried once more alone on a channel of its own, where only a publish the
+/// broker really refuses fails again.
+///
+/// Properties that do not fit in one frame fail at once ([`Error::FrameTooLarge`]): sent,
+/// they would make the broker close the whole connection.
 pub(crate) async fn publish(
     shared: &Arc<Shared>,
     exchange: &str,
@@ -28,27 +37,56 @@ pub(crate) async fn publish(
     deadline: Instant,
 ) -> Result<()> {
     let (exchange_name, routing_key) = (crate::topology::short(exchange)?, crate::topology::short(routing_key)?);
+    let size = header_frame_size(properties);
+    let mut alone = mandatory;
     loop {
         let session = shared.session(deadline).await?;
-        let attempt = async {
-            let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
-            if mandatory {
-                // Alone on its channel until confirmed, so that a returned message is its own.
-                let channel = session.sender().await?;
-                channel
-                    .basic_publish(exchange_name.clone(), routing_key.clone(), options, body, properties.clone())
-                    .await?
-                    .await
-            } else {
+        let limit = session.frame_max();
+        if size > limit {
+            return Err(Error::FrameTooLarge { size, limit });
+        }
+        let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
+        let result = if alone {
+            // Alone on its channel until confirmed, so that a returned message is its own.
+            let Ok(channel) = tokio::time::timeout_at(deadline, session.sender()).await else {
+                return Err(Error::Unavailable(shared.options.publish_timeout));
+            };
+            match channel {
+                Err(error) => Some(Err(error)),
+                Ok(channel) => {
+                    let attempt = async {
+                        channel
+                            .basic_publish(
+                                exchange_name.clone(),
+                                routing_key.clone(),
+                                options,
+                                body,
+                                properties.clone(),
+                            )
+                            .await?
+                            .await
+                    };
+                    let result = tokio::time::timeout_at(deadline, attempt).await.ok();
+                    if result.is_none() {
+                        // Its confirm may still come, and would be taken for the next publish's
+                        // (with a returned message): the channel is not used again.
+                        channel.discard();
+                    }
+                    result
+                }
+            }
+        } else {
+            let attempt = async {
                 let channel = session.publisher().await?;
                 channel
                     .basic_publish(exchange_name.clone(), routing_key.clone(), options, body, properties.clone())
                     .await?
                     .await
-            }
+            };
+            tokio::time::timeout_at(deadline, attempt).await.ok()
         };
-        match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(Ok(confirmation)) => {
+        match result {
+            Some(Ok(confirmation)) => {
                 if confirmation.is_nack() {
                     return Err(Error::Nacked(exchange.to_owned()));
                 }
@@ -58,20 +96,24 @@ pub(crate) async fn publish(
                 }
                 return Ok(());
             }
-            Ok(Err(error)) if is_connection_loss(&error) || !session.is_alive() => {
+            Some(Err(error)) if is_connection_loss(&error) || !session.is_alive() => {
                 tracing::debug!(%error, exchange, "publish interrupted by a connection loss; publishing again");
                 // The supervisor notices the loss and brings up a new session; `session()` waits for it.
                 if session.is_alive() {
                     tokio::task::yield_now().await;
                 }
             }
-            Ok(Err(error)) => {
+            Some(Err(error)) if !alone => {
+                tracing::debug!(%error, exchange, "publish failed with its channel; trying it alone");
+                alone = true;
+            }
+            Some(Err(error)) => {
                 return Err(Error::Refused {
                     operation: format!("publishing to `{exchange}`"),
                     source: Box::new(error),
                 });
             }
-            Err(_) => return Err(Error::Unavailable(shared.options.publish_timeout)),
+            None => return Err(Error::Unavailable(shared.options.publish_timeout)),
         }
     }
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::connection::{Link, Session, Shared};
 use crate::consumer::{self, ConsumerState};
-use crate::error::{Error, Result};
+use crate::error::{is_not_found, Error, Result};
 use crate::headers::properties;
 use crate::options::{default_address, RabbitMqOptions};
 use crate::publisher::publish;
@@ -392,9 +392,4 @@ impl Transport for RabbitMqTransport {
             }
         }
     }
-}
-
-/// Whether the broker refused an operation because something it names does not exist (404).
-fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
 }

@@ -275,7 +275,15 @@ impl Bus {
                     Some(run) if run.loops.get(index + 1).is_none_or(JoinHandle::is_finished) => {
                         EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended")
                     }
-                    Some(_) => inner.transport.endpoint_health(queue),
+                    Some(_) => {
+                        let health = inner.transport.endpoint_health(queue);
+                        match endpoint.health_reason() {
+                            Some(reason) if health.status == HealthStatus::Healthy => {
+                                EndpointHealth::new(queue, HealthStatus::Degraded, reason)
+                            }
+                            _ => health,
+                        }
+                    }
                 }
             })
             .collect();

@@ -96,9 +96,33 @@ fn message_type_attribute(envelope: &Envelope) -> opentelemetry::KeyValue {
 /// not the bus's own `MT-*` headers, nor broker headers (`x-*`), nor trace headers (the
 /// consumer's own context writes those), nor any already set.
 fn copy_flow_headers(consumed: &Headers, produced: &mut Headers) {
-    produced.add_absent(consumed, |name| {
-        let trace = ["traceparent", "tracestate", "baggage"].iter().any(|t| name.eq_ignore_ascii_case(t));
-        !name.starts_with("MT-") && !name.starts_with("x-") && !trace
+    produced.add_absent(consumed, |name, _| is_flow_header(name));
+}
+
+fn is_flow_header(name: &str) -> bool {
+    let trace = ["traceparent", "tracestate", "baggage"].iter().any(|t| name.eq_ignore_ascii_case(t));
+    !name.starts_with("MT-") && !name.starts_with("x-") && !trace
+}
+
+/// The largest header value copied onto a fault, and the most copied in all: the headers
+/// came from the wire, and a fault that does not fit in the broker's frame would be lost.
+const FAULT_HEADER_VALUE_LIMIT: usize = 4096;
+const FAULT_HEADERS_LIMIT: usize = 16 * 1024;
+
+/// [`copy_flow_headers`] for a fault: values too large are left out, with a warning.
+fn copy_flow_headers_to_fault(failed: &Headers, fault: &mut Headers) {
+    let mut budget = FAULT_HEADERS_LIMIT;
+    fault.add_absent(failed, |name, value| {
+        if !is_flow_header(name) {
+            return false;
+        }
+        let size = name.len() + crate::headers::value_len(value);
+        if size > FAULT_HEADER_VALUE_LIMIT || size > budget {
+            tracing::warn!(header = %crate::logged::escaped(name, 64), size, "header too large to copy onto a fault; left out");
+            return false;
+        }
+        budget -= size;
+        true
     });
 }
 
@@ -250,7 +274,7 @@ impl BusInner {
         envelope.initiator_id = failed.message_id;
         envelope.source_address = Some(source_address.to_owned());
         envelope.host = Some(self.host.clone());
-        copy_flow_headers(&failed.headers, &mut envelope.headers);
+        copy_flow_headers_to_fault(&failed.headers, &mut envelope.headers);
         // The first of `faultAddress` and `responseAddress` that names an endpoint; one that
         // does not (it came from the wire) is skipped, not the end of the fault.
         let target = [failed.fault_address.as_deref(), failed.response_address.as_deref()]

@@ -33,7 +33,7 @@ fn merge_infrastructure_headers(envelope: &mut Headers, transport: &TransportMes
     if transport.headers.is_body_copy_of(&transport.body) {
         return;
     }
-    envelope.add_absent(&transport.headers, |name| name.starts_with("MT-"));
+    envelope.add_absent(&transport.headers, |name, _| name.starts_with("MT-"));
 }
 
 /// Turns an [`Envelope`] into a [`TransportMessage`] and back.
