@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use tokio::sync::mpsc;
 
 use crate::acks::{Acks, Outstanding};
-use crate::connection::Shared;
+use crate::connection::{Session, Shared};
 use crate::error::{Error, Result};
 use crate::frame::fit;
 use crate::headers::{forwarded_properties, transport_message};
@@ -25,6 +25,10 @@ pub(crate) enum ConsumerState {
     Starting,
     /// Subscribed on the session of this generation.
     Consuming(u64),
+    /// Subscribed on the session of this generation, after declaring again, at the instant
+    /// given, what had been deleted behind the bus's back (what the text says): messages
+    /// published to it meanwhile went nowhere, which health reports for a while.
+    Repaired(u64, tokio::time::Instant, String),
     /// Lost its subscription; waiting for the connection to come back.
     Recovering(String),
     /// Could not subscribe on a live connection.
@@ -55,6 +59,8 @@ async fn run(
 ) {
     let queue = endpoint.queue.clone();
     let mut pause = shared.options.reconnect_min;
+    // What was declared again before subscribing, for health to report.
+    let mut repaired: Option<String> = None;
     'sessions: loop {
         let session = tokio::select! {
             session = shared.session_when_up() => match session {
@@ -79,6 +85,23 @@ async fn run(
         };
         let (channel, mut consumer, tag) = match subscribed.await {
             Ok(subscribed) => subscribed,
+            Err(error) if crate::error::is_not_found(&error) => {
+                // The queue was deleted under the bus: declared again, at once, with the rest.
+                let what = format!("queue `{queue}` was deleted");
+                set(&state, ConsumerState::Recovering(what.clone()));
+                match repair(&shared, &session, &endpoint, &what).await {
+                    Ok(()) => repaired = Some(what),
+                    Err(error) => {
+                        set(&state, ConsumerState::Failing(error.to_string()));
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => {}
+                            () = tx.closed() => break,
+                        }
+                        pause = (pause * 2).min(shared.options.reconnect_max);
+                    }
+                }
+                continue;
+            }
             Err(error) => {
                 tracing::warn!(queue = %queue, %error, "could not consume; trying again");
                 set(&state, ConsumerState::Failing(error.to_string()));
@@ -95,8 +118,14 @@ async fn run(
         // closes once its own deliveries are settled, whatever the new one is doing.
         let outstanding = Arc::new(Outstanding::default());
         let acks = Acks::new(channel.clone(), outstanding.clone());
-        set(&state, ConsumerState::Consuming(session.generation));
+        match repaired.take() {
+            Some(what) => set(&state, ConsumerState::Repaired(session.generation, tokio::time::Instant::now(), what)),
+            None => set(&state, ConsumerState::Consuming(session.generation)),
+        }
         tracing::info!(queue = %queue, generation = session.generation, "consuming");
+        let mut check = tokio::time::interval(shared.options.topology_check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.reset();
         loop {
             tokio::select! {
                 // Stopping first: a delivery ready at the same moment must not skip the drain.
@@ -126,7 +155,15 @@ async fn run(
                     }
                     Some(Err(error)) => {
                         set(&state, ConsumerState::Recovering(error.to_string()));
-                        tracing::warn!(queue = %queue, %error, "consumer lost; waiting for the connection");
+                        if is_consumer_timeout(&error) {
+                            tracing::warn!(queue = %queue, %error,
+                                "the broker closed this endpoint's channel: a delivery was not acknowledged within its \
+                                 `consumer_timeout` (rabbitmq.conf; 30 minutes by default). Its unacknowledged \
+                                 deliveries go back to the queue. Raise `consumer_timeout`, or make the consumer \
+                                 finish sooner (a consumer timeout below it)");
+                        } else {
+                            tracing::warn!(queue = %queue, %error, "consumer lost; waiting for the connection");
+                        }
                         break;
                     }
                     None => {
@@ -138,6 +175,20 @@ async fn run(
                         break;
                     }
                 },
+                _ = check.tick() => {
+                    match topology::missing_from_endpoint(&session.connection, &endpoint).await {
+                        Ok(None) => {}
+                        Ok(Some(missing)) => {
+                            let what = format!("{missing} was deleted");
+                            set(&state, ConsumerState::Recovering(what.clone()));
+                            match repair(&shared, &session, &endpoint, &what).await {
+                                Ok(()) => set(&state, ConsumerState::Repaired(session.generation, tokio::time::Instant::now(), what)),
+                                Err(error) => set(&state, ConsumerState::Failing(error.to_string())),
+                            }
+                        }
+                        Err(error) => tracing::debug!(queue = %queue, %error, "could not check the endpoint's topology"),
+                    }
+                }
             }
         }
         // Wait for the supervisor to replace a dead session rather than spin on it.
@@ -147,6 +198,19 @@ async fn run(
         }
     }
     set(&state, ConsumerState::Stopped);
+}
+
+/// Declares again the topology of an endpoint of which `what` was deleted behind the bus's back.
+async fn repair(shared: &Shared, session: &Session, endpoint: &EndpointTopology, what: &str) -> Result<()> {
+    tracing::warn!(queue = %endpoint.queue, what,
+        "endpoint topology deleted under the running bus; declaring it again (messages published to it meanwhile were not routed)");
+    topology::declare_endpoint(&session.connection, endpoint, shared.options.queue_type).await
+}
+
+/// Whether the broker closed a consumer's channel for its `consumer_timeout`.
+fn is_consumer_timeout(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if e.get_id() == 406 && e.get_message().as_str().contains("delivery acknowledgement"))
 }
 
 /// How long a stopping endpoint waits for its deliveries in progress before closing their

@@ -55,6 +55,10 @@ pub struct RabbitMqOptions {
     /// Number of confirm channels publishes are spread over (default 1: on a small machine
     /// one channel pipelines best; more can help with many cores).
     pub publish_channels: usize,
+    /// How often each consuming endpoint checks that its queue and exchanges still exist
+    /// (an operator or a policy may delete them under a running bus; the broker tells a
+    /// consumer only of a deleted queue). What is missing is declared again.
+    pub topology_check_interval: Duration,
     /// TLS settings for `amqps://`.
     pub tls: TlsOptions,
 }
@@ -74,6 +78,7 @@ impl Default for RabbitMqOptions {
             publish_timeout: Duration::from_secs(30),
             queue_type: QueueType::Classic,
             publish_channels: 1,
+            topology_check_interval: Duration::from_secs(10),
             tls: TlsOptions::default(),
         }
     }

@@ -182,6 +182,43 @@ pub(crate) async fn exchange_exists(connection: &Connection, name: &str) -> Resu
     }
 }
 
+/// What of an endpoint's topology is missing (deleted behind the bus's back): its queue, its
+/// exchange, or the exchange of a message type it consumes. Passive declarations, stopping
+/// at the first refusal (which closes their channel).
+pub(crate) async fn missing_from_endpoint(
+    connection: &Connection,
+    endpoint: &EndpointTopology,
+) -> Result<Option<String>> {
+    let channel = connection.create_channel().await.map_err(refused("channel.open"))?;
+    let passive_queue = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let passive_exchange = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
+    let name = endpoint.queue.as_str();
+    let mut checks = vec![(format!("queue `{name}`"), None), (format!("exchange `{name}`"), Some(name.to_owned()))];
+    checks.extend(endpoint.message_types.iter().map(|urn| {
+        let exchange = entity_name(urn);
+        (format!("exchange `{exchange}`"), Some(exchange))
+    }));
+    for (what, exchange) in checks {
+        let checked = match exchange {
+            None => channel.queue_declare(short(name)?, passive_queue, FieldTable::default()).await.map(|_| ()),
+            Some(exchange) => {
+                channel
+                    .exchange_declare(short(&exchange)?, ExchangeKind::Fanout, passive_exchange, FieldTable::default())
+                    .await
+            }
+        };
+        match checked {
+            Ok(()) => {}
+            Err(error) if crate::error::is_not_found(&error) => return Ok(Some(what)),
+            Err(error) => {
+                return Err(Error::Refused { operation: format!("checking {what}"), source: Box::new(error) })
+            }
+        }
+    }
+    let _ = channel.close(200, "checked".into()).await;
+    Ok(None)
+}
+
 /// Deletes a temporary endpoint's queue and exchange.
 pub(crate) async fn delete_endpoint(connection: &Connection, endpoint: &EndpointTopology) -> Result<()> {
     with_channel(connection, async |channel| {

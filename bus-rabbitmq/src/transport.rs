@@ -373,6 +373,14 @@ impl Transport for RabbitMqTransport {
             (Some(ConsumerState::Consuming(generation)), Some(live)) if generation == live => {
                 EndpointHealth::healthy(queue)
             }
+            (Some(ConsumerState::Repaired(generation, at, what)), Some(live)) if generation == live => {
+                // Reported for a while: an operator should know that messages went nowhere.
+                if at.elapsed() < self.shared.options.topology_check_interval * 3 {
+                    EndpointHealth::new(queue, HealthStatus::Degraded, format!("{what} and declared again"))
+                } else {
+                    EndpointHealth::healthy(queue)
+                }
+            }
             (None, _) => EndpointHealth::new(queue, HealthStatus::Unhealthy, "not consuming"),
             (Some(ConsumerState::Stopped), _) => {
                 EndpointHealth::new(queue, HealthStatus::Unhealthy, "consumer stopped")

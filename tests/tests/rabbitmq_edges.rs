@@ -383,3 +383,51 @@ async fn a_failure_after_the_channel_closed_moves_and_faults_only_once() {
     assert_eq!(faults.count::<Fault<Probe>>(), 1, "one fault");
     assert_eq!(runs.len(), 2, "consumed by the dead delivery and by its redelivery");
 }
+
+/// Breaks: an operator deletes the endpoint's queue, then its exchange, under the running
+/// bus. Proves: each is declared again within a few seconds, health says what happened, and
+/// messages published afterwards are consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_queue_and_exchange_deleted_mid_run_are_declared_again() {
+    let vhost = own_vhost("edge-deleted").await;
+    let options = RabbitMqOptions { topology_check_interval: Duration::from_secs(1), ..options() };
+    let transport = RabbitMqTransport::connect_with(&vhost.uri(5672), options).await.expect("connects");
+    let fixture = RabbitFixture::connect(&vhost.uri(5672)).await;
+    let queue = unique("deleted");
+    let got = Arc::new(MessageLog::default());
+    let bus = Bus::builder(transport.clone()).receive_endpoint(&queue, |e| record::<Probe>(e, &got)).build();
+    bus.start().await.expect("bus starts");
+    bus.publish(Probe { n: 1 }).await.expect("published");
+    got.wait_for::<Probe>(1, WAIT).await.expect("consumed before");
+
+    let channel = fixture.channel().await;
+    channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.expect("queue deleted");
+    let health = wait_health(&bus, "reporting the deleted queue", |h| {
+        h.endpoints
+            .iter()
+            .any(|e| e.reason.as_deref().is_some_and(|r| r.contains(&format!("queue `{queue}` was deleted"))))
+    })
+    .await;
+    assert_eq!(health.status, HealthStatus::Degraded);
+    bus.publish(Probe { n: 2 }).await.expect("published");
+    got.wait_for::<Probe>(2, WAIT).await.expect("consumed after the queue was declared again");
+
+    channel
+        .exchange_delete(queue.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+        .await
+        .expect("exchange deleted");
+    wait_health(&bus, "reporting the deleted exchange", |h| {
+        h.endpoints
+            .iter()
+            .any(|e| e.reason.as_deref().is_some_and(|r| r.contains(&format!("exchange `{queue}` was deleted"))))
+    })
+    .await;
+    bus.publish(Probe { n: 3 }).await.expect("published");
+    got.wait_for::<Probe>(3, WAIT).await.expect("consumed after the exchange was declared again");
+    wait_health(&bus, "healthy again", |h| h.status == HealthStatus::Healthy).await;
+    bus.stop().await.expect("stop");
+    transport.close().await;
+    let mut numbers: Vec<u32> = got.messages::<Probe>().iter().map(|p| p.n).collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2, 3]);
+}
