@@ -160,16 +160,31 @@ pub(crate) struct Declared {
     pub(crate) publish_exchanges: HashMap<String, Vec<String>>,
 }
 
-/// Everything the transport's clones share.
+/// What a connection is for. Publishing and consuming go over connections of their own, as
+/// MassTransit does: under a memory or disk alarm the broker blocks the connections that
+/// publish, and nothing at all is written on a blocked connection, acknowledgements included;
+/// on a connection of its own, consuming goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Publishes, sends, moves and declarations; declares the topology again on reconnect.
+    Publishing,
+    /// Consumers and their acknowledgements.
+    Consuming,
+}
+
+/// One connection kept alive, and what the transport's clones share of it.
 pub(crate) struct Shared {
     address: String,
     pub(crate) redacted: String,
     pub(crate) options: RabbitMqOptions,
+    pub(crate) role: Role,
     pub(crate) link: watch::Sender<Link>,
     pub(crate) declared: Mutex<Declared>,
     pub(crate) closed: CancellationToken,
     /// Connections opened so far, the first included.
     pub(crate) connections: std::sync::atomic::AtomicU64,
+    /// Why the broker blocks this connection (`connection.blocked`: a resource alarm), while it does.
+    pub(crate) blocked: watch::Sender<Option<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -183,18 +198,36 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(address: String, options: RabbitMqOptions) -> Arc<Self> {
+    pub(crate) fn new(address: String, options: RabbitMqOptions, role: Role) -> Arc<Self> {
         let redacted = redact(&address);
         let address = with_heartbeat(&address, options.heartbeat);
         Arc::new(Shared {
             address,
             redacted,
             options,
+            role,
             link: watch::channel(Link::Down { error: None }).0,
             declared: Mutex::new(Declared::default()),
             closed: CancellationToken::new(),
             connections: std::sync::atomic::AtomicU64::new(0),
+            blocked: watch::channel(None).0,
         })
+    }
+
+    /// Waits until the broker no longer blocks this connection, at most until `deadline`.
+    /// Publishing meanwhile would leave the message in the client's buffer, to go out when
+    /// the alarm clears, even after its publish had failed for the timeout.
+    pub(crate) async fn unblocked(&self, deadline: Instant) -> Result<()> {
+        if self.blocked.borrow().is_none() {
+            return Ok(());
+        }
+        let mut blocked = self.blocked.subscribe();
+        let unblocked = tokio::time::timeout_at(deadline, blocked.wait_for(Option::is_none)).await.is_ok();
+        if unblocked {
+            Ok(())
+        } else {
+            Err(Error::Blocked(self.blocked.borrow().clone().unwrap_or_default()))
+        }
     }
 
     /// The frame size of the current connection; RabbitMQ's default while there is none.
@@ -306,6 +339,11 @@ impl Shared {
             senders: (0..SENDER_CHANNELS).map(|_| tokio::sync::Mutex::new(None)).collect(),
             next_sender: AtomicUsize::new(0),
         });
+        if self.role == Role::Consuming {
+            // The publishing connection declares the topology; a consumer that finds its
+            // queue missing declares it again itself.
+            return Ok(session);
+        }
         let (endpoints, exchanges) = {
             let declared = self.declared();
             (
@@ -356,7 +394,8 @@ impl Shared {
                     let mut events = session.connection.events_listener();
                     pause = self.options.reconnect_min;
                     self.connections.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(address = %self.redacted, generation, "connected to rabbitmq");
+                    self.blocked.send_replace(None);
+                    tracing::info!(address = %self.redacted, generation, role = ?self.role, "connected to rabbitmq");
                     self.link.send_replace(Link::Up(session.clone()));
                     if let Some(first) = first.take() {
                         let _ = first.send(Ok(()));
@@ -373,6 +412,15 @@ impl Shared {
                                     tracing::debug!(%error, "channel error on a live connection");
                                 }
                                 Some(Event::Error(error)) => break error.to_string(),
+                                Some(Event::ConnectionBlocked(reason)) => {
+                                    tracing::warn!(address = %self.redacted, role = ?self.role, %reason,
+                                        "the broker blocks this connection (a resource alarm): publishing waits");
+                                    self.blocked.send_replace(Some(reason));
+                                }
+                                Some(Event::ConnectionUnblocked) => {
+                                    tracing::info!(address = %self.redacted, role = ?self.role, "the broker unblocked this connection");
+                                    self.blocked.send_replace(None);
+                                }
                                 Some(_) => {}
                                 None => break "connection closed".to_owned(),
                             },
@@ -386,7 +434,7 @@ impl Shared {
                             }
                         }
                     };
-                    tracing::warn!(address = %self.redacted, %error, "rabbitmq connection lost; reconnecting");
+                    tracing::warn!(address = %self.redacted, role = ?self.role, %error, "rabbitmq connection lost; reconnecting");
                     self.link.send_replace(Link::Down { error: Some(error) });
                 }
                 Err(error) => {

@@ -36,14 +36,16 @@ pub(crate) enum ConsumerState {
     Stopped,
 }
 
-/// Starts the consumer task of an endpoint and returns its deliveries.
+/// Starts the consumer task of an endpoint on the consuming connection `shared`, and returns
+/// its deliveries; they are moved elsewhere through the publishing connection `publishing`.
 pub(crate) fn start(
     shared: Arc<Shared>,
+    publishing: Arc<Shared>,
     endpoint: EndpointTopology,
     state: Arc<Mutex<ConsumerState>>,
 ) -> DeliveryStream {
     let (tx, rx) = mpsc::channel::<Delivery>(usize::from(endpoint.prefetch.max(1)));
-    tokio::spawn(run(shared, endpoint, tx, state));
+    tokio::spawn(run(shared, publishing, endpoint, tx, state));
     Box::pin(stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|d| (d, rx)) }))
 }
 
@@ -53,6 +55,7 @@ fn set(state: &Mutex<ConsumerState>, value: ConsumerState) {
 
 async fn run(
     shared: Arc<Shared>,
+    publishing: Arc<Shared>,
     endpoint: EndpointTopology,
     tx: mpsc::Sender<Delivery>,
     state: Arc<Mutex<ConsumerState>>,
@@ -139,7 +142,7 @@ async fn run(
                         let message = transport_message(delivery.data, &delivery.properties);
                         acks.delivered(delivery.delivery_tag);
                         let settle = RabbitMqSettle {
-                            shared: shared.clone(),
+                            shared: publishing.clone(),
                             queue: queue.clone(),
                             tag: delivery.delivery_tag,
                             properties: delivery.properties,
@@ -230,6 +233,7 @@ async fn drain_and_close(channel: &lapin::Channel, tag: &str, outstanding: &Outs
 
 /// Settles one RabbitMQ delivery on the channel it came from.
 struct RabbitMqSettle {
+    /// The publishing connection, for moves.
     shared: Arc<Shared>,
     queue: String,
     tag: u64,

@@ -32,6 +32,9 @@ pub enum Error {
         #[source]
         source: Box<lapin::Error>,
     },
+    /// The broker blocked publishing (a memory or disk alarm) for longer than the publish timeout.
+    #[error("rabbitmq blocks publishing: {0}")]
+    Blocked(String),
     /// The broker negatively acknowledged a published message.
     #[error("rabbitmq did not accept a message published to `{0}`")]
     Nacked(String),
@@ -68,7 +71,7 @@ impl Error {
     /// unroutable sends and bad configuration do not.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connection { .. } | Error::Unavailable(_) | Error::Nacked(_) => true,
+            Error::Connection { .. } | Error::Unavailable(_) | Error::Nacked(_) | Error::Blocked(_) => true,
             Error::Refused { source, .. } => is_connection_loss(source),
             Error::Unroutable(_)
             | Error::Closed

@@ -41,6 +41,7 @@ pub(crate) async fn publish(
     let mut alone = mandatory;
     loop {
         let session = shared.session(deadline).await?;
+        shared.unblocked(deadline).await?;
         let limit = session.frame_max();
         if size > limit {
             return Err(Error::FrameTooLarge { size, limit });

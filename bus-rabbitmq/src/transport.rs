@@ -7,7 +7,7 @@ use bus_core::message::entity_name;
 use bus_core::{DeliveryStream, EndpointHealth, EndpointTopology, HealthStatus, Transport, TransportMessage};
 use tokio::time::Instant;
 
-use crate::connection::{Link, Session, Shared};
+use crate::connection::{Link, Role, Session, Shared};
 use crate::consumer::{self, ConsumerState};
 use crate::error::{is_not_found, Error, Result};
 use crate::headers::properties;
@@ -20,8 +20,9 @@ const MAX_CONNECTION_NAME: usize = 200;
 /// The RabbitMQ transport: MassTransit's topology, confirmed publishing, and a connection
 /// that recovers by itself.
 ///
-/// Clones share one connection. Dropping every clone does not close it; call
-/// [`close`](Self::close).
+/// Clones share two connections, one that publishes and one that consumes (so that a broker
+/// alarm that blocks publishing does not stop consumers and their acknowledgements). Dropping
+/// every clone does not close them; call [`close`](Self::close).
 ///
 /// ```no_run
 /// use bus_core::Bus;
@@ -34,7 +35,10 @@ const MAX_CONNECTION_NAME: usize = 200;
 /// ```
 #[derive(Debug, Clone)]
 pub struct RabbitMqTransport {
+    /// The publishing connection: publishes, sends, moves and declarations.
     shared: Arc<Shared>,
+    /// The consuming connection.
+    consuming: Arc<Shared>,
     state: Arc<TransportState>,
 }
 
@@ -84,11 +88,18 @@ impl RabbitMqTransport {
                 options.connection_name.len()
             )));
         }
-        let shared = Shared::new(address.to_owned(), options);
+        let shared = Shared::new(address.to_owned(), options.clone(), Role::Publishing);
+        let consuming = Shared::new(address.to_owned(), options, Role::Consuming);
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(shared.clone().supervise(first_tx));
         first_rx.await.map_err(|_| Error::Closed)??;
-        Ok(RabbitMqTransport { shared, state: Arc::new(TransportState::default()) })
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(consuming.clone().supervise(first_tx));
+        if let Err(error) = first_rx.await.map_err(|_| Error::Closed).and_then(|r| r) {
+            shared.closed.cancel();
+            return Err(error);
+        }
+        Ok(RabbitMqTransport { shared, consuming, state: Arc::new(TransportState::default()) })
     }
 
     /// The broker address, password redacted.
@@ -96,27 +107,40 @@ impl RabbitMqTransport {
         &self.shared.redacted
     }
 
-    /// Whether the connection is up now.
+    /// Whether both connections (publishing and consuming) are up now.
     pub fn is_connected(&self) -> bool {
-        matches!(&*self.shared.link.borrow(), Link::Up(session) if session.is_alive())
+        self.links().iter().all(|shared| matches!(&*shared.link.borrow(), Link::Up(session) if session.is_alive()))
     }
 
-    /// Waits until the connection is up (`connected`) or down (`!connected`), for at most
-    /// `timeout`; returns whether it got there. Useful for readiness checks.
+    fn links(&self) -> [&Arc<Shared>; 2] {
+        [&self.shared, &self.consuming]
+    }
+
+    /// Waits until both connections are up (`connected`), or until one is down
+    /// (`!connected`), for at most `timeout`; returns whether it got there. Useful for
+    /// readiness checks.
     pub async fn wait_for_connection(&self, connected: bool, timeout: std::time::Duration) -> bool {
-        let mut link = self.shared.link.subscribe();
+        let mut links = self.links().map(|shared| shared.link.subscribe());
         let wait = async {
             loop {
-                let up = matches!(&*link.borrow_and_update(), Link::Up(session) if session.is_alive());
-                if up == connected {
+                let up = links
+                    .iter_mut()
+                    .map(|link| matches!(&*link.borrow_and_update(), Link::Up(session) if session.is_alive()))
+                    .collect::<Vec<_>>();
+                let there = if connected { up.iter().all(|u| *u) } else { up.iter().any(|u| !*u) };
+                if there {
                     return true;
                 }
                 // A session can die before the supervisor notices; check again shortly even
                 // without a change of state.
-                if tokio::time::timeout(std::time::Duration::from_millis(100), link.changed())
-                    .await
-                    .is_ok_and(|r| r.is_err())
-                {
+                let [first, second] = &mut links;
+                let changed = async {
+                    tokio::select! {
+                        changed = first.changed() => changed.is_err(),
+                        changed = second.changed() => changed.is_err(),
+                    }
+                };
+                if tokio::time::timeout(std::time::Duration::from_millis(100), changed).await.unwrap_or(false) {
                     return false;
                 }
             }
@@ -124,23 +148,28 @@ impl RabbitMqTransport {
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
 
-    /// How many connections were opened so far: 1, plus one per recovery.
+    /// How many connections were opened so far: 2 (one publishing, one consuming), plus one
+    /// per recovery of either.
     pub fn connection_count(&self) -> u64 {
-        self.shared.connections.load(std::sync::atomic::Ordering::Relaxed)
+        self.links().iter().map(|shared| shared.connections.load(std::sync::atomic::Ordering::Relaxed)).sum()
     }
 
-    /// Closes the connection; consumers stop, publishes fail with [`Error::Closed`].
+    /// Closes both connections; consumers stop, publishes fail with [`Error::Closed`].
     pub async fn close(&self) {
-        self.shared.closed.cancel();
-        let mut link = self.shared.link.subscribe();
-        let closed = async {
-            while !matches!(&*link.borrow_and_update(), Link::Closed) {
-                if link.changed().await.is_err() {
-                    return;
+        for shared in self.links() {
+            shared.closed.cancel();
+        }
+        for shared in self.links() {
+            let mut link = shared.link.subscribe();
+            let closed = async {
+                while !matches!(&*link.borrow_and_update(), Link::Closed) {
+                    if link.changed().await.is_err() {
+                        return;
+                    }
                 }
-            }
-        };
-        let _ = tokio::time::timeout(self.shared.options.connect_timeout, closed).await;
+            };
+            let _ = tokio::time::timeout(self.shared.options.connect_timeout, closed).await;
+        }
     }
 
     fn deadline(&self) -> Instant {
@@ -348,7 +377,7 @@ impl Transport for RabbitMqTransport {
     async fn consume(&self, endpoint: &EndpointTopology) -> bus_core::Result<DeliveryStream> {
         let state = Arc::new(Mutex::new(ConsumerState::Starting));
         self.state.consumers.lock().unwrap_or_else(|e| e.into_inner()).insert(endpoint.queue.clone(), state.clone());
-        Ok(consumer::start(self.shared.clone(), endpoint.clone(), state))
+        Ok(consumer::start(self.consuming.clone(), self.shared.clone(), endpoint.clone(), state))
     }
 
     async fn delete_endpoint(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
@@ -363,7 +392,22 @@ impl Transport for RabbitMqTransport {
     }
 
     fn endpoint_health(&self, queue: &str) -> EndpointHealth {
-        let link = self.shared.link.borrow().clone();
+        let health = self.consumer_health(queue);
+        match &*self.shared.blocked.borrow() {
+            Some(reason) if health.status == HealthStatus::Healthy => EndpointHealth::new(
+                queue,
+                HealthStatus::Degraded,
+                format!("broker alarm: publishing blocked ({reason}); consuming goes on"),
+            ),
+            _ => health,
+        }
+    }
+}
+
+impl RabbitMqTransport {
+    /// What the endpoint's consumer says of itself.
+    fn consumer_health(&self, queue: &str) -> EndpointHealth {
+        let link = self.consuming.link.borrow().clone();
         let current = match &link {
             Link::Up(session) if session.is_alive() => Some(session.generation),
             Link::Closed => return EndpointHealth::new(queue, HealthStatus::Unhealthy, "transport closed"),

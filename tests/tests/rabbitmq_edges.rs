@@ -13,7 +13,7 @@ use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
 use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 use tests::rabbit_fixture::{require_broker, RabbitFixture};
-use tests::rabbit_support::{rabbitmqctl, Vhost};
+use tests::rabbit_support::{rabbitmqctl, ThrowawayNode, Vhost};
 use tests::{record, runtime, unique, Fixture, WAIT};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
@@ -142,6 +142,7 @@ async fn headers_too_large_for_a_frame_end_in_error_without_closing_the_connecti
             .build()
     };
     bus.start().await.expect("bus starts");
+    let connections = transport.connection_count();
     for n in 0..HELD {
         bus.send(&format!("queue:{held}"), Held { n }).await.expect("sent");
     }
@@ -184,7 +185,7 @@ async fn headers_too_large_for_a_frame_end_in_error_without_closing_the_connecti
         .find_map(|m| m.headers.get_str("MT-Fault-MessageType").filter(|t| t.starts_with("urn:message:Edges:T")))
         .expect("the long type is named");
     assert!(fault_type.len() <= 1030, "the fault header is bounded: {} bytes", fault_type.len());
-    assert_eq!(transport.connection_count(), 1, "the broker never closed the connection");
+    assert_eq!(transport.connection_count(), connections, "the broker never closed a connection");
     let mut consumed = finished.snapshot();
     consumed.sort_unstable();
     assert_eq!(consumed, (0..HELD).collect::<Vec<_>>(), "each held message consumed once");
@@ -430,4 +431,72 @@ async fn an_endpoint_queue_and_exchange_deleted_mid_run_are_declared_again() {
     let mut numbers: Vec<u32> = got.messages::<Probe>().iter().map(|p| p.n).collect();
     numbers.sort_unstable();
     assert_eq!(numbers, [1, 2, 3]);
+}
+
+/// Breaks: a memory alarm on a throwaway node (`set_vm_memory_high_watermark 0`), which blocks
+/// the connections that publish. Proves: consuming and acknowledging go on (they have a
+/// connection of their own), health says "broker alarm", a publish waits instead of failing,
+/// and it completes, and is consumed, once the alarm clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_alarm_blocks_publishing_but_not_consuming() {
+    let node = ThrowawayNode::start().await;
+    let transport = RabbitMqTransport::connect_with(&node.uri(), options()).await.expect("connects");
+    let queue = unique("alarm");
+    const BEFORE: u32 = 10;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let consumed = Log::<u32>::default();
+    let bus = {
+        let (gate, consumed) = (gate.clone(), consumed.clone());
+        Bus::builder(transport.clone())
+            .receive_endpoint(&queue, move |e| {
+                e.prefetch(32).handler(move |ctx: ConsumeContext<Probe>| {
+                    let (gate, consumed) = (gate.clone(), consumed.clone());
+                    async move {
+                        if ctx.message().n < BEFORE {
+                            gate.acquire().await?.forget();
+                        }
+                        consumed.push(ctx.message().n);
+                        Ok::<_, BoxError>(())
+                    }
+                });
+            })
+            .build()
+    };
+    bus.start().await.expect("bus starts");
+    for n in 0..BEFORE {
+        bus.send(&format!("queue:{queue}"), Probe { n }).await.expect("sent before the alarm");
+    }
+    node.ctl(&["set_vm_memory_high_watermark", "0"]).await;
+    let during = {
+        let (bus, queue) = (bus.clone(), queue.clone());
+        tokio::spawn(async move { bus.send(&format!("queue:{queue}"), Probe { n: BEFORE }).await })
+    };
+    let health = wait_health(&bus, "reporting the alarm", |h| {
+        h.endpoints.iter().any(|e| e.reason.as_deref().is_some_and(|r| r.contains("broker alarm")))
+    })
+    .await;
+    assert_eq!(health.status, HealthStatus::Degraded);
+
+    // Consumed and acknowledged while publishing is blocked: the queue empties.
+    gate.add_permits(BEFORE as usize);
+    consumed.wait_until("the messages sent before", WAIT, |c| c.len() == BEFORE as usize).await.expect("consumed");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        poll.tick().await;
+        let waiting = node.list_queues().await.into_iter().find(|(name, _)| *name == queue).map_or(0, |(_, n)| n);
+        if waiting == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{waiting} deliveries still unacknowledged during the alarm");
+    }
+    assert!(!during.is_finished(), "the publish waits while the broker blocks it");
+
+    node.ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    during.await.expect("joined").expect("the publish completes once the alarm clears");
+    consumed.wait_until("the message sent during the alarm", WAIT, |c| c.contains(&BEFORE)).await.expect("consumed");
+    wait_health(&bus, "healthy again", |h| h.status == HealthStatus::Healthy).await;
+    bus.stop().await.expect("stop");
+    transport.close().await;
+    assert_eq!(consumed.len(), BEFORE as usize + 1, "each message consumed once");
 }
