@@ -28,6 +28,7 @@ use crate::{
 #[derive(Debug)]
 struct ConsumerEntry {
     consumer_type: &'static str,
+    concurrency_limit: Option<usize>,
     /// The message type it consumes (its URN).
     message_type: &'static str,
     pipeline: Pipeline,
@@ -73,6 +74,7 @@ impl EndpointRuntime {
             stack.push(Arc::new(CatchPanic));
             consumers.push(ConsumerEntry {
                 consumer_type: registration.consumer_type,
+                concurrency_limit: config.concurrency_limit,
                 message_type: registration.message_type,
                 pipeline: Pipeline::new(stack, registration.consumer),
                 attributes: ConsumerAttributes::new(&name, registration.message_type, registration.consumer_type),
@@ -113,7 +115,7 @@ impl EndpointRuntime {
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let limit = Arc::new(Semaphore::new(self.settings.concurrency()));
+        let limit = Arc::new(Semaphore::new(self.settings.concurrency().clamp(1, Semaphore::MAX_PERMITS)));
         loop {
             let permit = tokio::select! {
                 biased;
@@ -312,6 +314,26 @@ impl EndpointRuntime {
             }
         }
         Settlement::Ack
+    }
+
+    /// What in this endpoint's settings cannot work, if anything.
+    pub(crate) fn configuration_error(&self) -> Option<String> {
+        let limits = std::iter::once(("the endpoint", self.settings.concurrency))
+            .chain(self.consumers.iter().map(|c| (c.consumer_type, c.concurrency_limit)));
+        for (what, limit) in limits {
+            match limit {
+                Some(0) => return Some(format!("endpoint `{}`: {what}'s concurrency limit is 0", self.info.name)),
+                Some(n) if n > Semaphore::MAX_PERMITS => {
+                    return Some(format!(
+                        "endpoint `{}`: {what}'s concurrency limit {n} is over the most that can be counted ({})",
+                        self.info.name,
+                        Semaphore::MAX_PERMITS
+                    ))
+                }
+                _ => {}
+            }
+        }
+        None
     }
 
     /// Why the endpoint is degraded, from the bus's side: moves it cannot complete.

@@ -26,7 +26,7 @@ pub(crate) struct Queue {
     /// Wakes test code waiting on the queue's contents.
     pub(crate) observed: Notify,
     /// Free places: taken when a message enters, given back when it is settled away.
-    room: Semaphore,
+    room: Arc<Semaphore>,
     pub(crate) temporary: bool,
 }
 
@@ -38,7 +38,7 @@ impl Queue {
             ready: Notify::new(),
             observed: Notify::new(),
             // Clamped: "no limit" as `usize::MAX` would panic the semaphore.
-            room: Semaphore::new(capacity.clamp(1, Semaphore::MAX_PERMITS)),
+            room: Arc::new(Semaphore::new(capacity.clamp(1, Semaphore::MAX_PERMITS))),
             temporary,
         }
     }
@@ -50,22 +50,32 @@ impl Queue {
 
     /// Adds a message at the tail, waiting up to `wait` for room (`None`: fail at once).
     pub(crate) async fn push(&self, message: TransportMessage, wait: Option<Duration>) -> Result<()> {
-        let permit = match self.room.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let full = || Error::QueueFull { queue: self.name.clone(), waited: wait.unwrap_or_default() };
-                let wait = wait.ok_or_else(full)?;
-                match tokio::time::timeout(wait, self.room.acquire()).await {
-                    Ok(Ok(permit)) => permit,
-                    _ => return Err(full()),
-                }
-            }
-        };
-        permit.forget();
+        let place = self.reserve(wait).await?;
+        self.fill(place, message);
+        Ok(())
+    }
+
+    /// Takes a place for a message, waiting up to `wait` for room (`None`: fail at once).
+    /// Dropped unfilled, the place is given back: a message routed to several queues takes a
+    /// place in each before it enters any, so that it enters all of them or none.
+    pub(crate) async fn reserve(&self, wait: Option<Duration>) -> Result<Place> {
+        if let Ok(permit) = self.room.clone().try_acquire_owned() {
+            return Ok(Place(permit));
+        }
+        let full = || Error::QueueFull { queue: self.name.clone(), waited: wait.unwrap_or_default() };
+        let wait = wait.ok_or_else(full)?;
+        match tokio::time::timeout(wait, self.room.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Place(permit)),
+            _ => Err(full()),
+        }
+    }
+
+    /// Puts a message into a place taken with [`reserve`](Self::reserve).
+    pub(crate) fn fill(&self, place: Place, message: TransportMessage) {
+        place.0.forget();
         self.items().push_back(Stored { message, redelivered: false });
         self.ready.notify_one();
         self.observed.notify_waiters();
-        Ok(())
     }
 
     /// Puts a delivered message back at the head; it keeps the place it already had.
@@ -120,3 +130,7 @@ impl Queue {
 }
 
 pub(crate) type QueueRef = Arc<Queue>;
+
+/// A place taken in a queue, given back unless filled.
+#[derive(Debug)]
+pub(crate) struct Place(tokio::sync::OwnedSemaphorePermit);

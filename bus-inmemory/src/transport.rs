@@ -187,8 +187,16 @@ impl InMemoryTransport {
         if let [only] = route {
             return Ok(only.push(message, wait).await?);
         }
+        // A place in every queue first: failing for one full queue, the message enters none,
+        // so that the publish can be tried again without doubling it in the others.
+        let deadline = wait.map(|wait| tokio::time::Instant::now() + wait.min(Duration::from_secs(365 * 24 * 3600)));
+        let mut places = Vec::with_capacity(route.len());
         for queue in route {
-            queue.push(message.clone(), wait).await?;
+            let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+            places.push(queue.reserve(left).await?);
+        }
+        for (queue, place) in route.iter().zip(places) {
+            queue.fill(place, message.clone());
         }
         Ok(())
     }

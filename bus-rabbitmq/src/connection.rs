@@ -451,7 +451,7 @@ impl Shared {
                         () = tokio::time::sleep(pause) => {}
                         () = self.closed.cancelled() => break,
                     }
-                    pause = (pause * 2).min(self.options.reconnect_max);
+                    pause = pause.saturating_mul(2).min(self.options.reconnect_max);
                 }
             }
         }

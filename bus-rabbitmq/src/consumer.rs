@@ -100,7 +100,7 @@ async fn run(
                             () = tokio::time::sleep(pause) => {}
                             () = tx.closed() => break,
                         }
-                        pause = (pause * 2).min(shared.options.reconnect_max);
+                        pause = pause.saturating_mul(2).min(shared.options.reconnect_max);
                     }
                 }
                 continue;
@@ -112,7 +112,7 @@ async fn run(
                     () = tokio::time::sleep(pause) => {}
                     () = tx.closed() => break,
                 }
-                pause = (pause * 2).min(shared.options.reconnect_max);
+                pause = pause.saturating_mul(2).min(shared.options.reconnect_max);
                 continue;
             }
         };

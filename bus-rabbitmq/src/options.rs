@@ -84,28 +84,68 @@ impl Default for RabbitMqOptions {
     }
 }
 
+/// The longest timeout taken: longer ones are surely a mistake, and past some length adding
+/// them to the time now overflows.
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl RabbitMqOptions {
+    /// Refuses settings that cannot work: a zero or overlong timeout, a reconnection pause of
+    /// zero (failed reconnections would follow each other without pause), a heartbeat AMQP
+    /// cannot carry, no publish channel, a zero topology check interval.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let bounded = [
+            ("publish_timeout", self.publish_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("reconnect_min", self.reconnect_min),
+            ("reconnect_max", self.reconnect_max),
+            ("topology_check_interval", self.topology_check_interval),
+        ];
+        for (name, value) in bounded {
+            if value.is_zero() || value > LONGEST_TIMEOUT {
+                return Err(format!("{name} is {value:?}; it must be above zero and at most {LONGEST_TIMEOUT:?}"));
+            }
+        }
+        if self.heartbeat.as_secs() > u64::from(u16::MAX) {
+            return Err(format!("heartbeat is {:?}; AMQP carries at most {} s", self.heartbeat, u16::MAX));
+        }
+        if self.publish_channels == 0 || self.publish_channels > 1024 {
+            return Err(format!("publish_channels is {}; it must be from 1 to 1024", self.publish_channels));
+        }
+        Ok(())
+    }
+}
+
 /// The address used when none is given: `AMQP_ADDR`, else the local broker.
 pub fn default_address() -> String {
     std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-/// The address with its password replaced by `***`, safe for logs and errors.
+/// The address with its password replaced by `***`, safe for logs and errors, whatever its
+/// form: `amqps://`, a password holding `@` or `/`, a query string, no user at all.
 ///
 /// ```
-/// assert_eq!(bus_rabbitmq::redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
-/// assert_eq!(bus_rabbitmq::redact("amqp://host"), "amqp://host");
+/// use bus_rabbitmq::redact;
+/// assert_eq!(redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+/// assert_eq!(redact("amqps://u:p@ss/w@host/vh?heartbeat=5"), "amqps://u:***@host/vh?heartbeat=5");
+/// assert_eq!(redact("amqp://:secret@host"), "amqp://:***@host");
+/// assert_eq!(redact("amqp://user@host"), "amqp://user:***@host");
+/// assert_eq!(redact("amqp://host/vh?heartbeat=5"), "amqp://host/vh?heartbeat=5");
+/// assert_eq!(redact("guest:secret@host"), "guest:***@host");
 /// ```
 pub fn redact(address: &str) -> String {
-    let Some((scheme, rest)) = address.split_once("://") else {
-        return address.to_owned();
+    let (scheme, rest) = address.split_once("://").map_or(("", address), |(scheme, rest)| (scheme, rest));
+    let prefix = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
+    // The user information ends at the last `@` before the query, if any; else at the last `@`.
+    let (main, query) = rest.split_once('?').map_or((rest, None), |(main, query)| (main, Some(query)));
+    let (userinfo, host) = match main.rsplit_once('@') {
+        Some((userinfo, host)) => (userinfo, format!("{host}{}", query.map(|q| format!("?{q}")).unwrap_or_default())),
+        None => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => (userinfo, host.to_owned()),
+            None => return address.to_owned(),
+        },
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => address.to_owned(),
-    }
+    let user = userinfo.split(':').next().unwrap_or("");
+    format!("{prefix}{user}:***@{host}")
 }
 
 /// Adds the heartbeat to the URI unless it sets one.

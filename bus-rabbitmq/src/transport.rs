@@ -80,6 +80,7 @@ impl RabbitMqTransport {
                 crate::options::redact(address)
             )));
         }
+        options.validate().map_err(Error::Configuration)?;
         // It names the connection and starts every consumer tag (followed by 33 characters);
         // both are AMQP short strings.
         if options.connection_name.len() > MAX_CONNECTION_NAME {

@@ -500,3 +500,29 @@ async fn a_broker_alarm_blocks_publishing_but_not_consuming() {
     transport.close().await;
     assert_eq!(consumed.len(), BEFORE as usize + 1, "each message consumed once");
 }
+
+/// Settings that would panic or loop hot (an overflowing deadline, failed reconnections with no
+/// pause between them) are refused before anything connects, naming the setting.
+#[tokio::test]
+async fn options_that_cannot_work_are_refused_before_connecting() {
+    let defaults = RabbitMqOptions::default;
+    let cases = [
+        (RabbitMqOptions { publish_timeout: Duration::MAX, ..defaults() }, "publish_timeout"),
+        (RabbitMqOptions { connect_timeout: Duration::ZERO, ..defaults() }, "connect_timeout"),
+        (RabbitMqOptions { reconnect_min: Duration::ZERO, ..defaults() }, "reconnect_min"),
+        (RabbitMqOptions { topology_check_interval: Duration::ZERO, ..defaults() }, "topology_check_interval"),
+        (RabbitMqOptions { heartbeat: Duration::from_secs(100_000), ..defaults() }, "heartbeat"),
+        (RabbitMqOptions { publish_channels: 0, ..defaults() }, "publish_channels"),
+    ];
+    for (options, setting) in cases {
+        // Port 1: nothing listens there, so only the check can answer.
+        let error = RabbitMqTransport::connect_with("amqps://guest:s3cret@127.0.0.1:1/%2f", options)
+            .await
+            .expect_err("refused");
+        let text = error.to_string();
+        assert!(text.contains(setting) && text.contains("invalid rabbitmq configuration"), "{text}");
+        assert!(!error.is_transient(), "{text}");
+    }
+    let error = RabbitMqTransport::connect("http://guest:s3cret@host/vh?x=1").await.expect_err("refused");
+    assert!(!error.to_string().contains("s3cret"), "the password never shows: {error}");
+}

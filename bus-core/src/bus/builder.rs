@@ -12,7 +12,9 @@ use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
 use crate::telemetry::BusMetrics;
 use crate::transport::DynTransport;
-use crate::{Consumer, DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, HostInfo, Message};
+use crate::{
+    Consumer, DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, Error, HostInfo, Message, Result,
+};
 
 /// The instrumentation scope of the bus's spans.
 const TRACER_NAME: &str = "rust-bus";
@@ -160,7 +162,35 @@ impl BusBuilder {
         self
     }
 
-    /// Builds the bus. Nothing touches the transport until [`Bus::start`].
+    /// Builds the bus, first checking that its configuration can work: a concurrency limit of
+    /// zero, or past what can be counted, is refused with the reason. Nothing touches the
+    /// transport until [`Bus::start`].
+    ///
+    /// ```
+    /// use bus_core::{Bus, BoxError, ConsumeContext, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:OrderPlaced")]
+    /// # struct OrderPlaced { order_id: u32 }
+    /// let refused = Bus::builder(bus_inmemory::InMemoryTransport::new())
+    ///     .receive_endpoint("billing", |e| {
+    ///         e.concurrency_limit(usize::MAX)
+    ///             .handler(|_: ConsumeContext<OrderPlaced>| async { Ok::<_, BoxError>(()) });
+    ///     })
+    ///     .try_build();
+    /// let error = refused.expect_err("refused");
+    /// assert!(error.to_string().contains("concurrency limit"), "{error}");
+    /// ```
+    pub fn try_build(self) -> Result<Bus> {
+        let bus = self.build();
+        match &bus.inner.configuration_error {
+            Some(error) => Err(Error::Configuration(error.clone())),
+            None => Ok(bus),
+        }
+    }
+
+    /// Builds the bus without refusing it: a configuration that cannot work (see
+    /// [`try_build`](Self::try_build)) makes [`Bus::start`] fail with the reason instead.
+    /// Nothing touches the transport until [`Bus::start`].
     pub fn build(self) -> Bus {
         let host = HostInfo::current();
         let process = host.process_name.as_deref().unwrap_or("bus");
@@ -177,9 +207,11 @@ impl BusBuilder {
                 let address = self.transport.address(&e.name);
                 Arc::new(EndpointRuntime::new(e, address, self.transport.system()))
             })
-            .collect();
+            .collect::<Vec<Arc<EndpointRuntime>>>();
+        let configuration_error = endpoints.iter().find_map(|e| e.configuration_error());
         Bus {
             inner: Arc::new(BusInner {
+                configuration_error,
                 transport: self.transport,
                 serializers: self.serializers,
                 host,

@@ -100,6 +100,8 @@ pub(crate) struct BusInner {
     running: tokio::sync::Mutex<Option<Running>>,
     pub(crate) request_timeout: Duration,
     stop_timeout: Duration,
+    /// What in the configuration cannot work; `start()` refuses to run with it.
+    pub(crate) configuration_error: Option<String>,
 }
 
 /// Where a message type is published: its exchange (entity) name, its address, and the
@@ -198,9 +200,13 @@ impl Bus {
     }
 
     /// Declares every endpoint's topology and starts consuming. Starting a started bus does nothing;
-    /// a stopped bus can be started again.
+    /// a stopped bus can be started again. A configuration that cannot work (see
+    /// [`BusBuilder::try_build`]) is refused here with the reason.
     pub async fn start(&self) -> Result<()> {
         let inner = &self.inner;
+        if let Some(error) = &inner.configuration_error {
+            return Err(Error::Configuration(error.clone()));
+        }
         let mut running = inner.running.lock().await;
         if running.is_some() {
             return Ok(());

@@ -11,9 +11,10 @@ use crate::{ConsumeError, ReceiveContext};
 pub struct ConcurrencyLimit(Arc<Semaphore>);
 
 impl ConcurrencyLimit {
-    /// A limit of `n` (at least 1).
+    /// A limit of `n` (at least 1, at most [`Semaphore::MAX_PERMITS`]: more is no limit at all;
+    /// [`BusBuilder::try_build`](crate::BusBuilder::try_build) refuses it).
     pub fn new(n: usize) -> Self {
-        ConcurrencyLimit(Arc::new(Semaphore::new(n.max(1))))
+        ConcurrencyLimit(Arc::new(Semaphore::new(n.clamp(1, Semaphore::MAX_PERMITS))))
     }
 }
 

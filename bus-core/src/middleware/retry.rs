@@ -143,7 +143,7 @@ impl RetryPolicy {
                     full
                 }
             }
-            Intervals::Incremental { initial, step, .. } => *initial + step.saturating_mul(retry - 1),
+            Intervals::Incremental { initial, step, .. } => initial.saturating_add(step.saturating_mul(retry - 1)),
         })
     }
 

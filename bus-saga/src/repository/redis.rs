@@ -210,7 +210,7 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
         };
         let key = format!("{}_lock", self.key(id));
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
-        let deadline = tokio::time::Instant::now() + self.options.lock_wait;
+        let deadline = tokio::time::Instant::now() + self.options.lock_wait.min(Duration::from_secs(365 * 24 * 3600));
         let mut pause = Duration::from_millis(2);
         loop {
             let mut connection = self.connection.clone();
@@ -230,7 +230,7 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
             }
             // Another process holds the lock; Redis has no wake-up for its release, so back off.
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            pause = pause.saturating_mul(2).min(Duration::from_millis(50));
         }
     }
 

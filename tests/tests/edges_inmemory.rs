@@ -1,0 +1,138 @@
+//! Reliability at the edges on the in-memory transport: configuration that cannot work, text
+//! from the wire in fault headers, a publish to several queues when one is full.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::middleware::RetryPolicy;
+use bus_core::testing::Log;
+use bus_core::{BoxError, Bus, ConsumeContext, Message, Transport, TransportMessage};
+use bus_inmemory::{InMemoryOptions, InMemoryTransport};
+use serde::{Deserialize, Serialize};
+use tests::WAIT;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Edges:Probe")]
+struct Probe {
+    n: u32,
+}
+
+fn handler(e: &mut bus_core::ReceiveEndpointBuilder) {
+    e.handler(|_: ConsumeContext<Probe>| async { Ok::<_, BoxError>(()) });
+}
+
+#[tokio::test]
+async fn configuration_that_cannot_work_is_refused_before_start() {
+    let endpoint_limit = Bus::builder(InMemoryTransport::new())
+        .receive_endpoint("unbounded", |e| {
+            e.concurrency_limit(usize::MAX);
+            handler(e);
+        })
+        .try_build()
+        .expect_err("refused");
+    assert!(
+        endpoint_limit.to_string().contains("endpoint `unbounded`: the endpoint's concurrency limit"),
+        "{endpoint_limit}"
+    );
+
+    let consumer_limit = Bus::builder(InMemoryTransport::new())
+        .receive_endpoint("none-at-once", |e| {
+            e.handler_with(
+                |_: ConsumeContext<Probe>| async { Ok::<_, BoxError>(()) },
+                |c| {
+                    c.concurrency_limit(0);
+                },
+            );
+        })
+        .try_build()
+        .expect_err("refused");
+    assert!(consumer_limit.to_string().contains("concurrency limit is 0"), "{consumer_limit}");
+
+    // Built without checking, it refuses to start, with the same reason, and never panics.
+    let bus = Bus::builder(InMemoryTransport::new())
+        .receive_endpoint("unbounded", |e| {
+            e.concurrency_limit(usize::MAX);
+            handler(e);
+        })
+        .build();
+    let error = bus.start().await.expect_err("refused at start");
+    assert!(error.to_string().contains("concurrency limit"), "{error}");
+
+    // Pauses past what a duration holds saturate instead of overflowing.
+    let policy = RetryPolicy::incremental(3, Duration::MAX, Duration::MAX);
+    assert_eq!(policy.delay(3), Some(Duration::MAX));
+    let policy = RetryPolicy::exponential(40, Duration::MAX, Duration::MAX).without_jitter();
+    assert_eq!(policy.delay(40), Some(Duration::MAX));
+}
+
+/// Breaks: a content type and a message type from the wire holding newlines and escape
+/// codes. Proves: the `_error` headers carry them escaped, never raw.
+#[tokio::test]
+async fn text_from_the_wire_is_escaped_in_fault_headers() {
+    let transport = InMemoryTransport::new();
+    let bus = Bus::builder(transport.clone()).receive_endpoint("escapes", handler).build();
+    bus.start().await.expect("bus starts");
+    let forged = TransportMessage {
+        body: bytes::Bytes::from_static(b"{}"),
+        content_type: Some("text/plain\nMT-Fault-Message: forged\x1b[31m".into()),
+        ..TransportMessage::default()
+    };
+    transport.send("escapes", forged).await.expect("sent raw");
+    transport.wait_for_queue_len("escapes_error", 1, WAIT).await.expect("in _error");
+    let moved = transport.drain("escapes_error");
+    bus.stop().await.expect("stop");
+    let reason = moved[0].headers.get_str("MT-Fault-Message").expect("a reason");
+    assert!(!reason.contains('\n') && !reason.contains('\x1b'), "escaped: {reason:?}");
+    assert!(reason.contains("text/plain\\nMT-Fault-Message: forged\\u{1b}[31m"), "{reason:?}");
+}
+
+/// Breaks: a message published to two endpoints, one of whose queues is full. Proves: the
+/// publish fails without leaving a copy in the other queue, so trying again does not double it.
+#[tokio::test]
+async fn a_publish_to_several_queues_enters_all_or_none() {
+    let transport = InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 2, full_queue_wait: None });
+    // `idle` is declared and bound, then nobody consumes it: what reaches it stays there.
+    let idle = Bus::builder(transport.clone()).receive_endpoint("idle", handler).build();
+    idle.start().await.expect("starts");
+    idle.stop().await.expect("stops");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let consumed = Log::<u32>::default();
+    let bus = {
+        let (gate, consumed) = (gate.clone(), consumed.clone());
+        Bus::builder(transport.clone())
+            .receive_endpoint("busy", move |e| {
+                e.prefetch(1).handler(move |ctx: ConsumeContext<Probe>| {
+                    let (gate, consumed) = (gate.clone(), consumed.clone());
+                    async move {
+                        gate.acquire().await?.forget();
+                        consumed.push(ctx.message().n);
+                        Ok::<_, BoxError>(())
+                    }
+                });
+            })
+            .build()
+    };
+    bus.start().await.expect("bus starts");
+    bus.publish(Probe { n: 1 }).await.expect("room in both");
+    assert_eq!(transport.queue_len("idle"), 1);
+    // `busy` holds message 1 until the gate opens, and message 3 waits behind it: full.
+    bus.send("queue:busy", Probe { n: 3 }).await.expect("the last place in `busy`");
+    let refused = bus.publish(Probe { n: 2 }).await;
+    assert!(refused.is_err(), "`busy` is full");
+    assert_eq!(transport.queue_len("idle"), 1, "the refused publish left no copy in `idle`");
+    gate.add_permits(3);
+    consumed.wait_until("messages 1 and 3", WAIT, |c| c.len() == 2).await.expect("consumed");
+    bus.publish(Probe { n: 2 }).await.expect("room again");
+    consumed.wait_until("message 2", WAIT, |c| c.len() == 3).await.expect("consumed");
+    bus.stop().await.expect("stop");
+    let in_idle: Vec<u32> = transport
+        .drain("idle")
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.body).expect("json")["message"]["n"].as_u64().unwrap_or(0)
+                as u32
+        })
+        .collect();
+    assert_eq!(in_idle, [1, 2], "each message once in `idle`");
+    assert_eq!(consumed.snapshot(), [1, 3, 2]);
+}
