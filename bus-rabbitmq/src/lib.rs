@@ -87,4 +87,9 @@ pub use transport::RabbitMqTransport;
 #[doc(hidden)]
 pub mod testing {
     pub use crate::headers::transport_message;
+
+    /// The AMQP properties the transport publishes `message` with (persistent).
+    pub fn properties(message: &bus_core::TransportMessage) -> lapin::BasicProperties {
+        crate::headers::properties(message, true)
+    }
 }
