@@ -165,6 +165,15 @@ impl ReceiveContext {
         &self.state.bus
     }
 
+    /// This context with the outbox out of the way: what it publishes, sends or responds
+    /// leaves at once, and each call returns once the transport has taken the message (on
+    /// RabbitMQ, once the broker confirmed it), still as part of this flow (ids carried on).
+    /// For what must be known to have left before the consumer goes on, such as a saga's
+    /// last messages before its instance is deleted.
+    pub fn without_outbox(&self) -> ReceiveContext {
+        ReceiveContext { outbox: Outbox::new(false), ..self.clone() }
+    }
+
     fn parent(&self) -> Parent<'_> {
         Parent { envelope: &self.state.envelope, source_address: &self.state.endpoint.address, outbox: &self.outbox }
     }

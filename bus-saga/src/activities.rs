@@ -22,9 +22,17 @@ pub enum ProducedKind {
     Respond,
 }
 
+/// How a produced message leaves: through the consume's outbox, or at once (confirmed
+/// before the call returns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leave {
+    WithTheConsume,
+    AtOnce,
+}
+
 /// Sends a produced message, with the message id given.
 pub(crate) type Dispatch<E> =
-    Box<dyn for<'a> FnOnce(&'a ConsumeContext<E>, Uuid) -> BoxFuture<'a, bus_core::Result<()>> + Send>;
+    Box<dyn for<'a> FnOnce(&'a ConsumeContext<E>, Uuid, Leave) -> BoxFuture<'a, bus_core::Result<()>> + Send>;
 
 /// A message an event's activities produced; it leaves only after the instance is saved.
 pub struct Produced<E> {
@@ -110,7 +118,12 @@ async fn dispatch<E: Message, M: Message>(
     kind: ProducedKind,
     message_id: Uuid,
     message: M,
+    leave: Leave,
 ) -> bus_core::Result<()> {
+    let ctx = match leave {
+        Leave::WithTheConsume => ctx.receive_context().clone(),
+        Leave::AtOnce => ctx.without_outbox(),
+    };
     let options = SendOptions::new().message_id(message_id);
     match kind {
         ProducedKind::Publish => ctx.publish_with(message, options).await,
@@ -130,8 +143,8 @@ async fn dispatch<E: Message, M: Message>(
 fn produced<E: Message, M: Message>(kind: ProducedKind, message: M) -> Result<Produced<E>, Error> {
     let json = serde_json::to_value(&message).map_err(|e| Error::Activity(Box::new(e)))?;
     let target = kind.clone();
-    let dispatch: Dispatch<E> = Box::new(move |ctx: &ConsumeContext<E>, message_id| {
-        Box::pin(async move { self::dispatch(ctx, target, message_id, message).await })
+    let dispatch: Dispatch<E> = Box::new(move |ctx: &ConsumeContext<E>, message_id, leave| {
+        Box::pin(async move { self::dispatch(ctx, target, message_id, message, leave).await })
     });
     // The saga runtime gives it an id derived from the event's, the same whenever the event
     // is applied again; a new one stands in until then.
@@ -140,16 +153,16 @@ fn produced<E: Message, M: Message>(kind: ProducedKind, message: M) -> Result<Pr
 
 /// Sends again a message event `E` produced, from what was stored with its instance.
 pub(crate) type Redispatch<E> = Arc<
-    dyn for<'a> Fn(&'a ConsumeContext<E>, ProducedKind, Uuid, Value) -> BoxFuture<'a, Result<(), BoxError>>
+    dyn for<'a> Fn(&'a ConsumeContext<E>, ProducedKind, Uuid, Value, Leave) -> BoxFuture<'a, Result<(), BoxError>>
         + Send
         + Sync,
 >;
 
 fn redispatch<E: Message, M: Message>() -> (&'static str, Redispatch<E>) {
-    let redispatch: Redispatch<E> = Arc::new(|ctx, kind, message_id, json| {
+    let redispatch: Redispatch<E> = Arc::new(|ctx, kind, message_id, json, leave| {
         Box::pin(async move {
             let message: M = serde_json::from_value(json)?;
-            dispatch(ctx, kind, message_id, message).await?;
+            dispatch(ctx, kind, message_id, message, leave).await?;
             Ok(())
         })
     });

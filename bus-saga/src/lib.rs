@@ -78,7 +78,7 @@ pub use error::{Error, Result};
 pub use instance::{AppliedEvent, SagaInstance, StoredMessage, FINAL, INITIAL};
 pub use machine::{
     MissingHandler, MissingInstance, Outcome, StateMachine, StateMachineBuilder, Transition, TransitionRecord,
-    DEFAULT_DUPLICATE_WINDOW,
+    DEFAULT_DUPLICATE_WINDOW, DEFAULT_KEEP_FINALIZED_FOR,
 };
 pub use register::{SagaBusExt, SagaEndpointExt};
 pub use repository::{InMemorySagaRepository, RedisSagaOptions, RedisSagaRepository, SagaRepository};

@@ -3,6 +3,7 @@
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bus_core::{BoxError, ConsumeContext, Message, ReceiveEndpointBuilder};
 use futures::future::BoxFuture;
@@ -147,6 +148,7 @@ pub struct StateMachine<S> {
     completed_when_finalized: bool,
     conflict_attempts: u32,
     duplicate_window: usize,
+    keep_finalized_for: Duration,
     registrations: Vec<Registration<S>>,
     hooks: Vec<TransitionHook>,
     /// Per event and produced message type: how to send the message again from stored JSON
@@ -168,6 +170,10 @@ impl<S> std::fmt::Debug for StateMachine<S> {
 /// Applied events stored per instance unless [`StateMachineBuilder::duplicate_window`] says
 /// otherwise.
 pub const DEFAULT_DUPLICATE_WINDOW: usize = 10;
+
+/// How long a finalized instance whose last messages could not leave is kept, unless
+/// [`StateMachineBuilder::keep_finalized_for`] says otherwise: one day.
+pub const DEFAULT_KEEP_FINALIZED_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// Builds a [`StateMachine`].
 pub struct StateMachineBuilder<S> {
@@ -218,6 +224,7 @@ impl<S: SagaData> StateMachine<S> {
                 completed_when_finalized: true,
                 conflict_attempts: 25,
                 duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+                keep_finalized_for: DEFAULT_KEEP_FINALIZED_FOR,
                 registrations: Vec::new(),
                 hooks: Vec::new(),
                 redispatch: HashMap::new(),
@@ -246,6 +253,10 @@ impl<S: SagaData> StateMachine<S> {
 
     pub(crate) fn duplicate_window(&self) -> usize {
         self.duplicate_window
+    }
+
+    pub(crate) fn keep_finalized_for(&self) -> Duration {
+        self.keep_finalized_for
     }
 
     pub(crate) fn registrations(&self) -> &[Registration<S>] {
@@ -417,6 +428,25 @@ impl<S: SagaData> StateMachineBuilder<S> {
     /// ```
     pub fn duplicate_window(mut self, events: usize) -> Self {
         self.machine.duplicate_window = events;
+        self
+    }
+
+    /// How long an instance finalized by an event whose messages could not all leave (the
+    /// broker refused them, or was out of reach) is kept, so that the event, delivered again
+    /// (redelivered, or moved back from `_error`), finds what it produced and sends it: the
+    /// instance is deleted as soon as they have left, and the store drops it after this time
+    /// if they never do (default one day).
+    ///
+    /// ```
+    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct S;
+    /// use std::time::Duration;
+    /// let machine = bus_saga::StateMachine::<S>::builder("OrderState")
+    ///     .keep_finalized_for(Duration::from_secs(3600))
+    ///     .build();
+    /// # let _ = machine;
+    /// ```
+    pub fn keep_finalized_for(mut self, keep_for: Duration) -> Self {
+        self.machine.keep_finalized_for = keep_for.max(Duration::from_millis(1));
         self
     }
 

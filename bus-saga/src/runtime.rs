@@ -9,6 +9,8 @@ use bus_core::{BoxError, ConsumeContext, Consumer, Message, Skip};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
+use crate::activities::Leave;
+use crate::instance::FINAL;
 use crate::machine::{MissingInstance, Outcome, TransitionRecord};
 use crate::{AppliedEvent, Error, Result, SagaData, SagaInstance, SagaRepository, StateMachine, StoredMessage};
 
@@ -18,6 +20,12 @@ pub(crate) trait DynRepository<S>: Send + Sync {
     fn insert<'a>(&'a self, instance: &'a SagaInstance<S>) -> BoxFuture<'a, Result<()>>;
     fn update<'a>(&'a self, instance: &'a SagaInstance<S>, expected: u64) -> BoxFuture<'a, Result<()>>;
     fn delete(&self, id: Uuid, expected: u64) -> BoxFuture<'_, Result<()>>;
+    fn keep_finalized<'a>(
+        &'a self,
+        instance: &'a SagaInstance<S>,
+        expected: Option<u64>,
+        keep_for: Duration,
+    ) -> BoxFuture<'a, Result<()>>;
     fn lock<'a>(&'a self, id: Uuid, token: &'a str) -> BoxFuture<'a, Result<bool>>;
     fn unlock(&self, id: Uuid, token: String) -> BoxFuture<'_, Result<()>>;
 }
@@ -34,6 +42,14 @@ impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
     }
     fn delete(&self, id: Uuid, expected: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(SagaRepository::delete(self, id, expected))
+    }
+    fn keep_finalized<'a>(
+        &'a self,
+        instance: &'a SagaInstance<S>,
+        expected: Option<u64>,
+        keep_for: Duration,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(SagaRepository::keep_finalized(self, instance, expected, keep_for))
     }
     fn lock<'a>(&'a self, id: Uuid, token: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(SagaRepository::lock(self, id, token))
@@ -169,12 +185,18 @@ impl<S: SagaData> SagaRuntime<S> {
 
     async fn consume_instance<E: Message>(&self, ctx: &ConsumeContext<E>, id: Uuid) -> Result<(), BoxError> {
         let attempts = self.machine.conflict_attempts();
-        let message_id = ctx.message_id();
+        let message_id = ctx.message_id().or_else(|| Some(self.derived_event_id(ctx, id)));
         for attempt in 1..=attempts {
             let loaded = self.repository.load(id).await?;
+            // Finalized, and kept only until the messages of its last transition have left.
+            let finalized = loaded.as_ref().filter(|i| i.is_in(FINAL)).map(|i| i.version);
             let applied = message_id.and_then(|m| loaded.as_ref()?.applied(m, E::message_type()));
             if let Some(applied) = applied {
-                return self.send_again(ctx, id, applied).await;
+                return self.send_again(ctx, id, applied, finalized).await;
+            }
+            if finalized.is_some() {
+                // Its life is over: a later event meets it as it would meet no instance.
+                return self.missing(ctx, id).await;
             }
             let expected = loaded.as_ref().map(|i| i.version);
             let mut transition = self.machine.apply(loaded, ctx.message()).await?;
@@ -183,9 +205,12 @@ impl<S: SagaData> SagaRuntime<S> {
                     produced.message_id = self.produced_id(event_id, E::message_type(), index);
                 }
             }
+            // An instance finalized by an event that produced messages is kept until they have
+            // left, so that the event, delivered again, can still send them.
+            let finalizing = transition.outcome == Outcome::Completed && !transition.produced.is_empty();
             // Saved with the state, so that this event, delivered again, finds what it sent.
             // (Only a state that is stored keeps it: not one ignored, missing or deleted.)
-            let stored = matches!(transition.outcome, Outcome::Created | Outcome::Updated);
+            let stored = matches!(transition.outcome, Outcome::Created | Outcome::Updated) || finalizing;
             if let Some(message_id) = message_id.filter(|_| stored) {
                 let applied = AppliedEvent {
                     message_id,
@@ -211,6 +236,10 @@ impl<S: SagaData> SagaRuntime<S> {
                 }
                 Outcome::Created => self.repository.insert(&transition.instance).await,
                 Outcome::Updated => self.repository.update(&transition.instance, expected.unwrap_or_default()).await,
+                Outcome::Completed if finalizing => {
+                    let keep_for = self.machine.keep_finalized_for();
+                    self.repository.keep_finalized(&transition.instance, expected, keep_for).await
+                }
                 Outcome::Completed => match expected {
                     Some(version) => self.repository.delete(id, version).await,
                     // Created and finished by one event: nothing was stored.
@@ -235,9 +264,15 @@ impl<S: SagaData> SagaRuntime<S> {
                         path: transition.path,
                         outcome: transition.outcome,
                     });
-                    // Saved: now the messages may leave (through the consume's outbox).
+                    // Saved: now the messages may leave (through the consume's outbox). Those
+                    // of a finalizing event leave at once, confirmed, so that the instance kept
+                    // for them can go.
+                    let leave = if finalizing { Leave::AtOnce } else { Leave::WithTheConsume };
                     for produced in transition.produced {
-                        (produced.dispatch)(ctx, produced.message_id).await?;
+                        (produced.dispatch)(ctx, produced.message_id, leave).await?;
+                    }
+                    if finalizing {
+                        self.forget_finalized(id, expected.map_or(1, |version| version + 1)).await;
                     }
                     return Ok(());
                 }
@@ -262,6 +297,26 @@ impl<S: SagaData> SagaRuntime<S> {
         Err(Error::TooManyConflicts { id, attempts }.into())
     }
 
+    /// An id for an event that came without one (raw JSON, an AMQP message id that is no
+    /// GUID), so that it is recognised when delivered again: a name-based (v5) UUID of the
+    /// saga, the event type, the instance and the event's JSON. Two events alike in every
+    /// field count as one.
+    fn derived_event_id<E: Message>(&self, ctx: &ConsumeContext<E>, id: Uuid) -> Uuid {
+        let name = format!("{}/{}/{id}/{}", self.machine.name(), E::message_type(), ctx.envelope().message.get());
+        Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())
+    }
+
+    /// Deletes a finalized instance kept for its last messages, now that they have left. A
+    /// failure leaves it to the store's expiry (or the next delivery of the event).
+    async fn forget_finalized(&self, id: Uuid, version: u64) {
+        match self.repository.delete(id, version).await {
+            Ok(()) | Err(Error::Conflict(_)) => {}
+            Err(error) => {
+                tracing::warn!(saga = self.machine.name(), %id, %error, "could not delete a finalized instance; it expires")
+            }
+        }
+    }
+
     /// The id of the `index`th message a transition produced for the event `event_id` of
     /// type `event_type`: a name-based (v5) UUID, the same whenever the event is applied or
     /// sent again, and distinct per saga, event type and message.
@@ -274,20 +329,28 @@ impl<S: SagaData> SagaRuntime<S> {
     /// broker was unreachable when they were released, say): sends them again, as its
     /// transition produced them (with the same ids), and changes nothing. At least once, as
     /// any outbox: those that had left leave twice, and receivers can tell by their ids.
+    ///
+    /// An instance `finalized` (its stored version given) was kept only for these messages:
+    /// they leave at once, confirmed, and then it is deleted.
     async fn send_again<E: Message>(
         &self,
         ctx: &ConsumeContext<E>,
         id: Uuid,
         applied: &AppliedEvent,
+        finalized: Option<u64>,
     ) -> Result<(), BoxError> {
         tracing::info!(saga = self.machine.name(), %id, event = E::message_type(), produced = applied.produced.len(),
             "event already applied; sending what its transition produced again");
+        let leave = if finalized.is_some() { Leave::AtOnce } else { Leave::WithTheConsume };
         for stored in &applied.produced {
             let Some(redispatch) = self.machine.redispatcher::<E>(&stored.message_type) else {
                 // The machine changed since: this event no longer produces that type.
                 return Err(Error::Redispatch { id, message_type: stored.message_type.clone() }.into());
             };
-            redispatch(ctx, stored.kind.clone(), stored.message_id, stored.message.clone()).await?;
+            redispatch(ctx, stored.kind.clone(), stored.message_id, stored.message.clone(), leave).await?;
+        }
+        if let Some(version) = finalized {
+            self.forget_finalized(id, version).await;
         }
         Ok(())
     }

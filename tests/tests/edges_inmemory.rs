@@ -136,3 +136,47 @@ async fn a_publish_to_several_queues_enters_all_or_none() {
     assert_eq!(in_idle, [1, 2], "each message once in `idle`");
     assert_eq!(consumed.snapshot(), [1, 3, 2]);
 }
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Tally {
+    count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Edges:Tick")]
+struct Tick {
+    tally_id: uuid::Uuid,
+}
+
+/// Breaks: a raw JSON event (no message id at all) delivered twice. Proves: the saga gives it
+/// a deterministic id and applies it once.
+#[tokio::test]
+async fn a_saga_event_without_a_message_id_is_applied_once() {
+    use bus_saga::{when, InMemorySagaRepository, SagaBusExt, StateMachine};
+    let machine = StateMachine::<Tally>::builder("Tally")
+        .states(["Counting"])
+        .event::<Tick>(|m| m.tally_id)
+        .initially(when::<Tally, Tick>().then(|t, _| t.data.count += 1).transition_to("Counting"))
+        .during("Counting", when::<Tally, Tick>().then(|t, _| t.data.count += 1))
+        .build();
+    let transport = InMemoryTransport::new();
+    let repository = InMemorySagaRepository::<Tally>::new();
+    let (builder, stats) = Bus::builder(transport.clone()).saga_endpoint(machine, repository.clone(), |_| {});
+    let bus = builder.build();
+    bus.start().await.expect("bus starts");
+    let tally_id = uuid::Uuid::now_v7();
+    let raw = || TransportMessage {
+        body: format!(r#"{{"tallyId":"{tally_id}"}}"#).into_bytes().into(),
+        content_type: Some("application/json".into()),
+        ..TransportMessage::default()
+    };
+    transport.send("Tally", raw()).await.expect("sent");
+    assert!(stats.wait_for_transitions(1, WAIT).await, "applied");
+    transport.send("Tally", raw()).await.expect("sent again");
+    // The second is consumed (and recognised) once the queue is empty and nothing is in progress.
+    transport.wait_for_queue_len("Tally", 0, WAIT).await.expect("taken");
+    bus.stop().await.expect("stop: the second delivery is settled");
+    assert_eq!(repository.get(tally_id).expect("stored").data.count, 1, "the same event counted once");
+    assert_eq!(stats.transitions(), 1);
+}

@@ -4,6 +4,7 @@ mod memory;
 mod redis;
 
 use std::future::Future;
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -29,6 +30,29 @@ pub trait SagaRepository<S>: Send + Sync + 'static {
 
     /// Deletes an instance stored with `expected_version`; a conflict when it differs.
     fn delete(&self, id: Uuid, expected_version: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Stores an instance that reached its final state while the messages of its last
+    /// transition have not left yet: as [`insert`](Self::insert) when `expected_version` is
+    /// `None`, else as [`update`](Self::update). The saga deletes it once they have left; a
+    /// store that can expire keys drops it after `keep_for` if that never happens. The
+    /// default keeps it until deleted.
+    fn keep_finalized(
+        &self,
+        instance: &SagaInstance<S>,
+        expected_version: Option<u64>,
+        keep_for: Duration,
+    ) -> impl Future<Output = Result<()>> + Send
+    where
+        S: Sync,
+    {
+        let _ = keep_for;
+        async move {
+            match expected_version {
+                Some(version) => self.update(instance, version).await,
+                None => self.insert(instance).await,
+            }
+        }
+    }
 
     /// Takes an exclusive lock on the instance for pessimistic concurrency, held with
     /// `token`; `false` when the repository does not lock (the default: optimistic only).

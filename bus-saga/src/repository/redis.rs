@@ -152,20 +152,15 @@ fn to_json<S: Serialize>(instance: &SagaInstance<S>) -> Result<String> {
     serde_json::to_string(instance).map_err(|source| Error::Serialization { id: instance.correlation_id, source })
 }
 
-impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaRepository<S> for RedisSagaRepository<S> {
-    async fn load(&self, id: Uuid) -> Result<Option<SagaInstance<S>>> {
-        let mut connection = self.connection.clone();
-        let stored: Option<String> = redis::cmd("GET").arg(self.key(id)).query_async(&mut connection).await?;
-        stored.map(|json| serde_json::from_str(&json).map_err(|source| Error::Serialization { id, source })).transpose()
-    }
-
-    async fn insert(&self, instance: &SagaInstance<S>) -> Result<()> {
+impl<S: Serialize + Clone> RedisSagaRepository<S> {
+    /// Stores a new instance (version 1), expiring after `expiry_ms` (0: never).
+    async fn insert_expiring(&self, instance: &SagaInstance<S>, expiry_ms: u64) -> Result<()> {
         let mut stored = instance.clone();
         stored.version = 1;
         let mut command = redis::cmd("SET");
         command.arg(self.key(instance.correlation_id)).arg(to_json(&stored)?).arg("NX");
-        if self.expiry_ms() > 0 {
-            command.arg("PX").arg(self.expiry_ms());
+        if expiry_ms > 0 {
+            command.arg("PX").arg(expiry_ms);
         }
         let mut connection = self.connection.clone();
         let set: Option<String> = command.query_async(&mut connection).await?;
@@ -175,7 +170,8 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
         }
     }
 
-    async fn update(&self, instance: &SagaInstance<S>, expected_version: u64) -> Result<()> {
+    /// Replaces the instance stored with `expected_version`, expiring after `expiry_ms` (0: never).
+    async fn update_expiring(&self, instance: &SagaInstance<S>, expected_version: u64, expiry_ms: u64) -> Result<()> {
         let mut stored = instance.clone();
         stored.version = Error::next_version(instance.correlation_id, expected_version)?;
         let mut connection = self.connection.clone();
@@ -184,13 +180,46 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
             .key(self.key(instance.correlation_id))
             .arg(expected_version)
             .arg(to_json(&stored)?)
-            .arg(self.expiry_ms())
+            .arg(expiry_ms)
             .invoke_async(&mut connection)
             .await?;
         if updated == 1 {
             Ok(())
         } else {
             Err(Error::Conflict(instance.correlation_id))
+        }
+    }
+}
+
+impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaRepository<S> for RedisSagaRepository<S> {
+    async fn load(&self, id: Uuid) -> Result<Option<SagaInstance<S>>> {
+        let mut connection = self.connection.clone();
+        let stored: Option<String> = redis::cmd("GET").arg(self.key(id)).query_async(&mut connection).await?;
+        stored.map(|json| serde_json::from_str(&json).map_err(|source| Error::Serialization { id, source })).transpose()
+    }
+
+    async fn insert(&self, instance: &SagaInstance<S>) -> Result<()> {
+        self.insert_expiring(instance, self.expiry_ms()).await
+    }
+
+    async fn update(&self, instance: &SagaInstance<S>, expected_version: u64) -> Result<()> {
+        self.update_expiring(instance, expected_version, self.expiry_ms()).await
+    }
+
+    async fn keep_finalized(
+        &self,
+        instance: &SagaInstance<S>,
+        expected: Option<u64>,
+        keep_for: Duration,
+    ) -> Result<()> {
+        let keep_ms = u64::try_from(keep_for.as_millis()).unwrap_or(u64::MAX).max(1);
+        let expiry_ms = match self.expiry_ms() {
+            0 => keep_ms,
+            expiry => expiry.min(keep_ms),
+        };
+        match expected {
+            Some(version) => self.update_expiring(instance, version, expiry_ms).await,
+            None => self.insert_expiring(instance, expiry_ms).await,
         }
     }
 
