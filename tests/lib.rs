@@ -9,6 +9,7 @@ pub mod conformance;
 pub use conformance::support::record;
 pub mod rabbit_fixture;
 pub mod rabbit_support;
+pub mod redis_support;
 
 use std::future::Future;
 use std::time::Duration;

@@ -189,7 +189,11 @@ impl<S: SagaData> SagaRuntime<S> {
         for attempt in 1..=attempts {
             let loaded = self.repository.load(id).await?;
             // Finalized, and kept only until the messages of its last transition have left.
-            let finalized = loaded.as_ref().filter(|i| i.is_in(FINAL)).map(|i| i.version);
+            // (A machine that keeps its finalized instances stores them for good instead.)
+            let finalized = loaded
+                .as_ref()
+                .filter(|i| self.machine.completed_when_finalized() && i.is_in(FINAL))
+                .map(|i| i.version);
             let applied = message_id.and_then(|m| loaded.as_ref()?.applied(m, E::message_type()));
             if let Some(applied) = applied {
                 return self.send_again(ctx, id, applied, finalized).await;

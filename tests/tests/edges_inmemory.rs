@@ -180,3 +180,34 @@ async fn a_saga_event_without_a_message_id_is_applied_once() {
     assert_eq!(repository.get(tally_id).expect("stored").data.count, 1, "the same event counted once");
     assert_eq!(stats.transitions(), 1);
 }
+
+/// A machine that keeps its finalized instances keeps them when the finalizing event is
+/// delivered again (its ack lost): only a machine that deletes them keeps one for a while.
+#[tokio::test]
+async fn a_kept_final_instance_survives_its_finalizing_event_delivered_again() {
+    use bus_saga::{when, InMemorySagaRepository, SagaBusExt, StateMachine};
+    let machine = StateMachine::<Tally>::builder("KeptTally")
+        .states(["Counting"])
+        .event::<Tick>(|m| m.tally_id)
+        .initially(when::<Tally, Tick>().transition_to("Counting"))
+        .during("Counting", when::<Tally, Tick>().finalize())
+        .completed_when_finalized(false)
+        .build();
+    let repository = InMemorySagaRepository::<Tally>::new();
+    let (builder, stats) = Bus::builder(InMemoryTransport::new()).saga_endpoint(machine, repository.clone(), |e| {
+        e.concurrency_limit(1);
+    });
+    let bus = builder.build();
+    bus.start().await.expect("bus starts");
+    let tally_id = uuid::Uuid::now_v7();
+    let finishing = bus_core::SendOptions::new().message_id(uuid::Uuid::now_v7());
+    bus.publish(Tick { tally_id }).await.expect("first");
+    assert!(stats.wait_for_transitions(1, WAIT).await);
+    bus.publish_with(Tick { tally_id }, finishing.clone()).await.expect("finishing");
+    assert!(stats.wait_for_transitions(2, WAIT).await);
+    bus.publish_with(Tick { tally_id }, finishing).await.expect("finishing again");
+    bus.stop().await.expect("stop: the repeat is settled");
+    let kept = repository.get(tally_id).expect("still stored");
+    assert!(kept.is_in("Final"), "{}", kept.current_state);
+    assert_eq!(stats.transitions(), 2);
+}

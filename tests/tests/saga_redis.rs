@@ -9,6 +9,7 @@ use bus_inmemory::InMemoryTransport;
 use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, SagaBusExt, SagaRepository, StateMachine};
 use examples::order_saga::{order_state_machine, NewOrderEvent, OrderState, ProcessOrder};
 use serde::{Deserialize, Serialize};
+use tests::redis_support::ThrowawayRedis;
 use tests::unique;
 use uuid::Uuid;
 
@@ -178,66 +179,6 @@ async fn concurrent_initiating_events_create_one_instance_in_redis() {
     assert_eq!(instance.current_state, "Pending");
     assert_eq!(instance.version, 1, "created once, never overwritten");
     assert_eq!(recorder.published.count::<ProcessOrder>(), 1, "exactly one ProcessOrder");
-}
-
-/// A Redis server of the test's own, on its own port, with its data in a temporary folder
-/// so that it comes back with its data after a stop.
-struct ThrowawayRedis {
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl ThrowawayRedis {
-    fn start() -> ThrowawayRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let dir = std::env::temp_dir().join(unique("redis"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let redis = ThrowawayRedis { port, dir };
-        redis.launch();
-        redis
-    }
-
-    fn launch(&self) {
-        let status = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--daemonize", "yes", "--appendonly", "no"])
-            .args(["--save", "", "--dir", &self.dir.to_string_lossy(), "--dbfilename", "dump.rdb"])
-            .args(["--pidfile", &self.dir.join("redis.pid").to_string_lossy()])
-            .status()
-            .expect("redis-server runs");
-        assert!(status.success(), "redis-server started");
-        self.wait_port(true);
-    }
-
-    fn wait_port(&self, open: bool) {
-        for _ in 0..100 {
-            let answers = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
-            if answers == open {
-                return;
-            }
-            // Waiting on an external process: there is nothing to subscribe to.
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis on port {} did not {}", self.port, if open { "start" } else { "stop" });
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Saves to disk and stops, as an operator restarting Redis would.
-    fn stop(&self) {
-        let _ =
-            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string(), "shutdown", "save"]).status();
-        self.wait_port(false);
-    }
-}
-
-impl Drop for ThrowawayRedis {
-    fn drop(&mut self) {
-        let _ =
-            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string(), "shutdown", "nosave"]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
