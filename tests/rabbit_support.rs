@@ -598,6 +598,17 @@ impl ThrowawayNode {
     ///
     /// As [`start`](Self::start); a setting the node rejects shows in the log in the message.
     pub async fn start_with_config(extra_conf: &str) -> ThrowawayNode {
+        ThrowawayNode::start_with_configs(extra_conf, "[].").await
+    }
+
+    /// Starts a node as [`start_with_config`](Self::start_with_config) does, with `advanced`
+    /// as its `advanced.config` (Erlang terms, for settings `rabbitmq.conf` cannot name, such
+    /// as `[{rabbit, [{channel_tick_interval, 500}]}].`).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_with_configs(extra_conf: &str, advanced: &str) -> ThrowawayNode {
         let (port, dist_port) = free_ports();
         let short = short_id();
         let dir = PathBuf::from(format!("/tmp/rabbit-throwaway-{short}"));
@@ -611,6 +622,7 @@ impl ThrowawayNode {
             conf.push('\n');
         }
         write_file(&node.dir.join("rabbitmq.conf"), &conf);
+        write_file(&node.dir.join("advanced.config"), &format!("{advanced}\n"));
         let dir = node.dir.display().to_string();
         run_captured("chown", &["-R", "rabbitmq:rabbitmq", &dir], CTL_TIMEOUT)
             .unwrap_or_else(|e| panic!("cannot hand {dir} to the rabbitmq user: {e}"));
@@ -783,6 +795,7 @@ impl ThrowawayNode {
             ("RABBITMQ_NODE_PORT", self.port.to_string()),
             ("RABBITMQ_DIST_PORT", self.dist_port.to_string()),
             ("RABBITMQ_CONFIG_FILE", format!("{dir}/rabbitmq.conf")),
+            ("RABBITMQ_ADVANCED_CONFIG_FILE", format!("{dir}/advanced.config")),
             ("RABBITMQ_MNESIA_BASE", format!("{dir}/mnesia")),
             ("RABBITMQ_LOG_BASE", format!("{dir}/log")),
             ("RABBITMQ_PID_FILE", format!("{dir}/pid")),

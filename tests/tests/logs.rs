@@ -135,3 +135,62 @@ async fn rabbitmq_logs_name_the_broker_without_its_password() {
     assert!(connected.contains("amqp://guest:***@127.0.0.1:5672"), "{connected}");
     assert!(!logged.contains("guest:guest"), "a password reached the logs:\n{logged}");
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Logs:SlowJob")]
+struct SlowJob {
+    n: u32,
+}
+
+/// Breaks: a consumer holds a delivery past the broker's `consumer_timeout` (2 s on a
+/// throwaway node that checks every half second). Proves: the bus logs a warning that names
+/// the setting and the endpoint, subscribes again, and the message is delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_consumer_timeout_is_logged_with_the_setting_and_the_endpoint() {
+    logs();
+    let node = tests::rabbit_support::ThrowawayNode::start_with_configs(
+        "consumer_timeout = 2000",
+        "[{rabbit, [{channel_tick_interval, 500}]}].",
+    )
+    .await;
+    let transport = bus_rabbitmq::RabbitMqTransport::connect(&node.uri()).await.expect("connects");
+    let endpoint = unique("slow-jobs");
+    let deliveries = bus_core::testing::Log::<bool>::default();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let bus = {
+        let (deliveries, release) = (deliveries.clone(), release.clone());
+        Bus::builder(transport.clone())
+            .stop_timeout(Duration::from_secs(5))
+            .receive_endpoint(&endpoint, move |e| {
+                e.handler(move |ctx: ConsumeContext<SlowJob>| {
+                    let (deliveries, release) = (deliveries.clone(), release.clone());
+                    async move {
+                        let first = deliveries.is_empty();
+                        deliveries.push(first);
+                        if first {
+                            // Holds the delivery past the broker's timeout.
+                            release.notified().await;
+                        }
+                        let _ = ctx.message().n;
+                        Ok::<_, BoxError>(())
+                    }
+                });
+            })
+            .build()
+    };
+    bus.start().await.expect("bus starts");
+    bus.send(&format!("queue:{endpoint}"), SlowJob { n: 1 }).await.expect("sent");
+    deliveries
+        .wait_until("delivered again after the timeout", Duration::from_secs(30), |d| d.len() >= 2)
+        .await
+        .expect("again");
+    release.notify_one();
+    bus.stop().await.expect("stop");
+    transport.close().await;
+    let warning = logged()
+        .lines()
+        .find(|line| line.contains("consumer_timeout") && line.contains(&endpoint))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no warning names consumer_timeout and {endpoint}:\n{}", logged()));
+    assert!(warning.contains("WARN"), "{warning}");
+}
