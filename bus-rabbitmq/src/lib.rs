@@ -19,16 +19,20 @@
 //! # Recovery
 //!
 //! The transport owns its recovery rather than trusting the client library's: a supervisor
-//! watches the connection (heartbeats catch a silent network stall within about two
+//! watches each connection (heartbeats catch a silent network stall within about two
 //! intervals), reconnects with capped exponential backoff, declares the whole topology again
-//! and re-subscribes every consumer. Publishes during an outage wait up to
+//! and re-subscribes every consumer. An endpoint's queue or exchange deleted under a running
+//! bus is declared again too (see [`RabbitMqOptions::topology_check_interval`]). Publishes during an outage wait up to
 //! [`RabbitMqOptions::publish_timeout`] and then fail with a clear error. Health
 //! ([`bus_core::Bus::health`]) says healthy only when an endpoint's consumer is subscribed on
 //! the live connection, degraded while reconnecting, unhealthy when its consumer is not running.
 //!
 //! # Connections
 //!
-//! From an `amqp://` or `amqps://` URI (`AMQP_ADDR`, else the local broker). TLS goes through
+//! Two per transport, as MassTransit uses: one publishes (and declares, and moves messages to
+//! `_error`), one consumes. A broker alarm blocks the connections that publish; consumers and
+//! their acknowledgements go on meanwhile, health reports the alarm, and publishes wait for it
+//! to clear, up to their timeout. From an `amqp://` or `amqps://` URI (`AMQP_ADDR`, else the local broker). TLS goes through
 //! lapin's rustls support: the server's certificate is verified against the system's roots
 //! plus [`TlsOptions::ca_pem`]; [`TlsOptions::client_cert_pem`] and
 //! [`TlsOptions::client_key_pem`] add a client certificate for mutual TLS. The connection
