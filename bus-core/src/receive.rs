@@ -149,8 +149,12 @@ impl EndpointRuntime {
     }
 
     async fn handle(&self, bus: &Bus, delivery: Delivery, cancel: CancellationToken) {
-        if let Some(retry) = self.stalled.find(delivery.message()) {
-            return self.move_again(delivery, retry, cancel).await;
+        // Only a delivery that came back (requeued when its move failed) can owe a move: the
+        // same message sent anew (moved back from `_error`, say) is consumed as usual.
+        if delivery.redelivered() {
+            if let Some(retry) = self.stalled.find(delivery.message()) {
+                return self.move_again(delivery, retry, cancel).await;
+            }
         }
         // Panics in consumers, middleware and observers are caught where they happen; this
         // is the net under the rest (send middleware on a fault, say). Dropped unsettled, the

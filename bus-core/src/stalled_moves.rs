@@ -20,8 +20,8 @@ const MAX_PAUSE: Duration = Duration::from_secs(30);
 /// How many stalled moves are remembered; past that, a message whose move fails is
 /// consumed again when it comes back, as if nothing were remembered.
 const CAPACITY: usize = 10_000;
-/// How long a stalled move is remembered after its last failure (another instance may have
-/// taken the message meanwhile), and how long the endpoint reports it.
+/// How long a stalled move is remembered after its latest attempt (another instance may have
+/// taken the message meanwhile), and how long the endpoint reports a failure.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 const REPORT_FOR: Duration = Duration::from_secs(60);
 
@@ -29,6 +29,8 @@ const REPORT_FOR: Duration = Duration::from_secs(60);
 struct Stalled {
     settlement: Settlement,
     failures: u32,
+    /// When the latest attempt began.
+    since: Instant,
     /// When the message, back in its queue, may be moved again.
     retry_at: Instant,
     /// The last failure and why; `None` while the first attempt is under way.
@@ -70,8 +72,14 @@ impl StalledMoves {
             return None;
         }
         let key = Self::key(message);
-        let entries = self.entries();
-        entries.get(&key).map(|s| MoveRetry { key, settlement: s.settlement.clone(), retry_at: s.retry_at })
+        let mut entries = self.entries();
+        let found = entries.get(&key)?;
+        if found.since.elapsed() >= FORGET_AFTER {
+            entries.remove(&key);
+            self.count.store(entries.len(), Ordering::Release);
+            return None;
+        }
+        Some(MoveRetry { key, settlement: found.settlement.clone(), retry_at: found.retry_at })
     }
 
     /// A move of the message `key` is about to be tried. Remembered before it is tried: when
@@ -81,7 +89,7 @@ impl StalledMoves {
         let now = Instant::now();
         let mut entries = self.entries();
         if entries.len() >= CAPACITY {
-            entries.retain(|_, s| s.failed.as_ref().is_none_or(|(at, _)| now.duration_since(*at) < FORGET_AFTER));
+            entries.retain(|_, s| now.duration_since(s.since) < FORGET_AFTER);
             if entries.len() >= CAPACITY && !entries.contains_key(&key) {
                 return;
             }
@@ -89,7 +97,7 @@ impl StalledMoves {
         let failures = entries.get(&key).map_or(0, |s| s.failures);
         let failed = entries.remove(&key).and_then(|s| s.failed);
         let retry_at = now + FIRST_PAUSE.saturating_mul(1 << failures.min(16)).min(MAX_PAUSE);
-        entries.insert(key, Stalled { settlement, failures, retry_at, failed });
+        entries.insert(key, Stalled { settlement, failures, since: now, retry_at, failed });
         self.count.store(entries.len(), Ordering::Release);
     }
 

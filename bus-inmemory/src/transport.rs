@@ -190,12 +190,16 @@ impl InMemoryTransport {
         // A place in every queue first: failing for one full queue, the message enters none,
         // so that the publish can be tried again without doubling it in the others.
         let deadline = wait.map(|wait| tokio::time::Instant::now() + wait.min(Duration::from_secs(365 * 24 * 3600)));
-        let mut places = Vec::with_capacity(route.len());
-        for queue in route {
+        // In order of name, so that two publishes waiting for room never each hold a place
+        // the other waits for.
+        let mut ordered: Vec<&QueueRef> = route.iter().collect();
+        ordered.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut places = Vec::with_capacity(ordered.len());
+        for queue in &ordered {
             let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
             places.push(queue.reserve(left).await?);
         }
-        for (queue, place) in route.iter().zip(places) {
+        for (queue, place) in ordered.into_iter().zip(places) {
             queue.fill(place, message.clone());
         }
         Ok(())

@@ -1,5 +1,7 @@
 //! One connection to the broker, kept alive: reconnects with capped exponential backoff,
-//! redeclares the topology, and tells everyone who waits when a new session is up.
+//! declares the topology again (the publishing connection; a consumer declares its own
+//! endpoint again when it finds it missing), and tells everyone who waits when a new session
+//! is up.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -320,7 +322,8 @@ impl Shared {
         }
     }
 
-    /// Opens a session: connection, confirm channels, the whole declared topology.
+    /// Opens a session: connection, confirm channels and, on the publishing connection, the
+    /// whole declared topology.
     async fn open(&self, generation: u64) -> Result<Arc<Session>> {
         let connection = self.connect_once().await?;
         let mut publishers = Vec::with_capacity(self.options.publish_channels.max(1));

@@ -31,7 +31,7 @@ pub(crate) enum ConsumerState {
     Repaired(u64, tokio::time::Instant, String),
     /// Lost its subscription; waiting for the connection to come back.
     Recovering(String),
-    /// Could not subscribe on a live connection.
+    /// Could not subscribe, or could not declare its topology again, on a live connection.
     Failing(String),
     Stopped,
 }
@@ -92,7 +92,7 @@ async fn run(
                 // The queue was deleted under the bus: declared again, at once, with the rest.
                 let what = format!("queue `{queue}` was deleted");
                 set(&state, ConsumerState::Recovering(what.clone()));
-                match repair(&shared, &session, &endpoint, &what).await {
+                match repair(&publishing, &session, &endpoint, &what).await {
                     Ok(()) => repaired = Some(what),
                     Err(error) => {
                         set(&state, ConsumerState::Failing(error.to_string()));
@@ -180,11 +180,17 @@ async fn run(
                 },
                 _ = check.tick() => {
                     match topology::missing_from_endpoint(&session.connection, &endpoint).await {
-                        Ok(None) => {}
+                        Ok(None) => {
+                            // Whole again (a repair that failed earlier, done by another since).
+                            let mut current = state.lock().unwrap_or_else(|e| e.into_inner());
+                            if matches!(*current, ConsumerState::Failing(_)) {
+                                *current = ConsumerState::Consuming(session.generation);
+                            }
+                        }
                         Ok(Some(missing)) => {
                             let what = format!("{missing} was deleted");
                             set(&state, ConsumerState::Recovering(what.clone()));
-                            match repair(&shared, &session, &endpoint, &what).await {
+                            match repair(&publishing, &session, &endpoint, &what).await {
                                 Ok(()) => set(&state, ConsumerState::Repaired(session.generation, tokio::time::Instant::now(), what)),
                                 Err(error) => set(&state, ConsumerState::Failing(error.to_string())),
                             }
@@ -203,11 +209,25 @@ async fn run(
     set(&state, ConsumerState::Stopped);
 }
 
-/// Declares again the topology of an endpoint of which `what` was deleted behind the bus's back.
-async fn repair(shared: &Shared, session: &Session, endpoint: &EndpointTopology, what: &str) -> Result<()> {
+/// Declares again the topology of an endpoint of which `what` was deleted behind the bus's
+/// back, and the bindings this bus's published types had to the exchanges it consumes from
+/// (a deleted type exchange took them with it): `publishing` knows what it declared.
+async fn repair(publishing: &Shared, session: &Session, endpoint: &EndpointTopology, what: &str) -> Result<()> {
     tracing::warn!(queue = %endpoint.queue, what,
         "endpoint topology deleted under the running bus; declaring it again (messages published to it meanwhile were not routed)");
-    topology::declare_endpoint(&session.connection, endpoint, shared.options.queue_type).await
+    topology::declare_endpoint(&session.connection, endpoint, publishing.options.queue_type).await?;
+    let consumed: Vec<String> = endpoint.message_types.iter().map(|t| bus_core::message::entity_name(t)).collect();
+    let sources: Vec<(String, Vec<String>)> = publishing
+        .declared()
+        .publish_exchanges
+        .iter()
+        .filter(|(_, contracts)| contracts.iter().any(|c| consumed.contains(c)))
+        .map(|(source, contracts)| (source.clone(), contracts.clone()))
+        .collect();
+    for (source, contracts) in sources {
+        topology::declare_publish_exchange(&session.connection, &source, &contracts).await?;
+    }
+    Ok(())
 }
 
 /// Whether the broker closed a consumer's channel for its `consumer_timeout`.
@@ -287,8 +307,9 @@ impl RabbitMqSettle {
     ///
     /// A target deleted behind the bus's back (an `_error` queue removed by an operator, say)
     /// is declared again, with the rest of the endpoint's topology, and the move tried once
-    /// more. A delivery whose channel has closed is not moved at all: the broker has put it
-    /// back in its queue already, and a copy here would be a second one.
+    /// more. A delivery whose channel has closed before the move starts is not moved: the
+    /// broker has put it back in its queue already, and a copy here would be a second one.
+    /// (One that closes while the move is under way leaves a copy in both: at least once.)
     async fn forward(
         &mut self,
         exchange: &str,
@@ -302,7 +323,7 @@ impl RabbitMqSettle {
             return Err(Error::DeliveryGone);
         }
         let mut properties = forwarded_properties(&self.properties, added);
-        let cut = fit(&mut properties, self.shared.frame_max());
+        let cut = fit(&mut properties, self.shared.frame_max(), added);
         if !cut.is_empty() {
             tracing::warn!(queue = %self.queue, headers = ?cut, target = exchange,
                 "header values too large for one frame were cut from a moved message");

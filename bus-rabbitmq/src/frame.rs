@@ -55,12 +55,13 @@ fn value_size(value: &AMQPValue) -> usize {
     }
 }
 
-/// Makes `properties` fit in a frame of `frame_max` bytes by replacing the largest header
-/// values with a short note of what was there, largest first. Used when moving a message to
-/// `_error`, `_skipped` or a delay queue: the original fitted, but the headers added on the
-/// way (the reason it failed) may not, and the move must not fail for it. Returns the names
-/// of the headers it cut.
-pub(crate) fn fit(properties: &mut BasicProperties, frame_max: usize) -> Vec<String> {
+/// Makes `properties` fit in a frame of `frame_max` bytes: first by replacing the largest
+/// header values with a short note of what was there, largest first; then, if many small
+/// headers still do not fit, by leaving out the largest of those not named in `kept`. Used
+/// when moving a message to `_error`, `_skipped` or a delay queue: the original fitted, but the
+/// headers added on the way (`kept`: the reason it failed) may not, and the move must not fail
+/// for it. Returns the names of the headers it cut or left out.
+pub(crate) fn fit(properties: &mut BasicProperties, frame_max: usize, kept: &bus_core::Headers) -> Vec<String> {
     let mut cut = Vec::new();
     while header_frame_size(properties) > frame_max {
         let Some(mut table) = properties.headers().clone() else { break };
@@ -74,6 +75,31 @@ pub(crate) fn fit(properties: &mut BasicProperties, frame_max: usize) -> Vec<Str
         table.insert(name.clone(), AMQPValue::LongString(format!("[{size} bytes cut: too large for a frame]").into()));
         cut.push(name.as_str().to_owned());
         *properties = properties.clone().with_headers(table);
+    }
+    if header_frame_size(properties) > frame_max {
+        if let Some(table) = properties.headers().clone() {
+            let mut entries: Vec<(lapin::types::ShortString, AMQPValue)> = table.inner().clone().into_iter().collect();
+            // Largest last, so that they are popped first.
+            entries.sort_by_key(|(name, value)| {
+                (!kept.contains(name.as_str()), 1 + name.as_str().len() + value_size(value))
+            });
+            let mut size = header_frame_size(properties);
+            while size > frame_max {
+                match entries.last() {
+                    Some((name, value)) if !kept.contains(name.as_str()) => {
+                        size -= 1 + name.as_str().len() + 1 + value_size(value);
+                        cut.push(name.as_str().to_owned());
+                        entries.pop();
+                    }
+                    _ => break,
+                }
+            }
+            let mut table = FieldTable::default();
+            for (name, value) in entries {
+                table.insert(name, value);
+            }
+            *properties = properties.clone().with_headers(table);
+        }
     }
     cut
 }
@@ -148,7 +174,7 @@ mod tests {
             ("MT-Reason", AMQPValue::LongString(LongString::from("fault"))),
         ]);
         let mut properties = BasicProperties::default().with_headers(headers);
-        let cut = fit(&mut properties, 131_072);
+        let cut = fit(&mut properties, 131_072, &bus_core::Headers::new());
         assert_eq!(cut, vec!["huge".to_owned()]);
         assert!(header_frame_size(&properties) <= 131_072);
         let headers = properties.headers().clone().expect("headers kept");
@@ -158,5 +184,22 @@ mod tests {
             "values that fit once the largest is cut stay whole"
         );
         assert_eq!(headers.inner().get("MT-Reason"), Some(&AMQPValue::LongString(LongString::from("fault"))));
+    }
+
+    #[test]
+    fn many_small_headers_are_left_out_until_the_frame_fits_keeping_the_reason() {
+        let mut entries: Vec<(String, AMQPValue)> =
+            (0..4_000).map(|i| (format!("h{i:05}"), AMQPValue::LongString(LongString::from("v".repeat(30))))).collect();
+        entries.push(("MT-Fault-Message".to_owned(), AMQPValue::LongString(LongString::from("why"))));
+        let table = table(entries.iter().map(|(n, v)| (n.as_str(), v.clone())).collect());
+        let mut properties = BasicProperties::default().with_headers(table);
+        assert!(header_frame_size(&properties) > 131_072);
+        let mut kept = bus_core::Headers::new();
+        kept.insert("MT-Fault-Message", "why");
+        let cut = fit(&mut properties, 131_072, &kept);
+        assert!(header_frame_size(&properties) <= 131_072, "{}", header_frame_size(&properties));
+        assert!(!cut.is_empty() && !cut.contains(&"MT-Fault-Message".to_owned()));
+        let headers = properties.headers().clone().expect("headers kept");
+        assert!(headers.inner().contains_key("MT-Fault-Message"), "the reason stays");
     }
 }

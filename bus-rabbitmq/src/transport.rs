@@ -394,13 +394,25 @@ impl Transport for RabbitMqTransport {
 
     fn endpoint_health(&self, queue: &str) -> EndpointHealth {
         let health = self.consumer_health(queue);
+        if health.status != HealthStatus::Healthy {
+            return health;
+        }
+        // Consuming, but what it would publish, fault or move cannot leave.
+        let publishing = match &*self.shared.link.borrow() {
+            Link::Up(session) if session.is_alive() => None,
+            Link::Down { error: Some(error) } => Some(format!("publishing connection reconnecting: {error}")),
+            _ => Some("publishing connection reconnecting".to_owned()),
+        };
+        if let Some(why) = publishing {
+            return EndpointHealth::new(queue, HealthStatus::Degraded, why);
+        }
         match &*self.shared.blocked.borrow() {
-            Some(reason) if health.status == HealthStatus::Healthy => EndpointHealth::new(
+            Some(reason) => EndpointHealth::new(
                 queue,
                 HealthStatus::Degraded,
                 format!("broker alarm: publishing blocked ({reason}); consuming goes on"),
             ),
-            _ => health,
+            None => health,
         }
     }
 }

@@ -196,6 +196,10 @@ impl<S: SagaData> SagaRuntime<S> {
                 .map(|i| i.version);
             let applied = message_id.and_then(|m| loaded.as_ref()?.applied(m, E::message_type()));
             if let Some(applied) = applied {
+                // Only the event that finalized the instance (its last one) takes it away;
+                // an earlier one delivered again sends its messages and leaves it waiting.
+                let last = loaded.as_ref().and_then(|i| i.applied_events.last());
+                let finalized = finalized.filter(|_| last.is_some_and(|l| std::ptr::eq(l, applied)));
                 return self.send_again(ctx, id, applied, finalized).await;
             }
             if finalized.is_some() {
@@ -230,7 +234,11 @@ impl<S: SagaData> SagaRuntime<S> {
                         })
                         .collect(),
                 };
-                transition.instance.record_applied(applied, self.machine.duplicate_window());
+                // The event that finalizes is kept whatever the window: it is what the kept
+                // instance is for.
+                let window =
+                    if finalizing { self.machine.duplicate_window().max(1) } else { self.machine.duplicate_window() };
+                transition.instance.record_applied(applied, window);
             }
             let saved = match transition.outcome {
                 Outcome::Missing => return self.missing(ctx, id).await,

@@ -211,3 +211,76 @@ async fn a_kept_final_instance_survives_its_finalizing_event_delivered_again() {
     assert!(kept.is_in("Final"), "{}", kept.current_state);
     assert_eq!(stats.transitions(), 2);
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Edges:Close")]
+struct Close {
+    tally_id: uuid::Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Edges:Closed")]
+struct Closed {
+    tally_id: uuid::Uuid,
+}
+
+/// Breaks: the message a finalizing event sends has nowhere to go yet (its queue does not
+/// exist), so the event ends in `_error`; meanwhile an earlier event is delivered again.
+/// Proves: the finalized instance is kept through both (also with a duplicate window of 0),
+/// and when the finalizing event comes back the message leaves once and the instance goes.
+#[tokio::test]
+async fn a_finalized_instance_waits_for_its_own_event_to_come_back() {
+    use bus_saga::{when, InMemorySagaRepository, SagaBusExt, StateMachine};
+    for window in [10, 0] {
+        let machine = StateMachine::<Tally>::builder("ClosingTally")
+            .states(["Counting"])
+            .event::<Tick>(|m| m.tally_id)
+            .event::<Close>(|m| m.tally_id)
+            .initially(when::<Tally, Tick>().transition_to("Counting"))
+            .during(
+                "Counting",
+                when::<Tally, Close>().send("queue:closings", |_, e| Closed { tally_id: e.tally_id }).finalize(),
+            )
+            .duplicate_window(window)
+            .build();
+        let transport = InMemoryTransport::new();
+        let repository = InMemorySagaRepository::<Tally>::new();
+        let (builder, stats) = Bus::builder(transport.clone()).saga_endpoint(machine, repository.clone(), |e| {
+            e.concurrency_limit(1);
+        });
+        let bus = builder.build();
+        bus.start().await.expect("bus starts");
+        let tally_id = uuid::Uuid::now_v7();
+        let (tick, close) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let with_id = |id| bus_core::SendOptions::new().message_id(id);
+        bus.publish_with(Tick { tally_id }, with_id(tick)).await.expect("tick");
+        assert!(stats.wait_for_transitions(1, WAIT).await);
+        bus.publish_with(Close { tally_id }, with_id(close)).await.expect("close");
+        transport.wait_for_queue_len("ClosingTally_error", 1, WAIT).await.expect("the close fails: no `closings` yet");
+        let failed = transport.drain("ClosingTally_error");
+        assert!(repository.get(tally_id).is_some_and(|i| i.is_in("Final")), "kept for its message (window {window})");
+
+        // The earlier event again: it changes nothing and takes nothing away.
+        bus.publish_with(Tick { tally_id }, with_id(tick)).await.expect("tick again");
+        transport.wait_for_queue_len("ClosingTally", 0, WAIT).await.expect("taken");
+        bus.stop().await.expect("stop: settled");
+        assert!(repository.get(tally_id).is_some(), "still kept after an earlier event came back (window {window})");
+
+        // `closings` exists now; the failed event moved back from `_error`, as an operator does.
+        let closings = Arc::new(bus_core::testing::MessageLog::default());
+        let receiver = Bus::builder(transport.clone())
+            .receive_endpoint("closings", |e| tests::record::<Closed>(e, &closings))
+            .build();
+        receiver.start().await.expect("receiver starts");
+        bus.start().await.expect("bus starts again");
+        transport.send("ClosingTally", failed[0].clone()).await.expect("moved back");
+        closings.wait_for::<Closed>(1, WAIT).await.expect("the message leaves");
+        transport.wait_for_queue_len("ClosingTally", 0, WAIT).await.expect("taken");
+        bus.stop().await.expect("stop");
+        receiver.stop().await.expect("stop");
+        assert_eq!(closings.count::<Closed>(), 1, "once (window {window})");
+        assert!(repository.get(tally_id).is_none(), "deleted once its message left (window {window})");
+    }
+}

@@ -111,19 +111,22 @@ const FAULT_HEADERS_LIMIT: usize = 16 * 1024;
 
 /// [`copy_flow_headers`] for a fault: values too large are left out, with a warning.
 fn copy_flow_headers_to_fault(failed: &Headers, fault: &mut Headers) {
-    let mut budget = FAULT_HEADERS_LIMIT;
+    let (mut budget, mut left_out) = (FAULT_HEADERS_LIMIT, 0usize);
     fault.add_absent(failed, |name, value| {
         if !is_flow_header(name) {
             return false;
         }
         let size = name.len() + crate::headers::value_len(value);
         if size > FAULT_HEADER_VALUE_LIMIT || size > budget {
-            tracing::warn!(header = %crate::logged::escaped(name, 64), size, "header too large to copy onto a fault; left out");
+            left_out += 1;
             return false;
         }
         budget -= size;
         true
     });
+    if left_out > 0 {
+        tracing::warn!(left_out, "headers too large to copy onto a fault were left out");
+    }
 }
 
 /// The message being consumed, when a message is produced while consuming it.
