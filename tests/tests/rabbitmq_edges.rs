@@ -2,6 +2,7 @@
 //! cannot complete, refused publishes, and deliveries whose channel died. Each test states
 //! what it breaks and checks that nothing was lost or doubled.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -525,4 +526,59 @@ async fn options_that_cannot_work_are_refused_before_connecting() {
     }
     let error = RabbitMqTransport::connect("http://guest:s3cret@host/vh?x=1").await.expect_err("refused");
     assert!(!error.to_string().contains("s3cret"), "the password never shows: {error}");
+}
+
+/// The vhost's channels, as (connection, channel number).
+async fn channels(vhost: &str) -> HashSet<(String, String)> {
+    let out = ctl(["list_channels", "-p", vhost, "connection", "number", "--quiet", "--no-table-headers"]
+        .map(str::to_owned)
+        .to_vec())
+    .await;
+    out.lines()
+        .filter_map(|line| line.split_once('\t'))
+        .map(|(connection, number)| (connection.trim().to_owned(), number.trim().to_owned()))
+        .collect()
+}
+
+/// Breaks: the network stalls while a send waits for its confirm, so the send times out with
+/// its confirm still pending. Proves: that channel is closed, not handed to the next send
+/// (whose confirm, or a returned message, could be taken for the late one's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_confirm_timed_out_is_not_used_again() {
+    let vhost = own_vhost("edge-confirm").await;
+    let proxy = tests::rabbit_support::TcpProxy::start(tests::rabbit_support::shared_addr()).await;
+    let options = RabbitMqOptions { publish_timeout: Duration::from_secs(1), ..options() };
+    let transport = RabbitMqTransport::connect_with(&vhost.uri(proxy.port()), options).await.expect("connects");
+    let queue = unique("confirms");
+    // An endpoint nobody consumes: its queue, and its exchange bound to it.
+    let bus = Bus::builder(transport.clone())
+        .receive_endpoint(&queue, |e| record::<Probe>(e, &MessageLog::default()))
+        .build();
+    bus.start().await.expect("declares the endpoint");
+    bus.stop().await.expect("and stops consuming it");
+    let bus = Bus::builder(transport.clone()).build();
+    bus.start().await.expect("bus starts");
+    let address = format!("queue:{queue}");
+    let idle = channels(&vhost.name).await;
+    bus.send(&address, Probe { n: 1 }).await.expect("a first send opens the send channel");
+    let sending: HashSet<_> = channels(&vhost.name).await.difference(&idle).cloned().collect();
+    assert!(!sending.is_empty(), "the send channel is listed");
+
+    proxy.stall();
+    let timed_out = bus.send(&address, Probe { n: 2 }).await;
+    assert!(timed_out.is_err_and(|e| e.is_transient()), "no confirm within the timeout");
+    proxy.resume();
+    bus.send(&address, Probe { n: 3 }).await.expect("sent on a fresh channel");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        poll.tick().await;
+        let now = channels(&vhost.name).await;
+        if sending.iter().all(|channel| !now.contains(channel)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the timed-out channel is still open: {sending:?} in {now:?}");
+    }
+    bus.stop().await.expect("stop");
+    transport.close().await;
 }
