@@ -86,28 +86,29 @@ async fn run(
                 .await?;
             Ok::<_, lapin::Error>((channel, consumer, tag))
         };
-        let (channel, mut consumer, tag) = match subscribed.await {
-            Ok(subscribed) => subscribed,
+        let failure = match subscribed.await {
+            Ok(subscribed) => Ok(subscribed),
             Err(error) if crate::error::is_not_found(&error) => {
                 // The queue was deleted under the bus: declared again, at once, with the rest.
                 let what = format!("queue `{queue}` was deleted");
                 set(&state, ConsumerState::Recovering(what.clone()));
                 match repair(&publishing, &session, &endpoint, &what).await {
-                    Ok(()) => repaired = Some(what),
-                    Err(error) => {
-                        set(&state, ConsumerState::Failing(error.to_string()));
-                        tokio::select! {
-                            () = tokio::time::sleep(pause) => {}
-                            () = tx.closed() => break,
-                        }
-                        pause = pause.saturating_mul(2).min(shared.options.reconnect_max);
+                    Ok(()) => {
+                        repaired = Some(what);
+                        continue;
                     }
+                    Err(error) => Err(error.to_string()),
                 }
-                continue;
             }
             Err(error) => {
                 tracing::warn!(queue = %queue, %error, "could not consume; trying again");
-                set(&state, ConsumerState::Failing(error.to_string()));
+                Err(error.to_string())
+            }
+        };
+        let (channel, mut consumer, tag) = match failure {
+            Ok(subscribed) => subscribed,
+            Err(error) => {
+                set(&state, ConsumerState::Failing(error));
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = tx.closed() => break,

@@ -196,6 +196,33 @@ async fn headers_too_large_for_a_frame_end_in_error_without_closing_the_connecti
     transport.close().await;
 }
 
+/// A bus whose endpoint `queue` fails every message for good, counting its runs, with the
+/// faults recorded.
+struct Poisoned {
+    bus: Bus,
+    faults: Arc<MessageLog>,
+    runs: Arc<AtomicU32>,
+}
+
+fn poisoned(fixture: &RabbitFixture, queue: &str) -> Poisoned {
+    let faults = Arc::new(MessageLog::default());
+    let runs = Arc::new(AtomicU32::new(0));
+    let bus = {
+        let (faults, runs) = (faults.clone(), runs.clone());
+        fixture
+            .bus()
+            .receive_endpoint(queue, move |e| {
+                e.handler(move |_: ConsumeContext<Probe>| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    async { Err::<(), BoxError>(Permanent::new(std::io::Error::other("poison")).into()) }
+                });
+            })
+            .receive_endpoint(unique("poison-faults"), move |e| record::<Fault<Probe>>(e, &faults))
+            .build()
+    };
+    Poisoned { bus, faults, runs }
+}
+
 /// Breaks: the endpoint's `_error` queue is deleted by an operator. Proves: a poison message
 /// still ends there (declared again) with exactly one fault.
 #[test]
@@ -203,21 +230,7 @@ fn a_deleted_error_queue_is_declared_again_and_gets_the_message_with_one_fault()
     runtime().block_on(async {
         let fixture = RabbitFixture::shared("edges").await;
         let queue = unique("deleted-error");
-        let faults = Arc::new(MessageLog::default());
-        let runs = Arc::new(AtomicU32::new(0));
-        let bus = {
-            let (faults, runs) = (faults.clone(), runs.clone());
-            fixture
-                .bus()
-                .receive_endpoint(&queue, move |e| {
-                    e.handler(move |_: ConsumeContext<Probe>| {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        async { Err::<(), BoxError>(Permanent::new(std::io::Error::other("poison")).into()) }
-                    });
-                })
-                .receive_endpoint(unique("deleted-error-faults"), move |e| record::<Fault<Probe>>(e, &faults))
-                .build()
-        };
+        let Poisoned { bus, faults, runs } = poisoned(&fixture, &queue);
         bus.start().await.expect("bus starts");
         let channel = fixture.channel().await;
         channel
@@ -245,21 +258,7 @@ fn a_move_the_error_queue_refuses_waits_in_its_queue_and_degrades_health() {
     runtime().block_on(async {
         let fixture = RabbitFixture::shared("edges").await;
         let queue = unique("full-error");
-        let faults = Arc::new(MessageLog::default());
-        let runs = Arc::new(AtomicU32::new(0));
-        let bus = {
-            let (faults, runs) = (faults.clone(), runs.clone());
-            fixture
-                .bus()
-                .receive_endpoint(&queue, move |e| {
-                    e.handler(move |_: ConsumeContext<Probe>| {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        async { Err::<(), BoxError>(Permanent::new(std::io::Error::other("poison")).into()) }
-                    });
-                })
-                .receive_endpoint(unique("full-error-faults"), move |e| record::<Fault<Probe>>(e, &faults))
-                .build()
-        };
+        let Poisoned { bus, faults, runs } = poisoned(&fixture, &queue);
         bus.start().await.expect("bus starts");
         let (vhost, policy) = (fixture.vhost().to_owned(), unique("cap"));
         let args = |extra: &[&str]| -> Vec<String> {
