@@ -63,6 +63,9 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+log "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
+
 log "cargo test"
 cargo test --workspace
 
@@ -85,8 +88,13 @@ orders=$(env -u OTEL_EXPORTER_OTLP_ENDPOINT cargo run --quiet --example orders)
 expect_output "the orders example" "$orders" '^trace [0-9a-f]{32}$' '^    NewOrder receive \(' '^      NewOrder process \(' 'messaging\.bus\.consumed'
 saga=$(env -u OTEL_EXPORTER_OTLP_ENDPOINT cargo run --quiet --example order_saga)
 expect_output "the order saga example" "$saga" '^trace [0-9a-f]{32}$' 'OrderState process \(.*saga Initial -> Pending' 'saga Pending -> Final' 'messaging\.bus\.delivery\.latency'
-cargo run --quiet --example failures >/dev/null
-AMQP_ADDR="amqp://guest:guest@127.0.0.1:5672/%2f" cargo run --quiet --example orders >/dev/null
+failures=$(cargo run --quiet --example failures)
+expect_output "the failures example" "$failures" '^done: nothing lost'
+amqp="amqp://guest:guest@127.0.0.1:5672/%2f"
+AMQP_ADDR="$amqp" cargo run --quiet --example orders >/dev/null
+failures=$(AMQP_ADDR="$amqp" cargo run --quiet --example failures)
+expect_output "the failures example on RabbitMQ" "$failures" '^done: nothing lost' 'MT-Fault-Message: card gateway timed out'
+AMQP_ADDR="$amqp" REDIS_URL="redis://127.0.0.1:6379" cargo run --quiet --example order_saga >/dev/null
 log "benchmark smoke run (a few hundred messages per scenario; figures are meaningless in debug)"
 cargo run --quiet -p bus-bench -- --smoke >/dev/null
 log "all checks passed"

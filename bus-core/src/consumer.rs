@@ -31,6 +31,14 @@ use crate::{BoxError, ConsumeContext, ConsumeError, Message, ReceiveContext};
 ///         Ok(())
 ///     }
 /// }
+///
+/// let bus = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new())
+///     .receive_endpoint("audit", |e| {
+///         e.consumer(AuditConsumer { prefix: "audit".into() });
+///     })
+///     .build();
+/// # drop(bus);
+/// # let _ = OrderPlaced { order_id: 1 };
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` does not consume `{M}`",

@@ -12,7 +12,7 @@
 //! - graceful shutdown that loses nothing.
 //!
 //! ```
-//! use bus_core::{Bus, ConsumeContext, BoxError, Message};
+//! use bus_core::{ConsumeContext, BoxError, Message};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Serialize, Deserialize, Message)]
@@ -38,6 +38,7 @@
 //! ```
 
 #![warn(clippy::print_stdout)]
+#![doc(test(attr(deny(warnings))))]
 
 pub mod address;
 mod bus;

@@ -3,6 +3,7 @@
 //! Use it through `bus_core::Message`; see that trait for the attributes.
 
 #![warn(clippy::print_stdout)]
+#![doc(test(attr(deny(warnings))))]
 
 use proc_macro::TokenStream;
 use quote::quote;

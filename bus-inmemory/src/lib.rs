@@ -27,6 +27,7 @@
 //! ```
 
 #![warn(clippy::print_stdout)]
+#![doc(test(attr(deny(warnings))))]
 
 mod error;
 mod harness;

@@ -71,6 +71,7 @@
 //! ```
 
 #![warn(clippy::print_stdout)]
+#![doc(test(attr(deny(warnings))))]
 
 mod acks;
 mod connection;

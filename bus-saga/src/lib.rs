@@ -61,6 +61,7 @@
 //! ```
 
 #![warn(clippy::print_stdout)]
+#![doc(test(attr(deny(warnings))))]
 
 mod activities;
 mod error;

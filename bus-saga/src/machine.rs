@@ -100,7 +100,7 @@ pub struct Transition<S, E> {
 /// A saga's state machine, built like MassTransit's `MassTransitStateMachine<T>`.
 ///
 /// ```
-/// use bus_saga::{when, SagaInstance, StateMachine, Outcome};
+/// use bus_saga::{when, StateMachine, Outcome};
 /// use bus_core::Message;
 /// # use serde::{Deserialize, Serialize};
 /// #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -7,8 +7,7 @@
 //! and a global meter provider. With `OTEL_EXPORTER_OTLP_ENDPOINT` set (and the `otlp`
 //! feature, on by default) traces and metrics go there over OTLP/HTTP; otherwise each trace
 //! is printed as a tree on stdout when the returned guard drops, so a newcomer sees what
-//! happened, and the metrics are printed by OpenTelemetry's stdout exporter (every minute,
-//! and once more at the end).
+//! happened, and the metrics are printed as a short table at the end ([`MetricsTable`]).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), bus_core::BoxError> {
@@ -18,7 +17,9 @@
 //! ```
 
 #![warn(clippy::print_stdout)]
+#![doc(test(attr(deny(warnings))))]
 
+mod table;
 mod tree;
 
 use bus_core::BoxError;
@@ -31,6 +32,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
+pub use table::MetricsTable;
 pub use tree::TreeExporter;
 
 /// Keeps the providers alive; flushes and shuts them down when dropped.
@@ -55,7 +57,7 @@ pub fn init(service: &str) -> Result<Telemetry, BoxError> {
     let export = export_to(endpoint.as_deref());
     let (tracer, meter) = match export {
         Export::Otlp => otlp(resource)?,
-        Export::Stdout => stdout(resource, TreeExporter::default(), opentelemetry_stdout::MetricExporter::default()),
+        Export::Stdout => stdout(resource, TreeExporter::default(), MetricsTable::default()),
     };
     opentelemetry::global::set_text_map_propagator(propagator());
     opentelemetry::global::set_meter_provider(meter.clone());

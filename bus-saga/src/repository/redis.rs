@@ -83,8 +83,9 @@ return 0
 /// ```no_run
 /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct OrderState;
 /// use bus_saga::{RedisSagaOptions, RedisSagaRepository};
-/// # async fn run() -> bus_saga::Result<()> {
+/// # #[tokio::main] async fn main() -> bus_saga::Result<()> {
 /// let repository = RedisSagaRepository::<OrderState>::connect("redis://127.0.0.1:6379", RedisSagaOptions::default()).await?;
+/// # drop(repository);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
