@@ -63,6 +63,7 @@ mod receive;
 mod redelivery;
 pub mod serializer;
 mod stalled_moves;
+pub mod sync;
 pub mod telemetry;
 pub mod testing;
 mod transport;

@@ -1,5 +1,6 @@
 //! Messages and their MassTransit type names (URNs).
 
+use crate::sync::RwLockExt;
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
@@ -93,10 +94,10 @@ pub(crate) fn interned_types<T: 'static>(make: impl FnOnce() -> Vec<String>) -> 
     static CACHE: OnceLock<RwLock<HashMap<TypeId, &'static [&'static str]>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = TypeId::of::<T>();
-    if let Some(found) = cache.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+    if let Some(found) = cache.read_locked().get(&key) {
         return found;
     }
-    let mut write = cache.write().unwrap_or_else(|e| e.into_inner());
+    let mut write = cache.write_locked();
     write.entry(key).or_insert_with(|| {
         let list: Vec<&'static str> = make().into_iter().map(|s| &*Box::leak(s.into_boxed_str())).collect();
         Box::leak(list.into_boxed_slice())

@@ -1,5 +1,6 @@
 //! The in-memory outbox: messages produced while consuming, held until the consume succeeds.
 
+use crate::sync::MutexExt;
 use std::sync::{Arc, Mutex};
 
 use crate::{Envelope, TransportMessage};
@@ -46,7 +47,7 @@ impl Outbox {
     }
 
     fn held(&self) -> Option<std::sync::MutexGuard<'_, Held>> {
-        self.0.as_ref().map(|held| held.lock().unwrap_or_else(|e| e.into_inner()))
+        self.0.as_ref().map(|held| held.locked())
     }
 
     /// Holds `outgoing`, or hands it back when it is to leave now (the outbox is off, or

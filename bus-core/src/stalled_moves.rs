@@ -4,6 +4,7 @@
 //! run of its consumers, no second fault): the same move is tried again, after a pause that
 //! doubles each time, and the endpoint reports itself degraded meanwhile.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,7 +56,7 @@ pub(crate) struct MoveRetry {
 
 impl StalledMoves {
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Stalled>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+        self.entries.locked()
     }
 
     /// Identifies a message across its deliveries: its id and its bytes.

@@ -2,6 +2,7 @@
 //!
 //! Works with any transport; `bus_inmemory::InMemoryTestHarness` wires it up in one line.
 
+use crate::sync::MutexExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ impl<T: Clone> Log<T> {
     /// Appends an entry and wakes the waiters.
     pub fn push(&self, entry: T) {
         let len = {
-            let mut entries = self.inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let mut entries = self.inner.entries.locked();
             entries.push(entry);
             entries.len()
         };
@@ -60,12 +61,12 @@ impl<T: Clone> Log<T> {
 
     /// A copy of every entry so far.
     pub fn snapshot(&self) -> Vec<T> {
-        self.inner.entries.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner.entries.locked().clone()
     }
 
     /// Number of entries so far.
     pub fn len(&self) -> usize {
-        self.inner.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.inner.entries.locked().len()
     }
 
     /// Whether nothing was recorded.
@@ -84,7 +85,7 @@ impl<T: Clone> Log<T> {
         let wait = async {
             loop {
                 {
-                    let entries = self.inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+                    let entries = self.inner.entries.locked();
                     if condition(&entries) {
                         return;
                     }

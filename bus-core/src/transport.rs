@@ -59,9 +59,9 @@ impl EndpointTopology {
     }
 }
 
-/// How a delivery is settled.
+/// How a delivery is settled: every transport handles each of these (the enum is exhaustive,
+/// so a new way to settle is a change every transport must make, not one it could ignore).
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub enum Settlement {
     /// Done: remove it from the queue.
     Ack,

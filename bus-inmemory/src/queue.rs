@@ -1,5 +1,6 @@
 //! One in-memory queue: bounded, with competing consumers and requeue at the head.
 
+use bus_core::sync::MutexExt;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,7 +46,7 @@ impl Queue {
 
     fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Stored>> {
         // A panic while holding this lock cannot leave the deque inconsistent.
-        self.items.lock().unwrap_or_else(|e| e.into_inner())
+        self.items.locked()
     }
 
     /// Adds a message at the tail, waiting up to `wait` for room (`None`: fail at once).

@@ -1,5 +1,6 @@
 //! The in-memory broker: fanout exchanges, bindings and queues, as on RabbitMQ.
 
+use bus_core::sync::RwLockExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -150,11 +151,11 @@ impl InMemoryTransport {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Topology> {
-        self.broker.topology.read().unwrap_or_else(|e| e.into_inner())
+        self.broker.topology.read_locked()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Topology> {
-        self.broker.topology.write().unwrap_or_else(|e| e.into_inner())
+        self.broker.topology.write_locked()
     }
 
     fn queue(&self, name: &str) -> Option<QueueRef> {
@@ -411,10 +412,6 @@ impl Settle for InMemorySettle {
                         tokio::time::sleep(delay).await;
                         queue.enqueue_reserved(again);
                     });
-                }
-                other => {
-                    tracing::warn!(?other, "unknown settlement; requeueing");
-                    self.queue.requeue(message);
                 }
             }
             Ok(())

@@ -9,6 +9,7 @@
 //! whose consumers succeeded. Under load this turns a hundred acks into a few frames, for the
 //! broker as much as for the client.
 
+use bus_core::sync::MutexExt;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,7 +115,7 @@ impl Acks {
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+        self.ledger.locked()
     }
 
     /// Whether the channel is still open: its deliveries can be settled on it. Once it has

@@ -3,6 +3,7 @@
 //! endpoint again when it finds it missing), and tells everyone who waits when a new session
 //! is up.
 
+use bus_core::sync::MutexExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -103,7 +104,7 @@ impl Session {
     pub(crate) async fn publisher(&self) -> std::result::Result<Channel, lapin::Error> {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.publishers.len();
         let slot = &self.publishers[index];
-        let current = || slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let current = || slot.locked().clone();
         let open = current();
         if open.status().connected() {
             return Ok(open);
@@ -114,7 +115,7 @@ impl Session {
             return Ok(open);
         }
         let fresh = open_confirm_channel(&self.connection).await?;
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+        *slot.locked() = fresh.clone();
         Ok(fresh)
     }
 
@@ -241,7 +242,7 @@ impl Shared {
     }
 
     pub(crate) fn declared(&self) -> std::sync::MutexGuard<'_, Declared> {
-        self.declared.lock().unwrap_or_else(|e| e.into_inner())
+        self.declared.locked()
     }
 
     /// The current session, waiting up to `deadline` for one during an outage.

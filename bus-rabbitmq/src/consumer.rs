@@ -1,6 +1,7 @@
 //! Consuming an endpoint across reconnects: one task per endpoint re-subscribes on every new
 //! session and forwards deliveries to the bus through a bounded channel.
 
+use bus_core::sync::MutexExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ pub(crate) fn start(
 }
 
 fn set(state: &Mutex<ConsumerState>, value: ConsumerState) {
-    *state.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    *state.locked() = value;
 }
 
 async fn run(
@@ -183,7 +184,7 @@ async fn run(
                     match topology::missing_from_endpoint(&session.connection, &endpoint).await {
                         Ok(None) => {
                             // Whole again (a repair that failed earlier, done by another since).
-                            let mut current = state.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut current = state.locked();
                             if matches!(*current, ConsumerState::Failing(_)) {
                                 *current = ConsumerState::Consuming(session.generation);
                             }
@@ -403,10 +404,6 @@ impl Settle for RabbitMqSettle {
                 Settlement::Redeliver { delay, headers } => {
                     let waiting = delay_queue(&this.queue, delay);
                     this.forward("", &waiting, message, &headers).await
-                }
-                other => {
-                    tracing::warn!(?other, "unknown settlement; requeueing");
-                    this.requeue().await
                 }
             };
             result.map_err(Into::into)

@@ -1,5 +1,6 @@
 //! [`RabbitMqTransport`]: bus-core's transport contract on RabbitMQ.
 
+use bus_core::sync::{MutexExt, RwLockExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -188,11 +189,11 @@ impl RabbitMqTransport {
     }
 
     fn knows(&self, exchange: &str) -> bool {
-        self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).contains(exchange)
+        self.state.known_exchanges.locked().contains(exchange)
     }
 
     fn remember(&self, exchange: &str) {
-        self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_owned());
+        self.state.known_exchanges.locked().insert(exchange.to_owned());
     }
 
     /// Binds again to `exchange`, declared again after it was deleted behind the bus's back,
@@ -241,8 +242,8 @@ impl RabbitMqTransport {
     /// Forgets that `exchange` exists (it was deleted behind the bus's back), as a
     /// destination and as any type's publish exchange, so that it is checked or declared again.
     fn forget(&self, exchange: &str) {
-        self.state.known_exchanges.lock().unwrap_or_else(|e| e.into_inner()).remove(exchange);
-        self.state.publish_exchanges.write().unwrap_or_else(|e| e.into_inner()).retain(|_, known| &**known != exchange);
+        self.state.known_exchanges.locked().remove(exchange);
+        self.state.publish_exchanges.write_locked().retain(|_, known| &**known != exchange);
     }
 
     /// The exchange to publish `message_types` to, declared (with its bindings to the contract
@@ -252,9 +253,7 @@ impl RabbitMqTransport {
         let Some((first, contracts)) = message_types.split_first() else {
             return Err(Error::Configuration("a published message needs a message type".into()));
         };
-        let known = |state: &TransportState| {
-            state.publish_exchanges.read().unwrap_or_else(|e| e.into_inner()).get(*first).cloned()
-        };
+        let known = |state: &TransportState| state.publish_exchanges.read_locked().get(*first).cloned();
         if let Some(exchange) = known(&self.state) {
             return Ok(exchange);
         }
@@ -266,27 +265,23 @@ impl RabbitMqTransport {
             let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
             let session = self.shared.session(deadline).await?;
             topology::declare_publish_exchange(&session.connection, &exchange, &contracts).await?;
-            if self.state.needs_rebind.lock().unwrap_or_else(|e| e.into_inner()).contains(&exchange) {
+            if self.state.needs_rebind.locked().contains(&exchange) {
                 // Cleared only once bound again: cut short, the next publish does it.
                 self.bind_again(&session, &exchange).await?;
-                self.state.needs_rebind.lock().unwrap_or_else(|e| e.into_inner()).remove(&exchange);
+                self.state.needs_rebind.locked().remove(&exchange);
             }
             self.shared.declared().publish_exchanges.insert(exchange.clone(), contracts);
             self.remember(&exchange);
             let exchange: Arc<str> = exchange.into();
-            self.state
-                .publish_exchanges
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert((*first).to_owned(), exchange.clone());
+            self.state.publish_exchanges.write_locked().insert((*first).to_owned(), exchange.clone());
             Ok(exchange)
         })
         .await
     }
 
     fn consumer_state(&self, queue: &str) -> Option<ConsumerState> {
-        let consumers = self.state.consumers.lock().unwrap_or_else(|e| e.into_inner());
-        consumers.get(queue).map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        let consumers = self.state.consumers.locked();
+        consumers.get(queue).map(|s| s.locked().clone())
     }
 }
 
@@ -333,7 +328,7 @@ impl Transport for RabbitMqTransport {
                 // reaches no endpoint: a window of a few round trips.)
                 Err(Error::Refused { source, .. }) if is_not_found(&source) && Instant::now() < deadline => {
                     // Marked first: a publish that finds it forgotten declares it and binds again.
-                    self.state.needs_rebind.lock().unwrap_or_else(|e| e.into_inner()).insert(exchange.to_string());
+                    self.state.needs_rebind.locked().insert(exchange.to_string());
                     self.forget(&exchange);
                 }
                 other => return Ok(other?),
@@ -377,13 +372,13 @@ impl Transport for RabbitMqTransport {
 
     async fn consume(&self, endpoint: &EndpointTopology) -> bus_core::Result<DeliveryStream> {
         let state = Arc::new(Mutex::new(ConsumerState::Starting));
-        self.state.consumers.lock().unwrap_or_else(|e| e.into_inner()).insert(endpoint.queue.clone(), state.clone());
+        self.state.consumers.locked().insert(endpoint.queue.clone(), state.clone());
         Ok(consumer::start(self.consuming.clone(), self.shared.clone(), endpoint.clone(), state))
     }
 
     async fn delete_endpoint(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
         self.shared.declared().endpoints.remove(&endpoint.queue);
-        self.state.consumers.lock().unwrap_or_else(|e| e.into_inner()).remove(&endpoint.queue);
+        self.state.consumers.locked().remove(&endpoint.queue);
         if endpoint.temporary {
             if let Ok(session) = self.shared.session(self.deadline()).await {
                 topology::delete_endpoint(&session.connection, endpoint).await?;

@@ -417,6 +417,8 @@ impl<S: SagaData, E: Message> Consumer<E> for SagaEventConsumer<S, E> {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+
+    use bus_core::sync::MutexExt;
     use std::time::Duration;
 
     use super::*;
@@ -435,7 +437,7 @@ mod tests {
 
     impl Recording {
         fn unlocks(&self) -> Vec<String> {
-            self.unlocks.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            self.unlocks.locked().clone()
         }
 
         async fn wait_unlocks(&self, n: usize) -> bool {
@@ -469,13 +471,13 @@ mod tests {
             if self.contended {
                 return Err(Error::Conflict(id));
             }
-            self.locks.lock().unwrap_or_else(|e| e.into_inner()).push(token.to_owned());
+            self.locks.locked().push(token.to_owned());
             std::future::pending::<()>().await;
             Ok(true)
         }
         async fn unlock(&self, _: Uuid, token: String) -> Result<()> {
             let first = {
-                let mut unlocks = self.unlocks.lock().unwrap_or_else(|e| e.into_inner());
+                let mut unlocks = self.unlocks.locked();
                 unlocks.push(token);
                 unlocks.len() == 1
             };
@@ -511,12 +513,8 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(20), LockGuard::take(dyn_repository, Uuid::nil())).await;
         assert!(cut_short.is_err(), "the lock's reply never comes");
         assert!(repository.wait_unlocks(1).await, "it is unlocked all the same");
-        let asked = repository.locks.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        assert_eq!(
-            *repository.unlocks.lock().unwrap_or_else(|e| e.into_inner()),
-            asked,
-            "with the token it asked with"
-        );
+        let asked = repository.locks.locked().clone();
+        assert_eq!(*repository.unlocks.locked(), asked, "with the token it asked with");
     }
 
     /// A lock held by someone else was never ours: no unlock is sent for it (a round trip

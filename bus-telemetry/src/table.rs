@@ -1,5 +1,6 @@
 //! A metric exporter that prints the bus's metrics as a short table a person reads.
 
+use bus_core::sync::MutexExt;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +34,7 @@ pub struct MetricsTable {
 impl MetricsTable {
     /// The table of the latest export.
     pub fn rendered(&self) -> String {
-        self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.latest.locked().clone()
     }
 }
 
@@ -88,7 +89,7 @@ fn render(metrics: &ResourceMetrics) -> String {
 
 impl PushMetricExporter for MetricsTable {
     async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
-        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = render(metrics);
+        *self.latest.locked() = render(metrics);
         Ok(())
     }
 

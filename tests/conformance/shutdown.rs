@@ -1,5 +1,6 @@
 //! Graceful shutdown: nothing lost, nothing acked that did not finish.
 
+use bus_core::sync::MutexExt;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -175,7 +176,7 @@ pub async fn a_consumer_finishing_during_stop_can_still_publish_and_request<F: F
                     let published = ctx.bus().publish(ProducedDuringStop).await;
                     let client = ctx.bus().request_client::<AskedDuringStop>().with_destination(target);
                     let answered = client.request::<AskedDuringStop>(AskedDuringStop).await.map(|_| ());
-                    o.lock().unwrap_or_else(|e| e.into_inner()).push((published.is_ok(), answered.is_ok()));
+                    o.locked().push((published.is_ok(), answered.is_ok()));
                     published?;
                     answered?;
                     Ok::<_, BoxError>(())
@@ -199,6 +200,6 @@ pub async fn a_consumer_finishing_during_stop_can_still_publish_and_request<F: F
     stopping.await.expect("stop task").expect("stop");
     let errors = fixture.take_messages(&format!("{name}_error"), 0, Duration::ZERO).await;
     responder.stop().await.expect("responder stops");
-    assert_eq!(*outcomes.lock().unwrap_or_else(|e| e.into_inner()), [(true, true)], "publish and request worked");
+    assert_eq!(*outcomes.locked(), [(true, true)], "publish and request worked");
     assert!(errors.is_empty(), "the message was not failed into the error queue");
 }

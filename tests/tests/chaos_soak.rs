@@ -14,6 +14,7 @@
 //! `CHAOS_MESSAGES` sets the size (default 6,000, the test command's short pass); the full
 //! soak: `CHAOS_MESSAGES=50000 cargo test --release -p tests --test chaos_soak -- --nocapture`.
 
+use bus_core::sync::MutexExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,16 +85,16 @@ struct Counts(Arc<Mutex<HashMap<u32, u32>>>);
 
 impl Counts {
     fn add(&self, id: u32) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default() += 1;
+        *self.0.locked().entry(id).or_default() += 1;
     }
     fn distinct(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.0.locked().len()
     }
     fn ids(&self) -> HashSet<u32> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
+        self.0.locked().keys().copied().collect()
     }
     fn duplicates(&self) -> u32 {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).values().map(|n| n - 1).sum()
+        self.0.locked().values().map(|n| n - 1).sum()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Logs that help at 3 a.m.: a failure's log lines say which message, of which type, on
 //! which endpoint and in which trace, and never hold the message's body or a password.
 
+use bus_core::sync::MutexExt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ struct Sink(Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Sink {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(bytes);
+        self.0.locked().extend_from_slice(bytes);
         Ok(bytes.len())
     }
 
@@ -42,7 +43,7 @@ impl std::io::Write for Sink {
 }
 
 fn logged() -> String {
-    String::from_utf8_lossy(&logs().lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+    String::from_utf8_lossy(&logs().locked()).into_owned()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]

@@ -4,6 +4,7 @@ mod builder;
 mod request;
 mod send;
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -141,7 +142,7 @@ impl Running {
         for handle in self.loops {
             let _ = handle.await;
         }
-        inner.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        inner.pending.locked().clear();
         if let Err(error) = inner.transport.delete_endpoint(&inner.response_topology).await {
             tracing::warn!(%error, "could not delete the bus response endpoint");
         }

@@ -1,6 +1,7 @@
 //! Request/response: a request carries a `requestId` and the bus's address; the response
 //! comes back to the bus's own endpoint and completes the waiting request.
 
+use crate::sync::MutexExt;
 use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -83,7 +84,7 @@ impl<M: Message> RequestClient<M> {
         options.request_id = Some(request_id);
         options.response_address = Some(inner.address.clone());
         let (tx, rx) = oneshot::channel();
-        inner.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(request_id, tx);
+        inner.pending.locked().insert(request_id, tx);
         let _pending = PendingGuard { inner, request_id };
         match &self.destination {
             Some(address) => self.bus.send_with(address, message, options).await?,
@@ -106,7 +107,7 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.request_id);
+        self.inner.pending.locked().remove(&self.request_id);
     }
 }
 
@@ -182,8 +183,7 @@ pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStre
         let outcome = match read {
             Ok(envelope) => {
                 let request_id = envelope.request_id;
-                let waiting =
-                    request_id.and_then(|id| inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id));
+                let waiting = request_id.and_then(|id| inner.pending.locked().remove(&id));
                 // The requester may have given up just now; then the response has nobody to go to.
                 match waiting.map(|tx| tx.send(envelope).is_ok()) {
                     Some(true) => Outcome::Answered,

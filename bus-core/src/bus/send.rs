@@ -1,5 +1,6 @@
 //! Building and dispatching outgoing messages: ids, addresses, headers, outbox.
 
+use crate::sync::RwLockExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,14 +184,14 @@ impl BusInner {
 
     /// The exchange and address a message type is published to, computed once per type.
     fn publish_destination(&self, urn: &'static str) -> super::Destination {
-        if let Some(found) = self.destinations.read().unwrap_or_else(|e| e.into_inner()).get(urn) {
+        if let Some(found) = self.destinations.read_locked().get(urn) {
             return found.clone();
         }
         let entity = type_entity_name(urn);
         let address: Arc<str> = self.transport.address(&entity).into();
         let name = telemetry::span_name(&entity, "send");
         let found = (Arc::<str>::from(entity), address, name);
-        self.destinations.write().unwrap_or_else(|e| e.into_inner()).insert(urn, found.clone());
+        self.destinations.write_locked().insert(urn, found.clone());
         found
     }
 

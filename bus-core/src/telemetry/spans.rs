@@ -9,6 +9,7 @@
 //! code opens there (with `tracing-opentelemetry`'s context activation, its default) become
 //! its children.
 
+use crate::sync::MutexExt;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -151,7 +152,7 @@ impl std::fmt::Debug for BusTracer {
 pub(crate) fn span_name(entity: &str, operation: &str) -> &'static str {
     static NAMES: std::sync::Mutex<Option<foldhash::HashSet<&'static str>>> = std::sync::Mutex::new(None);
     let name = [entity, " ", operation].concat();
-    let mut names = NAMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut names = NAMES.locked();
     let names = names.get_or_insert_with(Default::default);
     if let Some(known) = names.get(name.as_str()) {
         return known;

@@ -1,3 +1,4 @@
+use bus_core::sync::MutexExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -32,7 +33,7 @@ impl<S: Clone> InMemorySagaRepository<S> {
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, SagaInstance<S>>> {
-        self.instances.lock().unwrap_or_else(|e| e.into_inner())
+        self.instances.locked()
     }
 
     /// A copy of an instance, for assertions.
