@@ -434,9 +434,8 @@ impl<S: SagaData> StateMachineBuilder<S> {
     /// How long an instance finalized by an event whose messages could not all leave (the
     /// broker refused them, or was out of reach) is kept, so that the event, delivered again
     /// (redelivered, or moved back from `_error`), finds what it produced and sends it: the
-    /// instance is deleted as soon as they have left, and a store that expires keys (Redis)
-    /// drops it after this time if they never do (default one day; the in-memory repository
-    /// keeps it until it is deleted).
+    /// instance is deleted as soon as they have left, and the repository drops it after this
+    /// time if they never do (default one day).
     ///
     /// ```
     /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct S;

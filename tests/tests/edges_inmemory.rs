@@ -284,3 +284,41 @@ async fn a_finalized_instance_waits_for_its_own_event_to_come_back() {
         assert!(repository.get(tally_id).is_none(), "deleted once its message left (window {window})");
     }
 }
+
+/// Breaks: the bus stops while a message waits for its delayed redelivery. Proves: the
+/// message comes back, once, to the next bus on the same broker.
+#[tokio::test]
+async fn a_message_waiting_for_redelivery_comes_back_once_after_a_stop() {
+    let transport = InMemoryTransport::new();
+    let seen = Log::<u32>::default();
+    let bus = |seen: Log<u32>| {
+        Bus::builder(transport.clone())
+            .receive_endpoint("later", move |e| {
+                e.redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(300)])).handler(
+                    move |ctx: ConsumeContext<Probe>| {
+                        let seen = seen.clone();
+                        async move {
+                            seen.push(ctx.redelivery_count());
+                            if ctx.redelivery_count() == 0 {
+                                return Err::<(), BoxError>("not yet".into());
+                            }
+                            Ok(())
+                        }
+                    },
+                );
+            })
+            .build()
+    };
+    let first = bus(seen.clone());
+    first.start().await.expect("starts");
+    first.publish(Probe { n: 1 }).await.expect("published");
+    seen.wait_until("the first attempt", WAIT, |s| s.len() == 1).await.expect("attempted");
+    first.stop().await.expect("stops with the redelivery pending");
+    let second = bus(seen.clone());
+    second.start().await.expect("starts");
+    seen.wait_until("the redelivery", WAIT, |s| s.len() == 2).await.expect("redelivered");
+    second.stop().await.expect("stops");
+    assert_eq!(seen.snapshot(), [0, 1], "redelivered once");
+    assert_eq!(transport.queue_len("later"), 0);
+    assert!(transport.drain("later_error").is_empty());
+}
