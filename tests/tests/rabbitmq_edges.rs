@@ -403,10 +403,11 @@ async fn an_endpoint_queue_and_exchange_deleted_mid_run_are_declared_again() {
 
     let channel = fixture.channel().await;
     channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.expect("queue deleted");
+    // Reported once declared again: what was published before that went nowhere.
     let health = wait_health(&bus, "reporting the deleted queue", |h| {
-        h.endpoints
-            .iter()
-            .any(|e| e.reason.as_deref().is_some_and(|r| r.contains(&format!("queue `{queue}` was deleted"))))
+        h.endpoints.iter().any(|e| {
+            e.reason.as_deref().is_some_and(|r| r.contains(&format!("queue `{queue}` was deleted and declared again")))
+        })
     })
     .await;
     assert_eq!(health.status, HealthStatus::Degraded);
@@ -418,9 +419,11 @@ async fn an_endpoint_queue_and_exchange_deleted_mid_run_are_declared_again() {
         .await
         .expect("exchange deleted");
     wait_health(&bus, "reporting the deleted exchange", |h| {
-        h.endpoints
-            .iter()
-            .any(|e| e.reason.as_deref().is_some_and(|r| r.contains(&format!("exchange `{queue}` was deleted"))))
+        h.endpoints.iter().any(|e| {
+            e.reason
+                .as_deref()
+                .is_some_and(|r| r.contains(&format!("exchange `{queue}` was deleted and declared again")))
+        })
     })
     .await;
     bus.publish(Probe { n: 3 }).await.expect("published");
