@@ -66,6 +66,9 @@ pub(crate) struct Session {
     /// not necessarily that one): alone on its channel, a publish can only get its own.
     senders: Vec<tokio::sync::Mutex<Option<Channel>>>,
     next_sender: AtomicUsize,
+    /// Held while a pipelined publish takes its confirm number and queues its frames (see
+    /// `publisher::in_order`).
+    publish_order: Mutex<()>,
 }
 
 /// How many mandatory publishes may be in flight on one connection at once. Persistent
@@ -121,6 +124,11 @@ impl Session {
 
     pub(crate) fn is_alive(&self) -> bool {
         self.connection.status().connected()
+    }
+
+    /// The lock that keeps pipelined publishes' confirm numbers in the order of their frames.
+    pub(crate) fn publish_order(&self) -> &Mutex<()> {
+        &self.publish_order
     }
 
     /// The largest frame the broker takes on this connection, as negotiated.
@@ -342,6 +350,7 @@ impl Shared {
             reopening: tokio::sync::Mutex::new(()),
             senders: (0..SENDER_CHANNELS).map(|_| tokio::sync::Mutex::new(None)).collect(),
             next_sender: AtomicUsize::new(0),
+            publish_order: Mutex::new(()),
         });
         if self.role == Role::Consuming {
             // The publishing connection declares the topology; a consumer that finds its

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use bus_core::sync::MutexExt;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use tokio::time::Instant;
@@ -79,10 +80,14 @@ pub(crate) async fn publish(
         } else {
             let attempt = async {
                 let channel = session.publisher().await?;
-                channel
-                    .basic_publish(exchange_name.clone(), routing_key.clone(), options, body, properties.clone())
-                    .await?
-                    .await
+                let publishing = channel.basic_publish(
+                    exchange_name.clone(),
+                    routing_key.clone(),
+                    options,
+                    body,
+                    properties.clone(),
+                );
+                in_order(session.publish_order(), publishing).await?.await
             };
             tokio::time::timeout_at(deadline, attempt).await.ok()
         };
@@ -116,5 +121,26 @@ pub(crate) async fn publish(
             }
             None => return Err(Error::Unavailable(shared.options.publish_timeout)),
         }
+    }
+}
+
+/// Runs the first poll of `publishing` (a `basic_publish`) under `order`, then the rest freely.
+///
+/// lapin numbers a publish for its confirm and queues its frames in that first poll, but not
+/// atomically: two tasks publishing on one channel from two threads can take numbers in one
+/// order and queue frames in the other. The broker numbers messages as their frames arrive,
+/// so its confirm for one then resolves the other's: with a refused or returned message among
+/// them, a publish the broker never took was reported confirmed. Under `order`, numbers and
+/// frames go in the same order; waiting for the confirm stays concurrent.
+async fn in_order<F: std::future::Future>(order: &std::sync::Mutex<()>, publishing: F) -> F::Output {
+    let mut publishing = std::pin::pin!(publishing);
+    let first = std::future::poll_fn(|cx| {
+        let _numbering_and_queueing = order.locked();
+        std::task::Poll::Ready(publishing.as_mut().poll(cx))
+    })
+    .await;
+    match first {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => publishing.await,
     }
 }
