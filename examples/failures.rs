@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus_core::middleware::RetryPolicy;
-use bus_core::{BoxError, Bus, ConsumeContext, Fault, Message, RedeliveryPolicy, Transport, TransportMessage};
+use bus_core::{
+    BoxError, Bus, ConsumeContext, Endpoint, Fault, Message, RedeliveryPolicy, Transport, TransportMessage,
+};
 use bus_inmemory::InMemoryTransport;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -102,8 +104,9 @@ async fn run(transport: impl Transport + Clone, queues: Queues) -> Result<(), Bo
 
     let counter = attempts.clone();
     let bus = Bus::builder(transport.clone())
-        .receive_endpoint("payments", move |e| {
-            e.retry(RetryPolicy::intervals([Duration::from_millis(50), Duration::from_millis(100)]))
+        .endpoint(
+            Endpoint::new("payments")
+                .retry(RetryPolicy::intervals([Duration::from_millis(50), Duration::from_millis(100)]))
                 .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(300)]))
                 .handler(move |ctx: ConsumeContext<ChargeCard>| {
                     let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
@@ -114,17 +117,15 @@ async fn run(transport: impl Transport + Clone, queues: Queues) -> Result<(), Bo
                         ctx.redelivery_count()
                     );
                     async { Err::<(), BoxError>("card gateway timed out".into()) }
-                });
-        })
-        .receive_endpoint("payment-faults", move |e| {
-            e.handler(move |ctx: ConsumeContext<Fault<ChargeCard>>| {
-                let fault_tx = fault_tx.clone();
-                async move {
-                    fault_tx.send(ctx.into_message())?;
-                    Ok::<_, BoxError>(())
-                }
-            });
-        })
+                }),
+        )
+        .endpoint(Endpoint::new("payment-faults").handler_with_state(
+            fault_tx,
+            |ctx: ConsumeContext<Fault<ChargeCard>>, fault_tx| async move {
+                fault_tx.send(ctx.into_message())?;
+                Ok(())
+            },
+        ))
         .build();
     bus.start().await?;
     queues.empty("payments_error").await?;

@@ -13,10 +13,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::{BoxError, Bus, BusBuilder};
+use bus_core::{BoxError, Bus, BusBuilder, Endpoint};
 use bus_inmemory::InMemoryTransport;
 use bus_rabbitmq::RabbitMqTransport;
-use bus_saga::{InMemorySagaRepository, RedisSagaOptions, RedisSagaRepository, SagaBusExt, TransitionRecord};
+use bus_saga::{InMemorySagaRepository, RedisSagaOptions, RedisSagaRepository, Saga, TransitionRecord};
 use examples::order_saga::{order_state_machine_with, InventoryConsumer, NewOrderEvent, OrderState};
 use uuid::Uuid;
 
@@ -46,9 +46,9 @@ async fn with_orchestrator(
         Ok(url) => {
             let options = RedisSagaOptions { key_prefix: "OrderState".into(), ..RedisSagaOptions::default() };
             let repository = RedisSagaRepository::<OrderState>::connect(&url, options).await?;
-            builder.saga_endpoint(machine, repository, |_| {}).0
+            builder.endpoint(Saga::new(machine, repository).endpoint())
         }
-        Err(_) => builder.saga_endpoint(machine, InMemorySagaRepository::new(), |_| {}).0,
+        Err(_) => builder.endpoint(Saga::new(machine, InMemorySagaRepository::new()).endpoint()),
     })
 }
 
@@ -89,9 +89,7 @@ async fn main() -> Result<(), BoxError> {
         "inventory" => {
             let bus = bus_builder(&rabbit, &memory)
                 .await
-                .receive_endpoint("Inventory", |e| {
-                    e.consumer(InventoryConsumer::default());
-                })
+                .endpoint(Endpoint::new("Inventory").consumer(InventoryConsumer::default()))
                 .build();
             run_until_ctrl_c(bus, "inventory").await?;
         }
@@ -126,11 +124,7 @@ async fn run_all(rabbit: &Option<RabbitMqTransport>, memory: &InMemoryTransport)
     let inventory = InventoryConsumer::default();
     let inventory_endpoint = inventory.clone();
     let orchestrator = with_orchestrator(bus_builder(rabbit, memory).await, hook).await?;
-    let bus = orchestrator
-        .receive_endpoint("Inventory", move |e| {
-            e.consumer(inventory_endpoint);
-        })
-        .build();
+    let bus = orchestrator.endpoint(Endpoint::new("Inventory").consumer(inventory_endpoint)).build();
     bus.start().await?;
 
     let (available, unavailable) = (Uuid::now_v7(), Uuid::now_v7());

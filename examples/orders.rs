@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use bus_core::{BoxError, Bus, ConsumeContext, Consumer, Message, Transport};
+use bus_core::{BoxError, Bus, ConsumeContext, Consumer, Endpoint, Message, Transport};
 use bus_inmemory::InMemoryTransport;
 use bus_rabbitmq::RabbitMqTransport;
 use chrono::{DateTime, Utc};
@@ -124,8 +124,8 @@ async fn run(transport: impl Transport) -> Result<(), BoxError> {
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
     let bus = Bus::builder(transport)
         // Endpoint names come from the consumer types, as in MassTransit: `NewOrder`, `Payment`.
-        .consumer_endpoint(NewOrderConsumer { seen: seen_tx }, |_| {})
-        .consumer_endpoint(PaymentConsumer { limit_cents: 10_000 }, |_| {})
+        .endpoint(Endpoint::for_consumer(NewOrderConsumer { seen: seen_tx }))
+        .endpoint(Endpoint::for_consumer(PaymentConsumer { limit_cents: 10_000 }))
         .request_timeout(Duration::from_secs(5))
         .build();
     bus.start().await?;

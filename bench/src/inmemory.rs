@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bus_core::{BoxError, Bus, ConsumeContext, Message};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message};
 use bus_inmemory::{InMemoryOptions, InMemoryTransport};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
@@ -72,16 +72,15 @@ pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>) -> Resul
         builder = builder.tracer_provider(tracer);
     }
     let bus = builder
-        .receive_endpoint("bench-orders", move |e| {
-            let (c, d) = (c.clone(), d.clone());
-            e.prefetch(1000).concurrency_limit(64).handler(move |ctx: ConsumeContext<OrderPlaced>| {
+        .endpoint(Endpoint::new("bench-orders").prefetch(1000).concurrency_limit(64).handler(
+            move |ctx: ConsumeContext<OrderPlaced>| {
                 std::hint::black_box(ctx.message());
                 if c.fetch_add(1, Ordering::Relaxed) + 1 == total {
                     d.notify_one();
                 }
-                async { Ok::<_, BoxError>(()) }
-            });
-        })
+                async { Ok(()) }
+            },
+        ))
         .build();
     bus.start().await?;
     let started = Instant::now();

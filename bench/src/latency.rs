@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bus_core::{BoxError, Bus, BusBuilder, ConsumeContext, Message};
+use bus_core::{BoxError, Bus, BusBuilder, ConsumeContext, Endpoint, Message};
 use bus_inmemory::InMemoryTransport;
 use bus_rabbitmq::RabbitMqTransport;
 use serde::{Deserialize, Serialize};
@@ -36,16 +36,13 @@ async fn measure(builder: BusBuilder, name: &str, duration: Duration) -> Result<
     let recorded = samples.clone();
     let endpoint = format!("bench-latency-{}", uuid::Uuid::now_v7().simple());
     let bus = builder
-        .receive_endpoint(&endpoint, move |e| {
-            let recorded = recorded.clone();
-            e.prefetch(100).handler(move |ctx: ConsumeContext<Timed>| {
-                let latency = (start.elapsed().as_nanos() as u64).saturating_sub(ctx.message().sent_ns);
-                if let Ok(mut samples) = recorded.lock() {
-                    samples.push(latency);
-                }
-                async { Ok::<_, BoxError>(()) }
-            });
-        })
+        .endpoint(Endpoint::new(&endpoint).prefetch(100).handler(move |ctx: ConsumeContext<Timed>| {
+            let latency = (start.elapsed().as_nanos() as u64).saturating_sub(ctx.message().sent_ns);
+            if let Ok(mut samples) = recorded.lock() {
+                samples.push(latency);
+            }
+            async { Ok(()) }
+        }))
         .build();
     bus.start().await?;
     let count = (duration.as_secs_f64() * RATE as f64) as u64;

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use bus_core::{BoxError, Bus, ConsumeContext, Message};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message};
 use bus_inmemory::{InMemoryOptions, InMemoryTransport};
 use serde::{Deserialize, Serialize};
 
@@ -36,9 +36,8 @@ pub(crate) fn child(mode: &str, messages: u64) -> Result<(), BoxError> {
             InMemoryTransport::with_options(InMemoryOptions { queue_capacity: capacity, full_queue_wait: None });
         let mut builder = Bus::builder(transport.clone());
         for i in 0..10 {
-            builder = builder.receive_endpoint(format!("idle-{i}"), |e| {
-                e.handler(|_: ConsumeContext<Waiting>| async { Ok::<_, BoxError>(()) });
-            });
+            builder = builder
+                .endpoint(Endpoint::new(format!("idle-{i}")).handler(|_: ConsumeContext<Waiting>| async { Ok(()) }));
         }
         let bus = builder.build();
         if mode == "idle" {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bus_core::{BoxError, Bus, ConsumeContext, EndpointTopology, Message, Transport};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, EndpointTopology, Message, Transport};
 use bus_rabbitmq::RabbitMqTransport;
 use futures::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{
@@ -243,16 +243,13 @@ async fn bus(count: u64) -> Result<(Round, usize), BoxError> {
     let (c, d) = (consumed.clone(), done.clone());
     let endpoint = format!("bench-consume-{}", uuid::Uuid::now_v7().simple());
     let bus = Bus::builder(transport.clone())
-        .receive_endpoint(&endpoint, move |e| {
-            let (c, d) = (c.clone(), d.clone());
-            e.prefetch(PREFETCH).handler(move |ctx: ConsumeContext<Shipment>| {
-                std::hint::black_box(ctx.message());
-                if c.fetch_add(1, Ordering::Relaxed) + 1 == count {
-                    d.notify_one();
-                }
-                async { Ok::<_, BoxError>(()) }
-            });
-        })
+        .endpoint(Endpoint::new(&endpoint).prefetch(PREFETCH).handler(move |ctx: ConsumeContext<Shipment>| {
+            std::hint::black_box(ctx.message());
+            if c.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                d.notify_one();
+            }
+            async { Ok(()) }
+        }))
         .build();
     bus.start().await?;
     let finished = done.notified();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bus_core::{BoxError, Bus, Message};
 use bus_inmemory::InMemoryTransport;
-use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, SagaBusExt, StateMachine};
+use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, Saga, StateMachine};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -87,10 +87,11 @@ async fn saga(events: u64, prefix: &str) -> Result<(f64, u64), BoxError> {
         .build();
     let options = RedisSagaOptions { key_prefix: prefix.to_owned(), ..RedisSagaOptions::default() };
     let repository = RedisSagaRepository::<Tally>::connect(REDIS, options).await?;
-    let (builder, stats) = Bus::builder(InMemoryTransport::new()).saga_endpoint(machine, repository, |e| {
-        e.prefetch(64).concurrency_limit(CONCURRENCY);
-    });
-    let bus = builder.build();
+    let saga = Saga::new(machine, repository);
+    let stats = saga.stats();
+    let bus = Bus::builder(InMemoryTransport::new())
+        .endpoint(saga.endpoint().prefetch(64).concurrency_limit(CONCURRENCY))
+        .build();
     bus.start().await?;
     let ids: Vec<Uuid> = (0..INSTANCES).map(|_| Uuid::now_v7()).collect();
     // Create the instances first, so the run measures transitions of existing instances.

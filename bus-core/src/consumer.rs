@@ -11,7 +11,7 @@ use crate::{BoxError, ConsumeContext, ConsumeError, Message, ReceiveContext};
 /// Receives messages of type `M`.
 ///
 /// A struct with shared state implements it; a plain async function registers with
-/// [`ReceiveEndpointBuilder::handler`](crate::ReceiveEndpointBuilder::handler).
+/// [`Endpoint::handler`](crate::Endpoint::handler).
 /// Return `Err` to fail the attempt (the retry policy decides what follows); wrap the
 /// error in [`Permanent`] to skip retries.
 ///
@@ -33,9 +33,7 @@ use crate::{BoxError, ConsumeContext, ConsumeError, Message, ReceiveContext};
 /// }
 ///
 /// let bus = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new())
-///     .receive_endpoint("audit", |e| {
-///         e.consumer(AuditConsumer { prefix: "audit".into() });
-///     })
+///     .endpoint(bus_core::Endpoint::new("audit").consumer(AuditConsumer { prefix: "audit".into() }))
 ///     .build();
 /// # drop(bus);
 /// # let _ = OrderPlaced { order_id: 1 };

@@ -216,7 +216,7 @@ impl ReceiveContext {
 /// token) is reachable directly through `Deref`.
 ///
 /// ```
-/// # use bus_core::{Bus, ConsumeContext, Message, BoxError};
+/// # use bus_core::{Bus, ConsumeContext, Endpoint, Message, BoxError};
 /// # use serde::{Deserialize, Serialize};
 /// #[derive(Debug, Serialize, Deserialize, Message)]
 /// #[message(urn = "urn:message:Shop:CheckStock")]
@@ -234,7 +234,7 @@ impl ReceiveContext {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
-///     .receive_endpoint("stock", |e| { e.handler(check_stock); })
+///     .endpoint(Endpoint::new("stock").handler(check_stock))
 ///     .build();
 /// bus.start().await?;
 /// let level = bus.request::<CheckStock, StockLevel>(CheckStock { sku: "A-1".into() }).await?;

@@ -74,18 +74,30 @@ impl Default for EndpointSettings {
     }
 }
 
-/// Settings of one consumer on an endpoint; see [`ReceiveEndpointBuilder::consumer_with`].
-#[derive(Default)]
-pub struct ConsumerConfig {
+/// Settings of one consumer on an endpoint, given with
+/// [`Endpoint::consumer_with`] or [`Endpoint::handler_with`].
+///
+/// ```
+/// use std::time::Duration;
+/// use bus_core::ConsumerOptions;
+/// use bus_core::middleware::RetryPolicy;
+/// let options = ConsumerOptions::new()
+///     .retry(RetryPolicy::immediate(3))
+///     .timeout(Duration::from_secs(10))
+///     .concurrency_limit(4);
+/// # drop(options);
+/// ```
+#[derive(Default, Clone)]
+pub struct ConsumerOptions {
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) concurrency_limit: Option<usize>,
     pub(crate) middleware: Vec<Arc<dyn Middleware>>,
 }
 
-impl fmt::Debug for ConsumerConfig {
+impl fmt::Debug for ConsumerOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConsumerConfig")
+        f.debug_struct("ConsumerOptions")
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
             .field("concurrency_limit", &self.concurrency_limit)
@@ -94,27 +106,32 @@ impl fmt::Debug for ConsumerConfig {
     }
 }
 
-impl ConsumerConfig {
+impl ConsumerOptions {
+    /// The endpoint's settings, unchanged.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// This consumer's retry policy, instead of the endpoint's.
-    pub fn retry(&mut self, policy: RetryPolicy) -> &mut Self {
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
         self
     }
 
     /// Fails an attempt that runs longer than `timeout`.
-    pub fn timeout(&mut self, timeout: Duration) -> &mut Self {
+    pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 
     /// At most `n` messages in this consumer at once.
-    pub fn concurrency_limit(&mut self, n: usize) -> &mut Self {
+    pub fn concurrency_limit(mut self, n: usize) -> Self {
         self.concurrency_limit = Some(n);
         self
     }
 
     /// Adds middleware around this consumer (inside the endpoint's).
-    pub fn middleware(&mut self, middleware: impl Middleware) -> &mut Self {
+    pub fn middleware(mut self, middleware: impl Middleware) -> Self {
         self.middleware.push(Arc::new(middleware));
         self
     }
@@ -125,44 +142,51 @@ pub(crate) struct ConsumerRegistration {
     pub(crate) consumer_type: &'static str,
     pub(crate) message_type: &'static str,
     pub(crate) consumer: Arc<dyn ErasedConsumer>,
-    pub(crate) config: ConsumerConfig,
+    pub(crate) options: ConsumerOptions,
 }
 
-/// Configures one receive endpoint: its consumers and settings.
+/// How an endpoint is named: as given, or from its consumer's type by the bus's
+/// [`EndpointNameFormatter`](crate::EndpointNameFormatter).
+#[derive(Debug, Clone)]
+pub(crate) enum EndpointName {
+    Given(String),
+    FromConsumer(&'static str),
+}
+
+/// A receive endpoint (MassTransit's `ReceiveEndpoint`): a queue with its consumers and
+/// settings, built as a value and added to a bus with [`BusBuilder::endpoint`](crate::BusBuilder::endpoint).
 ///
 /// ```
 /// use std::time::Duration;
-/// use bus_core::{Bus, ConsumeContext, BoxError, Message, RedeliveryPolicy};
+/// use bus_core::{Bus, ConsumeContext, Endpoint, Message, RedeliveryPolicy};
 /// use bus_core::middleware::RetryPolicy;
 /// # use serde::{Deserialize, Serialize};
 /// # #[derive(Debug, Serialize, Deserialize, Message)]
 /// # #[message(urn = "urn:message:Shop:OrderPlaced")]
 /// # struct OrderPlaced { order_id: u32 }
 ///
-/// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
-///     .receive_endpoint("orders", |e| {
-///         e.prefetch(32)
-///             .concurrency_limit(8)
-///             .retry(RetryPolicy::intervals([Duration::from_millis(100), Duration::from_secs(1)]))
-///             .redelivery(RedeliveryPolicy::intervals([Duration::from_secs(5), Duration::from_secs(30)]))
-///             .handler(|ctx: ConsumeContext<OrderPlaced>| async move {
-///                 println!("order {}", ctx.message().order_id);
-///                 Ok::<_, BoxError>(())
-///             });
-///     })
-///     .build();
+/// let orders = Endpoint::new("orders")
+///     .prefetch(32)
+///     .concurrency_limit(8)
+///     .retry(RetryPolicy::intervals([Duration::from_millis(100), Duration::from_secs(1)]))
+///     .redelivery(RedeliveryPolicy::intervals([Duration::from_secs(5), Duration::from_secs(30)]))
+///     .handler(|ctx: ConsumeContext<OrderPlaced>| async move {
+///         println!("order {}", ctx.message().order_id);
+///         Ok(())
+///     });
+/// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new()).endpoint(orders).build();
 /// # drop(bus);
 /// ```
-pub struct ReceiveEndpointBuilder {
-    pub(crate) name: String,
+pub struct Endpoint {
+    pub(crate) name: EndpointName,
     pub(crate) settings: EndpointSettings,
     pub(crate) middleware: Vec<Arc<dyn Middleware>>,
     pub(crate) consumers: Vec<ConsumerRegistration>,
 }
 
-impl fmt::Debug for ReceiveEndpointBuilder {
+impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReceiveEndpointBuilder")
+        f.debug_struct("Endpoint")
             .field("name", &self.name)
             .field("settings", &self.settings)
             .field("consumers", &self.consumers.iter().map(|c| c.consumer_type).collect::<Vec<_>>())
@@ -170,99 +194,151 @@ impl fmt::Debug for ReceiveEndpointBuilder {
     }
 }
 
-impl ReceiveEndpointBuilder {
-    pub(crate) fn new(name: String) -> Self {
-        ReceiveEndpointBuilder {
-            name,
-            settings: EndpointSettings::default(),
-            middleware: Vec::new(),
-            consumers: Vec::new(),
+impl Endpoint {
+    /// An endpoint named `name` (its queue), with no consumers yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self::named(EndpointName::Given(name.into()))
+    }
+
+    /// An endpoint for one consumer, named when it is added to a bus by the bus's
+    /// [`EndpointNameFormatter`](crate::EndpointNameFormatter) from the consumer's type
+    /// (`SubmitOrderConsumer` -> `SubmitOrder`, or `submit-order` in kebab case), as
+    /// MassTransit's `ConfigureEndpoints` names them.
+    ///
+    /// ```
+    /// use bus_core::{Bus, BoxError, ConsumeContext, Consumer, Endpoint, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:SubmitOrder")]
+    /// # struct SubmitOrder;
+    /// struct SubmitOrderConsumer;
+    /// impl Consumer<SubmitOrder> for SubmitOrderConsumer {
+    ///     async fn consume(&self, _: ConsumeContext<SubmitOrder>) -> Result<(), BoxError> { Ok(()) }
+    /// }
+    /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
+    ///     .endpoint(Endpoint::for_consumer(SubmitOrderConsumer).prefetch(8))
+    ///     .build();
+    /// assert!(bus.endpoint_address("SubmitOrder").ends_with("/SubmitOrder"));
+    /// ```
+    pub fn for_consumer<M: Message, C: Consumer<M>>(consumer: C) -> Self {
+        Self::named(EndpointName::FromConsumer(std::any::type_name::<C>())).consumer(consumer)
+    }
+
+    fn named(name: EndpointName) -> Self {
+        Endpoint { name, settings: EndpointSettings::default(), middleware: Vec::new(), consumers: Vec::new() }
+    }
+
+    /// The endpoint's name (its queue), unless it is to be named from its consumer's type
+    /// when added to a bus.
+    pub fn name(&self) -> Option<&str> {
+        match &self.name {
+            EndpointName::Given(name) => Some(name),
+            EndpointName::FromConsumer(_) => None,
         }
     }
 
-    /// The endpoint's name (its queue).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Adds a consumer of `M`.
-    pub fn consumer<M: Message, C: Consumer<M>>(&mut self, consumer: C) -> &mut Self {
-        self.consumer_with(consumer, |_| {})
+    /// Adds a consumer of `M`. A type that consumes several messages is added once per
+    /// message type (`.consumer::<OrderPlaced, _>(c.clone())`).
+    pub fn consumer<M: Message, C: Consumer<M>>(self, consumer: C) -> Self {
+        self.consumer_with(consumer, ConsumerOptions::default())
     }
 
     /// Adds a consumer of `M` with its own settings (retry, timeout, concurrency, middleware).
-    pub fn consumer_with<M: Message, C: Consumer<M>>(
-        &mut self,
-        consumer: C,
-        configure: impl FnOnce(&mut ConsumerConfig),
-    ) -> &mut Self {
-        let mut config = ConsumerConfig::default();
-        configure(&mut config);
-        self.consumers.push(ConsumerRegistration {
-            consumer_type: std::any::type_name::<C>(),
-            message_type: M::message_type(),
-            consumer: TypedConsumer::<M, C>::erased(consumer),
-            config,
-        });
-        self
+    pub fn consumer_with<M: Message, C: Consumer<M>>(self, consumer: C, options: ConsumerOptions) -> Self {
+        self.register(std::any::type_name::<C>(), TypedConsumer::<M, C>::erased(consumer), M::message_type(), options)
     }
 
-    /// Adds an async function as a consumer of `M`.
-    pub fn handler<M, F, Fut>(&mut self, handler: F) -> &mut Self
+    /// Adds an async function as a consumer of `M` (MassTransit's `Handler<T>`).
+    pub fn handler<M, F, Fut>(self, handler: F) -> Self
     where
         M: Message,
         F: Fn(ConsumeContext<M>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
-        self.handler_with(handler, |_| {})
+        self.handler_with(handler, ConsumerOptions::default())
     }
 
     /// Adds an async function as a consumer of `M`, with its own settings.
-    pub fn handler_with<M, F, Fut>(&mut self, handler: F, configure: impl FnOnce(&mut ConsumerConfig)) -> &mut Self
+    pub fn handler_with<M, F, Fut>(self, handler: F, options: ConsumerOptions) -> Self
     where
         M: Message,
         F: Fn(ConsumeContext<M>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
-        let index = self.consumers.len();
-        self.consumer_with(FnConsumer::new(handler), configure);
-        // The closure's own type name says nothing to a reader of `_error` headers.
-        self.consumers[index].consumer_type = std::any::type_name::<F>();
+        // The closure's own type name says what it is to a reader of `_error` headers.
+        let consumer = TypedConsumer::<M, _>::erased(FnConsumer::new(handler));
+        self.register(std::any::type_name::<F>(), consumer, M::message_type(), options)
+    }
+
+    /// Adds an async function as a consumer of `M` that gets its own clone of `state` with
+    /// each message, so that the closure itself needs no clones.
+    ///
+    /// ```
+    /// use bus_core::{ConsumeContext, Endpoint, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:OrderPlaced")]
+    /// # struct OrderPlaced { order_id: u32 }
+    /// let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    /// let billing = Endpoint::new("billing").handler_with_state(tx, |ctx: ConsumeContext<OrderPlaced>, tx| async move {
+    ///     tx.send(ctx.message().order_id)?;
+    ///     Ok(())
+    /// });
+    /// # drop(billing);
+    /// ```
+    pub fn handler_with_state<M, S, F, Fut>(self, state: S, handler: F) -> Self
+    where
+        M: Message,
+        S: Clone + Send + Sync + 'static,
+        F: Fn(ConsumeContext<M>, S) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        let consumer =
+            TypedConsumer::<M, _>::erased(FnConsumer::new(move |ctx: ConsumeContext<M>| handler(ctx, state.clone())));
+        self.register(std::any::type_name::<F>(), consumer, M::message_type(), ConsumerOptions::default())
+    }
+
+    fn register(
+        mut self,
+        consumer_type: &'static str,
+        consumer: Arc<dyn ErasedConsumer>,
+        message_type: &'static str,
+        options: ConsumerOptions,
+    ) -> Self {
+        self.consumers.push(ConsumerRegistration { consumer_type, message_type, consumer, options });
         self
     }
 
     /// How many deliveries may be unsettled at once (default: max(2 x cores, 16)).
-    pub fn prefetch(&mut self, prefetch: u16) -> &mut Self {
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
         self.settings.prefetch = prefetch.max(1);
         self
     }
 
     /// How many messages are consumed at once (default: the prefetch).
-    pub fn concurrency_limit(&mut self, n: usize) -> &mut Self {
+    pub fn concurrency_limit(mut self, n: usize) -> Self {
         self.settings.concurrency = Some(n.max(1));
         self
     }
 
     /// The in-process retry policy of every consumer here that has none of its own.
-    pub fn retry(&mut self, policy: RetryPolicy) -> &mut Self {
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.settings.retry = policy;
         self
     }
 
     /// Delayed redelivery after the in-process retries are spent.
-    pub fn redelivery(&mut self, policy: RedeliveryPolicy) -> &mut Self {
+    pub fn redelivery(mut self, policy: RedeliveryPolicy) -> Self {
         self.settings.redelivery = policy;
         self
     }
 
     /// The largest body accepted; larger ones go to `_error` unread (default 4 MiB).
-    pub fn max_message_size(&mut self, bytes: usize) -> &mut Self {
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.settings.max_message_size = bytes;
         self
     }
 
     /// Whether messages produced while consuming are held until the consume succeeds (default on).
-    pub fn outbox(&mut self, enabled: bool) -> &mut Self {
+    pub fn outbox(mut self, enabled: bool) -> Self {
         self.settings.outbox = enabled;
         self
     }
@@ -271,26 +347,23 @@ impl ReceiveEndpointBuilder {
     /// [`TracePropagation::Child`]).
     ///
     /// ```
-    /// use bus_core::{BoxError, Bus, ConsumeContext, Message, TracePropagation};
+    /// use bus_core::{ConsumeContext, Endpoint, Message, TracePropagation};
     /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Message)]
     /// # #[message(urn = "urn:message:Shop:Webhook")]
     /// # struct Webhook;
     /// // Messages from outside start traces of their own here, linked to their sender's.
-    /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
-    ///     .receive_endpoint("webhooks", |e| {
-    ///         e.trace_propagation(TracePropagation::Link)
-    ///             .handler(|_: ConsumeContext<Webhook>| async { Ok::<_, BoxError>(()) });
-    ///     })
-    ///     .build();
-    /// # drop(bus);
+    /// let webhooks = Endpoint::new("webhooks")
+    ///     .trace_propagation(TracePropagation::Link)
+    ///     .handler(|_: ConsumeContext<Webhook>| async { Ok(()) });
+    /// # drop(webhooks);
     /// ```
-    pub fn trace_propagation(&mut self, propagation: TracePropagation) -> &mut Self {
+    pub fn trace_propagation(mut self, propagation: TracePropagation) -> Self {
         self.settings.trace_propagation = propagation;
         self
     }
 
     /// Adds middleware around every consumer of this endpoint.
-    pub fn middleware(&mut self, middleware: impl Middleware) -> &mut Self {
+    pub fn middleware(mut self, middleware: impl Middleware) -> Self {
         self.middleware.push(Arc::new(middleware));
         self
     }

@@ -12,7 +12,7 @@
 //! - graceful shutdown that loses nothing.
 //!
 //! ```
-//! use bus_core::{ConsumeContext, BoxError, Message};
+//! use bus_core::{BoxError, ConsumeContext, Endpoint, Message};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Debug, Serialize, Deserialize, Message)]
@@ -23,12 +23,10 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), BoxError> {
 //! let harness = bus_inmemory::InMemoryTestHarness::start(|bus| {
-//!     bus.receive_endpoint("orders", |e| {
-//!         e.handler(|ctx: ConsumeContext<NewOrderEvent>| async move {
-//!             println!("order from {}", ctx.message().user_email);
-//!             Ok::<_, BoxError>(())
-//!         });
-//!     })
+//!     bus.endpoint(Endpoint::new("orders").handler(|ctx: ConsumeContext<NewOrderEvent>| async move {
+//!         println!("order from {}", ctx.message().user_email);
+//!         Ok(())
+//!     }))
 //! })
 //! .await?;
 //! harness.bus().publish(NewOrderEvent { user_email: "ann@example.com".into() }).await?;
@@ -74,9 +72,7 @@ pub use bus_derive::Message;
 pub use consume_error::{ConsumeError, ConsumeErrorKind};
 pub use consumer::{Consumer, Permanent, Skip};
 pub use context::{ConsumeContext, ReceiveContext};
-pub use endpoint::{
-    default_prefetch, ConsumerConfig, ReceiveEndpointBuilder, TracePropagation, DEFAULT_MAX_MESSAGE_SIZE,
-};
+pub use endpoint::{default_prefetch, ConsumerOptions, Endpoint, TracePropagation, DEFAULT_MAX_MESSAGE_SIZE};
 pub use endpoint_name::{
     DefaultEndpointNameFormatter, EndpointNameFormatter, KebabCaseEndpointNameFormatter, SnakeCaseEndpointNameFormatter,
 };

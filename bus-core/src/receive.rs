@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::context::ReceiveState;
 use crate::dead_letter::{self, truncate};
-use crate::endpoint::{EndpointInfo, EndpointSettings, ReceiveEndpointBuilder};
+use crate::endpoint::{Endpoint, EndpointInfo, EndpointSettings};
 use crate::headers::names;
 use crate::logged::escaped;
 use crate::middleware::{panic_message, CatchPanic, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
@@ -54,13 +54,13 @@ pub(crate) struct EndpointRuntime {
 }
 
 impl EndpointRuntime {
-    pub(crate) fn new(builder: ReceiveEndpointBuilder, address: String, system: &'static str) -> Self {
-        let ReceiveEndpointBuilder { name, settings, middleware, consumers: registrations } = builder;
+    pub(crate) fn new(name: String, endpoint: Endpoint, address: String, system: &'static str) -> Self {
+        let Endpoint { settings, middleware, consumers: registrations, .. } = endpoint;
         let mut consumers = Vec::with_capacity(registrations.len());
         let mut by_type: foldhash::HashMap<&'static str, Vec<usize>> = foldhash::HashMap::default();
         let mut message_types = Vec::new();
         for (index, registration) in registrations.into_iter().enumerate() {
-            let config = registration.config;
+            let config = registration.options;
             let mut stack: Vec<Arc<dyn Middleware>> = Vec::new();
             if let Some(limit) = config.concurrency_limit {
                 stack.push(Arc::new(ConcurrencyLimit::new(limit)));

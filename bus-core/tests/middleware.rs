@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_core::middleware::{from_fn, RetryPolicy};
-use bus_core::{BoxError, ConsumeContext, Envelope, Error, Message};
+use bus_core::{BoxError, ConsumeContext, ConsumerOptions, Endpoint, Envelope, Error, Message};
 use bus_inmemory::InMemoryTestHarness;
 use serde::{Deserialize, Serialize};
 
@@ -28,8 +28,9 @@ async fn middleware_runs_in_documented_order_around_each_attempt() {
     let (outer, inner) = (trace.clone(), trace.clone());
     let in_consumer = trace.clone();
     let harness = InMemoryTestHarness::start(move |bus| {
-        bus.receive_endpoint("ordered", move |e| {
-            e.retry(RetryPolicy::immediate(1))
+        bus.endpoint(
+            Endpoint::new("ordered")
+                .retry(RetryPolicy::immediate(1))
                 .middleware(from_fn(move |ctx, next| {
                     let trace = outer.clone();
                     async move {
@@ -54,22 +55,20 @@ async fn middleware_runs_in_documented_order_around_each_attempt() {
                             if ctx.message().fail_first && ctx.retry_attempt() == 0 {
                                 return Err("first attempt fails".into());
                             }
-                            Ok::<_, BoxError>(())
+                            Ok(())
                         }
                     },
-                    move |c| {
-                        c.middleware(from_fn(move |ctx, next| {
-                            let trace = inner.clone();
-                            async move {
-                                if let Ok(mut t) = trace.lock() {
-                                    t.push("consumer-middleware".into());
-                                }
-                                next.run(ctx).await
+                    ConsumerOptions::new().middleware(from_fn(move |ctx, next| {
+                        let trace = inner.clone();
+                        async move {
+                            if let Ok(mut t) = trace.lock() {
+                                t.push("consumer-middleware".into());
                             }
-                        }));
-                    },
-                );
-        })
+                            next.run(ctx).await
+                        }
+                    })),
+                ),
+        )
     })
     .await
     .expect("harness");
@@ -103,12 +102,10 @@ async fn send_middleware_sees_every_outgoing_message_and_can_refuse() {
             }
             Ok::<_, BoxError>(())
         })
-        .receive_endpoint("notes", |e| {
-            e.handler(|ctx: ConsumeContext<Job>| async move {
-                ctx.publish(Note { attempt: ctx.retry_attempt() }).await?;
-                Ok::<_, BoxError>(())
-            });
-        })
+        .endpoint(Endpoint::new("notes").handler(|ctx: ConsumeContext<Job>| async move {
+            ctx.publish(Note { attempt: ctx.retry_attempt() }).await?;
+            Ok(())
+        }))
     })
     .await
     .expect("harness");
@@ -128,15 +125,15 @@ async fn send_middleware_sees_every_outgoing_message_and_can_refuse() {
 #[tokio::test]
 async fn with_the_outbox_off_failed_attempts_publish_at_once() {
     let harness = InMemoryTestHarness::start(|bus| {
-        bus.receive_endpoint("no-outbox", |e| {
-            e.outbox(false).retry(RetryPolicy::immediate(1)).handler(|ctx: ConsumeContext<Job>| async move {
+        bus.endpoint(Endpoint::new("no-outbox").outbox(false).retry(RetryPolicy::immediate(1)).handler(
+            |ctx: ConsumeContext<Job>| async move {
                 ctx.publish(Note { attempt: ctx.retry_attempt() }).await?;
                 if ctx.retry_attempt() == 0 {
                     return Err("first attempt fails".into());
                 }
-                Ok::<_, BoxError>(())
-            });
-        })
+                Ok(())
+            },
+        ))
     })
     .await
     .expect("harness");
@@ -165,7 +162,7 @@ async fn endpoint_names_follow_the_formatter() {
     }
     let harness = InMemoryTestHarness::start(|bus| {
         bus.endpoint_name_formatter(bus_core::KebabCaseEndpointNameFormatter)
-            .consumer_endpoint(SubmitOrderConsumer, |_| {})
+            .endpoint(Endpoint::for_consumer(SubmitOrderConsumer))
     })
     .await
     .expect("harness");

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bus_core::serializer::{ProtobufSerializer, Serializers};
-use bus_core::{BoxError, ConsumeContext, Error, Message};
+use bus_core::{BoxError, ConsumeContext, Endpoint, Error, Message};
 use bus_inmemory::InMemoryTestHarness;
 use serde::{Deserialize, Serialize};
 
@@ -25,12 +25,12 @@ struct JsonOnly {
 #[tokio::test]
 async fn prost_messages_travel_as_protobuf() {
     let harness = InMemoryTestHarness::start(|bus| {
-        bus.serializers(Serializers::default().with_default(ProtobufSerializer)).receive_endpoint("proto", |e| {
-            e.handler(|ctx: ConsumeContext<OrderPlaced>| async move {
+        bus.serializers(Serializers::default().with_default(ProtobufSerializer)).endpoint(
+            Endpoint::new("proto").handler(|ctx: ConsumeContext<OrderPlaced>| async move {
                 assert!(ctx.envelope().binary.is_some(), "read from protobuf");
-                Ok::<_, BoxError>(())
-            });
-        })
+                Ok(())
+            }),
+        )
     })
     .await
     .expect("harness");
@@ -67,11 +67,9 @@ async fn faults_leave_a_protobuf_bus_as_json() {
     let harness = InMemoryTestHarness::start(|bus| {
         bus.serializers(Serializers::default().with_default(ProtobufSerializer))
             .request_timeout(Duration::from_secs(5))
-            .receive_endpoint("reservations", |e| {
-                e.handler(|_: ConsumeContext<Reserve>| async move {
-                    Err::<(), BoxError>(bus_core::Permanent::new(std::io::Error::other("out of stock")).into())
-                });
-            })
+            .endpoint(Endpoint::new("reservations").handler(|_: ConsumeContext<Reserve>| async move {
+                Err::<(), BoxError>(bus_core::Permanent::new(std::io::Error::other("out of stock")).into())
+            }))
     })
     .await
     .expect("harness");

@@ -12,7 +12,7 @@ use crate::InMemoryTransport;
 /// consumes, faults and dead-letters, with waits that end on the condition or a timeout.
 ///
 /// ```
-/// use bus_core::{BoxError, ConsumeContext, Message};
+/// use bus_core::{BoxError, ConsumeContext, Endpoint, Message};
 /// use bus_inmemory::InMemoryTestHarness;
 /// # use serde::{Deserialize, Serialize};
 /// # #[derive(Debug, Serialize, Deserialize, Message)]
@@ -24,12 +24,10 @@ use crate::InMemoryTransport;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), BoxError> {
 /// let harness = InMemoryTestHarness::start(|bus| {
-///     bus.receive_endpoint("ping", |e| {
-///         e.handler(|ctx: ConsumeContext<Ping>| async move {
-///             ctx.publish(Pong { n: ctx.message().n + 1 }).await?;
-///             Ok::<_, BoxError>(())
-///         });
-///     })
+///     bus.endpoint(Endpoint::new("ping").handler(|ctx: ConsumeContext<Ping>| async move {
+///         ctx.publish(Pong { n: ctx.message().n + 1 }).await?;
+///         Ok(())
+///     }))
 /// })
 /// .await?;
 /// harness.bus().publish(Ping { n: 1 }).await?;

@@ -7,7 +7,7 @@
 //! and messages that travel as bytes so serialization bugs show up.
 //!
 //! ```
-//! use bus_core::{BoxError, ConsumeContext, Message};
+//! use bus_core::{BoxError, ConsumeContext, Endpoint, Message};
 //! use bus_inmemory::InMemoryTestHarness;
 //! # use serde::{Deserialize, Serialize};
 //! # #[derive(Debug, Serialize, Deserialize, Message)]
@@ -16,9 +16,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), BoxError> {
 //! let harness = InMemoryTestHarness::start(|bus| {
-//!     bus.receive_endpoint("ping", |e| {
-//!         e.handler(|_: ConsumeContext<Ping>| async { Ok::<_, BoxError>(()) });
-//!     })
+//!     bus.endpoint(Endpoint::new("ping").handler(|_: ConsumeContext<Ping>| async { Ok(()) }))
 //! })
 //! .await?;
 //! harness.bus().publish(Ping).await?;

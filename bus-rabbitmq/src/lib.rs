@@ -49,7 +49,7 @@
 //! `multiple` set, which never reaches past a delivery still in progress.
 //!
 //! ```no_run
-//! use bus_core::{BoxError, Bus, ConsumeContext, Message};
+//! use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message};
 //! use bus_rabbitmq::RabbitMqTransport;
 //! # use serde::{Deserialize, Serialize};
 //! # #[derive(Debug, Serialize, Deserialize, Message)]
@@ -58,12 +58,10 @@
 //! # #[tokio::main] async fn main() -> Result<(), BoxError> {
 //! let transport = RabbitMqTransport::from_env().await?;
 //! let bus = Bus::builder(transport)
-//!     .receive_endpoint("billing", |e| {
-//!         e.handler(|ctx: ConsumeContext<OrderPlaced>| async move {
-//!             println!("order {}", ctx.message().order_id);
-//!             Ok::<_, BoxError>(())
-//!         });
-//!     })
+//!     .endpoint(Endpoint::new("billing").handler(|ctx: ConsumeContext<OrderPlaced>| async move {
+//!         println!("order {}", ctx.message().order_id);
+//!         Ok(())
+//!     }))
 //!     .build();
 //! bus.start().await?;
 //! bus.publish(OrderPlaced { order_id: 1 }).await?;

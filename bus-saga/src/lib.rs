@@ -33,7 +33,7 @@
 //! ```
 //! use bus_core::{BoxError, Message};
 //! use bus_inmemory::InMemoryTestHarness;
-//! use bus_saga::{when, InMemorySagaRepository, SagaBusExt, StateMachine};
+//! use bus_saga::{when, InMemorySagaRepository, Saga, StateMachine};
 //! # use serde::{Deserialize, Serialize};
 //! #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 //! #[serde(rename_all = "camelCase")]
@@ -51,8 +51,8 @@
 //!     .initially(when::<TripState, TripBooked>().then(|trip, _| trip.data.legs = 1).transition_to("Booked"))
 //!     .build();
 //! let repository = InMemorySagaRepository::new();
-//! let saga_repository = repository.clone();
-//! let harness = InMemoryTestHarness::start(move |bus| bus.saga_endpoint(machine, saga_repository, |_| {}).0).await?;
+//! let saga = Saga::new(machine, repository.clone());
+//! let harness = InMemoryTestHarness::start(move |bus| bus.endpoint(saga.endpoint())).await?;
 //! let trip = uuid::Uuid::now_v7();
 //! harness.bus().publish(TripBooked { trip }).await?;
 //! harness.consumed().wait_for::<TripBooked>(1, std::time::Duration::from_secs(5)).await?;
@@ -81,7 +81,7 @@ pub use machine::{
     MissingHandler, MissingInstance, Outcome, StateMachine, StateMachineBuilder, Transition, TransitionRecord,
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_KEEP_FINALIZED_FOR,
 };
-pub use register::{SagaBusExt, SagaEndpointExt};
+pub use register::{Saga, SagaEndpointExt};
 pub use repository::{InMemorySagaRepository, RedisSagaOptions, RedisSagaRepository, SagaRepository};
 pub use runtime::SagaStats;
 

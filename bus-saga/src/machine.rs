@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus_core::{BoxError, ConsumeContext, Message, ReceiveEndpointBuilder};
+use bus_core::{BoxError, ConsumeContext, Endpoint, Message};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
@@ -46,7 +46,7 @@ pub(crate) struct EventDefinition<E> {
     pub(crate) missing: MissingInstance<E>,
 }
 
-type Registration<S> = Arc<dyn Fn(&mut ReceiveEndpointBuilder, Arc<SagaRuntime<S>>) + Send + Sync>;
+type Registration<S> = Arc<dyn Fn(Endpoint, Arc<SagaRuntime<S>>) -> Endpoint + Send + Sync>;
 
 /// What an event did to an instance; see [`StateMachine::apply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,11 +366,9 @@ impl<S: SagaData> StateMachineBuilder<S> {
     ) -> Self {
         let definition = EventDefinition { correlate: Box::new(correlate), missing };
         self.machine.events.insert(E::message_type(), Arc::new(definition));
-        self.machine.registrations.push(Arc::new(
-            |endpoint: &mut ReceiveEndpointBuilder, runtime: Arc<SagaRuntime<S>>| {
-                endpoint.consumer(SagaEventConsumer::<S, E>::new(runtime));
-            },
-        ));
+        self.machine.registrations.push(Arc::new(|endpoint: Endpoint, runtime: Arc<SagaRuntime<S>>| {
+            endpoint.consumer(SagaEventConsumer::<S, E>::new(runtime))
+        }));
         self
     }
 

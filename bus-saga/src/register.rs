@@ -1,65 +1,77 @@
 //! Putting a saga on a receive endpoint.
 
+use std::fmt;
 use std::sync::Arc;
 
-use bus_core::{BusBuilder, ReceiveEndpointBuilder};
+use bus_core::Endpoint;
 
 use crate::runtime::{SagaRuntime, SagaStats};
 use crate::{SagaData, SagaRepository, StateMachine};
 
-/// Adds sagas to receive endpoints.
-pub trait SagaEndpointExt {
-    /// Consumes every event of `machine` here, with instances in `repository`. Returns the
-    /// saga's counters (conflicts, transitions).
-    fn saga<S: SagaData, R: SagaRepository<S>>(
-        &mut self,
-        machine: Arc<StateMachine<S>>,
-        repository: R,
-    ) -> Arc<SagaStats>;
+/// A state machine with the repository its instances live in (MassTransit's
+/// `StateMachineSaga`), ready to go on an endpoint: its own with [`endpoint`](Self::endpoint),
+/// or one with other consumers with [`SagaEndpointExt::saga`].
+///
+/// ```
+/// use bus_core::{Bus, Message};
+/// use bus_saga::{when, InMemorySagaRepository, Saga, StateMachine};
+/// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+/// # struct TripState { legs: u32 }
+/// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+/// # #[message(urn = "urn:message:Trips:TripBooked")]
+/// # struct TripBooked { trip: uuid::Uuid }
+/// let machine = StateMachine::<TripState>::builder("TripState")
+///     .states(["Booked"])
+///     .event::<TripBooked>(|m| m.trip)
+///     .initially(when::<TripState, TripBooked>().transition_to("Booked"))
+///     .build();
+/// let saga = Saga::new(machine, InMemorySagaRepository::new());
+/// let stats = saga.stats();
+/// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
+///     .endpoint(saga.endpoint().concurrency_limit(8))
+///     .build();
+/// assert_eq!(stats.conflicts(), 0);
+/// # drop(bus);
+/// ```
+pub struct Saga<S> {
+    runtime: Arc<SagaRuntime<S>>,
 }
 
-impl SagaEndpointExt for ReceiveEndpointBuilder {
-    fn saga<S: SagaData, R: SagaRepository<S>>(
-        &mut self,
-        machine: Arc<StateMachine<S>>,
-        repository: R,
-    ) -> Arc<SagaStats> {
-        let stats = Arc::new(SagaStats::default());
-        let runtime =
-            Arc::new(SagaRuntime { machine: machine.clone(), repository: Arc::new(repository), stats: stats.clone() });
-        for register in machine.registrations() {
-            register(self, runtime.clone());
-        }
-        stats
+impl<S: SagaData> fmt::Debug for Saga<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Saga").field("machine", &self.runtime.machine.name()).finish_non_exhaustive()
     }
 }
 
-/// Adds a saga on its own endpoint, named after the instance type as MassTransit does.
-pub trait SagaBusExt: Sized {
-    /// Adds an endpoint named `machine.name()` running the saga; `configure` may set retry,
-    /// concurrency and the like. `stats` receives the saga's counters.
-    fn saga_endpoint<S: SagaData, R: SagaRepository<S>>(
-        self,
-        machine: Arc<StateMachine<S>>,
-        repository: R,
-        configure: impl FnOnce(&mut ReceiveEndpointBuilder),
-    ) -> (Self, Arc<SagaStats>);
+impl<S: SagaData> Saga<S> {
+    /// The saga of `machine`, with instances in `repository`.
+    pub fn new<R: SagaRepository<S>>(machine: Arc<StateMachine<S>>, repository: R) -> Self {
+        let stats = Arc::new(SagaStats::default());
+        Saga { runtime: Arc::new(SagaRuntime { machine, repository: Arc::new(repository), stats }) }
+    }
+
+    /// The saga's counters (conflicts, transitions), shared with the running saga.
+    pub fn stats(&self) -> Arc<SagaStats> {
+        self.runtime.stats.clone()
+    }
+
+    /// An endpoint of its own, named after the instance type as MassTransit names it
+    /// (`machine.name()`), consuming every event of the machine.
+    pub fn endpoint(self) -> Endpoint {
+        let name = self.runtime.machine.name().to_owned();
+        Endpoint::new(name).saga(self)
+    }
 }
 
-impl SagaBusExt for BusBuilder {
-    fn saga_endpoint<S: SagaData, R: SagaRepository<S>>(
-        self,
-        machine: Arc<StateMachine<S>>,
-        repository: R,
-        configure: impl FnOnce(&mut ReceiveEndpointBuilder),
-    ) -> (Self, Arc<SagaStats>) {
-        let mut stats = None;
-        let name = machine.name().to_owned();
-        let builder = self.receive_endpoint(name, |e| {
-            stats = Some(e.saga(machine, repository));
-            configure(e);
-        });
-        // receive_endpoint runs the closure at once, so the stats are set.
-        (builder, stats.unwrap_or_default())
+/// Puts sagas on endpoints.
+pub trait SagaEndpointExt {
+    /// Consumes every event of the saga's machine here.
+    fn saga<S: SagaData>(self, saga: Saga<S>) -> Self;
+}
+
+impl SagaEndpointExt for Endpoint {
+    fn saga<S: SagaData>(self, saga: Saga<S>) -> Self {
+        let runtime = saga.runtime;
+        runtime.machine.registrations().iter().fold(self, |endpoint, register| register(endpoint, runtime.clone()))
     }
 }

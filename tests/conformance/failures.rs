@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use bus_core::middleware::RetryPolicy;
 use bus_core::testing::{BusRecorder, MessageLog};
-use bus_core::{BoxError, ConsumeContext, Fault, Message, Permanent, RedeliveryPolicy, Transport};
+use bus_core::{
+    BoxError, ConsumeContext, ConsumerOptions, Endpoint, Fault, Message, Permanent, RedeliveryPolicy, Transport,
+};
 use serde::{Deserialize, Serialize};
 
 use super::support::{header, log, raw, record};
@@ -47,20 +49,18 @@ async fn always_failing<F: Fixture>(
     let faults = log();
     let counter = attempts.clone();
     let fault_endpoint = unique("fault-watch");
-    let faults_log = faults.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, move |e| {
-            e.retry(retry).redelivery(redelivery).handler(move |_: ConsumeContext<AlwaysFails>| {
+        .endpoint(Endpoint::new(&name).retry(retry).redelivery(redelivery).handler(
+            move |_: ConsumeContext<AlwaysFails>| {
                 counter.fetch_add(1, Ordering::SeqCst);
                 async { Err::<(), BoxError>(InventoryDown.into()) }
-            });
-        })
-        .receive_endpoint(&fault_endpoint, move |e| {
-            e.concurrency_limit(1);
-            record::<Fault<AlwaysFails>>(e, &faults_log);
-            record::<FaultMarker>(e, &faults_log);
-        })
+            },
+        ))
+        .endpoint(record::<FaultMarker>(
+            record::<Fault<AlwaysFails>>(Endpoint::new(&fault_endpoint).concurrency_limit(1), &faults),
+            &faults,
+        ))
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), AlwaysFails { n: 1 }).await.expect("send");
@@ -143,22 +143,20 @@ pub async fn consumer_failing_twice_then_succeeding_publishes_only_from_the_succ
     let bus = fixture
         .bus()
         .observer_arc(recorder.clone())
-        .receive_endpoint(&name, move |e| {
-            e.retry(RetryPolicy::intervals([Duration::from_millis(10); 3])).handler(
-                move |ctx: ConsumeContext<FlakyJob>| {
-                    let seen = seen.clone();
-                    async move {
-                        let attempt = ctx.retry_attempt();
-                        seen.lock().map_err(|e| e.to_string())?.push(attempt);
-                        ctx.publish(JobAttempted { attempt }).await?;
-                        if attempt < 2 {
-                            return Err(InventoryDown.into());
-                        }
-                        Ok::<_, BoxError>(())
+        .endpoint(
+            Endpoint::new(&name).retry(RetryPolicy::intervals([Duration::from_millis(10); 3])).handler_with_state(
+                seen,
+                |ctx: ConsumeContext<FlakyJob>, seen| async move {
+                    let attempt = ctx.retry_attempt();
+                    seen.lock().map_err(|e| e.to_string())?.push(attempt);
+                    ctx.publish(JobAttempted { attempt }).await?;
+                    if attempt < 2 {
+                        return Err(InventoryDown.into());
                     }
+                    Ok(())
                 },
-            );
-        })
+            ),
+        )
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), FlakyJob).await.expect("send");
@@ -195,21 +193,19 @@ pub async fn delayed_redelivery_delivers_again_with_a_counted_header<F: Fixture>
     let bus = fixture
         .bus()
         .observer_arc(recorder.clone())
-        .receive_endpoint(&name, move |e| {
-            e.redelivery(RedeliveryPolicy::intervals([Duration::from_millis(100), Duration::from_millis(200)]))
-                .handler(move |ctx: ConsumeContext<RedeliverMe>| {
-                    let seen = seen_in.clone();
-                    async move {
-                        let count = ctx.redelivery_count();
-                        let header = ctx.headers().get_i64("MT-Redelivery-Count");
-                        seen.lock().map_err(|e| e.to_string())?.push((count, header, std::time::Instant::now()));
-                        if count < 2 {
-                            return Err(InventoryDown.into());
-                        }
-                        Ok::<_, BoxError>(())
+        .endpoint(
+            Endpoint::new(&name)
+                .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(100), Duration::from_millis(200)]))
+                .handler_with_state(seen_in, |ctx: ConsumeContext<RedeliverMe>, seen| async move {
+                    let count = ctx.redelivery_count();
+                    let header = ctx.headers().get_i64("MT-Redelivery-Count");
+                    seen.lock().map_err(|e| e.to_string())?.push((count, header, std::time::Instant::now()));
+                    if count < 2 {
+                        return Err(InventoryDown.into());
                     }
-                });
-        })
+                    Ok(())
+                }),
+        )
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), RedeliverMe).await.expect("send");
@@ -238,7 +234,7 @@ struct Consumed {
 pub async fn unknown_message_type_goes_to_skipped_queue<F: Fixture>(fixture: &F) {
     let name = unique("skips");
     let got = log();
-    let bus = fixture.bus().receive_endpoint(&name, |e| record::<Consumed>(e, &got)).build();
+    let bus = fixture.bus().endpoint(record::<Consumed>(Endpoint::new(&name), &got)).build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), NobodyConsumesThis { n: 9 }).await.expect("send");
     let skipped = fixture.take_messages(&format!("{name}_skipped"), 1, WAIT).await;
@@ -261,15 +257,17 @@ pub async fn unreadable_messages_go_to_error_queue_with_their_reason<F: Fixture>
     let got_in = got.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, move |e| {
-            e.max_message_size(64 * 1024).retry(RetryPolicy::immediate(5)).concurrency_limit(1).handler(
-                move |ctx: ConsumeContext<Consumed>| {
+        .endpoint(
+            Endpoint::new(&name)
+                .max_message_size(64 * 1024)
+                .retry(RetryPolicy::immediate(5))
+                .concurrency_limit(1)
+                .handler(move |ctx: ConsumeContext<Consumed>| {
                     counter.fetch_add(1, Ordering::SeqCst);
                     got_in.record(ctx.envelope());
-                    async { Ok::<_, BoxError>(()) }
-                },
-            );
-        })
+                    async { Ok(()) }
+                }),
+        )
         .build();
     bus.start().await.expect("bus starts");
     let transport = fixture.transport();
@@ -328,9 +326,8 @@ pub async fn panicking_and_hung_consumers_are_failed_attempts<F: Fixture>(fixtur
     let counter = attempts.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, |e| {
-            e.concurrency_limit(4);
-            e.handler_with(
+        .endpoint(record::<Consumed>(
+            Endpoint::new(&name).concurrency_limit(4).handler_with(
                 move |ctx: ConsumeContext<Explosive>| {
                     counter.fetch_add(1, Ordering::SeqCst);
                     let hang = ctx.message().hang;
@@ -342,12 +339,10 @@ pub async fn panicking_and_hung_consumers_are_failed_attempts<F: Fixture>(fixtur
                         panic!("boom in the consumer");
                     }
                 },
-                |c| {
-                    c.retry(RetryPolicy::immediate(1)).timeout(Duration::from_millis(200));
-                },
-            );
-            record::<Consumed>(e, &got);
-        })
+                ConsumerOptions::new().retry(RetryPolicy::immediate(1)).timeout(Duration::from_millis(200)),
+            ),
+            &got,
+        ))
         .build();
     bus.start().await.expect("bus starts");
     let queue = format!("queue:{name}");
@@ -377,14 +372,15 @@ pub async fn permanent_errors_are_not_retried<F: Fixture>(fixture: &F) {
     let counter = attempts.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, move |e| {
-            e.retry(RetryPolicy::immediate(5))
+        .endpoint(
+            Endpoint::new(&name)
+                .retry(RetryPolicy::immediate(5))
                 .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(10)]))
                 .handler(move |_: ConsumeContext<PermanentlyBad>| {
                     counter.fetch_add(1, Ordering::SeqCst);
                     async { Err::<(), BoxError>(Permanent::new(InventoryDown).into()) }
-                });
-        })
+                }),
+        )
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), PermanentlyBad).await.expect("send");
@@ -405,16 +401,13 @@ pub async fn a_retrying_message_does_not_block_the_others<F: Fixture>(fixture: &
     let got = log();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, |e| {
-            e.concurrency_limit(4);
-            e.handler_with(
+        .endpoint(record::<Consumed>(
+            Endpoint::new(&name).concurrency_limit(4).handler_with(
                 |_: ConsumeContext<SlowPoison>| async { Err::<(), BoxError>(InventoryDown.into()) },
-                |c| {
-                    c.retry(RetryPolicy::intervals([Duration::from_millis(300); 3]));
-                },
-            );
-            record::<Consumed>(e, &got);
-        })
+                ConsumerOptions::new().retry(RetryPolicy::intervals([Duration::from_millis(300); 3])),
+            ),
+            &got,
+        ))
         .build();
     bus.start().await.expect("bus starts");
     let queue = format!("queue:{name}");
@@ -444,24 +437,20 @@ pub async fn consumer_concurrency_limit_is_respected<F: Fixture>(fixture: &F) {
     let (a, p, g, d) = (active.clone(), peak.clone(), gate.clone(), done.clone());
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, move |e| {
-            e.prefetch(16).concurrency_limit(8).handler_with(
-                move |ctx: ConsumeContext<Gated>| {
-                    let (a, p, g, d) = (a.clone(), p.clone(), g.clone(), d.clone());
-                    async move {
-                        let now = a.fetch_add(1, Ordering::SeqCst) + 1;
-                        p.fetch_max(now, Ordering::SeqCst);
-                        d.record(ctx.envelope());
-                        let _permit = tokio::time::timeout(WAIT, g.acquire()).await?;
-                        a.fetch_sub(1, Ordering::SeqCst);
-                        Ok::<_, BoxError>(())
-                    }
-                },
-                |c| {
-                    c.concurrency_limit(2);
-                },
-            );
-        })
+        .endpoint(Endpoint::new(&name).prefetch(16).concurrency_limit(8).handler_with(
+            move |ctx: ConsumeContext<Gated>| {
+                let (a, p, g, d) = (a.clone(), p.clone(), g.clone(), d.clone());
+                async move {
+                    let now = a.fetch_add(1, Ordering::SeqCst) + 1;
+                    p.fetch_max(now, Ordering::SeqCst);
+                    d.record(ctx.envelope());
+                    let _permit = tokio::time::timeout(WAIT, g.acquire()).await?;
+                    a.fetch_sub(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+            ConsumerOptions::new().concurrency_limit(2),
+        ))
         .build();
     bus.start().await.expect("bus starts");
     for _ in 0..6 {
@@ -491,18 +480,14 @@ pub async fn a_message_whose_outbox_cannot_be_delivered_ends_in_error<F: Fixture
     let counter = attempts.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, move |e| {
+        .endpoint(Endpoint::new(&name).handler(move |ctx: ConsumeContext<SendsNowhere>| {
+            counter.fetch_add(1, Ordering::SeqCst);
             let nowhere = nowhere.clone();
-            let counter = counter.clone();
-            e.handler(move |ctx: ConsumeContext<SendsNowhere>| {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let nowhere = nowhere.clone();
-                async move {
-                    ctx.send(&nowhere, Consumed { n: 1 }).await?;
-                    Ok::<_, BoxError>(())
-                }
-            });
-        })
+            async move {
+                ctx.send(&nowhere, Consumed { n: 1 }).await?;
+                Ok(())
+            }
+        }))
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), SendsNowhere).await.expect("send");
@@ -526,27 +511,23 @@ pub async fn a_message_produced_after_the_consume_finished_still_leaves<F: Fixtu
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
     let consumed = Arc::new(MessageLog::default());
-    let (c, recorded) = (consumed.clone(), got.clone());
+    let c = consumed.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, move |e| {
-            let (g, c) = (g.clone(), c.clone());
-            e.handler(move |ctx: ConsumeContext<PublishesLater>| {
-                let (g, c) = (g.clone(), c.clone());
-                async move {
-                    let later = ctx.receive_context().clone();
-                    tokio::spawn(async move {
-                        if let Ok(_permit) = g.acquire().await {
-                            let address = format!("queue:{}", later.endpoint_name());
-                            let _ = later.send(&address, Consumed { n: 7 }).await;
-                        }
-                    });
-                    c.record(ctx.envelope());
-                    Ok::<_, BoxError>(())
-                }
-            });
-            record::<Consumed>(e, &recorded);
-        })
+        .endpoint(record::<Consumed>(
+            Endpoint::new(&name).handler_with_state((g, c), |ctx: ConsumeContext<PublishesLater>, (g, c)| async move {
+                let later = ctx.receive_context().clone();
+                tokio::spawn(async move {
+                    if let Ok(_permit) = g.acquire().await {
+                        let address = format!("queue:{}", later.endpoint_name());
+                        let _ = later.send(&address, Consumed { n: 7 }).await;
+                    }
+                });
+                c.record(ctx.envelope());
+                Ok(())
+            }),
+            &got,
+        ))
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), PublishesLater).await.expect("send");
@@ -590,25 +571,25 @@ pub async fn panics_in_middleware_and_observers_do_not_loop<F: Fixture>(fixture:
     let bus = fixture
         .bus()
         .observer(PanickingObserver)
-        .receive_endpoint(&name, move |e| {
-            let recorded = recorded.clone();
-            e.middleware(bus_core::middleware::from_fn(
-                |ctx: bus_core::ReceiveContext, next: bus_core::middleware::Next| async move {
-                    if ctx.envelope().message.get().contains("\"n\":1") {
-                        panic!("middleware bug");
+        .endpoint(
+            Endpoint::new(&name)
+                .middleware(bus_core::middleware::from_fn(
+                    |ctx: bus_core::ReceiveContext, next: bus_core::middleware::Next| async move {
+                        if ctx.envelope().message.get().contains("\"n\":1") {
+                            panic!("middleware bug");
+                        }
+                        next.run(ctx).await
+                    },
+                ))
+                .handler(move |ctx: ConsumeContext<PanicsAround>| {
+                    recorded.record(ctx.envelope());
+                    async move {
+                        // Released after the consume: the observer panics on it.
+                        ctx.publish(PublishedByPanicsAround).await?;
+                        Ok(())
                     }
-                    next.run(ctx).await
-                },
-            ));
-            e.handler(move |ctx: ConsumeContext<PanicsAround>| {
-                recorded.record(ctx.envelope());
-                async move {
-                    // Released after the consume: the observer panics on it.
-                    ctx.publish(PublishedByPanicsAround).await?;
-                    Ok::<_, BoxError>(())
-                }
-            });
-        })
+                }),
+        )
         .build();
     bus.start().await.expect("bus starts");
     let queue = format!("queue:{name}");
@@ -635,15 +616,12 @@ pub async fn a_fault_address_that_names_no_endpoint_falls_back_to_the_response_a
     let name = unique("bad-fault-address");
     let requester = unique("fault-requester");
     let faults = log();
-    let recorded = faults.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, |e| {
-            e.handler(|_: ConsumeContext<BadFaultAddress>| async {
-                Err::<(), BoxError>(Permanent::new(InventoryDown).into())
-            });
-        })
-        .receive_endpoint(&requester, move |e| record::<Fault<BadFaultAddress>>(e, &recorded))
+        .endpoint(Endpoint::new(&name).handler(|_: ConsumeContext<BadFaultAddress>| async {
+            Err::<(), BoxError>(Permanent::new(InventoryDown).into())
+        }))
+        .endpoint(record::<Fault<BadFaultAddress>>(Endpoint::new(&requester), &faults))
         .build();
     bus.start().await.expect("bus starts");
     let mut options = bus_core::SendOptions::new();
@@ -677,16 +655,12 @@ pub async fn names_from_the_wire_too_long_for_the_broker_fail_only_what_needs_th
     let name = unique("long-names");
     let watcher = unique("long-name-faults");
     let faults = log();
-    let recorded = faults.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, |e| {
-            e.handler(|_: ConsumeContext<AlsoConsumed>| async { Ok::<(), BoxError>(()) });
-            e.handler(|_: ConsumeContext<WireNamed>| async {
-                Err::<(), BoxError>(Permanent::new(InventoryDown).into())
-            });
-        })
-        .receive_endpoint(&watcher, move |e| record::<Fault<WireNamed>>(e, &recorded))
+        .endpoint(Endpoint::new(&name).handler(|_: ConsumeContext<AlsoConsumed>| async { Ok(()) }).handler(
+            |_: ConsumeContext<WireNamed>| async { Err::<(), BoxError>(Permanent::new(InventoryDown).into()) },
+        ))
+        .endpoint(record::<Fault<WireNamed>>(Endpoint::new(&watcher), &faults))
         .build();
     bus.start().await.expect("bus starts");
     let long = "A".repeat(300);
@@ -744,13 +718,10 @@ pub async fn a_panic_while_writing_the_fault_moves_the_message_to_error<F: Fixtu
             }
             Ok::<(), BoxError>(())
         })
-        .receive_endpoint(&name, move |e| {
-            let counter = counter.clone();
-            e.handler(move |_: ConsumeContext<FaultPanics>| {
-                counter.fetch_add(1, Ordering::SeqCst);
-                async { Err::<(), BoxError>(Permanent::new(InventoryDown).into()) }
-            });
-        })
+        .endpoint(Endpoint::new(&name).handler(move |_: ConsumeContext<FaultPanics>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), BoxError>(Permanent::new(InventoryDown).into()) }
+        }))
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), FaultPanics).await.expect("send");

@@ -1,6 +1,6 @@
 //! How ids, addresses and headers flow from a consumed message to what its consumer produces.
 
-use bus_core::{BoxError, ConsumeContext, Message, SendOptions};
+use bus_core::{ConsumeContext, Endpoint, Message, SendOptions};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -29,18 +29,15 @@ pub async fn ids_flow_from_consumed_to_produced_messages<F: Fixture>(fixture: &F
     let started_log = started.clone();
     let bus = fixture
         .bus()
-        .receive_endpoint(&first, move |e| {
-            let started = started_log.clone();
-            e.handler(move |ctx: ConsumeContext<FlowStarted>| {
-                let started = started.clone();
-                async move {
-                    started.record(ctx.envelope());
-                    ctx.publish(FlowContinued { step: 2 }).await?;
-                    Ok::<_, BoxError>(())
-                }
-            });
-        })
-        .receive_endpoint(unique("flow-second"), |e| record::<FlowContinued>(e, &continued))
+        .endpoint(Endpoint::new(&first).handler_with_state(
+            started_log,
+            |ctx: ConsumeContext<FlowStarted>, started| async move {
+                started.record(ctx.envelope());
+                ctx.publish(FlowContinued { step: 2 }).await?;
+                Ok(())
+            },
+        ))
+        .endpoint(record::<FlowContinued>(Endpoint::new(unique("flow-second")), &continued))
         .build();
     bus.start().await.expect("bus starts");
     let flow_id = Uuid::now_v7();

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bus_core::testing::MessageLog;
-use bus_core::{BoxError, ConsumeContext, Message, SendOptions};
+use bus_core::{BoxError, ConsumeContext, Endpoint, Message, SendOptions};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Barrier;
@@ -33,12 +33,9 @@ pub async fn publish_reaches_every_consuming_endpoint_and_no_other<F: Fixture>(f
     let (name_a, name_b, name_c) = (unique("fan-a"), unique("fan-b"), unique("fan-c"));
     let bus = fixture
         .bus()
-        .receive_endpoint(&name_a, |e| record::<FanOutEvent>(e, &a))
-        .receive_endpoint(&name_b, |e| record::<FanOutEvent>(e, &b))
-        .receive_endpoint(&name_c, |e| {
-            e.concurrency_limit(1);
-            record::<FanOutMarker>(e, &c);
-        })
+        .endpoint(record::<FanOutEvent>(Endpoint::new(&name_a), &a))
+        .endpoint(record::<FanOutEvent>(Endpoint::new(&name_b), &b))
+        .endpoint(record::<FanOutMarker>(Endpoint::new(&name_c).concurrency_limit(1), &c))
         .build();
     bus.start().await.expect("bus starts");
     bus.publish(FanOutEvent { n: 7 }).await.expect("publish");
@@ -94,12 +91,7 @@ pub async fn competing_consumers_share_one_endpoint_without_duplicates<F: Fixtur
     let (first, second, total) = (log(), log(), log());
     let build = |log: &Arc<MessageLog>| {
         let handler = competing_consumer(log, &total, &barrier);
-        fixture
-            .bus()
-            .receive_endpoint(&name, move |e| {
-                e.prefetch(1).concurrency_limit(1).handler(handler);
-            })
-            .build()
+        fixture.bus().endpoint(Endpoint::new(&name).prefetch(1).concurrency_limit(1).handler(handler)).build()
     };
     let (bus1, bus2) = (build(&first), build(&second));
     bus1.start().await.expect("first bus starts");
@@ -132,11 +124,8 @@ pub async fn send_reaches_only_its_queue<F: Fixture>(fixture: &F) {
     let (name_a, name_b) = (unique("send-a"), unique("send-b"));
     let bus = fixture
         .bus()
-        .receive_endpoint(&name_a, |e| record::<Direct>(e, &a))
-        .receive_endpoint(&name_b, |e| {
-            e.concurrency_limit(1);
-            record::<Direct>(e, &b);
-        })
+        .endpoint(record::<Direct>(Endpoint::new(&name_a), &a))
+        .endpoint(record::<Direct>(Endpoint::new(&name_b).concurrency_limit(1), &b))
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name_a}"), Direct { to: "a".into() }).await.expect("send to A");
@@ -173,8 +162,8 @@ pub async fn consumer_of_a_contract_receives_messages_that_list_it<F: Fixture>(f
     // publish), another only the contract: both receive the message.
     let bus = fixture
         .bus()
-        .receive_endpoint(unique("contract"), |e| record::<OrderEvent>(e, &events))
-        .receive_endpoint(unique("concrete"), |e| record::<OrderShipped>(e, &shipped))
+        .endpoint(record::<OrderEvent>(Endpoint::new(unique("contract")), &events))
+        .endpoint(record::<OrderShipped>(Endpoint::new(unique("concrete")), &shipped))
         .build();
     bus.start().await.expect("bus starts");
     bus.publish(OrderShipped { order_id: 12, carrier: "ups".into() }).await.expect("publish");
@@ -194,7 +183,7 @@ struct WithHeaders {
 /// Headers written on publish arrive unchanged (strings, numbers, booleans).
 pub async fn headers_round_trip<F: Fixture>(fixture: &F) {
     let got = log();
-    let bus = fixture.bus().receive_endpoint(unique("headers"), |e| record::<WithHeaders>(e, &got)).build();
+    let bus = fixture.bus().endpoint(record::<WithHeaders>(Endpoint::new(unique("headers")), &got)).build();
     bus.start().await.expect("bus starts");
     let options = SendOptions::new().header("Tenant", "acme").header("Priority", 5).header("Urgent", true);
     bus.publish_with(WithHeaders { n: 1 }, options).await.expect("publish");

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use bus_core::{BoxError, ConsumeContext, Error, Message, Transport};
+use bus_core::{BoxError, ConsumeContext, Endpoint, Error, Message, Transport};
 use serde::{Deserialize, Serialize};
 
 use super::support::{header, raw};
@@ -29,13 +29,11 @@ fn payments_bus<F: Fixture>(fixture: &F) -> (String, bus_core::Bus) {
     let name = unique("payments");
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, |e| {
-            e.handler(|ctx: ConsumeContext<CheckPayment>| async move {
-                let amount = ctx.message().amount;
-                ctx.respond(PaymentChecked { approved: amount < 100, amount }).await?;
-                Ok::<_, BoxError>(())
-            });
-        })
+        .endpoint(Endpoint::new(&name).handler(|ctx: ConsumeContext<CheckPayment>| async move {
+            let amount = ctx.message().amount;
+            ctx.respond(PaymentChecked { approved: amount < 100, amount }).await?;
+            Ok(())
+        }))
         .build();
     (name, bus)
 }
@@ -96,9 +94,10 @@ pub async fn request_whose_consumer_fails_returns_the_fault<F: Fixture>(fixture:
     let name = unique("failing-requests");
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, |e| {
-            e.handler(|_: ConsumeContext<FailingRequest>| async move { Err::<(), BoxError>(CardDeclined.into()) });
-        })
+        .endpoint(
+            Endpoint::new(&name)
+                .handler(|_: ConsumeContext<FailingRequest>| async move { Err::<(), BoxError>(CardDeclined.into()) }),
+        )
         .build();
     bus.start().await.expect("bus starts");
     let client = bus.request_client::<FailingRequest>().with_timeout(Duration::from_secs(10));

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_core::testing::MessageLog;
-use bus_core::{BoxError, ConsumeContext, Error, Message};
+use bus_core::{BoxError, ConsumeContext, Endpoint, Error, Message};
 use serde::{Deserialize, Serialize};
 
 use super::support::log;
@@ -29,17 +29,15 @@ pub async fn stop_and_restart_mid_run_loses_nothing<F: Fixture>(fixture: &F) {
     let (seen_in, all_in) = (seen.clone(), all.clone());
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, move |e| {
-            e.prefetch(64).concurrency_limit(16).handler(move |ctx: ConsumeContext<Numbered>| {
-                let (seen, all) = (seen_in.clone(), all_in.clone());
-                async move {
-                    tokio::task::yield_now().await;
-                    seen.lock().map_err(|e| e.to_string())?.insert(ctx.message().n);
-                    all.record(ctx.envelope());
-                    Ok::<_, BoxError>(())
-                }
-            });
-        })
+        .endpoint(Endpoint::new(&name).prefetch(64).concurrency_limit(16).handler_with_state(
+            (seen_in, all_in),
+            |ctx: ConsumeContext<Numbered>, (seen, all)| async move {
+                tokio::task::yield_now().await;
+                seen.lock().map_err(|e| e.to_string())?.insert(ctx.message().n);
+                all.record(ctx.envelope());
+                Ok(())
+            },
+        ))
         .build();
     bus.start().await.expect("bus starts");
     let sender = fixture.bus().build();
@@ -100,21 +98,19 @@ pub async fn stop_cancels_overrunning_consumers_and_requeues_their_messages<F: F
     let bus = fixture
         .bus()
         .stop_timeout(Duration::from_millis(200))
-        .receive_endpoint(&name, move |e| {
-            e.handler(move |ctx: ConsumeContext<LongRunning>| {
-                let (started, finish, done) = (started_in.clone(), finish_in.clone(), done_in.clone());
-                async move {
-                    started.record(ctx.envelope());
-                    if !finish.load(Ordering::SeqCst) {
-                        // Runs until the bus cancels it.
-                        ctx.cancellation_token().cancelled().await;
-                        return Err::<(), BoxError>("cancelled by shutdown".into());
-                    }
-                    done.record(ctx.envelope());
-                    Ok(())
+        .endpoint(Endpoint::new(&name).handler_with_state(
+            (started_in, finish_in, done_in),
+            |ctx: ConsumeContext<LongRunning>, (started, finish, done)| async move {
+                started.record(ctx.envelope());
+                if !finish.load(Ordering::SeqCst) {
+                    // Runs until the bus cancels it.
+                    ctx.cancellation_token().cancelled().await;
+                    return Err::<(), BoxError>("cancelled by shutdown".into());
                 }
-            });
-        })
+                done.record(ctx.envelope());
+                Ok(())
+            },
+        ))
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), LongRunning).await.expect("send");
@@ -155,34 +151,29 @@ pub async fn a_consumer_finishing_during_stop_can_still_publish_and_request<F: F
     // The responder runs on a bus of its own, which keeps running.
     let responder = fixture
         .bus()
-        .receive_endpoint(&responder_name, |e| {
-            e.handler(|ctx: ConsumeContext<AskedDuringStop>| async move {
-                ctx.respond(AskedDuringStop).await?;
-                Ok::<_, BoxError>(())
-            });
-        })
+        .endpoint(Endpoint::new(&responder_name).handler(|ctx: ConsumeContext<AskedDuringStop>| async move {
+            ctx.respond(AskedDuringStop).await?;
+            Ok(())
+        }))
         .build();
     responder.start().await.expect("responder starts");
     let target = format!("queue:{responder_name}");
     let bus = fixture
         .bus()
-        .receive_endpoint(&name, move |e| {
-            let (g, s, o, target) = (g.clone(), s.clone(), o.clone(), target.clone());
-            e.handler(move |ctx: ConsumeContext<FinishesDuringStop>| {
-                let (g, s, o, target) = (g.clone(), s.clone(), o.clone(), target.clone());
-                async move {
-                    s.record(ctx.envelope());
-                    let _permit = g.acquire().await?;
-                    let published = ctx.bus().publish(ProducedDuringStop).await;
-                    let client = ctx.bus().request_client::<AskedDuringStop>().with_destination(target);
-                    let answered = client.request::<AskedDuringStop>(AskedDuringStop).await.map(|_| ());
-                    o.locked().push((published.is_ok(), answered.is_ok()));
-                    published?;
-                    answered?;
-                    Ok::<_, BoxError>(())
-                }
-            });
-        })
+        .endpoint(Endpoint::new(&name).handler_with_state(
+            (g, s, o, target),
+            |ctx: ConsumeContext<FinishesDuringStop>, (g, s, o, target)| async move {
+                s.record(ctx.envelope());
+                let _permit = g.acquire().await?;
+                let published = ctx.bus().publish(ProducedDuringStop).await;
+                let client = ctx.bus().request_client::<AskedDuringStop>().with_destination(target);
+                let answered = client.request::<AskedDuringStop>(AskedDuringStop).await.map(|_| ());
+                o.locked().push((published.is_ok(), answered.is_ok()));
+                published?;
+                answered?;
+                Ok(())
+            },
+        ))
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{name}"), FinishesDuringStop).await.expect("send");

@@ -3,19 +3,15 @@
 use std::sync::Arc;
 
 use bus_core::testing::MessageLog;
-use bus_core::{BoxError, ConsumeContext, Headers, Message, ReceiveEndpointBuilder, TransportMessage};
+use bus_core::{ConsumeContext, Endpoint, Headers, Message, TransportMessage};
 use bytes::Bytes;
 
 /// Adds a handler of `M` that records every envelope it consumes into `log`.
-pub fn record<M: Message>(e: &mut ReceiveEndpointBuilder, log: &MessageLog) {
-    let log = log.clone();
-    e.handler(move |ctx: ConsumeContext<M>| {
-        let log = log.clone();
-        async move {
-            log.record(ctx.envelope());
-            Ok::<_, BoxError>(())
-        }
-    });
+pub fn record<M: Message>(e: Endpoint, log: &MessageLog) -> Endpoint {
+    e.handler_with_state(log.clone(), |ctx: ConsumeContext<M>, log| async move {
+        log.record(ctx.envelope());
+        Ok(())
+    })
 }
 
 /// A fresh log, shareable with handlers.

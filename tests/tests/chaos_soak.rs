@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use bus_core::middleware::RetryPolicy;
 use bus_core::testing::MessageLog;
-use bus_core::{BoxError, Bus, ConsumeContext, Fault, Message, RedeliveryPolicy};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Fault, Message, RedeliveryPolicy};
 use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
-use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, SagaBusExt, SagaRepository, StateMachine};
+use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, Saga, SagaRepository, StateMachine};
 use lapin::options::BasicGetOptions;
 use serde::{Deserialize, Serialize};
 use tests::rabbit_support::ThrowawayNode;
@@ -144,44 +144,41 @@ async fn every_message_is_accounted_for_through_cuts_restarts_and_deletions() {
 
     let (applied, answered, responded) = (Counts::default(), Counts::default(), Counts::default());
     let faults = Arc::new(MessageLog::default());
-    let (builder, saga) = {
-        let (applied, responded, faults) = (applied.clone(), responded.clone(), faults.clone());
-        Bus::builder(transport.clone())
-            .stop_timeout(Duration::from_secs(20))
-            .request_timeout(Duration::from_secs(3))
-            .receive_endpoint("chaos-work", move |e| {
-                // Two attempts: about 1% of the messages fail both and end in `_error`.
-                e.prefetch(64).redelivery(RedeliveryPolicy::intervals([Duration::from_millis(200)])).handler(
-                    move |ctx: ConsumeContext<Work>| {
-                        let applied = applied.clone();
-                        async move {
-                            if fastrand::u32(0..10) == 0 {
-                                return Err::<(), BoxError>("a downstream call failed (10% of attempts)".into());
-                            }
-                            applied.add(ctx.message().id);
-                            Ok(())
-                        }
-                    },
-                );
-            })
-            .receive_endpoint("chaos-ping", move |e| {
-                e.handler(move |ctx: ConsumeContext<Ping>| {
-                    let responded = responded.clone();
-                    async move {
-                        responded.add(ctx.message().id);
-                        ctx.respond(Pong { id: ctx.message().id }).await?;
-                        Ok::<_, BoxError>(())
+    let trip_saga = Saga::new(trip_machine(), repository.clone());
+    let saga = trip_saga.stats();
+    let bus = Bus::builder(transport.clone())
+        .stop_timeout(Duration::from_secs(20))
+        .request_timeout(Duration::from_secs(3))
+        .endpoint(
+            // Two attempts: about 1% of the messages fail both and end in `_error`.
+            Endpoint::new("chaos-work")
+                .prefetch(64)
+                .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(200)]))
+                .handler_with_state(applied.clone(), |ctx: ConsumeContext<Work>, applied| async move {
+                    if fastrand::u32(0..10) == 0 {
+                        return Err::<(), BoxError>("a downstream call failed (10% of attempts)".into());
                     }
-                });
-            })
-            .receive_endpoint("chaos-faults", move |e| record::<Fault<Work>>(e, &faults))
-            .saga_endpoint(trip_machine(), repository.clone(), |e| {
-                e.concurrency_limit(8)
-                    .retry(RetryPolicy::intervals([Duration::from_millis(100); 3]))
-                    .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(500); 60]));
-            })
-    };
-    let bus = builder.build();
+                    applied.add(ctx.message().id);
+                    Ok(())
+                }),
+        )
+        .endpoint(Endpoint::new("chaos-ping").handler_with_state(
+            responded.clone(),
+            |ctx: ConsumeContext<Ping>, responded| async move {
+                responded.add(ctx.message().id);
+                ctx.respond(Pong { id: ctx.message().id }).await?;
+                Ok(())
+            },
+        ))
+        .endpoint(record::<Fault<Work>>(Endpoint::new("chaos-faults"), &faults))
+        .endpoint(
+            trip_saga
+                .endpoint()
+                .concurrency_limit(8)
+                .retry(RetryPolicy::intervals([Duration::from_millis(100); 3]))
+                .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(500); 60])),
+        )
+        .build();
     bus.start().await.expect("bus starts");
     let started = std::time::Instant::now();
 

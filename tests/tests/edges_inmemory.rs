@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bus_core::middleware::RetryPolicy;
 use bus_core::testing::Log;
-use bus_core::{BoxError, Bus, ConsumeContext, Message, Transport, TransportMessage};
+use bus_core::{BoxError, Bus, ConsumeContext, ConsumerOptions, Endpoint, Message, Transport, TransportMessage};
 use bus_inmemory::{InMemoryOptions, InMemoryTransport};
 use serde::{Deserialize, Serialize};
 use tests::WAIT;
@@ -17,17 +17,14 @@ struct Probe {
     n: u32,
 }
 
-fn handler(e: &mut bus_core::ReceiveEndpointBuilder) {
-    e.handler(|_: ConsumeContext<Probe>| async { Ok::<_, BoxError>(()) });
+fn handler(e: Endpoint) -> Endpoint {
+    e.handler(|_: ConsumeContext<Probe>| async { Ok(()) })
 }
 
 #[tokio::test]
 async fn configuration_that_cannot_work_is_refused_before_start() {
     let endpoint_limit = Bus::builder(InMemoryTransport::new())
-        .receive_endpoint("unbounded", |e| {
-            e.concurrency_limit(usize::MAX);
-            handler(e);
-        })
+        .endpoint(handler(Endpoint::new("unbounded").concurrency_limit(usize::MAX)))
         .try_build()
         .expect_err("refused");
     assert!(
@@ -36,24 +33,17 @@ async fn configuration_that_cannot_work_is_refused_before_start() {
     );
 
     let consumer_limit = Bus::builder(InMemoryTransport::new())
-        .receive_endpoint("none-at-once", |e| {
-            e.handler_with(
-                |_: ConsumeContext<Probe>| async { Ok::<_, BoxError>(()) },
-                |c| {
-                    c.concurrency_limit(0);
-                },
-            );
-        })
+        .endpoint(
+            Endpoint::new("none-at-once")
+                .handler_with(|_: ConsumeContext<Probe>| async { Ok(()) }, ConsumerOptions::new().concurrency_limit(0)),
+        )
         .try_build()
         .expect_err("refused");
     assert!(consumer_limit.to_string().contains("concurrency limit is 0"), "{consumer_limit}");
 
     // Built without checking, it refuses to start, with the same reason, and never panics.
     let bus = Bus::builder(InMemoryTransport::new())
-        .receive_endpoint("unbounded", |e| {
-            e.concurrency_limit(usize::MAX);
-            handler(e);
-        })
+        .endpoint(handler(Endpoint::new("unbounded").concurrency_limit(usize::MAX)))
         .build();
     let error = bus.start().await.expect_err("refused at start");
     assert!(error.to_string().contains("concurrency limit"), "{error}");
@@ -70,7 +60,7 @@ async fn configuration_that_cannot_work_is_refused_before_start() {
 #[tokio::test]
 async fn text_from_the_wire_is_escaped_in_fault_headers() {
     let transport = InMemoryTransport::new();
-    let bus = Bus::builder(transport.clone()).receive_endpoint("escapes", handler).build();
+    let bus = Bus::builder(transport.clone()).endpoint(handler(Endpoint::new("escapes"))).build();
     bus.start().await.expect("bus starts");
     let forged = TransportMessage {
         body: bytes::Bytes::from_static(b"{}"),
@@ -92,26 +82,21 @@ async fn text_from_the_wire_is_escaped_in_fault_headers() {
 async fn a_publish_to_several_queues_enters_all_or_none() {
     let transport = InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 2, full_queue_wait: None });
     // `idle` is declared and bound, then nobody consumes it: what reaches it stays there.
-    let idle = Bus::builder(transport.clone()).receive_endpoint("idle", handler).build();
+    let idle = Bus::builder(transport.clone()).endpoint(handler(Endpoint::new("idle"))).build();
     idle.start().await.expect("starts");
     idle.stop().await.expect("stops");
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let consumed = Log::<u32>::default();
-    let bus = {
-        let (gate, consumed) = (gate.clone(), consumed.clone());
-        Bus::builder(transport.clone())
-            .receive_endpoint("busy", move |e| {
-                e.prefetch(1).handler(move |ctx: ConsumeContext<Probe>| {
-                    let (gate, consumed) = (gate.clone(), consumed.clone());
-                    async move {
-                        gate.acquire().await?.forget();
-                        consumed.push(ctx.message().n);
-                        Ok::<_, BoxError>(())
-                    }
-                });
-            })
-            .build()
-    };
+    let bus = Bus::builder(transport.clone())
+        .endpoint(Endpoint::new("busy").prefetch(1).handler_with_state(
+            (gate.clone(), consumed.clone()),
+            |ctx: ConsumeContext<Probe>, (gate, consumed)| async move {
+                gate.acquire().await?.forget();
+                consumed.push(ctx.message().n);
+                Ok(())
+            },
+        ))
+        .build();
     bus.start().await.expect("bus starts");
     bus.publish(Probe { n: 1 }).await.expect("room in both");
     assert_eq!(transport.queue_len("idle"), 1);
@@ -153,7 +138,7 @@ struct Tick {
 /// a deterministic id and applies it once.
 #[tokio::test]
 async fn a_saga_event_without_a_message_id_is_applied_once() {
-    use bus_saga::{when, InMemorySagaRepository, SagaBusExt, StateMachine};
+    use bus_saga::{when, InMemorySagaRepository, Saga, StateMachine};
     let machine = StateMachine::<Tally>::builder("Tally")
         .states(["Counting"])
         .event::<Tick>(|m| m.tally_id)
@@ -162,8 +147,9 @@ async fn a_saga_event_without_a_message_id_is_applied_once() {
         .build();
     let transport = InMemoryTransport::new();
     let repository = InMemorySagaRepository::<Tally>::new();
-    let (builder, stats) = Bus::builder(transport.clone()).saga_endpoint(machine, repository.clone(), |_| {});
-    let bus = builder.build();
+    let saga = Saga::new(machine, repository.clone());
+    let stats = saga.stats();
+    let bus = Bus::builder(transport.clone()).endpoint(saga.endpoint()).build();
     bus.start().await.expect("bus starts");
     let tally_id = uuid::Uuid::now_v7();
     let raw = || TransportMessage {
@@ -185,7 +171,7 @@ async fn a_saga_event_without_a_message_id_is_applied_once() {
 /// delivered again (its ack lost): only a machine that deletes them keeps one for a while.
 #[tokio::test]
 async fn a_kept_final_instance_survives_its_finalizing_event_delivered_again() {
-    use bus_saga::{when, InMemorySagaRepository, SagaBusExt, StateMachine};
+    use bus_saga::{when, InMemorySagaRepository, Saga, StateMachine};
     let machine = StateMachine::<Tally>::builder("KeptTally")
         .states(["Counting"])
         .event::<Tick>(|m| m.tally_id)
@@ -194,10 +180,9 @@ async fn a_kept_final_instance_survives_its_finalizing_event_delivered_again() {
         .completed_when_finalized(false)
         .build();
     let repository = InMemorySagaRepository::<Tally>::new();
-    let (builder, stats) = Bus::builder(InMemoryTransport::new()).saga_endpoint(machine, repository.clone(), |e| {
-        e.concurrency_limit(1);
-    });
-    let bus = builder.build();
+    let saga = Saga::new(machine, repository.clone());
+    let stats = saga.stats();
+    let bus = Bus::builder(InMemoryTransport::new()).endpoint(saga.endpoint().concurrency_limit(1)).build();
     bus.start().await.expect("bus starts");
     let tally_id = uuid::Uuid::now_v7();
     let finishing = bus_core::SendOptions::new().message_id(uuid::Uuid::now_v7());
@@ -232,7 +217,7 @@ struct Closed {
 /// and when the finalizing event comes back the message leaves once and the instance goes.
 #[tokio::test]
 async fn a_finalized_instance_waits_for_its_own_event_to_come_back() {
-    use bus_saga::{when, InMemorySagaRepository, SagaBusExt, StateMachine};
+    use bus_saga::{when, InMemorySagaRepository, Saga, StateMachine};
     for window in [10, 0] {
         let machine = StateMachine::<Tally>::builder("ClosingTally")
             .states(["Counting"])
@@ -247,10 +232,9 @@ async fn a_finalized_instance_waits_for_its_own_event_to_come_back() {
             .build();
         let transport = InMemoryTransport::new();
         let repository = InMemorySagaRepository::<Tally>::new();
-        let (builder, stats) = Bus::builder(transport.clone()).saga_endpoint(machine, repository.clone(), |e| {
-            e.concurrency_limit(1);
-        });
-        let bus = builder.build();
+        let saga = Saga::new(machine, repository.clone());
+        let stats = saga.stats();
+        let bus = Bus::builder(transport.clone()).endpoint(saga.endpoint().concurrency_limit(1)).build();
         bus.start().await.expect("bus starts");
         let tally_id = uuid::Uuid::now_v7();
         let (tick, close) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
@@ -271,7 +255,7 @@ async fn a_finalized_instance_waits_for_its_own_event_to_come_back() {
         // `closings` exists now; the failed event moved back from `_error`, as an operator does.
         let closings = Arc::new(bus_core::testing::MessageLog::default());
         let receiver = Bus::builder(transport.clone())
-            .receive_endpoint("closings", |e| tests::record::<Closed>(e, &closings))
+            .endpoint(tests::record::<Closed>(Endpoint::new("closings"), &closings))
             .build();
         receiver.start().await.expect("receiver starts");
         bus.start().await.expect("bus starts again");
@@ -293,20 +277,17 @@ async fn a_message_waiting_for_redelivery_comes_back_once_after_a_stop() {
     let seen = Log::<u32>::default();
     let bus = |seen: Log<u32>| {
         Bus::builder(transport.clone())
-            .receive_endpoint("later", move |e| {
-                e.redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(300)])).handler(
-                    move |ctx: ConsumeContext<Probe>| {
-                        let seen = seen.clone();
-                        async move {
-                            seen.push(ctx.redelivery_count());
-                            if ctx.redelivery_count() == 0 {
-                                return Err::<(), BoxError>("not yet".into());
-                            }
-                            Ok(())
+            .endpoint(
+                Endpoint::new("later")
+                    .redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(300)]))
+                    .handler_with_state(seen, |ctx: ConsumeContext<Probe>, seen| async move {
+                        seen.push(ctx.redelivery_count());
+                        if ctx.redelivery_count() == 0 {
+                            return Err::<(), BoxError>("not yet".into());
                         }
-                    },
-                );
-            })
+                        Ok(())
+                    }),
+            )
             .build()
     };
     let first = bus(seen.clone());

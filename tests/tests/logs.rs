@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bus_core::middleware::RetryPolicy;
-use bus_core::{BoxError, Bus, ConsumeContext, Message};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message};
 use bus_inmemory::InMemoryTransport;
 use serde::{Deserialize, Serialize};
 use tests::unique;
@@ -60,10 +60,11 @@ async fn a_failure_logs_its_message_type_endpoint_and_trace_but_not_its_body() {
     let transport = InMemoryTransport::new();
     let bus = Bus::builder(transport.clone())
         .tracer_provider(&provider)
-        .receive_endpoint(&marker, |e| {
-            e.retry(RetryPolicy::immediate(1))
-                .handler(|_: ConsumeContext<ChargeCard>| async { Err::<(), BoxError>("card declined".into()) });
-        })
+        .endpoint(
+            Endpoint::new(&marker)
+                .retry(RetryPolicy::immediate(1))
+                .handler(|_: ConsumeContext<ChargeCard>| async { Err::<(), BoxError>("card declined".into()) }),
+        )
         .build();
     bus.start().await.expect("bus starts");
     let secret = "4111-1111-1111-SECRET";
@@ -158,27 +159,22 @@ async fn a_broker_consumer_timeout_is_logged_with_the_setting_and_the_endpoint()
     let endpoint = unique("slow-jobs");
     let deliveries = bus_core::testing::Log::<bool>::default();
     let release = Arc::new(tokio::sync::Notify::new());
-    let bus = {
-        let (deliveries, release) = (deliveries.clone(), release.clone());
-        Bus::builder(transport.clone())
-            .stop_timeout(Duration::from_secs(5))
-            .receive_endpoint(&endpoint, move |e| {
-                e.handler(move |ctx: ConsumeContext<SlowJob>| {
-                    let (deliveries, release) = (deliveries.clone(), release.clone());
-                    async move {
-                        let first = deliveries.is_empty();
-                        deliveries.push(first);
-                        if first {
-                            // Holds the delivery past the broker's timeout.
-                            release.notified().await;
-                        }
-                        let _ = ctx.message().n;
-                        Ok::<_, BoxError>(())
-                    }
-                });
-            })
-            .build()
-    };
+    let bus = Bus::builder(transport.clone())
+        .stop_timeout(Duration::from_secs(5))
+        .endpoint(Endpoint::new(&endpoint).handler_with_state(
+            (deliveries.clone(), release.clone()),
+            |ctx: ConsumeContext<SlowJob>, (deliveries, release)| async move {
+                let first = deliveries.is_empty();
+                deliveries.push(first);
+                if first {
+                    // Holds the delivery past the broker's timeout.
+                    release.notified().await;
+                }
+                let _ = ctx.message().n;
+                Ok(())
+            },
+        ))
+        .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{endpoint}"), SlowJob { n: 1 }).await.expect("sent");
     deliveries

@@ -3,9 +3,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::Message;
+use bus_core::{Endpoint, Message};
 use bus_inmemory::InMemoryTestHarness;
-use bus_saga::{InMemorySagaRepository, MissingInstance, Outcome, SagaBusExt, SagaInstance, TransitionRecord, FINAL};
+use bus_saga::{InMemorySagaRepository, MissingInstance, Outcome, Saga, SagaInstance, TransitionRecord, FINAL};
 use examples::order_saga::{
     order_state_machine, order_state_machine_with, InventoryConsumer, NewOrderEvent, OrderCancelled, OrderProcessed,
     OrderState, ProcessOrder,
@@ -109,9 +109,8 @@ async fn the_saga_runs_end_to_end_on_the_in_memory_bus() {
     let inventory = InventoryConsumer::default();
     let inventory_endpoint = inventory.clone();
     let harness = InMemoryTestHarness::start(move |bus| {
-        bus.saga_endpoint(machine, saga_repository, |_| {}).0.receive_endpoint("Inventory", move |e| {
-            e.consumer(inventory_endpoint);
-        })
+        bus.endpoint(Saga::new(machine, saga_repository).endpoint())
+            .endpoint(Endpoint::new("Inventory").consumer(inventory_endpoint))
     })
     .await
     .expect("harness");
@@ -136,7 +135,7 @@ async fn the_saga_runs_end_to_end_on_the_in_memory_bus() {
 #[tokio::test]
 async fn an_event_for_a_missing_instance_goes_to_skipped_or_is_discarded_when_configured() {
     let harness = InMemoryTestHarness::start(|bus| {
-        bus.saga_endpoint(order_state_machine(), InMemorySagaRepository::new(), |_| {}).0
+        bus.endpoint(Saga::new(order_state_machine(), InMemorySagaRepository::new()).endpoint())
     })
     .await
     .expect("harness");
@@ -149,10 +148,11 @@ async fn an_event_for_a_missing_instance_goes_to_skipped_or_is_discarded_when_co
 
     let machine =
         order_state_machine_with(|m| m.event_with::<OrderProcessed>(|e| e.order_id, MissingInstance::Discard));
-    let harness =
-        InMemoryTestHarness::start(move |bus| bus.saga_endpoint(machine, InMemorySagaRepository::new(), |_| {}).0)
-            .await
-            .expect("harness");
+    let harness = InMemoryTestHarness::start(move |bus| {
+        bus.endpoint(Saga::new(machine, InMemorySagaRepository::new()).endpoint())
+    })
+    .await
+    .expect("harness");
     harness.bus().publish(OrderProcessed { order_id: Uuid::now_v7() }).await.expect("publish");
     harness.consumed().wait_for::<OrderProcessed>(1, WAIT).await.expect("acknowledged");
     harness.stop().await.expect("stop");
@@ -165,10 +165,7 @@ async fn concurrent_initiating_events_create_one_instance_and_one_process_order(
     let repository = InMemorySagaRepository::<OrderState>::new();
     let saga_repository = repository.clone();
     let harness = InMemoryTestHarness::start(move |bus| {
-        bus.saga_endpoint(order_state_machine(), saga_repository, |e| {
-            e.concurrency_limit(8);
-        })
-        .0
+        bus.endpoint(Saga::new(order_state_machine(), saga_repository).endpoint().concurrency_limit(8))
     })
     .await
     .expect("harness");

@@ -3,7 +3,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_saga::{RedisSagaOptions, RedisSagaRepository, SagaBusExt, SagaRepository, TransitionRecord, FINAL};
+use bus_core::Endpoint;
+use bus_saga::{RedisSagaOptions, RedisSagaRepository, Saga, SagaRepository, TransitionRecord, FINAL};
 use examples::order_saga::{order_state_machine_with, InventoryConsumer, OrderState};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
@@ -39,11 +40,10 @@ fn a_raw_masstransit_new_order_drives_the_saga_to_accepted_or_cancelled_and_the_
         });
         let inventory = InventoryConsumer::default();
         let inventory_endpoint = inventory.clone();
-        let (builder, _) = fixture.bus().saga_endpoint(machine, repository, |_| {});
-        let bus = builder
-            .receive_endpoint("Inventory", move |e| {
-                e.consumer(inventory_endpoint);
-            })
+        let bus = fixture
+            .bus()
+            .endpoint(Saga::new(machine, repository).endpoint())
+            .endpoint(Endpoint::new("Inventory").consumer(inventory_endpoint))
             .build();
         bus.start().await.expect("bus starts");
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus_core::testing::{Log, MessageLog};
-use bus_core::{BoxError, Bus, ConsumeContext, Fault, HealthStatus, Message, Permanent};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Fault, HealthStatus, Message, Permanent};
 use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
 use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
 use lapin::BasicProperties;
@@ -113,35 +113,27 @@ async fn headers_too_large_for_a_frame_end_in_error_without_closing_the_connecti
     let finished = Log::<u32>::default();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let faults = Arc::new(MessageLog::default());
-    let bus = {
-        let (started, finished, gate) = (started.clone(), finished.clone(), gate.clone());
-        let faults = faults.clone();
-        Bus::builder(transport.clone())
-            .stop_timeout(Duration::from_secs(10))
-            .receive_endpoint(&big, |e| {
-                e.handler(|ctx: ConsumeContext<Probe>| async move {
-                    if ctx.message().n == 2 {
-                        return Err(Permanent::new(std::io::Error::other("probe 2 fails")).into());
-                    }
-                    // Copies the consumed envelope's headers (the 200 KB one among them).
-                    ctx.publish(Echo { n: ctx.message().n }).await?;
-                    Ok::<_, BoxError>(())
-                });
-            })
-            .receive_endpoint(&held, move |e| {
-                e.prefetch(HELD as u16).handler(move |ctx: ConsumeContext<Held>| {
-                    let (started, finished, gate) = (started.clone(), finished.clone(), gate.clone());
-                    async move {
-                        started.push(ctx.message().n);
-                        gate.acquire().await?.forget();
-                        finished.push(ctx.message().n);
-                        Ok::<_, BoxError>(())
-                    }
-                });
-            })
-            .receive_endpoint(unique("frames-faults"), move |e| record::<Fault<Probe>>(e, &faults))
-            .build()
-    };
+    let bus = Bus::builder(transport.clone())
+        .stop_timeout(Duration::from_secs(10))
+        .endpoint(Endpoint::new(&big).handler(|ctx: ConsumeContext<Probe>| async move {
+            if ctx.message().n == 2 {
+                return Err(Permanent::new(std::io::Error::other("probe 2 fails")).into());
+            }
+            // Copies the consumed envelope's headers (the 200 KB one among them).
+            ctx.publish(Echo { n: ctx.message().n }).await?;
+            Ok(())
+        }))
+        .endpoint(Endpoint::new(&held).prefetch(HELD as u16).handler_with_state(
+            (started.clone(), finished.clone(), gate.clone()),
+            |ctx: ConsumeContext<Held>, (started, finished, gate)| async move {
+                started.push(ctx.message().n);
+                gate.acquire().await?.forget();
+                finished.push(ctx.message().n);
+                Ok(())
+            },
+        ))
+        .endpoint(record::<Fault<Probe>>(Endpoint::new(unique("frames-faults")), &faults))
+        .build();
     bus.start().await.expect("bus starts");
     let connections = transport.connection_count();
     for n in 0..HELD {
@@ -208,16 +200,14 @@ fn poisoned(fixture: &RabbitFixture, queue: &str) -> Poisoned {
     let faults = Arc::new(MessageLog::default());
     let runs = Arc::new(AtomicU32::new(0));
     let bus = {
-        let (faults, runs) = (faults.clone(), runs.clone());
+        let runs = runs.clone();
         fixture
             .bus()
-            .receive_endpoint(queue, move |e| {
-                e.handler(move |_: ConsumeContext<Probe>| {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    async { Err::<(), BoxError>(Permanent::new(std::io::Error::other("poison")).into()) }
-                });
-            })
-            .receive_endpoint(unique("poison-faults"), move |e| record::<Fault<Probe>>(e, &faults))
+            .endpoint(Endpoint::new(queue).handler(move |_: ConsumeContext<Probe>| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), BoxError>(Permanent::new(std::io::Error::other("poison")).into()) }
+            }))
+            .endpoint(record::<Fault<Probe>>(Endpoint::new(unique("poison-faults")), &faults))
             .build()
     };
     Poisoned { bus, faults, runs }
@@ -345,27 +335,22 @@ async fn a_failure_after_the_channel_closed_moves_and_faults_only_once() {
     let faults = Arc::new(MessageLog::default());
     let runs = Log::<bool>::default();
     let reconnected = Arc::new(tokio::sync::Notify::new());
-    let bus = {
-        let (faults, runs, reconnected) = (faults.clone(), runs.clone(), reconnected.clone());
-        Bus::builder(transport.clone())
-            .stop_timeout(Duration::from_secs(10))
-            .receive_endpoint(&queue, move |e| {
-                e.handler(move |ctx: ConsumeContext<Probe>| {
-                    let (runs, reconnected) = (runs.clone(), reconnected.clone());
-                    async move {
-                        let first = ctx.envelope().message_id.is_some() && runs.is_empty();
-                        runs.push(first);
-                        if first {
-                            // Works on until the connection it came on is gone and replaced.
-                            reconnected.notified().await;
-                        }
-                        Err::<(), BoxError>(Permanent::new(std::io::Error::other("fails for good")).into())
-                    }
-                });
-            })
-            .receive_endpoint(unique("gone-faults"), move |e| record::<Fault<Probe>>(e, &faults))
-            .build()
-    };
+    let bus = Bus::builder(transport.clone())
+        .stop_timeout(Duration::from_secs(10))
+        .endpoint(Endpoint::new(&queue).handler_with_state(
+            (runs.clone(), reconnected.clone()),
+            |ctx: ConsumeContext<Probe>, (runs, reconnected)| async move {
+                let first = ctx.envelope().message_id.is_some() && runs.is_empty();
+                runs.push(first);
+                if first {
+                    // Works on until the connection it came on is gone and replaced.
+                    reconnected.notified().await;
+                }
+                Err::<(), BoxError>(Permanent::new(std::io::Error::other("fails for good")).into())
+            },
+        ))
+        .endpoint(record::<Fault<Probe>>(Endpoint::new(unique("gone-faults")), &faults))
+        .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{queue}"), Probe { n: 1 }).await.expect("sent");
     runs.wait_until("the first delivery in progress", WAIT, |r| r.len() == 1).await.expect("started");
@@ -396,7 +381,7 @@ async fn an_endpoint_queue_and_exchange_deleted_mid_run_are_declared_again() {
     let fixture = RabbitFixture::connect(&vhost.uri(5672)).await;
     let queue = unique("deleted");
     let got = Arc::new(MessageLog::default());
-    let bus = Bus::builder(transport.clone()).receive_endpoint(&queue, |e| record::<Probe>(e, &got)).build();
+    let bus = Bus::builder(transport.clone()).endpoint(record::<Probe>(Endpoint::new(&queue), &got)).build();
     bus.start().await.expect("bus starts");
     bus.publish(Probe { n: 1 }).await.expect("published");
     got.wait_for::<Probe>(1, WAIT).await.expect("consumed before");
@@ -448,23 +433,18 @@ async fn a_broker_alarm_blocks_publishing_but_not_consuming() {
     const BEFORE: u32 = 10;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let consumed = Log::<u32>::default();
-    let bus = {
-        let (gate, consumed) = (gate.clone(), consumed.clone());
-        Bus::builder(transport.clone())
-            .receive_endpoint(&queue, move |e| {
-                e.prefetch(32).handler(move |ctx: ConsumeContext<Probe>| {
-                    let (gate, consumed) = (gate.clone(), consumed.clone());
-                    async move {
-                        if ctx.message().n < BEFORE {
-                            gate.acquire().await?.forget();
-                        }
-                        consumed.push(ctx.message().n);
-                        Ok::<_, BoxError>(())
-                    }
-                });
-            })
-            .build()
-    };
+    let bus = Bus::builder(transport.clone())
+        .endpoint(Endpoint::new(&queue).prefetch(32).handler_with_state(
+            (gate.clone(), consumed.clone()),
+            |ctx: ConsumeContext<Probe>, (gate, consumed)| async move {
+                if ctx.message().n < BEFORE {
+                    gate.acquire().await?.forget();
+                }
+                consumed.push(ctx.message().n);
+                Ok(())
+            },
+        ))
+        .build();
     bus.start().await.expect("bus starts");
     for n in 0..BEFORE {
         bus.send(&format!("queue:{queue}"), Probe { n }).await.expect("sent before the alarm");
@@ -554,7 +534,7 @@ async fn a_channel_whose_confirm_timed_out_is_not_used_again() {
     let queue = unique("confirms");
     // An endpoint nobody consumes: its queue, and its exchange bound to it.
     let bus = Bus::builder(transport.clone())
-        .receive_endpoint(&queue, |e| record::<Probe>(e, &MessageLog::default()))
+        .endpoint(record::<Probe>(Endpoint::new(&queue), &MessageLog::default()))
         .build();
     bus.start().await.expect("declares the endpoint");
     bus.stop().await.expect("and stops consuming it");

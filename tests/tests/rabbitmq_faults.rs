@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_core::testing::MessageLog;
-use bus_core::{BoxError, Bus, ConsumeContext, Error, HealthStatus, Message};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Error, HealthStatus, Message};
 use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
 use serde::{Deserialize, Serialize};
 use tests::rabbit_fixture::require_broker;
@@ -63,13 +63,10 @@ fn consuming_bus(transport: RabbitMqTransport, queue: &str, tally: &Tally) -> Bu
     let tally = tally.clone();
     Bus::builder(transport)
         .stop_timeout(Duration::from_secs(10))
-        .receive_endpoint(queue, move |e| {
-            let tally = tally.clone();
-            e.prefetch(100).handler(move |ctx: ConsumeContext<Numbered>| {
-                let result = tally.record(&ctx);
-                async move { result }
-            });
-        })
+        .endpoint(Endpoint::new(queue).prefetch(100).handler(move |ctx: ConsumeContext<Numbered>| {
+            let result = tally.record(&ctx);
+            async move { result }
+        }))
         .build()
 }
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bus_core::testing::MessageLog;
-use bus_core::{BoxError, Bus, ConsumeContext, Message};
+use bus_core::{Bus, ConsumeContext, Endpoint, Message};
 use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport, TlsOptions};
 use serde::{Deserialize, Serialize};
 use tests::rabbit_support::{free_port, run_command, ThrowawayNode};
@@ -231,22 +231,13 @@ async fn connects_over_tls_with_server_verification_and_a_client_certificate() {
 
     let queue = unique("tls");
     let log = MessageLog::default();
-    let bus = {
-        let log = log.clone();
-        Bus::builder(transport.clone())
-            .stop_timeout(Duration::from_secs(5))
-            .receive_endpoint(&queue, move |e| {
-                let log = log.clone();
-                e.handler(move |ctx: ConsumeContext<Ping>| {
-                    let log = log.clone();
-                    async move {
-                        log.record(ctx.envelope());
-                        Ok::<_, BoxError>(())
-                    }
-                });
-            })
-            .build()
-    };
+    let bus = Bus::builder(transport.clone())
+        .stop_timeout(Duration::from_secs(5))
+        .endpoint(Endpoint::new(&queue).handler_with_state(log.clone(), |ctx: ConsumeContext<Ping>, log| async move {
+            log.record(ctx.envelope());
+            Ok(())
+        }))
+        .build();
     bus.start().await.expect("the bus starts over TLS");
     bus.publish(Ping { n: 7 }).await.expect("publish over TLS is confirmed");
     let received = log.wait_for::<Ping>(1, WAIT).await.expect("the message round-trips over TLS");

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bus_core::testing::MessageLog;
-use bus_core::{BoxError, ConsumeContext, Message, SendOptions};
+use bus_core::{ConsumeContext, Endpoint, Message, SendOptions};
 use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
@@ -35,10 +35,11 @@ fn endpoint_topology_matches_masstransit() {
         let queue = unique("OrderState");
         let bus = fixture
             .bus()
-            .receive_endpoint(&queue, |e| {
-                e.redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_secs(5)]));
-                e.handler(|_: ConsumeContext<NewOrderEvent>| async { Ok::<_, BoxError>(()) });
-            })
+            .endpoint(
+                Endpoint::new(&queue)
+                    .redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_secs(5)]))
+                    .handler(|_: ConsumeContext<NewOrderEvent>| async { Ok(()) }),
+            )
             .build();
         bus.start().await.expect("bus starts");
         let vhost = fixture.vhost().to_owned();
@@ -109,7 +110,7 @@ fn masstransit_envelope_published_raw_is_consumed_with_ids_intact() {
         let fixture = fixture().await;
         let got = std::sync::Arc::new(MessageLog::default());
         let bus =
-            fixture.bus().receive_endpoint(unique("interop-in"), |e| tests::record::<NewOrderEvent>(e, &got)).build();
+            fixture.bus().endpoint(tests::record::<NewOrderEvent>(Endpoint::new(unique("interop-in")), &got)).build();
         bus.start().await.expect("bus starts");
         // As a .NET MassTransit service publishes it: to the type exchange, with its properties.
         let channel = fixture.channel().await;
@@ -213,9 +214,7 @@ fn delivery_properties_are_persistent_with_ids() {
         let queue = unique("props");
         let bus = fixture
             .bus()
-            .receive_endpoint(&queue, |e| {
-                e.handler(|_: ConsumeContext<NewOrderEvent>| async { Ok::<_, BoxError>(()) });
-            })
+            .endpoint(Endpoint::new(&queue).handler(|_: ConsumeContext<NewOrderEvent>| async { Ok(()) }))
             .build();
         // Declared but not consuming: the message stays for inspection.
         use bus_core::Transport;
@@ -258,7 +257,7 @@ fn bad_input_from_the_wire_ends_in_error_queue_without_panic() {
         let fixture = fixture().await;
         let queue = unique("bad-wire");
         let got = std::sync::Arc::new(MessageLog::default());
-        let bus = fixture.bus().receive_endpoint(&queue, |e| tests::record::<Probe>(e, &got)).build();
+        let bus = fixture.bus().endpoint(tests::record::<Probe>(Endpoint::new(&queue), &got)).build();
         bus.start().await.expect("bus starts");
         let channel = fixture.channel().await;
         let publish = |body: Vec<u8>, content_type: &str, headers: FieldTable| {
@@ -469,22 +468,18 @@ fn coalesced_acks_never_cover_a_delivery_in_progress() {
         let queue = unique("acks");
         let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
         let got = std::sync::Arc::new(MessageLog::default());
-        let (g, log) = (gate.clone(), got.clone());
         let bus = fixture
             .bus()
-            .receive_endpoint(&queue, move |e| {
-                let (g, log) = (g.clone(), log.clone());
-                e.prefetch(50).concurrency_limit(8).handler(move |ctx: ConsumeContext<AckedAround>| {
-                    let (g, log) = (g.clone(), log.clone());
-                    async move {
-                        if ctx.message().n == HELD {
-                            let _permit = g.acquire().await?;
-                        }
-                        log.record(ctx.envelope());
-                        Ok::<_, BoxError>(())
+            .endpoint(Endpoint::new(&queue).prefetch(50).concurrency_limit(8).handler_with_state(
+                (gate.clone(), got.clone()),
+                |ctx: ConsumeContext<AckedAround>, (g, log)| async move {
+                    if ctx.message().n == HELD {
+                        let _permit = g.acquire().await?;
                     }
-                });
-            })
+                    log.record(ctx.envelope());
+                    Ok(())
+                },
+            ))
             .build();
         // Queued before consuming starts, so that deliveries come in bursts and their acks
         // coalesce.
@@ -586,7 +581,7 @@ fn a_message_moved_to_error_keeps_its_original_properties() {
         let fixture = fixture().await;
         let queue = unique("keeps-properties");
         let got = std::sync::Arc::new(MessageLog::default());
-        let bus = fixture.bus().receive_endpoint(&queue, |e| tests::record::<Probe>(e, &got)).build();
+        let bus = fixture.bus().endpoint(tests::record::<Probe>(Endpoint::new(&queue), &got)).build();
         bus.start().await.expect("bus starts");
         let channel = fixture.channel().await;
         let mut headers = FieldTable::default();
@@ -665,11 +660,8 @@ fn a_type_exchange_deleted_behind_the_bus_is_declared_again_by_its_next_publish(
         // A transport of its own: its publish channels are closed on purpose.
         let transport = bus_rabbitmq::RabbitMqTransport::connect(fixture.uri()).await.expect("connect");
         let received = MessageLog::default();
-        let log = received.clone();
         let bus = bus_core::Bus::builder(transport.clone())
-            .receive_endpoint(unique("deleted-behind"), move |e| {
-                tests::record::<ExchangeDeletedBehind>(e, &log);
-            })
+            .endpoint(tests::record::<ExchangeDeletedBehind>(Endpoint::new(unique("deleted-behind")), &received))
             .build();
         bus.start().await.expect("bus starts");
         bus.publish(ExchangeDeletedBehind { n: 0 }).await.expect("published while the exchange exists");

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus_core::{BoxError, ConsumeContext, Message};
+use bus_core::{BoxError, ConsumeContext, Endpoint, Message};
 use bus_inmemory::InMemoryTestHarness;
 use bus_saga::{
-    when, InMemorySagaRepository, MissingInstance, RedisSagaOptions, RedisSagaRepository, SagaBusExt, SagaInstance,
+    when, InMemorySagaRepository, MissingInstance, RedisSagaOptions, RedisSagaRepository, Saga, SagaInstance,
     SagaRepository, StateMachine,
 };
 use serde::{Deserialize, Serialize};
@@ -102,9 +102,8 @@ async fn during_any_async_activities_send_and_respond() {
     let repository = InMemorySagaRepository::<TicketState>::new();
     let saga_repository = repository.clone();
     let harness = InMemoryTestHarness::start(move |bus| {
-        bus.saga_endpoint(machine(MissingInstance::Skip), saga_repository, |_| {}).0.receive_endpoint("audit", |e| {
-            e.handler(|_: ConsumeContext<Audit>| async { Ok::<_, BoxError>(()) });
-        })
+        bus.endpoint(Saga::new(machine(MissingInstance::Skip), saga_repository).endpoint())
+            .endpoint(Endpoint::new("audit").handler(|_: ConsumeContext<Audit>| async { Ok(()) }))
     })
     .await
     .expect("harness");
@@ -120,7 +119,7 @@ async fn during_any_async_activities_send_and_respond() {
 #[tokio::test]
 async fn missing_instance_can_fault_or_run_custom_code() {
     let harness = InMemoryTestHarness::start(|bus| {
-        bus.saga_endpoint(machine(MissingInstance::Fault), InMemorySagaRepository::new(), |_| {}).0
+        bus.endpoint(Saga::new(machine(MissingInstance::Fault), InMemorySagaRepository::new()).endpoint())
     })
     .await
     .expect("harness");
@@ -137,7 +136,7 @@ async fn missing_instance_can_fault_or_run_custom_code() {
         })
     }));
     let harness = InMemoryTestHarness::start(move |bus| {
-        bus.saga_endpoint(machine(custom), InMemorySagaRepository::new(), |_| {}).0
+        bus.endpoint(Saga::new(machine(custom), InMemorySagaRepository::new()).endpoint())
     })
     .await
     .expect("harness");
@@ -246,17 +245,14 @@ fn audited_saga_refusing<R: SagaRepository<TicketState>>(
     let audits = Arc::new(bus_core::testing::MessageLog::default());
     let audits_in = audits.clone();
     let redelivery = bus_core::RedeliveryPolicy::intervals(redeliveries.iter().copied());
-    let (builder, stats) = bus_core::Bus::builder(transport).saga_endpoint(machine, repository, |e| {
-        e.redelivery(redelivery);
-    });
-    let bus = builder
-        .receive_endpoint(tests::unique("audits"), move |e| {
-            let audits = audits_in.clone();
-            e.handler(move |ctx: ConsumeContext<Audit>| {
-                audits.record(ctx.envelope());
-                async { Ok::<_, BoxError>(()) }
-            });
-        })
+    let saga = Saga::new(machine, repository);
+    let stats = saga.stats();
+    let bus = bus_core::Bus::builder(transport)
+        .endpoint(saga.endpoint().redelivery(redelivery))
+        .endpoint(Endpoint::new(tests::unique("audits")).handler(move |ctx: ConsumeContext<Audit>| {
+            audits_in.record(ctx.envelope());
+            async { Ok(()) }
+        }))
         .build();
     AuditedSaga { bus, stats, audits, inner }
 }
@@ -344,14 +340,12 @@ fn one_at_a_time(
     machine: Arc<StateMachine<TicketState>>,
 ) -> (bus_core::Bus, Arc<bus_saga::SagaStats>, InMemorySagaRepository<TicketState>) {
     let repository = InMemorySagaRepository::<TicketState>::new();
-    let (builder, stats) = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new()).saga_endpoint(
-        machine,
-        repository.clone(),
-        |e| {
-            e.concurrency_limit(1);
-        },
-    );
-    (builder.build(), stats, repository)
+    let saga = Saga::new(machine, repository.clone());
+    let stats = saga.stats();
+    let bus = bus_core::Bus::builder(bus_inmemory::InMemoryTransport::new())
+        .endpoint(saga.endpoint().concurrency_limit(1))
+        .build();
+    (bus, stats, repository)
 }
 
 /// One delivery that is two events of a saga applies both: the second is not taken for the

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus_core::testing::MessageLog;
-use bus_core::{Bus, Message};
+use bus_core::{Bus, Endpoint, Message};
 use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
-use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, SagaBusExt, SagaRepository, StateMachine};
+use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, Saga, SagaRepository, StateMachine};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
@@ -82,14 +82,11 @@ async fn a_finalizing_events_refused_message_leaves_once_it_can_and_the_instance
     .await
     .unwrap_or_else(|e| panic!("Redis does not answer on {REDIS} ({e}): run scripts/test.sh to start it"));
     let closed = Arc::new(MessageLog::default());
-    let (builder, _stats) = {
-        let closed = closed.clone();
-        Bus::builder(transport.clone())
-            .stop_timeout(Duration::from_secs(10))
-            .receive_endpoint(unique("trip-closed"), move |e| record::<TripClosed>(e, &closed))
-            .saga_endpoint(trip_machine(&saga), repository.clone(), |_| {})
-    };
-    let bus = builder.build();
+    let bus = Bus::builder(transport.clone())
+        .stop_timeout(Duration::from_secs(10))
+        .endpoint(record::<TripClosed>(Endpoint::new(unique("trip-closed")), &closed))
+        .endpoint(Saga::new(trip_machine(&saga), repository.clone()).endpoint())
+        .build();
     bus.start().await.expect("bus starts");
     let trip_id = Uuid::now_v7();
     bus.publish(TripBooked { trip_id }).await.expect("published");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bus_core::middleware::RetryPolicy;
 use bus_core::{Bus, Message, RedeliveryPolicy};
 use bus_inmemory::InMemoryTransport;
-use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, SagaBusExt, SagaRepository, StateMachine};
+use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, Saga, SagaRepository, StateMachine};
 use examples::order_saga::{order_state_machine, NewOrderEvent, OrderState, ProcessOrder};
 use serde::{Deserialize, Serialize};
 use tests::redis_support::ThrowawayRedis;
@@ -78,13 +78,11 @@ async fn concurrent_events_on_real_redis_lose_no_update() {
     let mut buses = Vec::new();
     let mut stats = Vec::new();
     for _ in 0..2 {
-        let (builder, saga_stats) = Bus::builder(transport.clone()).meter(&meter).saga_endpoint(
-            counter_machine(&endpoint),
-            repository::<CounterState>(&prefix).await,
-            |e| {
-                e.concurrency_limit(8).retry(RetryPolicy::immediate(5));
-            },
-        );
+        let saga = Saga::new(counter_machine(&endpoint), repository::<CounterState>(&prefix).await);
+        let saga_stats = saga.stats();
+        let builder = Bus::builder(transport.clone())
+            .meter(&meter)
+            .endpoint(saga.endpoint().concurrency_limit(8).retry(RetryPolicy::immediate(5)));
         buses.push(builder.build());
         stats.push(saga_stats);
     }
@@ -159,14 +157,11 @@ async fn concurrent_initiating_events_create_one_instance_in_redis() {
     let prefix = unique("orders");
     let transport = InMemoryTransport::new();
     let recorder = Arc::new(bus_core::testing::BusRecorder::default());
-    let (builder, _) = Bus::builder(transport.clone()).observer_arc(recorder.clone()).saga_endpoint(
-        order_state_machine(),
-        repository::<OrderState>(&prefix).await,
-        |e| {
-            e.concurrency_limit(16);
-        },
-    );
-    let bus = builder.build();
+    let saga = Saga::new(order_state_machine(), repository::<OrderState>(&prefix).await);
+    let bus = Bus::builder(transport.clone())
+        .observer_arc(recorder.clone())
+        .endpoint(saga.endpoint().concurrency_limit(16))
+        .build();
     bus.start().await.expect("bus starts");
     let id = Uuid::now_v7();
     let sends = (0..16).map(|_| bus.publish(NewOrderEvent { order_id: id, user_email: "ann@example.com".into() }));
@@ -195,16 +190,17 @@ async fn messages_survive_a_redis_outage_and_complete_after_it_returns() {
         RedisSagaRepository::<CounterState>::connect(&redis.url(), options.clone()).await.expect("connects");
     let transport = InMemoryTransport::new();
     let recorder = Arc::new(bus_core::testing::BusRecorder::default());
-    let (builder, stats) = Bus::builder(transport.clone()).observer_arc(recorder.clone()).saga_endpoint(
-        counter_machine(&endpoint),
-        repository,
-        |e| {
-            e.concurrency_limit(4)
+    let saga = Saga::new(counter_machine(&endpoint), repository);
+    let stats = saga.stats();
+    let bus = Bus::builder(transport.clone())
+        .observer_arc(recorder.clone())
+        .endpoint(
+            saga.endpoint()
+                .concurrency_limit(4)
                 .retry(RetryPolicy::intervals([Duration::from_millis(100); 3]))
-                .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(500); 20]));
-        },
-    );
-    let bus = builder.build();
+                .redelivery(RedeliveryPolicy::intervals([Duration::from_millis(500); 20])),
+        )
+        .build();
     bus.start().await.expect("bus starts");
     let ids: Vec<Uuid> = (0..INSTANCES).map(|_| Uuid::now_v7()).collect();
     for id in &ids[..INSTANCES as usize / 2] {
@@ -254,11 +250,9 @@ async fn pessimistic_mode_serializes_an_instance_without_conflicts() {
         ..RedisSagaOptions::default()
     };
     let locking = RedisSagaRepository::<CounterState>::connect(REDIS, options).await.expect("redis");
-    let (builder, stats) =
-        Bus::builder(InMemoryTransport::new()).saga_endpoint(counter_machine(&endpoint), locking, |e| {
-            e.concurrency_limit(8);
-        });
-    let bus = builder.build();
+    let saga = Saga::new(counter_machine(&endpoint), locking);
+    let stats = saga.stats();
+    let bus = Bus::builder(InMemoryTransport::new()).endpoint(saga.endpoint().concurrency_limit(8)).build();
     bus.start().await.expect("bus starts");
     let ids: Vec<Uuid> = (0..INSTANCES).map(|_| Uuid::now_v7()).collect();
     let sends =

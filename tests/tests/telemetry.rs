@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use bus_core::middleware::RetryPolicy;
 use bus_core::testing::BusRecorder;
-use bus_core::{BoxError, Bus, ConsumeContext, Message, Transport, TransportMessage};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message, Transport, TransportMessage};
 use bus_inmemory::InMemoryTransport;
-use bus_saga::{InMemorySagaRepository, SagaBusExt};
+use bus_saga::{InMemorySagaRepository, Saga};
 use examples::order_saga::{order_state_machine, InventoryConsumer, NewOrderEvent, OrderProcessed};
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
@@ -124,20 +124,16 @@ async fn two_hops(transport: impl Transport, marker: &str) -> (Vec<SpanData>, uu
     let (first, second) = (format!("{marker}-first"), format!("{marker}-second"));
     let bus = Bus::builder(transport)
         .observer_arc(recorder.clone())
-        .receive_endpoint(&first, |e| {
-            e.handler(|ctx: ConsumeContext<First>| {
-                // The consumer's own `tracing` span: a child of the process span.
-                let work = tracing::info_span!("reserve stock");
-                async move {
-                    ctx.publish(Second { n: ctx.message().n + 1 }).await?;
-                    Ok::<_, BoxError>(())
-                }
-                .instrument(work)
-            });
-        })
-        .receive_endpoint(&second, |e| {
-            e.handler(|_: ConsumeContext<Second>| async { Ok::<_, BoxError>(()) });
-        })
+        .endpoint(Endpoint::new(&first).handler(|ctx: ConsumeContext<First>| {
+            // The consumer's own `tracing` span: a child of the process span.
+            let work = tracing::info_span!("reserve stock");
+            async move {
+                ctx.publish(Second { n: ctx.message().n + 1 }).await?;
+                Ok(())
+            }
+            .instrument(work)
+        }))
+        .endpoint(Endpoint::new(&second).handler(|_: ConsumeContext<Second>| async { Ok(()) }))
         .build();
     bus.start().await.expect("bus starts");
     let (message_id, correlation_id) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
@@ -271,9 +267,7 @@ async fn activity_id_case<T: Transport + Clone>(transport: T, marker: &str) {
     let recorder = Arc::new(BusRecorder::default());
     let bus = Bus::builder(transport.clone())
         .observer_arc(recorder.clone())
-        .receive_endpoint(&marker, |e| {
-            e.handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
-        })
+        .endpoint(Endpoint::new(&marker).handler(|_: ConsumeContext<First>| async { Ok(()) }))
         .build();
     bus.start().await.expect("bus starts");
     let envelope = |activity: &str| {
@@ -387,12 +381,13 @@ async fn failures_case(transport: impl Transport, marker: &str) {
     let bus = Bus::builder(transport)
         .meter(&meter)
         .observer_arc(recorder.clone())
-        .receive_endpoint(&marker, |e| {
-            e.retry(RetryPolicy::immediate(2))
+        .endpoint(
+            Endpoint::new(&marker)
+                .retry(RetryPolicy::immediate(2))
                 .redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_millis(10)]))
-                .handler(|_: ConsumeContext<Flaky>| async { Err::<(), BoxError>("flaky dependency".into()) });
-            e.handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
-        })
+                .handler(|_: ConsumeContext<Flaky>| async { Err::<(), BoxError>("flaky dependency".into()) })
+                .handler(|_: ConsumeContext<First>| async { Ok(()) }),
+        )
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{marker}"), Flaky).await.expect("send");
@@ -484,15 +479,11 @@ async fn the_order_saga_flow_is_one_trace_with_saga_attributes() {
 async fn saga_case(transport: impl Transport) {
     telemetry();
     let recorder = Arc::new(BusRecorder::default());
-    let (builder, _) = Bus::builder(transport).observer_arc(recorder.clone()).saga_endpoint(
-        order_state_machine(),
-        InMemorySagaRepository::new(),
-        |_| {},
-    );
-    let bus = builder
-        .receive_endpoint("Inventory", |e| {
-            e.consumer(InventoryConsumer::default());
-        })
+    let saga = Saga::new(order_state_machine(), InMemorySagaRepository::new());
+    let bus = Bus::builder(transport)
+        .observer_arc(recorder.clone())
+        .endpoint(saga.endpoint())
+        .endpoint(Endpoint::new("Inventory").consumer(InventoryConsumer::default()))
         .build();
     bus.start().await.expect("bus starts");
     let order_id = uuid::Uuid::now_v7();
@@ -547,16 +538,13 @@ async fn link_propagation_links_the_producer_and_baggage_flows_on() {
     let recorder = Arc::new(BusRecorder::default());
     let bus = Bus::builder(transport.clone())
         .observer_arc(recorder.clone())
-        .receive_endpoint(&marker, |e| {
-            let next = next.clone();
-            e.handler(move |ctx: ConsumeContext<First>| {
-                let next = format!("queue:{next}");
-                async move {
-                    ctx.send(&next, Second { n: 2 }).await?;
-                    Ok::<_, BoxError>(())
-                }
-            });
-        })
+        .endpoint(Endpoint::new(&marker).handler_with_state(
+            format!("queue:{next}"),
+            |ctx: ConsumeContext<First>, next| async move {
+                ctx.send(&next, Second { n: 2 }).await?;
+                Ok(())
+            },
+        ))
         .build();
     bus.start().await.expect("bus starts");
     let topology = bus_core::EndpointTopology { queue: next.clone(), ..Default::default() };
@@ -608,10 +596,11 @@ async fn an_endpoint_set_to_link_starts_its_own_linked_traces() {
     let recorder = Arc::new(BusRecorder::default());
     let bus = Bus::builder(InMemoryTransport::new())
         .observer_arc(recorder.clone())
-        .receive_endpoint(&marker, |e| {
-            e.trace_propagation(bus_core::TracePropagation::Link)
-                .handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
-        })
+        .endpoint(
+            Endpoint::new(&marker)
+                .trace_propagation(bus_core::TracePropagation::Link)
+                .handler(|_: ConsumeContext<First>| async { Ok(()) }),
+        )
         .build();
     bus.start().await.expect("bus starts");
     bus.send(&format!("queue:{marker}"), First { n: 1 }).await.expect("send");
@@ -673,12 +662,8 @@ async fn samplers_see_names_and_attributes_of_every_span() {
     let bus = Bus::builder(transport)
         .tracer_provider(&provider)
         .observer_arc(recorder.clone())
-        .receive_endpoint(&kept, |e| {
-            e.handler(|_: ConsumeContext<First>| async { Ok::<_, BoxError>(()) });
-        })
-        .receive_endpoint(&dropped, |e| {
-            e.handler(|_: ConsumeContext<Second>| async { Ok::<_, BoxError>(()) });
-        })
+        .endpoint(Endpoint::new(&kept).handler(|_: ConsumeContext<First>| async { Ok(()) }))
+        .endpoint(Endpoint::new(&dropped).handler(|_: ConsumeContext<Second>| async { Ok(()) }))
         .build();
     bus.start().await.expect("bus starts");
     for n in 0..5 {

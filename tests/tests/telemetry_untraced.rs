@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bus_core::testing::MessageLog;
-use bus_core::{BoxError, Bus, ConsumeContext, Message, SendOptions};
+use bus_core::{Bus, ConsumeContext, Endpoint, Message, SendOptions};
 use bus_inmemory::InMemoryTransport;
 use serde::{Deserialize, Serialize};
 
@@ -28,15 +28,12 @@ struct Answered {
 async fn a_bus_without_a_tracer_passes_an_incoming_trace_on_and_starts_none() {
     const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     let answered = MessageLog::default();
-    let log = answered.clone();
     let bus = Bus::builder(InMemoryTransport::new())
-        .receive_endpoint(tests::unique("asked"), |e| {
-            e.handler(|ctx: ConsumeContext<Asked>| async move {
-                ctx.publish(Answered { n: ctx.message().n }).await?;
-                Ok::<_, BoxError>(())
-            });
-        })
-        .receive_endpoint(tests::unique("answered"), move |e| tests::record::<Answered>(e, &log))
+        .endpoint(Endpoint::new(tests::unique("asked")).handler(|ctx: ConsumeContext<Asked>| async move {
+            ctx.publish(Answered { n: ctx.message().n }).await?;
+            Ok(())
+        }))
+        .endpoint(tests::record::<Answered>(Endpoint::new(tests::unique("answered")), &answered))
         .build();
     bus.start().await.expect("bus starts");
     // Untraced and traced in turn, several times: the first spans tell the bus its tracer is

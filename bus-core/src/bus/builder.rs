@@ -5,16 +5,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Bus, BusInner, CREATED};
-use crate::endpoint::ReceiveEndpointBuilder;
+use crate::endpoint::{Endpoint, EndpointName};
 use crate::middleware::SendMiddleware;
 use crate::observer::BusObserver;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
 use crate::telemetry::BusMetrics;
 use crate::transport::DynTransport;
-use crate::{
-    Consumer, DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, Error, HostInfo, Message, Result,
-};
+use crate::{DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, Error, HostInfo, Result};
 
 /// The instrumentation scope of the bus's spans.
 const TRACER_NAME: &str = "rust-bus";
@@ -22,7 +20,7 @@ const TRACER_NAME: &str = "rust-bus";
 /// Configures a [`Bus`]: its endpoints, serializers, observers and timeouts.
 pub struct BusBuilder {
     transport: Arc<dyn DynTransport>,
-    endpoints: Vec<ReceiveEndpointBuilder>,
+    endpoints: Vec<Endpoint>,
     serializers: Serializers,
     observers: Vec<Arc<dyn BusObserver>>,
     send_middleware: Vec<Arc<dyn SendMiddleware>>,
@@ -61,39 +59,28 @@ impl BusBuilder {
         }
     }
 
-    /// Adds (or extends) the receive endpoint named `name`.
-    pub fn receive_endpoint(
-        mut self,
-        name: impl Into<String>,
-        configure: impl FnOnce(&mut ReceiveEndpointBuilder),
-    ) -> Self {
-        let name = name.into();
-        let index = match self.endpoints.iter().position(|e| e.name == name) {
-            Some(index) => index,
-            None => {
-                self.endpoints.push(ReceiveEndpointBuilder::new(name));
-                self.endpoints.len() - 1
-            }
-        };
-        configure(&mut self.endpoints[index]);
+    /// Adds a receive endpoint (see [`Endpoint`]). An endpoint made with
+    /// [`Endpoint::for_consumer`] is named here by the
+    /// [endpoint name formatter](Self::endpoint_name_formatter). Two endpoints of one name
+    /// are a configuration error: [`try_build`](Self::try_build) refuses them.
+    ///
+    /// ```
+    /// use bus_core::{Bus, Endpoint};
+    /// let refused = Bus::builder(bus_inmemory::InMemoryTransport::new())
+    ///     .endpoint(Endpoint::new("orders"))
+    ///     .endpoint(Endpoint::new("orders"))
+    ///     .try_build();
+    /// assert!(refused.expect_err("refused").to_string().contains("two endpoints are named `orders`"));
+    /// ```
+    pub fn endpoint(mut self, mut endpoint: Endpoint) -> Self {
+        if let EndpointName::FromConsumer(consumer_type) = endpoint.name {
+            endpoint.name = EndpointName::Given(self.formatter.consumer(consumer_type));
+        }
+        self.endpoints.push(endpoint);
         self
     }
 
-    /// Adds an endpoint for one consumer, named by the endpoint name formatter from the
-    /// consumer's type (`SubmitOrderConsumer` -> `SubmitOrder`, or `submit-order` in kebab case).
-    pub fn consumer_endpoint<M: Message, C: Consumer<M>>(
-        self,
-        consumer: C,
-        configure: impl FnOnce(&mut ReceiveEndpointBuilder),
-    ) -> Self {
-        let name = self.formatter.consumer(std::any::type_name::<C>());
-        self.receive_endpoint(name, |e| {
-            e.consumer(consumer);
-            configure(e);
-        })
-    }
-
-    /// How endpoints added with [`consumer_endpoint`](Self::consumer_endpoint) are named.
+    /// How endpoints made with [`Endpoint::for_consumer`] are named; set it before adding them.
     pub fn endpoint_name_formatter(mut self, formatter: impl EndpointNameFormatter) -> Self {
         self.formatter = Arc::new(formatter);
         self
@@ -162,20 +149,22 @@ impl BusBuilder {
         self
     }
 
-    /// Builds the bus, first checking that its configuration can work: a concurrency limit of
-    /// zero, or past what can be counted, is refused with the reason. Nothing touches the
+    /// Builds the bus, first checking that its configuration can work: two endpoints of one
+    /// name, or a concurrency limit of zero or past what can be counted, are refused with the
+    /// reason. Nothing touches the
     /// transport until [`Bus::start`].
     ///
     /// ```
-    /// use bus_core::{Bus, BoxError, ConsumeContext, Message};
+    /// use bus_core::{Bus, ConsumeContext, Endpoint, Message};
     /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
     /// # #[message(urn = "urn:message:Shop:OrderPlaced")]
     /// # struct OrderPlaced { order_id: u32 }
     /// let refused = Bus::builder(bus_inmemory::InMemoryTransport::new())
-    ///     .receive_endpoint("billing", |e| {
-    ///         e.concurrency_limit(usize::MAX)
-    ///             .handler(|_: ConsumeContext<OrderPlaced>| async { Ok::<_, BoxError>(()) });
-    ///     })
+    ///     .endpoint(
+    ///         Endpoint::new("billing")
+    ///             .concurrency_limit(usize::MAX)
+    ///             .handler(|_: ConsumeContext<OrderPlaced>| async { Ok(()) }),
+    ///     )
     ///     .try_build();
     /// let error = refused.expect_err("refused");
     /// assert!(error.to_string().contains("concurrency limit"), "{error}");
@@ -204,11 +193,22 @@ impl BusBuilder {
             .endpoints
             .into_iter()
             .map(|e| {
-                let address = self.transport.address(&e.name);
-                Arc::new(EndpointRuntime::new(e, address, self.transport.system()))
+                let name = match &e.name {
+                    EndpointName::Given(name) => name.clone(),
+                    EndpointName::FromConsumer(consumer_type) => self.formatter.consumer(consumer_type),
+                };
+                let address = self.transport.address(&name);
+                Arc::new(EndpointRuntime::new(name, e, address, self.transport.system()))
             })
             .collect::<Vec<Arc<EndpointRuntime>>>();
-        let configuration_error = endpoints.iter().find_map(|e| e.configuration_error());
+        let duplicate = endpoints.iter().enumerate().find_map(|(index, e)| {
+            let name = &e.topology.queue;
+            endpoints[..index]
+                .iter()
+                .any(|other| &other.topology.queue == name)
+                .then(|| format!("two endpoints are named `{name}`"))
+        });
+        let configuration_error = duplicate.or_else(|| endpoints.iter().find_map(|e| e.configuration_error()));
         Bus {
             inner: Arc::new(BusInner {
                 configuration_error,

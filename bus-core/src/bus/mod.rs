@@ -40,7 +40,7 @@ const STOPPED: u8 = 3;
 /// Cheap to clone and safe to share between tasks.
 ///
 /// ```
-/// use bus_core::{Bus, ConsumeContext, BoxError, Message};
+/// use bus_core::{Bus, ConsumeContext, Endpoint, Message};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, Serialize, Deserialize, Message)]
@@ -51,13 +51,10 @@ const STOPPED: u8 = 3;
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
 /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
-///     .receive_endpoint("billing", move |e| {
-///         let tx = tx.clone();
-///         e.handler(move |ctx: ConsumeContext<OrderPlaced>| {
-///             let tx = tx.clone();
-///             async move { tx.send(ctx.message().order_id)?; Ok::<_, BoxError>(()) }
-///         });
-///     })
+///     .endpoint(Endpoint::new("billing").handler_with_state(tx, |ctx: ConsumeContext<OrderPlaced>, tx| async move {
+///         tx.send(ctx.message().order_id)?;
+///         Ok(())
+///     }))
 ///     .build();
 /// bus.start().await?;
 /// bus.publish(OrderPlaced { order_id: 42 }).await?;
