@@ -48,26 +48,17 @@ impl ReceiveContext {
         &self.outbox
     }
 
-    /// Counts a retry and marks it on the current (process) span.
+    /// Tells the instrumentation that a retry of a failed attempt is coming.
     pub(crate) fn record_retry(&self, retry: u32, delay: std::time::Duration, error: &crate::ConsumeError) {
-        let attributes = [
-            opentelemetry::KeyValue::new("endpoint", self.state.endpoint.name.clone()),
-            opentelemetry::KeyValue::new("consumer", self.consumer_type),
-        ];
-        self.state.bus.inner.metrics.retries.add(1, &attributes);
-        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        crate::telemetry::current_event("retry", || {
-            vec![
-                opentelemetry::KeyValue::new("retry.attempt", i64::from(retry)),
-                opentelemetry::KeyValue::new("retry.delay_ms", delay_ms),
-                opentelemetry::KeyValue::new("exception.message", error.message().to_owned()),
-            ]
-        });
-        let envelope = &self.state.envelope;
-        tracing::info!(endpoint = %self.state.endpoint.name, message_id = envelope.message_id.map(tracing::field::display),
-            message_type = envelope.message_type.first().map(String::as_str), consumer = self.consumer_type,
-            trace_id = crate::telemetry::current_trace_id(), retry.attempt = retry, retry.delay_ms = delay_ms,
-            %error, "consume failed; retrying");
+        let state = &self.state;
+        state.bus.inner.instruments.retrying(
+            &state.endpoint.name,
+            self.consumer_type,
+            &state.envelope,
+            retry,
+            delay,
+            error,
+        );
     }
 
     /// The envelope of the message being consumed.

@@ -22,11 +22,3 @@ pub trait BusObserver: Send + Sync + 'static {
     /// A message was moved to `queue` (`_error` or `_skipped`) for `reason`.
     fn on_dead_letter(&self, queue: &str, reason: &str, message: &TransportMessage) {}
 }
-
-/// Runs an observer's callback; a panic in it is logged, not let through: on the consume path
-/// it would drop the delivery, which would come straight back and panic again.
-pub(crate) fn guarded(callback: impl FnOnce()) {
-    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(callback)) {
-        tracing::error!(panic = %crate::middleware::panic_message(&*panic), "a bus observer panicked");
-    }
-}

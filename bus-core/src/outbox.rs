@@ -12,6 +12,16 @@ pub(crate) enum MessageTypes {
     Owned(Vec<String>),
 }
 
+impl MessageTypes {
+    /// The first URN when it is one of the bus's own (no allocation for its metric).
+    pub(crate) fn first_static(&self) -> Option<&'static str> {
+        match self {
+            MessageTypes::Static(types) => types.first().copied(),
+            MessageTypes::Owned(_) => None,
+        }
+    }
+}
+
 /// Where an outgoing message goes.
 #[derive(Debug, Clone)]
 pub(crate) enum Route {

@@ -4,15 +4,16 @@ use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Bus, BusInner, CREATED};
-use crate::endpoint::{Endpoint, EndpointName};
+use super::{request, Bus, BusInner, CREATED};
+use crate::endpoint::{ConsumerOptions, Endpoint, EndpointName};
+use crate::instrumentation::Instrumentation;
 use crate::middleware::SendMiddleware;
 use crate::observer::BusObserver;
-use crate::receive::EndpointRuntime;
+use crate::receive::{EndpointRuntime, Registration};
 use crate::serializer::Serializers;
 use crate::telemetry::BusMetrics;
 use crate::transport::DynTransport;
-use crate::{DefaultEndpointNameFormatter, EndpointNameFormatter, EndpointTopology, Error, HostInfo, Result};
+use crate::{DefaultEndpointNameFormatter, EndpointNameFormatter, Error, HostInfo, Result};
 
 /// The instrumentation scope of the bus's spans.
 const TRACER_NAME: &str = "rust-bus";
@@ -181,14 +182,20 @@ impl BusBuilder {
     /// [`try_build`](Self::try_build)) makes [`Bus::start`] fail with the reason instead.
     /// Nothing touches the transport until [`Bus::start`].
     pub fn build(self) -> Bus {
+        let system = self.transport.system();
         let host = HostInfo::current();
         let process = host.process_name.as_deref().unwrap_or("bus");
         let machine = host.machine_name.as_deref().unwrap_or("host");
         let id = uuid::Uuid::now_v7().simple().to_string();
         let response_queue = format!("{machine}_{process}_bus_{}", &id[id.len() - 12..]);
         let address = format!("{}?temporary=true", self.transport.address(&response_queue));
-        let response_topology =
-            EndpointTopology { queue: response_queue, temporary: true, prefetch: 256, ..EndpointTopology::default() };
+        let pending_requests = Registration {
+            consumer_type: std::any::type_name::<request::PendingRequests>(),
+            message_type: None,
+            consumer: Arc::new(request::PendingRequests),
+            options: ConsumerOptions::default(),
+        };
+        let responses = Arc::new(EndpointRuntime::responses(response_queue, address.clone(), pending_requests));
         let endpoints = self
             .endpoints
             .into_iter()
@@ -198,7 +205,7 @@ impl BusBuilder {
                     EndpointName::FromConsumer(consumer_type) => self.formatter.consumer(consumer_type),
                 };
                 let address = self.transport.address(&name);
-                Arc::new(EndpointRuntime::new(name, e, address, self.transport.system()))
+                Arc::new(EndpointRuntime::new(name, e, address))
             })
             .collect::<Vec<Arc<EndpointRuntime>>>();
         let duplicate = endpoints.iter().enumerate().find_map(|(index, e)| {
@@ -215,15 +222,18 @@ impl BusBuilder {
                 transport: self.transport,
                 serializers: self.serializers,
                 host,
-                observers: self.observers,
+                instruments: Instrumentation::new(
+                    self.metrics.unwrap_or_else(BusMetrics::global),
+                    self.tracer.unwrap_or_else(|| {
+                        crate::telemetry::BusTracer::new(opentelemetry::global::tracer(TRACER_NAME))
+                    }),
+                    self.observers,
+                    system,
+                ),
                 send_middleware: self.send_middleware,
-                metrics: self.metrics.unwrap_or_else(BusMetrics::global),
-                tracer: self
-                    .tracer
-                    .unwrap_or_else(|| crate::telemetry::BusTracer::new(opentelemetry::global::tracer(TRACER_NAME))),
                 destinations: std::sync::RwLock::default(),
                 address,
-                response_topology,
+                responses,
                 endpoints,
                 state: AtomicU8::new(CREATED),
                 pending: Mutex::new(HashMap::new()),

@@ -19,16 +19,15 @@ use uuid::Uuid;
 
 pub use builder::BusBuilder;
 pub use request::{RequestClient, Response};
-pub(crate) use send::Parent;
 pub use send::SendOptions;
+pub(crate) use send::{is_flow_header, Parent};
 
+use crate::instrumentation::Instrumentation;
 use crate::middleware::SendMiddleware;
-use crate::observer::BusObserver;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
-use crate::telemetry::BusMetrics;
 use crate::transport::DynTransport;
-use crate::{BusHealth, EndpointHealth, EndpointTopology, Envelope, Error, HealthStatus, HostInfo, Result, Transport};
+use crate::{BusHealth, EndpointHealth, Envelope, Error, HealthStatus, HostInfo, Result, Transport};
 
 const CREATED: u8 = 0;
 const STARTED: u8 = 1;
@@ -82,16 +81,16 @@ pub(crate) struct BusInner {
     pub(crate) transport: Arc<dyn DynTransport>,
     pub(crate) serializers: Serializers,
     pub(crate) host: Arc<HostInfo>,
-    pub(crate) observers: Vec<Arc<dyn BusObserver>>,
     pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
-    pub(crate) metrics: BusMetrics,
-    pub(crate) tracer: crate::telemetry::BusTracer,
+    /// Spans, metrics, logs and observers.
+    pub(crate) instruments: Instrumentation,
     /// Per published message type: its exchange name and address. (foldhash: looked up on
     /// every publish, and SipHash was most of the lookup; the keys are our own types.)
     pub(crate) destinations: std::sync::RwLock<foldhash::HashMap<&'static str, Destination>>,
     /// Address of the bus's own (response) endpoint.
     pub(crate) address: String,
-    pub(crate) response_topology: EndpointTopology,
+    /// The bus's own endpoint, where responses arrive.
+    responses: Arc<EndpointRuntime>,
     endpoints: Vec<Arc<EndpointRuntime>>,
     state: AtomicU8,
     pub(crate) pending: Mutex<HashMap<Uuid, oneshot::Sender<Envelope>>>,
@@ -140,7 +139,7 @@ impl Running {
             let _ = handle.await;
         }
         inner.pending.locked().clear();
-        if let Err(error) = inner.transport.delete_endpoint(&inner.response_topology).await {
+        if let Err(error) = inner.transport.delete_endpoint(&inner.responses.topology).await {
             tracing::warn!(%error, "could not delete the bus response endpoint");
         }
     }
@@ -184,7 +183,7 @@ impl Bus {
     /// conflicts.add(1, &[]);
     /// ```
     pub fn meter(&self) -> &opentelemetry::metrics::Meter {
-        &self.inner.metrics.meter
+        &self.inner.instruments.metrics.meter
     }
 
     /// The address of this bus's own endpoint, where responses to its requests arrive.
@@ -216,9 +215,17 @@ impl Bus {
         let mut loops = Vec::with_capacity(inner.endpoints.len() + 1);
 
         let transport = &inner.transport;
-        transport.declare_endpoint(&inner.response_topology).await?;
-        let responses = transport.consume(&inner.response_topology).await?;
-        loops.push(tokio::spawn(request::run_response_endpoint(self.clone(), responses, stop_responses.clone())));
+        transport.declare_endpoint(&inner.responses.topology).await?;
+        let responses = transport.consume(&inner.responses.topology).await?;
+        // Its own tracker and no cancellation: it answers requests until everything else stopped.
+        let run = inner.responses.clone().run(
+            self.clone(),
+            responses,
+            stop_responses.clone(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        loops.push(tokio::spawn(run));
         // Started as soon as responses can be received: a backlog on the first endpoint is
         // consumed while the next ones are declared, and its consumers may publish and request.
         let before = inner.state.swap(STARTED, Ordering::AcqRel);

@@ -6,15 +6,14 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Bus, BusInner};
-use crate::dead_letter;
+use crate::consumer::ErasedConsumer;
 use crate::fault::FAULT_URN;
-use crate::{DeliveryStream, Envelope, Error, Message, Result, SendOptions, Settlement, DEFAULT_MAX_MESSAGE_SIZE};
+use crate::{ConsumeError, ConsumeErrorKind, Envelope, Error, Message, ReceiveContext, Result, SendOptions};
 
 /// A typed response to a request.
 #[derive(Debug)]
@@ -149,90 +148,26 @@ impl Bus {
     }
 }
 
-/// Consumes the bus's own endpoint: every message there answers a pending request.
-///
-/// What answers none goes where MassTransit's bus endpoint puts it: a message that cannot be
-/// read to the endpoint's `_error` queue with the reason, a response whose requester is gone
-/// (it timed out, say) to `_skipped`. Those two queues are declared when first needed, and
-/// again after a move to them fails (deleted meanwhile, or lost with a broker reset).
-pub(super) async fn run_response_endpoint(bus: Bus, mut deliveries: DeliveryStream, stop: CancellationToken) {
-    enum Outcome {
-        Answered,
-        Unanswered(Option<Uuid>),
-        Unreadable(Error),
-    }
-    let inner = &bus.inner;
-    let topology = &inner.response_topology;
-    let mut dead_letters_declared = false;
-    loop {
-        let delivery = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            next = deliveries.next() => match next {
-                Some(delivery) => delivery,
-                None => break,
-            },
-        };
-        let size = delivery.message().body.len();
-        let read = if size > DEFAULT_MAX_MESSAGE_SIZE {
-            // As on any endpoint: not read at all.
-            Err(Error::MessageTooLarge { size, limit: DEFAULT_MAX_MESSAGE_SIZE })
-        } else {
-            inner.serializers.deserialize(delivery.message())
-        };
-        let outcome = match read {
-            Ok(envelope) => {
-                let request_id = envelope.request_id;
-                let waiting = request_id.and_then(|id| inner.pending.locked().remove(&id));
-                // The requester may have given up just now; then the response has nobody to go to.
-                match waiting.map(|tx| tx.send(envelope).is_ok()) {
-                    Some(true) => Outcome::Answered,
-                    _ => Outcome::Unanswered(request_id),
+/// The one consumer of the bus's own endpoint: every message there answers a pending
+/// request. One that answers none (its requester gave up, say) is skipped, so it ends in the
+/// endpoint's `_skipped` queue, as with MassTransit's bus endpoint; one that cannot be read
+/// ends in `_error`, as on any endpoint.
+pub(super) struct PendingRequests;
+
+impl ErasedConsumer for PendingRequests {
+    fn consume(&self, ctx: ReceiveContext) -> BoxFuture<'_, std::result::Result<(), ConsumeError>> {
+        Box::pin(async move {
+            let envelope = ctx.envelope();
+            let request_id = envelope.request_id;
+            let waiting = request_id.and_then(|id| ctx.bus().inner.pending.locked().remove(&id));
+            // The requester may have given up just now; then the response has nobody to go to.
+            match waiting.map(|tx| tx.send(envelope.clone()).is_ok()) {
+                Some(true) => Ok(()),
+                _ => {
+                    tracing::info!(?request_id, "response for no pending request moved to the skipped queue");
+                    Err(ConsumeError::new(ConsumeErrorKind::Skipped, "Skip", "no request is waiting for this response"))
                 }
             }
-            Err(error) => Outcome::Unreadable(error),
-        };
-        if !matches!(outcome, Outcome::Answered) && !dead_letters_declared {
-            match inner.transport.declare_dead_letter_queues(topology).await {
-                Ok(()) => dead_letters_declared = true,
-                Err(error) if error.is_transient() => {
-                    // The broker is unreachable: the message comes back, and declaring is tried again.
-                    tracing::warn!(%error, "could not declare the response endpoint's dead-letter queues; message requeued");
-                    let _ = delivery.settle(Settlement::Requeue).await;
-                    continue;
-                }
-                Err(_) if stop.is_cancelled() => {
-                    // Stopping (the transport may be closing): left unsettled, the message goes
-                    // back to its queue.
-                    break;
-                }
-                Err(error) => {
-                    // Refused for good (a queue of that name exists with other arguments):
-                    // moving would fail and requeue the message, round and round, on an
-                    // endpoint whose messages go with it when the bus stops anyway.
-                    tracing::error!(%error, "the response endpoint's dead-letter queues are refused; message dropped");
-                    let _ = delivery.settle(Settlement::Ack).await;
-                    continue;
-                }
-            }
-        }
-        let settlement = match outcome {
-            Outcome::Answered => Settlement::Ack,
-            Outcome::Unanswered(request_id) => {
-                tracing::info!(?request_id, "response for no pending request moved to the skipped queue");
-                dead_letter::skipped(&bus, topology, delivery.message())
-            }
-            Outcome::Unreadable(error) => {
-                let kind = dead_letter::unreadable_type(&error);
-                dead_letter::unreadable(&bus, topology, &inner.address, delivery.message(), kind, &error)
-            }
-        };
-        let moving = matches!(settlement, Settlement::MoveTo { .. });
-        if let Err(error) = delivery.settle(settlement).await {
-            // The message went back to its queue; a dead-letter queue may be gone, so the
-            // next one to move declares them again.
-            dead_letters_declared &= !moving;
-            tracing::warn!(%error, "could not settle a delivery on the response endpoint");
-        }
+        })
     }
 }

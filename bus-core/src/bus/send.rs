@@ -8,12 +8,10 @@ use opentelemetry::trace::FutureExt as _;
 use uuid::Uuid;
 
 use super::{Bus, BusInner};
-use crate::fault::{fault_urn, ExceptionInfo, Fault, FAULT_URN};
 use crate::message::entity_name as type_entity_name;
-use crate::observer::guarded;
 use crate::outbox::{MessageTypes, Outbox, Outgoing, Route};
-use crate::serializer::{MassTransitJsonSerializer, Serializer};
-use crate::{address, telemetry, ConsumeError, Envelope, Error, Headers, Message, Result};
+use crate::serializer::Serializer;
+use crate::{address, telemetry, Envelope, Error, Headers, Message, Result};
 
 /// Options for one publish or send.
 ///
@@ -89,10 +87,6 @@ impl SendOptions {
     }
 }
 
-fn message_type_attribute(envelope: &Envelope) -> opentelemetry::KeyValue {
-    opentelemetry::KeyValue::new("message_type", envelope.message_type.first().cloned().unwrap_or_default())
-}
-
 /// Copies the consumed message's user headers onto a message produced while consuming it:
 /// not the bus's own `MT-*` headers, nor broker headers (`x-*`), nor trace headers (the
 /// consumer's own context writes those), nor any already set.
@@ -100,34 +94,11 @@ fn copy_flow_headers(consumed: &Headers, produced: &mut Headers) {
     produced.add_absent(consumed, |name, _| is_flow_header(name));
 }
 
-fn is_flow_header(name: &str) -> bool {
+/// Whether a header of a consumed message flows on to what its consumer produces: not the
+/// bus's own `MT-*` headers, nor broker headers (`x-*`), nor trace headers.
+pub(crate) fn is_flow_header(name: &str) -> bool {
     let trace = ["traceparent", "tracestate", "baggage"].iter().any(|t| name.eq_ignore_ascii_case(t));
     !name.starts_with("MT-") && !name.starts_with("x-") && !trace
-}
-
-/// The largest header value copied onto a fault, and the most copied in all: the headers
-/// came from the wire, and a fault that does not fit in the broker's frame would be lost.
-const FAULT_HEADER_VALUE_LIMIT: usize = 4096;
-const FAULT_HEADERS_LIMIT: usize = 16 * 1024;
-
-/// [`copy_flow_headers`] for a fault: values too large are left out, with a warning.
-fn copy_flow_headers_to_fault(failed: &Headers, fault: &mut Headers) {
-    let (mut budget, mut left_out) = (FAULT_HEADERS_LIMIT, 0usize);
-    fault.add_absent(failed, |name, value| {
-        if !is_flow_header(name) {
-            return false;
-        }
-        let size = name.len() + crate::headers::value_len(value);
-        if size > FAULT_HEADER_VALUE_LIMIT || size > budget {
-            left_out += 1;
-            return false;
-        }
-        budget -= size;
-        true
-    });
-    if left_out > 0 {
-        tracing::warn!(left_out, "headers too large to copy onto a fault were left out");
-    }
 }
 
 /// The message being consumed, when a message is produced while consuming it.
@@ -199,7 +170,12 @@ impl BusInner {
         self.outgoing_with(route, envelope, self.serializers.default_serializer())
     }
 
-    fn outgoing_with(&self, route: Route, mut envelope: Envelope, serializer: &dyn Serializer) -> Result<Outgoing> {
+    pub(crate) fn outgoing_with(
+        &self,
+        route: Route,
+        mut envelope: Envelope,
+        serializer: &dyn Serializer,
+    ) -> Result<Outgoing> {
         for middleware in &self.send_middleware {
             middleware.on_send(&mut envelope).map_err(Error::SendRejected)?;
         }
@@ -207,104 +183,19 @@ impl BusInner {
         Ok(Outgoing { route, envelope, message })
     }
 
-    /// Hands a message to the transport, then tells the observers.
+    /// Hands a message to the transport, then tells the instrumentation.
     pub(crate) async fn dispatch(&self, outgoing: Outgoing) -> Result<()> {
         let Outgoing { route, envelope, message } = outgoing;
-        match route {
-            Route::Publish(MessageTypes::Static(types)) => {
-                self.transport.publish(types, message).await?;
-                let message_type = types.first().copied().unwrap_or_default();
-                self.metrics.published.add(1, &[opentelemetry::KeyValue::new("message_type", message_type)]);
-                for observer in &self.observers {
-                    guarded(|| observer.on_publish(&envelope));
-                }
-                return Ok(());
-            }
+        match &route {
+            Route::Publish(MessageTypes::Static(types)) => self.transport.publish(types, message).await?,
             Route::Publish(MessageTypes::Owned(types)) => {
                 let types: Vec<&str> = types.iter().map(String::as_str).collect();
                 self.transport.publish(&types, message).await?;
             }
-            Route::Send(destination) => {
-                self.transport.send(&destination, message).await?;
-                self.metrics.sent.add(1, &[message_type_attribute(&envelope)]);
-                for observer in &self.observers {
-                    guarded(|| observer.on_send(&destination, &envelope));
-                }
-                return Ok(());
-            }
+            Route::Send(destination) => self.transport.send(destination, message).await?,
         }
-        self.metrics.published.add(1, &[message_type_attribute(&envelope)]);
-        for observer in &self.observers {
-            guarded(|| observer.on_publish(&envelope));
-        }
+        self.instruments.sent(&route, &envelope);
         Ok(())
-    }
-
-    /// Publishes or sends one `Fault` for a message that finally failed: to its
-    /// `faultAddress`, else its `responseAddress`, else published.
-    ///
-    /// The fault is typed by `consumed`, the message type of the consumer that failed, as
-    /// MassTransit types it (`Fault<T>` of the consumer's `T`). The message's other types
-    /// came from the wire: each would be a fault exchange declared on the broker, so they
-    /// are named only in its `faultMessageTypes`.
-    pub(crate) async fn emit_fault(
-        &self,
-        failed: &Envelope,
-        consumed: &'static str,
-        error: &ConsumeError,
-        consumer_type: &str,
-        source_address: &str,
-    ) -> Result<()> {
-        let fault = Fault {
-            fault_id: Uuid::now_v7(),
-            faulted_message_id: failed.message_id,
-            timestamp: chrono::Utc::now(),
-            exceptions: vec![ExceptionInfo {
-                exception_type: error.exception_type().to_owned(),
-                message: error.message().to_owned(),
-                stack_trace: Some(error.causes()).filter(|s| !s.is_empty()),
-                source: Some(consumer_type.to_owned()),
-            }],
-            host: (*self.host).clone(),
-            fault_message_types: failed.message_type.clone(),
-            message: &*failed.message,
-        };
-        let types = vec![fault_urn(consumed), FAULT_URN.to_owned()];
-        let raw = serde_json::value::to_raw_value(&fault).map_err(Error::Serialize)?;
-        let mut envelope = Envelope::new(types.clone(), raw);
-        envelope.correlation_id = failed.correlation_id;
-        envelope.request_id = failed.request_id;
-        envelope.conversation_id = failed.conversation_id;
-        envelope.initiator_id = failed.message_id;
-        envelope.source_address = Some(source_address.to_owned());
-        envelope.host = Some(self.host.clone());
-        copy_flow_headers_to_fault(&failed.headers, &mut envelope.headers);
-        // The first of `faultAddress` and `responseAddress` that names an endpoint; one that
-        // does not (it came from the wire) is skipped, not the end of the fault.
-        let target = [failed.fault_address.as_deref(), failed.response_address.as_deref()]
-            .into_iter()
-            .flatten()
-            .find_map(|target| match address::entity_name(target) {
-                Ok(name) => Some((target, name.to_owned())),
-                Err(error) => {
-                    tracing::warn!(address = target, %error, "fault address is not an endpoint; trying the next");
-                    None
-                }
-            });
-        let route = match target {
-            Some((target, name)) => {
-                envelope.destination_address = Some(target.to_owned());
-                Route::Send(name)
-            }
-            None => {
-                envelope.destination_address = Some(self.transport.address(&type_entity_name(&types[0])));
-                Route::Publish(MessageTypes::Owned(types))
-            }
-        };
-        // Always MassTransit JSON: a fault has no protobuf form, and a bus writing protobuf by
-        // default would otherwise drop every fault (requesters then timed out).
-        let outgoing = self.outgoing_with(route, envelope, &MassTransitJsonSerializer)?;
-        self.dispatch(outgoing).await
     }
 }
 
@@ -344,8 +235,8 @@ impl Bus {
         let (entity, destination, span_name) = inner.publish_destination(M::message_type());
         let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
         let span = telemetry::send_span(
-            &inner.tracer,
-            inner.transport.system(),
+            &inner.instruments.tracer,
+            inner.instruments.system(),
             telemetry::SendDestination { entity: &entity, shared: Some((span_name, &entity)) },
             "publish",
             &envelope,
@@ -373,8 +264,8 @@ impl Bus {
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
         let span = telemetry::send_span(
-            &inner.tracer,
-            inner.transport.system(),
+            &inner.instruments.tracer,
+            inner.instruments.system(),
             telemetry::SendDestination { entity: &name, shared: None },
             "send",
             &envelope,

@@ -6,15 +6,13 @@
 //! 2. the endpoint's middleware, then the consumer's, in the order they were added,
 //! 3. [`Retry`] (the in-process retry policy),
 //! 4. [`Timeout`] (when the consumer has a timeout): a hung attempt becomes a failed one,
-//! 5. [`CatchPanic`]: a panic becomes a failed attempt,
-//! 6. the consumer.
+//! 5. the consumer, whose panic is a failed attempt like an error (retried likewise).
 //!
 //! Delayed redelivery, `_error` and faults happen after the pipeline, once all retries
 //! are spent (see `docs/failures.md`).
 //!
 //! Outgoing messages go through [`SendMiddleware`] steps before they are serialized.
 
-mod catch_panic;
 mod concurrency;
 mod from_fn;
 mod retry;
@@ -24,10 +22,11 @@ mod timeout;
 use std::fmt;
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
+use std::panic::AssertUnwindSafe;
 
-pub(crate) use catch_panic::panic_message;
-pub use catch_panic::CatchPanic;
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+
 pub use concurrency::ConcurrencyLimit;
 pub use from_fn::{from_fn, FromFn};
 pub use retry::{Retry, RetryPolicy};
@@ -36,6 +35,15 @@ pub use timeout::Timeout;
 
 use crate::consumer::ErasedConsumer;
 use crate::{ConsumeError, ReceiveContext};
+
+/// The text a panic was raised with.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
 
 /// A step of the consume pipeline.
 ///
@@ -73,7 +81,12 @@ impl Next {
                     let next = Next { pipeline: self.pipeline, index: self.index + 1 };
                     middleware.handle(ctx, next).await
                 }
-                None => self.pipeline.consumer.consume(ctx).await,
+                // A panic in the consumer is a failed attempt, so the retry policy sees it and
+                // the endpoint's other messages carry on.
+                None => match AssertUnwindSafe(self.pipeline.consumer.consume(ctx)).catch_unwind().await {
+                    Ok(result) => result,
+                    Err(panic) => Err(ConsumeError::panicked(panic_message(&*panic))),
+                },
             }
         })
     }

@@ -82,12 +82,14 @@ impl BusMetrics {
 /// Attributes of one consumer on one endpoint, made once.
 #[derive(Debug, Clone)]
 pub(crate) struct ConsumerAttributes {
+    pub(crate) consumer_type: &'static str,
     pub(crate) full: Vec<KeyValue>,
 }
 
 impl ConsumerAttributes {
-    pub(crate) fn new(endpoint: &str, message_type: &str, consumer: &str) -> Self {
+    pub(crate) fn new(endpoint: &str, message_type: &str, consumer: &'static str) -> Self {
         ConsumerAttributes {
+            consumer_type: consumer,
             full: vec![
                 KeyValue::new("endpoint", endpoint.to_owned()),
                 KeyValue::new("message_type", message_type.to_owned()),

@@ -1,0 +1,343 @@
+//! The receive path of one endpoint: deliveries taken, each on its own task, read and
+//! dispatched to its consumers ([`dispatch`]), the outcome turned into a settlement
+//! ([`failure`]), and the settlement handed to the transport.
+
+mod dispatch;
+mod failure;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::{FutureExt as _, StreamExt};
+use opentelemetry::trace::FutureExt as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::consumer::ErasedConsumer;
+use crate::endpoint::{ConsumerOptions, Endpoint, EndpointInfo, EndpointSettings};
+use crate::instrumentation::EndpointInstruments;
+use crate::middleware::{panic_message, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
+use crate::stalled_moves::{MoveRetry, StalledMoves};
+use crate::telemetry::metrics::ConsumerAttributes;
+use crate::{Bus, Delivery, DeliveryStream, EndpointTopology, Error, Settlement, TracePropagation};
+use dispatch::ConsumerEntry;
+
+/// A configured endpoint, ready to consume.
+#[derive(Debug)]
+pub(crate) struct EndpointRuntime {
+    pub(crate) topology: EndpointTopology,
+    info: Arc<EndpointInfo>,
+    settings: EndpointSettings,
+    consumers: Vec<ConsumerEntry>,
+    /// foldhash: looked up for every delivery; a fixed table, so keys from the wire cannot
+    /// grow it.
+    by_type: foldhash::HashMap<&'static str, Vec<usize>>,
+    /// Consumers of every message type.
+    catch_all: Vec<usize>,
+    instruments: EndpointInstruments,
+    /// Moves to `_error`, `_skipped` or a delay queue that failed, to try again.
+    stalled: StalledMoves,
+    /// A temporary endpoint's dead-letter queues are declared when a message first needs
+    /// one; set once they are.
+    dead_letters_declared: AtomicBool,
+}
+
+/// A consumer to put on an endpoint.
+pub(crate) struct Registration {
+    pub(crate) consumer_type: &'static str,
+    pub(crate) message_type: Option<&'static str>,
+    pub(crate) consumer: Arc<dyn ErasedConsumer>,
+    pub(crate) options: ConsumerOptions,
+}
+
+impl EndpointRuntime {
+    pub(crate) fn new(name: String, endpoint: Endpoint, address: String) -> Self {
+        let Endpoint { settings, middleware, consumers, .. } = endpoint;
+        let registrations = consumers.into_iter().map(|c| Registration {
+            consumer_type: c.consumer_type,
+            message_type: Some(c.message_type),
+            consumer: c.consumer,
+            options: c.options,
+        });
+        Self::with(name, address, settings, &middleware, registrations, false)
+    }
+
+    /// The bus's own endpoint, where responses arrive: temporary, and its one consumer
+    /// takes every message.
+    pub(crate) fn responses(name: String, address: String, consumer: Registration) -> Self {
+        let settings = EndpointSettings { prefetch: 256, ..EndpointSettings::default() };
+        Self::with(name, address, settings, &[], std::iter::once(consumer), true)
+    }
+
+    fn with(
+        name: String,
+        address: String,
+        settings: EndpointSettings,
+        middleware: &[Arc<dyn Middleware>],
+        registrations: impl Iterator<Item = Registration>,
+        temporary: bool,
+    ) -> Self {
+        let mut consumers = Vec::new();
+        let mut by_type: foldhash::HashMap<&'static str, Vec<usize>> = foldhash::HashMap::default();
+        let mut catch_all = Vec::new();
+        let mut message_types = Vec::new();
+        for (index, registration) in registrations.enumerate() {
+            let options = registration.options;
+            let mut stack: Vec<Arc<dyn Middleware>> = Vec::new();
+            if let Some(limit) = options.concurrency_limit {
+                stack.push(Arc::new(ConcurrencyLimit::new(limit)));
+            }
+            stack.extend(middleware.iter().cloned());
+            stack.extend(options.middleware);
+            stack.push(Arc::new(Retry(options.retry.unwrap_or_else(|| settings.retry.clone()))));
+            if let Some(timeout) = options.timeout {
+                stack.push(Arc::new(Timeout(timeout)));
+            }
+            let message_type = registration.message_type;
+            consumers.push(ConsumerEntry {
+                consumer_type: registration.consumer_type,
+                concurrency_limit: options.concurrency_limit,
+                message_type,
+                pipeline: Pipeline::new(stack, registration.consumer),
+                attributes: ConsumerAttributes::new(
+                    &name,
+                    message_type.unwrap_or_default(),
+                    registration.consumer_type,
+                ),
+            });
+            match message_type {
+                Some(urn) => {
+                    by_type.entry(urn).or_default().push(index);
+                    if !message_types.iter().any(|t| t == urn) {
+                        message_types.push(urn.to_owned());
+                    }
+                }
+                None => catch_all.push(index),
+            }
+        }
+        let topology = EndpointTopology {
+            queue: name.clone(),
+            message_types,
+            redelivery_delays: settings.redelivery.delays().to_vec(),
+            temporary,
+            prefetch: settings.prefetch,
+        };
+        EndpointRuntime {
+            instruments: EndpointInstruments::new(&name, temporary),
+            topology,
+            info: Arc::new(EndpointInfo { name, address }),
+            settings,
+            consumers,
+            by_type,
+            catch_all,
+            stalled: StalledMoves::default(),
+            dead_letters_declared: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes deliveries until `stop_taking` fires; each runs on its own task, at most
+    /// `concurrency` at once, tracked by `tracker` so that stop can wait for them.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        bus: Bus,
+        mut deliveries: DeliveryStream,
+        stop_taking: CancellationToken,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let limit = Arc::new(Semaphore::new(self.settings.concurrency().clamp(1, Semaphore::MAX_PERMITS)));
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = stop_taking.cancelled() => break,
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let delivery = tokio::select! {
+                biased;
+                () = stop_taking.cancelled() => break,
+                next = deliveries.next() => match next {
+                    Some(delivery) => delivery,
+                    None => {
+                        tracing::warn!(endpoint = %self.info.name, "delivery stream ended; endpoint no longer consuming");
+                        break;
+                    }
+                },
+            };
+            let endpoint = self.clone();
+            let bus = bus.clone();
+            let (cancel, stopping) = (cancel.clone(), stop_taking.clone());
+            // Boxed: the consume future is large, and a task moves its future several times
+            // (into the task, out when it finishes); a box is moved instead.
+            tracker.spawn(Box::pin(async move {
+                endpoint.handle(&bus, delivery, cancel, &stopping).await;
+                drop(permit);
+            }));
+        }
+    }
+
+    /// One delivery, from arrival to settlement: the task boundary, where a panic anywhere
+    /// on the way (middleware, send middleware writing a fault) is caught, once. Dropped
+    /// unsettled, the delivery would come straight back and panic again, for ever; instead
+    /// it goes to `_error` with the panic's message. (A consumer's own panic is a failed
+    /// attempt, retried like any other: see [`Pipeline`].)
+    async fn handle(&self, bus: &Bus, delivery: Delivery, cancel: CancellationToken, stopping: &CancellationToken) {
+        // Only a delivery that came back (requeued when its move failed) can owe a move: the
+        // same message sent anew (moved back from `_error`, say) is consumed as usual.
+        if delivery.redelivered() {
+            if let Some(retry) = self.stalled.find(delivery.message()) {
+                return self.move_again(bus, delivery, retry, cancel, stopping).await;
+            }
+        }
+        let settlement = match AssertUnwindSafe(self.process(bus, &delivery, cancel.clone())).catch_unwind().await {
+            Ok(settlement) => settlement,
+            Err(panic) => {
+                let reason = format!("the bus panicked handling the message: {}", panic_message(&*panic));
+                self.unreadable(bus, delivery.message(), "Panic", &Error::Configuration(reason))
+            }
+        };
+        self.settle(bus, delivery, settlement, stopping).await;
+    }
+
+    /// Reads the delivery, dispatches it and decides its settlement, under its receive span.
+    async fn process(&self, bus: &Bus, delivery: &Delivery, cancel: CancellationToken) -> Settlement {
+        let instruments = &bus.inner.instruments;
+        let outcome = match self.read(bus, delivery) {
+            Ok(envelope) => envelope,
+            Err(error) => return self.settlement_for(bus, delivery, dispatch::Outcome::Unreadable(error)).await,
+        };
+        let envelope = outcome;
+        let link = self.settings.trace_propagation == TracePropagation::Link;
+        let span = instruments.received(&self.instruments, &envelope, link, || self.known_type(&envelope));
+        let context = span.as_ref().map_or_else(opentelemetry::Context::current, |s| s.context().clone());
+        let settlement = async {
+            let outcome = self.dispatch(bus, delivery, envelope, cancel, span.as_ref()).await;
+            self.settlement_for(bus, delivery, outcome).await
+        }
+        .with_context(context)
+        .await;
+        instruments.receive_done(span);
+        settlement
+    }
+
+    /// Settles `delivery`; a move that fails is remembered, so that the message is moved
+    /// again (not consumed again) when it comes back.
+    async fn settle(&self, bus: &Bus, delivery: Delivery, settlement: Settlement, stopping: &CancellationToken) {
+        if !delivery.is_live() {
+            // Its channel closed: the broker has requeued it already and delivers it again.
+            tracing::debug!(endpoint = %self.info.name, "delivery's channel closed before it was settled; the broker delivers it again");
+            return;
+        }
+        let moving = matches!(settlement, Settlement::MoveTo { .. } | Settlement::Redeliver { .. });
+        if moving {
+            if let Err(instead) = self.dead_letter_queues_ready(bus, stopping).await {
+                // Left unsettled when there is nothing else to do: back to its queue.
+                if let Some(instead) = instead {
+                    let _ = delivery.settle(instead).await;
+                }
+                return;
+            }
+        }
+        let key = moving.then(|| StalledMoves::key(delivery.message()));
+        if let Some(key) = key {
+            self.stalled.moving(key, settlement.clone());
+        }
+        match (delivery.settle(settlement).await, key) {
+            (Ok(()), Some(key)) => self.stalled.done(key),
+            (Ok(()), None) => {}
+            (Err(error), Some(key)) => {
+                // Back in its queue: when it returns, the same move is tried after a pause
+                // (and a temporary endpoint declares its dead-letter queues again first).
+                tracing::warn!(endpoint = %self.info.name, %error, "could not move a message; it went back to its queue and the move is tried again later");
+                self.dead_letters_declared.store(false, Ordering::Release);
+                self.stalled.failed(key, error.to_string());
+            }
+            (Err(error), None) => {
+                // The transport keeps the delivery unacknowledged; the broker delivers it again.
+                tracing::warn!(endpoint = %self.info.name, %error, "could not settle a delivery");
+            }
+        }
+    }
+
+    /// Whether a move may go ahead, else how to settle instead (`None`: not at all). A
+    /// temporary endpoint (the bus's response endpoint) has
+    /// `_error` and `_skipped` queues only once something went there, as MassTransit's bus
+    /// endpoint has: they are declared before the first move. When they cannot be, for now
+    /// (the broker is out of reach), the message goes back to its queue; refused for good (a
+    /// queue of that name exists with other arguments) it is dropped with an error, since a
+    /// move would fail and requeue it round and round, on an endpoint whose messages go with
+    /// it when the bus stops anyway.
+    async fn dead_letter_queues_ready(
+        &self,
+        bus: &Bus,
+        stopping: &CancellationToken,
+    ) -> Result<(), Option<Settlement>> {
+        if !self.topology.temporary || self.dead_letters_declared.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match bus.inner.transport.declare_dead_letter_queues(&self.topology).await {
+            Ok(()) => {
+                self.dead_letters_declared.store(true, Ordering::Release);
+                Ok(())
+            }
+            // Stopping (the transport may be closing): left unsettled.
+            Err(_) if stopping.is_cancelled() => Err(None),
+            Err(error) if error.is_transient() => {
+                tracing::warn!(endpoint = %self.info.name, %error, "could not declare the dead-letter queues; message requeued");
+                Err(Some(Settlement::Requeue))
+            }
+            Err(error) => {
+                tracing::error!(endpoint = %self.info.name, %error, "the dead-letter queues are refused; message dropped");
+                Err(Some(Settlement::Ack))
+            }
+        }
+    }
+
+    /// A message whose move failed before is back: the move is tried again once its pause is
+    /// over, without consuming the message again (its consumers ran, its fault went out).
+    async fn move_again(
+        &self,
+        bus: &Bus,
+        delivery: Delivery,
+        retry: MoveRetry,
+        cancel: CancellationToken,
+        stopping: &CancellationToken,
+    ) {
+        tokio::select! {
+            () = tokio::time::sleep_until(retry.retry_at) => {}
+            // Stopping: dropped unsettled, it goes back to its queue.
+            () = cancel.cancelled() => return,
+        }
+        tracing::debug!(endpoint = %self.info.name, key = retry.key, "trying a failed move again");
+        self.settle(bus, delivery, retry.settlement, stopping).await;
+    }
+
+    /// What in this endpoint's settings cannot work, if anything.
+    pub(crate) fn configuration_error(&self) -> Option<String> {
+        let limits = std::iter::once(("the endpoint", self.settings.concurrency))
+            .chain(self.consumers.iter().map(|c| (c.consumer_type, c.concurrency_limit)));
+        for (what, limit) in limits {
+            match limit {
+                Some(0) => return Some(format!("endpoint `{}`: {what}'s concurrency limit is 0", self.info.name)),
+                Some(n) if n > Semaphore::MAX_PERMITS => {
+                    return Some(format!(
+                        "endpoint `{}`: {what}'s concurrency limit {n} is over the most that can be counted ({})",
+                        self.info.name,
+                        Semaphore::MAX_PERMITS
+                    ))
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Why the endpoint is degraded, from the bus's side: moves it cannot complete.
+    pub(crate) fn health_reason(&self) -> Option<String> {
+        self.stalled.health_reason()
+    }
+}
