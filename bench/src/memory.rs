@@ -50,10 +50,9 @@ pub(crate) fn child(mode: &str, messages: u64) -> Result<(), BoxError> {
             let topology = bus_core::EndpointTopology {
                 queue: "backlog".into(),
                 message_types: vec![Waiting::message_type().into()],
-                prefetch: 1,
                 ..Default::default()
             };
-            transport.declare_endpoint(&topology).await?;
+            transport.declare(&topology).await?;
             for n in 0..messages {
                 bus.publish(Waiting { n, note: "x".repeat(180) }).await?;
             }

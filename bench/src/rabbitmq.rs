@@ -215,10 +215,9 @@ async fn bus(count: u64) -> Result<(Round, usize), BoxError> {
     let tap = EndpointTopology {
         queue: queue.clone(),
         message_types: vec![Shipment::message_type().into()],
-        prefetch: PREFETCH,
         ..Default::default()
     };
-    transport.declare_endpoint(&tap).await?;
+    transport.declare(&tap).await?;
     let publisher = Bus::builder(transport.clone()).build();
     let started = Instant::now();
     let cpu = cpu_seconds();

@@ -85,7 +85,9 @@ pub use host::HostInfo;
 pub use message::Message;
 pub use observer::BusObserver;
 pub use redelivery::RedeliveryPolicy;
-pub use transport::{Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, Transport, TransportMessage};
+pub use transport::{
+    Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, Subscription, Transport, TransportMessage,
+};
 
 /// Re-exports for the derive macro; not a public API.
 #[doc(hidden)]

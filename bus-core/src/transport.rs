@@ -1,11 +1,15 @@
-//! The contract every transport implements: declare, publish, send, consume, settle.
+//! The contract every transport implements: declare an endpoint, publish, send, subscribe,
+//! settle.
 //!
-//! A transport moves bytes with headers; it knows nothing of consumers or envelopes.
-//! The bus drives it through [`Transport`]; the in-memory and RabbitMQ transports
-//! implement it with the same semantics, held to them by one conformance suite.
+//! A transport moves bytes with headers between named endpoints; it knows nothing of
+//! consumers or envelopes. What to declare is data ([`EndpointTopology`]); a subscription is
+//! a stream of [`Delivery`] values plus a health signal; each delivery is settled exactly
+//! once with a [`Settlement`], an exhaustive enum every transport handles. `bus-inmemory` is
+//! the reference implementation; the conformance suite in `tests/` holds every transport to
+//! the same behaviour.
 
 use std::borrow::Cow;
-use std::future::Future;
+use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +26,7 @@ pub struct TransportMessage {
     pub body: Bytes,
     /// Content type of the body; it picks the deserializer on receive.
     pub content_type: Option<Cow<'static, str>>,
-    /// Transport headers (AMQP headers on RabbitMQ).
+    /// Transport headers.
     pub headers: Headers,
     /// The message id, mirrored into transport properties.
     pub message_id: Option<Uuid>,
@@ -32,19 +36,39 @@ pub struct TransportMessage {
     pub time_to_live: Option<Duration>,
 }
 
-/// What a receive endpoint needs from the broker.
-#[derive(Debug, Clone, Default)]
+/// What a receive endpoint needs declared: its queue, what is routed to it, where its
+/// failed and skipped messages go, and how it waits before a redelivery.
+///
+/// The default is a durable endpoint with its dead-letter queues, consuming nothing yet.
+#[derive(Debug, Clone)]
 pub struct EndpointTopology {
-    /// Queue name; also the name of the endpoint's exchange.
+    /// The endpoint's name: its queue, and the name messages are sent to.
     pub queue: String,
-    /// URNs of the message types consumed here: their exchanges are bound to the endpoint.
+    /// URNs of the message types consumed here: what is published under any of them is
+    /// routed to this endpoint.
     pub message_types: Vec<String>,
     /// Delays of delayed redelivery; the transport prepares a way to deliver again after each.
     pub redelivery_delays: Vec<Duration>,
-    /// A temporary endpoint (a bus's response queue): deleted when its consumer goes away.
+    /// A temporary endpoint (a bus's response endpoint): deleted with
+    /// [`Transport::delete`], and gone with its consumer or the broker's restart.
     pub temporary: bool,
-    /// How many deliveries may be unsettled at once.
-    pub prefetch: u16,
+    /// Whether its `_error` and `_skipped` queues are declared with it. A temporary endpoint
+    /// is declared without them, and again with them when a message first needs one, as
+    /// MassTransit does with its bus endpoint; they are declared like their endpoint, but
+    /// outlive it, so that what went there can be read.
+    pub dead_letter_queues: bool,
+}
+
+impl Default for EndpointTopology {
+    fn default() -> Self {
+        EndpointTopology {
+            queue: String::new(),
+            message_types: Vec::new(),
+            redelivery_delays: Vec::new(),
+            temporary: false,
+            dead_letter_queues: true,
+        }
+    }
 }
 
 impl EndpointTopology {
@@ -165,92 +189,77 @@ impl Drop for Delivery {
 /// Deliveries of one endpoint; the stream ends when consuming stops for good.
 pub type DeliveryStream = BoxStream<'static, Delivery>;
 
-/// A message transport (RabbitMQ, in memory).
+/// An endpoint being consumed: its deliveries, and how its consumer is doing.
+pub struct Subscription {
+    deliveries: DeliveryStream,
+    health: Box<dyn Fn() -> EndpointHealth + Send + Sync>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// A subscription to `deliveries` of the endpoint named `endpoint`, healthy as long as
+    /// the stream delivers.
+    pub fn new(endpoint: impl Into<String>, deliveries: DeliveryStream) -> Self {
+        let endpoint = endpoint.into();
+        Subscription { deliveries, health: Box::new(move || EndpointHealth::healthy(endpoint.clone())) }
+    }
+
+    /// Reports health with `probe`, asked whenever the bus's health is: whether the consumer
+    /// is really subscribed now (a transport that reconnects is Degraded meanwhile).
+    pub fn with_health(mut self, probe: impl Fn() -> EndpointHealth + Send + Sync + 'static) -> Self {
+        self.health = Box::new(probe);
+        self
+    }
+
+    /// The endpoint's health now.
+    pub fn health(&self) -> EndpointHealth {
+        (self.health)()
+    }
+
+    /// The deliveries and the health probe, apart.
+    pub fn into_parts(self) -> (DeliveryStream, Box<dyn Fn() -> EndpointHealth + Send + Sync>) {
+        (self.deliveries, self.health)
+    }
+}
+
+/// A message transport: RabbitMQ, in memory, or another broker.
 ///
-/// Every method is safe to call from many tasks at once.
+/// Seven methods: its name and address form, and five operations, each returning a boxed
+/// future so that the bus holds any transport as `Arc<dyn Transport>`. Every method is safe
+/// to call from many tasks at once. Errors say whether they are transient
+/// ([`Error::is_transient`](crate::Error::is_transient)): the bus tries those again, and
+/// gives up on the others.
 pub trait Transport: Send + Sync + 'static {
     /// The transport's name for telemetry (`messaging.system`): `rabbitmq`, `in-memory`.
     fn system(&self) -> &'static str;
 
-    /// The address of an endpoint (queue) named `name`, e.g. `rabbitmq://localhost/orders`.
+    /// The address of an endpoint named `name`, e.g. `rabbitmq://localhost/orders`.
     fn address(&self, name: &str) -> String;
 
-    /// Declares, idempotently, the endpoint's queue and exchange, the exchanges of the message
-    /// types it consumes bound to it, its `_error` and `_skipped` queues and its redelivery delays.
-    fn declare_endpoint(&self, topology: &EndpointTopology) -> impl Future<Output = Result<()>> + Send;
+    /// Declares, idempotently, what `endpoint` describes: its queue, the routes from the
+    /// message types it consumes, its redelivery delays, and (when asked) its dead-letter
+    /// queues.
+    fn declare<'a>(&'a self, endpoint: &'a EndpointTopology) -> BoxFuture<'a, Result<()>>;
 
-    /// Publishes to the exchange of `message_types[0]`, declaring it (bound to the exchanges
-    /// of the other, contract types) when needed. Resolves when the broker has taken the message.
-    fn publish(&self, message_types: &[&str], message: TransportMessage) -> impl Future<Output = Result<()>> + Send;
+    /// Publishes to every endpoint that consumes `message_types[0]`, or one of the other
+    /// (contract) types it lists, declaring what routes them when needed. Resolves when the
+    /// transport has taken the message (on a broker: confirmed it).
+    fn publish<'a>(&'a self, message_types: &'a [&'a str], message: TransportMessage) -> BoxFuture<'a, Result<()>>;
 
     /// Sends to the endpoint named `destination`. Fails when nothing would receive it.
-    /// Resolves when the broker has taken the message.
-    fn send(&self, destination: &str, message: TransportMessage) -> impl Future<Output = Result<()>> + Send;
-
-    /// Declares, idempotently, the `_error` and `_skipped` queues of a temporary endpoint,
-    /// which [`declare_endpoint`](Self::declare_endpoint) leaves out. The bus declares them
-    /// when a message on its response endpoint first needs one (one that cannot be read, a
-    /// response nobody waits for), so they exist only when something went there, as with
-    /// MassTransit's bus endpoint. They are declared like their endpoint (on RabbitMQ: not
-    /// durable, auto-delete), but outlive the bus, so that what went there can be read (with
-    /// `basic.get`; a consumer that subscribes and leaves deletes one, as auto-delete does).
-    fn declare_dead_letter_queues(&self, topology: &EndpointTopology) -> impl Future<Output = Result<()>> + Send;
-
-    /// Starts consuming a declared endpoint with at most `topology.prefetch` unsettled deliveries.
-    fn consume(&self, topology: &EndpointTopology) -> impl Future<Output = Result<DeliveryStream>> + Send;
-
-    /// Whether the endpoint's consumer is really running now. The default trusts that a
-    /// stream returned by [`consume`](Self::consume) keeps delivering.
-    fn endpoint_health(&self, queue: &str) -> EndpointHealth {
-        EndpointHealth::healthy(queue)
-    }
-
-    /// Deletes a temporary endpoint (a response queue) when its bus stops.
-    fn delete_endpoint(&self, topology: &EndpointTopology) -> impl Future<Output = Result<()>> + Send {
-        let _ = topology;
-        async { Ok(()) }
-    }
-}
-
-/// The one type-erasure point over [`Transport`], so the bus is not generic over it.
-pub(crate) trait DynTransport: Send + Sync + 'static {
-    fn system(&self) -> &'static str;
-    fn address(&self, name: &str) -> String;
-    fn declare_endpoint<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>>;
-    fn publish<'a>(&'a self, types: &'a [&'a str], message: TransportMessage) -> BoxFuture<'a, Result<()>>;
+    /// Resolves when the transport has taken the message.
     fn send<'a>(&'a self, destination: &'a str, message: TransportMessage) -> BoxFuture<'a, Result<()>>;
-    fn consume<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<DeliveryStream>>;
-    fn declare_dead_letter_queues<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>>;
-    fn delete_endpoint<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>>;
-    fn endpoint_health(&self, queue: &str) -> EndpointHealth;
-}
 
-impl<T: Transport> DynTransport for T {
-    fn system(&self) -> &'static str {
-        Transport::system(self)
-    }
-    fn address(&self, name: &str) -> String {
-        Transport::address(self, name)
-    }
-    fn declare_endpoint<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>> {
-        Box::pin(Transport::declare_endpoint(self, topology))
-    }
-    fn publish<'a>(&'a self, types: &'a [&'a str], message: TransportMessage) -> BoxFuture<'a, Result<()>> {
-        Box::pin(Transport::publish(self, types, message))
-    }
-    fn send<'a>(&'a self, destination: &'a str, message: TransportMessage) -> BoxFuture<'a, Result<()>> {
-        Box::pin(Transport::send(self, destination, message))
-    }
-    fn consume<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<DeliveryStream>> {
-        Box::pin(Transport::consume(self, topology))
-    }
-    fn declare_dead_letter_queues<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>> {
-        Box::pin(Transport::declare_dead_letter_queues(self, topology))
-    }
-    fn delete_endpoint<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>> {
-        Box::pin(Transport::delete_endpoint(self, topology))
-    }
-    fn endpoint_health(&self, queue: &str) -> EndpointHealth {
-        Transport::endpoint_health(self, queue)
-    }
+    /// Starts consuming a declared endpoint, with at most `prefetch` deliveries unsettled at
+    /// once; a transport that reconnects subscribes again on its own.
+    fn subscribe<'a>(&'a self, endpoint: &'a EndpointTopology, prefetch: u16) -> BoxFuture<'a, Result<Subscription>>;
+
+    /// Deletes a temporary endpoint (a bus's response endpoint) when its bus stops; does
+    /// nothing to a durable one.
+    fn delete<'a>(&'a self, endpoint: &'a EndpointTopology) -> BoxFuture<'a, Result<()>>;
 }

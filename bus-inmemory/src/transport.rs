@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bus_core::message::entity_name;
 use bus_core::testing::WaitTimeout;
-use bus_core::{Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, Transport, TransportMessage};
+use bus_core::{Delivery, EndpointTopology, Settle, Settlement, Subscription, Transport, TransportMessage};
 use futures::future::BoxFuture;
 use futures::stream;
 use tokio::sync::Semaphore;
@@ -273,81 +273,90 @@ impl Transport for InMemoryTransport {
         format!("loopback://localhost/{name}")
     }
 
-    async fn declare_endpoint(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
+    fn declare<'a>(&'a self, endpoint: &'a EndpointTopology) -> BoxFuture<'a, bus_core::Result<()>> {
         let mut topology = self.write();
         let name = endpoint.queue.as_str();
         self.declare_queue(&mut topology, name, endpoint.temporary);
-        if !endpoint.temporary {
+        if endpoint.dead_letter_queues {
             self.declare_dead_letters(&mut topology, endpoint);
         }
         for urn in &endpoint.message_types {
             topology.exchange(&entity_name(urn)).insert(Binding::Exchange(name.to_owned()));
         }
-        Ok(())
+        Box::pin(async { Ok(()) })
     }
 
-    async fn publish(&self, message_types: &[&str], message: TransportMessage) -> bus_core::Result<()> {
-        let Some((first, contracts)) = message_types.split_first() else {
-            return Err(bus_core::Error::Configuration("a published message needs a message type".into()));
-        };
-        let known = self.read().published.get(*first).cloned();
-        let exchange = match known {
-            Some(exchange) => exchange,
-            None => {
-                // The type's exchange may exist already (an endpoint consuming the type
-                // declared it); its bindings to the contracts it lists are made on its first
-                // publish all the same.
-                let exchange: Arc<str> = entity_name(first).into();
-                let mut topology = self.write();
-                topology.exchange(&exchange);
-                for contract in contracts {
-                    let contract = entity_name(contract);
-                    topology.exchange(&contract);
-                    topology.exchange(&exchange).insert(Binding::Exchange(contract));
+    fn publish<'a>(
+        &'a self,
+        message_types: &'a [&'a str],
+        message: TransportMessage,
+    ) -> BoxFuture<'a, bus_core::Result<()>> {
+        Box::pin(async move {
+            let Some((first, contracts)) = message_types.split_first() else {
+                return Err(bus_core::Error::Configuration("a published message needs a message type".into()));
+            };
+            let known = self.read().published.get(*first).cloned();
+            let exchange = match known {
+                Some(exchange) => exchange,
+                None => {
+                    // The type's exchange may exist already (an endpoint consuming the type
+                    // declared it); its bindings to the contracts it lists are made on its
+                    // first publish all the same.
+                    let exchange: Arc<str> = entity_name(first).into();
+                    let mut topology = self.write();
+                    topology.exchange(&exchange);
+                    for contract in contracts {
+                        let contract = entity_name(contract);
+                        topology.exchange(&contract);
+                        topology.exchange(&exchange).insert(Binding::Exchange(contract));
+                    }
+                    topology.published.insert((*first).to_owned(), exchange.clone());
+                    exchange
                 }
-                topology.published.insert((*first).to_owned(), exchange.clone());
-                exchange
+            };
+            let route = self.route(&exchange).unwrap_or_else(|| Arc::from(Vec::new()));
+            self.deliver(&route, message).await
+        })
+    }
+
+    fn send<'a>(&'a self, destination: &'a str, message: TransportMessage) -> BoxFuture<'a, bus_core::Result<()>> {
+        Box::pin(async move {
+            match self.route(destination) {
+                Some(route) if !route.is_empty() => self.deliver(&route, message).await,
+                _ => Err(Error::Unroutable { destination: destination.to_owned() }.into()),
             }
-        };
-        let route = self.route(&exchange).unwrap_or_else(|| Arc::from(Vec::new()));
-        self.deliver(&route, message).await
+        })
     }
 
-    async fn send(&self, destination: &str, message: TransportMessage) -> bus_core::Result<()> {
-        match self.route(destination) {
-            Some(route) if !route.is_empty() => self.deliver(&route, message).await,
-            _ => Err(Error::Unroutable { destination: destination.to_owned() }.into()),
-        }
+    fn subscribe<'a>(
+        &'a self,
+        endpoint: &'a EndpointTopology,
+        prefetch: u16,
+    ) -> BoxFuture<'a, bus_core::Result<Subscription>> {
+        Box::pin(async move {
+            let queue = self.queue(&endpoint.queue).ok_or_else(|| Error::QueueNotFound(endpoint.queue.clone()))?;
+            let transport = self.clone();
+            let prefetch = Arc::new(Semaphore::new(usize::from(prefetch.max(1))));
+            let deliveries = stream::unfold((queue, prefetch, transport), |(queue, prefetch, transport)| async move {
+                // The semaphore is never closed; acquiring only waits for a settled delivery.
+                let permit = prefetch.clone().acquire_owned().await.ok()?;
+                let stored = queue.pop().await;
+                let settle = InMemorySettle { queue: queue.clone(), transport: transport.clone(), _permit: permit };
+                let delivery = Delivery::new(stored.message, stored.redelivered, settle);
+                Some((delivery, (queue, prefetch, transport)))
+            });
+            Ok(Subscription::new(endpoint.queue.clone(), Box::pin(deliveries)))
+        })
     }
 
-    async fn declare_dead_letter_queues(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
-        self.declare_dead_letters(&mut self.write(), endpoint);
-        Ok(())
-    }
-
-    async fn consume(&self, endpoint: &EndpointTopology) -> bus_core::Result<DeliveryStream> {
-        let queue = self.queue(&endpoint.queue).ok_or_else(|| Error::QueueNotFound(endpoint.queue.clone()))?;
-        let prefetch = Arc::new(Semaphore::new(usize::from(endpoint.prefetch.max(1))));
-        let transport = self.clone();
-        let deliveries = stream::unfold((queue, prefetch, transport), |(queue, prefetch, transport)| async move {
-            // The semaphore is never closed; acquiring only waits for a settled delivery.
-            let permit = prefetch.clone().acquire_owned().await.ok()?;
-            let stored = queue.pop().await;
-            let settle = InMemorySettle { queue: queue.clone(), transport: transport.clone(), _permit: permit };
-            let delivery = Delivery::new(stored.message, stored.redelivered, settle);
-            Some((delivery, (queue, prefetch, transport)))
-        });
-        Ok(Box::pin(deliveries))
-    }
-
-    async fn delete_endpoint(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
+    fn delete<'a>(&'a self, endpoint: &'a EndpointTopology) -> BoxFuture<'a, bus_core::Result<()>> {
         let mut topology = self.write();
         if topology.queues.get(&endpoint.queue).is_some_and(|q| q.temporary) {
             topology.queues.remove(&endpoint.queue);
             topology.exchanges.remove(&endpoint.queue);
             topology.routes.clear();
         }
-        Ok(())
+        Box::pin(async { Ok(()) })
     }
 }
 

@@ -17,7 +17,7 @@ async fn waiting_for_a_queue_declared_later_ends_when_it_fills() {
     assert!(!waiter.is_finished(), "nothing to find yet");
 
     let topology = EndpointTopology { queue: "later".into(), ..EndpointTopology::default() };
-    transport.declare_endpoint(&topology).await.expect("declared");
+    transport.declare(&topology).await.expect("declared");
     let message = TransportMessage { body: "{}".into(), ..Default::default() };
     transport.send("later", message).await.expect("sent");
     waiter.await.expect("the waiter ran").expect("the wait ends once the queue has its message");

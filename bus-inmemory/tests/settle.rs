@@ -19,12 +19,12 @@ async fn a_move_cut_short_returns_the_message_to_its_queue() {
         queue_capacity: 1,
         full_queue_wait: Some(Duration::from_secs(30)),
     });
-    let topology = EndpointTopology { queue: "orders".into(), prefetch: 1, ..EndpointTopology::default() };
-    transport.declare_endpoint(&topology).await.expect("declared");
+    let topology = EndpointTopology { queue: "orders".into(), ..EndpointTopology::default() };
+    transport.declare(&topology).await.expect("declared");
     transport.send("orders_error", message("{\"earlier\":true}")).await.expect("the error queue fills up");
     transport.send("orders", message("{\"n\":1}")).await.expect("sent");
 
-    let mut deliveries = transport.consume(&topology).await.expect("consuming");
+    let (mut deliveries, _) = transport.subscribe(&topology, 1).await.expect("consuming").into_parts();
     let delivery = deliveries.next().await.expect("a delivery");
     let settlement = Settlement::MoveTo { queue: "orders_error".into(), headers: Headers::new() };
     let cut_short = tokio::time::timeout(Duration::from_millis(50), delivery.settle(settlement)).await;
@@ -40,7 +40,7 @@ async fn an_unlimited_queue_capacity_is_accepted() {
     let transport =
         InMemoryTransport::with_options(InMemoryOptions { queue_capacity: usize::MAX, ..InMemoryOptions::default() });
     let topology = EndpointTopology { queue: "unlimited".into(), ..EndpointTopology::default() };
-    transport.declare_endpoint(&topology).await.expect("declared");
+    transport.declare(&topology).await.expect("declared");
     transport.send("unlimited", message("{}")).await.expect("sent");
     assert_eq!(transport.queue_len("unlimited"), 1);
 }

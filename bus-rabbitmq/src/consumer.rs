@@ -43,10 +43,12 @@ pub(crate) fn start(
     shared: Arc<Shared>,
     publishing: Arc<Shared>,
     endpoint: EndpointTopology,
+    prefetch: u16,
     state: Arc<Mutex<ConsumerState>>,
 ) -> DeliveryStream {
-    let (tx, rx) = mpsc::channel::<Delivery>(usize::from(endpoint.prefetch.max(1)));
-    tokio::spawn(run(shared, publishing, endpoint, tx, state));
+    let prefetch = prefetch.max(1);
+    let (tx, rx) = mpsc::channel::<Delivery>(usize::from(prefetch));
+    tokio::spawn(run(shared, publishing, endpoint, prefetch, tx, state));
     Box::pin(stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|d| (d, rx)) }))
 }
 
@@ -58,6 +60,7 @@ async fn run(
     shared: Arc<Shared>,
     publishing: Arc<Shared>,
     endpoint: EndpointTopology,
+    prefetch: u16,
     tx: mpsc::Sender<Delivery>,
     state: Arc<Mutex<ConsumerState>>,
 ) {
@@ -75,7 +78,7 @@ async fn run(
         };
         let subscribed = async {
             let channel = session.connection.create_channel().await?;
-            channel.basic_qos(endpoint.prefetch.max(1), BasicQosOptions::default()).await?;
+            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
             let tag = format!("{}-{}", shared.options.connection_name, uuid::Uuid::now_v7().simple());
             let consumer = channel
                 .basic_consume(

@@ -80,8 +80,8 @@ fn queue_arguments(queue_type: QueueType, temporary: bool) -> FieldTable {
 
 /// Declares an endpoint: its queue and same-named fanout exchange bound to it; the exchange
 /// of each consumed message type bound to the endpoint's exchange; `_error` and `_skipped`
-/// (each a queue with its exchange); one TTL queue per redelivery delay that dead-letters
-/// back to the endpoint's exchange.
+/// (each a queue with its exchange) when asked; one TTL queue per redelivery delay that
+/// dead-letters back to the endpoint's exchange.
 pub(crate) async fn declare_endpoint(
     connection: &Connection,
     endpoint: &EndpointTopology,
@@ -105,8 +105,10 @@ pub(crate) async fn declare_endpoint(
                 .await
                 .map_err(refused(format!("binding exchange `{source}` to `{name}`")))?;
         }
-        if !temporary {
+        if endpoint.dead_letter_queues {
             dead_letter_queues(channel, endpoint, queue_type).await?;
+        }
+        if !temporary {
             for delay in &endpoint.redelivery_delays {
                 let mut arguments = queue_arguments(queue_type, false);
                 let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);

@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bus_core::message::entity_name;
-use bus_core::{DeliveryStream, EndpointHealth, EndpointTopology, HealthStatus, Transport, TransportMessage};
+use bus_core::{EndpointHealth, EndpointTopology, HealthStatus, Subscription, Transport, TransportMessage};
+use futures::future::BoxFuture;
 use tokio::time::Instant;
 
 use crate::connection::{Link, Role, Session, Shared};
@@ -49,7 +50,6 @@ struct TransportState {
     known_exchanges: Mutex<HashSet<String>>,
     /// Message type URN -> its declared exchange, looked up on every publish without allocating.
     publish_exchanges: std::sync::RwLock<HashMap<String, Arc<str>>>,
-    consumers: Mutex<HashMap<String, Arc<Mutex<ConsumerState>>>>,
     /// Held while an exchange is declared or checked, so that the first publishes (or
     /// sends) of a type, when many start at once, wait for one declaration rather than each
     /// opening a channel of its own: a thousand of them once left lapin's channel table a
@@ -278,11 +278,6 @@ impl RabbitMqTransport {
         })
         .await
     }
-
-    fn consumer_state(&self, queue: &str) -> Option<ConsumerState> {
-        let consumers = self.state.consumers.locked();
-        consumers.get(queue).map(|s| s.locked().clone())
-    }
 }
 
 impl Transport for RabbitMqTransport {
@@ -303,15 +298,58 @@ impl Transport for RabbitMqTransport {
         }
     }
 
-    async fn declare_endpoint(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
-        let session = self.shared.session(self.deadline()).await?;
-        topology::declare_endpoint(&session.connection, endpoint, self.shared.options.queue_type).await?;
-        self.shared.declared().endpoints.insert(endpoint.queue.clone(), endpoint.clone());
-        self.remember(&endpoint.queue);
-        Ok(())
+    fn declare<'a>(&'a self, endpoint: &'a EndpointTopology) -> BoxFuture<'a, bus_core::Result<()>> {
+        Box::pin(async move {
+            let session = self.shared.session(self.deadline()).await?;
+            topology::declare_endpoint(&session.connection, endpoint, self.shared.options.queue_type).await?;
+            self.shared.declared().endpoints.insert(endpoint.queue.clone(), endpoint.clone());
+            self.remember(&endpoint.queue);
+            Ok(())
+        })
     }
 
-    async fn publish(&self, message_types: &[&str], message: TransportMessage) -> bus_core::Result<()> {
+    fn publish<'a>(
+        &'a self,
+        message_types: &'a [&'a str],
+        message: TransportMessage,
+    ) -> BoxFuture<'a, bus_core::Result<()>> {
+        Box::pin(self.publish_to_types(message_types, message))
+    }
+
+    fn send<'a>(&'a self, destination: &'a str, message: TransportMessage) -> BoxFuture<'a, bus_core::Result<()>> {
+        Box::pin(self.send_to(destination, message))
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        endpoint: &'a EndpointTopology,
+        prefetch: u16,
+    ) -> BoxFuture<'a, bus_core::Result<Subscription>> {
+        let state = Arc::new(Mutex::new(ConsumerState::Starting));
+        let deliveries =
+            consumer::start(self.consuming.clone(), self.shared.clone(), endpoint.clone(), prefetch, state.clone());
+        let transport = self.clone();
+        let queue = endpoint.queue.clone();
+        let subscription = Subscription::new(queue.clone(), deliveries)
+            .with_health(move || transport.endpoint_health(&queue, &state.locked()));
+        Box::pin(async { Ok(subscription) })
+    }
+
+    fn delete<'a>(&'a self, endpoint: &'a EndpointTopology) -> BoxFuture<'a, bus_core::Result<()>> {
+        Box::pin(async move {
+            self.shared.declared().endpoints.remove(&endpoint.queue);
+            if endpoint.temporary {
+                if let Ok(session) = self.shared.session(self.deadline()).await {
+                    topology::delete_endpoint(&session.connection, endpoint).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl RabbitMqTransport {
+    async fn publish_to_types(&self, message_types: &[&str], message: TransportMessage) -> bus_core::Result<()> {
         // One bound for the whole publish, declaration included.
         let deadline = self.deadline();
         let properties = properties(&message, true);
@@ -336,7 +374,7 @@ impl Transport for RabbitMqTransport {
         }
     }
 
-    async fn send(&self, destination: &str, message: TransportMessage) -> bus_core::Result<()> {
+    async fn send_to(&self, destination: &str, message: TransportMessage) -> bus_core::Result<()> {
         let deadline = self.deadline();
         if !self.knows(destination) {
             self.declaring(deadline, async {
@@ -364,31 +402,10 @@ impl Transport for RabbitMqTransport {
         }
     }
 
-    async fn declare_dead_letter_queues(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
-        let session = self.shared.session(self.deadline()).await?;
-        topology::declare_dead_letter_queues(&session.connection, endpoint, self.shared.options.queue_type).await?;
-        Ok(())
-    }
-
-    async fn consume(&self, endpoint: &EndpointTopology) -> bus_core::Result<DeliveryStream> {
-        let state = Arc::new(Mutex::new(ConsumerState::Starting));
-        self.state.consumers.locked().insert(endpoint.queue.clone(), state.clone());
-        Ok(consumer::start(self.consuming.clone(), self.shared.clone(), endpoint.clone(), state))
-    }
-
-    async fn delete_endpoint(&self, endpoint: &EndpointTopology) -> bus_core::Result<()> {
-        self.shared.declared().endpoints.remove(&endpoint.queue);
-        self.state.consumers.locked().remove(&endpoint.queue);
-        if endpoint.temporary {
-            if let Ok(session) = self.shared.session(self.deadline()).await {
-                topology::delete_endpoint(&session.connection, endpoint).await?;
-            }
-        }
-        Ok(())
-    }
-
-    fn endpoint_health(&self, queue: &str) -> EndpointHealth {
-        let health = self.consumer_health(queue);
+    /// The endpoint's health: its consumer's, then whether what it would publish, fault or
+    /// move can leave.
+    fn endpoint_health(&self, queue: &str, state: &ConsumerState) -> EndpointHealth {
+        let health = self.consumer_health(queue, state);
         if health.status != HealthStatus::Healthy {
             return health;
         }
@@ -414,18 +431,16 @@ impl Transport for RabbitMqTransport {
 
 impl RabbitMqTransport {
     /// What the endpoint's consumer says of itself.
-    fn consumer_health(&self, queue: &str) -> EndpointHealth {
+    fn consumer_health(&self, queue: &str, state: &ConsumerState) -> EndpointHealth {
         let link = self.consuming.link.borrow().clone();
         let current = match &link {
             Link::Up(session) if session.is_alive() => Some(session.generation),
             Link::Closed => return EndpointHealth::new(queue, HealthStatus::Unhealthy, "transport closed"),
             _ => None,
         };
-        match (self.consumer_state(queue), current) {
-            (Some(ConsumerState::Consuming(generation)), Some(live)) if generation == live => {
-                EndpointHealth::healthy(queue)
-            }
-            (Some(ConsumerState::Repaired(generation, at, what)), Some(live)) if generation == live => {
+        match (state, current) {
+            (ConsumerState::Consuming(generation), Some(live)) if *generation == live => EndpointHealth::healthy(queue),
+            (ConsumerState::Repaired(generation, at, what), Some(live)) if *generation == live => {
                 // Reported for a while: an operator should know that messages went nowhere.
                 if at.elapsed() < self.shared.options.topology_check_interval * 3 {
                     EndpointHealth::new(queue, HealthStatus::Degraded, format!("{what} and declared again"))
@@ -433,21 +448,16 @@ impl RabbitMqTransport {
                     EndpointHealth::healthy(queue)
                 }
             }
-            (None, _) => EndpointHealth::new(queue, HealthStatus::Unhealthy, "not consuming"),
-            (Some(ConsumerState::Stopped), _) => {
-                EndpointHealth::new(queue, HealthStatus::Unhealthy, "consumer stopped")
-            }
-            (Some(ConsumerState::Failing(error)), Some(_)) => {
-                EndpointHealth::new(queue, HealthStatus::Unhealthy, error)
-            }
-            (Some(_), None) => {
+            (ConsumerState::Stopped, _) => EndpointHealth::new(queue, HealthStatus::Unhealthy, "consumer stopped"),
+            (ConsumerState::Failing(error), Some(_)) => EndpointHealth::new(queue, HealthStatus::Unhealthy, error),
+            (_, None) => {
                 let why = match link {
                     Link::Down { error: Some(error), .. } => format!("reconnecting: {error}"),
                     _ => "reconnecting".to_owned(),
                 };
                 EndpointHealth::new(queue, HealthStatus::Degraded, why)
             }
-            (Some(state), Some(_)) => {
+            (state, Some(_)) => {
                 EndpointHealth::new(queue, HealthStatus::Degraded, format!("resubscribing ({state:?})"))
             }
         }

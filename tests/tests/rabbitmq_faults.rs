@@ -297,8 +297,8 @@ async fn one_endpoint_refused_on_reconnect_does_not_keep_the_transport_down() {
     let (good, doomed) = (unique("good"), unique("doomed"));
     let tally = Tally::default();
     let bus = consuming_bus(transport.clone(), &good, &tally);
-    let doomed_topology = bus_core::EndpointTopology { queue: doomed.clone(), prefetch: 1, ..Default::default() };
-    bus_core::Transport::declare_endpoint(&transport, &doomed_topology).await.expect("declared");
+    let doomed_topology = bus_core::EndpointTopology { queue: doomed.clone(), ..Default::default() };
+    bus_core::Transport::declare(&transport, &doomed_topology).await.expect("declared");
     bus.start().await.expect("bus starts");
 
     // Behind the transport's back: the queue is recreated with an argument it does not declare.

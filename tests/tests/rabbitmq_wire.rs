@@ -218,8 +218,8 @@ fn delivery_properties_are_persistent_with_ids() {
             .build();
         // Declared but not consuming: the message stays for inspection.
         use bus_core::Transport;
-        let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 1, ..Default::default() };
-        fixture.transport().declare_endpoint(&topology).await.expect("declare");
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), ..Default::default() };
+        fixture.transport().declare(&topology).await.expect("declare");
         bus.send_with(
             &format!("queue:{queue}"),
             NewOrderEvent { order_id: uuid::Uuid::nil(), user_email: "x".into() },
@@ -338,8 +338,8 @@ fn quorum_queue_type_is_declared_when_chosen() {
         let transport = bus_rabbitmq::RabbitMqTransport::connect_with(fixture.uri(), options).await.expect("connects");
         let queue = unique("quorum");
         use bus_core::Transport;
-        let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 1, ..Default::default() };
-        transport.declare_endpoint(&topology).await.expect("declared");
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), ..Default::default() };
+        transport.declare(&topology).await.expect("declared");
         transport.close().await;
         let vhost = fixture.vhost().to_owned();
         let queues = tokio::task::spawn_blocking(move || {
@@ -484,8 +484,8 @@ fn coalesced_acks_never_cover_a_delivery_in_progress() {
         // Queued before consuming starts, so that deliveries come in bursts and their acks
         // coalesce.
         let sender = fixture.bus().build();
-        let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 50, ..Default::default() };
-        bus_core::Transport::declare_endpoint(&fixture.transport(), &topology).await.expect("declared");
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), ..Default::default() };
+        bus_core::Transport::declare(&fixture.transport(), &topology).await.expect("declared");
         let address = format!("queue:{queue}");
         for n in 0..41 {
             sender.send(&address, AckedAround { n }).await.expect("send");
@@ -553,8 +553,8 @@ fn concurrent_unroutable_and_routable_sends_each_get_their_own_outcome() {
             .await
             .expect("declare");
         let queue = unique("mixed-sends");
-        let topology = bus_core::EndpointTopology { queue: queue.clone(), prefetch: 1, ..Default::default() };
-        bus_core::Transport::declare_endpoint(&fixture.transport(), &topology).await.expect("declared");
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), ..Default::default() };
+        bus_core::Transport::declare(&fixture.transport(), &topology).await.expect("declared");
         let (to_nowhere, to_queue) = (format!("exchange:{nowhere}"), format!("queue:{queue}"));
         let sends = (0..EACH * 2).map(|n| {
             let (bus, address) = (bus.clone(), if n % 2 == 0 { to_nowhere.clone() } else { to_queue.clone() });

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::{Bus, EndpointTopology, Message, Result, Transport, TransportMessage};
+use bus_core::{Bus, EndpointTopology, Message, Result, Subscription, Transport, TransportMessage};
 use bus_inmemory::InMemoryTransport;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -46,28 +47,28 @@ impl Transport for DeadLettersFail {
     fn address(&self, name: &str) -> String {
         self.inner.address(name)
     }
-    async fn declare_endpoint(&self, topology: &EndpointTopology) -> Result<()> {
-        self.inner.declare_endpoint(topology).await
-    }
-    async fn publish(&self, types: &[&str], message: TransportMessage) -> Result<()> {
-        self.inner.publish(types, message).await
-    }
-    async fn send(&self, destination: &str, message: TransportMessage) -> Result<()> {
-        self.inner.send(destination, message).await
-    }
-    async fn declare_dead_letter_queues(&self, topology: &EndpointTopology) -> Result<()> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let planned = self.plan.lock().expect("plan").pop_front();
-        match planned {
-            Some(transient) => Err(bus_core::Error::transport("declaration failed", transient, None)),
-            None => self.inner.declare_dead_letter_queues(topology).await,
+    fn declare<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>> {
+        // The bus declares a temporary endpoint's dead-letter queues when first needed.
+        if topology.temporary && topology.dead_letter_queues {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let planned = self.plan.lock().expect("plan").pop_front();
+            if let Some(transient) = planned {
+                return Box::pin(async move { Err(bus_core::Error::transport("declaration failed", transient, None)) });
+            }
         }
+        self.inner.declare(topology)
     }
-    async fn consume(&self, topology: &EndpointTopology) -> Result<bus_core::DeliveryStream> {
-        self.inner.consume(topology).await
+    fn publish<'a>(&'a self, types: &'a [&'a str], message: TransportMessage) -> BoxFuture<'a, Result<()>> {
+        self.inner.publish(types, message)
     }
-    async fn delete_endpoint(&self, topology: &EndpointTopology) -> Result<()> {
-        self.inner.delete_endpoint(topology).await
+    fn send<'a>(&'a self, destination: &'a str, message: TransportMessage) -> BoxFuture<'a, Result<()>> {
+        self.inner.send(destination, message)
+    }
+    fn subscribe<'a>(&'a self, topology: &'a EndpointTopology, prefetch: u16) -> BoxFuture<'a, Result<Subscription>> {
+        self.inner.subscribe(topology, prefetch)
+    }
+    fn delete<'a>(&'a self, topology: &'a EndpointTopology) -> BoxFuture<'a, Result<()>> {
+        self.inner.delete(topology)
     }
 }
 

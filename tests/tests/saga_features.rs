@@ -10,6 +10,7 @@ use bus_saga::{
     when, InMemorySagaRepository, MissingInstance, RedisSagaOptions, RedisSagaRepository, Saga, SagaInstance,
     SagaRepository, StateMachine,
 };
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -194,26 +195,35 @@ impl bus_core::Transport for RefusesPublishOf {
     fn address(&self, name: &str) -> String {
         self.inner.address(name)
     }
-    async fn declare_endpoint(&self, topology: &bus_core::EndpointTopology) -> bus_core::Result<()> {
-        self.inner.declare_endpoint(topology).await
+    fn declare<'a>(&'a self, topology: &'a bus_core::EndpointTopology) -> BoxFuture<'a, bus_core::Result<()>> {
+        self.inner.declare(topology)
     }
-    async fn publish(&self, types: &[&str], message: bus_core::TransportMessage) -> bus_core::Result<()> {
+    fn publish<'a>(
+        &'a self,
+        types: &'a [&'a str],
+        message: bus_core::TransportMessage,
+    ) -> BoxFuture<'a, bus_core::Result<()>> {
         if types.first() == Some(&self.urn) && (self.refuse)() {
-            return Err(bus_core::Error::transport("the broker is unreachable", true, None));
+            return Box::pin(async { Err(bus_core::Error::transport("the broker is unreachable", true, None)) });
         }
-        self.inner.publish(types, message).await
+        self.inner.publish(types, message)
     }
-    async fn send(&self, destination: &str, message: bus_core::TransportMessage) -> bus_core::Result<()> {
-        self.inner.send(destination, message).await
+    fn send<'a>(
+        &'a self,
+        destination: &'a str,
+        message: bus_core::TransportMessage,
+    ) -> BoxFuture<'a, bus_core::Result<()>> {
+        self.inner.send(destination, message)
     }
-    async fn declare_dead_letter_queues(&self, topology: &bus_core::EndpointTopology) -> bus_core::Result<()> {
-        self.inner.declare_dead_letter_queues(topology).await
+    fn subscribe<'a>(
+        &'a self,
+        topology: &'a bus_core::EndpointTopology,
+        prefetch: u16,
+    ) -> BoxFuture<'a, bus_core::Result<bus_core::Subscription>> {
+        self.inner.subscribe(topology, prefetch)
     }
-    async fn consume(&self, topology: &bus_core::EndpointTopology) -> bus_core::Result<bus_core::DeliveryStream> {
-        self.inner.consume(topology).await
-    }
-    async fn delete_endpoint(&self, topology: &bus_core::EndpointTopology) -> bus_core::Result<()> {
-        self.inner.delete_endpoint(topology).await
+    fn delete<'a>(&'a self, topology: &'a bus_core::EndpointTopology) -> BoxFuture<'a, bus_core::Result<()>> {
+        self.inner.delete(topology)
     }
 }
 

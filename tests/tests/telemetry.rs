@@ -548,7 +548,7 @@ async fn link_propagation_links_the_producer_and_baggage_flows_on() {
         .build();
     bus.start().await.expect("bus starts");
     let topology = bus_core::EndpointTopology { queue: next.clone(), ..Default::default() };
-    transport.declare_endpoint(&topology).await.expect("the next queue");
+    transport.declare(&topology).await.expect("the next queue");
     let body = format!(
         r#"{{"messageId":"{}","messageType":["urn:message:Telemetry:First"],"message":{{"n":1}},
             "headers":{{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",

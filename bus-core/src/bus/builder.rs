@@ -12,15 +12,14 @@ use crate::observer::BusObserver;
 use crate::receive::{EndpointRuntime, Registration};
 use crate::serializer::Serializers;
 use crate::telemetry::BusMetrics;
-use crate::transport::DynTransport;
-use crate::{DefaultEndpointNameFormatter, EndpointNameFormatter, Error, HostInfo, Result};
+use crate::{DefaultEndpointNameFormatter, EndpointNameFormatter, Error, HostInfo, Result, Transport};
 
 /// The instrumentation scope of the bus's spans.
 const TRACER_NAME: &str = "rust-bus";
 
 /// Configures a [`Bus`]: its endpoints, serializers, observers and timeouts.
 pub struct BusBuilder {
-    transport: Arc<dyn DynTransport>,
+    transport: Arc<dyn Transport>,
     endpoints: Vec<Endpoint>,
     serializers: Serializers,
     observers: Vec<Arc<dyn BusObserver>>,
@@ -45,7 +44,7 @@ impl fmt::Debug for BusBuilder {
 }
 
 impl BusBuilder {
-    pub(super) fn new(transport: Arc<dyn DynTransport>) -> Self {
+    pub(super) fn new(transport: Arc<dyn Transport>) -> Self {
         BusBuilder {
             transport,
             endpoints: Vec::new(),

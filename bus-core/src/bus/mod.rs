@@ -26,7 +26,6 @@ use crate::instrumentation::Instrumentation;
 use crate::middleware::SendMiddleware;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
-use crate::transport::DynTransport;
 use crate::{BusHealth, EndpointHealth, Envelope, Error, HealthStatus, HostInfo, Result, Transport};
 
 const CREATED: u8 = 0;
@@ -78,13 +77,13 @@ impl fmt::Debug for Bus {
 }
 
 pub(crate) struct BusInner {
-    pub(crate) transport: Arc<dyn DynTransport>,
+    pub(crate) transport: Arc<dyn Transport>,
     pub(crate) serializers: Serializers,
     pub(crate) host: Arc<HostInfo>,
     pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
     /// Spans, metrics, logs and observers.
     pub(crate) instruments: Instrumentation,
-    /// Per published message type: its exchange name and address. (foldhash: looked up on
+    /// Per published message type: the name it is published under, and its address. (foldhash: looked up on
     /// every publish, and SipHash was most of the lookup; the keys are our own types.)
     pub(crate) destinations: std::sync::RwLock<foldhash::HashMap<&'static str, Destination>>,
     /// Address of the bus's own (response) endpoint.
@@ -101,7 +100,7 @@ pub(crate) struct BusInner {
     pub(crate) configuration_error: Option<String>,
 }
 
-/// Where a message type is published: its exchange (entity) name, its address, and the
+/// Where a message type is published: the name it is published under, its address, and the
 /// name of its send spans.
 pub(crate) type Destination = (Arc<str>, Arc<str>, &'static str);
 
@@ -113,7 +112,11 @@ struct Running {
     cancel: CancellationToken,
     tracker: TaskTracker,
     loops: Vec<JoinHandle<()>>,
+    /// Each endpoint's health, as its subscription reports it (in the order of `endpoints`).
+    health: Vec<HealthProbe>,
 }
+
+type HealthProbe = Box<dyn Fn() -> EndpointHealth + Send + Sync>;
 
 impl Running {
     /// Stops taking deliveries, lets consumers finish within the stop timeout (then cancels
@@ -139,7 +142,7 @@ impl Running {
             let _ = handle.await;
         }
         inner.pending.locked().clear();
-        if let Err(error) = inner.transport.delete_endpoint(&inner.responses.topology).await {
+        if let Err(error) = inner.transport.delete(&inner.responses.topology).await {
             tracing::warn!(%error, "could not delete the bus response endpoint");
         }
     }
@@ -213,10 +216,12 @@ impl Bus {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut loops = Vec::with_capacity(inner.endpoints.len() + 1);
+        let mut health = Vec::with_capacity(inner.endpoints.len());
 
         let transport = &inner.transport;
-        transport.declare_endpoint(&inner.responses.topology).await?;
-        let responses = transport.consume(&inner.responses.topology).await?;
+        transport.declare(&inner.responses.topology).await?;
+        let (responses, _) =
+            transport.subscribe(&inner.responses.topology, inner.responses.prefetch()).await?.into_parts();
         // Its own tracker and no cancellation: it answers requests until everything else stopped.
         let run = inner.responses.clone().run(
             self.clone(),
@@ -232,21 +237,22 @@ impl Bus {
 
         for endpoint in &inner.endpoints {
             let started = async {
-                transport.declare_endpoint(&endpoint.topology).await?;
-                transport.consume(&endpoint.topology).await
+                transport.declare(&endpoint.topology).await?;
+                transport.subscribe(&endpoint.topology, endpoint.prefetch()).await
             };
-            let stream = match started.await {
-                Ok(stream) => stream,
+            let (stream, probe) = match started.await {
+                Ok(subscription) => subscription.into_parts(),
                 Err(error) => {
-                    Running { stop_taking, stop_responses, cancel, tracker, loops }.shut_down(inner).await;
+                    Running { stop_taking, stop_responses, cancel, tracker, loops, health }.shut_down(inner).await;
                     inner.state.store(before, Ordering::Release);
                     return Err(error);
                 }
             };
             let run = endpoint.clone().run(self.clone(), stream, stop_taking.clone(), cancel.clone(), tracker.clone());
             loops.push(tokio::spawn(run));
+            health.push(probe);
         }
-        *running = Some(Running { stop_taking, stop_responses, cancel, tracker, loops });
+        *running = Some(Running { stop_taking, stop_responses, cancel, tracker, loops, health });
         tracing::info!(address = %inner.address, endpoints = inner.endpoints.len(), "bus started");
         Ok(())
     }
@@ -286,8 +292,9 @@ impl Bus {
                     Some(run) if run.loops.get(index + 1).is_none_or(JoinHandle::is_finished) => {
                         EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended")
                     }
-                    Some(_) => {
-                        let health = inner.transport.endpoint_health(queue);
+                    Some(run) => {
+                        let health =
+                            run.health.get(index).map_or_else(|| EndpointHealth::healthy(queue), |probe| probe());
                         match endpoint.health_reason() {
                             Some(reason) if health.status == HealthStatus::Healthy => {
                                 EndpointHealth::new(queue, HealthStatus::Degraded, reason)

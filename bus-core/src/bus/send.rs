@@ -153,7 +153,7 @@ impl BusInner {
         Ok(envelope)
     }
 
-    /// The exchange and address a message type is published to, computed once per type.
+    /// The name and address a message type is published under, computed once per type.
     fn publish_destination(&self, urn: &'static str) -> super::Destination {
         if let Some(found) = self.destinations.read_locked().get(urn) {
             return found.clone();

@@ -168,7 +168,7 @@ impl BusInner {
     ///
     /// The fault is typed by `consumed`, the message type of the consumer that failed, as
     /// MassTransit types it (`Fault<T>` of the consumer's `T`). The message's other types
-    /// came from the wire: each would be a fault exchange declared on the broker, so they
+    /// came from the wire: each would be a fault destination declared on the broker, so they
     /// are named only in its `faultMessageTypes`.
     async fn emit_fault(
         &self,

@@ -122,7 +122,7 @@ impl EndpointRuntime {
             message_types,
             redelivery_delays: settings.redelivery.delays().to_vec(),
             temporary,
-            prefetch: settings.prefetch,
+            dead_letter_queues: !temporary,
         };
         EndpointRuntime {
             instruments: EndpointInstruments::new(&name, temporary),
@@ -279,7 +279,8 @@ impl EndpointRuntime {
         if !self.topology.temporary || self.dead_letters_declared.load(Ordering::Acquire) {
             return Ok(());
         }
-        match bus.inner.transport.declare_dead_letter_queues(&self.topology).await {
+        let with_dead_letters = EndpointTopology { dead_letter_queues: true, ..self.topology.clone() };
+        match bus.inner.transport.declare(&with_dead_letters).await {
             Ok(()) => {
                 self.dead_letters_declared.store(true, Ordering::Release);
                 Ok(())
@@ -334,6 +335,11 @@ impl EndpointRuntime {
             }
         }
         None
+    }
+
+    /// How many deliveries may be unsettled at once.
+    pub(crate) fn prefetch(&self) -> u16 {
+        self.settings.prefetch
     }
 
     /// Why the endpoint is degraded, from the bus's side: moves it cannot complete.
