@@ -36,10 +36,6 @@ pub mod names {
 #[derive(Debug, Clone, Default)]
 pub struct Headers {
     list: Option<Arc<Vec<(String, Value)>>>,
-    /// The body (its address and length) these headers are a serializer's unchanged copy of:
-    /// reading that body gives them all, so they need not be read again (see
-    /// [`Headers::body_copy`]).
-    body_copy: Option<(usize, usize)>,
 }
 
 /// Above this many headers, names read from the wire are made unique with a hash set
@@ -53,38 +49,16 @@ impl Headers {
     }
 
     fn from_shared(list: Option<Arc<Vec<(String, Value)>>>) -> Self {
-        Headers { list, body_copy: None }
+        Headers { list }
     }
 
     fn entries(&self) -> &[(String, Value)] {
         self.list.as_deref().map_or(&[], Vec::as_slice)
     }
 
-    /// The headers to change: shared ones are copied first. Changed, they are no longer
-    /// what the body holds.
+    /// The headers to change: shared ones are copied first.
     fn entries_mut(&mut self) -> &mut Vec<(String, Value)> {
-        self.body_copy = None;
         Arc::make_mut(self.list.get_or_insert_with(Default::default))
-    }
-
-    /// These headers, marked as the copy of those a serializer wrote into `body`, which it
-    /// sends along as transport headers (as MassTransit does).
-    ///
-    /// Reading that body back then has nothing to take from them. On the in-memory
-    /// transport they are the sender's own, untouched since it published, possibly
-    /// thousands of messages ago: reading them only to find names the body already gave
-    /// cost a traced message about 3% of its time in cache misses (`perf`).
-    ///
-    /// The mark names the body by its address and length, so headers moved to another
-    /// message, or a body replaced, are read as usual; and any change to the headers
-    /// clears it.
-    pub(crate) fn body_copy(&self, body: &[u8]) -> Headers {
-        Headers { list: self.list.clone(), body_copy: Some((body.as_ptr() as usize, body.len())) }
-    }
-
-    /// Whether these are a serializer's unchanged copy of the headers in `body`.
-    pub(crate) fn is_body_copy_of(&self, body: &[u8]) -> bool {
-        self.body_copy == Some((body.as_ptr() as usize, body.len()))
     }
 
     fn position(&self, name: &str) -> Option<usize> {
@@ -341,32 +315,20 @@ mod tests {
     }
 
     #[test]
-    fn a_clone_is_shared_until_changed_and_a_body_copy_until_changed() {
+    fn a_clone_is_shared_until_changed() {
         let mut original = Headers::new();
         original.insert("Tenant", "acme");
-        let body = bytes::Bytes::from_static(b"{\"headers\":{\"Tenant\":\"acme\"}}");
-        let copy = original.body_copy(&body);
-        assert!(copy.is_body_copy_of(&body));
-        assert!(copy.is_body_copy_of(&body.clone()), "a clone of the body is the same body");
-        assert!(!copy.is_body_copy_of(&bytes::Bytes::copy_from_slice(&body)), "another body, equal or not, is not");
-        assert!(!copy.is_body_copy_of(&body[1..]));
+        let copy = original.clone();
         assert_eq!(copy, original);
         let mut changed = copy.clone();
-        assert!(changed.is_body_copy_of(&body), "a clone of a body copy is one too");
         changed.insert("MT-Redelivery-Count", 1);
-        assert!(!changed.is_body_copy_of(&body), "changed headers are no longer what the body holds");
         assert_eq!(original.len(), 1, "changing a clone leaves the original alone");
         assert_eq!(copy.len(), 1);
+        assert_eq!(changed.len(), 2);
         let mut removed = copy.clone();
         removed.remove("Tenant");
-        assert!(!removed.is_body_copy_of(&body));
-        let mut extended = copy.clone();
-        extended.extend(Headers::new());
-        assert!(extended.is_body_copy_of(&body), "adding nothing changes nothing");
-        let mut added = copy.clone();
-        added.add_absent(&original, |_, _| true);
-        assert!(added.is_body_copy_of(&body), "adding only what is there changes nothing");
-        assert!(!Headers::new().is_body_copy_of(&body));
+        assert!(removed.is_empty());
+        assert_eq!(copy.get_str("Tenant"), Some("acme"));
     }
 
     #[test]

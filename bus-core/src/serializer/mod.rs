@@ -30,9 +30,6 @@ fn wire(envelope: &Envelope, body: bytes::Bytes, content_type: &'static str, hea
 /// `MT-Reason`...) to the envelope's headers; other transport headers (the broker's
 /// `x-death`...) stay out of the envelope.
 fn merge_infrastructure_headers(envelope: &mut Headers, transport: &TransportMessage) {
-    if transport.headers.is_body_copy_of(&transport.body) {
-        return;
-    }
     envelope.add_absent(&transport.headers, |name, _| name.starts_with("MT-"));
 }
 
