@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::de::{self, MapAccess, Visitor};
-use serde::ser::SerializeStruct;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
@@ -151,38 +150,42 @@ impl Envelope {
     }
 
     fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-        out.extend_from_slice(b"{\"messageId\":");
+        out.push(b'{');
+        write_name(out, Field::MessageId);
         write_uuid(out, self.message_id);
-        out.extend_from_slice(b",\"requestId\":");
+        write_name(out, Field::RequestId);
         write_uuid(out, self.request_id);
-        out.extend_from_slice(b",\"correlationId\":");
+        write_name(out, Field::CorrelationId);
         write_uuid(out, self.correlation_id);
-        out.extend_from_slice(b",\"conversationId\":");
+        write_name(out, Field::ConversationId);
         write_uuid(out, self.conversation_id);
-        out.extend_from_slice(b",\"initiatorId\":");
+        write_name(out, Field::InitiatorId);
         write_uuid(out, self.initiator_id);
-        out.extend_from_slice(b",\"sourceAddress\":");
+        write_name(out, Field::SourceAddress);
         write_opt_str(out, self.source_address.as_deref())?;
-        out.extend_from_slice(b",\"destinationAddress\":");
+        write_name(out, Field::DestinationAddress);
         write_opt_str(out, self.destination_address.as_deref())?;
-        out.extend_from_slice(b",\"responseAddress\":");
+        write_name(out, Field::ResponseAddress);
         write_opt_str(out, self.response_address.as_deref())?;
-        out.extend_from_slice(b",\"faultAddress\":");
+        write_name(out, Field::FaultAddress);
         write_opt_str(out, self.fault_address.as_deref())?;
-        out.extend_from_slice(b",\"messageType\":[");
+        write_name(out, Field::MessageType);
+        out.push(b'[');
         for (i, urn) in self.message_type.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             write_str(out, urn)?;
         }
-        out.extend_from_slice(b"],\"message\":");
+        out.push(b']');
+        write_name(out, Field::Message);
         out.extend_from_slice(self.message.get().as_bytes());
-        out.extend_from_slice(b",\"expirationTime\":");
+        write_name(out, Field::ExpirationTime);
         write_opt_time(out, self.expiration_time.as_ref());
-        out.extend_from_slice(b",\"sentTime\":");
+        write_name(out, Field::SentTime);
         write_opt_time(out, self.sent_time.as_ref());
-        out.extend_from_slice(b",\"headers\":{");
+        write_name(out, Field::Headers);
+        out.push(b'{');
         for (i, (name, value)) in self.headers.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
@@ -195,7 +198,7 @@ impl Envelope {
             }
         }
         out.push(b'}');
-        out.extend_from_slice(b",\"host\":");
+        write_name(out, Field::Host);
         match &self.host {
             Some(host) => out.extend_from_slice(host_json(host).get().as_bytes()),
             None => out.extend_from_slice(b"null"),
@@ -266,24 +269,47 @@ fn without_values(error: &serde_json::Error) -> String {
     text
 }
 
-/// The envelope's fields as MassTransit names them, in the order they are written.
-pub const FIELDS: [&str; 15] = [
-    "messageId",
-    "requestId",
-    "correlationId",
-    "conversationId",
-    "initiatorId",
-    "sourceAddress",
-    "destinationAddress",
-    "responseAddress",
-    "faultAddress",
-    "messageType",
-    "message",
-    "expirationTime",
-    "sentTime",
-    "headers",
-    "host",
+/// The envelope's fields: each name as MassTransit writes it, in the order written. The one
+/// list of them: the writer, the reader and [`FIELDS`] all use it.
+const FIELD_NAMES: [(&str, Field); 15] = [
+    ("messageId", Field::MessageId),
+    ("requestId", Field::RequestId),
+    ("correlationId", Field::CorrelationId),
+    ("conversationId", Field::ConversationId),
+    ("initiatorId", Field::InitiatorId),
+    ("sourceAddress", Field::SourceAddress),
+    ("destinationAddress", Field::DestinationAddress),
+    ("responseAddress", Field::ResponseAddress),
+    ("faultAddress", Field::FaultAddress),
+    ("messageType", Field::MessageType),
+    ("message", Field::Message),
+    ("expirationTime", Field::ExpirationTime),
+    ("sentTime", Field::SentTime),
+    ("headers", Field::Headers),
+    ("host", Field::Host),
 ];
+
+/// The envelope's fields as MassTransit names them, in the order they are written.
+pub const FIELDS: [&str; 15] = {
+    let mut names = [""; 15];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = FIELD_NAMES[i].0;
+        i += 1;
+    }
+    names
+};
+
+/// Writes `"name":` of `field`, after a comma unless it is the first.
+fn write_name(out: &mut Vec<u8>, field: Field) {
+    let index = field as usize;
+    if index > 0 {
+        out.push(b',');
+    }
+    out.push(b'"');
+    out.extend_from_slice(FIELD_NAMES[index].0.as_bytes());
+    out.extend_from_slice(b"\":");
+}
 
 /// Formats a time as MassTransit does: UTC with seven fractional digits.
 ///
@@ -452,42 +478,8 @@ fn write_str(out: &mut Vec<u8>, text: &str) -> Result<(), serde_json::Error> {
     Ok(())
 }
 
-struct Time<'a>(&'a Option<DateTime<Utc>>);
-
-impl Serialize for Time<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Some(t) => s.serialize_str(write_time(t, &mut [0u8; TIME_LEN])),
-            None => s.serialize_none(),
-        }
-    }
-}
-
-impl Serialize for Envelope {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Envelope", 15)?;
-        st.serialize_field("messageId", &self.message_id)?;
-        st.serialize_field("requestId", &self.request_id)?;
-        st.serialize_field("correlationId", &self.correlation_id)?;
-        st.serialize_field("conversationId", &self.conversation_id)?;
-        st.serialize_field("initiatorId", &self.initiator_id)?;
-        st.serialize_field("sourceAddress", &self.source_address)?;
-        st.serialize_field("destinationAddress", &self.destination_address)?;
-        st.serialize_field("responseAddress", &self.response_address)?;
-        st.serialize_field("faultAddress", &self.fault_address)?;
-        st.serialize_field("messageType", &self.message_type)?;
-        st.serialize_field("message", &self.message)?;
-        st.serialize_field("expirationTime", &Time(&self.expiration_time))?;
-        st.serialize_field("sentTime", &Time(&self.sent_time))?;
-        st.serialize_field("headers", &self.headers)?;
-        match &self.host {
-            Some(host) => st.serialize_field("host", &*host_json(host))?,
-            None => st.serialize_field("host", &None::<()>)?,
-        }
-        st.end()
-    }
-}
-
+/// An envelope field, numbered in the order written (see [`FIELD_NAMES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Field {
     MessageId,
     RequestId,
@@ -516,27 +508,10 @@ impl<'de> Deserialize<'de> for Field {
                 f.write_str("an envelope property name")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
-                const FIELDS: [(&str, Field); 15] = [
-                    ("messageId", Field::MessageId),
-                    ("requestId", Field::RequestId),
-                    ("correlationId", Field::CorrelationId),
-                    ("conversationId", Field::ConversationId),
-                    ("initiatorId", Field::InitiatorId),
-                    ("sourceAddress", Field::SourceAddress),
-                    ("destinationAddress", Field::DestinationAddress),
-                    ("responseAddress", Field::ResponseAddress),
-                    ("faultAddress", Field::FaultAddress),
-                    ("messageType", Field::MessageType),
-                    ("message", Field::Message),
-                    ("expirationTime", Field::ExpirationTime),
-                    ("sentTime", Field::SentTime),
-                    ("headers", Field::Headers),
-                    ("host", Field::Host),
-                ];
                 // The names as MassTransit writes them first (the common case, and the cheaper
                 // comparison), then any other casing.
-                let found = FIELDS.into_iter().find(|(name, _)| *name == v);
-                let found = found.or_else(|| FIELDS.into_iter().find(|(name, _)| name.eq_ignore_ascii_case(v)));
+                let found = FIELD_NAMES.into_iter().find(|(name, _)| *name == v);
+                let found = found.or_else(|| FIELD_NAMES.into_iter().find(|(name, _)| name.eq_ignore_ascii_case(v)));
                 Ok(found.map_or(Field::Other, |(_, f)| f))
             }
         }
