@@ -63,6 +63,10 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# The libraries build without their optional parts: no protobuf, no OpenTelemetry SDK, no Redis.
+log "cargo clippy (libraries without default features)"
+cargo clippy -p bus-core -p bus-saga -p bus-inmemory -p bus-rabbitmq --no-default-features -- -D warnings
+
 log "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
 

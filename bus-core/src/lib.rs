@@ -93,6 +93,7 @@ pub use transport::{
 #[doc(hidden)]
 pub mod __private {
     pub use crate::message::ToCorrelationId;
+    #[cfg(feature = "protobuf")]
     pub use prost;
     pub use uuid::Uuid;
 }

@@ -1,3 +1,4 @@
+#![cfg(feature = "protobuf")]
 //! The protobuf serializer on a bus: prost messages travel as protobuf end to end.
 
 use std::time::Duration;

@@ -40,7 +40,7 @@ pub enum Error {
     },
     /// The repository's store failed (Redis unreachable...).
     #[error("saga repository: {0}")]
-    Repository(#[source] redis::RedisError),
+    Repository(#[source] bus_core::BoxError),
     /// An instance could not be read or written as JSON.
     #[error("saga instance {id} is not valid JSON: {source}")]
     Serialization {
@@ -93,8 +93,9 @@ impl Error {
     }
 }
 
+#[cfg(feature = "redis")]
 impl From<redis::RedisError> for Error {
     fn from(error: redis::RedisError) -> Self {
-        Error::Repository(error)
+        Error::Repository(Box::new(error))
     }
 }

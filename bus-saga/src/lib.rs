@@ -82,7 +82,9 @@ pub use machine::{
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_KEEP_FINALIZED_FOR,
 };
 pub use register::{Saga, SagaEndpointExt};
-pub use repository::{InMemorySagaRepository, RedisSagaOptions, RedisSagaRepository, SagaRepository};
+pub use repository::{InMemorySagaRepository, SagaRepository};
+#[cfg(feature = "redis")]
+pub use repository::{RedisSagaOptions, RedisSagaRepository};
 pub use runtime::SagaStats;
 
 /// What a saga's own data must be: serde, a default for new instances, cheap enough to clone.

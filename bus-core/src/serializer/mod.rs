@@ -1,6 +1,7 @@
 //! Serializers: envelope to bytes and back; the content type on the wire picks the reader.
 
 mod masstransit_json;
+#[cfg(feature = "protobuf")]
 mod protobuf;
 mod raw_json;
 
@@ -8,6 +9,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 pub use masstransit_json::MassTransitJsonSerializer;
+#[cfg(feature = "protobuf")]
 pub use protobuf::ProtobufSerializer;
 pub use raw_json::RawJsonSerializer;
 
@@ -69,10 +71,11 @@ pub struct Serializers {
 impl Default for Serializers {
     fn default() -> Self {
         let envelope: Arc<dyn Serializer> = Arc::new(MassTransitJsonSerializer);
-        Serializers {
-            default: envelope.clone(),
-            all: vec![envelope, Arc::new(RawJsonSerializer), Arc::new(ProtobufSerializer)],
-        }
+        #[cfg_attr(not(feature = "protobuf"), allow(unused_mut))]
+        let mut all: Vec<Arc<dyn Serializer>> = vec![envelope.clone(), Arc::new(RawJsonSerializer)];
+        #[cfg(feature = "protobuf")]
+        all.push(Arc::new(ProtobufSerializer));
+        Serializers { default: envelope, all }
     }
 }
 

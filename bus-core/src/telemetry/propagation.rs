@@ -4,7 +4,6 @@ use opentelemetry::baggage::BaggageExt;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
-use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 
 use crate::headers::names::ACTIVITY_ID;
 use crate::Headers;
@@ -136,10 +135,58 @@ pub(crate) fn inject(cx: &Context, headers: &mut Headers) {
         headers.insert(TRACESTATE, state);
     }
     if !cx.baggage().is_empty() {
-        BaggagePropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+        sdk::baggage().inject_context(cx, &mut HeaderInjector(headers));
         if let Some(baggage) = headers.get(BAGGAGE).cloned() {
             headers.insert(CORRELATION_CONTEXT, baggage);
         }
+    }
+}
+
+/// The propagators of what the bus does not write and read itself: `baggage`, and a
+/// `traceparent` in a form other than the canonical one. The SDK's, with the
+/// `opentelemetry-sdk` feature; else whatever propagator the application installed globally.
+#[cfg(feature = "opentelemetry-sdk")]
+mod sdk {
+    use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+
+    pub(super) fn baggage() -> BaggagePropagator {
+        BaggagePropagator::new()
+    }
+
+    pub(super) fn trace_context() -> TraceContextPropagator {
+        TraceContextPropagator::new()
+    }
+}
+
+#[cfg(not(feature = "opentelemetry-sdk"))]
+mod sdk {
+    use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+    use opentelemetry::Context;
+
+    /// The globally installed propagator, for both.
+    #[derive(Debug)]
+    pub(super) struct Global;
+
+    impl TextMapPropagator for Global {
+        fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+            opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, injector));
+        }
+
+        fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+            opentelemetry::global::get_text_map_propagator(|p| p.extract_with_context(cx, extractor))
+        }
+
+        fn fields(&self) -> opentelemetry::propagation::text_map_propagator::FieldIter<'_> {
+            opentelemetry::propagation::text_map_propagator::FieldIter::new(&[])
+        }
+    }
+
+    pub(super) fn baggage() -> Global {
+        Global
+    }
+
+    pub(super) fn trace_context() -> Global {
+        Global
     }
 }
 
@@ -212,7 +259,7 @@ fn extract_from(headers: &Headers, found: &TraceHeaders<'_>) -> Context {
                 Context::current()
             }
         }
-        None => TraceContextPropagator::new().extract(&HeaderExtractor(headers)),
+        None => sdk::trace_context().extract(&HeaderExtractor(headers)),
     };
     with_baggage(cx, headers, found)
 }
@@ -220,7 +267,7 @@ fn extract_from(headers: &Headers, found: &TraceHeaders<'_>) -> Context {
 /// Adds the producer's baggage: `baggage`, else MassTransit's `MT-Activity-Correlation-Context`.
 fn with_baggage(cx: Context, headers: &Headers, found: &TraceHeaders<'_>) -> Context {
     if found.baggage.value().is_some() || found.correlation_context.is_some() {
-        BaggagePropagator::new().extract_with_context(&cx, &HeaderExtractor(headers))
+        sdk::baggage().extract_with_context(&cx, &HeaderExtractor(headers))
     } else {
         cx
     }
@@ -380,7 +427,7 @@ mod tests {
     fn traceparent_agrees_with_the_sdk_propagator() {
         use opentelemetry::trace::TraceState;
         use std::collections::HashMap;
-        let sdk = TraceContextPropagator::new();
+        let sdk = opentelemetry_sdk::propagation::TraceContextPropagator::new();
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = move || {
             seed ^= seed << 13;

@@ -1,6 +1,7 @@
 //! Where saga instances live between messages.
 
 mod memory;
+#[cfg(feature = "redis")]
 mod redis;
 
 use std::future::Future;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub use self::memory::InMemorySagaRepository;
+#[cfg(feature = "redis")]
 pub use self::redis::{RedisSagaOptions, RedisSagaRepository};
 use crate::{Result, SagaInstance};
 
