@@ -21,15 +21,30 @@ pub enum ConsumeErrorKind {
 }
 
 /// A failed consume attempt, as middleware and observers see it.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
+///
+/// Its text is the message of the error the consumer returned (as .NET's exception message),
+/// and its causes are that error's own: the returned error is reachable with
+/// [`source_error`](Self::source_error), not through [`source`](std::error::Error::source),
+/// whose text this one already is.
+#[derive(Debug)]
 pub struct ConsumeError {
     kind: ConsumeErrorKind,
     exception_type: String,
     message: String,
     retry_count: u32,
-    #[source]
     source: Option<BoxError>,
+}
+
+impl std::fmt::Display for ConsumeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConsumeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().and_then(std::error::Error::source)
+    }
 }
 
 impl ConsumeError {
@@ -114,7 +129,7 @@ impl ConsumeError {
     /// The source chain below the message, one cause per line (our stand-in for a stack trace).
     pub fn causes(&self) -> String {
         let mut out = String::new();
-        let mut next = self.source.as_deref().and_then(std::error::Error::source);
+        let mut next = std::error::Error::source(self);
         while let Some(cause) = next {
             if !out.is_empty() {
                 out.push('\n');

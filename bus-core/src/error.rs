@@ -9,6 +9,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in bus-core.
+///
+/// An error's text says what went wrong here; why (the error it came from) is its
+/// [`source`](std::error::Error::source), not repeated in the text.
+/// [`logged::chain`](crate::logged::chain) shows both.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -24,16 +28,17 @@ pub enum Error {
         source: Option<BoxError>,
     },
     /// A message could not be turned into bytes.
-    #[error("could not serialize message: {0}")]
+    #[error("could not serialize message")]
     Serialize(#[source] serde_json::Error),
     /// Bytes from the wire could not be read as a message.
     #[error("could not deserialize message: {reason}")]
     Deserialize {
-        /// What exactly was wrong with the bytes.
+        /// What exactly was wrong with the bytes, without the values it quotes from the
+        /// message (which would put a message's content in logs and fault headers).
         reason: String,
-        /// The parser's error, when there is one.
-        #[source]
-        source: Option<BoxError>,
+        /// The parser's own error, for code that wants it: not this error's `source()`,
+        /// since `reason` says it already, and its text may quote the message.
+        parser_error: Option<BoxError>,
     },
     /// No serializer is registered for the content type a delivery carries.
     #[error("unsupported content type `{0}`")]
@@ -66,7 +71,7 @@ pub enum Error {
         message: String,
     },
     /// A send middleware refused the message.
-    #[error("send refused by middleware: {0}")]
+    #[error("send refused by middleware")]
     SendRejected(#[source] BoxError),
     /// The bus was stopped (or not started where starting is required).
     #[error("the bus is stopped")]
@@ -82,9 +87,9 @@ impl Error {
         Error::Transport { message: message.into(), transient, source: source.into() }
     }
 
-    /// Creates a deserialization error with its reason.
+    /// Creates a deserialization error with its reason and the parser's error.
     pub fn deserialize(reason: impl Into<String>, source: impl Into<Option<BoxError>>) -> Self {
-        Error::Deserialize { reason: reason.into(), source: source.into() }
+        Error::Deserialize { reason: reason.into(), parser_error: source.into() }
     }
 
     /// Whether trying the same operation again may succeed.

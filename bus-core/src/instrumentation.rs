@@ -2,6 +2,7 @@
 //! logs and observer calls. The message path calls a few hooks (received, consuming,
 //! consumed or failed, redelivering, dead-lettered, sent) and knows nothing of what each does.
 
+use crate::logged::chain;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -201,7 +202,7 @@ impl Instrumentation {
         tracing::info!(endpoint = %endpoint, message_id = envelope.message_id.map(tracing::field::display),
             message_type = envelope.message_type.first().map(String::as_str), consumer = consumer_type,
             trace_id = telemetry::current_trace_id(), retry.attempt = retry, retry.delay_ms = delay_ms,
-            %error, "consume failed; retrying");
+            error = %chain(error), "consume failed; retrying");
     }
 
     /// A failed message goes back to its queue after `delay`.
@@ -222,7 +223,7 @@ impl Instrumentation {
         });
         tracing::info!(endpoint = %endpoint.name, message_id = envelope.message_id.map(tracing::field::display),
             message_type = envelope.message_type.first().map(String::as_str),
-            trace_id = telemetry::current_trace_id(), ?delay, redelivery, %error,
+            trace_id = telemetry::current_trace_id(), ?delay, redelivery, error = %chain(error),
             "consume failed; redelivering later");
     }
 
@@ -237,7 +238,7 @@ impl Instrumentation {
         self.metrics.failed.add(1, &consumer.full);
         tracing::error!(endpoint = %endpoint.name, message_id = envelope.message_id.map(tracing::field::display),
             message_type = envelope.message_type.first().map(String::as_str), consumer = consumer.consumer_type,
-            trace_id = telemetry::current_trace_id(), %error, "consume failed; moved to the error queue");
+            trace_id = telemetry::current_trace_id(), error = %chain(error), "consume failed; moved to the error queue");
     }
 
     /// A message is being moved to `queue` (`_error`, `_skipped`) for `reason`.

@@ -1,5 +1,5 @@
-//! Text from the wire made safe to log or to put in a header: control characters escaped (a
-//! raw newline would forge a log line), and bounded in length.
+//! Text made to log: text from the wire made safe (control characters escaped, since a raw
+//! newline would forge a log line, and bounded in length), and errors with their causes.
 
 use std::borrow::Cow;
 
@@ -30,4 +30,34 @@ pub fn escaped(text: &str, max: usize) -> Cow<'_, str> {
         out.push_str("...");
     }
     Cow::Owned(out)
+}
+
+/// An error with its causes, `outer: inner: innermost`, for a log line or a message. The
+/// errors of these crates do not repeat their source in their own text (it is their
+/// [`source`](std::error::Error::source)), so this is how to show all of it.
+///
+/// ```
+/// # use bus_core::logged::chain;
+/// let error = bus_core::Error::transport("could not publish", true, Some("connection reset".into()));
+/// assert_eq!(error.to_string(), "transport error: could not publish");
+/// assert_eq!(chain(&error).to_string(), "transport error: could not publish: connection reset");
+/// ```
+pub fn chain<'a>(error: &'a (dyn std::error::Error + 'static)) -> Chain<'a> {
+    Chain(error)
+}
+
+/// An error shown with its causes; see [`chain`].
+#[derive(Debug, Clone, Copy)]
+pub struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(cause) = next {
+            write!(f, ": {cause}")?;
+            next = cause.source();
+        }
+        Ok(())
+    }
 }

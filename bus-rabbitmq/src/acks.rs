@@ -9,6 +9,7 @@
 //! whose consumers succeeded. Under load this turns a hundred acks into a few frames, for the
 //! broker as much as for the client.
 
+use bus_core::logged::chain;
 use bus_core::sync::MutexExt;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -195,7 +196,7 @@ impl Acks {
             let failed = futures::future::join_all(sends).await.into_iter().filter_map(Result::err).next();
             if let Some(error) = failed {
                 // The channel is gone, and with it the deliveries: the broker delivers them again.
-                tracing::warn!(%error, "could not acknowledge deliveries; they will be delivered again");
+                tracing::warn!(error = %chain(&error), "could not acknowledge deliveries; they will be delivered again");
             }
             self.outstanding.done(covered + frames.single.len());
         }

@@ -3,6 +3,7 @@
 //! endpoint again when it finds it missing), and tells everyone who waits when a new session
 //! is up.
 
+use bus_core::logged::chain;
 use bus_core::sync::MutexExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -324,11 +325,7 @@ impl Shared {
     }
 
     fn connection_error(&self, what: &str, error: lapin::Error) -> Error {
-        Error::Connection {
-            address: self.redacted.clone(),
-            reason: format!("{what}: {error}"),
-            source: Some(Box::new(error)),
-        }
+        Error::Connection { address: self.redacted.clone(), reason: what.to_owned(), source: Some(Box::new(error)) }
     }
 
     /// Opens a session: connection, confirm channels and, on the publishing connection, the
@@ -373,7 +370,7 @@ impl Shared {
                 if !session.is_alive() {
                     return Err(error);
                 }
-                tracing::error!(queue = %endpoint.queue, %error, "could not declare the endpoint again after reconnecting");
+                tracing::error!(queue = %endpoint.queue, error = %chain(&error), "could not declare the endpoint again after reconnecting");
             }
         }
         for (exchange, contracts) in &exchanges {
@@ -381,7 +378,7 @@ impl Shared {
                 if !session.is_alive() {
                     return Err(error);
                 }
-                tracing::error!(%exchange, %error, "could not declare the exchange again after reconnecting");
+                tracing::error!(%exchange, error = %chain(&error), "could not declare the exchange again after reconnecting");
             }
         }
         Ok(session)
@@ -422,7 +419,7 @@ impl Shared {
                                 // lapin reports channel-level errors (a 404 on one channel) here too;
                                 // only a connection-level one means the session is gone.
                                 Some(Event::Error(error)) if session.is_alive() && !is_connection_error(&error) => {
-                                    tracing::debug!(%error, "channel error on a live connection");
+                                    tracing::debug!(error = %chain(&error), "channel error on a live connection");
                                 }
                                 Some(Event::Error(error)) => break error.to_string(),
                                 Some(Event::ConnectionBlocked(reason)) => {

@@ -1,6 +1,7 @@
 //! Consuming an endpoint across reconnects: one task per endpoint re-subscribes on every new
 //! session and forwards deliveries to the bus through a bounded channel.
 
+use bus_core::logged::chain;
 use bus_core::sync::MutexExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -101,12 +102,12 @@ async fn run(
                         repaired = Some(what);
                         continue;
                     }
-                    Err(error) => Err(error.to_string()),
+                    Err(error) => Err(chain(&error).to_string()),
                 }
             }
             Err(error) => {
-                tracing::warn!(queue = %queue, %error, "could not consume; trying again");
-                Err(error.to_string())
+                tracing::warn!(queue = %queue, error = %chain(&error), "could not consume; trying again");
+                Err(chain(&error).to_string())
             }
         };
         let (channel, mut consumer, tag) = match failure {
@@ -162,15 +163,15 @@ async fn run(
                         }
                     }
                     Some(Err(error)) => {
-                        set(&state, ConsumerState::Recovering(error.to_string()));
+                        set(&state, ConsumerState::Recovering(chain(&error).to_string()));
                         if is_consumer_timeout(&error) {
-                            tracing::warn!(queue = %queue, %error,
+                            tracing::warn!(queue = %queue, error = %chain(&error),
                                 "the broker closed this endpoint's channel: a delivery was not acknowledged within its \
                                  `consumer_timeout` (rabbitmq.conf; 30 minutes by default). Its unacknowledged \
                                  deliveries go back to the queue. Raise `consumer_timeout`, or make the consumer \
                                  finish sooner (a consumer timeout below it)");
                         } else {
-                            tracing::warn!(queue = %queue, %error, "consumer lost; waiting for the connection");
+                            tracing::warn!(queue = %queue, error = %chain(&error), "consumer lost; waiting for the connection");
                         }
                         break;
                     }
@@ -197,10 +198,10 @@ async fn run(
                             set(&state, ConsumerState::Recovering(what.clone()));
                             match repair(&publishing, &session, &endpoint, &what).await {
                                 Ok(()) => set(&state, ConsumerState::Repaired(session.generation, tokio::time::Instant::now(), what)),
-                                Err(error) => set(&state, ConsumerState::Failing(error.to_string())),
+                                Err(error) => set(&state, ConsumerState::Failing(chain(&error).to_string())),
                             }
                         }
-                        Err(error) => tracing::debug!(queue = %queue, %error, "could not check the endpoint's topology"),
+                        Err(error) => tracing::debug!(queue = %queue, error = %chain(&error), "could not check the endpoint's topology"),
                     }
                 }
             }
@@ -343,7 +344,7 @@ impl RabbitMqSettle {
                         publish(&self.shared, exchange, routing_key, &message.body, &properties, true, deadline).await;
                 }
                 Err(error) => {
-                    tracing::warn!(queue = %self.queue, %error, "could not declare the endpoint's topology again")
+                    tracing::warn!(queue = %self.queue, error = %chain(&error), "could not declare the endpoint's topology again")
                 }
             }
         }

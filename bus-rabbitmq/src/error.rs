@@ -5,7 +5,9 @@ use std::time::Duration;
 /// Result with this crate's [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What can go wrong talking to RabbitMQ. Messages never contain credentials.
+/// What can go wrong talking to RabbitMQ. Messages never contain credentials. An error's text
+/// says what failed; lapin's error, when there is one, is its
+/// [`source`](std::error::Error::source) (`bus_core::logged::chain` shows both).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -24,7 +26,7 @@ pub enum Error {
     #[error("rabbitmq unavailable: no connection within {0:?}")]
     Unavailable(Duration),
     /// The broker refused an operation (a declaration with other arguments, a missing entity...).
-    #[error("rabbitmq refused {operation}: {source}")]
+    #[error("rabbitmq refused {operation}")]
     Refused {
         /// What was attempted.
         operation: String,
@@ -102,8 +104,21 @@ pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
 }
 
+impl Error {
+    /// lapin's error under this one, when there is one.
+    fn into_source(self) -> Option<bus_core::BoxError> {
+        match self {
+            Error::Connection { source, .. } => source.map(|s| s as bus_core::BoxError),
+            Error::Refused { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 impl From<Error> for bus_core::Error {
+    /// The bus's transport error: this error's text, and lapin's error as its source.
     fn from(error: Error) -> Self {
-        bus_core::Error::transport(error.to_string(), error.is_transient(), Some(Box::new(error) as bus_core::BoxError))
+        let (message, transient) = (error.to_string(), error.is_transient());
+        bus_core::Error::transport(message, transient, error.into_source())
     }
 }

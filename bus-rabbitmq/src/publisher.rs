@@ -3,6 +3,7 @@
 //! moves, which must fail when nothing receives them) go one at a time per channel over
 //! channels of their own, so that a returned message is always matched to its own publish.
 
+use bus_core::logged::chain;
 use std::sync::Arc;
 
 use bus_core::sync::MutexExt;
@@ -103,14 +104,14 @@ pub(crate) async fn publish(
                 return Ok(());
             }
             Some(Err(error)) if is_connection_loss(&error) || !session.is_alive() => {
-                tracing::debug!(%error, exchange, "publish interrupted by a connection loss; publishing again");
+                tracing::debug!(error = %chain(&error), exchange, "publish interrupted by a connection loss; publishing again");
                 // The supervisor notices the loss and brings up a new session; `session()` waits for it.
                 if session.is_alive() {
                     tokio::task::yield_now().await;
                 }
             }
             Some(Err(error)) if !alone => {
-                tracing::debug!(%error, exchange, "publish failed with its channel; trying it alone");
+                tracing::debug!(error = %chain(&error), exchange, "publish failed with its channel; trying it alone");
                 alone = true;
             }
             Some(Err(error)) => {

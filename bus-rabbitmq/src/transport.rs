@@ -1,5 +1,6 @@
 //! [`RabbitMqTransport`]: bus-core's transport contract on RabbitMQ.
 
+use bus_core::logged::chain;
 use bus_core::sync::{MutexExt, RwLockExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -223,7 +224,7 @@ impl RabbitMqTransport {
         for endpoint in endpoints {
             match topology::declare_endpoint(&session.connection, &endpoint, queue_type).await {
                 Err(error @ Error::Refused { .. }) => {
-                    tracing::warn!(%error, endpoint = %endpoint.queue, "could not bind an endpoint again");
+                    tracing::warn!(error = %chain(&error), endpoint = %endpoint.queue, "could not bind an endpoint again");
                 }
                 other => other?,
             }
@@ -231,7 +232,7 @@ impl RabbitMqTransport {
         for (source, contracts) in sources {
             match topology::declare_publish_exchange(&session.connection, &source, &contracts).await {
                 Err(error @ Error::Refused { .. }) => {
-                    tracing::warn!(%error, %source, "could not bind a message type's exchange again");
+                    tracing::warn!(error = %chain(&error), %source, "could not bind a message type's exchange again");
                 }
                 other => other?,
             }

@@ -39,10 +39,10 @@ pub enum Error {
         event: &'static str,
     },
     /// The repository's store failed (Redis unreachable...).
-    #[error("saga repository: {0}")]
+    #[error("saga repository failed")]
     Repository(#[source] bus_core::BoxError),
     /// An instance could not be read or written as JSON.
-    #[error("saga instance {id} is not valid JSON: {source}")]
+    #[error("saga instance {id} is not valid JSON")]
     Serialization {
         /// The instance.
         id: Uuid,
@@ -55,7 +55,7 @@ pub enum Error {
     #[error("saga state field `{0}` collides with the instance's own; rename it (e.g. with #[serde(rename)])")]
     ReservedField(&'static str),
     /// An activity of the state machine failed.
-    #[error("saga activity failed: {0}")]
+    #[error("saga activity failed")]
     Activity(#[source] bus_core::BoxError),
     /// An event delivered again after its transition was saved produced a message type its
     /// activities no longer produce (the state machine changed meanwhile), so it cannot be

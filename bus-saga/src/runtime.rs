@@ -1,5 +1,6 @@
 //! Running a state machine on a receive endpoint: load, apply, save, then send.
 
+use bus_core::logged::chain;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -99,7 +100,7 @@ impl<S: Send + Sync + 'static> LockGuard<S> {
             self.token = None;
             if let Err(error) = released {
                 // The lease expires by itself; the next holder waits at most that long.
-                tracing::warn!(id = %self.id, %error, "could not release the saga lock");
+                tracing::warn!(id = %self.id, error = %chain(&error), "could not release the saga lock");
             }
         }
     }
@@ -324,7 +325,7 @@ impl<S: SagaData> SagaRuntime<S> {
         match self.repository.delete(id, version).await {
             Ok(()) | Err(Error::Conflict(_)) => {}
             Err(error) => {
-                tracing::warn!(saga = self.machine.name(), %id, %error, "could not delete a finalized instance; it expires")
+                tracing::warn!(saga = self.machine.name(), %id, error = %chain(&error), "could not delete a finalized instance; it expires")
             }
         }
     }

@@ -320,7 +320,8 @@ async fn one_refused_publish_fails_alone() {
     transport.close().await;
     let error = forbidden.expect_err("the forbidden publish fails");
     assert!(!error.is_transient(), "a refusal is not transient: {error}");
-    assert!(error.to_string().contains("ACCESS_REFUSED") || error.to_string().contains("403"), "{error}");
+    let why = bus_core::logged::chain(&error).to_string();
+    assert!(why.contains("ACCESS_REFUSED") || why.contains("403"), "{why}");
     assert_eq!(failed, 0, "no allowed publish failed with it");
 }
 

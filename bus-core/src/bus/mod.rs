@@ -4,6 +4,7 @@ mod builder;
 mod request;
 mod send;
 
+use crate::logged::chain;
 use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::fmt;
@@ -143,7 +144,7 @@ impl Running {
         }
         inner.pending.locked().clear();
         if let Err(error) = inner.transport.delete(&inner.responses.topology).await {
-            tracing::warn!(%error, "could not delete the bus response endpoint");
+            tracing::warn!(error = %chain(&error), "could not delete the bus response endpoint");
         }
     }
 }

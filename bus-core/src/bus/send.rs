@@ -1,5 +1,6 @@
 //! Building and dispatching outgoing messages: ids, addresses, headers, outbox.
 
+use crate::logged::chain;
 use crate::sync::RwLockExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -287,7 +288,7 @@ impl Bus {
     ) -> Result<()> {
         let result = self.release_or_hold(outgoing, parent).with_context(span.context().clone()).await;
         if let Err(error) = &result {
-            span.record_exception("SendException", &error.to_string());
+            span.record_exception("SendException", &chain(error).to_string());
         }
         span.end();
         result

@@ -9,6 +9,7 @@ use crate::bus::BusInner;
 use crate::envelope::format_time;
 use crate::fault::{fault_urn, ExceptionInfo, Fault, FAULT_URN};
 use crate::headers::names;
+use crate::logged::chain;
 use crate::logged::escaped;
 use crate::message::entity_name as type_entity_name;
 use crate::outbox::{MessageTypes, Route};
@@ -43,7 +44,7 @@ impl EndpointRuntime {
             // The broker has put it back in its queue already: its next delivery is the one
             // that redelivers, faults or moves it. Doing it here too would make two.
             tracing::warn!(endpoint = %self.info.name, message_id = state.envelope.message_id.map(tracing::field::display),
-                %error, "consume failed after the delivery's channel closed; the broker delivers it again");
+                error = %chain(&error), "consume failed after the delivery's channel closed; the broker delivers it again");
             return Settlement::Requeue;
         }
         if error.is_retryable() {
@@ -60,7 +61,7 @@ impl EndpointRuntime {
         if let Err(fault_error) =
             bus.inner.emit_fault(&state.envelope, consumed_type, &error, entry.consumer_type, &self.info.address).await
         {
-            tracing::warn!(endpoint = %self.info.name, error = %fault_error, "could not emit the fault");
+            tracing::warn!(endpoint = %self.info.name, error = %chain(&fault_error), "could not emit the fault");
         }
         let mut headers = fault_headers(&bus.inner, &self.info.address, error.exception_type(), error.message());
         headers.insert("MT-Fault-ConsumerType", entry.consumer_type);
@@ -210,7 +211,7 @@ impl BusInner {
             .find_map(|target| match address::entity_name(target) {
                 Ok(name) => Some((target, name.to_owned())),
                 Err(error) => {
-                    tracing::warn!(address = target, %error, "fault address is not an endpoint; trying the next");
+                    tracing::warn!(address = target, error = %chain(&error), "fault address is not an endpoint; trying the next");
                     None
                 }
             });

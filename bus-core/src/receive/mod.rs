@@ -5,6 +5,7 @@
 mod dispatch;
 mod failure;
 
+use crate::logged::chain;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -252,13 +253,13 @@ impl EndpointRuntime {
             (Err(error), Some(key)) => {
                 // Back in its queue: when it returns, the same move is tried after a pause
                 // (and a temporary endpoint declares its dead-letter queues again first).
-                tracing::warn!(endpoint = %self.info.name, %error, "could not move a message; it went back to its queue and the move is tried again later");
+                tracing::warn!(endpoint = %self.info.name, error = %chain(&error), "could not move a message; it went back to its queue and the move is tried again later");
                 self.dead_letters_declared.store(false, Ordering::Release);
-                self.stalled.failed(key, error.to_string());
+                self.stalled.failed(key, chain(&error).to_string());
             }
             (Err(error), None) => {
                 // The transport keeps the delivery unacknowledged; the broker delivers it again.
-                tracing::warn!(endpoint = %self.info.name, %error, "could not settle a delivery");
+                tracing::warn!(endpoint = %self.info.name, error = %chain(&error), "could not settle a delivery");
             }
         }
     }
@@ -288,11 +289,11 @@ impl EndpointRuntime {
             // Stopping (the transport may be closing): left unsettled.
             Err(_) if stopping.is_cancelled() => Err(None),
             Err(error) if error.is_transient() => {
-                tracing::warn!(endpoint = %self.info.name, %error, "could not declare the dead-letter queues; message requeued");
+                tracing::warn!(endpoint = %self.info.name, error = %chain(&error), "could not declare the dead-letter queues; message requeued");
                 Err(Some(Settlement::Requeue))
             }
             Err(error) => {
-                tracing::error!(endpoint = %self.info.name, %error, "the dead-letter queues are refused; message dropped");
+                tracing::error!(endpoint = %self.info.name, error = %chain(&error), "the dead-letter queues are refused; message dropped");
                 Err(Some(Settlement::Ack))
             }
         }
