@@ -177,6 +177,7 @@ pub(crate) enum EndpointName {
 /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new()).endpoint(orders).build();
 /// # drop(bus);
 /// ```
+#[doc(alias = "ReceiveEndpoint")]
 pub struct Endpoint {
     pub(crate) name: EndpointName,
     pub(crate) settings: EndpointSettings,
@@ -219,6 +220,7 @@ impl Endpoint {
     ///     .build();
     /// assert!(bus.endpoint_address("SubmitOrder").ends_with("/SubmitOrder"));
     /// ```
+    #[doc(alias = "ConfigureEndpoints")]
     pub fn for_consumer<M: Message, C: Consumer<M>>(consumer: C) -> Self {
         Self::named(EndpointName::FromConsumer(std::any::type_name::<C>())).consumer(consumer)
     }
@@ -248,6 +250,7 @@ impl Endpoint {
     }
 
     /// Adds an async function as a consumer of `M` (MassTransit's `Handler<T>`).
+    #[doc(alias = "Handler")]
     pub fn handler<M, F, Fut>(self, handler: F) -> Self
     where
         M: Message,
@@ -308,24 +311,28 @@ impl Endpoint {
     }
 
     /// How many deliveries may be unsettled at once (default: max(2 x cores, 16)).
+    #[doc(alias = "PrefetchCount")]
     pub fn prefetch(mut self, prefetch: u16) -> Self {
         self.settings.prefetch = prefetch.max(1);
         self
     }
 
     /// How many messages are consumed at once (default: the prefetch).
+    #[doc(alias = "ConcurrentMessageLimit")]
     pub fn concurrency_limit(mut self, n: usize) -> Self {
         self.settings.concurrency = Some(n.max(1));
         self
     }
 
     /// The in-process retry policy of every consumer here that has none of its own.
+    #[doc(alias = "UseMessageRetry")]
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.settings.retry = policy;
         self
     }
 
     /// Delayed redelivery after the in-process retries are spent.
+    #[doc(alias = "UseDelayedRedelivery")]
     pub fn redelivery(mut self, policy: RedeliveryPolicy) -> Self {
         self.settings.redelivery = policy;
         self
@@ -338,6 +345,7 @@ impl Endpoint {
     }
 
     /// Whether messages produced while consuming are held until the consume succeeds (default on).
+    #[doc(alias = "UseInMemoryOutbox")]
     pub fn outbox(mut self, enabled: bool) -> Self {
         self.settings.outbox = enabled;
         self

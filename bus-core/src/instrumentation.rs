@@ -17,7 +17,7 @@ use crate::{ConsumeError, ConsumeErrorKind, Envelope, TransportMessage};
 /// The bus's instruments and observers.
 pub(crate) struct Instrumentation {
     pub(crate) metrics: BusMetrics,
-    pub(crate) tracer: BusTracer,
+    tracer: BusTracer,
     observers: Vec<Arc<dyn BusObserver>>,
     system: &'static str,
 }
@@ -67,11 +67,6 @@ impl Instrumentation {
         Instrumentation { metrics, tracer, observers, system }
     }
 
-    /// The transport's name for telemetry (`messaging.system`).
-    pub(crate) fn system(&self) -> &'static str {
-        self.system
-    }
-
     /// Calls every observer; a panic in one is logged, not let through: on the consume path
     /// it would drop the delivery, which would come straight back and panic again.
     fn observe(&self, call: impl Fn(&dyn BusObserver)) {
@@ -80,6 +75,30 @@ impl Instrumentation {
                 tracing::error!(panic = %crate::middleware::panic_message(&*panic), "a bus observer panicked");
             }
         }
+    }
+
+    /// A message is about to leave: its `send` span, a child of the current context, and
+    /// the trace headers that continue it written into the envelope.
+    pub(crate) fn sending(
+        &self,
+        destination: telemetry::SendDestination<'_>,
+        operation: &'static str,
+        envelope: &mut Envelope,
+        types: &'static [&'static str],
+    ) -> MessageSpan {
+        let span = telemetry::send_span(&self.tracer, self.system, destination, operation, envelope, types);
+        if span.is_traced() {
+            telemetry::inject(span.context(), &mut envelope.headers);
+        }
+        span
+    }
+
+    /// A publish or send is over (taken by the transport, held in an outbox, or failed).
+    pub(crate) fn send_done(&self, span: MessageSpan, result: &crate::Result<()>) {
+        if let Err(error) = result {
+            span.record_exception("SendException", &crate::logged::chain(error).to_string());
+        }
+        span.end();
     }
 
     /// A message left through the transport.

@@ -33,6 +33,7 @@ use crate::{SagaData, SagaRepository, StateMachine};
 /// assert_eq!(stats.conflicts(), 0);
 /// # drop(bus);
 /// ```
+#[doc(alias = "StateMachineSaga")]
 pub struct Saga<S> {
     runtime: Arc<SagaRuntime<S>>,
 }

@@ -1,6 +1,5 @@
 //! Building and dispatching outgoing messages: ids, addresses, headers, outbox.
 
-use crate::logged::chain;
 use crate::sync::RwLockExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -235,17 +234,8 @@ impl Bus {
         }
         let (entity, destination, span_name) = inner.publish_destination(M::message_type());
         let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
-        let span = telemetry::send_span(
-            &inner.instruments.tracer,
-            inner.instruments.system(),
-            telemetry::SendDestination { entity: &entity, shared: Some((span_name, &entity)) },
-            "publish",
-            &envelope,
-            M::message_types(),
-        );
-        if span.is_traced() {
-            telemetry::inject(span.context(), &mut envelope.headers);
-        }
+        let destination = telemetry::SendDestination { entity: &entity, shared: Some((span_name, &entity)) };
+        let span = inner.instruments.sending(destination, "publish", &mut envelope, M::message_types());
         let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
         self.release_in(span, outgoing, parent).await
     }
@@ -264,17 +254,8 @@ impl Bus {
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
-        let span = telemetry::send_span(
-            &inner.instruments.tracer,
-            inner.instruments.system(),
-            telemetry::SendDestination { entity: &name, shared: None },
-            "send",
-            &envelope,
-            M::message_types(),
-        );
-        if span.is_traced() {
-            telemetry::inject(span.context(), &mut envelope.headers);
-        }
+        let destination = telemetry::SendDestination { entity: &name, shared: None };
+        let span = inner.instruments.sending(destination, "send", &mut envelope, M::message_types());
         let outgoing = inner.outgoing(Route::Send(name), envelope)?;
         self.release_in(span, outgoing, parent).await
     }
@@ -287,10 +268,7 @@ impl Bus {
         parent: Option<Parent<'_>>,
     ) -> Result<()> {
         let result = self.release_or_hold(outgoing, parent).with_context(span.context().clone()).await;
-        if let Err(error) = &result {
-            span.record_exception("SendException", &chain(error).to_string());
-        }
-        span.end();
+        self.inner.instruments.send_done(span, &result);
         result
     }
 
