@@ -1,5 +1,6 @@
 //! What a consumer and the middleware see of the message being consumed.
 
+use std::any::{Any, TypeId};
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -33,11 +34,25 @@ pub struct ReceiveContext {
     consumer_type: &'static str,
     retry_attempt: u32,
     outbox: Outbox,
+    payloads: Payloads,
+}
+
+/// Values middleware hands down to the consumer (MassTransit's payloads): one per type.
+#[derive(Clone, Default)]
+struct Payloads(Option<Arc<Vec<Payload>>>);
+
+/// One payload, by its type.
+type Payload = (TypeId, Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for Payloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Payloads").field("count", &self.0.as_ref().map_or(0, |p| p.len())).finish()
+    }
 }
 
 impl ReceiveContext {
     pub(crate) fn new(state: Arc<ReceiveState>, consumer_type: &'static str, outbox: Outbox) -> Self {
-        ReceiveContext { state, consumer_type, retry_attempt: 0, outbox }
+        ReceiveContext { state, consumer_type, retry_attempt: 0, outbox, payloads: Payloads::default() }
     }
 
     pub(crate) fn set_retry_attempt(&mut self, attempt: u32) {
@@ -59,6 +74,36 @@ impl ReceiveContext {
             delay,
             error,
         );
+    }
+
+    /// Hands `value` down to the rest of the pipeline and the consumer, which find it with
+    /// [`payload`](Self::payload); a value of the same type is replaced. How middleware gives
+    /// a consumer what it set up for the attempt (a database transaction, say).
+    ///
+    /// ```
+    /// use bus_core::middleware::{from_fn, Next};
+    /// use bus_core::ReceiveContext;
+    /// #[derive(Debug)]
+    /// struct Tenant(String);
+    /// let middleware = from_fn(|mut ctx: ReceiveContext, next: Next| async move {
+    ///     ctx.insert_payload(Tenant("acme".into()));
+    ///     next.run(ctx).await
+    /// });
+    /// # drop(middleware);
+    /// // In the consumer: `ctx.payload::<Tenant>()`.
+    /// ```
+    #[doc(alias = "GetOrAddPayload")]
+    pub fn insert_payload<T: Any + Send + Sync>(&mut self, value: T) {
+        let mut payloads: Vec<_> = self.payloads.0.as_deref().cloned().unwrap_or_default();
+        payloads.retain(|(id, _)| *id != TypeId::of::<T>());
+        payloads.push((TypeId::of::<T>(), Arc::new(value)));
+        self.payloads = Payloads(Some(Arc::new(payloads)));
+    }
+
+    /// The value of type `T` that middleware handed down, if any.
+    pub fn payload<T: Any + Send + Sync>(&self) -> Option<&T> {
+        let payloads = self.payloads.0.as_deref()?;
+        payloads.iter().find(|(id, _)| *id == TypeId::of::<T>()).and_then(|(_, value)| value.downcast_ref())
     }
 
     /// The envelope of the message being consumed.

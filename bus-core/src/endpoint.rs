@@ -182,6 +182,7 @@ pub struct Endpoint {
     pub(crate) name: EndpointName,
     pub(crate) settings: EndpointSettings,
     pub(crate) middleware: Vec<Arc<dyn Middleware>>,
+    pub(crate) attempt_middleware: Vec<Arc<dyn Middleware>>,
     pub(crate) consumers: Vec<ConsumerRegistration>,
 }
 
@@ -226,7 +227,13 @@ impl Endpoint {
     }
 
     fn named(name: EndpointName) -> Self {
-        Endpoint { name, settings: EndpointSettings::default(), middleware: Vec::new(), consumers: Vec::new() }
+        Endpoint {
+            name,
+            settings: EndpointSettings::default(),
+            middleware: Vec::new(),
+            attempt_middleware: Vec::new(),
+            consumers: Vec::new(),
+        }
     }
 
     /// The endpoint's name (its queue), unless it is to be named from its consumer's type
@@ -370,9 +377,18 @@ impl Endpoint {
         self
     }
 
-    /// Adds middleware around every consumer of this endpoint.
+    /// Adds middleware around every consumer of this endpoint, outside the retry policy: it
+    /// runs once per delivery.
     pub fn middleware(mut self, middleware: impl Middleware) -> Self {
         self.middleware.push(Arc::new(middleware));
+        self
+    }
+
+    /// Adds middleware around every attempt of every consumer of this endpoint, inside the
+    /// retry policy (and its timeout): it runs again for each retry. For what must begin and
+    /// end with one attempt, such as a database transaction.
+    pub fn attempt_middleware(mut self, middleware: impl Middleware) -> Self {
+        self.attempt_middleware.push(Arc::new(middleware));
         self
     }
 }

@@ -67,7 +67,7 @@ pub mod testing;
 mod transport;
 pub mod wire;
 
-pub use bus::{Bus, BusBuilder, RequestClient, Response, SendOptions};
+pub use bus::{Bus, BusBuilder, PreparedDestination, PreparedMessage, RequestClient, Response, SendOptions};
 pub use bus_derive::Message;
 pub use consume_error::{ConsumeError, ConsumeErrorKind};
 pub use consumer::{Consumer, Permanent, Skip};

@@ -79,6 +79,11 @@ impl Outbox {
         }
     }
 
+    /// Takes everything held, without releasing: what comes after is held too.
+    pub(crate) fn take(&self) -> Vec<Outgoing> {
+        self.held().map(|mut held| std::mem::take(&mut held.messages)).unwrap_or_default()
+    }
+
     /// Takes everything held, to be released now that every consumer of the message
     /// succeeded; from here on, messages leave at once.
     pub(crate) fn release(&self) -> Vec<Outgoing> {

@@ -171,3 +171,55 @@ async fn endpoint_names_follow_the_formatter() {
     harness.stop().await.expect("stop");
     assert!(declared && bound);
 }
+
+/// What attempt middleware hands down, for the test below.
+#[derive(Debug)]
+struct AttemptNumber(u32);
+
+#[tokio::test]
+async fn attempt_middleware_runs_once_per_attempt_and_hands_its_payload_and_the_held_messages() {
+    let seen = Arc::new(Mutex::new(Vec::<(u32, usize)>::new()));
+    let (in_middleware, in_consumer) = (seen.clone(), Arc::new(Mutex::new(Vec::<u32>::new())));
+    let consumer_saw = in_consumer.clone();
+    let harness = InMemoryTestHarness::start(move |bus| {
+        bus.endpoint(
+            Endpoint::new("attempts")
+                .retry(RetryPolicy::immediate(2))
+                .attempt_middleware(from_fn(move |mut ctx: bus_core::ReceiveContext, next| {
+                    let seen = in_middleware.clone();
+                    async move {
+                        let attempt = ctx.retry_attempt();
+                        ctx.insert_payload(AttemptNumber(attempt));
+                        let result = next.run(ctx.clone()).await;
+                        // What the attempt published, taken before the bus would release it.
+                        let held = ctx.take_held().len();
+                        if let Ok(mut seen) = seen.lock() {
+                            seen.push((attempt, held));
+                        }
+                        result
+                    }
+                }))
+                .handler_with_state(consumer_saw, |ctx: ConsumeContext<Job>, saw| async move {
+                    let attempt = ctx.payload::<AttemptNumber>().map(|a| a.0).ok_or("no payload")?;
+                    saw.lock().map_err(|e| e.to_string())?.push(attempt);
+                    ctx.publish(Note { attempt }).await?;
+                    if attempt < 2 {
+                        return Err("not yet".into());
+                    }
+                    Ok(())
+                }),
+        )
+    })
+    .await
+    .expect("harness");
+    harness.bus().publish(Job { fail_first: true }).await.expect("publish");
+    harness.consumed().wait_for::<Job>(1, WAIT).await.expect("consumed on the third attempt");
+    harness.stop().await.expect("stop");
+    assert_eq!(*in_consumer.lock().expect("lock"), [0, 1, 2], "the payload of each attempt reached the consumer");
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        [(0, 1), (1, 1), (2, 1)],
+        "once per attempt, each finding only its own attempt's message held"
+    );
+    assert_eq!(harness.published().count::<Note>(), 0, "the held message was taken, not released");
+}

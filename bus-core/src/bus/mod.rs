@@ -1,6 +1,7 @@
 //! The bus: a cheap handle that publishes, sends and requests, and runs the endpoints.
 
 mod builder;
+mod prepared;
 mod request;
 mod send;
 
@@ -19,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 pub use builder::BusBuilder;
+pub use prepared::{PreparedDestination, PreparedMessage};
 pub use request::{RequestClient, Response};
 pub use send::SendOptions;
 pub(crate) use send::{is_flow_header, Parent};

@@ -11,7 +11,7 @@ use super::{Bus, BusInner};
 use crate::message::entity_name as type_entity_name;
 use crate::outbox::{MessageTypes, Outbox, Outgoing, Route};
 use crate::serializer::Serializer;
-use crate::{address, telemetry, Envelope, Error, Headers, Message, Result};
+use crate::{address, telemetry, Envelope, Error, Headers, Message, Result, TransportMessage};
 
 /// Options for one publish or send.
 ///
@@ -186,6 +186,17 @@ impl BusInner {
     /// Hands a message to the transport, then tells the instrumentation.
     pub(crate) async fn dispatch(&self, outgoing: Outgoing) -> Result<()> {
         let Outgoing { route, envelope, message } = outgoing;
+        self.dispatch_message(route, message, Some(&envelope)).await
+    }
+
+    /// Hands serialized bytes to the transport; `envelope` (what they hold) is for the
+    /// instrumentation.
+    pub(crate) async fn dispatch_message(
+        &self,
+        route: Route,
+        message: TransportMessage,
+        envelope: Option<&Envelope>,
+    ) -> Result<()> {
         match &route {
             Route::Publish(MessageTypes::Static(types)) => self.transport.publish(types, message).await?,
             Route::Publish(MessageTypes::Owned(types)) => {
@@ -194,7 +205,9 @@ impl BusInner {
             }
             Route::Send(destination) => self.transport.send(destination, message).await?,
         }
-        self.instruments.sent(&route, &envelope);
+        if let Some(envelope) = envelope {
+            self.instruments.sent(&route, envelope);
+        }
         Ok(())
     }
 }
@@ -228,15 +241,10 @@ impl Bus {
         options: SendOptions,
         parent: Option<Parent<'_>>,
     ) -> Result<()> {
-        let inner = &self.inner;
         if parent.is_none() {
-            inner.ensure_not_stopped()?;
+            self.inner.ensure_not_stopped()?;
         }
-        let (entity, destination, span_name) = inner.publish_destination(M::message_type());
-        let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
-        let destination = telemetry::SendDestination { entity: &entity, shared: Some((span_name, &entity)) };
-        let span = inner.instruments.sending(destination, "publish", &mut envelope, M::message_types());
-        let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
+        let (span, outgoing) = self.outgoing_publish(message, options, parent)?;
         self.release_in(span, outgoing, parent).await
     }
 
@@ -247,17 +255,64 @@ impl Bus {
         options: SendOptions,
         parent: Option<Parent<'_>>,
     ) -> Result<()> {
-        let inner = &self.inner;
         if parent.is_none() {
-            inner.ensure_not_stopped()?;
+            self.inner.ensure_not_stopped()?;
         }
+        let (span, outgoing) = self.outgoing_send(address, message, options, parent)?;
+        self.release_in(span, outgoing, parent).await
+    }
+
+    /// A publish prepared to leave later: its send span covers its preparation.
+    pub(super) fn prepared_publish<M: Message>(&self, message: M, options: SendOptions) -> Result<Outgoing> {
+        let (span, outgoing) = self.outgoing_publish(message, options, None)?;
+        self.inner.instruments.send_done(span, &Ok(()));
+        Ok(outgoing)
+    }
+
+    /// A send prepared to leave later.
+    pub(super) fn prepared_send<M: Message>(
+        &self,
+        address: &str,
+        message: M,
+        options: SendOptions,
+    ) -> Result<Outgoing> {
+        let (span, outgoing) = self.outgoing_send(address, message, options, None)?;
+        self.inner.instruments.send_done(span, &Ok(()));
+        Ok(outgoing)
+    }
+
+    /// A publish built and serialized, with its send span.
+    fn outgoing_publish<M: Message>(
+        &self,
+        message: M,
+        options: SendOptions,
+        parent: Option<Parent<'_>>,
+    ) -> Result<(telemetry::MessageSpan, Outgoing)> {
+        let inner = &self.inner;
+        let (entity, destination, span_name) = inner.publish_destination(M::message_type());
+        let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
+        let destination = telemetry::SendDestination { entity: &entity, shared: Some((span_name, &entity)) };
+        let span = inner.instruments.sending(destination, "publish", &mut envelope, M::message_types());
+        let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
+        Ok((span, outgoing))
+    }
+
+    /// A send built and serialized, with its send span.
+    fn outgoing_send<M: Message>(
+        &self,
+        address: &str,
+        message: M,
+        options: SendOptions,
+        parent: Option<Parent<'_>>,
+    ) -> Result<(telemetry::MessageSpan, Outgoing)> {
+        let inner = &self.inner;
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
         let destination = telemetry::SendDestination { entity: &name, shared: None };
         let span = inner.instruments.sending(destination, "send", &mut envelope, M::message_types());
         let outgoing = inner.outgoing(Route::Send(name), envelope)?;
-        self.release_in(span, outgoing, parent).await
+        Ok((span, outgoing))
     }
 
     /// Releases (or holds) `outgoing` with its send span current, then ends the span.

@@ -6,7 +6,8 @@
 //! 2. the endpoint's middleware, then the consumer's, in the order they were added,
 //! 3. [`Retry`] (the in-process retry policy),
 //! 4. [`Timeout`] (when the consumer has a timeout): a hung attempt becomes a failed one,
-//! 5. the consumer, whose panic is a failed attempt like an error (retried likewise).
+//! 5. the endpoint's attempt middleware (`Endpoint::attempt_middleware`), once per attempt,
+//! 6. the consumer, whose panic is a failed attempt like an error (retried likewise).
 //!
 //! Delayed redelivery, `_error` and faults happen after the pipeline, once all retries
 //! are spent (see `docs/failures.md`).

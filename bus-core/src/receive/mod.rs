@@ -55,28 +55,28 @@ pub(crate) struct Registration {
 
 impl EndpointRuntime {
     pub(crate) fn new(name: String, endpoint: Endpoint, address: String) -> Self {
-        let Endpoint { settings, middleware, consumers, .. } = endpoint;
+        let Endpoint { settings, middleware, attempt_middleware, consumers, .. } = endpoint;
         let registrations = consumers.into_iter().map(|c| Registration {
             consumer_type: c.consumer_type,
             message_type: Some(c.message_type),
             consumer: c.consumer,
             options: c.options,
         });
-        Self::with(name, address, settings, &middleware, registrations, false)
+        Self::with(name, address, settings, [&middleware, &attempt_middleware], registrations, false)
     }
 
     /// The bus's own endpoint, where responses arrive: temporary, and its one consumer
     /// takes every message.
     pub(crate) fn responses(name: String, address: String, consumer: Registration) -> Self {
         let settings = EndpointSettings { prefetch: 256, ..EndpointSettings::default() };
-        Self::with(name, address, settings, &[], std::iter::once(consumer), true)
+        Self::with(name, address, settings, [&[], &[]], std::iter::once(consumer), true)
     }
 
     fn with(
         name: String,
         address: String,
         settings: EndpointSettings,
-        middleware: &[Arc<dyn Middleware>],
+        [middleware, attempt_middleware]: [&[Arc<dyn Middleware>]; 2],
         registrations: impl Iterator<Item = Registration>,
         temporary: bool,
     ) -> Self {
@@ -96,6 +96,7 @@ impl EndpointRuntime {
             if let Some(timeout) = options.timeout {
                 stack.push(Arc::new(Timeout(timeout)));
             }
+            stack.extend(attempt_middleware.iter().cloned());
             let message_type = registration.message_type;
             consumers.push(ConsumerEntry {
                 consumer_type: registration.consumer_type,
