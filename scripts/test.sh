@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace, as CI does.
 #
-# RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) must answer: the RabbitMQ transport
-# and the Redis saga repository are tested against the real servers. This script starts
-# them when installed but stopped, and installs them with apt-get when missing.
+# RabbitMQ (127.0.0.1:5672), Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432) must
+# answer: the RabbitMQ transport, the Redis saga repository and the PostgreSQL outbox are
+# tested against the real servers. This script starts them when installed but stopped, and
+# installs them with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,8 +55,37 @@ ensure_rabbitmq() {
   log "rabbitmq answers on 127.0.0.1:5672"
 }
 
+# Tests connect as `postgres` to the database `test` (trust authentication on loopback), or
+# to DATABASE_URL when set; each test works in a schema of its own.
+ensure_postgres() {
+  if answers 5432; then log "postgresql answers on 127.0.0.1:5432"; else
+    command -v pg_ctlcluster >/dev/null || install_package postgresql pg_ctlcluster
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+    if [ -z "$version" ]; then echo "error: no PostgreSQL cluster in /etc/postgresql" >&2; exit 1; fi
+    log "starting postgresql $version"
+    pg_ctlcluster "$version" main start || true
+    wait_for_port 5432 postgresql 60
+    log "postgresql answers on 127.0.0.1:5432"
+  fi
+  if [ -z "${DATABASE_URL:-}" ] && command -v psql >/dev/null; then
+    # A fresh install has no `test` database and asks for passwords on TCP: make it as the tests expect.
+    if ! psql "postgres://postgres@127.0.0.1:5432/test" -qAtc "select 1" >/dev/null 2>&1; then
+      log "preparing the postgresql test database"
+      local hba
+      hba=$(su postgres -c "psql -qAtc 'show hba_file'" 2>/dev/null || true)
+      if [ -n "$hba" ] && ! grep -q "rust-bus tests" "$hba"; then
+        printf '# rust-bus tests\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n' | cat - "$hba" > "$hba.new" && mv "$hba.new" "$hba"
+        su postgres -c "psql -qAtc 'select pg_reload_conf()'" >/dev/null || true
+      fi
+      su postgres -c "createdb test" 2>/dev/null || true
+    fi
+  fi
+}
+
 ensure_redis
 ensure_rabbitmq
+ensure_postgres
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

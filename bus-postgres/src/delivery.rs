@@ -127,7 +127,7 @@ pub(crate) async fn deliver_batch(outbox: &PostgresOutbox) -> Result<usize> {
         "SELECT sequence_number, transaction_id, message_id, destination_kind, destination, content_type, headers,
                 body, correlation_id, expires_at
          FROM {outbox_table}
-         WHERE delivered_at IS NULL AND pg_try_advisory_xact_lock(hashtext($1), transaction_id::int4)
+         WHERE delivered_at IS NULL AND pg_try_advisory_xact_lock(hashtext($1), (transaction_id % 2147483647)::int4)
          ORDER BY sequence_number
          LIMIT $2
          FOR UPDATE SKIP LOCKED"
