@@ -129,6 +129,10 @@ AMQP_ADDR="$amqp" cargo run --quiet --example orders >/dev/null
 failures=$(AMQP_ADDR="$amqp" cargo run --quiet --example failures)
 expect_output "the failures example on RabbitMQ" "$failures" '^done: nothing lost' 'MT-Fault-Message: card gateway timed out'
 AMQP_ADDR="$amqp" REDIS_URL="redis://127.0.0.1:6379" cargo run --quiet --example order_saga >/dev/null
+outbox=$(cargo run --quiet --example outbox)
+expect_output "the outbox example" "$outbox" '^charges for order 1001: 1 '
+outbox=$(AMQP_ADDR="$amqp" cargo run --quiet --example outbox)
+expect_output "the outbox example on RabbitMQ" "$outbox" '^charges for order 1001: 1 ' 'transport: RabbitMQ'
 log "benchmark smoke run (a few hundred messages per scenario; figures are meaningless in debug)"
 cargo run --quiet -p bus-bench -- --smoke >/dev/null
 log "all checks passed"

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p bus-bench                 # everything
-//! cargo run --release -p bus-bench -- inmemory saga
+//! cargo run --release -p bus-bench -- inmemory saga outbox
 //! cargo run --release -p bus-bench -- --smoke      # a few hundred messages each (CI)
 //! cargo run --release -p bus-bench -- --chart docs/performance.svg
 //! ```
@@ -12,6 +12,7 @@
 mod inmemory;
 mod latency;
 mod memory;
+mod outbox;
 mod rabbitmq;
 mod report;
 mod saga;
@@ -32,6 +33,7 @@ pub(crate) struct Scale {
     pub(crate) rabbitmq: u64,
     pub(crate) saga_events: u64,
     pub(crate) serializer_rounds: u64,
+    pub(crate) outbox: u64,
     pub(crate) duration: Duration,
 }
 
@@ -42,6 +44,7 @@ impl Scale {
             rabbitmq: 50_000,
             saga_events: 20_000,
             serializer_rounds: 500_000,
+            outbox: 5_000,
             duration: Duration::from_secs(5),
         }
     }
@@ -52,6 +55,7 @@ impl Scale {
             rabbitmq: 300,
             saga_events: 200,
             serializer_rounds: 500,
+            outbox: 100,
             duration: Duration::from_millis(300),
         }
     }
@@ -70,7 +74,7 @@ fn main() -> Result<(), bus_core::BoxError> {
     let mut chosen: Vec<&str> =
         args.iter().map(String::as_str).filter(|a| !a.starts_with("--") && Some(*a) != chart_path).collect();
     if chosen.is_empty() || chosen.contains(&"all") {
-        chosen = vec!["serializers", "inmemory", "tracing", "rabbitmq", "latency", "saga", "memory"];
+        chosen = vec!["serializers", "inmemory", "tracing", "rabbitmq", "latency", "saga", "outbox", "memory"];
     }
     let scale = if smoke { Scale::smoke() } else { Scale::full() };
     if cfg!(debug_assertions) && !smoke {
@@ -86,10 +90,11 @@ fn main() -> Result<(), bus_core::BoxError> {
             "rabbitmq" => runtime.block_on(rabbitmq::run(scale))?,
             "saga" => runtime.block_on(saga::run(scale))?,
             "latency" => runtime.block_on(latency::run(scale))?,
+            "outbox" => runtime.block_on(outbox::run(scale))?,
             "memory" => memory::run(scale)?,
             other => {
                 return Err(format!(
-                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, memory, all"
+                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, outbox, memory, all"
                 )
                 .into())
             }
