@@ -294,5 +294,10 @@ pub(crate) async fn cleanup(outbox: &PostgresOutbox) -> Result<(u64, u64)> {
     .await
     .map_err(database("clean up the inbox"))?
     .rows_affected();
+    // Finalized instances kept for messages that never left, past their keeping time.
+    sqlx::query(&format!("DELETE FROM {} WHERE expires_at <= now()", inner.tables.sagas))
+        .execute(&inner.pool)
+        .await
+        .map_err(database("clean up expired saga instances"))?;
     Ok((outbox_rows, inbox_rows))
 }

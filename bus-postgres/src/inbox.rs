@@ -8,7 +8,7 @@ use bus_core::middleware::{Middleware, Next};
 use bus_core::{ConsumeError, ConsumeErrorKind, ReceiveContext};
 use futures::future::BoxFuture;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 use crate::error::{database, Error, Result};
 use crate::outbox::Store;
@@ -98,7 +98,11 @@ impl PostgresInbox {
         let shared = InboxTransaction(Arc::new(Mutex::new(Some(tx))));
         let mut attempt = ctx.clone();
         attempt.insert_payload(shared.clone());
-        let result = next.run(attempt).await;
+        // What the consume produces is stored with its state: a saga may finalize in this
+        // transaction rather than wait for its messages to leave.
+        attempt.insert_payload(bus_core::middleware::DurableOutbox);
+        // Reachable from the whole attempt (a saga repository finds it here).
+        let result = CURRENT.scope(shared.clone(), next.run(attempt)).await;
         // The consumer is done with it (a task it left running no longer gets it).
         let tx = shared.0.lock().await.take();
         let held = ctx.take_held();
@@ -134,6 +138,19 @@ impl Middleware for PostgresInbox {
 fn failed(error: Error) -> ConsumeError {
     let kind = if error.is_transient() { ConsumeErrorKind::Failed } else { ConsumeErrorKind::Permanent };
     ConsumeError::new(kind, "PostgresException", error)
+}
+
+tokio::task_local! {
+    /// The inbox transaction of the attempt running on this task.
+    static CURRENT: InboxTransaction;
+}
+
+/// The inbox transaction of the attempt running on this task, locked, when there is one and
+/// it is still open.
+pub(crate) async fn current_transaction() -> Option<OwnedMutexGuard<Option<Transaction<'static, Postgres>>>> {
+    let shared = CURRENT.try_with(|current| current.0.clone()).ok()?;
+    let guard = shared.lock_owned().await;
+    guard.is_some().then_some(guard)
 }
 
 /// The database transaction of an inbox attempt, as the consumer finds it in its context.

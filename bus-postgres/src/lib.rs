@@ -10,6 +10,8 @@
 //!   twice; what the consumer produces goes out through the outbox, with its writes.
 //! - Cleanup: delivered outbox rows and inbox rows older than the duplicate window (30
 //!   minutes by default, as MassTransit's) are removed in the background.
+//! - [`PostgresSagaRepository`]: saga instances as `jsonb` with a version, optimistic or
+//!   pessimistic, written in the inbox's transaction with the messages of their transition.
 //! - [`PostgresOutbox::migrate`] creates the tables, in a schema of your choice.
 //!
 //! Delivery is at least once: a delivery service that dies between the transport taking a
@@ -23,10 +25,12 @@ mod delivery;
 mod error;
 mod inbox;
 mod outbox;
+mod saga;
 mod schema;
 
 pub use delivery::DeliveryService;
 pub use error::{Error, Result};
 pub use inbox::{transaction, InboxTransaction, PostgresInbox, TransactionGuard};
 pub use outbox::PostgresOutbox;
+pub use saga::PostgresSagaRepository;
 pub use schema::PostgresOptions;

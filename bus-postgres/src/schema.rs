@@ -19,6 +19,7 @@ pub struct PostgresOptions {
     schema: String,
     outbox_table: String,
     inbox_table: String,
+    saga_table: String,
     /// How often the delivery service looks for messages when no notification wakes it.
     pub(crate) poll_interval: Duration,
     /// How many messages the delivery service claims at once.
@@ -37,6 +38,7 @@ impl Default for PostgresOptions {
             schema: "bus".to_owned(),
             outbox_table: "outbox_messages".to_owned(),
             inbox_table: "inbox_messages".to_owned(),
+            saga_table: "saga_instances".to_owned(),
             poll_interval: Duration::from_secs(1),
             batch_size: 100,
             duplicate_window: Duration::from_secs(30 * 60),
@@ -76,6 +78,12 @@ impl PostgresOptions {
         self
     }
 
+    /// The saga instances table's name (default `saga_instances`).
+    pub fn saga_table(mut self, name: impl Into<String>) -> Self {
+        self.saga_table = name.into();
+        self
+    }
+
     /// How often the delivery service looks for messages when no notification wakes it
     /// (default 1 s): a fallback, since each commit that wrote a message notifies it.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
@@ -104,7 +112,7 @@ impl PostgresOptions {
 
     /// The names, checked, quoted and ready for statements.
     pub(crate) fn tables(&self) -> Result<Tables> {
-        for name in [&self.schema, &self.outbox_table, &self.inbox_table] {
+        for name in [&self.schema, &self.outbox_table, &self.inbox_table, &self.saga_table] {
             let mut chars = name.chars();
             let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -122,6 +130,7 @@ impl PostgresOptions {
             schema: format!("\"{}\"", self.schema),
             outbox: format!("\"{}\".\"{}\"", self.schema, self.outbox_table),
             inbox: format!("\"{}\".\"{}\"", self.schema, self.inbox_table),
+            sagas: format!("\"{}\".\"{}\"", self.schema, self.saga_table),
             channel: format!("{}_{}", self.schema, self.outbox_table),
         }
     }
@@ -133,13 +142,14 @@ pub(crate) struct Tables {
     pub(crate) schema: String,
     pub(crate) outbox: String,
     pub(crate) inbox: String,
+    pub(crate) sagas: String,
     pub(crate) channel: String,
 }
 
 impl Tables {
     /// The statements that create the schema and its tables, idempotently.
     pub(crate) fn migrations(&self) -> Vec<String> {
-        let Tables { schema, outbox, inbox, .. } = self;
+        let Tables { schema, outbox, inbox, sagas, .. } = self;
         vec![
             format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
             // One row per message; `sequence_number` orders them, `transaction_id` groups the
@@ -179,6 +189,20 @@ impl Tables {
                 )"
             ),
             format!("CREATE INDEX IF NOT EXISTS \"{}_inbox_consumed\" ON {inbox} (consumed_at)", self.channel),
+            // One row per saga instance; `expires_at` is set on a finalized instance kept
+            // until the messages of its last transition have left.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {sagas} (
+                    saga TEXT NOT NULL,
+                    correlation_id UUID NOT NULL,
+                    current_state TEXT NOT NULL,
+                    version BIGINT NOT NULL,
+                    instance JSONB NOT NULL,
+                    expires_at TIMESTAMPTZ,
+                    PRIMARY KEY (saga, correlation_id)
+                )"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS \"{}_saga_state\" ON {sagas} (saga, current_state)", self.channel),
         ]
     }
 }

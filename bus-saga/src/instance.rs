@@ -78,14 +78,18 @@ pub struct StoredMessage {
 }
 
 /// The names the instance itself takes in its JSON.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 const RESERVED: [&str; 4] = ["correlationId", "currentState", "version", "appliedEvents"];
 
 /// Checks that the state's own fields do not collide with the instance's when stored as one
 /// JSON object (they would: two `version` keys, say, and the stored instance would not load).
 /// For the repositories that store it so.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) fn check_fields<S: Serialize>(data: &S) -> crate::Result<()> {
+///
+/// ```
+/// #[derive(serde::Serialize)]
+/// struct Bad { version: u32 }
+/// assert!(bus_saga::check_state_fields(&Bad { version: 1 }).is_err());
+/// ```
+pub fn check_state_fields<S: Serialize>(data: &S) -> crate::Result<()> {
     if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(data) {
         if let Some(reserved) = RESERVED.into_iter().find(|name| fields.contains_key(*name)) {
             return Err(crate::Error::ReservedField(reserved));

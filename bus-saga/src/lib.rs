@@ -76,7 +76,7 @@ use serde::Serialize;
 
 pub use activities::{when, EventActivities, Produced, ProducedKind};
 pub use error::{Error, Result};
-pub use instance::{AppliedEvent, SagaInstance, StoredMessage, FINAL, INITIAL};
+pub use instance::{check_state_fields, AppliedEvent, SagaInstance, StoredMessage, FINAL, INITIAL};
 pub use machine::{
     MissingHandler, MissingInstance, Outcome, StateMachine, StateMachineBuilder, Transition, TransitionRecord,
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_KEEP_FINALIZED_FOR,

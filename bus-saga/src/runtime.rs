@@ -215,8 +215,10 @@ impl<S: SagaData> SagaRuntime<S> {
                 }
             }
             // An instance finalized by an event that produced messages is kept until they have
-            // left, so that the event, delivered again, can still send them.
-            let finalizing = transition.outcome == Outcome::Completed && !transition.produced.is_empty();
+            // left, so that the event, delivered again, can still send them; unless they are
+            // stored durably with it (a database outbox), in one transaction with its deletion.
+            let durable = ctx.payload::<bus_core::middleware::DurableOutbox>().is_some();
+            let finalizing = transition.outcome == Outcome::Completed && !transition.produced.is_empty() && !durable;
             // Saved with the state, so that this event, delivered again, finds what it sent.
             // (Only a state that is stored keeps it: not one ignored, missing or deleted.)
             let stored = matches!(transition.outcome, Outcome::Created | Outcome::Updated) || finalizing;

@@ -37,6 +37,14 @@ pub use timeout::Timeout;
 use crate::consumer::ErasedConsumer;
 use crate::{ConsumeError, ReceiveContext};
 
+/// A payload (see [`ReceiveContext::insert_payload`]) that attempt middleware sets when it
+/// stores what the consume produces durably with the consume's own writes, in one
+/// transaction (a database outbox): the messages cannot be lost once the attempt succeeds.
+/// A saga then deletes a finalized instance in that transaction, rather than keeping it
+/// until its last messages have left.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DurableOutbox;
+
 /// The text a panic was raised with.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic

@@ -149,7 +149,7 @@ impl<S> RedisSagaRepository<S> {
 }
 
 fn to_json<S: Serialize>(instance: &SagaInstance<S>) -> Result<String> {
-    crate::instance::check_fields(&instance.data)?;
+    crate::instance::check_state_fields(&instance.data)?;
     serde_json::to_string(instance).map_err(|source| Error::Serialization { id: instance.correlation_id, source })
 }
 
