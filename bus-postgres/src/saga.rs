@@ -22,8 +22,9 @@ use crate::PostgresOptions;
 ///   concurrent change makes it a conflict, and the saga runs the event again on fresh state
 ///   (as with the Redis repository).
 /// - **Pessimistic mode** ([`pessimistic`](Self::pessimistic)): on an endpoint with the
-///   [`PostgresInbox`](crate::PostgresInbox), each event first takes a lock on its instance
-///   for the rest of the inbox's transaction, so events of one instance run one at a time.
+///   [`PostgresInbox`](crate::PostgresInbox), each event first locks its instance's row
+///   (`SELECT ... FOR UPDATE`; an advisory lock on the id when the instance does not exist
+///   yet) for the rest of the inbox's transaction, so events of one instance run one at a time.
 /// - **Atomic with the messages**: on an endpoint with the inbox, the instance is written in
 ///   the inbox's transaction, with the inbox record and the messages the transition produced
 ///   (written to the outbox): all commit together, or none does. A transition that finalizes
@@ -295,12 +296,20 @@ impl<S: SagaData> SagaRepository<S> for PostgresSagaRepository<S> {
             return Ok(false);
         };
         let Some(tx) = guard.as_deref_mut() else { return Ok(false) };
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
-            .bind(&*self.saga)
-            .bind(id.to_string())
-            .execute(tx)
-            .await
-            .map_err(repository_error)?;
+        // The instance's row, for the rest of the transaction; and, for an instance not
+        // created yet, a lock on its id, so that its initiating events wait for each other too.
+        let row =
+            format!("SELECT 1 FROM {} WHERE saga = $1 AND correlation_id = $2 FOR UPDATE", self.store.tables.sagas);
+        let locked =
+            sqlx::query(&row).bind(&*self.saga).bind(id).fetch_optional(&mut *tx).await.map_err(repository_error)?;
+        if locked.is_none() {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+                .bind(&*self.saga)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(repository_error)?;
+        }
         Ok(true)
     }
 
