@@ -82,15 +82,22 @@ impl ReceiveContext {
     ///
     /// ```
     /// use bus_core::middleware::{from_fn, Next};
-    /// use bus_core::ReceiveContext;
-    /// #[derive(Debug)]
+    /// use bus_core::{ConsumeContext, Endpoint, Message, ReceiveContext};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:Ping")]
+    /// # struct Ping;
     /// struct Tenant(String);
-    /// let middleware = from_fn(|mut ctx: ReceiveContext, next: Next| async move {
-    ///     ctx.insert_payload(Tenant("acme".into()));
-    ///     next.run(ctx).await
-    /// });
-    /// # drop(middleware);
-    /// // In the consumer: `ctx.payload::<Tenant>()`.
+    /// let endpoint = Endpoint::new("tenants")
+    ///     .middleware(from_fn(|mut ctx: ReceiveContext, next: Next| async move {
+    ///         ctx.insert_payload(Tenant("acme".into()));
+    ///         next.run(ctx).await
+    ///     }))
+    ///     .handler(|ctx: ConsumeContext<Ping>| async move {
+    ///         let tenant = ctx.payload::<Tenant>().map(|t| t.0.as_str());
+    ///         assert_eq!(tenant, Some("acme"));
+    ///         Ok(())
+    ///     });
+    /// # drop(endpoint);
     /// ```
     #[doc(alias = "GetOrAddPayload")]
     pub fn insert_payload<T: Any + Send + Sync>(&mut self, value: T) {

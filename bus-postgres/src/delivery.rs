@@ -276,24 +276,20 @@ async fn cleanup_loop(outbox: PostgresOutbox, stop: CancellationToken) {
 pub(crate) async fn cleanup(outbox: &PostgresOutbox) -> Result<(u64, u64)> {
     let inner = &outbox.store;
     let window = inner.options.duplicate_window.as_secs_f64();
-    let outbox_rows = sqlx::query(&format!(
-        "DELETE FROM {} WHERE delivered_at < now() - make_interval(secs => $1)",
-        inner.tables.outbox
-    ))
-    .bind(window)
-    .execute(&inner.pool)
-    .await
-    .map_err(database("clean up the outbox"))?
-    .rows_affected();
-    let inbox_rows = sqlx::query(&format!(
-        "DELETE FROM {} WHERE consumed_at < now() - make_interval(secs => $1)",
-        inner.tables.inbox
-    ))
-    .bind(window)
-    .execute(&inner.pool)
-    .await
-    .map_err(database("clean up the inbox"))?
-    .rows_affected();
+    let older =
+        |table: &str, column: &str| format!("DELETE FROM {table} WHERE {column} < now() - make_interval(secs => $1)");
+    let outbox_rows = sqlx::query(&older(&inner.tables.outbox, "delivered_at"))
+        .bind(window)
+        .execute(&inner.pool)
+        .await
+        .map_err(database("clean up the outbox"))?
+        .rows_affected();
+    let inbox_rows = sqlx::query(&older(&inner.tables.inbox, "consumed_at"))
+        .bind(window)
+        .execute(&inner.pool)
+        .await
+        .map_err(database("clean up the inbox"))?
+        .rows_affected();
     // Finalized instances kept for messages that never left, past their keeping time.
     sqlx::query(&format!("DELETE FROM {} WHERE expires_at <= now()", inner.tables.sagas))
         .execute(&inner.pool)
