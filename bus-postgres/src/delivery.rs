@@ -61,7 +61,7 @@ async fn deliver_loop(outbox: PostgresOutbox, stop: CancellationToken) {
         }
         let pause = match deliver_batch(&outbox).await {
             // A full batch: more may be waiting.
-            Ok(count) if count as i64 >= inner.options.batch_size => {
+            Ok(count) if count as i64 >= inner.options.batch_size && !stop.is_cancelled() => {
                 backoff = FIRST_BACKOFF;
                 continue;
             }
@@ -79,10 +79,12 @@ async fn deliver_loop(outbox: PostgresOutbox, stop: CancellationToken) {
         let woken = async {
             match (pause, listener.as_mut()) {
                 (Some(pause), _) => tokio::time::sleep(pause).await,
-                (None, Some(listener)) => {
-                    if let Ok(Err(error)) = tokio::time::timeout(inner.options.poll_interval, listener.recv()).await {
-                        // The listener reconnects by itself on its next `recv`; polling meanwhile.
+                (None, Some(active)) => {
+                    if let Ok(Err(error)) = tokio::time::timeout(inner.options.poll_interval, active.recv()).await {
+                        // Listened for again after a poll interval; polling meanwhile.
                         tracing::debug!(error = %chain(&error), "outbox notifications interrupted");
+                        listener = None;
+                        tokio::time::sleep(inner.options.poll_interval).await;
                     }
                 }
                 (None, None) => tokio::time::sleep(inner.options.poll_interval).await,
@@ -204,7 +206,8 @@ async fn deliver_group(outbox: &PostgresOutbox, group: Vec<Claimed>) -> GroupRes
         };
         match outbox.bus.deliver(prepared).await {
             Ok(()) => result.delivered.push(claimed.sequence_number),
-            Err(error) if error.is_transient() => {
+            // The bus stopped (or its transport closed under it): not the message's fault.
+            Err(error) if error.is_transient() || matches!(error, bus_core::Error::Stopped) => {
                 result.transient = Some(Error::Bus { operation: "deliver an outbox message", source: error });
                 break;
             }

@@ -35,7 +35,7 @@ pub enum Error {
         reason: String,
     },
     /// A name given for the schema or a table is not a plain SQL identifier.
-    #[error("`{0}` is not a valid schema or table name (letters, digits and `_`, not starting with a digit)")]
+    #[error("`{0}` is not a valid schema or table name (letters, digits and `_`, not starting with a digit; schema and outbox table 48 bytes together at most)")]
     InvalidName(String),
     /// The consumer asked for the inbox's transaction outside an inbox, or after it ended.
     #[error("no inbox transaction here: the endpoint has no PostgreSQL inbox, or the attempt is over")]
@@ -57,8 +57,22 @@ impl Error {
 /// failure or a deadlock, not a refused statement.
 pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40001" | "40P01" | "57P01" | "53300")),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (08), transaction rollbacks (40: serialization, deadlock),
+        // insufficient resources (53), operator intervention (57P0x: shutdown, restart,
+        // starting up), lock not available, statement timeout, read-only after a failover.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || code.starts_with("40")
+                || code.starts_with("53")
+                || code.starts_with("57P0")
+                || matches!(&*code, "55P03" | "57014" | "25006")
+        }),
         _ => false,
     }
 }

@@ -17,8 +17,9 @@ use crate::PostgresOptions;
 /// A PostgreSQL inbox (MassTransit's Entity Framework inbox), as middleware for
 /// [`Endpoint::attempt_middleware`](bus_core::Endpoint::attempt_middleware): each attempt at
 /// a message runs in a database transaction that
-/// - records `(endpoint, message id)`: a message whose id is recorded already is acknowledged
-///   without running the consumer;
+/// - records `(endpoint, consumer, message id)`: a message whose id is recorded already for
+///   this consumer is acknowledged without running it (each consumer of an endpoint keeps
+///   its own record);
 /// - the consumer uses for its own writes, through [`transaction`];
 /// - holds what the consumer publishes or sends, written to the outbox and delivered once the
 ///   transaction commits.
@@ -33,9 +34,10 @@ use crate::PostgresOptions;
 /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
 /// # #[message(urn = "urn:message:Shop:OrderPlaced")]
 /// # struct OrderPlaced { order_id: i64 }
-/// # fn billing(outbox: &bus_postgres::PostgresOutbox) -> Endpoint {
-/// Endpoint::new("billing")
-///     .attempt_middleware(outbox.inbox())
+/// # async fn billing() -> Result<(), bus_core::BoxError> {
+/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/test").await?;
+/// let billing = Endpoint::new("billing")
+///     .attempt_middleware(bus_postgres::PostgresInbox::new(pool))
 ///     .handler(|ctx: ConsumeContext<OrderPlaced>| async move {
 ///         let mut db = bus_postgres::transaction(&ctx).await?;
 ///         sqlx::query("INSERT INTO charges (order_id) VALUES ($1)")
@@ -43,8 +45,10 @@ use crate::PostgresOptions;
 ///             .execute(&mut *db)
 ///             .await?;
 ///         Ok(())
-///     })
-/// # }
+///     });
+/// # drop(billing);
+/// # Ok(()) }
+/// # drop(billing());
 /// ```
 #[derive(Debug, Clone)]
 pub struct PostgresInbox {
@@ -69,8 +73,10 @@ impl PostgresInbox {
     }
 
     pub(crate) fn on(store: Arc<Store>) -> Self {
-        let insert =
-            format!("INSERT INTO {} (endpoint, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", store.tables.inbox);
+        let insert = format!(
+            "INSERT INTO {} (endpoint, consumer, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            store.tables.inbox
+        );
         PostgresInbox { store, insert: insert.into() }
     }
 
@@ -85,6 +91,7 @@ impl PostgresInbox {
         // Blocks while another attempt at the same message holds its row, then finds it.
         let recorded = sqlx::query(&self.insert)
             .bind(ctx.endpoint_name())
+            .bind(ctx.consumer_type())
             .bind(message_id)
             .execute(&mut *tx)
             .await
@@ -134,15 +141,27 @@ impl Middleware for PostgresInbox {
     }
 }
 
-/// A failed attempt for a database error: retried by the endpoint's policy when it may heal.
+/// A failed attempt for a database error. Retried by the endpoint's policy, whatever its
+/// kind: a database restarting or failing over answers with errors of many kinds, and one
+/// that does not heal ends in `_error` once the retries and redeliveries are spent. Only the
+/// inbox's own misuse (no transaction) is permanent.
 fn failed(error: Error) -> ConsumeError {
-    let kind = if error.is_transient() { ConsumeErrorKind::Failed } else { ConsumeErrorKind::Permanent };
+    let kind = match error {
+        Error::NoTransaction | Error::InvalidName(_) => ConsumeErrorKind::Permanent,
+        _ => ConsumeErrorKind::Failed,
+    };
     ConsumeError::new(kind, "PostgresException", error)
 }
 
 tokio::task_local! {
     /// The inbox transaction of the attempt running on this task.
     static CURRENT: InboxTransaction;
+}
+
+/// Whether an inbox attempt runs on this task: what is written through
+/// [`current_transaction`] commits with its inbox record and its messages.
+pub(crate) fn in_inbox_attempt() -> bool {
+    CURRENT.try_with(|_| ()).is_ok()
 }
 
 /// The inbox transaction of the attempt running on this task, locked, when there is one and

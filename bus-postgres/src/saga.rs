@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
-use crate::inbox::current_transaction;
+use crate::inbox::{current_transaction, in_inbox_attempt};
 use crate::outbox::Store;
 use crate::PostgresOptions;
 
@@ -311,6 +311,11 @@ impl<S: SagaData> SagaRepository<S> for PostgresSagaRepository<S> {
                 .map_err(repository_error)?;
         }
         Ok(true)
+    }
+
+    fn writes_with_durable_outbox(&self) -> bool {
+        // In an inbox attempt, every statement here runs in its transaction.
+        in_inbox_attempt()
     }
 
     async fn unlock(&self, _id: Uuid, _token: String) -> bus_saga::Result<()> {

@@ -112,6 +112,11 @@ impl PostgresOptions {
 
     /// The names, checked, quoted and ready for statements.
     pub(crate) fn tables(&self) -> Result<Tables> {
+        // The notification channel and the index names join the schema and the outbox
+        // table's name; PostgreSQL cuts identifiers at 63 bytes.
+        if self.schema.len() + self.outbox_table.len() > 48 {
+            return Err(Error::InvalidName(format!("{}.{}", self.schema, self.outbox_table)));
+        }
         for name in [&self.schema, &self.outbox_table, &self.inbox_table, &self.saga_table] {
             let mut chars = name.chars();
             let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -183,9 +188,10 @@ impl Tables {
             format!(
                 "CREATE TABLE IF NOT EXISTS {inbox} (
                     endpoint TEXT NOT NULL,
+                    consumer TEXT NOT NULL,
                     message_id UUID NOT NULL,
                     consumed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                    PRIMARY KEY (endpoint, message_id)
+                    PRIMARY KEY (endpoint, consumer, message_id)
                 )"
             ),
             format!("CREATE INDEX IF NOT EXISTS \"{}_inbox_consumed\" ON {inbox} (consumed_at)", self.channel),

@@ -29,6 +29,7 @@ pub(crate) trait DynRepository<S>: Send + Sync {
     ) -> BoxFuture<'a, Result<()>>;
     fn lock<'a>(&'a self, id: Uuid, token: &'a str) -> BoxFuture<'a, Result<bool>>;
     fn unlock(&self, id: Uuid, token: String) -> BoxFuture<'_, Result<()>>;
+    fn writes_with_durable_outbox(&self) -> bool;
 }
 
 impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
@@ -57,6 +58,9 @@ impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
     }
     fn unlock(&self, id: Uuid, token: String) -> BoxFuture<'_, Result<()>> {
         Box::pin(SagaRepository::unlock(self, id, token))
+    }
+    fn writes_with_durable_outbox(&self) -> bool {
+        SagaRepository::writes_with_durable_outbox(self)
     }
 }
 
@@ -217,7 +221,8 @@ impl<S: SagaData> SagaRuntime<S> {
             // An instance finalized by an event that produced messages is kept until they have
             // left, so that the event, delivered again, can still send them; unless they are
             // stored durably with it (a database outbox), in one transaction with its deletion.
-            let durable = ctx.payload::<bus_core::middleware::DurableOutbox>().is_some();
+            let durable = ctx.payload::<bus_core::middleware::DurableOutbox>().is_some()
+                && self.repository.writes_with_durable_outbox();
             let finalizing = transition.outcome == Outcome::Completed && !transition.produced.is_empty() && !durable;
             // Saved with the state, so that this event, delivered again, finds what it sent.
             // (Only a state that is stored keeps it: not one ignored, missing or deleted.)

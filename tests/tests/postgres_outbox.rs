@@ -247,7 +247,8 @@ async fn cleanup_removes_only_rows_older_than_the_window() {
         ("now() - interval '29 minutes'", uuid::Uuid::now_v7()),
     ] {
         sqlx::query(&format!(
-            "INSERT INTO \"{name}\".inbox_messages (endpoint, message_id, consumed_at) VALUES ('billing', $1, {consumed})"
+            "INSERT INTO \"{name}\".inbox_messages (endpoint, consumer, message_id, consumed_at)
+             VALUES ('billing', 'charge', $1, {consumed})"
         ))
         .bind(id)
         .execute(&schema.pool)
@@ -264,4 +265,58 @@ async fn cleanup_removes_only_rows_older_than_the_window() {
     assert_eq!(left, ["pending", "recent"], "a recent delivered row and an undelivered one stay");
     assert_eq!(count(&schema, "SELECT count(*) FROM \"{schema}\".inbox_messages").await, 1);
     schema.remove().await;
+}
+
+#[tokio::test]
+async fn two_consumers_of_one_message_each_consume_it_once_through_the_inbox() {
+    let schema = TestSchema::create("inbox-two").await;
+    charges_table(&schema).await;
+    let options = PostgresOptions::new().schema(&schema.name);
+    let inbox = PostgresInbox::with_options(schema.pool.clone(), options).expect("inbox");
+    let insert = format!("INSERT INTO \"{}\".charges (order_id) VALUES ($1)", schema.name);
+    let charge = |offset: i64| {
+        let insert = insert.clone();
+        move |ctx: ConsumeContext<OrderPlaced>| {
+            let insert = insert.clone();
+            async move {
+                let mut db = bus_postgres::transaction(&ctx).await?;
+                sqlx::query(&insert).bind(ctx.message().order + offset).execute(&mut *db).await?;
+                Ok(())
+            }
+        }
+    };
+    let endpoint =
+        Endpoint::new(format!("two-{}", schema.name)).attempt_middleware(inbox).handler(charge(0)).consumer(Audit);
+    let harness = InMemoryTestHarness::start(move |b| b.endpoint(endpoint)).await.expect("harness");
+    let outbox = outbox(&schema, harness.bus()).await;
+    let id = uuid::Uuid::now_v7();
+    for _ in 0..2 {
+        harness
+            .bus()
+            .publish_with(OrderPlaced { order: 5, step: 0 }, SendOptions::new().message_id(id))
+            .await
+            .expect("publish");
+    }
+    // Two consumers, two deliveries: four acknowledged consumes, two of them duplicates.
+    harness.consumed().wait_for::<OrderPlaced>(4, WAIT).await.expect("every consume acknowledged");
+    harness.stop().await.expect("stop");
+    drop(outbox);
+    assert_eq!(count(&schema, "SELECT count(*) FROM \"{schema}\".charges").await, 2, "each consumer charged once");
+    assert_eq!(count(&schema, "SELECT count(*) FROM \"{schema}\".inbox_messages").await, 2, "one record per consumer");
+    schema.remove().await;
+}
+
+/// A second consumer of `OrderPlaced`: writes its own row, offset so that it is told apart.
+struct Audit;
+
+impl bus_core::Consumer<OrderPlaced> for Audit {
+    async fn consume(&self, ctx: ConsumeContext<OrderPlaced>) -> Result<(), BoxError> {
+        let schema = ctx.endpoint_name().trim_start_matches("two-").to_owned();
+        let mut db = bus_postgres::transaction(&ctx).await?;
+        sqlx::query(&format!("INSERT INTO \"{schema}\".charges (order_id) VALUES ($1)"))
+            .bind(ctx.message().order + 1000)
+            .execute(&mut *db)
+            .await?;
+        Ok(())
+    }
 }

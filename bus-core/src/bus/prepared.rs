@@ -65,7 +65,9 @@ impl Bus {
 
     /// Hands a prepared message to the transport. Resolves when the transport has taken it
     /// (on RabbitMQ: confirmed it); its message id is the one it was prepared with.
+    /// Fails with [`Error::Stopped`](crate::Error::Stopped) once the bus has stopped.
     pub async fn deliver(&self, prepared: PreparedMessage) -> Result<()> {
+        self.inner.ensure_not_stopped()?;
         let PreparedMessage { destination, message } = prepared;
         let route = match destination {
             PreparedDestination::Publish(types) => Route::Publish(MessageTypes::Owned(types)),

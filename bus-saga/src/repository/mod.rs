@@ -56,6 +56,14 @@ pub trait SagaRepository<S>: Send + Sync + 'static {
         }
     }
 
+    /// Whether what this repository writes now commits in one transaction with the messages
+    /// the consume produces (a database outbox: see `bus_core::middleware::DurableOutbox`).
+    /// Then a finalized instance is deleted in that transaction rather than kept until its
+    /// messages have left. The default: no.
+    fn writes_with_durable_outbox(&self) -> bool {
+        false
+    }
+
     /// Takes an exclusive lock on the instance for pessimistic concurrency, held with
     /// `token`; `false` when the repository does not lock (the default: optimistic only).
     ///
