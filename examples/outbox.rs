@@ -41,7 +41,9 @@ const WAIT: Duration = Duration::from_secs(10);
 async fn main() -> Result<(), BoxError> {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let pool = PgPool::connect(&url).await.map_err(|e| format!("PostgreSQL does not answer at {url}: {e}"))?;
-    let schema = format!("outbox_example_{}", uuid::Uuid::now_v7().simple());
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    // Short: PostgreSQL cuts the names made from it at 63 bytes.
+    let schema = format!("outbox_example_{}", &id[id.len() - 12..]);
     let result = match std::env::var("AMQP_ADDR") {
         Ok(address) => {
             let transport = bus_rabbitmq::RabbitMqTransport::connect(&address).await?;
