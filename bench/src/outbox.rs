@@ -155,7 +155,9 @@ async fn latency(
 
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&database_url()).await?;
-    let schema = format!("bench_outbox_{}", uuid::Uuid::now_v7().simple());
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    // Short: PostgreSQL cuts the names made from it at 63 bytes.
+    let schema = format!("bench_outbox_{}", &id[id.len() - 12..]);
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\"")).execute(&pool).await?;
     sqlx::query(&format!("CREATE TABLE \"{schema}\".orders (id BIGINT PRIMARY KEY, note TEXT NOT NULL)"))
         .execute(&pool)
