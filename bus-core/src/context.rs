@@ -217,7 +217,7 @@ impl ReceiveContext {
         ReceiveContext { outbox: Outbox::new(false), ..self.clone() }
     }
 
-    fn parent(&self) -> Parent<'_> {
+    pub(crate) fn parent(&self) -> Parent<'_> {
         Parent { envelope: &self.state.envelope, source_address: &self.state.endpoint.address, outbox: &self.outbox }
     }
 

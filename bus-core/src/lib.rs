@@ -59,6 +59,7 @@ mod observer;
 mod outbox;
 mod receive;
 mod redelivery;
+mod scheduling;
 pub mod serializer;
 mod stalled_moves;
 pub mod sync;
@@ -85,6 +86,7 @@ pub use host::HostInfo;
 pub use message::Message;
 pub use observer::BusObserver;
 pub use redelivery::RedeliveryPolicy;
+pub use scheduling::{DueTime, MessageScheduler, ScheduledMessage};
 pub use transport::{
     Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, Subscription, Transport, TransportMessage,
 };

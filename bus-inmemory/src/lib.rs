@@ -30,8 +30,10 @@
 mod error;
 mod harness;
 mod queue;
+mod scheduler;
 mod transport;
 
 pub use error::{Error, Result};
 pub use harness::InMemoryTestHarness;
+pub use scheduler::InMemoryScheduler;
 pub use transport::{InMemoryOptions, InMemoryTransport};

@@ -10,6 +10,7 @@ use crate::instrumentation::Instrumentation;
 use crate::middleware::SendMiddleware;
 use crate::observer::BusObserver;
 use crate::receive::{EndpointRuntime, Registration};
+use crate::scheduling::MessageScheduler;
 use crate::serializer::Serializers;
 use crate::telemetry::BusMetrics;
 use crate::{DefaultEndpointNameFormatter, EndpointNameFormatter, Error, HostInfo, Result, Transport};
@@ -24,6 +25,7 @@ pub struct BusBuilder {
     serializers: Serializers,
     observers: Vec<Arc<dyn BusObserver>>,
     send_middleware: Vec<Arc<dyn SendMiddleware>>,
+    scheduler: Option<Arc<dyn MessageScheduler>>,
     metrics: Option<BusMetrics>,
     tracer: Option<crate::telemetry::BusTracer>,
     formatter: Arc<dyn EndpointNameFormatter>,
@@ -51,6 +53,7 @@ impl BusBuilder {
             serializers: Serializers::default(),
             observers: Vec::new(),
             send_middleware: Vec::new(),
+            scheduler: None,
             metrics: None,
             tracer: None,
             formatter: Arc::new(DefaultEndpointNameFormatter),
@@ -107,6 +110,13 @@ impl BusBuilder {
     /// Adds a step every outgoing message goes through (see [`SendMiddleware`]).
     pub fn send_middleware(mut self, middleware: impl SendMiddleware) -> Self {
         self.send_middleware.push(Arc::new(middleware));
+        self
+    }
+
+    /// Where scheduled messages wait until they are due ([`Bus::schedule_send`]); the bus runs
+    /// it from [`Bus::start`] to [`Bus::stop`].
+    pub fn scheduler(mut self, scheduler: impl MessageScheduler) -> Self {
+        self.scheduler = Some(Arc::new(scheduler));
         self
     }
 
@@ -230,6 +240,7 @@ impl BusBuilder {
                     system,
                 ),
                 send_middleware: self.send_middleware,
+                scheduler: self.scheduler,
                 destinations: std::sync::RwLock::default(),
                 address,
                 responses,

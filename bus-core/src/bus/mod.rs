@@ -3,6 +3,7 @@
 mod builder;
 mod prepared;
 mod request;
+mod schedule;
 mod send;
 
 use crate::logged::chain;
@@ -84,6 +85,8 @@ pub(crate) struct BusInner {
     pub(crate) serializers: Serializers,
     pub(crate) host: Arc<HostInfo>,
     pub(crate) send_middleware: Vec<Arc<dyn SendMiddleware>>,
+    /// Where scheduled messages wait, when the bus has one.
+    pub(crate) scheduler: Option<Arc<dyn crate::scheduling::MessageScheduler>>,
     /// Spans, metrics, logs and observers.
     pub(crate) instruments: Instrumentation,
     /// Per published message type: the name it is published under, and its address. (foldhash: looked up on
@@ -117,6 +120,8 @@ struct Running {
     loops: Vec<JoinHandle<()>>,
     /// Each endpoint's health, as its subscription reports it (in the order of `endpoints`).
     health: Vec<HealthProbe>,
+    /// The scheduler's delivery task, and what stops it.
+    scheduler: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 type HealthProbe = Box<dyn Fn() -> EndpointHealth + Send + Sync>;
@@ -126,6 +131,10 @@ impl Running {
     /// them, and waits one more timeout at most), and only then stops the response endpoint,
     /// so that consumers finishing meanwhile still get the responses to their requests.
     async fn shut_down(mut self, inner: &BusInner) {
+        if let Some((stop, task)) = self.scheduler.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
         self.stop_taking.cancel();
         // loops[0] is the response endpoint: it runs until the consumers are done.
         let endpoints = self.loops.split_off(1.min(self.loops.len()));
@@ -246,7 +255,9 @@ impl Bus {
             let (stream, probe) = match started.await {
                 Ok(subscription) => subscription.into_parts(),
                 Err(error) => {
-                    Running { stop_taking, stop_responses, cancel, tracker, loops, health }.shut_down(inner).await;
+                    let running =
+                        Running { stop_taking, stop_responses, cancel, tracker, loops, health, scheduler: None };
+                    running.shut_down(inner).await;
                     inner.state.store(before, Ordering::Release);
                     return Err(error);
                 }
@@ -255,7 +266,11 @@ impl Bus {
             loops.push(tokio::spawn(run));
             health.push(probe);
         }
-        *running = Some(Running { stop_taking, stop_responses, cancel, tracker, loops, health });
+        let scheduler = inner.scheduler.as_ref().map(|scheduler| {
+            let stop = CancellationToken::new();
+            (stop.clone(), tokio::spawn(scheduler.run(self.clone(), stop)))
+        });
+        *running = Some(Running { stop_taking, stop_responses, cancel, tracker, loops, health, scheduler });
         tracing::info!(address = %inner.address, endpoints = inner.endpoints.len(), "bus started");
         Ok(())
     }

@@ -54,13 +54,13 @@ impl Bus {
     /// # Ok::<_, bus_core::Error>(())
     /// ```
     pub fn prepare_publish<M: Message>(&self, message: M, options: SendOptions) -> Result<PreparedMessage> {
-        Ok(self.prepared_publish(message, options)?.into())
+        Ok(self.prepared_publish(message, options, None)?.into())
     }
 
     /// Prepares a send to `address` without handing it to the transport (see
     /// [`prepare_publish`](Self::prepare_publish)).
     pub fn prepare_send<M: Message>(&self, address: &str, message: M, options: SendOptions) -> Result<PreparedMessage> {
-        Ok(self.prepared_send(address, message, options)?.into())
+        Ok(self.prepared_send(address, message, options, None)?.into())
     }
 
     /// Hands a prepared message to the transport. Resolves when the transport has taken it

@@ -263,8 +263,13 @@ impl Bus {
     }
 
     /// A publish prepared to leave later: its send span covers its preparation.
-    pub(super) fn prepared_publish<M: Message>(&self, message: M, options: SendOptions) -> Result<Outgoing> {
-        let (span, outgoing) = self.outgoing_publish(message, options, None)?;
+    pub(super) fn prepared_publish<M: Message>(
+        &self,
+        message: M,
+        options: SendOptions,
+        parent: Option<Parent<'_>>,
+    ) -> Result<Outgoing> {
+        let (span, outgoing) = self.outgoing_publish(message, options, parent)?;
         self.inner.instruments.send_done(span, &Ok(()));
         Ok(outgoing)
     }
@@ -275,8 +280,9 @@ impl Bus {
         address: &str,
         message: M,
         options: SendOptions,
+        parent: Option<Parent<'_>>,
     ) -> Result<Outgoing> {
-        let (span, outgoing) = self.outgoing_send(address, message, options, None)?;
+        let (span, outgoing) = self.outgoing_send(address, message, options, parent)?;
         self.inner.instruments.send_done(span, &Ok(()));
         Ok(outgoing)
     }
