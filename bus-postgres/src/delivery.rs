@@ -230,7 +230,7 @@ fn claimed(row: &PgRow) -> Claimed {
 }
 
 /// A stored row back as the message it was.
-fn prepared(row: &PgRow, sequence_number: i64) -> Result<PreparedMessage> {
+pub(crate) fn prepared(row: &PgRow, sequence_number: i64) -> Result<PreparedMessage> {
     let invalid = |reason: String| Error::InvalidRow { sequence_number, reason };
     let kind: String = row.try_get("destination_kind").map_err(|e| invalid(e.to_string()))?;
     let destination: String = row.try_get("destination").map_err(|e| invalid(e.to_string()))?;

@@ -12,6 +12,8 @@
 //!   minutes by default, as MassTransit's) are removed in the background.
 //! - [`PostgresSagaRepository`]: saga instances as `jsonb` with a version, optimistic or
 //!   pessimistic, written in the inbox's transaction with the messages of their transition.
+//! - [`PostgresScheduler`]: durable scheduled messages (`Bus::schedule_send`), claimed with
+//!   `SKIP LOCKED`, each delivered once.
 //! - [`PostgresOutbox::migrate`] creates the tables, in a schema of your choice.
 //!
 //! Delivery is at least once: a delivery service that dies between the transport taking a
@@ -26,6 +28,7 @@ mod error;
 mod inbox;
 mod outbox;
 mod saga;
+mod scheduler;
 mod schema;
 
 pub use delivery::DeliveryService;
@@ -33,4 +36,5 @@ pub use error::{Error, Result};
 pub use inbox::{transaction, InboxTransaction, PostgresInbox, TransactionGuard};
 pub use outbox::PostgresOutbox;
 pub use saga::PostgresSagaRepository;
+pub use scheduler::PostgresScheduler;
 pub use schema::PostgresOptions;

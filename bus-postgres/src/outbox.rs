@@ -55,7 +55,70 @@ pub(crate) struct Store {
     notify: String,
 }
 
+/// A prepared message as the columns of a row (the outbox's, the scheduler's).
+struct MessageRow {
+    kind: &'static str,
+    destination: String,
+    headers: serde_json::Value,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    message: bus_core::TransportMessage,
+}
+
+impl MessageRow {
+    fn of(prepared: PreparedMessage) -> Result<Self> {
+        let (kind, destination) = match prepared.destination {
+            PreparedDestination::Publish(types) => ("publish", types.join("\n")),
+            PreparedDestination::Send(endpoint) => ("send", endpoint),
+        };
+        let message = prepared.message;
+        let headers = serde_json::to_value(&message.headers)
+            .map_err(|e| Error::Bus { operation: "write the headers", source: bus_core::Error::Serialize(e) })?;
+        let expires_at = message
+            .time_to_live
+            .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
+            .and_then(|ttl| chrono::Utc::now().checked_add_signed(ttl));
+        Ok(MessageRow { kind, destination, headers, expires_at, message })
+    }
+
+    /// Binds the message's eight columns, in the order of the outbox's.
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.message.message_id)
+            .bind(self.kind)
+            .bind(&self.destination)
+            .bind(self.message.content_type.as_deref())
+            .bind(&self.headers)
+            .bind(self.message.body.as_ref())
+            .bind(self.message.correlation_id)
+            .bind(self.expires_at)
+    }
+}
+
 impl Store {
+    /// Writes a scheduled message (its token and due time, then the message's columns).
+    pub(crate) async fn insert_scheduled(
+        &self,
+        connection: &mut PgConnection,
+        scheduled: bus_core::ScheduledMessage,
+    ) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO {} (message_id, destination_kind, destination, content_type, headers, body, correlation_id, expires_at, token, due_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            self.tables.scheduled
+        );
+        let row = MessageRow::of(scheduled.message)?;
+        row.bind(sqlx::query(&sql))
+            .bind(scheduled.token)
+            .bind(scheduled.due.time())
+            .execute(connection)
+            .await
+            .map_err(database("schedule a message"))?;
+        Ok(())
+    }
+
     pub(crate) fn new(pool: PgPool, options: PostgresOptions, tables: Tables) -> Self {
         let insert = format!(
             "INSERT INTO {} (message_id, destination_kind, destination, content_type, headers, body, correlation_id, expires_at)
@@ -73,26 +136,8 @@ impl Store {
             return Ok(());
         }
         for prepared in messages {
-            let (kind, destination) = match prepared.destination {
-                PreparedDestination::Publish(types) => ("publish", types.join("\n")),
-                PreparedDestination::Send(endpoint) => ("send", endpoint),
-            };
-            let message = prepared.message;
-            let headers = serde_json::to_value(&message.headers)
-                .map_err(|e| Error::Bus { operation: "write the headers", source: bus_core::Error::Serialize(e) })?;
-            let expires_at = message
-                .time_to_live
-                .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
-                .and_then(|ttl| chrono::Utc::now().checked_add_signed(ttl));
-            sqlx::query(&self.insert)
-                .bind(message.message_id)
-                .bind(kind)
-                .bind(destination)
-                .bind(message.content_type.as_deref())
-                .bind(headers)
-                .bind(message.body.as_ref())
-                .bind(message.correlation_id)
-                .bind(expires_at)
+            let row = MessageRow::of(prepared)?;
+            row.bind(sqlx::query(&self.insert))
                 .execute(&mut *connection)
                 .await
                 .map_err(database("write to the outbox"))?;
@@ -125,7 +170,20 @@ impl PostgresOutbox {
     /// Creates the schema and the tables when they do not exist. Safe to run from several
     /// service instances at once.
     pub async fn migrate(&self) -> Result<()> {
-        let inner = &self.store;
+        self.store.migrate().await
+    }
+
+    /// Writes a publish of `message` into the outbox, in the transaction of `connection`.
+    /// It leaves when the transaction commits; nothing leaves if it rolls back.
+    pub async fn publish<M: Message>(&self, connection: &mut PgConnection, message: M) -> Result<()> {
+        self.publish_with(connection, message, SendOptions::default()).await
+    }
+}
+
+impl Store {
+    /// Creates the schema and the tables, idempotently, one instance at a time.
+    pub(crate) async fn migrate(&self) -> Result<()> {
+        let inner = self;
         let mut tx = inner.pool.begin().await.map_err(database("begin a migration"))?;
         // One instance at a time: concurrent `CREATE ... IF NOT EXISTS` can still collide.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -138,13 +196,9 @@ impl PostgresOutbox {
         }
         tx.commit().await.map_err(database("commit the migration"))
     }
+}
 
-    /// Writes a publish of `message` into the outbox, in the transaction of `connection`.
-    /// It leaves when the transaction commits; nothing leaves if it rolls back.
-    pub async fn publish<M: Message>(&self, connection: &mut PgConnection, message: M) -> Result<()> {
-        self.publish_with(connection, message, SendOptions::default()).await
-    }
-
+impl PostgresOutbox {
     /// [`publish`](Self::publish) with options (headers, correlation id, message id...).
     pub async fn publish_with<M: Message>(
         &self,

@@ -20,6 +20,7 @@ pub struct PostgresOptions {
     outbox_table: String,
     inbox_table: String,
     saga_table: String,
+    scheduled_table: String,
     /// How often the delivery service looks for messages when no notification wakes it.
     pub(crate) poll_interval: Duration,
     /// How many messages the delivery service claims at once.
@@ -39,6 +40,7 @@ impl Default for PostgresOptions {
             outbox_table: "outbox_messages".to_owned(),
             inbox_table: "inbox_messages".to_owned(),
             saga_table: "saga_instances".to_owned(),
+            scheduled_table: "scheduled_messages".to_owned(),
             poll_interval: Duration::from_secs(1),
             batch_size: 100,
             duplicate_window: Duration::from_secs(30 * 60),
@@ -84,6 +86,12 @@ impl PostgresOptions {
         self
     }
 
+    /// The scheduled messages table's name (default `scheduled_messages`).
+    pub fn scheduled_table(mut self, name: impl Into<String>) -> Self {
+        self.scheduled_table = name.into();
+        self
+    }
+
     /// How often the delivery service looks for messages when no notification wakes it
     /// (default 1 s): a fallback, since each commit that wrote a message notifies it.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
@@ -117,7 +125,7 @@ impl PostgresOptions {
         if self.schema.len() + self.outbox_table.len() > 48 {
             return Err(Error::InvalidName(format!("{}.{}", self.schema, self.outbox_table)));
         }
-        for name in [&self.schema, &self.outbox_table, &self.inbox_table, &self.saga_table] {
+        for name in [&self.schema, &self.outbox_table, &self.inbox_table, &self.saga_table, &self.scheduled_table] {
             let mut chars = name.chars();
             let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -136,6 +144,7 @@ impl PostgresOptions {
             outbox: format!("\"{}\".\"{}\"", self.schema, self.outbox_table),
             inbox: format!("\"{}\".\"{}\"", self.schema, self.inbox_table),
             sagas: format!("\"{}\".\"{}\"", self.schema, self.saga_table),
+            scheduled: format!("\"{}\".\"{}\"", self.schema, self.scheduled_table),
             channel: format!("{}_{}", self.schema, self.outbox_table),
         }
     }
@@ -148,13 +157,14 @@ pub(crate) struct Tables {
     pub(crate) outbox: String,
     pub(crate) inbox: String,
     pub(crate) sagas: String,
+    pub(crate) scheduled: String,
     pub(crate) channel: String,
 }
 
 impl Tables {
     /// The statements that create the schema and its tables, idempotently.
     pub(crate) fn migrations(&self) -> Vec<String> {
-        let Tables { schema, outbox, inbox, sagas, .. } = self;
+        let Tables { schema, outbox, inbox, sagas, scheduled, .. } = self;
         vec![
             format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
             // One row per message; `sequence_number` orders them, `transaction_id` groups the
@@ -209,6 +219,23 @@ impl Tables {
                 )"
             ),
             format!("CREATE INDEX IF NOT EXISTS \"{}_saga_state\" ON {sagas} (saga, current_state)", self.channel),
+            // One row per scheduled message, until it fires or is cancelled.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {scheduled} (
+                    sequence_number BIGSERIAL PRIMARY KEY,
+                    token UUID NOT NULL UNIQUE,
+                    due_at TIMESTAMPTZ NOT NULL,
+                    message_id UUID,
+                    destination_kind TEXT NOT NULL,
+                    destination TEXT NOT NULL,
+                    content_type TEXT,
+                    headers JSONB NOT NULL,
+                    body BYTEA NOT NULL,
+                    correlation_id UUID,
+                    expires_at TIMESTAMPTZ
+                )"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS \"{}_due\" ON {scheduled} (due_at, sequence_number)", self.channel),
         ]
     }
 }

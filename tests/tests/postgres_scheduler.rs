@@ -1,0 +1,60 @@
+//! The PostgreSQL scheduler: durable across a restart of the service, each message once,
+//! cancellable.
+
+use std::time::Duration;
+
+use bus_core::{Bus, ConsumeContext, Endpoint, Message};
+use bus_inmemory::InMemoryTestHarness;
+use bus_postgres::{PostgresOptions, PostgresScheduler};
+use serde::{Deserialize, Serialize};
+use tests::postgres_support::TestSchema;
+use tests::WAIT;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:PgSchedulerTests:Due")]
+struct Due {
+    n: u32,
+}
+
+fn scheduler(schema: &TestSchema) -> PostgresScheduler {
+    let options = PostgresOptions::new().schema(&schema.name).poll_interval(Duration::from_millis(100));
+    PostgresScheduler::with_options(schema.pool.clone(), options).expect("scheduler")
+}
+
+#[tokio::test]
+async fn a_scheduled_message_survives_a_restart_and_fires_once() {
+    let schema = TestSchema::create("sched-restart").await;
+    let first = scheduler(&schema);
+    first.migrate().await.expect("migrated");
+    // The first service schedules, and stops before the messages are due.
+    let service = Bus::builder(bus_inmemory::InMemoryTransport::new()).scheduler(first.clone()).build();
+    service.start().await.expect("start");
+    let due = bus_core::DueTime::from(Duration::from_millis(1500));
+    service.schedule_send(due, "queue:due", Due { n: 1 }).await.expect("scheduled");
+    let cancelled = service.schedule_send(due, "queue:due", Due { n: 2 }).await.expect("scheduled");
+    assert!(service.cancel_scheduled(cancelled).await.expect("cancel"), "cancelled while waiting");
+    service.stop().await.expect("stop");
+    assert_eq!(first.waiting().await.expect("count"), 1, "waits in the table across the restart");
+
+    // Restarted: another bus, another scheduler on the same table.
+    let second = scheduler(&schema);
+    let harness = InMemoryTestHarness::start(move |bus| {
+        bus.scheduler(second).endpoint(Endpoint::new("due").handler(|_: ConsumeContext<Due>| async { Ok(()) }))
+    })
+    .await
+    .expect("harness");
+    let fired = harness.consumed().wait_for::<Due>(1, WAIT).await.expect("fires after the restart");
+    // Removed in the transaction that delivered it, which commits once the transport took it.
+    let removed = async {
+        while first.waiting().await.expect("count") > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let left = tokio::time::timeout(WAIT, removed).await.map_or(1, |()| 0);
+    harness.stop().await.expect("stop");
+    schema.remove().await;
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].n, 1, "the cancelled message never fired");
+    assert_eq!(harness.consumed().count::<Due>(), 1, "once");
+    assert_eq!(left, 0, "nothing left waiting");
+}
