@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use bus_core::{Bus, ConsumeContext, Endpoint, Message, SendOptions};
+use bus_core::{Bus, ConsumeContext, Endpoint, Message};
 use bus_inmemory::{InMemoryTestHarness, InMemoryTransport};
 use bus_postgres::{PostgresOptions, PostgresOutbox};
 use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
@@ -26,27 +26,6 @@ fn options(schema: &str) -> PostgresOptions {
     PostgresOptions::new().schema(schema).poll_interval(Duration::from_millis(200))
 }
 
-const CHILD_SCHEMA: &str = "BUS_OUTBOX_CHILD_SCHEMA";
-const CHILD_MESSAGE_ID: &str = "BUS_OUTBOX_CHILD_MESSAGE_ID";
-
-/// Run only as the child of the kill test: commits one message to the outbox, then kills its
-/// own process with SIGKILL before anything delivers it.
-#[tokio::test]
-#[ignore = "the child process of a_process_killed_after_commit_delivers_the_message_once_after_restart"]
-async fn child_commits_a_message_then_is_killed() {
-    let schema = std::env::var(CHILD_SCHEMA).expect("run by the kill test, which names the schema");
-    let id: uuid::Uuid = std::env::var(CHILD_MESSAGE_ID).expect("message id").parse().expect("a uuid");
-    let pool = sqlx::PgPool::connect(&database_url()).await.expect("postgres");
-    // No delivery service runs here: the message can only leave after a restart.
-    let bus = Bus::builder(InMemoryTransport::new()).build();
-    let outbox = PostgresOutbox::with_options(pool.clone(), bus, options(&schema)).expect("outbox");
-    let mut tx = pool.begin().await.expect("begin");
-    outbox.publish_with(&mut tx, Placed { order: 1 }, SendOptions::new().message_id(id)).await.expect("written");
-    tx.commit().await.expect("commit");
-    let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
-    std::future::pending::<()>().await;
-}
-
 #[tokio::test]
 async fn a_process_killed_after_commit_delivers_the_message_once_after_restart() {
     let schema = TestSchema::create("outbox-kill").await;
@@ -57,14 +36,13 @@ async fn a_process_killed_after_commit_delivers_the_message_once_after_restart()
         .await
         .expect("migrated");
     let id = uuid::Uuid::now_v7();
-    let status = tokio::process::Command::new(std::env::current_exe().expect("this test binary"))
-        .args(["--exact", "child_commits_a_message_then_is_killed", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_SCHEMA, &schema.name)
-        .env(CHILD_MESSAGE_ID, id.to_string())
+    // A service commits one message, then is killed with SIGKILL before it delivers it.
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-writer"))
+        .args([database_url(), schema.name.clone(), id.to_string()])
         .status()
         .await
-        .expect("the child runs");
-    assert_eq!(status.signal(), Some(9), "the child was killed with SIGKILL: {status:?}");
+        .expect("the writer runs");
+    assert_eq!(status.signal(), Some(9), "the writer was killed with SIGKILL: {status:?}");
     let waiting: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM \"{}\".outbox_messages WHERE message_id = $1 AND delivered_at IS NULL",
         schema.name
