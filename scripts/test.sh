@@ -7,6 +7,8 @@
 # installs them with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One build of everything: incremental caches would only fill the disk (tens of GB).
+export CARGO_INCREMENTAL=0
 
 log() { printf '==> %s\n' "$*"; }
 
