@@ -1,0 +1,274 @@
+//! Scheduled messages in Redis.
+
+use std::time::Duration;
+
+use bus_core::logged::chain;
+use bus_core::{
+    Bus, Headers, MessageScheduler, PreparedDestination, PreparedMessage, ScheduledMessage, TransportMessage,
+};
+use futures::future::BoxFuture;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Settings of a [`RedisScheduler`].
+#[derive(Debug, Clone)]
+pub struct RedisSchedulerOptions {
+    /// Keys are `{key_prefix}:due`, `{key_prefix}:claimed` and `{key_prefix}:message:{token}`.
+    pub key_prefix: String,
+    /// How long a claimed message may take to be delivered before another instance claims it
+    /// again (the claiming one is taken to have died).
+    pub lease: Duration,
+    /// How often due messages are looked for when none is due sooner.
+    pub poll_interval: Duration,
+    /// How many due messages are claimed at once.
+    pub batch_size: usize,
+}
+
+impl Default for RedisSchedulerOptions {
+    fn default() -> Self {
+        RedisSchedulerOptions {
+            key_prefix: "bus:scheduled".to_owned(),
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(500),
+            batch_size: 100,
+        }
+    }
+}
+
+/// Moves up to ARGV[2] messages due by ARGV[1] (ms) from the due set to the claims, with a
+/// lease until ARGV[3]; first gives back claims whose lease ran out. Returns their tokens,
+/// earliest first (ties in the order scheduled: the tokens are time-ordered).
+const CLAIM: &str = r"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, token in ipairs(expired) do
+  redis.call('ZREM', KEYS[2], token)
+  redis.call('ZADD', KEYS[1], ARGV[1], token)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, token in ipairs(due) do
+  redis.call('ZREM', KEYS[1], token)
+  redis.call('ZADD', KEYS[2], ARGV[3], token)
+end
+return due
+";
+
+/// A durable [`MessageScheduler`] on Redis (see the crate's documentation).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use bus_core::{Bus, Message};
+/// use bus_redis::{RedisScheduler, RedisSchedulerOptions};
+/// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+/// # #[message(urn = "urn:message:Shop:OrderTimeout")]
+/// # struct OrderTimeout { order_id: i64 }
+/// # #[tokio::main] async fn main() -> Result<(), bus_core::BoxError> {
+/// let scheduler = RedisScheduler::connect("redis://127.0.0.1:6379", RedisSchedulerOptions::default()).await?;
+/// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new()).scheduler(scheduler).build();
+/// bus.start().await?;
+/// bus.schedule_send(Duration::from_secs(30), "queue:orders", OrderTimeout { order_id: 7 }).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisScheduler {
+    connection: ConnectionManager,
+    options: RedisSchedulerOptions,
+    claim: Script,
+}
+
+impl std::fmt::Debug for RedisScheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisScheduler").field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+fn transport_error(error: redis::RedisError) -> bus_core::Error {
+    let transient = error.is_io_error() || error.is_timeout() || error.is_connection_dropped();
+    bus_core::Error::transport("the Redis scheduler failed", transient, Some(Box::new(error) as bus_core::BoxError))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl RedisScheduler {
+    /// Connects to the Redis at `url`.
+    pub async fn connect(url: &str, options: RedisSchedulerOptions) -> bus_core::Result<Self> {
+        let client = redis::Client::open(url).map_err(transport_error)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        let connection = ConnectionManager::new_with_config(client, config).await.map_err(transport_error)?;
+        Ok(RedisScheduler { connection, options, claim: Script::new(CLAIM) })
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}:{what}", self.options.key_prefix)
+    }
+
+    fn message_key(&self, token: &str) -> String {
+        format!("{}:message:{token}", self.options.key_prefix)
+    }
+
+    /// How many messages wait (claimed ones included).
+    pub async fn waiting(&self) -> bus_core::Result<u64> {
+        let mut connection = self.connection.clone();
+        let due: u64 = connection.zcard(self.key("due")).await.map_err(transport_error)?;
+        let claimed: u64 = connection.zcard(self.key("claimed")).await.map_err(transport_error)?;
+        Ok(due + claimed)
+    }
+
+    /// Claims and delivers the due messages of one batch; returns how many it claimed.
+    async fn fire(&self, bus: &Bus) -> bus_core::Result<usize> {
+        let mut connection = self.connection.clone();
+        let lease_until = now_ms() + i64::try_from(self.options.lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let tokens: Vec<String> = self
+            .claim
+            .key(self.key("due"))
+            .key(self.key("claimed"))
+            .arg(now_ms())
+            .arg(self.options.batch_size)
+            .arg(lease_until)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(transport_error)?;
+        for token in &tokens {
+            let key = self.message_key(token);
+            let fields: Vec<(String, Vec<u8>)> = connection.hgetall(&key).await.map_err(transport_error)?;
+            match message(fields) {
+                Some(prepared) => match bus.deliver(prepared).await {
+                    Ok(()) => {}
+                    Err(error) if error.is_transient() || matches!(error, bus_core::Error::Stopped) => {
+                        // Its claim runs out and it is claimed again.
+                        tracing::warn!(%token, error = %chain(&error), "a scheduled message could not be delivered yet");
+                        return Err(error);
+                    }
+                    Err(error) => {
+                        tracing::error!(%token, error = %chain(&error), "a scheduled message was refused; dropped");
+                    }
+                },
+                None => tracing::error!(%token, "a scheduled message in Redis is incomplete; dropped"),
+            }
+            let _: () = redis::pipe()
+                .atomic()
+                .zrem(self.key("claimed"), token)
+                .del(&key)
+                .query_async(&mut connection)
+                .await
+                .map_err(transport_error)?;
+        }
+        Ok(tokens.len())
+    }
+}
+
+/// A stored message back from its hash's fields.
+fn message(fields: Vec<(String, Vec<u8>)>) -> Option<PreparedMessage> {
+    let mut map: std::collections::HashMap<String, Vec<u8>> = fields.into_iter().collect();
+    let text = |map: &mut std::collections::HashMap<String, Vec<u8>>, name: &str| {
+        map.remove(name).and_then(|v| String::from_utf8(v).ok()).filter(|v| !v.is_empty())
+    };
+    let destination = match (text(&mut map, "kind")?.as_str(), text(&mut map, "destination")?) {
+        ("publish", types) => PreparedDestination::Publish(types.split('\n').map(str::to_owned).collect()),
+        ("send", endpoint) => PreparedDestination::Send(endpoint),
+        _ => return None,
+    };
+    let headers: Headers = serde_json::from_str(&text(&mut map, "headers")?).ok()?;
+    let expires_at = text(&mut map, "expires_at").and_then(|ms| ms.parse::<i64>().ok());
+    let message = TransportMessage {
+        body: map.remove("body").unwrap_or_default().into(),
+        content_type: text(&mut map, "content_type").map(Into::into),
+        headers,
+        message_id: text(&mut map, "message_id").and_then(|id| id.parse().ok()),
+        correlation_id: text(&mut map, "correlation_id").and_then(|id| id.parse().ok()),
+        // What is left of its time to live; at least a moment, so that the broker expires it.
+        time_to_live: expires_at.map(|at| Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(1).max(1))),
+    };
+    Some(PreparedMessage { destination, message })
+}
+
+impl MessageScheduler for RedisScheduler {
+    fn schedule<'a>(&'a self, scheduled: ScheduledMessage) -> BoxFuture<'a, bus_core::Result<()>> {
+        Box::pin(async move {
+            let ScheduledMessage { token, due, message: PreparedMessage { destination, message } } = scheduled;
+            let (kind, destination) = match destination {
+                PreparedDestination::Publish(types) => ("publish", types.join("\n")),
+                PreparedDestination::Send(endpoint) => ("send", endpoint),
+            };
+            let headers = serde_json::to_string(&message.headers).map_err(bus_core::Error::Serialize)?;
+            let expires_at = message
+                .time_to_live
+                .map(|ttl| now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2)));
+            let token = token.to_string();
+            let fields: Vec<(&str, Vec<u8>)> = vec![
+                ("kind", kind.as_bytes().to_vec()),
+                ("destination", destination.into_bytes()),
+                ("headers", headers.into_bytes()),
+                ("body", message.body.to_vec()),
+                ("content_type", message.content_type.as_deref().unwrap_or("").as_bytes().to_vec()),
+                ("message_id", message.message_id.map(|id| id.to_string()).unwrap_or_default().into_bytes()),
+                ("correlation_id", message.correlation_id.map(|id| id.to_string()).unwrap_or_default().into_bytes()),
+                ("expires_at", expires_at.map(|ms| ms.to_string()).unwrap_or_default().into_bytes()),
+            ];
+            let mut connection = self.connection.clone();
+            // The message first: a token in the due set always has its message.
+            let _: () = redis::pipe()
+                .atomic()
+                .hset_multiple(self.message_key(&token), &fields)
+                .zadd(self.key("due"), &token, due.time().timestamp_millis())
+                .query_async(&mut connection)
+                .await
+                .map_err(transport_error)?;
+            Ok(())
+        })
+    }
+
+    fn cancel<'a>(&'a self, token: Uuid) -> BoxFuture<'a, bus_core::Result<bool>> {
+        Box::pin(async move {
+            let token = token.to_string();
+            let mut connection = self.connection.clone();
+            let removed: u64 = connection.zrem(self.key("due"), &token).await.map_err(transport_error)?;
+            if removed > 0 {
+                let _: () = connection.del(self.message_key(&token)).await.map_err(transport_error)?;
+            }
+            Ok(removed > 0)
+        })
+    }
+
+    fn run(&self, bus: Bus, stop: CancellationToken) -> BoxFuture<'static, ()> {
+        let scheduler = self.clone();
+        Box::pin(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let pause = match scheduler.fire(&bus).await {
+                    Ok(claimed) if claimed >= scheduler.options.batch_size => Duration::ZERO,
+                    Ok(_) => {
+                        backoff = Duration::from_millis(100);
+                        scheduler.next_due().await.unwrap_or(scheduler.options.poll_interval)
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %chain(&error), "scheduled messages could not be delivered; trying again after a pause");
+                        let pause = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        pause
+                    }
+                };
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        })
+    }
+}
+
+impl RedisScheduler {
+    /// How long until the next message is due, at most the poll interval.
+    async fn next_due(&self) -> Option<Duration> {
+        let mut connection = self.connection.clone();
+        let first: Vec<(String, i64)> = connection.zrange_withscores(self.key("due"), 0, 0).await.ok()?;
+        let (_, at) = first.into_iter().next()?;
+        let wait = Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0));
+        Some(wait.min(self.options.poll_interval))
+    }
+}
