@@ -16,6 +16,7 @@ mod outbox;
 mod rabbitmq;
 mod report;
 mod saga;
+mod scheduler;
 mod serializers;
 mod telemetry;
 
@@ -34,6 +35,7 @@ pub(crate) struct Scale {
     pub(crate) saga_events: u64,
     pub(crate) serializer_rounds: u64,
     pub(crate) outbox: u64,
+    pub(crate) scheduled: u64,
     pub(crate) duration: Duration,
 }
 
@@ -45,6 +47,7 @@ impl Scale {
             saga_events: 20_000,
             serializer_rounds: 500_000,
             outbox: 5_000,
+            scheduled: 100_000,
             duration: Duration::from_secs(5),
         }
     }
@@ -56,6 +59,7 @@ impl Scale {
             saga_events: 200,
             serializer_rounds: 500,
             outbox: 100,
+            scheduled: 300,
             duration: Duration::from_millis(300),
         }
     }
@@ -74,7 +78,8 @@ fn main() -> Result<(), bus_core::BoxError> {
     let mut chosen: Vec<&str> =
         args.iter().map(String::as_str).filter(|a| !a.starts_with("--") && Some(*a) != chart_path).collect();
     if chosen.is_empty() || chosen.contains(&"all") {
-        chosen = vec!["serializers", "inmemory", "tracing", "rabbitmq", "latency", "saga", "outbox", "memory"];
+        chosen =
+            vec!["serializers", "inmemory", "tracing", "rabbitmq", "latency", "saga", "outbox", "scheduler", "memory"];
     }
     let scale = if smoke { Scale::smoke() } else { Scale::full() };
     if cfg!(debug_assertions) && !smoke {
@@ -91,10 +96,11 @@ fn main() -> Result<(), bus_core::BoxError> {
             "saga" => runtime.block_on(saga::run(scale))?,
             "latency" => runtime.block_on(latency::run(scale))?,
             "outbox" => runtime.block_on(outbox::run(scale))?,
+            "scheduler" => runtime.block_on(scheduler::run(scale))?,
             "memory" => memory::run(scale)?,
             other => {
                 return Err(format!(
-                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, outbox, memory, all"
+                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, outbox, scheduler, memory, all"
                 )
                 .into())
             }
