@@ -37,7 +37,48 @@ pub struct PostgresSagaRepository<S> {
     store: Arc<Store>,
     saga: Arc<str>,
     pessimistic: bool,
+    statements: Arc<Statements>,
     _state: PhantomData<fn() -> S>,
+}
+
+/// The repository's statements, made once.
+#[derive(Debug)]
+struct Statements {
+    load: String,
+    in_state: String,
+    find_by: String,
+    insert: String,
+    update: String,
+    delete: String,
+    lock: String,
+}
+
+impl Statements {
+    fn new(table: &str) -> Self {
+        // An instance kept after it finalized counts only until it expires.
+        let live = "(expires_at IS NULL OR expires_at > now())";
+        let select = format!("SELECT instance FROM {table} WHERE saga = $1");
+        Statements {
+            load: format!("{select} AND correlation_id = $2 AND {live}"),
+            in_state: format!("{select} AND current_state = $2 AND {live} ORDER BY correlation_id"),
+            find_by: format!("{select} AND instance -> $2 = $3 AND {live} ORDER BY correlation_id"),
+            insert: format!(
+                "INSERT INTO {table} AS stored (saga, correlation_id, current_state, version, instance, expires_at)
+                 VALUES ($1, $2, $3, 1, $4, now() + make_interval(secs => $5))
+                 ON CONFLICT (saga, correlation_id) DO UPDATE
+                   SET current_state = EXCLUDED.current_state, version = 1, instance = EXCLUDED.instance,
+                       expires_at = EXCLUDED.expires_at
+                   WHERE stored.expires_at IS NOT NULL AND stored.expires_at <= now()"
+            ),
+            update: format!(
+                "UPDATE {table} SET current_state = $3, version = $4, instance = $5,
+                   expires_at = now() + make_interval(secs => $6)
+                 WHERE saga = $1 AND correlation_id = $2 AND version = $7 AND {live}"
+            ),
+            delete: format!("DELETE FROM {table} WHERE saga = $1 AND correlation_id = $2 AND version = $3"),
+            lock: format!("SELECT 1 FROM {table} WHERE saga = $1 AND correlation_id = $2 FOR UPDATE"),
+        }
+    }
 }
 
 impl<S> Clone for PostgresSagaRepository<S> {
@@ -46,6 +87,7 @@ impl<S> Clone for PostgresSagaRepository<S> {
             store: self.store.clone(),
             saga: self.saga.clone(),
             pessimistic: self.pessimistic,
+            statements: self.statements.clone(),
             _state: PhantomData,
         }
     }
@@ -97,7 +139,8 @@ impl<S: SagaData> PostgresSagaRepository<S> {
     }
 
     fn on(store: Arc<Store>, saga: String) -> Self {
-        PostgresSagaRepository { store, saga: saga.into(), pessimistic: false, _state: PhantomData }
+        let statements = Arc::new(Statements::new(&store.tables.sagas));
+        PostgresSagaRepository { store, saga: saga.into(), pessimistic: false, statements, _state: PhantomData }
     }
 
     /// Pessimistic mode: on an endpoint with the inbox, each event locks its instance until
@@ -116,13 +159,9 @@ impl<S: SagaData> PostgresSagaRepository<S> {
 
     /// The live instances in `state`.
     pub async fn in_state(&self, state: &str) -> bus_saga::Result<Vec<SagaInstance<S>>> {
-        let sql = format!(
-            "SELECT instance FROM {} WHERE saga = $1 AND current_state = $2 AND (expires_at IS NULL OR expires_at > now())
-             ORDER BY correlation_id",
-            self.store.tables.sagas
-        );
+        let sql = &self.statements.in_state;
         let mut connection = self.connection().await?;
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(sql)
             .bind(&*self.saga)
             .bind(state)
             .fetch_all(connection.get())
@@ -135,13 +174,9 @@ impl<S: SagaData> PostgresSagaRepository<S> {
     /// equal to `value`.
     pub async fn find_by(&self, field: &str, value: impl serde::Serialize) -> bus_saga::Result<Vec<SagaInstance<S>>> {
         let value = serde_json::to_value(value).map_err(repository_error)?;
-        let sql = format!(
-            "SELECT instance FROM {} WHERE saga = $1 AND instance -> $2 = $3 AND (expires_at IS NULL OR expires_at > now())
-             ORDER BY correlation_id",
-            self.store.tables.sagas
-        );
+        let sql = &self.statements.find_by;
         let mut connection = self.connection().await?;
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(sql)
             .bind(&*self.saga)
             .bind(field)
             .bind(sqlx::types::Json(value))
@@ -156,18 +191,10 @@ impl<S: SagaData> PostgresSagaRepository<S> {
         bus_saga::check_state_fields(&instance.data)?;
         let mut stored = instance.clone();
         stored.version = 1;
-        let sql = format!(
-            "INSERT INTO {table} AS stored (saga, correlation_id, current_state, version, instance, expires_at)
-             VALUES ($1, $2, $3, 1, $4, now() + make_interval(secs => $5))
-             ON CONFLICT (saga, correlation_id) DO UPDATE
-               SET current_state = EXCLUDED.current_state, version = 1, instance = EXCLUDED.instance,
-                   expires_at = EXCLUDED.expires_at
-               WHERE stored.expires_at IS NOT NULL AND stored.expires_at <= now()",
-            table = self.store.tables.sagas
-        );
+        let sql = &self.statements.insert;
         let json = serde_json::to_value(&stored).map_err(repository_error)?;
         let mut connection = self.connection().await?;
-        let written = sqlx::query(&sql)
+        let written = sqlx::query(sql)
             .bind(&*self.saga)
             .bind(instance.correlation_id)
             .bind(&instance.current_state)
@@ -200,14 +227,10 @@ impl<S: SagaData> PostgresSagaRepository<S> {
         };
         let mut stored = instance.clone();
         stored.version = next as u64;
-        let sql = format!(
-            "UPDATE {} SET current_state = $3, version = $4, instance = $5, expires_at = now() + make_interval(secs => $6)
-             WHERE saga = $1 AND correlation_id = $2 AND version = $7 AND (expires_at IS NULL OR expires_at > now())",
-            self.store.tables.sagas
-        );
+        let sql = &self.statements.update;
         let json = serde_json::to_value(&stored).map_err(repository_error)?;
         let mut connection = self.connection().await?;
-        let written = sqlx::query(&sql)
+        let written = sqlx::query(sql)
             .bind(&*self.saga)
             .bind(id)
             .bind(&instance.current_state)
@@ -234,12 +257,9 @@ fn instance<S: SagaData>(row: &PgRow) -> bus_saga::Result<SagaInstance<S>> {
 
 impl<S: SagaData> SagaRepository<S> for PostgresSagaRepository<S> {
     async fn load(&self, id: Uuid) -> bus_saga::Result<Option<SagaInstance<S>>> {
-        let sql = format!(
-            "SELECT instance FROM {} WHERE saga = $1 AND correlation_id = $2 AND (expires_at IS NULL OR expires_at > now())",
-            self.store.tables.sagas
-        );
+        let sql = &self.statements.load;
         let mut connection = self.connection().await?;
-        let row = sqlx::query(&sql)
+        let row = sqlx::query(sql)
             .bind(&*self.saga)
             .bind(id)
             .fetch_optional(connection.get())
@@ -258,10 +278,9 @@ impl<S: SagaData> SagaRepository<S> for PostgresSagaRepository<S> {
 
     async fn delete(&self, id: Uuid, expected_version: u64) -> bus_saga::Result<()> {
         let expected = i64::try_from(expected_version).map_err(|_| bus_saga::Error::Conflict(id))?;
-        let sql =
-            format!("DELETE FROM {} WHERE saga = $1 AND correlation_id = $2 AND version = $3", self.store.tables.sagas);
+        let sql = &self.statements.delete;
         let mut connection = self.connection().await?;
-        let deleted = sqlx::query(&sql)
+        let deleted = sqlx::query(sql)
             .bind(&*self.saga)
             .bind(id)
             .bind(expected)
@@ -298,10 +317,9 @@ impl<S: SagaData> SagaRepository<S> for PostgresSagaRepository<S> {
         let Some(tx) = guard.as_deref_mut() else { return Ok(false) };
         // The instance's row, for the rest of the transaction; and, for an instance not
         // created yet, a lock on its id, so that its initiating events wait for each other too.
-        let row =
-            format!("SELECT 1 FROM {} WHERE saga = $1 AND correlation_id = $2 FOR UPDATE", self.store.tables.sagas);
+        let row = &self.statements.lock;
         let locked =
-            sqlx::query(&row).bind(&*self.saga).bind(id).fetch_optional(&mut *tx).await.map_err(repository_error)?;
+            sqlx::query(row).bind(&*self.saga).bind(id).fetch_optional(&mut *tx).await.map_err(repository_error)?;
         if locked.is_none() {
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
                 .bind(&*self.saga)
