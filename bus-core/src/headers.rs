@@ -13,6 +13,9 @@ pub mod names {
     pub const REASON: &str = "MT-Reason";
     /// W3C trace context, carried by MassTransit under its own name.
     pub const ACTIVITY_ID: &str = "MT-Activity-Id";
+    /// The token a scheduled message was scheduled under, as MassTransit sets it: a saga
+    /// compares it with the token it kept, to tell a stale timeout from the current one.
+    pub const SCHEDULING_TOKEN_ID: &str = "MT-Scheduling-TokenId";
 }
 
 /// Headers of a message: user headers and `MT-*` infrastructure headers.

@@ -86,11 +86,23 @@ pub fn entity_name(urn: &str) -> String {
     }
 }
 
-/// Interns URN lists computed at run time for generic message types such as `Fault<T>`.
+/// Interns URN lists computed at run time for generic message types such as `Fault<T>`,
+/// so that their [`Message::message_types`] can return `'static` names.
 ///
 /// Each generic instantiation is computed once and kept for the life of the process; the
 /// set is bounded by the types in the program, never by input from the wire.
-pub(crate) fn interned_types<T: 'static>(make: impl FnOnce() -> Vec<String>) -> &'static [&'static str] {
+///
+/// ```
+/// use bus_core::message::interned_types;
+/// struct Wrapper<T>(T);
+/// fn urns<T: 'static>(inner: &str) -> &'static [&'static str] {
+///     interned_types::<Wrapper<T>>(|| vec![format!("urn:message:Shop:Wrapper[[{inner}]]")])
+/// }
+/// assert_eq!(urns::<u8>("Shop:A"), ["urn:message:Shop:Wrapper[[Shop:A]]"]);
+/// // Computed once per type: the second call returns the first list.
+/// assert_eq!(urns::<u8>("ignored"), ["urn:message:Shop:Wrapper[[Shop:A]]"]);
+/// ```
+pub fn interned_types<T: 'static>(make: impl FnOnce() -> Vec<String>) -> &'static [&'static str] {
     static CACHE: OnceLock<RwLock<HashMap<TypeId, &'static [&'static str]>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = TypeId::of::<T>();

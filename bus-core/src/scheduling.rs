@@ -63,7 +63,8 @@ pub struct ScheduledMessage {
 /// The bus runs [`run`](Self::run) from its start to its stop; it delivers due messages with
 /// [`Bus::deliver`].
 pub trait MessageScheduler: Send + Sync + 'static {
-    /// Stores `message` until it is due.
+    /// Stores `message` until it is due. A message scheduled under a token that already
+    /// waits replaces it (so that scheduling again, after a failure, does not fire twice).
     fn schedule<'a>(&'a self, message: ScheduledMessage) -> BoxFuture<'a, Result<()>>;
 
     /// Cancels the message of `token`; `false` when there is none waiting (it fired, or was

@@ -44,7 +44,8 @@ pub struct InMemoryTestHarness {
 }
 
 impl InMemoryTestHarness {
-    /// Builds a bus with `configure` on a new in-memory transport, and starts it.
+    /// Builds a bus with `configure` on a new in-memory transport, with an
+    /// [`InMemoryScheduler`](crate::InMemoryScheduler), and starts it.
     pub async fn start(configure: impl FnOnce(BusBuilder) -> BusBuilder) -> bus_core::Result<Self> {
         Self::start_on(InMemoryTransport::new(), configure).await
     }
@@ -58,7 +59,10 @@ impl InMemoryTestHarness {
         let builder = Bus::builder(transport.clone())
             .observer_arc(recorder.clone())
             .stop_timeout(Duration::from_secs(5))
-            .request_timeout(Duration::from_secs(5));
+            .request_timeout(Duration::from_secs(5))
+            // Scheduled messages and saga timeouts work in tests without more setup; a
+            // `scheduler(..)` in `configure` replaces it.
+            .scheduler(crate::InMemoryScheduler::new());
         let bus = configure(builder).build();
         bus.start().await?;
         Ok(InMemoryTestHarness { bus, transport, recorder })

@@ -103,7 +103,10 @@ impl MessageScheduler for InMemoryScheduler {
             let mut waiting = self.inner.waiting.locked();
             let key = (message.due, waiting.next);
             waiting.next += 1;
-            waiting.by_token.insert(message.token, key);
+            // Scheduled again under a waiting token: it replaces what waited there.
+            if let Some(previous) = waiting.by_token.insert(message.token, key) {
+                waiting.by_due.remove(&previous);
+            }
             waiting.by_due.insert(key, (at, message));
         }
         self.inner.changed.notify_one();

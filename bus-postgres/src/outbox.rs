@@ -106,7 +106,11 @@ impl Store {
     ) -> Result<()> {
         let sql = format!(
             "INSERT INTO {} (message_id, destination_kind, destination, content_type, headers, body, correlation_id, expires_at, token, due_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (token) DO UPDATE SET message_id = EXCLUDED.message_id,
+               destination_kind = EXCLUDED.destination_kind, destination = EXCLUDED.destination,
+               content_type = EXCLUDED.content_type, headers = EXCLUDED.headers, body = EXCLUDED.body,
+               correlation_id = EXCLUDED.correlation_id, expires_at = EXCLUDED.expires_at, due_at = EXCLUDED.due_at",
             self.tables.scheduled
         );
         let row = MessageRow::of(scheduled.message)?;

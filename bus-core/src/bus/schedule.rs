@@ -3,6 +3,7 @@
 use uuid::Uuid;
 
 use super::Bus;
+use crate::headers::names::SCHEDULING_TOKEN_ID;
 use crate::scheduling::{DueTime, MessageScheduler, ScheduledMessage};
 use crate::{Error, Message, PreparedMessage, ReceiveContext, Result, SendOptions};
 
@@ -11,14 +12,47 @@ impl Bus {
     /// the bus's [`MessageScheduler`]; returns the token that cancels it. The message is
     /// prepared now (its ids and headers are fixed now), and delivered once.
     pub async fn schedule_send<M: Message>(&self, due: impl Into<DueTime>, address: &str, message: M) -> Result<Uuid> {
-        let prepared = self.prepared_send(address, message, SendOptions::default(), None)?;
-        self.schedule(due.into(), prepared.into()).await
+        let token = Uuid::now_v7();
+        self.schedule_send_with(token, due, address, message, SendOptions::default()).await?;
+        Ok(token)
+    }
+
+    /// Sends `message` to `address` when `due` comes, under a token of your choosing (kept
+    /// before the call, as a saga keeps its timeout's) and with these options. Scheduling
+    /// again under a waiting token replaces what waits there.
+    ///
+    /// The delivered message carries the token in its `MT-Scheduling-TokenId` header, as
+    /// MassTransit's do; see [`ReceiveContext::scheduling_token`].
+    pub async fn schedule_send_with<M: Message>(
+        &self,
+        token: Uuid,
+        due: impl Into<DueTime>,
+        address: &str,
+        message: M,
+        options: SendOptions,
+    ) -> Result<()> {
+        let prepared = self.prepared_send(address, message, with_token(options, token), None)?;
+        self.schedule(token, due.into(), prepared.into()).await
     }
 
     /// Publishes `message` when `due` comes; returns the token that cancels it.
     pub async fn schedule_publish<M: Message>(&self, due: impl Into<DueTime>, message: M) -> Result<Uuid> {
-        let prepared = self.prepared_publish(message, SendOptions::default(), None)?;
-        self.schedule(due.into(), prepared.into()).await
+        let token = Uuid::now_v7();
+        self.schedule_publish_with(token, due, message, SendOptions::default()).await?;
+        Ok(token)
+    }
+
+    /// Publishes `message` when `due` comes, under a token of your choosing (see
+    /// [`schedule_send_with`](Self::schedule_send_with)).
+    pub async fn schedule_publish_with<M: Message>(
+        &self,
+        token: Uuid,
+        due: impl Into<DueTime>,
+        message: M,
+        options: SendOptions,
+    ) -> Result<()> {
+        let prepared = self.prepared_publish(message, with_token(options, token), None)?;
+        self.schedule(token, due.into(), prepared.into()).await
     }
 
     /// Cancels a scheduled message; `false` when none waits under `token` (it fired, or was
@@ -34,31 +68,68 @@ impl Bus {
             .ok_or_else(|| Error::Configuration("no message scheduler: add one with BusBuilder::scheduler".to_owned()))
     }
 
-    async fn schedule(&self, due: DueTime, message: PreparedMessage) -> Result<Uuid> {
-        let token = Uuid::now_v7();
-        self.scheduler()?.schedule(ScheduledMessage { token, due, message }).await?;
-        Ok(token)
+    async fn schedule(&self, token: Uuid, due: DueTime, message: PreparedMessage) -> Result<()> {
+        self.scheduler()?.schedule(ScheduledMessage { token, due, message }).await
     }
+}
+
+fn with_token(options: SendOptions, token: Uuid) -> SendOptions {
+    options.header(SCHEDULING_TOKEN_ID, token.to_string())
 }
 
 impl ReceiveContext {
     /// Sends `message` to `address` when `due` comes, as part of this flow (ids carried on);
     /// returns the token that cancels it. Scheduled at once, not held by the outbox.
     pub async fn schedule_send<M: Message>(&self, due: impl Into<DueTime>, address: &str, message: M) -> Result<Uuid> {
+        let token = Uuid::now_v7();
+        self.schedule_send_with(token, due, address, message, SendOptions::default()).await?;
+        Ok(token)
+    }
+
+    /// As [`schedule_send`](Self::schedule_send), under a token of your choosing and with
+    /// these options (see [`Bus::schedule_send_with`]).
+    pub async fn schedule_send_with<M: Message>(
+        &self,
+        token: Uuid,
+        due: impl Into<DueTime>,
+        address: &str,
+        message: M,
+        options: SendOptions,
+    ) -> Result<()> {
         let bus = self.bus();
-        let prepared = bus.prepared_send(address, message, SendOptions::default(), Some(self.parent()))?;
-        bus.schedule(due.into(), prepared.into()).await
+        let prepared = bus.prepared_send(address, message, with_token(options, token), Some(self.parent()))?;
+        bus.schedule(token, due.into(), prepared.into()).await
     }
 
     /// Publishes `message` when `due` comes, as part of this flow.
     pub async fn schedule_publish<M: Message>(&self, due: impl Into<DueTime>, message: M) -> Result<Uuid> {
+        let token = Uuid::now_v7();
+        self.schedule_publish_with(token, due, message, SendOptions::default()).await?;
+        Ok(token)
+    }
+
+    /// As [`schedule_publish`](Self::schedule_publish), under a token of your choosing and
+    /// with these options.
+    pub async fn schedule_publish_with<M: Message>(
+        &self,
+        token: Uuid,
+        due: impl Into<DueTime>,
+        message: M,
+        options: SendOptions,
+    ) -> Result<()> {
         let bus = self.bus();
-        let prepared = bus.prepared_publish(message, SendOptions::default(), Some(self.parent()))?;
-        bus.schedule(due.into(), prepared.into()).await
+        let prepared = bus.prepared_publish(message, with_token(options, token), Some(self.parent()))?;
+        bus.schedule(token, due.into(), prepared.into()).await
     }
 
     /// Cancels a scheduled message (see [`Bus::cancel_scheduled`]).
     pub async fn cancel_scheduled(&self, token: Uuid) -> Result<bool> {
         self.bus().cancel_scheduled(token).await
+    }
+
+    /// The token this message was scheduled under (its `MT-Scheduling-TokenId` header), when
+    /// a scheduler delivered it.
+    pub fn scheduling_token(&self) -> Option<Uuid> {
+        self.headers().get_str(SCHEDULING_TOKEN_ID).and_then(|token| Uuid::parse_str(token).ok())
     }
 }
