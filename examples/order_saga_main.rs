@@ -8,16 +8,21 @@
 //! ```
 //!
 //! With `AMQP_ADDR` the bus runs on RabbitMQ, with `REDIS_URL` saga instances live in Redis
-//! (key `OrderState:{orderId}`); each program can be swapped with its .NET counterpart.
+//! (key `OrderState:{orderId}`) and so do the orders' timeouts (a durable scheduler, keys
+//! `OrderState:scheduled:*`); each program can be swapped with its .NET counterpart. An
+//! order inventory has not answered after `ORDER_TIMEOUT_SECS` (30 by default) is cancelled.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_core::{BoxError, Bus, BusBuilder, Endpoint};
-use bus_inmemory::InMemoryTransport;
+use bus_inmemory::{InMemoryScheduler, InMemoryTransport};
 use bus_rabbitmq::RabbitMqTransport;
+use bus_redis::{RedisScheduler, RedisSchedulerOptions};
 use bus_saga::{InMemorySagaRepository, RedisSagaOptions, RedisSagaRepository, Saga, TransitionRecord};
-use examples::order_saga::{order_state_machine_with, InventoryConsumer, NewOrderEvent, OrderState};
+use examples::order_saga::{
+    order_state_machine_with, InventoryConsumer, NewOrderEvent, OrderState, DEFAULT_ORDER_TIMEOUT,
+};
 use uuid::Uuid;
 
 async fn bus_builder(transport: &Option<RabbitMqTransport>, memory: &InMemoryTransport) -> BusBuilder {
@@ -36,19 +41,33 @@ fn print_transition(record: &TransitionRecord) {
     );
 }
 
-/// Adds the orchestrator's saga endpoint, on Redis when `REDIS_URL` is set.
+/// How long an order may wait for inventory: `ORDER_TIMEOUT_SECS`, else 30 s.
+fn order_timeout() -> Result<Duration, BoxError> {
+    match std::env::var("ORDER_TIMEOUT_SECS") {
+        Ok(secs) => Ok(Duration::from_secs(secs.parse().map_err(|e| format!("ORDER_TIMEOUT_SECS={secs}: {e}"))?)),
+        Err(_) => Ok(DEFAULT_ORDER_TIMEOUT),
+    }
+}
+
+/// Adds the orchestrator's saga endpoint and the scheduler of its timeouts, both on Redis
+/// when `REDIS_URL` is set.
 async fn with_orchestrator(
     builder: BusBuilder,
     hook: impl Fn(&TransitionRecord) + Send + Sync + 'static,
 ) -> Result<BusBuilder, BoxError> {
-    let machine = order_state_machine_with(|m| m.on_transition(hook));
+    let machine = order_state_machine_with(order_timeout()?, |m| m.on_transition(hook))?;
     Ok(match std::env::var("REDIS_URL") {
         Ok(url) => {
             let options = RedisSagaOptions { key_prefix: "OrderState".into(), ..RedisSagaOptions::default() };
             let repository = RedisSagaRepository::<OrderState>::connect(&url, options).await?;
-            builder.endpoint(Saga::new(machine, repository).endpoint())
+            let scheduler_options =
+                RedisSchedulerOptions { key_prefix: "OrderState:scheduled".into(), ..RedisSchedulerOptions::default() };
+            let scheduler = RedisScheduler::connect(&url, scheduler_options).await?;
+            builder.scheduler(scheduler).endpoint(Saga::new(machine, repository).endpoint())
         }
-        Err(_) => builder.endpoint(Saga::new(machine, InMemorySagaRepository::new()).endpoint()),
+        Err(_) => builder
+            .scheduler(InMemoryScheduler::new())
+            .endpoint(Saga::new(machine, InMemorySagaRepository::new()).endpoint()),
     })
 }
 

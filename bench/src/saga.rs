@@ -84,7 +84,7 @@ async fn saga(events: u64, prefix: &str) -> Result<(f64, u64), BoxError> {
         .event::<Tick>(|m| m.id)
         .initially(when::<Tally, Tick>().then(|t, _| t.data.count += 1).transition_to("Counting"))
         .during("Counting", when::<Tally, Tick>().then(|t, _| t.data.count += 1))
-        .build();
+        .build()?;
     let options = RedisSagaOptions { key_prefix: prefix.to_owned(), ..RedisSagaOptions::default() };
     let repository = RedisSagaRepository::<Tally>::connect(REDIS, options).await?;
     let saga = Saga::new(machine, repository);

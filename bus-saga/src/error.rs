@@ -71,6 +71,48 @@ pub enum Error {
     /// something else): it cannot be updated, since its next version would repeat an old one.
     #[error("saga instance {0} is at the last possible version and cannot be updated")]
     VersionExhausted(Uuid),
+    /// A behaviour names a state that is not declared (a typo, or a state left out of
+    /// `states`).
+    #[error("state `{state}` is not declared (used in {used_in})")]
+    UnknownState {
+        /// The state named.
+        state: String,
+        /// Where: `initially`, `during Pending`, `when_enter Done`...
+        used_in: String,
+    },
+    /// A behaviour handles an event that is not declared, so nothing says how it finds its
+    /// instance.
+    #[error("event {event} is handled ({used_in}) but not declared with a correlation")]
+    UndeclaredEvent {
+        /// The event's URN.
+        event: &'static str,
+        /// Where it is handled.
+        used_in: String,
+    },
+    /// A declared state that no transition reaches from `Initial`.
+    #[error("state `{0}` is declared but no transition reaches it")]
+    UnreachableState(String),
+    /// `when_enter` / `when_leave` activities kept moving the instance between states.
+    #[error("saga instance {id}: transitions from when_enter/when_leave activities loop (at state {state})")]
+    TransitionLoop {
+        /// The instance.
+        id: Uuid,
+        /// The state it was moving to when the loop was cut.
+        state: String,
+    },
+    /// A [`SagaProbe`](crate::SagaProbe) waited in vain.
+    #[error("saga instance {id} did not reach {waited_for} in time (last state: {last_state:?})")]
+    WaitTimedOut {
+        /// The instance.
+        id: Uuid,
+        /// What it waited for.
+        waited_for: String,
+        /// The instance's state when it gave up (`None`: no instance).
+        last_state: Option<String>,
+    },
+    /// A probe of a state machine that was put in no saga ([`Saga::new`](crate::Saga::new)).
+    #[error("state machine {0} is in no saga")]
+    NotInASaga(String),
     /// Publishing, sending or responding failed.
     #[error(transparent)]
     Bus(#[from] bus_core::Error),

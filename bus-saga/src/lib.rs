@@ -49,7 +49,7 @@
 //!     .states(["Booked"])
 //!     .event::<TripBooked>(|m| m.trip)
 //!     .initially(when::<TripState, TripBooked>().then(|trip, _| trip.data.legs = 1).transition_to("Booked"))
-//!     .build();
+//!     .build()?;
 //! let repository = InMemorySagaRepository::new();
 //! let saga = Saga::new(machine, repository.clone());
 //! let harness = InMemoryTestHarness::start(move |bus| bus.endpoint(saga.endpoint())).await?;
@@ -67,9 +67,12 @@ mod activities;
 mod error;
 mod instance;
 mod machine;
+mod probe;
 mod register;
 mod repository;
+mod request;
 mod runtime;
+mod schedule;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -81,11 +84,16 @@ pub use machine::{
     MissingHandler, MissingInstance, Outcome, StateMachine, StateMachineBuilder, Transition, TransitionRecord,
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_KEEP_FINALIZED_FOR,
 };
+#[cfg(feature = "testing")]
+pub use probe::SagaHarnessExt;
+pub use probe::{SagaProbe, DEFAULT_PROBE_TIMEOUT};
 pub use register::{Saga, SagaEndpointExt};
 pub use repository::{InMemorySagaRepository, SagaRepository};
 #[cfg(feature = "redis")]
 pub use repository::{RedisSagaOptions, RedisSagaRepository};
+pub use request::{Request, RequestTimeoutExpired, DEFAULT_REQUEST_TIMEOUT};
 pub use runtime::SagaStats;
+pub use schedule::Schedule;
 
 /// What a saga's own data must be: serde, a default for new instances, cheap enough to clone.
 pub trait SagaData: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static {}

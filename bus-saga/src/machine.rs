@@ -9,9 +9,12 @@ use bus_core::{BoxError, ConsumeContext, Endpoint, Message};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
-use crate::activities::{Activity, EventActivities, Produced, Redispatch};
+use crate::activities::{cancel_timeout, Activity, Effects, EventActivities, Produced, Redispatch};
 use crate::instance::{FINAL, INITIAL};
+use crate::probe::BoundRuntime;
+use crate::request::{Request, RequestTimeoutExpired};
 use crate::runtime::{SagaEventConsumer, SagaRuntime};
+use crate::schedule::Schedule;
 use crate::{Error, SagaData, SagaInstance};
 
 /// Custom handling of an event whose instance is missing.
@@ -41,9 +44,30 @@ impl<E> std::fmt::Debug for MissingInstance<E> {
     }
 }
 
-pub(crate) struct EventDefinition<E> {
-    pub(crate) correlate: Box<dyn Fn(&E) -> Uuid + Send + Sync>,
+/// How an event finds its instance.
+pub(crate) enum Correlate<E> {
+    /// By a field of the message (MassTransit's `CorrelateById`).
+    ById(Box<dyn Fn(&E) -> Uuid + Send + Sync>),
+    /// By the request id it carries: a response to a request the instance sent.
+    ByRequestId,
+}
+
+/// Checks an event against the instance before its behaviour runs: `false` ignores it (a
+/// stale timeout, an answer to a request no longer pending).
+pub(crate) type Guard<S, E> = Box<dyn Fn(&mut SagaInstance<S>, &E, &EventInfo, &mut Effects) -> bool + Send + Sync>;
+
+pub(crate) struct EventDefinition<S, E> {
+    pub(crate) correlate: Correlate<E>,
     pub(crate) missing: MissingInstance<E>,
+    pub(crate) guard: Option<Guard<S, E>>,
+}
+
+/// What the runtime knows of a delivered event beyond its message.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EventInfo {
+    pub(crate) message_id: Option<Uuid>,
+    pub(crate) request_id: Option<Uuid>,
+    pub(crate) scheduling_token: Option<Uuid>,
 }
 
 type Registration<S> = Arc<dyn Fn(Endpoint, Arc<SagaRuntime<S>>) -> Endpoint + Send + Sync>;
@@ -84,7 +108,7 @@ type TransitionHook = Arc<dyn Fn(&TransitionRecord) + Send + Sync>;
 
 /// The result of applying one event, before anything is saved or sent.
 #[derive(Debug)]
-pub struct Transition<S, E> {
+pub struct Transition<S> {
     /// The instance after the event (for `Missing`, a fresh one that is not saved).
     pub instance: SagaInstance<S>,
     /// The state before the event (`Initial` for a new instance).
@@ -93,8 +117,9 @@ pub struct Transition<S, E> {
     pub path: Vec<String>,
     /// What happened.
     pub outcome: Outcome,
-    /// Messages to publish, send or respond once the instance is saved.
-    pub produced: Vec<Produced<E>>,
+    /// Messages to publish, send, respond or schedule (and schedules to cancel) once the
+    /// instance is saved.
+    pub produced: Vec<Produced>,
 }
 
 /// A saga's state machine, built like MassTransit's `MassTransitStateMachine<T>`.
@@ -122,7 +147,8 @@ pub struct Transition<S, E> {
 ///     .initially(when::<DoorState, Open>().then(|door, _| door.data.opened += 1).transition_to("Opened"))
 ///     .during("Opened", when::<DoorState, Close>().transition_to("Closed"))
 ///     .during("Closed", when::<DoorState, Open>().then(|door, _| door.data.opened += 1).transition_to("Opened"))
-///     .build();
+///     .build()
+///     .expect("every state and event is declared");
 ///
 /// # tokio_test(async {
 /// let door = uuid::Uuid::now_v7();
@@ -151,10 +177,75 @@ pub struct StateMachine<S> {
     keep_finalized_for: Duration,
     registrations: Vec<Registration<S>>,
     hooks: Vec<TransitionHook>,
-    /// Per event and produced message type: how to send the message again from stored JSON
-    /// (a [`Redispatch<E>`]).
-    redispatch: HashMap<(&'static str, &'static str), Arc<dyn Any + Send + Sync>>,
+    /// Per produced message type: how to send the message again from stored JSON.
+    redispatch: HashMap<&'static str, Redispatch>,
+    /// What runs when an instance enters or leaves a state (`Final`'s: `finally`).
+    enter: HashMap<String, Vec<Activity<S, ()>>>,
+    leave: HashMap<String, Vec<Activity<S, ()>>>,
+    composites: Vec<Composite<S>>,
+    /// Where each behaviour is used and where it may move, checked by `build`.
+    uses: Vec<BehaviorUse>,
+    /// Events declared with `ignore`, checked by `build`.
+    ignore_uses: Vec<(String, &'static str)>,
+    /// The saga it was last put in, for probes.
+    bound: BoundRuntime<S>,
 }
+
+/// Where a behaviour was declared, for `build`'s checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UsedIn {
+    Initially,
+    During(String),
+    DuringAny,
+    Enter(String),
+    Leave(String),
+}
+
+impl std::fmt::Display for UsedIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UsedIn::Initially => f.write_str("initially"),
+            UsedIn::During(state) => write!(f, "during {state}"),
+            UsedIn::DuringAny => f.write_str("during_any"),
+            UsedIn::Enter(state) => write!(f, "when_enter {state}"),
+            UsedIn::Leave(state) => write!(f, "when_leave {state}"),
+        }
+    }
+}
+
+struct BehaviorUse {
+    /// The event's URN (`None` for state activities).
+    event: Option<&'static str>,
+    used_in: UsedIn,
+    targets: Vec<String>,
+}
+
+type FireComposite<S> = Arc<
+    dyn for<'a> Fn(&'a StateMachine<S>, &'a mut SagaInstance<S>, &'a mut Run) -> BoxFuture<'a, Result<(), Error>>
+        + Send
+        + Sync,
+>;
+
+/// An event raised when all of a set of events have arrived, in any order.
+struct Composite<S> {
+    event: &'static str,
+    members: Vec<&'static str>,
+    status: Arc<dyn Fn(&mut S) -> &mut u32 + Send + Sync>,
+    fire: FireComposite<S>,
+}
+
+/// One event's run through its activities.
+pub(crate) struct Run {
+    effects: Effects,
+    path: Vec<String>,
+    caught: Option<Error>,
+    /// Transitions made from within `when_enter`/`when_leave`, nested: bounded, so that two
+    /// states entering each other fail instead of looping.
+    depth: u32,
+}
+
+/// How deep transitions from `when_enter`/`when_leave` activities may nest.
+const MAX_NESTED_TRANSITIONS: u32 = 32;
 
 impl<S> std::fmt::Debug for StateMachine<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -191,20 +282,25 @@ struct Behavior<S, E> {
 }
 
 impl<S: SagaData> StateMachine<S> {
-    /// Keeps event `E`'s activities (erased) and how to send again what they produce.
-    fn erase<E: Message>(&mut self, activities: EventActivities<S, E>) -> Arc<dyn Any + Send + Sync> {
-        for (message_type, redispatch) in activities.redispatch {
-            self.redispatch.insert((E::message_type(), message_type), Arc::new(redispatch));
-        }
-        Arc::new(Behavior { activities: activities.activities })
+    /// Keeps event `E`'s activities (erased), how to send again what they produce, and
+    /// where they may move for `build`'s checks.
+    fn erase<E: Send + Sync + 'static>(
+        &mut self,
+        event: Option<&'static str>,
+        used_in: UsedIn,
+        activities: EventActivities<S, E>,
+    ) -> Vec<Activity<S, E>> {
+        self.redispatch.extend(activities.redispatch);
+        let mut targets = Vec::new();
+        Activity::targets(&activities.activities, &mut targets);
+        let targets = targets.into_iter().map(str::to_owned).collect();
+        self.uses.push(BehaviorUse { event, used_in, targets });
+        activities.activities
     }
 
-    /// How to send again a message of type `message_type` that event `E` produced.
-    pub(crate) fn redispatcher<E: Message>(&self, message_type: &str) -> Option<&Redispatch<E>> {
-        self.redispatch
-            .iter()
-            .find(|((event, produced), _)| *event == E::message_type() && *produced == message_type)
-            .and_then(|(_, redispatch)| redispatch.downcast_ref::<Redispatch<E>>())
+    /// How to send again a message of type `message_type` a transition produced.
+    pub(crate) fn redispatcher(&self, message_type: &str) -> Option<&Redispatch> {
+        self.redispatch.get(message_type)
     }
 }
 
@@ -228,6 +324,12 @@ impl<S: SagaData> StateMachine<S> {
                 registrations: Vec::new(),
                 hooks: Vec::new(),
                 redispatch: HashMap::new(),
+                enter: HashMap::new(),
+                leave: HashMap::new(),
+                composites: Vec::new(),
+                uses: Vec::new(),
+                ignore_uses: Vec::new(),
+                bound: BoundRuntime::new(),
             },
         }
     }
@@ -263,19 +365,35 @@ impl<S: SagaData> StateMachine<S> {
         &self.registrations
     }
 
+    pub(crate) fn bind(&self, runtime: &Arc<SagaRuntime<S>>) {
+        self.bound.bind(runtime);
+    }
+
+    pub(crate) fn bound_runtime(&self) -> Option<Arc<SagaRuntime<S>>> {
+        self.bound.get()
+    }
+
     pub(crate) fn notify(&self, record: &TransitionRecord) {
         for hook in &self.hooks {
             hook(record);
         }
     }
 
-    pub(crate) fn event<E: Message>(&self) -> Option<&EventDefinition<E>> {
-        self.events.get(E::message_type()).and_then(|d| d.downcast_ref::<EventDefinition<E>>())
+    pub(crate) fn event<E: Message>(&self) -> Option<&EventDefinition<S, E>> {
+        self.events.get(E::message_type()).and_then(|d| d.downcast_ref::<EventDefinition<S, E>>())
     }
 
-    /// The instance id event `E` correlates to.
+    /// The instance id event `E` correlates to, by its message alone (`None` for an event
+    /// not declared, or correlated by the request id it carries).
     pub fn correlate<E: Message>(&self, event: &E) -> Option<Uuid> {
-        self.event::<E>().map(|d| (d.correlate)(event))
+        self.correlate_with(event, &EventInfo::default())
+    }
+
+    pub(crate) fn correlate_with<E: Message>(&self, event: &E, info: &EventInfo) -> Option<Uuid> {
+        match &self.event::<E>()?.correlate {
+            Correlate::ById(f) => Some(f(event)),
+            Correlate::ByRequestId => info.request_id,
+        }
     }
 
     fn behavior<E: Message>(&self, state: &str) -> Option<&Behavior<S, E>> {
@@ -291,19 +409,115 @@ impl<S: SagaData> StateMachine<S> {
         found.and_then(|b| b.downcast_ref::<Behavior<S, E>>())
     }
 
+    /// Runs activities in order on the instance.
+    fn run<'a, E: Send + Sync + 'static>(
+        &'a self,
+        activities: &'a [Activity<S, E>],
+        instance: &'a mut SagaInstance<S>,
+        event: &'a E,
+        run: &'a mut Run,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            for activity in activities {
+                match activity {
+                    Activity::Then(f) => f(instance, event),
+                    Activity::ThenAsync(f) => f(instance, event).await.map_err(Error::Activity)?,
+                    Activity::Produce(f) => f(instance, event, &mut run.effects)?,
+                    Activity::TransitionTo(state) => self.transition(state, instance, run).await?,
+                    Activity::If(condition, then, otherwise) => {
+                        let branch = if condition(instance, event) { then } else { otherwise };
+                        self.run(branch, instance, event, run).await?;
+                    }
+                    Activity::Catch(body, handler) => {
+                        if let Err(error) = self.run(body, instance, event, run).await {
+                            tracing::debug!(saga = %self.name, id = %instance.correlation_id, error = %bus_core::logged::chain(&error), "saga activity failed; caught");
+                            let outer = run.caught.replace(error);
+                            let handled = self.run(handler, instance, event, run).await;
+                            run.caught = outer;
+                            handled?;
+                        }
+                    }
+                    Activity::Caught(f) => {
+                        if let Some(error) = &run.caught {
+                            f(instance, event, error);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Moves the instance to `state`: what leaving its state does, then what entering the
+    /// new one does (nothing when it stays where it is).
+    fn transition<'a>(
+        &'a self,
+        state: &'a str,
+        instance: &'a mut SagaInstance<S>,
+        run: &'a mut Run,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if instance.current_state == state {
+                run.path.push(state.to_owned());
+                return Ok(());
+            }
+            run.depth += 1;
+            if run.depth > MAX_NESTED_TRANSITIONS {
+                return Err(Error::TransitionLoop { id: instance.correlation_id, state: state.to_owned() });
+            }
+            let leaving = instance.current_state.clone();
+            if let Some(leave) = self.leave.get(&leaving) {
+                self.run(leave, instance, &(), run).await?;
+            }
+            instance.current_state = state.to_owned();
+            run.path.push(state.to_owned());
+            if let Some(enter) = self.enter.get(state) {
+                self.run(enter, instance, &(), run).await?;
+            }
+            run.depth -= 1;
+            Ok(())
+        })
+    }
+
     /// Applies an event to an instance (`None`: it does not exist), without saving or sending
     /// anything: the state machine alone, testable without a broker or repository.
     pub async fn apply<E: Message>(
         &self,
         instance: Option<SagaInstance<S>>,
         event: &E,
-    ) -> Result<Transition<S, E>, Error> {
-        let id = self.correlate(event).unwrap_or_else(Uuid::nil);
+    ) -> Result<Transition<S>, Error> {
+        self.apply_with(instance, event, &EventInfo::default()).await
+    }
+
+    /// [`apply`](Self::apply), knowing the delivered event's ids: produced ids and tokens
+    /// derive from its message id, and schedules and requests check their tokens.
+    pub(crate) async fn apply_with<E: Message>(
+        &self,
+        instance: Option<SagaInstance<S>>,
+        event: &E,
+        info: &EventInfo,
+    ) -> Result<Transition<S>, Error> {
+        let id = self.correlate_with(event, info).unwrap_or_else(Uuid::nil);
         let (mut instance, created) = match instance {
             Some(instance) => (instance, false),
             None => (SagaInstance::new(id, S::default()), true),
         };
         let begin_state = instance.current_state.clone();
+        let ids = info.message_id.map(|m| (m, format!("{}/{}", self.name, E::message_type())));
+        let mut run = Run { effects: Effects::new(ids), path: Vec::new(), caught: None, depth: 0 };
+        let guard = self.event::<E>().and_then(|d| d.guard.as_ref());
+        if let Some(guard) = guard.filter(|_| !created) {
+            if !guard(&mut instance, event, info, &mut run.effects) {
+                tracing::debug!(saga = %self.name, %id, event = E::message_type(), "stale timeout or answer; ignored");
+                return Ok(Transition {
+                    instance,
+                    begin_state,
+                    path: Vec::new(),
+                    outcome: Outcome::Ignored,
+                    produced: Vec::new(),
+                });
+            }
+        }
         let Some(behavior) = self.behavior::<E>(&begin_state) else {
             let outcome = if created {
                 Outcome::Missing
@@ -316,19 +530,8 @@ impl<S: SagaData> StateMachine<S> {
             };
             return Ok(Transition { instance, begin_state, path: Vec::new(), outcome, produced: Vec::new() });
         };
-        let mut produced = Vec::new();
-        let mut path = Vec::new();
-        for activity in &behavior.activities {
-            match activity {
-                Activity::Then(f) => f(&mut instance, event),
-                Activity::ThenAsync(f) => f(&mut instance, event).await.map_err(Error::Activity)?,
-                Activity::Produce(f) => produced.push(f(&instance, event)?),
-                Activity::TransitionTo(state) => {
-                    instance.current_state.clone_from(state);
-                    path.push(state.clone());
-                }
-            }
-        }
+        self.run(&behavior.activities, &mut instance, event, &mut run).await?;
+        self.complete_composites(E::message_type(), &mut instance, &mut run).await?;
         let outcome = if instance.current_state == FINAL && self.completed_when_finalized {
             Outcome::Completed
         } else if created {
@@ -336,17 +539,106 @@ impl<S: SagaData> StateMachine<S> {
         } else {
             Outcome::Updated
         };
-        Ok(Transition { instance, begin_state, path, outcome, produced })
+        Ok(Transition { instance, begin_state, path: run.path, outcome, produced: run.effects.produced })
+    }
+
+    /// Marks `event` as arrived in the composites it is part of, and raises those it
+    /// completes, in the state the instance is in now.
+    async fn complete_composites(
+        &self,
+        event: &str,
+        instance: &mut SagaInstance<S>,
+        run: &mut Run,
+    ) -> Result<(), Error> {
+        for composite in &self.composites {
+            let Some(position) = composite.members.iter().position(|m| *m == event) else { continue };
+            let all = u32::MAX >> (32 - composite.members.len());
+            let status = (composite.status)(&mut instance.data);
+            let before = *status;
+            *status |= 1 << position;
+            if *status == all && before != all {
+                (composite.fire)(self, instance, run).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks `build` makes.
+    fn check(&self) -> Result<(), Error> {
+        let known = |state: &str| self.states.iter().any(|s| s == state);
+        for used in &self.uses {
+            if let UsedIn::During(state) | UsedIn::Enter(state) | UsedIn::Leave(state) = &used.used_in {
+                if !known(state) {
+                    return Err(Error::UnknownState { state: state.clone(), used_in: used.used_in.to_string() });
+                }
+            }
+            if let Some(target) = used.targets.iter().find(|t| !known(t)) {
+                return Err(Error::UnknownState { state: target.clone(), used_in: used.used_in.to_string() });
+            }
+            if let Some(event) = used.event {
+                let declared = self.events.contains_key(event) || self.composites.iter().any(|c| c.event == event);
+                if !declared {
+                    return Err(Error::UndeclaredEvent { event, used_in: used.used_in.to_string() });
+                }
+            }
+        }
+        for (state, event) in &self.ignore_uses {
+            if state != "*" && !known(state) {
+                return Err(Error::UnknownState { state: state.clone(), used_in: format!("ignore {event}") });
+            }
+            if !self.events.contains_key(event) {
+                return Err(Error::UndeclaredEvent { event, used_in: format!("ignore in {state}") });
+            }
+        }
+        for composite in &self.composites {
+            if let Some(member) = composite.members.iter().find(|m| !self.events.contains_key(*m)) {
+                return Err(Error::UndeclaredEvent {
+                    event: member,
+                    used_in: format!("composite {}", composite.event),
+                });
+            }
+        }
+        let reachable = self.reachable();
+        if let Some(state) = self.states.iter().skip(2).find(|s| !reachable.contains(s.as_str())) {
+            return Err(Error::UnreachableState(state.clone()));
+        }
+        Ok(())
+    }
+
+    /// The states an instance can reach from `Initial`.
+    fn reachable(&self) -> HashSet<&str> {
+        let mut reached: HashSet<&str> = HashSet::from([INITIAL]);
+        let mut queue = vec![INITIAL];
+        while let Some(state) = queue.pop() {
+            for used in &self.uses {
+                let from_here = match &used.used_in {
+                    UsedIn::Initially => state == INITIAL,
+                    UsedIn::During(s) | UsedIn::Enter(s) | UsedIn::Leave(s) => s == state,
+                    UsedIn::DuringAny => state != INITIAL && state != FINAL,
+                };
+                if !from_here {
+                    continue;
+                }
+                for target in &used.targets {
+                    if reached.insert(target) {
+                        queue.push(target);
+                    }
+                }
+            }
+        }
+        reached
     }
 }
 
 impl<S: SagaData> StateMachineBuilder<S> {
-    /// Declares states (in order, after `Initial` and `Final`).
-    pub fn states<I: IntoIterator<Item = T>, T: Into<String>>(mut self, states: I) -> Self {
+    /// Declares states (in order, after `Initial` and `Final`): names, or the values of your
+    /// state enum when it is `AsRef<str>`. Every state a behaviour names must be declared,
+    /// and every declared state reachable: [`build`](Self::build) checks.
+    pub fn states<I: IntoIterator<Item = T>, T: AsRef<str>>(mut self, states: I) -> Self {
         for state in states {
-            let state = state.into();
-            if !self.machine.states.contains(&state) {
-                self.machine.states.push(state);
+            let state = state.as_ref();
+            if !self.machine.states.iter().any(|s| s == state) {
+                self.machine.states.push(state.to_owned());
             }
         }
         self
@@ -360,11 +652,14 @@ impl<S: SagaData> StateMachineBuilder<S> {
 
     /// Declares event `E` with what to do when its instance is missing.
     pub fn event_with<E: Message>(
-        mut self,
+        self,
         correlate: impl Fn(&E) -> Uuid + Send + Sync + 'static,
         missing: MissingInstance<E>,
     ) -> Self {
-        let definition = EventDefinition { correlate: Box::new(correlate), missing };
+        self.declare(EventDefinition { correlate: Correlate::ById(Box::new(correlate)), missing, guard: None })
+    }
+
+    fn declare<E: Message>(mut self, definition: EventDefinition<S, E>) -> Self {
         self.machine.events.insert(E::message_type(), Arc::new(definition));
         self.machine.registrations.push(Arc::new(|endpoint: Endpoint, runtime: Arc<SagaRuntime<S>>| {
             endpoint.consumer(SagaEventConsumer::<S, E>::new(runtime))
@@ -372,30 +667,205 @@ impl<S: SagaData> StateMachineBuilder<S> {
         self
     }
 
+    /// Declares `schedule`'s message `M` as an event, correlated by `correlate`. A message
+    /// whose token is not the one the instance keeps (a schedule cancelled or started again
+    /// since) is ignored; the current one clears the kept token. One whose instance is gone
+    /// is discarded.
+    pub fn schedule<M: Message>(
+        self,
+        schedule: &Schedule<S, M>,
+        correlate: impl Fn(&M) -> Uuid + Send + Sync + 'static,
+    ) -> Self {
+        let schedule = schedule.clone();
+        let guard: Guard<S, M> = Box::new(move |instance, _, info, _| match info.scheduling_token {
+            // Sent by hand rather than by the scheduler: taken as it is.
+            None => true,
+            Some(token) if schedule.token(&mut instance.data) == Some(token) => {
+                schedule.take_token(&mut instance.data);
+                true
+            }
+            Some(_) => false,
+        });
+        self.declare(EventDefinition {
+            correlate: Correlate::ById(Box::new(correlate)),
+            missing: MissingInstance::Discard,
+            guard: Some(guard),
+        })
+    }
+
+    /// Declares `request`'s answers as events of the instance that sent it (MassTransit's
+    /// `Request`): its response `R` (completed) and `Fault<Q>` (faulted), correlated by the
+    /// request id they carry, and [`RequestTimeoutExpired<Q>`]. The first of them to come
+    /// while the request is pending clears its id from the instance (and a response or
+    /// fault cancels the timeout); any that comes when it is no longer pending is ignored.
+    pub fn request<Q: Message, R: Message>(self, request: &Request<S, Q, R>) -> Self {
+        /// A response or fault: current only while its request is pending.
+        fn answer<S: SagaData, Q: Message, R: 'static, A: Message>(request: &Request<S, Q, R>) -> Guard<S, A> {
+            let request = request.clone();
+            Box::new(move |instance, _, info, effects| {
+                let pending = request.pending(&mut instance.data);
+                if pending.is_none() || pending != info.request_id {
+                    return false;
+                }
+                request.take_request_id(&mut instance.data);
+                if request.timeout_after().is_some() {
+                    if let Some(request_id) = pending {
+                        cancel_timeout(effects, request.timeout_token(request_id));
+                    }
+                }
+                true
+            })
+        }
+        let completed = EventDefinition::<S, R> {
+            correlate: Correlate::ByRequestId,
+            missing: MissingInstance::Skip,
+            guard: Some(answer::<S, Q, R, R>(request)),
+        };
+        let faulted = EventDefinition::<S, bus_core::Fault<Q>> {
+            correlate: Correlate::ByRequestId,
+            missing: MissingInstance::Skip,
+            guard: Some(answer::<S, Q, R, bus_core::Fault<Q>>(request)),
+        };
+        let timed_out = {
+            let request = request.clone();
+            let guard: Guard<S, RequestTimeoutExpired<Q>> = Box::new(move |instance, expired, info, _| {
+                let pending = request.pending(&mut instance.data);
+                let current = pending == Some(expired.request_id)
+                    && info.scheduling_token.is_none_or(|token| token == request.timeout_token(expired.request_id));
+                if current {
+                    request.take_request_id(&mut instance.data);
+                }
+                current
+            });
+            EventDefinition::<S, RequestTimeoutExpired<Q>> {
+                correlate: Correlate::ById(Box::new(|m: &RequestTimeoutExpired<Q>| m.correlation_id)),
+                missing: MissingInstance::Discard,
+                guard: Some(guard),
+            }
+        };
+        self.declare(completed).declare(faulted).declare(timed_out)
+    }
+
+    /// Declares composite event `C`, raised once all of `events` have arrived, in any order
+    /// (MassTransit's `CompositeEvent`). Which have arrived is kept as bits in the `u32`
+    /// field `status` returns; `C` is then handled in the state the instance is in, as any
+    /// event (`during(state, when::<S, C>()...)`), right after the event that completed it.
+    /// Only events handled in the instance's state count. At most 32 events.
+    ///
+    /// ```
+    /// use bus_core::Message;
+    /// use bus_saga::{when, StateMachine};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Serialize, Deserialize, Message)] #[message(urn = "urn:message:Shop:Paid")] struct Paid { order: uuid::Uuid }
+    /// # #[derive(Debug, Serialize, Deserialize, Message)] #[message(urn = "urn:message:Shop:Packed")] struct Packed { order: uuid::Uuid }
+    /// #[derive(Debug, Default, Serialize, Deserialize, Message)]
+    /// #[message(urn = "urn:message:Shop:ReadyToShip")]
+    /// struct ReadyToShip;
+    /// #[derive(Clone, Default, Serialize, Deserialize)]
+    /// struct Order { ready: u32 }
+    ///
+    /// let machine = StateMachine::<Order>::builder("Order")
+    ///     .states(["Open", "Shipping"])
+    ///     .event::<Paid>(|m| m.order)
+    ///     .event::<Packed>(|m| m.order)
+    ///     .composite_event::<ReadyToShip>(|o| &mut o.ready, &[Paid::message_type(), Packed::message_type()])
+    ///     .initially(when::<Order, Paid>().transition_to("Open"))
+    ///     .initially(when::<Order, Packed>().transition_to("Open"))
+    ///     .during("Open", when::<Order, Paid>())
+    ///     .during("Open", when::<Order, Packed>())
+    ///     .during("Open", when::<Order, ReadyToShip>().transition_to("Shipping"))
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(machine);
+    /// ```
+    pub fn composite_event<C: Message + Default>(
+        mut self,
+        status: impl Fn(&mut S) -> &mut u32 + Send + Sync + 'static,
+        events: &[&'static str],
+    ) -> Self {
+        let fire: FireComposite<S> = Arc::new(|machine, instance, run| {
+            Box::pin(async move {
+                let state = instance.current_state.clone();
+                match machine.behavior::<C>(&state) {
+                    Some(behavior) => machine.run(&behavior.activities, instance, &C::default(), run).await,
+                    None => Ok(()),
+                }
+            })
+        });
+        let members = events.iter().copied().take(32).collect();
+        self.machine.composites.push(Composite { event: C::message_type(), members, status: Arc::new(status), fire });
+        self
+    }
+
     /// What events do to a new instance (MassTransit's `Initially`).
     pub fn initially<E: Message>(mut self, activities: EventActivities<S, E>) -> Self {
-        let behavior = self.machine.erase(activities);
-        self.machine.initially.insert(E::message_type(), behavior);
+        let activities = self.machine.erase(Some(E::message_type()), UsedIn::Initially, activities);
+        self.machine.initially.insert(E::message_type(), Arc::new(Behavior { activities }));
         self
     }
 
     /// What an event does in `state` (MassTransit's `During`).
-    pub fn during<E: Message>(mut self, state: &str, activities: EventActivities<S, E>) -> Self {
-        let behavior = self.machine.erase(activities);
-        self.machine.during.entry(state.to_owned()).or_default().insert(E::message_type(), behavior);
+    pub fn during<E: Message>(mut self, state: impl AsRef<str>, activities: EventActivities<S, E>) -> Self {
+        let state = state.as_ref().to_owned();
+        let activities = self.machine.erase(Some(E::message_type()), UsedIn::During(state.clone()), activities);
+        self.machine.during.entry(state).or_default().insert(E::message_type(), Arc::new(Behavior { activities }));
         self
     }
 
     /// What an event does in any state but `Initial` and `Final` (MassTransit's `DuringAny`).
     pub fn during_any<E: Message>(mut self, activities: EventActivities<S, E>) -> Self {
-        let behavior = self.machine.erase(activities);
-        self.machine.during_any.insert(E::message_type(), behavior);
+        let activities = self.machine.erase(Some(E::message_type()), UsedIn::DuringAny, activities);
+        self.machine.during_any.insert(E::message_type(), Arc::new(Behavior { activities }));
         self
     }
 
+    /// What happens whenever an instance enters `state`, after the activities that moved
+    /// it there (MassTransit's `WhenEnter`).
+    ///
+    /// ```
+    /// use bus_saga::StateMachine;
+    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct S { entered: u32 }
+    /// let builder = StateMachine::<S>::builder("S")
+    ///     .states(["Open"])
+    ///     .when_enter("Open", |open| open.then(|instance, _| instance.data.entered += 1));
+    /// # drop(builder);
+    /// ```
+    pub fn when_enter(
+        mut self,
+        state: impl AsRef<str>,
+        activities: impl FnOnce(EventActivities<S, ()>) -> EventActivities<S, ()>,
+    ) -> Self {
+        let state = state.as_ref().to_owned();
+        let activities = self.machine.erase(None, UsedIn::Enter(state.clone()), activities(EventActivities::empty()));
+        self.machine.enter.entry(state).or_default().extend(activities);
+        self
+    }
+
+    /// What happens whenever an instance leaves `state`, before it enters the next
+    /// (MassTransit's `WhenLeave`).
+    pub fn when_leave(
+        mut self,
+        state: impl AsRef<str>,
+        activities: impl FnOnce(EventActivities<S, ()>) -> EventActivities<S, ()>,
+    ) -> Self {
+        let state = state.as_ref().to_owned();
+        let activities = self.machine.erase(None, UsedIn::Leave(state.clone()), activities(EventActivities::empty()));
+        self.machine.leave.entry(state).or_default().extend(activities);
+        self
+    }
+
+    /// What happens when an instance is finalized, whichever event finalized it
+    /// (MassTransit's `Finally`): `when_enter` of the final state. Messages it produces
+    /// leave before the instance is deleted.
+    pub fn finally(self, activities: impl FnOnce(EventActivities<S, ()>) -> EventActivities<S, ()>) -> Self {
+        self.when_enter(FINAL, activities)
+    }
+
     /// Event `E` is acknowledged without effect in `state` (`"*"`: in every state).
-    pub fn ignore<E: Message>(mut self, state: &str) -> Self {
-        self.machine.ignored.insert((state.to_owned(), E::message_type()));
+    pub fn ignore<E: Message>(mut self, state: impl AsRef<str>) -> Self {
+        let state = state.as_ref().to_owned();
+        self.machine.ignore_uses.push((state.clone(), E::message_type()));
+        self.machine.ignored.insert((state, E::message_type()));
         self
     }
 
@@ -421,7 +891,7 @@ impl<S: SagaData> StateMachineBuilder<S> {
     ///
     /// ```
     /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct S;
-    /// let machine = bus_saga::StateMachine::<S>::builder("OrderState").duplicate_window(50).build();
+    /// let machine = bus_saga::StateMachine::<S>::builder("OrderState").duplicate_window(50).build().unwrap();
     /// # let _ = machine;
     /// ```
     pub fn duplicate_window(mut self, events: usize) -> Self {
@@ -440,7 +910,8 @@ impl<S: SagaData> StateMachineBuilder<S> {
     /// use std::time::Duration;
     /// let machine = bus_saga::StateMachine::<S>::builder("OrderState")
     ///     .keep_finalized_for(Duration::from_secs(3600))
-    ///     .build();
+    ///     .build()
+    ///     .unwrap();
     /// # let _ = machine;
     /// ```
     pub fn keep_finalized_for(mut self, keep_for: Duration) -> Self {
@@ -454,8 +925,25 @@ impl<S: SagaData> StateMachineBuilder<S> {
         self
     }
 
-    /// The state machine.
-    pub fn build(self) -> Arc<StateMachine<S>> {
-        Arc::new(self.machine)
+    /// The state machine, checked: an error names the first mistake found, among a state
+    /// used but not declared ([`Error::UnknownState`]), an event handled but not declared
+    /// (so with no correlation: [`Error::UndeclaredEvent`]), and a declared state no
+    /// transition reaches from `Initial` ([`Error::UnreachableState`]).
+    ///
+    /// ```
+    /// use bus_saga::{when, Error, StateMachine};
+    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct Door;
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, bus_core::Message)]
+    /// # #[message(urn = "urn:message:Doors:Open")] struct Open { door: uuid::Uuid }
+    /// let typo = StateMachine::<Door>::builder("Door")
+    ///     .states(["Opened"])
+    ///     .event::<Open>(|m| m.door)
+    ///     .initially(when::<Door, Open>().transition_to("Opend"))
+    ///     .build();
+    /// assert!(matches!(typo, Err(Error::UnknownState { state, .. }) if state == "Opend"));
+    /// ```
+    pub fn build(self) -> Result<Arc<StateMachine<S>>, Error> {
+        self.machine.check()?;
+        Ok(Arc::new(self.machine))
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bus_core::Endpoint;
 
 use crate::runtime::{SagaRuntime, SagaStats};
-use crate::{SagaData, SagaRepository, StateMachine};
+use crate::{SagaData, SagaProbe, SagaRepository, StateMachine};
 
 /// A state machine with the repository its instances live in (MassTransit's
 /// `StateMachineSaga`), ready to go on an endpoint: its own with [`endpoint`](Self::endpoint),
@@ -24,7 +24,7 @@ use crate::{SagaData, SagaRepository, StateMachine};
 ///     .states(["Booked"])
 ///     .event::<TripBooked>(|m| m.trip)
 ///     .initially(when::<TripState, TripBooked>().transition_to("Booked"))
-///     .build();
+///     .build()?;
 /// let saga = Saga::new(machine, InMemorySagaRepository::new());
 /// let stats = saga.stats();
 /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
@@ -32,6 +32,7 @@ use crate::{SagaData, SagaRepository, StateMachine};
 ///     .build();
 /// assert_eq!(stats.conflicts(), 0);
 /// # drop(bus);
+/// # Ok::<_, bus_saga::Error>(())
 /// ```
 #[doc(alias = "StateMachineSaga")]
 pub struct Saga<S> {
@@ -48,7 +49,14 @@ impl<S: SagaData> Saga<S> {
     /// The saga of `machine`, with instances in `repository`.
     pub fn new<R: SagaRepository<S>>(machine: Arc<StateMachine<S>>, repository: R) -> Self {
         let stats = Arc::new(SagaStats::default());
-        Saga { runtime: Arc::new(SagaRuntime { machine, repository: Arc::new(repository), stats }) }
+        let runtime = Arc::new(SagaRuntime { machine, repository: Arc::new(repository), stats });
+        runtime.machine.bind(&runtime);
+        Saga { runtime }
+    }
+
+    /// A probe that waits for this saga's instances to reach states (for tests).
+    pub fn probe(&self) -> SagaProbe<S> {
+        SagaProbe::of_runtime(self.runtime.clone())
     }
 
     /// The saga's counters (conflicts, transitions), shared with the running saga.

@@ -12,8 +12,10 @@ use uuid::Uuid;
 
 use crate::activities::Leave;
 use crate::instance::FINAL;
-use crate::machine::{MissingInstance, Outcome, TransitionRecord};
-use crate::{AppliedEvent, Error, Result, SagaData, SagaInstance, SagaRepository, StateMachine, StoredMessage};
+use crate::machine::{EventInfo, MissingInstance, Outcome, TransitionRecord};
+use crate::{
+    AppliedEvent, Error, ProducedKind, Result, SagaData, SagaInstance, SagaRepository, StateMachine, StoredMessage,
+};
 
 /// The repository with its type erased: the saga's one erasure point.
 pub(crate) trait DynRepository<S>: Send + Sync {
@@ -159,6 +161,11 @@ impl SagaStats {
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
+    /// Wakes at the next saved transition.
+    pub(crate) fn saved_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.saved.notified()
+    }
+
     /// Concurrency conflicts met (each was retried with fresh state).
     pub fn conflicts(&self) -> u64 {
         self.conflicts.load(Ordering::Relaxed)
@@ -179,18 +186,35 @@ pub(crate) struct SagaRuntime<S> {
 
 impl<S: SagaData> SagaRuntime<S> {
     async fn consume<E: Message>(&self, ctx: &ConsumeContext<E>) -> Result<(), BoxError> {
-        let Some(id) = self.machine.correlate(ctx.message()) else {
-            return Err(format!("event {} is not declared on saga {}", E::message_type(), self.machine.name()).into());
+        let info = EventInfo {
+            message_id: None,
+            request_id: ctx.request_id(),
+            scheduling_token: ctx.receive_context().scheduling_token(),
+        };
+        let Some(id) = self.machine.correlate_with(ctx.message(), &info) else {
+            // Only an answer to a request correlates by something it may lack.
+            return Err(Skip::new(format!(
+                "{} carries no request id to find its instance of saga {}",
+                E::message_type(),
+                self.machine.name()
+            ))
+            .into());
         };
         let mut lock = LockGuard::take(self.repository.clone(), id).await?;
-        let result = self.consume_instance(ctx, id).await;
+        let result = self.consume_instance(ctx, id, info).await;
         lock.release().await;
         result
     }
 
-    async fn consume_instance<E: Message>(&self, ctx: &ConsumeContext<E>, id: Uuid) -> Result<(), BoxError> {
+    async fn consume_instance<E: Message>(
+        &self,
+        ctx: &ConsumeContext<E>,
+        id: Uuid,
+        mut info: EventInfo,
+    ) -> Result<(), BoxError> {
         let attempts = self.machine.conflict_attempts();
         let message_id = ctx.message_id().or_else(|| Some(self.derived_event_id(ctx, id)));
+        info.message_id = message_id;
         for attempt in 1..=attempts {
             let loaded = self.repository.load(id).await?;
             // Finalized, and kept only until the messages of its last transition have left.
@@ -212,12 +236,9 @@ impl<S: SagaData> SagaRuntime<S> {
                 return self.missing(ctx, id).await;
             }
             let expected = loaded.as_ref().map(|i| i.version);
-            let mut transition = self.machine.apply(loaded, ctx.message()).await?;
-            if let Some(event_id) = message_id {
-                for (index, produced) in transition.produced.iter_mut().enumerate() {
-                    produced.message_id = self.produced_id(event_id, E::message_type(), index);
-                }
-            }
+            // Produced ids and schedule tokens derive from the event's id: applied again, it
+            // produces the same.
+            let mut transition = self.machine.apply_with(loaded, ctx.message(), &info).await?;
             // An instance finalized by an event that produced messages is kept until they have
             // left, so that the event, delivered again, can still send them; unless they are
             // stored durably with it (a database outbox), in one transaction with its deletion.
@@ -289,7 +310,7 @@ impl<S: SagaData> SagaRuntime<S> {
                     // for them can go.
                     let leave = if finalizing { Leave::AtOnce } else { Leave::WithTheConsume };
                     for produced in transition.produced {
-                        (produced.dispatch)(ctx, produced.message_id, leave).await?;
+                        (produced.dispatch)(ctx.receive_context(), produced.message_id, leave).await?;
                     }
                     if finalizing {
                         self.forget_finalized(id, expected.map_or(1, |version| version + 1)).await;
@@ -337,14 +358,6 @@ impl<S: SagaData> SagaRuntime<S> {
         }
     }
 
-    /// The id of the `index`th message a transition produced for the event `event_id` of
-    /// type `event_type`: a name-based (v5) UUID, the same whenever the event is applied or
-    /// sent again, and distinct per saga, event type and message.
-    fn produced_id(&self, event_id: Uuid, event_type: &str, index: usize) -> Uuid {
-        let name = format!("{}/{event_type}/{index}", self.machine.name());
-        Uuid::new_v5(&event_id, name.as_bytes())
-    }
-
     /// The event was applied and saved before, but its messages may not all have left (the
     /// broker was unreachable when they were released, say): sends them again, as its
     /// transition produced them (with the same ids), and changes nothing. At least once, as
@@ -363,11 +376,16 @@ impl<S: SagaData> SagaRuntime<S> {
             "event already applied; sending what its transition produced again");
         let leave = if finalized.is_some() { Leave::AtOnce } else { Leave::WithTheConsume };
         for stored in &applied.produced {
-            let Some(redispatch) = self.machine.redispatcher::<E>(&stored.message_type) else {
-                // The machine changed since: this event no longer produces that type.
+            if let ProducedKind::CancelScheduled(token) = stored.kind {
+                ctx.cancel_scheduled(token).await?;
+                continue;
+            }
+            let Some(redispatch) = self.machine.redispatcher(&stored.message_type) else {
+                // The machine changed since: it no longer produces that type.
                 return Err(Error::Redispatch { id, message_type: stored.message_type.clone() }.into());
             };
-            redispatch(ctx, stored.kind.clone(), stored.message_id, stored.message.clone(), leave).await?;
+            let (kind, json) = (stored.kind.clone(), stored.message.clone());
+            redispatch(ctx.receive_context(), kind, stored.message_id, json, leave).await?;
         }
         if let Some(version) = finalized {
             self.forget_finalized(id, version).await;

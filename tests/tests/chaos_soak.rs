@@ -77,6 +77,7 @@ fn trip_machine() -> Arc<StateMachine<Trip>> {
         // Kept in its final state, so that the end can check every instance.
         .completed_when_finalized(false)
         .build()
+        .expect("valid state machine")
 }
 
 /// How many times each id was seen.

@@ -144,7 +144,8 @@ async fn a_saga_event_without_a_message_id_is_applied_once() {
         .event::<Tick>(|m| m.tally_id)
         .initially(when::<Tally, Tick>().then(|t, _| t.data.count += 1).transition_to("Counting"))
         .during("Counting", when::<Tally, Tick>().then(|t, _| t.data.count += 1))
-        .build();
+        .build()
+        .expect("valid state machine");
     let transport = InMemoryTransport::new();
     let repository = InMemorySagaRepository::<Tally>::new();
     let saga = Saga::new(machine, repository.clone());
@@ -178,7 +179,8 @@ async fn a_kept_final_instance_survives_its_finalizing_event_delivered_again() {
         .initially(when::<Tally, Tick>().transition_to("Counting"))
         .during("Counting", when::<Tally, Tick>().finalize())
         .completed_when_finalized(false)
-        .build();
+        .build()
+        .expect("valid state machine");
     let repository = InMemorySagaRepository::<Tally>::new();
     let saga = Saga::new(machine, repository.clone());
     let stats = saga.stats();
@@ -229,7 +231,8 @@ async fn a_finalized_instance_waits_for_its_own_event_to_come_back() {
                 when::<Tally, Close>().send("queue:closings", |_, e| Closed { tally_id: e.tally_id }).finalize(),
             )
             .duplicate_window(window)
-            .build();
+            .build()
+            .expect("valid state machine");
         let transport = InMemoryTransport::new();
         let repository = InMemorySagaRepository::<Tally>::new();
         let saga = Saga::new(machine, repository.clone());

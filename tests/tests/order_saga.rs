@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use bus_core::{Endpoint, Message};
 use bus_inmemory::InMemoryTestHarness;
-use bus_saga::{InMemorySagaRepository, MissingInstance, Outcome, Saga, SagaInstance, TransitionRecord, FINAL};
+use bus_saga::{
+    InMemorySagaRepository, MissingInstance, Outcome, ProducedKind, Saga, SagaInstance, TransitionRecord, FINAL,
+};
 use examples::order_saga::{
     order_state_machine, order_state_machine_with, InventoryConsumer, NewOrderEvent, OrderCancelled, OrderProcessed,
-    OrderState, ProcessOrder,
+    OrderState, OrderTimeoutExpired, ProcessOrder, DEFAULT_ORDER_TIMEOUT,
 };
 use uuid::Uuid;
 
@@ -20,7 +22,7 @@ fn new_order(order_id: Uuid) -> NewOrderEvent {
 
 #[tokio::test]
 async fn new_order_creates_a_pending_instance_and_publishes_process_order() {
-    let machine = order_state_machine();
+    let machine = order_state_machine().expect("valid state machine");
     let id = Uuid::now_v7();
     let t = machine.apply(None, &new_order(id)).await.expect("accepted");
     assert_eq!(t.outcome, Outcome::Created);
@@ -29,12 +31,21 @@ async fn new_order_creates_a_pending_instance_and_publishes_process_order() {
     assert_eq!(t.instance.correlation_id, id);
     assert!(t.instance.data.processing_id.is_some());
     assert_eq!(t.instance.data.user_email.as_deref(), Some("ann@example.com"));
-    assert_eq!(t.produced.len(), 1);
+    assert_eq!(t.produced.len(), 2);
     assert_eq!(t.produced[0].message::<ProcessOrder>(), Some(ProcessOrder { order_id: id }));
+    // The order's timeout, scheduled under the token the instance keeps.
+    assert_eq!(t.produced[1].message::<OrderTimeoutExpired>(), Some(OrderTimeoutExpired { order_id: id }));
+    let token = t.instance.data.order_timeout_token_id.expect("token kept");
+    assert!(matches!(t.produced[1].kind, ProducedKind::Schedule { token: scheduled, .. } if scheduled == token));
 }
 
 async fn pending(id: Uuid) -> SagaInstance<OrderState> {
-    let mut instance = order_state_machine().apply(None, &new_order(id)).await.expect("created").instance;
+    let mut instance = order_state_machine()
+        .expect("valid state machine")
+        .apply(None, &new_order(id))
+        .await
+        .expect("created")
+        .instance;
     instance.version = 1;
     instance
 }
@@ -42,18 +53,26 @@ async fn pending(id: Uuid) -> SagaInstance<OrderState> {
 #[tokio::test]
 async fn order_processed_accepts_and_completes_the_order() {
     let id = Uuid::now_v7();
-    let t =
-        order_state_machine().apply(Some(pending(id).await), &OrderProcessed { order_id: id }).await.expect("accepted");
+    let instance = pending(id).await;
+    let token = instance.data.order_timeout_token_id;
+    let machine = order_state_machine().expect("valid state machine");
+    let t = machine.apply(Some(instance), &OrderProcessed { order_id: id }).await.expect("accepted");
     assert_eq!(t.outcome, Outcome::Completed, "finalized instances are deleted");
     assert_eq!(t.path, ["Accepted", FINAL]);
-    assert!(t.produced.is_empty());
+    // Nothing is sent; the timeout is cancelled.
+    assert_eq!(t.produced.len(), 1);
+    assert!(matches!(t.produced[0].kind, ProducedKind::CancelScheduled(cancelled) if Some(cancelled) == token));
 }
 
 #[tokio::test]
 async fn order_cancelled_cancels_and_completes_the_order() {
     let id = Uuid::now_v7();
     let event = OrderCancelled { order_id: id, reason: "Item not available".into() };
-    let t = order_state_machine().apply(Some(pending(id).await), &event).await.expect("accepted");
+    let t = order_state_machine()
+        .expect("valid state machine")
+        .apply(Some(pending(id).await), &event)
+        .await
+        .expect("accepted");
     assert_eq!(t.outcome, Outcome::Completed);
     assert_eq!(t.path, ["Cancelled", FINAL]);
     assert_eq!(t.instance.data.cancel_reason.as_deref(), Some("Item not available"));
@@ -61,7 +80,7 @@ async fn order_cancelled_cancels_and_completes_the_order() {
 
 #[tokio::test]
 async fn out_of_order_and_duplicate_events() {
-    let machine = order_state_machine();
+    let machine = order_state_machine().expect("valid state machine");
     let id = Uuid::now_v7();
     // A result before its order exists (or after it completed): no instance.
     let early = machine.apply(None, &OrderProcessed { order_id: id }).await.expect("no error");
@@ -91,13 +110,14 @@ async fn instance_json_has_the_fields_of_the_course_order_state() {
 
 fn collecting_machine(records: &Arc<Mutex<Vec<TransitionRecord>>>) -> Arc<bus_saga::StateMachine<OrderState>> {
     let records = records.clone();
-    order_state_machine_with(move |m| {
+    order_state_machine_with(DEFAULT_ORDER_TIMEOUT, move |m| {
         m.on_transition(move |r| {
             if let Ok(mut all) = records.lock() {
                 all.push(r.clone());
             }
         })
     })
+    .expect("valid state machine")
 }
 
 #[tokio::test]
@@ -135,7 +155,9 @@ async fn the_saga_runs_end_to_end_on_the_in_memory_bus() {
 #[tokio::test]
 async fn an_event_for_a_missing_instance_goes_to_skipped_or_is_discarded_when_configured() {
     let harness = InMemoryTestHarness::start(|bus| {
-        bus.endpoint(Saga::new(order_state_machine(), InMemorySagaRepository::new()).endpoint())
+        bus.endpoint(
+            Saga::new(order_state_machine().expect("valid state machine"), InMemorySagaRepository::new()).endpoint(),
+        )
     })
     .await
     .expect("harness");
@@ -146,8 +168,10 @@ async fn an_event_for_a_missing_instance_goes_to_skipped_or_is_discarded_when_co
     assert_eq!(skipped[0].headers.get_str("MT-Reason"), Some("dead-letter"));
     assert!(harness.transport().peek("OrderState_error").is_empty());
 
-    let machine =
-        order_state_machine_with(|m| m.event_with::<OrderProcessed>(|e| e.order_id, MissingInstance::Discard));
+    let machine = order_state_machine_with(DEFAULT_ORDER_TIMEOUT, |m| {
+        m.event_with::<OrderProcessed>(|e| e.order_id, MissingInstance::Discard)
+    })
+    .expect("valid state machine");
     let harness = InMemoryTestHarness::start(move |bus| {
         bus.endpoint(Saga::new(machine, InMemorySagaRepository::new()).endpoint())
     })
@@ -165,7 +189,11 @@ async fn concurrent_initiating_events_create_one_instance_and_one_process_order(
     let repository = InMemorySagaRepository::<OrderState>::new();
     let saga_repository = repository.clone();
     let harness = InMemoryTestHarness::start(move |bus| {
-        bus.endpoint(Saga::new(order_state_machine(), saga_repository).endpoint().concurrency_limit(8))
+        bus.endpoint(
+            Saga::new(order_state_machine().expect("valid state machine"), saga_repository)
+                .endpoint()
+                .concurrency_limit(8),
+        )
     })
     .await
     .expect("harness");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bus_core::Endpoint;
 use bus_saga::{RedisSagaOptions, RedisSagaRepository, Saga, SagaRepository, TransitionRecord, FINAL};
-use examples::order_saga::{order_state_machine_with, InventoryConsumer, OrderState};
+use examples::order_saga::{order_state_machine_with, InventoryConsumer, OrderState, DEFAULT_ORDER_TIMEOUT};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use tests::rabbit_fixture::RabbitFixture;
@@ -28,7 +28,7 @@ fn a_raw_masstransit_new_order_drives_the_saga_to_accepted_or_cancelled_and_the_
         let records = Arc::new(Mutex::new(Vec::<TransitionRecord>::new()));
         let (tx, mut finished) = tokio::sync::mpsc::unbounded_channel();
         let hook_records = records.clone();
-        let machine = order_state_machine_with(move |m| {
+        let machine = order_state_machine_with(DEFAULT_ORDER_TIMEOUT, move |m| {
             m.on_transition(move |r| {
                 if let Ok(mut all) = hook_records.lock() {
                     all.push(r.clone());
@@ -37,11 +37,13 @@ fn a_raw_masstransit_new_order_drives_the_saga_to_accepted_or_cancelled_and_the_
                     let _ = tx.send(r.id);
                 }
             })
-        });
+        })
+        .expect("valid state machine");
         let inventory = InventoryConsumer::default();
         let inventory_endpoint = inventory.clone();
         let bus = fixture
             .bus()
+            .scheduler(bus_inmemory::InMemoryScheduler::new())
             .endpoint(Saga::new(machine, repository).endpoint())
             .endpoint(Endpoint::new("Inventory").consumer(inventory_endpoint))
             .build();

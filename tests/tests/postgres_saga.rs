@@ -67,6 +67,7 @@ fn counter_machine(name: &str) -> Arc<StateMachine<CounterState>> {
                 .finalize(),
         )
         .build()
+        .expect("valid state machine")
 }
 
 fn options(schema: &str) -> PostgresOptions {

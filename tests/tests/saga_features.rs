@@ -86,6 +86,7 @@ fn machine(missing: MissingInstance<Note>) -> Arc<StateMachine<TicketState>> {
                 .respond(|t, _| StatusReply { state: t.current_state.clone(), notes: t.data.notes.len() }),
         )
         .build()
+        .expect("valid state machine")
 }
 
 #[tokio::test]
@@ -280,7 +281,8 @@ where
         .initially(
             when::<TicketState, Open>().publish(|t, _| Audit { ticket: t.correlation_id }).transition_to("Opened"),
         )
-        .build();
+        .build()
+        .expect("valid state machine");
     let AuditedSaga { bus, stats, audits, inner } = audited_saga(machine, repository.clone());
     bus.start().await.expect("bus starts");
     let id = Uuid::now_v7();
@@ -370,7 +372,8 @@ async fn one_message_that_is_two_events_applies_both() {
         .initially(when::<TicketState, Open>().transition_to("Opened"))
         .during_any(when::<TicketState, Ping>().then(|t, _| t.data.notes.push("ping".into())))
         .during_any(when::<TicketState, Pong>().then(|t, _| t.data.notes.push("pong".into())))
-        .build();
+        .build()
+        .expect("valid state machine");
     let (bus, stats, repository) = one_at_a_time(machine);
     bus.start().await.expect("bus starts");
     let id = Uuid::now_v7();
@@ -395,7 +398,8 @@ async fn an_event_that_finalized_its_instance_sends_its_message_again_with_the_s
     let machine = StateMachine::<TicketState>::builder("FinalizedTicket")
         .event::<Open>(|m| m.ticket)
         .initially(when::<TicketState, Open>().publish(|t, _| Audit { ticket: t.correlation_id }).finalize())
-        .build();
+        .build()
+        .expect("valid state machine");
     let repository = InMemorySagaRepository::<TicketState>::new();
     let AuditedSaga { bus, stats, audits, inner } = audited_saga(machine, repository.clone());
     bus.start().await.expect("bus starts");
@@ -429,7 +433,8 @@ async fn an_event_delivered_again_after_a_later_event_still_sends_its_messages()
         )
         .during("Answered", when::<TicketState, Note>().then(|t, n| t.data.notes.push(n.text.clone())))
         .duplicate_window(2)
-        .build();
+        .build()
+        .expect("valid state machine");
     let repository = InMemorySagaRepository::<TicketState>::new();
     // The broker is "down" for audits until the note is applied: the open event keeps coming
     // back (every 20 ms, for up to 10 s) and failing to send its audit meanwhile.
@@ -468,7 +473,8 @@ async fn the_applied_events_window_keeps_the_latest() {
         .initially(when::<TicketState, Open>().transition_to("Opened"))
         .during("Opened", when::<TicketState, Note>().then(|t, n| t.data.notes.push(n.text.clone())))
         .duplicate_window(2)
-        .build();
+        .build()
+        .expect("valid state machine");
     let (bus, stats, repository) = one_at_a_time(machine);
     bus.start().await.expect("bus starts");
     let id = Uuid::now_v7();

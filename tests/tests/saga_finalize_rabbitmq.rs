@@ -51,6 +51,7 @@ fn trip_machine(name: &str) -> Arc<StateMachine<TripState>> {
         .initially(when::<TripState, TripBooked>().transition_to("Open"))
         .during("Open", when::<TripState, TripEnded>().publish(|_, e| TripClosed { trip_id: e.trip_id }).finalize())
         .build()
+        .expect("valid state machine")
 }
 
 async fn ctl(args: Vec<String>) {

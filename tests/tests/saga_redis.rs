@@ -44,6 +44,7 @@ fn counter_machine(name: &str) -> Arc<StateMachine<CounterState>> {
         .initially(when::<CounterState, Increment>().then(|c, _| c.data.count += 1).transition_to("Counting"))
         .during("Counting", when::<CounterState, Increment>().then(|c, _| c.data.count += 1))
         .build()
+        .expect("valid state machine")
 }
 
 async fn repository<S>(prefix: &str) -> RedisSagaRepository<S> {
@@ -157,9 +158,10 @@ async fn concurrent_initiating_events_create_one_instance_in_redis() {
     let prefix = unique("orders");
     let transport = InMemoryTransport::new();
     let recorder = Arc::new(bus_core::testing::BusRecorder::default());
-    let saga = Saga::new(order_state_machine(), repository::<OrderState>(&prefix).await);
+    let saga = Saga::new(order_state_machine().expect("valid state machine"), repository::<OrderState>(&prefix).await);
     let bus = Bus::builder(transport.clone())
         .observer_arc(recorder.clone())
+        .scheduler(bus_inmemory::InMemoryScheduler::new())
         .endpoint(saga.endpoint().concurrency_limit(16))
         .build();
     bus.start().await.expect("bus starts");

@@ -479,9 +479,10 @@ async fn the_order_saga_flow_is_one_trace_with_saga_attributes() {
 async fn saga_case(transport: impl Transport) {
     telemetry();
     let recorder = Arc::new(BusRecorder::default());
-    let saga = Saga::new(order_state_machine(), InMemorySagaRepository::new());
+    let saga = Saga::new(order_state_machine().expect("valid state machine"), InMemorySagaRepository::new());
     let bus = Bus::builder(transport)
         .observer_arc(recorder.clone())
+        .scheduler(bus_inmemory::InMemoryScheduler::new())
         .endpoint(saga.endpoint())
         .endpoint(Endpoint::new("Inventory").consumer(InventoryConsumer::default()))
         .build();
