@@ -238,7 +238,13 @@ impl<S: SagaData> SagaRuntime<S> {
             let expected = loaded.as_ref().map(|i| i.version);
             // Produced ids and schedule tokens derive from the event's id: applied again, it
             // produces the same.
-            let mut transition = self.machine.apply_with(loaded, ctx.message(), &info).await?;
+            let mut transition = match self.machine.apply_with(loaded, ctx.message(), &info).await {
+                Ok(transition) => transition,
+                // The activity's own error fails the message, so that its fault says why
+                // (and a `Skip` or `Permanent` it returns is honoured).
+                Err(Error::Activity(source)) => return Err(source),
+                Err(other) => return Err(other.into()),
+            };
             // An instance finalized by an event that produced messages is kept until they have
             // left, so that the event, delivered again, can still send them; unless they are
             // stored durably with it (a database outbox), in one transaction with its deletion.
