@@ -59,6 +59,7 @@ mod observer;
 mod outbox;
 mod receive;
 mod redelivery;
+mod scheduler_service;
 mod scheduling;
 pub mod serializer;
 mod stalled_moves;
@@ -86,6 +87,7 @@ pub use host::HostInfo;
 pub use message::Message;
 pub use observer::BusObserver;
 pub use redelivery::RedeliveryPolicy;
+pub use scheduler_service::{CancelScheduledMessage, ScheduleMessage, SchedulerService};
 pub use scheduling::{DueTime, MessageScheduler, ScheduledMessage};
 pub use transport::{
     Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, Subscription, Transport, TransportMessage,

@@ -166,7 +166,7 @@ impl BusInner {
         found
     }
 
-    fn outgoing(&self, route: Route, envelope: Envelope) -> Result<Outgoing> {
+    pub(crate) fn outgoing(&self, route: Route, envelope: Envelope) -> Result<Outgoing> {
         self.outgoing_with(route, envelope, self.serializers.default_serializer())
     }
 
