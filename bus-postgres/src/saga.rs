@@ -47,6 +47,7 @@ struct Statements {
     load: String,
     in_state: String,
     find_by: String,
+    find_id_by: String,
     insert: String,
     update: String,
     delete: String,
@@ -62,6 +63,10 @@ impl Statements {
             load: format!("{select} AND correlation_id = $2 AND {live}"),
             in_state: format!("{select} AND current_state = $2 AND {live} ORDER BY correlation_id"),
             find_by: format!("{select} AND instance -> $2 = $3 AND {live} ORDER BY correlation_id"),
+            find_id_by: format!(
+                "SELECT correlation_id FROM {table} WHERE saga = $1 AND instance -> $2 = $3 AND {live}
+                 ORDER BY correlation_id LIMIT 1"
+            ),
             insert: format!(
                 "INSERT INTO {table} AS stored (saga, correlation_id, current_state, version, instance, expires_at)
                  VALUES ($1, $2, $3, 1, $4, now() + make_interval(secs => $5))
@@ -304,6 +309,20 @@ impl<S: SagaData> SagaRepository<S> for PostgresSagaRepository<S> {
             Some(version) => self.update_row(instance, version, Some(keep_for)).await,
             None => self.insert_row(instance, Some(keep_for)).await,
         }
+    }
+
+    /// By a query on the instance's `jsonb` (add an expression index on the field when
+    /// many instances live).
+    async fn find_id_by(&self, field: &str, value: &serde_json::Value) -> bus_saga::Result<Option<Uuid>> {
+        let sql = &self.statements.find_id_by;
+        let mut connection = self.connection().await?;
+        sqlx::query_scalar(sql)
+            .bind(&*self.saga)
+            .bind(field)
+            .bind(sqlx::types::Json(value))
+            .fetch_optional(connection.get())
+            .await
+            .map_err(repository_error)
     }
 
     async fn lock(&self, id: Uuid, _token: &str) -> bus_saga::Result<bool> {

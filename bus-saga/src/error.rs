@@ -100,6 +100,10 @@ pub enum Error {
         /// The state it was moving to when the loop was cut.
         state: String,
     },
+    /// An event correlates by a field the repository cannot look instances up by (for
+    /// Redis: a field missing from `RedisSagaOptions::indexed_fields`).
+    #[error("the saga repository cannot find instances by field `{0}`; index it")]
+    NotIndexed(String),
     /// A [`SagaProbe`](crate::SagaProbe) waited in vain.
     #[error("saga instance {id} did not reach {waited_for} in time (last state: {last_state:?})")]
     WaitTimedOut {

@@ -50,6 +50,9 @@ pub(crate) enum Correlate<E> {
     ById(Box<dyn Fn(&E) -> Uuid + Send + Sync>),
     /// By the request id it carries: a response to a request the instance sent.
     ByRequestId,
+    /// By a field of the instance's data equal to a value of the message (MassTransit's
+    /// `CorrelateBy`), looked up in the repository.
+    ByField { field: String, value: Box<dyn Fn(&E) -> serde_json::Value + Send + Sync> },
 }
 
 /// Checks an event against the instance before its behaviour runs: `false` ignores it (a
@@ -393,7 +396,23 @@ impl<S: SagaData> StateMachine<S> {
         match &self.event::<E>()?.correlate {
             Correlate::ById(f) => Some(f(event)),
             Correlate::ByRequestId => info.request_id,
+            Correlate::ByField { field, value } => Some(self.id_for_field(field, &value(event))),
         }
+    }
+
+    /// The field and value event `E` correlates by, when it correlates by a field.
+    pub(crate) fn field_correlation<E: Message>(&self, event: &E) -> Option<(&str, serde_json::Value)> {
+        match &self.event::<E>()?.correlate {
+            Correlate::ByField { field, value } => Some((field, value(event))),
+            _ => None,
+        }
+    }
+
+    /// The id of a new instance created by an event correlated by `field` equal to `value`:
+    /// derived from them, so that two such events at once create one instance (the second
+    /// meets the first's insert as a conflict, and is applied to it).
+    pub(crate) fn id_for_field(&self, field: &str, value: &serde_json::Value) -> Uuid {
+        Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}/{field}/{value}", self.name).as_bytes())
     }
 
     fn behavior<E: Message>(&self, state: &str) -> Option<&Behavior<S, E>> {
@@ -657,6 +676,39 @@ impl<S: SagaData> StateMachineBuilder<S> {
         missing: MissingInstance<E>,
     ) -> Self {
         self.declare(EventDefinition { correlate: Correlate::ById(Box::new(correlate)), missing, guard: None })
+    }
+
+    /// Declares event `E`, correlated to the instance whose data has `field` (a top-level
+    /// field, as serialized: `"orderNumber"`) equal to what `value` reads from the message
+    /// (MassTransit's `CorrelateBy`). The repository looks it up: in memory by a scan, in
+    /// Redis by a secondary index (list the field in `RedisSagaOptions::indexed_fields`), in
+    /// PostgreSQL by a query. When none matches, an event handled `initially` creates one
+    /// (its id derived from the field and value); any other meets the missing-instance
+    /// policy (skipped).
+    ///
+    /// ```
+    /// use bus_saga::{when, StateMachine};
+    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+    /// # #[serde(rename_all = "camelCase")]
+    /// # struct Order { order_number: String }
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, bus_core::Message)]
+    /// # #[message(urn = "urn:message:Shop:Shipped")] struct Shipped { order_number: String }
+    /// let machine = StateMachine::<Order>::builder("Order")
+    ///     .states(["Shipped"])
+    ///     .event_correlated_by::<Shipped, _>("orderNumber", |m| m.order_number.clone())
+    ///     .initially(when::<Order, Shipped>().then(|o, m| o.data.order_number = m.order_number.clone()).transition_to("Shipped"))
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(machine);
+    /// ```
+    pub fn event_correlated_by<E: Message, V: serde::Serialize>(
+        self,
+        field: impl Into<String>,
+        value: impl Fn(&E) -> V + Send + Sync + 'static,
+    ) -> Self {
+        let value = Box::new(move |event: &E| serde_json::to_value(value(event)).unwrap_or(serde_json::Value::Null));
+        let correlate = Correlate::ByField { field: field.into(), value };
+        self.declare(EventDefinition { correlate, missing: MissingInstance::Skip, guard: None })
     }
 
     fn declare<E: Message>(mut self, definition: EventDefinition<S, E>) -> Self {

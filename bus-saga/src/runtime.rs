@@ -32,6 +32,7 @@ pub(crate) trait DynRepository<S>: Send + Sync {
     fn lock<'a>(&'a self, id: Uuid, token: &'a str) -> BoxFuture<'a, Result<bool>>;
     fn unlock(&self, id: Uuid, token: String) -> BoxFuture<'_, Result<()>>;
     fn writes_with_durable_outbox(&self) -> bool;
+    fn find_id_by<'a>(&'a self, field: &'a str, value: &'a serde_json::Value) -> BoxFuture<'a, Result<Option<Uuid>>>;
 }
 
 impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
@@ -63,6 +64,9 @@ impl<S: Send + Sync + 'static, R: SagaRepository<S>> DynRepository<S> for R {
     }
     fn writes_with_durable_outbox(&self) -> bool {
         SagaRepository::writes_with_durable_outbox(self)
+    }
+    fn find_id_by<'a>(&'a self, field: &'a str, value: &'a serde_json::Value) -> BoxFuture<'a, Result<Option<Uuid>>> {
+        Box::pin(SagaRepository::find_id_by(self, field, value))
     }
 }
 
@@ -191,7 +195,16 @@ impl<S: SagaData> SagaRuntime<S> {
             request_id: ctx.request_id(),
             scheduling_token: ctx.receive_context().scheduling_token(),
         };
-        let Some(id) = self.machine.correlate_with(ctx.message(), &info) else {
+        let by_field = match self.machine.field_correlation(ctx.message()) {
+            Some((field, value)) => Some(
+                self.repository
+                    .find_id_by(field, &value)
+                    .await?
+                    .unwrap_or_else(|| self.machine.id_for_field(field, &value)),
+            ),
+            None => None,
+        };
+        let Some(id) = by_field.or_else(|| self.machine.correlate_with(ctx.message(), &info)) else {
             // Only an answer to a request correlates by something it may lack.
             return Err(Skip::new(format!(
                 "{} carries no request id to find its instance of saga {}",

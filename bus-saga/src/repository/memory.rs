@@ -82,7 +82,7 @@ impl<S: Clone> InMemorySagaRepository<S> {
     }
 }
 
-impl<S: Clone + Send + Sync + 'static> SagaRepository<S> for InMemorySagaRepository<S> {
+impl<S: Clone + serde::Serialize + Send + Sync + 'static> SagaRepository<S> for InMemorySagaRepository<S> {
     async fn load(&self, id: Uuid) -> Result<Option<SagaInstance<S>>> {
         Ok(self.get(id))
     }
@@ -109,6 +109,14 @@ impl<S: Clone + Send + Sync + 'static> SagaRepository<S> for InMemorySagaReposit
             }
             _ => Err(Error::Conflict(instance.correlation_id)),
         }
+    }
+
+    async fn find_id_by(&self, field: &str, value: &serde_json::Value) -> Result<Option<Uuid>> {
+        let map = self.map();
+        let matches = |instance: &SagaInstance<S>| {
+            serde_json::to_value(&instance.data).ok().is_some_and(|data| data.get(field) == Some(value))
+        };
+        Ok(map.values().find(|i| matches(i)).map(|i| i.correlation_id))
     }
 
     async fn delete(&self, id: Uuid, expected_version: u64) -> Result<()> {

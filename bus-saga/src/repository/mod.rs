@@ -64,6 +64,17 @@ pub trait SagaRepository<S>: Send + Sync + 'static {
         false
     }
 
+    /// The id of the instance whose data has `field` (a top-level field, as serialized)
+    /// equal to `value`, for events correlated by a field of the instance
+    /// ([`StateMachineBuilder::event_correlated_by`](crate::StateMachineBuilder::event_correlated_by)).
+    /// The default: [`Error::NotIndexed`](crate::Error::NotIndexed), a repository that cannot
+    /// look instances up by their fields.
+    fn find_id_by(&self, field: &str, value: &serde_json::Value) -> impl Future<Output = Result<Option<Uuid>>> + Send {
+        let field = field.to_owned();
+        let _ = value;
+        async move { Err(crate::Error::NotIndexed(field)) }
+    }
+
     /// Takes an exclusive lock on the instance for pessimistic concurrency, held with
     /// `token`; `false` when the repository does not lock (the default: optimistic only).
     ///

@@ -25,6 +25,12 @@ pub struct RedisSagaOptions {
     pub lock_wait: Duration,
     /// How long one Redis command may take before it fails (and the message is retried).
     pub response_timeout: Duration,
+    /// Fields of the saga's data (top-level, as serialized) that events correlate by
+    /// ([`StateMachineBuilder::event_correlated_by`](crate::StateMachineBuilder::event_correlated_by)):
+    /// each is kept in a secondary index, `{key_prefix}:index:{field}:{value as JSON}` ->
+    /// correlation id, written in the same script as the instance (the keys an instance owns
+    /// are listed in `{key}:indexes`). Empty by default.
+    pub indexed_fields: Vec<String>,
 }
 
 impl Default for RedisSagaOptions {
@@ -35,6 +41,7 @@ impl Default for RedisSagaOptions {
             lock_lease: None,
             lock_wait: Duration::from_secs(30),
             response_timeout: Duration::from_secs(5),
+            indexed_fields: Vec::new(),
         }
     }
 }
@@ -68,6 +75,54 @@ return 1
 "#;
 
 /// Releases a lock only if it is still held with our token.
+// With indexed fields: KEYS[1] the instance, KEYS[2] the set of index keys it owns, KEYS[3..]
+// its index keys now; ARGV[1] the expected version (empty: insert), ARGV[2] the JSON,
+// ARGV[3] the expiry in ms (0: none), ARGV[4] the correlation id. An index key is removed
+// only while it still names this instance.
+const WRITE_INDEXED: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '' then
+  if current then return 0 end
+else
+  if not current then return 0 end
+  if string.match(current, '"version":(%d+)') ~= ARGV[1] then return 0 end
+end
+local keep = {}
+for i = 3, #KEYS do keep[KEYS[i]] = true end
+for _, old in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not keep[old] and redis.call('GET', old) == ARGV[4] then redis.call('DEL', old) end
+end
+redis.call('DEL', KEYS[2])
+local expiry = tonumber(ARGV[3])
+if expiry > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', expiry)
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+for i = 3, #KEYS do
+  if expiry > 0 then
+    redis.call('SET', KEYS[i], ARGV[4], 'PX', expiry)
+  else
+    redis.call('SET', KEYS[i], ARGV[4])
+  end
+  redis.call('SADD', KEYS[2], KEYS[i])
+end
+if expiry > 0 and #KEYS > 2 then redis.call('PEXPIRE', KEYS[2], expiry) end
+return 1
+"#;
+
+// KEYS[1] the instance, KEYS[2] its index set; ARGV[1] the expected version, ARGV[2] its id.
+const DELETE_INDEXED: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+if string.match(current, '"version":(%d+)') ~= ARGV[1] then return 0 end
+for _, old in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('GET', old) == ARGV[2] then redis.call('DEL', old) end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"#;
+
 const UNLOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -94,6 +149,8 @@ pub struct RedisSagaRepository<S> {
     options: RedisSagaOptions,
     update: Script,
     delete: Script,
+    write_indexed: Script,
+    delete_indexed: Script,
     unlock: Script,
     _state: PhantomData<fn() -> S>,
 }
@@ -124,6 +181,8 @@ impl<S> RedisSagaRepository<S> {
             options,
             update: Script::new(UPDATE),
             delete: Script::new(DELETE),
+            write_indexed: Script::new(WRITE_INDEXED),
+            delete_indexed: Script::new(DELETE_INDEXED),
             unlock: Script::new(UNLOCK),
             _state: PhantomData,
         }
@@ -136,6 +195,11 @@ impl<S> RedisSagaRepository<S> {
         } else {
             format!("{}:{id}", self.options.key_prefix)
         }
+    }
+
+    /// The key of the index entry for `field` equal to `value`.
+    fn index_key(&self, field: &str, value: &serde_json::Value) -> String {
+        format!("{}:index:{field}:{value}", self.options.key_prefix)
     }
 
     fn expiry_ms(&self) -> u64 {
@@ -154,10 +218,38 @@ fn to_json<S: Serialize>(instance: &SagaInstance<S>) -> Result<String> {
 }
 
 impl<S: Serialize + Clone> RedisSagaRepository<S> {
+    /// Writes an instance and its index entries in one script: as new when `expected` is
+    /// `None`, else over that version.
+    async fn write_indexed(&self, stored: &SagaInstance<S>, expected: Option<u64>, expiry_ms: u64) -> Result<()> {
+        let id = stored.correlation_id;
+        let json = to_json(stored)?;
+        let data = serde_json::to_value(&stored.data).map_err(|source| Error::Serialization { id, source })?;
+        let key = self.key(id);
+        let mut script = self.write_indexed.key(&key);
+        script.key(format!("{key}:indexes"));
+        for field in &self.options.indexed_fields {
+            if let Some(value) = data.get(field).filter(|v| !v.is_null()) {
+                script.key(self.index_key(field, value));
+            }
+        }
+        let expected = expected.map(|v| v.to_string()).unwrap_or_default();
+        let mut connection = self.connection.clone();
+        let written: i64 =
+            script.arg(expected).arg(json).arg(expiry_ms).arg(id.to_string()).invoke_async(&mut connection).await?;
+        if written == 1 {
+            Ok(())
+        } else {
+            Err(Error::Conflict(id))
+        }
+    }
+
     /// Stores a new instance (version 1), expiring after `expiry_ms` (0: never).
     async fn insert_expiring(&self, instance: &SagaInstance<S>, expiry_ms: u64) -> Result<()> {
         let mut stored = instance.clone();
         stored.version = 1;
+        if !self.options.indexed_fields.is_empty() {
+            return self.write_indexed(&stored, None, expiry_ms).await;
+        }
         let mut command = redis::cmd("SET");
         command.arg(self.key(instance.correlation_id)).arg(to_json(&stored)?).arg("NX");
         if expiry_ms > 0 {
@@ -175,6 +267,9 @@ impl<S: Serialize + Clone> RedisSagaRepository<S> {
     async fn update_expiring(&self, instance: &SagaInstance<S>, expected_version: u64, expiry_ms: u64) -> Result<()> {
         let mut stored = instance.clone();
         stored.version = Error::next_version(instance.correlation_id, expected_version)?;
+        if !self.options.indexed_fields.is_empty() {
+            return self.write_indexed(&stored, Some(expected_version), expiry_ms).await;
+        }
         let mut connection = self.connection.clone();
         let updated: i64 = self
             .update
@@ -226,12 +321,33 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
 
     async fn delete(&self, id: Uuid, expected_version: u64) -> Result<()> {
         let mut connection = self.connection.clone();
-        let deleted: i64 = self.delete.key(self.key(id)).arg(expected_version).invoke_async(&mut connection).await?;
+        let deleted: i64 = if self.options.indexed_fields.is_empty() {
+            self.delete.key(self.key(id)).arg(expected_version).invoke_async(&mut connection).await?
+        } else {
+            let key = self.key(id);
+            self.delete_indexed
+                .key(&key)
+                .key(format!("{key}:indexes"))
+                .arg(expected_version)
+                .arg(id.to_string())
+                .invoke_async(&mut connection)
+                .await?
+        };
         if deleted == 1 {
             Ok(())
         } else {
             Err(Error::Conflict(id))
         }
+    }
+
+    async fn find_id_by(&self, field: &str, value: &serde_json::Value) -> Result<Option<Uuid>> {
+        if !self.options.indexed_fields.iter().any(|f| f == field) {
+            return Err(Error::NotIndexed(field.to_owned()));
+        }
+        let mut connection = self.connection.clone();
+        let found: Option<String> =
+            redis::cmd("GET").arg(self.index_key(field, value)).query_async(&mut connection).await?;
+        Ok(found.and_then(|id| Uuid::parse_str(&id).ok()))
     }
 
     async fn lock(&self, id: Uuid, token: &str) -> Result<bool> {
