@@ -47,12 +47,12 @@ impl<E> std::fmt::Debug for MissingInstance<E> {
 /// How an event finds its instance.
 pub(crate) enum Correlate<E> {
     /// By a field of the message (MassTransit's `CorrelateById`).
-    ById(Box<dyn Fn(&E) -> Uuid + Send + Sync>),
+    Id(Box<dyn Fn(&E) -> Uuid + Send + Sync>),
     /// By the request id it carries: a response to a request the instance sent.
-    ByRequestId,
+    RequestId,
     /// By a field of the instance's data equal to a value of the message (MassTransit's
     /// `CorrelateBy`), looked up in the repository.
-    ByField { field: String, value: Box<dyn Fn(&E) -> serde_json::Value + Send + Sync> },
+    Field { field: String, value: Box<dyn Fn(&E) -> serde_json::Value + Send + Sync> },
 }
 
 /// Checks an event against the instance before its behaviour runs: `false` ignores it (a
@@ -394,16 +394,16 @@ impl<S: SagaData> StateMachine<S> {
 
     pub(crate) fn correlate_with<E: Message>(&self, event: &E, info: &EventInfo) -> Option<Uuid> {
         match &self.event::<E>()?.correlate {
-            Correlate::ById(f) => Some(f(event)),
-            Correlate::ByRequestId => info.request_id,
-            Correlate::ByField { field, value } => Some(self.id_for_field(field, &value(event))),
+            Correlate::Id(f) => Some(f(event)),
+            Correlate::RequestId => info.request_id,
+            Correlate::Field { field, value } => Some(self.id_for_field(field, &value(event))),
         }
     }
 
     /// The field and value event `E` correlates by, when it correlates by a field.
     pub(crate) fn field_correlation<E: Message>(&self, event: &E) -> Option<(&str, serde_json::Value)> {
         match &self.event::<E>()?.correlate {
-            Correlate::ByField { field, value } => Some((field, value(event))),
+            Correlate::Field { field, value } => Some((field, value(event))),
             _ => None,
         }
     }
@@ -675,7 +675,7 @@ impl<S: SagaData> StateMachineBuilder<S> {
         correlate: impl Fn(&E) -> Uuid + Send + Sync + 'static,
         missing: MissingInstance<E>,
     ) -> Self {
-        self.declare(EventDefinition { correlate: Correlate::ById(Box::new(correlate)), missing, guard: None })
+        self.declare(EventDefinition { correlate: Correlate::Id(Box::new(correlate)), missing, guard: None })
     }
 
     /// Declares event `E`, correlated to the instance whose data has `field` (a top-level
@@ -707,7 +707,7 @@ impl<S: SagaData> StateMachineBuilder<S> {
         value: impl Fn(&E) -> V + Send + Sync + 'static,
     ) -> Self {
         let value = Box::new(move |event: &E| serde_json::to_value(value(event)).unwrap_or(serde_json::Value::Null));
-        let correlate = Correlate::ByField { field: field.into(), value };
+        let correlate = Correlate::Field { field: field.into(), value };
         self.declare(EventDefinition { correlate, missing: MissingInstance::Skip, guard: None })
     }
 
@@ -739,7 +739,7 @@ impl<S: SagaData> StateMachineBuilder<S> {
             Some(_) => false,
         });
         self.declare(EventDefinition {
-            correlate: Correlate::ById(Box::new(correlate)),
+            correlate: Correlate::Id(Box::new(correlate)),
             missing: MissingInstance::Discard,
             guard: Some(guard),
         })
@@ -769,12 +769,12 @@ impl<S: SagaData> StateMachineBuilder<S> {
             })
         }
         let completed = EventDefinition::<S, R> {
-            correlate: Correlate::ByRequestId,
+            correlate: Correlate::RequestId,
             missing: MissingInstance::Skip,
             guard: Some(answer::<S, Q, R, R>(request)),
         };
         let faulted = EventDefinition::<S, bus_core::Fault<Q>> {
-            correlate: Correlate::ByRequestId,
+            correlate: Correlate::RequestId,
             missing: MissingInstance::Skip,
             guard: Some(answer::<S, Q, R, bus_core::Fault<Q>>(request)),
         };
@@ -790,7 +790,7 @@ impl<S: SagaData> StateMachineBuilder<S> {
                 current
             });
             EventDefinition::<S, RequestTimeoutExpired<Q>> {
-                correlate: Correlate::ById(Box::new(|m: &RequestTimeoutExpired<Q>| m.correlation_id)),
+                correlate: Correlate::Id(Box::new(|m: &RequestTimeoutExpired<Q>| m.correlation_id)),
                 missing: MissingInstance::Discard,
                 guard: Some(guard),
             }
