@@ -5,8 +5,16 @@
 //! coordinate several others use it. Features:
 //!
 //! - state machines that read like MassTransit's (`initially`, `during`, `during_any`,
-//!   `ignore`, `then`, `publish`, `send`, `respond`, `transition_to`, `finalize`), testable
-//!   with [`StateMachine::apply`] and no broker or repository;
+//!   `ignore`, `then`, `publish`, `send`, `respond`, `transition_to`, `finalize`, `if_then`,
+//!   `if_else`, `catch`, `when_enter`, `when_leave`, `finally`, composite events), checked by
+//!   [`StateMachineBuilder::build`] (unknown states, undeclared events, unreachable states),
+//!   testable with [`StateMachine::apply`] and no broker or repository;
+//! - [`Schedule`]s (timeouts kept by token in the instance) and [`Request`]s (a response, a
+//!   fault or a timeout as events of the instance);
+//! - correlation by the instance's id or by a field of it
+//!   ([`StateMachineBuilder::event_correlated_by`]);
+//! - [`SagaProbe`]s that wait in tests until an instance exists, reaches a state or is
+//!   finalized;
 //! - missing instances skipped, discarded, faulted or handled by your code, per event;
 //! - the instance is saved before any message it produced leaves (through the outbox), and
 //!   saved with it: the event's message id and type, and the messages its transition
@@ -19,8 +27,10 @@
 //!   is applied or sent again its messages carry the same ids, and receivers that keep the
 //!   ids they saw take each once;
 //! - [`InMemorySagaRepository`] and [`RedisSagaRepository`] (insert-if-absent, atomic
-//!   compare-and-set on `version`, optional pessimistic locks), with concurrency conflicts
-//!   retried automatically on fresh state and counted.
+//!   compare-and-set on `version`, optional pessimistic locks, secondary indexes), with
+//!   concurrency conflicts retried automatically on fresh state and counted.
+//!
+//! The guide: `docs/sagas.md`.
 //!
 //! Known limits: an instance keeps its latest applied events only (10 by default, see
 //! [`StateMachineBuilder::duplicate_window`]), so an event that comes back after more than
