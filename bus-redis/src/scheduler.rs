@@ -7,6 +7,7 @@ use bus_core::{
     Bus, Headers, MessageScheduler, PreparedDestination, PreparedMessage, ScheduledMessage, TransportMessage,
 };
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio_util::sync::CancellationToken;
@@ -88,6 +89,9 @@ fn transport_error(error: redis::RedisError) -> bus_core::Error {
     bus_core::Error::transport("the Redis scheduler failed", transient, Some(Box::new(error) as bus_core::BoxError))
 }
 
+/// How many messages of a batch are delivered at once.
+const IN_FLIGHT: usize = 64;
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -133,32 +137,65 @@ impl RedisScheduler {
             .invoke_async(&mut connection)
             .await
             .map_err(transport_error)?;
-        for token in &tokens {
-            let key = self.message_key(token);
-            let fields: Vec<(String, Vec<u8>)> = connection.hgetall(&key).await.map_err(transport_error)?;
-            match message(fields) {
-                Some(prepared) => match bus.deliver(prepared).await {
-                    Ok(()) => {}
-                    Err(error) if error.is_transient() || matches!(error, bus_core::Error::Stopped) => {
-                        // Its claim runs out and it is claimed again.
-                        tracing::warn!(%token, error = %chain(&error), "a scheduled message could not be delivered yet");
-                        return Err(error);
-                    }
-                    Err(error) => {
-                        tracing::error!(%token, error = %chain(&error), "a scheduled message was refused; dropped");
-                    }
-                },
-                None => tracing::error!(%token, "a scheduled message in Redis is incomplete; dropped"),
-            }
-            let _: () = redis::pipe()
-                .atomic()
-                .zrem(self.key("claimed"), token)
-                .del(&key)
-                .query_async(&mut connection)
-                .await
-                .map_err(transport_error)?;
+        if tokens.is_empty() {
+            return Ok(0);
         }
-        Ok(tokens.len())
+        // The batch's messages in one round trip.
+        let mut read = redis::pipe();
+        for token in &tokens {
+            read.hgetall(self.message_key(token));
+        }
+        let stored: Vec<Vec<(String, Vec<u8>)>> = read.query_async(&mut connection).await.map_err(transport_error)?;
+        // Delivered side by side (started in due order); each settles on its own.
+        let claimed = tokens.len();
+        let deliveries: Vec<_> = tokens
+            .into_iter()
+            .zip(stored)
+            .map(|(token, fields)| {
+                let bus = bus.clone();
+                async move { deliver(&bus, token, fields).await }
+            })
+            .collect();
+        let settled: Vec<(String, Option<bus_core::Error>)> =
+            futures::stream::iter(deliveries).buffered(IN_FLIGHT.min(self.options.batch_size.max(1))).collect().await;
+        // Those delivered (or dropped) are done; one that failed keeps its claim, and is
+        // claimed again when the claim runs out.
+        let mut done = redis::pipe();
+        done.atomic();
+        let mut failure = None;
+        for (token, error) in settled {
+            match error {
+                None => {
+                    done.zrem(self.key("claimed"), &token).ignore().del(self.message_key(&token)).ignore();
+                }
+                Some(error) => failure = Some(error),
+            }
+        }
+        let _: () = done.query_async(&mut connection).await.map_err(transport_error)?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        Ok(claimed)
+    }
+}
+
+/// Delivers one claimed message; the error when it could not be delivered yet (it keeps its
+/// claim), `None` when it is done with (delivered, or dropped as undeliverable).
+async fn deliver(bus: &Bus, token: String, fields: Vec<(String, Vec<u8>)>) -> (String, Option<bus_core::Error>) {
+    let Some(prepared) = message(fields) else {
+        tracing::error!(%token, "a scheduled message in Redis is incomplete; dropped");
+        return (token, None);
+    };
+    match bus.deliver(prepared).await {
+        Ok(()) => (token, None),
+        Err(error) if error.is_transient() || matches!(error, bus_core::Error::Stopped) => {
+            tracing::warn!(%token, error = %chain(&error), "a scheduled message could not be delivered yet");
+            (token, Some(error))
+        }
+        Err(error) => {
+            tracing::error!(%token, error = %chain(&error), "a scheduled message was refused; dropped");
+            (token, None)
+        }
     }
 }
 
