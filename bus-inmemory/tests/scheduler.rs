@@ -103,3 +103,26 @@ async fn a_consumer_schedules_a_follow_up_and_a_bus_without_a_scheduler_says_so(
     let error = plain.schedule_publish(Duration::from_secs(1), Tick { n: 0 }).await.expect_err("no scheduler");
     assert!(error.to_string().contains("no message scheduler"), "{error}");
 }
+
+/// Scheduling again under a waiting token replaces what waited: one message fires, the
+/// second, at the second's time; and it carries its token.
+#[tokio::test(start_paused = true)]
+async fn scheduling_again_under_a_token_replaces_the_waiting_message() {
+    let scheduler = InMemoryScheduler::new();
+    let (bus, mut ticks) = bus(&scheduler).await;
+    let token = uuid::Uuid::now_v7();
+    let options = bus_core::SendOptions::new;
+    bus.schedule_send_with(token, Duration::from_secs(10), "queue:ticks", Tick { n: 1 }, options())
+        .await
+        .expect("first");
+    bus.schedule_send_with(token, Duration::from_secs(20), "queue:ticks", Tick { n: 2 }, options())
+        .await
+        .expect("again");
+    assert_eq!(scheduler.len(), 1, "one waits under the token");
+    tokio::time::advance(Duration::from_secs(15)).await;
+    assert!(ticks.try_recv().is_err(), "the first was replaced: nothing at its time");
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(ticks.recv().await, Some(2));
+    assert!(scheduler.is_empty());
+    bus.stop().await.expect("stop");
+}

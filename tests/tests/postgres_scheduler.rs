@@ -58,3 +58,29 @@ async fn a_scheduled_message_survives_a_restart_and_fires_once() {
     assert_eq!(harness.consumed().count::<Due>(), 1, "once");
     assert_eq!(left, 0, "nothing left waiting");
 }
+
+/// Scheduling again under a waiting token replaces the row: one message waits, the second.
+#[tokio::test]
+async fn scheduling_again_under_a_token_replaces_the_waiting_message() {
+    let schema = TestSchema::create("sched-again").await;
+    let scheduler = scheduler(&schema);
+    scheduler.migrate().await.expect("migrated");
+    let bus = Bus::builder(bus_inmemory::InMemoryTransport::new()).scheduler(scheduler.clone()).build();
+    let token = uuid::Uuid::now_v7();
+    let later = bus_core::DueTime::from(Duration::from_secs(3600));
+    let options = bus_core::SendOptions::new;
+    bus.schedule_send_with(token, later, "queue:due", Due { n: 1 }, options()).await.expect("first");
+    bus.schedule_send_with(token, later, "queue:due", Due { n: 2 }, options()).await.expect("again");
+    let waiting = scheduler.waiting().await.expect("count");
+    let body: Vec<u8> =
+        sqlx::query_scalar(&format!("SELECT body FROM \"{}\".scheduled_messages WHERE token = $1", schema.name))
+            .bind(token)
+            .fetch_one(&schema.pool)
+            .await
+            .expect("the row");
+    schema.remove().await;
+    assert_eq!(waiting, 1, "one row under the token");
+    let envelope: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(envelope["message"]["n"], 2, "the second replaced the first");
+    assert_eq!(envelope["headers"]["MT-Scheduling-TokenId"], token.to_string());
+}
