@@ -353,7 +353,7 @@ impl<S: Send + Sync + 'static, E: Send + Sync + 'static> EventActivities<S, E> {
     /// Runs `then`'s activities only when `condition` holds (MassTransit's `If`).
     ///
     /// ```
-    /// # use bus_saga::{when, SagaInstance};
+    /// # use bus_saga::when;
     /// # #[derive(Clone, Default)] struct Order { total: u32, review: bool }
     /// # #[derive(Debug, serde::Serialize, serde::Deserialize, bus_core::Message)]
     /// # #[message(urn = "urn:message:Shop:Placed")] struct Placed { total: u32 }
