@@ -2,6 +2,7 @@
 
 use uuid::Uuid;
 
+use super::send::Parent;
 use super::Bus;
 use crate::headers::names::SCHEDULING_TOKEN_ID;
 use crate::scheduling::{DueTime, MessageScheduler, ScheduledMessage};
@@ -31,8 +32,7 @@ impl Bus {
         message: M,
         options: SendOptions,
     ) -> Result<()> {
-        let prepared = self.prepared_send(address, message, with_token(options, token), None)?;
-        self.schedule(token, due.into(), prepared.into()).await
+        self.schedule_send_in(token, due.into(), address, message, options, None).await
     }
 
     /// Publishes `message` when `due` comes; returns the token that cancels it.
@@ -51,8 +51,7 @@ impl Bus {
         message: M,
         options: SendOptions,
     ) -> Result<()> {
-        let prepared = self.prepared_publish(message, with_token(options, token), None)?;
-        self.schedule(token, due.into(), prepared.into()).await
+        self.schedule_publish_in(token, due.into(), message, options, None).await
     }
 
     /// Cancels a scheduled message; `false` when none waits under `token` (it fired, or was
@@ -66,6 +65,33 @@ impl Bus {
             .scheduler
             .as_deref()
             .ok_or_else(|| Error::Configuration("no message scheduler: add one with BusBuilder::scheduler".to_owned()))
+    }
+
+    /// Prepares a send (as part of `parent`'s flow, if any) and schedules it under `token`.
+    async fn schedule_send_in<M: Message>(
+        &self,
+        token: Uuid,
+        due: DueTime,
+        address: &str,
+        message: M,
+        options: SendOptions,
+        parent: Option<Parent<'_>>,
+    ) -> Result<()> {
+        let prepared = self.prepared_send(address, message, with_token(options, token), parent)?;
+        self.schedule(token, due, prepared.into()).await
+    }
+
+    /// Prepares a publish (as part of `parent`'s flow, if any) and schedules it under `token`.
+    async fn schedule_publish_in<M: Message>(
+        &self,
+        token: Uuid,
+        due: DueTime,
+        message: M,
+        options: SendOptions,
+        parent: Option<Parent<'_>>,
+    ) -> Result<()> {
+        let prepared = self.prepared_publish(message, with_token(options, token), parent)?;
+        self.schedule(token, due, prepared.into()).await
     }
 
     async fn schedule(&self, token: Uuid, due: DueTime, message: PreparedMessage) -> Result<()> {
@@ -96,9 +122,7 @@ impl ReceiveContext {
         message: M,
         options: SendOptions,
     ) -> Result<()> {
-        let bus = self.bus();
-        let prepared = bus.prepared_send(address, message, with_token(options, token), Some(self.parent()))?;
-        bus.schedule(token, due.into(), prepared.into()).await
+        self.bus().schedule_send_in(token, due.into(), address, message, options, Some(self.parent())).await
     }
 
     /// Publishes `message` when `due` comes, as part of this flow.
@@ -117,9 +141,7 @@ impl ReceiveContext {
         message: M,
         options: SendOptions,
     ) -> Result<()> {
-        let bus = self.bus();
-        let prepared = bus.prepared_publish(message, with_token(options, token), Some(self.parent()))?;
-        bus.schedule(token, due.into(), prepared.into()).await
+        self.bus().schedule_publish_in(token, due.into(), message, options, Some(self.parent())).await
     }
 
     /// Cancels a scheduled message (see [`Bus::cancel_scheduled`]).
