@@ -14,7 +14,7 @@ use crate::{address, BoxError, ConsumeContext, Consumer, Endpoint, Error, Messag
 
 /// MassTransit's `ScheduleMessage` command (`MassTransit.Scheduling`): deliver `payload`
 /// to `destination` at `scheduled_time`, under the token `correlation_id`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleMessage {
     /// The token the message is scheduled (and cancelled) under.
@@ -26,8 +26,8 @@ pub struct ScheduleMessage {
     pub payload_type: Vec<String>,
     /// Where to send it: an address (`rabbitmq://host/vhost/queue`, `queue:name`).
     pub destination: String,
-    /// The message to deliver.
-    pub payload: serde_json::Value,
+    /// The message to deliver, as it came (numbers beyond `f64` kept exact).
+    pub payload: Box<RawValue>,
 }
 
 impl Message for ScheduleMessage {
@@ -128,11 +128,10 @@ impl Consumer<ScheduleMessage> for SchedulerService {
         if command.payload_type.is_empty() {
             return Err(Permanent::new(Error::Configuration("ScheduleMessage without a payloadType".to_owned())).into());
         }
-        let payload = RawValue::from_string(command.payload.to_string()).map_err(Permanent::new)?;
         // The command's envelope, its ids and headers kept, carrying the payload instead.
         let mut envelope = ctx.envelope().clone();
         envelope.message_type.clone_from(&command.payload_type);
-        envelope.message = payload;
+        envelope.message = command.payload.clone();
         envelope.binary = None;
         envelope.destination_address = Some(command.destination.clone());
         envelope.headers.insert(SCHEDULING_TOKEN_ID, command.correlation_id.to_string());

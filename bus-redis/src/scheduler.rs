@@ -55,6 +55,20 @@ end
 return due
 ";
 
+/// Settles a fired batch: KEYS[1] the claimed set; ARGV[1] the message keys' prefix, then
+/// token and nonce pairs. Each claim is dropped; each message is deleted only if it is still
+/// the one fired (same nonce): one scheduled again under its token meanwhile stays.
+const SETTLE: &str = r"
+for i = 2, #ARGV, 2 do
+  local key = ARGV[1] .. ARGV[i]
+  if ARGV[i + 1] == '' or redis.call('HGET', key, 'nonce') == ARGV[i + 1] then
+    redis.call('DEL', key)
+  end
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
+return 1
+";
+
 /// A durable [`MessageScheduler`] on Redis (see the crate's documentation).
 ///
 /// ```no_run
@@ -76,6 +90,7 @@ pub struct RedisScheduler {
     connection: ConnectionManager,
     options: RedisSchedulerOptions,
     claim: Script,
+    settle: Script,
 }
 
 impl std::fmt::Debug for RedisScheduler {
@@ -104,7 +119,7 @@ impl RedisScheduler {
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)));
         let connection = ConnectionManager::new_with_config(client, config).await.map_err(transport_error)?;
-        Ok(RedisScheduler { connection, options, claim: Script::new(CLAIM) })
+        Ok(RedisScheduler { connection, options, claim: Script::new(CLAIM), settle: Script::new(SETTLE) })
     }
 
     fn key(&self, what: &str) -> String {
@@ -156,22 +171,22 @@ impl RedisScheduler {
                 async move { deliver(&bus, token, fields).await }
             })
             .collect();
-        let settled: Vec<(String, Option<bus_core::Error>)> =
+        let settled: Vec<(String, String, Option<bus_core::Error>)> =
             futures::stream::iter(deliveries).buffered(IN_FLIGHT.min(self.options.batch_size.max(1))).collect().await;
         // Those delivered (or dropped) are done; one that failed keeps its claim, and is
         // claimed again when the claim runs out.
-        let mut done = redis::pipe();
-        done.atomic();
+        let mut settle = self.settle.key(self.key("claimed"));
+        settle.arg(self.message_key(""));
         let mut failure = None;
-        for (token, error) in settled {
+        for (token, nonce, error) in settled {
             match error {
                 None => {
-                    done.zrem(self.key("claimed"), &token).ignore().del(self.message_key(&token)).ignore();
+                    settle.arg(token).arg(nonce);
                 }
                 Some(error) => failure = Some(error),
             }
         }
-        let _: () = done.query_async(&mut connection).await.map_err(transport_error)?;
+        let _: i64 = settle.invoke_async(&mut connection).await.map_err(transport_error)?;
         if let Some(error) = failure {
             return Err(error);
         }
@@ -181,22 +196,32 @@ impl RedisScheduler {
 
 /// Delivers one claimed message; the error when it could not be delivered yet (it keeps its
 /// claim), `None` when it is done with (delivered, or dropped as undeliverable).
-async fn deliver(bus: &Bus, token: String, fields: Vec<(String, Vec<u8>)>) -> (String, Option<bus_core::Error>) {
+async fn deliver(
+    bus: &Bus,
+    token: String,
+    fields: Vec<(String, Vec<u8>)>,
+) -> (String, String, Option<bus_core::Error>) {
+    let nonce = fields
+        .iter()
+        .find(|(name, _)| name == "nonce")
+        .and_then(|(_, value)| String::from_utf8(value.clone()).ok())
+        .unwrap_or_default();
     let Some(prepared) = message(fields) else {
         tracing::error!(%token, "a scheduled message in Redis is incomplete; dropped");
-        return (token, None);
+        return (token, nonce, None);
     };
-    match bus.deliver(prepared).await {
-        Ok(()) => (token, None),
+    let failure = match bus.deliver(prepared).await {
+        Ok(()) => None,
         Err(error) if error.is_transient() || matches!(error, bus_core::Error::Stopped) => {
             tracing::warn!(%token, error = %chain(&error), "a scheduled message could not be delivered yet");
-            (token, Some(error))
+            Some(error)
         }
         Err(error) => {
             tracing::error!(%token, error = %chain(&error), "a scheduled message was refused; dropped");
-            (token, None)
+            None
         }
-    }
+    };
+    (token, nonce, failure)
 }
 
 /// A stored message back from its hash's fields.
@@ -246,6 +271,8 @@ impl MessageScheduler for RedisScheduler {
                 ("message_id", message.message_id.map(|id| id.to_string()).unwrap_or_default().into_bytes()),
                 ("correlation_id", message.correlation_id.map(|id| id.to_string()).unwrap_or_default().into_bytes()),
                 ("expires_at", expires_at.map(|ms| ms.to_string()).unwrap_or_default().into_bytes()),
+                // Tells this scheduling from a later one under the same token.
+                ("nonce", Uuid::now_v7().to_string().into_bytes()),
             ];
             let mut connection = self.connection.clone();
             // The message first: a token in the due set always has its message.

@@ -34,12 +34,14 @@ pub enum ProducedKind {
     /// Cancels what waits under this token (no message).
     CancelScheduled(Uuid),
     /// A request sent to an address, whose response and fault come back to the saga's
-    /// endpoint carrying `request_id`.
+    /// endpoint carrying `request_id`, and the instance's id as their initiator id.
     Request {
         /// Where the request goes.
         address: String,
-        /// The request id the response carries.
+        /// The request id the response carries: new for each request.
         request_id: Uuid,
+        /// The instance that sent it, the request's correlation id.
+        correlation_id: Uuid,
     },
 }
 
@@ -178,8 +180,13 @@ async fn dispatch<M: Message>(
             let address = ctx.endpoint_name().to_owned();
             ctx.schedule_send_with(token, due, &address, message, options).await
         }
-        ProducedKind::Request { address, request_id } => {
-            let mut options = options.response_address(ctx.endpoint_address()).fault_address(ctx.endpoint_address());
+        ProducedKind::Request { address, request_id, correlation_id } => {
+            // Its answers carry the request id, and the request's correlation id as their
+            // initiator id (as MassTransit's and this bus's responders set it).
+            let mut options = options
+                .response_address(ctx.endpoint_address())
+                .fault_address(ctx.endpoint_address())
+                .correlation_id(correlation_id);
             options.request_id = Some(request_id);
             ctx.send_with(&address, message, options).await
         }
@@ -431,7 +438,7 @@ impl<S: Send + Sync + 'static, E: Send + Sync + 'static> EventActivities<S, E> {
             }
             let token = effects.next_token();
             schedule.set_token(&mut instance.data, token);
-            let due = Utc::now() + chrono::Duration::from_std(schedule.delay()).unwrap_or(chrono::Duration::MAX);
+            let due = bus_core::DueTime::from(schedule.delay()).time();
             effects.push(ProducedKind::Schedule { due, token }, f(instance, event))
         })));
         self.redispatch.push(redispatch::<M>());
@@ -462,14 +469,14 @@ impl<S: Send + Sync + 'static, E: Send + Sync + 'static> EventActivities<S, E> {
     ) -> Self {
         let request = request.clone();
         self.activities.push(Activity::Produce(Arc::new(move |instance, event, effects| {
-            // MassTransit's default: the request id is the instance's correlation id, so
-            // the response correlates by it.
-            let request_id = instance.correlation_id;
+            // A new id for each request (derived from the event's, the same if the event is
+            // applied again), so that an answer to an earlier one is told apart.
+            let request_id = effects.next_token();
             request.set_request_id(&mut instance.data, request_id);
-            let address = request.service_address().to_owned();
-            effects.push(ProducedKind::Request { address, request_id }, f(instance, event))?;
+            let (address, correlation_id) = (request.service_address().to_owned(), instance.correlation_id);
+            effects.push(ProducedKind::Request { address, request_id, correlation_id }, f(instance, event))?;
             if let Some(timeout) = request.timeout_after() {
-                let due = Utc::now() + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+                let due = bus_core::DueTime::from(timeout).time();
                 let token = request.timeout_token(request_id);
                 let expired = RequestTimeoutExpired::<Q>::new(instance.correlation_id, request_id);
                 effects.push(ProducedKind::Schedule { due, token }, expired)?;

@@ -89,6 +89,17 @@ pub enum Error {
         /// Where it is handled.
         used_in: String,
     },
+    /// An event declared twice (say with `event` and as a request's response): the second
+    /// would replace the first's correlation.
+    #[error("event {0} is declared twice")]
+    EventDeclaredTwice(&'static str),
+    /// A composite event with no events, more than 32, or one listed twice.
+    #[error("composite event {0} must list 1 to 32 distinct events")]
+    InvalidComposite(&'static str),
+    /// `when_leave` activities that move the instance: leaving a state goes where the
+    /// transition that leaves it goes.
+    #[error("the activities run when leaving state `{0}` may not transition")]
+    TransitionWhileLeaving(String),
     /// A declared state that no transition reaches from `Initial`.
     #[error("state `{0}` is declared but no transition reaches it")]
     UnreachableState(String),

@@ -48,8 +48,9 @@ impl<E> std::fmt::Debug for MissingInstance<E> {
 pub(crate) enum Correlate<E> {
     /// By a field of the message (MassTransit's `CorrelateById`).
     Id(Box<dyn Fn(&E) -> Uuid + Send + Sync>),
-    /// By the request id it carries: a response to a request the instance sent.
-    RequestId,
+    /// By the initiator id it carries: an answer to a request the instance sent, whose
+    /// correlation id was the instance's.
+    Initiator,
     /// By a field of the instance's data equal to a value of the message (MassTransit's
     /// `CorrelateBy`), looked up in the repository.
     Field { field: String, value: Box<dyn Fn(&E) -> serde_json::Value + Send + Sync> },
@@ -70,6 +71,9 @@ pub(crate) struct EventDefinition<S, E> {
 pub(crate) struct EventInfo {
     pub(crate) message_id: Option<Uuid>,
     pub(crate) request_id: Option<Uuid>,
+    pub(crate) initiator_id: Option<Uuid>,
+    /// The instance the runtime found (and locked) for the event, which a new instance takes.
+    pub(crate) instance_id: Option<Uuid>,
     pub(crate) scheduling_token: Option<Uuid>,
 }
 
@@ -190,6 +194,11 @@ pub struct StateMachine<S> {
     uses: Vec<BehaviorUse>,
     /// Events declared with `ignore`, checked by `build`.
     ignore_uses: Vec<(String, &'static str)>,
+    /// An event declared more than once (each declaration would replace the last), for
+    /// `build` to refuse.
+    declared_twice: Option<&'static str>,
+    /// An event given a missing-instance policy before (or without) being declared.
+    undeclared_policy: Option<&'static str>,
     /// The saga it was last put in, for probes.
     bound: BoundRuntime<S>,
 }
@@ -332,6 +341,8 @@ impl<S: SagaData> StateMachine<S> {
                 composites: Vec::new(),
                 uses: Vec::new(),
                 ignore_uses: Vec::new(),
+                declared_twice: None,
+                undeclared_policy: None,
                 bound: BoundRuntime::new(),
             },
         }
@@ -395,7 +406,7 @@ impl<S: SagaData> StateMachine<S> {
     pub(crate) fn correlate_with<E: Message>(&self, event: &E, info: &EventInfo) -> Option<Uuid> {
         match &self.event::<E>()?.correlate {
             Correlate::Id(f) => Some(f(event)),
-            Correlate::RequestId => info.request_id,
+            Correlate::Initiator => info.initiator_id,
             Correlate::Field { field, value } => Some(self.id_for_field(field, &value(event))),
         }
     }
@@ -516,7 +527,7 @@ impl<S: SagaData> StateMachine<S> {
         event: &E,
         info: &EventInfo,
     ) -> Result<Transition<S>, Error> {
-        let id = self.correlate_with(event, info).unwrap_or_else(Uuid::nil);
+        let id = info.instance_id.or_else(|| self.correlate_with(event, info)).unwrap_or_else(Uuid::nil);
         let (mut instance, created) = match instance {
             Some(instance) => (instance, false),
             None => (SagaInstance::new(id, S::default()), true),
@@ -584,6 +595,19 @@ impl<S: SagaData> StateMachine<S> {
 
     /// The checks `build` makes.
     fn check(&self) -> Result<(), Error> {
+        if let Some(event) = self.declared_twice {
+            return Err(Error::EventDeclaredTwice(event));
+        }
+        if let Some(event) = self.undeclared_policy {
+            return Err(Error::UndeclaredEvent { event, used_in: "on_missing_instance".to_owned() });
+        }
+        for composite in &self.composites {
+            let distinct: HashSet<&str> = composite.members.iter().copied().collect();
+            if composite.members.is_empty() || composite.members.len() > 32 || distinct.len() != composite.members.len()
+            {
+                return Err(Error::InvalidComposite(composite.event));
+            }
+        }
         let known = |state: &str| self.states.iter().any(|s| s == state);
         for used in &self.uses {
             if let UsedIn::During(state) | UsedIn::Enter(state) | UsedIn::Leave(state) = &used.used_in {
@@ -593,6 +617,9 @@ impl<S: SagaData> StateMachine<S> {
             }
             if let Some(target) = used.targets.iter().find(|t| !known(t)) {
                 return Err(Error::UnknownState { state: target.clone(), used_in: used.used_in.to_string() });
+            }
+            if let (UsedIn::Leave(state), false) = (&used.used_in, used.targets.is_empty()) {
+                return Err(Error::TransitionWhileLeaving(state.clone()));
             }
             if let Some(event) = used.event {
                 let declared = self.events.contains_key(event) || self.composites.iter().any(|c| c.event == event);
@@ -621,6 +648,15 @@ impl<S: SagaData> StateMachine<S> {
         if let Some(state) = self.states.iter().skip(2).find(|s| !reachable.contains(s.as_str())) {
             return Err(Error::UnreachableState(state.clone()));
         }
+        // `Final` need not be reached, unless something waits there (`finally`, or a
+        // behaviour `during` it) that would then never run.
+        let used_in_final = self
+            .uses
+            .iter()
+            .any(|u| matches!(&u.used_in, UsedIn::During(s) | UsedIn::Enter(s) | UsedIn::Leave(s) if s == FINAL));
+        if used_in_final && !reachable.contains(FINAL) {
+            return Err(Error::UnreachableState(FINAL.to_owned()));
+        }
         Ok(())
     }
 
@@ -632,7 +668,9 @@ impl<S: SagaData> StateMachine<S> {
             for used in &self.uses {
                 let from_here = match &used.used_in {
                     UsedIn::Initially => state == INITIAL,
-                    UsedIn::During(s) | UsedIn::Enter(s) | UsedIn::Leave(s) => s == state,
+                    UsedIn::During(s) | UsedIn::Enter(s) => s == state,
+                    // Leaving moves nowhere (`build` refuses a transition there).
+                    UsedIn::Leave(_) => false,
                     UsedIn::DuringAny => state != INITIAL && state != FINAL,
                 };
                 if !from_here {
@@ -711,8 +749,42 @@ impl<S: SagaData> StateMachineBuilder<S> {
         self.declare(EventDefinition { correlate, missing: MissingInstance::Skip, guard: None })
     }
 
+    /// Changes what happens to declared event `E` when its instance is missing (MassTransit's
+    /// `OnMissingInstance`); `build` refuses it for an event not declared before.
+    ///
+    /// ```
+    /// use bus_saga::{MissingInstance, StateMachine};
+    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct S;
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, bus_core::Message)]
+    /// # #[message(urn = "urn:message:Shop:Late")] struct Late { id: uuid::Uuid }
+    /// let machine = StateMachine::<S>::builder("S")
+    ///     .event::<Late>(|m| m.id)
+    ///     .on_missing_instance::<Late>(MissingInstance::Discard)
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(machine);
+    /// ```
+    pub fn on_missing_instance<E: Message>(mut self, missing: MissingInstance<E>) -> Self {
+        let definition = self
+            .machine
+            .events
+            .get_mut(E::message_type())
+            .and_then(Arc::get_mut)
+            .and_then(|d| d.downcast_mut::<EventDefinition<S, E>>());
+        match definition {
+            Some(definition) => definition.missing = missing,
+            None => {
+                self.machine.undeclared_policy.get_or_insert(E::message_type());
+            }
+        }
+        self
+    }
+
     fn declare<E: Message>(mut self, definition: EventDefinition<S, E>) -> Self {
-        self.machine.events.insert(E::message_type(), Arc::new(definition));
+        if self.machine.events.insert(E::message_type(), Arc::new(definition)).is_some() {
+            self.machine.declared_twice.get_or_insert(E::message_type());
+            return self;
+        }
         self.machine.registrations.push(Arc::new(|endpoint: Endpoint, runtime: Arc<SagaRuntime<S>>| {
             endpoint.consumer(SagaEventConsumer::<S, E>::new(runtime))
         }));
@@ -769,12 +841,12 @@ impl<S: SagaData> StateMachineBuilder<S> {
             })
         }
         let completed = EventDefinition::<S, R> {
-            correlate: Correlate::RequestId,
+            correlate: Correlate::Initiator,
             missing: MissingInstance::Skip,
             guard: Some(answer::<S, Q, R, R>(request)),
         };
         let faulted = EventDefinition::<S, bus_core::Fault<Q>> {
-            correlate: Correlate::RequestId,
+            correlate: Correlate::Initiator,
             missing: MissingInstance::Skip,
             guard: Some(answer::<S, Q, R, bus_core::Fault<Q>>(request)),
         };
@@ -802,7 +874,8 @@ impl<S: SagaData> StateMachineBuilder<S> {
     /// (MassTransit's `CompositeEvent`). Which have arrived is kept as bits in the `u32`
     /// field `status` returns; `C` is then handled in the state the instance is in, as any
     /// event (`during(state, when::<S, C>()...)`), right after the event that completed it.
-    /// Only events handled in the instance's state count. At most 32 events.
+    /// Only events handled in the instance's state count. From 1 to 32 distinct events, or
+    /// `build` refuses it.
     ///
     /// ```
     /// use bus_core::Message;
@@ -844,7 +917,7 @@ impl<S: SagaData> StateMachineBuilder<S> {
                 }
             })
         });
-        let members = events.iter().copied().take(32).collect();
+        let members = events.to_vec();
         self.machine.composites.push(Composite { event: C::message_type(), members, status: Arc::new(status), fire });
         self
     }
@@ -894,7 +967,8 @@ impl<S: SagaData> StateMachineBuilder<S> {
     }
 
     /// What happens whenever an instance leaves `state`, before it enters the next
-    /// (MassTransit's `WhenLeave`).
+    /// (MassTransit's `WhenLeave`). It may not move the instance itself: `build` refuses a
+    /// `transition_to` here.
     pub fn when_leave(
         mut self,
         state: impl AsRef<str>,
@@ -980,7 +1054,8 @@ impl<S: SagaData> StateMachineBuilder<S> {
     /// The state machine, checked: an error names the first mistake found, among a state
     /// used but not declared ([`Error::UnknownState`]), an event handled but not declared
     /// (so with no correlation: [`Error::UndeclaredEvent`]), and a declared state no
-    /// transition reaches from `Initial` ([`Error::UnreachableState`]).
+    /// transition reaches from `Initial`, or a final state with `finally` (or behaviour)
+    /// that nothing finalizes ([`Error::UnreachableState`]).
     ///
     /// ```
     /// use bus_saga::{when, Error, StateMachine};

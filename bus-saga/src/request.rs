@@ -23,9 +23,11 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Send it with [`EventActivities::request`](crate::EventActivities::request) and declare
 /// it with [`StateMachineBuilder::request`](crate::StateMachineBuilder::request): then `R`
 /// (completed), [`Fault<Q>`](bus_core::Fault) (faulted) and [`RequestTimeoutExpired<Q>`]
-/// (no answer in time) are events of the instance. As MassTransit's default, the request
-/// id is the instance's correlation id; the field keeps it while the request is pending,
-/// and an answer that comes when none is pending (after the timeout) is ignored.
+/// (no answer in time) are events of the instance. Each request gets a new request id,
+/// kept in the field while it is pending; its correlation id is the instance's, which its
+/// answers carry back as their initiator id (MassTransit's responders and this bus's set it
+/// so), and by which they find the instance. An answer whose request id is not the pending
+/// one (to an earlier request, or after the timeout) is ignored.
 ///
 /// ```
 /// use std::time::Duration;

@@ -193,7 +193,9 @@ impl<S: SagaData> SagaRuntime<S> {
         let info = EventInfo {
             message_id: None,
             request_id: ctx.request_id(),
+            initiator_id: ctx.initiator_id(),
             scheduling_token: ctx.receive_context().scheduling_token(),
+            instance_id: None,
         };
         let by_field = match self.machine.field_correlation(ctx.message()) {
             Some((field, value)) => Some(
@@ -207,7 +209,7 @@ impl<S: SagaData> SagaRuntime<S> {
         let Some(id) = by_field.or_else(|| self.machine.correlate_with(ctx.message(), &info)) else {
             // Only an answer to a request correlates by something it may lack.
             return Err(Skip::new(format!(
-                "{} carries no request id to find its instance of saga {}",
+                "{} carries no initiator id to find its instance of saga {}",
                 E::message_type(),
                 self.machine.name()
             ))
@@ -228,6 +230,7 @@ impl<S: SagaData> SagaRuntime<S> {
         let attempts = self.machine.conflict_attempts();
         let message_id = ctx.message_id().or_else(|| Some(self.derived_event_id(ctx, id)));
         info.message_id = message_id;
+        info.instance_id = Some(id);
         for attempt in 1..=attempts {
             let loaded = self.repository.load(id).await?;
             // Finalized, and kept only until the messages of its last transition have left.

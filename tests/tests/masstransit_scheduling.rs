@@ -80,7 +80,7 @@ fn schedule_command(vhost: &str, message_id: Uuid, conversation_id: Uuid, token:
     "scheduledTime": "{at}",
     "payloadType": ["urn:message:Clinic.Contracts:AppointmentReminder"],
     "destination": "rabbitmq://localhost/{vhost}/reminders",
-    "payload": {{ "patientId": 42, "text": "Dr. Who, 10:30" }}
+    "payload": {{ "patientId": 42, "text": "Dr. Who, 10:30", "balance": 12345678901234567890.123456789 }}
   }},
   "expirationTime": null,
   "sentTime": "2026-12-06T09:00:00.1234567Z",
@@ -121,6 +121,8 @@ async fn a_masstransit_schedule_message_is_delivered_at_its_time() {
     assert_eq!(envelope.conversation_id, Some(conversation_id));
     assert_eq!(envelope.message_type, [AppointmentReminder::message_type()]);
     assert_eq!(envelope.headers.get_str("Tenant"), Some("north"));
+    // The payload as it was written: a .NET decimal beyond f64 stays exact.
+    assert!(envelope.message.get().contains("12345678901234567890.123456789"), "{}", envelope.message.get());
     let carried = envelope.headers.get_str(bus_core::header_names::SCHEDULING_TOKEN_ID).map(Uuid::parse_str);
     assert_eq!(carried.and_then(Result::ok), Some(token));
     assert_eq!(

@@ -169,7 +169,7 @@ async fn an_event_for_a_missing_instance_goes_to_skipped_or_is_discarded_when_co
     assert!(harness.transport().peek("OrderState_error").is_empty());
 
     let machine = order_state_machine_with(DEFAULT_ORDER_TIMEOUT, |m| {
-        m.event_with::<OrderProcessed>(|e| e.order_id, MissingInstance::Discard)
+        m.on_missing_instance::<OrderProcessed>(MissingInstance::Discard)
     })
     .expect("valid state machine");
     let harness = InMemoryTestHarness::start(move |bus| {

@@ -94,3 +94,94 @@ async fn two_instances_share_the_scheduled_messages_and_fire_each_once() {
     assert_eq!(log.len(), MESSAGES as usize, "none twice");
     assert_eq!(distinct.len(), MESSAGES as usize, "none lost");
 }
+
+/// A transport whose first send waits until the test lets it go, and says when it started.
+struct HeldFirstSend {
+    inner: InMemoryTransport,
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+    release: std::sync::Arc<tokio::sync::Semaphore>,
+    sends: std::sync::atomic::AtomicU32,
+}
+
+impl bus_core::Transport for HeldFirstSend {
+    fn system(&self) -> &'static str {
+        self.inner.system()
+    }
+    fn address(&self, name: &str) -> String {
+        self.inner.address(name)
+    }
+    fn declare<'a>(
+        &'a self,
+        topology: &'a bus_core::EndpointTopology,
+    ) -> futures::future::BoxFuture<'a, bus_core::Result<()>> {
+        self.inner.declare(topology)
+    }
+    fn publish<'a>(
+        &'a self,
+        types: &'a [&'a str],
+        message: bus_core::TransportMessage,
+    ) -> futures::future::BoxFuture<'a, bus_core::Result<()>> {
+        self.inner.publish(types, message)
+    }
+    fn send<'a>(
+        &'a self,
+        destination: &'a str,
+        message: bus_core::TransportMessage,
+    ) -> futures::future::BoxFuture<'a, bus_core::Result<()>> {
+        Box::pin(async move {
+            if self.sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let _ = self.started.send(());
+                let _permit = self.release.acquire().await;
+            }
+            self.inner.send(destination, message).await
+        })
+    }
+    fn subscribe<'a>(
+        &'a self,
+        topology: &'a bus_core::EndpointTopology,
+        prefetch: u16,
+    ) -> futures::future::BoxFuture<'a, bus_core::Result<bus_core::Subscription>> {
+        self.inner.subscribe(topology, prefetch)
+    }
+    fn delete<'a>(
+        &'a self,
+        topology: &'a bus_core::EndpointTopology,
+    ) -> futures::future::BoxFuture<'a, bus_core::Result<()>> {
+        self.inner.delete(topology)
+    }
+}
+
+/// A message scheduled again under its token while the first is being delivered (a saga
+/// starting its timeout again as the old one fires) is kept: the batch that delivered the
+/// first removes only the first.
+#[tokio::test]
+async fn a_message_scheduled_again_while_its_token_fires_is_kept() {
+    let prefix = unique("sched-again");
+    let scheduler = scheduler(&prefix).await;
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let transport = HeldFirstSend {
+        inner: InMemoryTransport::new(),
+        started: started_tx,
+        release: release.clone(),
+        sends: Default::default(),
+    };
+    let got = std::sync::Arc::new(bus_core::testing::MessageLog::default());
+    let bus = Bus::builder(transport)
+        .scheduler(scheduler.clone())
+        .endpoint(tests::record::<Due>(Endpoint::new("due"), &got))
+        .build();
+    bus.start().await.expect("bus starts");
+    let token = uuid::Uuid::now_v7();
+    let options = bus_core::SendOptions::new;
+    bus.schedule_send_with(token, Duration::ZERO, "queue:due", Due { n: 1 }, options()).await.expect("first");
+    tokio::time::timeout(WAIT, started.recv()).await.expect("the first is being delivered");
+    // Claimed and on its way: scheduled again under the same token.
+    let soon = DueTime::from(Duration::from_millis(200));
+    bus.schedule_send_with(token, soon, "queue:due", Due { n: 2 }, options()).await.expect("again");
+    release.add_permits(1);
+    let delivered = got.wait_for::<Due>(2, WAIT).await.expect("both delivered");
+    bus.stop().await.expect("stop");
+    assert_eq!(delivered.iter().map(|d| d.n).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(scheduler.waiting().await.expect("count"), 0);
+}

@@ -206,30 +206,6 @@ async fn a_saga_request_completes_faults_or_times_out() {
     harness.stop().await.expect("stop");
 }
 
-/// A response that comes after the request timed out is ignored, not an error.
-#[tokio::test]
-async fn a_late_response_is_ignored() {
-    let machine = shipping_machine(Duration::from_secs(3600));
-    let saga = Saga::new(machine.clone(), InMemorySagaRepository::new());
-    let harness = InMemoryTestHarness::start(move |bus| bus.endpoint(saga.endpoint()).endpoint(stock_service()))
-        .await
-        .expect("harness");
-    let shipment = Uuid::now_v7();
-    harness.bus().publish(Ship { shipment, stock: "ignore".into() }).await.expect("publish");
-    harness.saga(&machine).wait_for(shipment, "Reserving").await.expect("reserving");
-    harness.bus().publish(RequestTimeoutExpired::<ReserveStock>::new(shipment, shipment)).await.expect("timeout");
-    harness.saga(&machine).wait_for(shipment, "Failed").await.expect("timed out");
-
-    let mut late = SendOptions::new();
-    late.request_id = Some(shipment);
-    harness.bus().publish_with(StockReserved { shipment }, late).await.expect("late response");
-    harness.consumed().wait_for::<StockReserved>(1, WAIT).await.expect("consumed");
-    let instance = harness.saga(&machine).instance(shipment).await.expect("load").expect("exists");
-    assert_eq!(instance.current_state, "Failed");
-    assert!(harness.transport().peek("Shipment_error").is_empty(), "ignored, not failed");
-    harness.stop().await.expect("stop");
-}
-
 // ---- composite events, conditions, catch, enter/leave/finally -------------------------
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -541,6 +517,28 @@ fn build_refuses_a_state_nothing_reaches() {
 }
 
 #[test]
+fn build_refuses_finally_when_nothing_finalizes() {
+    let built = StateMachine::<Door>::builder("Door")
+        .states(["Opened"])
+        .event::<OpenDoor>(|m| m.door)
+        .initially(when::<Door, OpenDoor>().transition_to("Opened"))
+        .finally(|a| a.publish(|d, _| CloseDoor { door: d.correlation_id }))
+        .build();
+    assert!(matches!(built, Err(Error::UnreachableState(state)) if state == FINAL), "finally would never run");
+    // With a finalize somewhere, it is fine; and a machine that never finalizes and has
+    // nothing in Final is fine too.
+    let finalizing = StateMachine::<Door>::builder("Door")
+        .states(["Opened"])
+        .event::<OpenDoor>(|m| m.door)
+        .event::<CloseDoor>(|m| m.door)
+        .initially(when::<Door, OpenDoor>().transition_to("Opened"))
+        .during("Opened", when::<Door, CloseDoor>().finalize())
+        .finally(|a| a.then(|_, _| ()))
+        .build();
+    assert!(finalizing.is_ok(), "{finalizing:?}");
+}
+
+#[test]
 fn states_reached_only_through_when_enter_or_during_any_count_as_reachable() {
     let built = StateMachine::<Door>::builder("Door")
         .states(["Opened", "Closed", "Locked"])
@@ -566,4 +564,118 @@ async fn when_enter_loops_are_cut() {
         .expect("valid state machine");
     let looped = machine.apply(None, &OpenDoor { door: Uuid::now_v7() }).await;
     assert!(matches!(looped, Err(Error::TransitionLoop { .. })), "{looped:?}");
+}
+
+#[test]
+fn build_refuses_an_event_declared_twice() {
+    let reserve = Request::<Shipment, ReserveStock, StockReserved>::new("queue:stock", |s| &mut s.reserve_request_id);
+    let built = StateMachine::<Shipment>::builder("Shipment")
+        .states(["Reserving"])
+        .event::<Ship>(|m| m.shipment)
+        .event::<StockReserved>(|m| m.shipment)
+        .request(&reserve)
+        .initially(
+            when::<Shipment, Ship>()
+                .request(&reserve, |s, _| ReserveStock { shipment: s.correlation_id, stock: String::new() })
+                .transition_to("Reserving"),
+        )
+        .build();
+    assert!(matches!(built, Err(Error::EventDeclaredTwice(event)) if event == StockReserved::message_type()));
+}
+
+#[test]
+fn build_refuses_a_composite_of_repeated_events_or_a_transition_while_leaving() {
+    let repeated = StateMachine::<Parcel>::builder("Parcel")
+        .states(["Open"])
+        .event::<Paid>(|m| m.parcel)
+        .composite_event::<ReadyToShip>(|p| &mut p.ready_status, &[Paid::message_type(), Paid::message_type()])
+        .initially(when::<Parcel, Paid>().transition_to("Open"))
+        .build();
+    assert!(matches!(repeated, Err(Error::InvalidComposite(event)) if event == ReadyToShip::message_type()));
+    let leaving = StateMachine::<Parcel>::builder("Parcel")
+        .states(["Open", "Shipping"])
+        .event::<Paid>(|m| m.parcel)
+        .initially(when::<Parcel, Paid>().transition_to("Open"))
+        .when_leave("Open", |a| a.transition_to("Shipping"))
+        .build();
+    assert!(matches!(leaving, Err(Error::TransitionWhileLeaving(state)) if state == "Open"));
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Shipping:AnswerNow")]
+struct AnswerNow {
+    request_id: Uuid,
+    address: String,
+}
+
+/// Each request has its own id: after a timeout the saga asks again, and the first
+/// request's late answer is ignored while the second is pending; the second's is taken.
+#[tokio::test]
+async fn an_answer_to_an_earlier_request_is_ignored() {
+    let reserve =
+        Request::<Shipment, ReserveStock, StockReserved>::new("queue:slow-stock", |s| &mut s.reserve_request_id)
+            .timeout(Duration::from_secs(3600));
+    let ask = |s: &bus_saga::SagaInstance<Shipment>| ReserveStock { shipment: s.correlation_id, stock: "slow".into() };
+    let machine = StateMachine::<Shipment>::builder("RetriedShipment")
+        .states(["Reserving", "Reserved"])
+        .event::<Ship>(|m| m.shipment)
+        .request(&reserve)
+        .initially(when::<Shipment, Ship>().request(&reserve, move |s, _| ask(s)).transition_to("Reserving"))
+        // Timed out: ask again.
+        .during(
+            "Reserving",
+            when::<Shipment, RequestTimeoutExpired<ReserveStock>>().request(&reserve, move |s, _| ask(s)),
+        )
+        .during("Reserving", when::<Shipment, StockReserved>().transition_to("Reserved"))
+        .build()
+        .expect("valid state machine");
+    let saga = Saga::new(machine.clone(), InMemorySagaRepository::new());
+    // The stock service answers only when told to, as part of a flow correlated to the
+    // shipment (so its answer carries the shipment as initiator, as a responder's does).
+    let requests = Arc::new(bus_core::testing::MessageLog::default());
+    let slow = tests::record::<ReserveStock>(Endpoint::new("slow-stock"), &requests).handler(
+        |ctx: ConsumeContext<AnswerNow>| async move {
+            let mut options = SendOptions::new();
+            options.request_id = Some(ctx.message().request_id);
+            ctx.send_with(&ctx.message().address, StockReserved { shipment: Uuid::nil() }, options).await?;
+            Ok::<_, BoxError>(())
+        },
+    );
+    let harness =
+        InMemoryTestHarness::start(move |bus| bus.endpoint(saga.endpoint()).endpoint(slow)).await.expect("harness");
+    let shipment = Uuid::now_v7();
+    harness.bus().publish(Ship { shipment, stock: "slow".into() }).await.expect("publish");
+    requests.wait_for::<ReserveStock>(1, WAIT).await.expect("first request");
+    let first = requests.all()[0].clone();
+    let first_id = first.request_id.expect("a request id");
+    harness.bus().publish(RequestTimeoutExpired::<ReserveStock>::new(shipment, first_id)).await.expect("timeout");
+    requests.wait_for::<ReserveStock>(2, WAIT).await.expect("asked again");
+    let second_id = requests.all()[1].request_id.expect("a request id");
+    assert_ne!(first_id, second_id, "a new id for the new request");
+    let address = first.response_address.clone().expect("the saga's address");
+
+    let answer = |request_id| AnswerNow { request_id, address: address.clone() };
+    let flow = || SendOptions::new().correlation_id(shipment);
+    harness.bus().send_with("queue:slow-stock", answer(first_id), flow()).await.expect("late answer");
+    harness.consumed().wait_for::<StockReserved>(1, WAIT).await.expect("consumed");
+    let still = harness.saga(&machine).instance(shipment).await.expect("load").expect("exists");
+    assert_eq!(still.current_state, "Reserving", "the first request's answer is ignored");
+    assert_eq!(still.data.reserve_request_id, Some(second_id));
+
+    harness.bus().send_with("queue:slow-stock", answer(second_id), flow()).await.expect("answer");
+    harness.saga(&machine).wait_for(shipment, "Reserved").await.expect("the second's answer is taken");
+    assert!(harness.transport().peek("RetriedShipment_error").is_empty());
+    harness.stop().await.expect("stop");
+}
+
+#[test]
+fn build_refuses_a_missing_instance_policy_for_an_undeclared_event() {
+    let built = StateMachine::<Door>::builder("Door")
+        .states(["Opened"])
+        .event::<OpenDoor>(|m| m.door)
+        .initially(when::<Door, OpenDoor>().transition_to("Opened"))
+        .on_missing_instance::<CloseDoor>(bus_saga::MissingInstance::Discard)
+        .build();
+    assert!(matches!(built, Err(Error::UndeclaredEvent { event, .. }) if event == CloseDoor::message_type()));
 }

@@ -199,7 +199,9 @@ impl BusInner {
         envelope.correlation_id = failed.correlation_id;
         envelope.request_id = failed.request_id;
         envelope.conversation_id = failed.conversation_id;
-        envelope.initiator_id = failed.message_id;
+        // As MassTransit sets it on what a consume produces: the consumed message's
+        // correlation id, else its request id (a saga finds its request's fault by it).
+        envelope.initiator_id = failed.correlation_id.or(failed.request_id);
         envelope.source_address = Some(source_address.to_owned());
         envelope.host = Some(self.host.clone());
         copy_flow_headers_to_fault(&failed.headers, &mut envelope.headers);
