@@ -378,6 +378,12 @@ fn write_time<'b>(time: &DateTime<Utc>, buffer: &'b mut [u8; TIME_LEN]) -> &'b s
     std::str::from_utf8(buffer).unwrap_or_default()
 }
 
+/// Reads a time as .NET writes it (see [`parse_time`]), for `#[serde(deserialize_with)]`.
+pub(crate) fn read_time<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
+    parse_time(&text).ok_or_else(|| serde::de::Error::custom(format!("not a date and time: {text:?}")))
+}
+
 /// Parses an ISO-8601 time as .NET writes it (up to 7 fractional digits, `Z`, an offset, or none).
 pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)

@@ -20,20 +20,28 @@ pub fn fault_urn(urn: &str) -> String {
     format!("urn:message:MassTransit:Fault[[{}]]", urn.strip_prefix("urn:message:").unwrap_or(urn))
 }
 
-/// One error of a fault, as MassTransit's `ExceptionInfo`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One error of a fault, as MassTransit's `ExceptionInfo`, its members in MassTransit v8's
+/// order (nulls written, missing ones read as absent, as MassTransit 5 to 7 left them out).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExceptionInfo {
     /// Error type.
     pub exception_type: String,
-    /// Error message.
-    pub message: String,
+    /// The error it wraps, if any (.NET's `InnerException`).
+    #[serde(default)]
+    pub inner_exception: Option<Box<ExceptionInfo>>,
     /// Where it happened; for us the error's cause chain.
     #[serde(default)]
     pub stack_trace: Option<String>,
+    /// Error message.
+    #[serde(default)]
+    pub message: String,
     /// The consumer type that failed.
     #[serde(default)]
     pub source: Option<String>,
+    /// .NET's `Exception.Data`.
+    #[serde(default)]
+    pub data: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A message that finally failed, with why: MassTransit's `Fault<T>`.
@@ -57,7 +65,8 @@ pub struct Fault<T> {
     pub fault_id: Uuid,
     /// Id of the message that failed.
     pub faulted_message_id: Option<Uuid>,
-    /// When it failed.
+    /// When it failed (written with seven fraction digits, as MassTransit).
+    #[serde(serialize_with = "dotnet_time", deserialize_with = "crate::envelope::read_time")]
     pub timestamp: DateTime<Utc>,
     /// Why it failed.
     #[serde(default)]
@@ -70,6 +79,10 @@ pub struct Fault<T> {
     pub fault_message_types: Vec<String>,
     /// The message that failed.
     pub message: T,
+}
+
+fn dotnet_time<S: serde::Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&crate::envelope::format_time(time))
 }
 
 impl<T: Message> Message for Fault<T> {

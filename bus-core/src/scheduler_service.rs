@@ -2,7 +2,7 @@
 //! `CancelScheduledMessage` commands a .NET service sends to its scheduler's queue (as to
 //! MassTransit's Quartz or Hangfire service), handled with the bus's [`MessageScheduler`].
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -20,7 +20,7 @@ pub struct ScheduleMessage {
     /// The token the message is scheduled (and cancelled) under.
     pub correlation_id: Uuid,
     /// When to deliver it (UTC; a .NET time without a zone is read as UTC).
-    #[serde(deserialize_with = "dotnet_utc")]
+    #[serde(deserialize_with = "crate::envelope::read_time")]
     pub scheduled_time: DateTime<Utc>,
     /// The payload's message types, its own first.
     pub payload_type: Vec<String>,
@@ -63,22 +63,8 @@ impl Message for CancelScheduledMessage {
     }
 }
 
-/// A .NET `DateTime`: with a zone or `Z` as RFC 3339; `DateTimeKind.Unspecified` (no zone)
-/// is taken as UTC, as MassTransit's schedulers take it.
-fn parse_dotnet_time(text: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .ok()
-        .or_else(|| NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|t| t.and_utc()))
-}
-
-fn dotnet_utc<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    parse_dotnet_time(&text).ok_or_else(|| serde::de::Error::custom(format!("not a date and time: {text:?}")))
-}
-
 fn dotnet_utc_option<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-    Ok(Option::<String>::deserialize(deserializer)?.as_deref().and_then(parse_dotnet_time))
+    Ok(Option::<String>::deserialize(deserializer)?.as_deref().and_then(crate::envelope::parse_time))
 }
 
 /// Consumes MassTransit's scheduling commands and hands them to the bus's scheduler, so
@@ -158,14 +144,21 @@ impl Consumer<CancelScheduledMessage> for SchedulerService {
 mod tests {
     use super::*;
 
+    /// The scheduled time as .NET writes it: with `Z`, with an offset, or without a zone
+    /// (`DateTimeKind.Unspecified`), which is taken as UTC.
     #[test]
-    fn dotnet_times_with_and_without_a_zone() {
-        let utc = parse_dotnet_time("2026-12-06T17:30:00.1234567Z").expect("Z");
+    fn scheduled_times_with_and_without_a_zone() {
+        let read = |time: &str| {
+            let json = format!(
+                r#"{{"correlationId":"{}","scheduledTime":"{time}","payloadType":["urn:message:A:B"],"destination":"queue:b","payload":{{}}}}"#,
+                Uuid::nil()
+            );
+            serde_json::from_str::<ScheduleMessage>(&json).map(|m| m.scheduled_time).ok()
+        };
+        let utc = read("2026-12-06T17:30:00.1234567Z").expect("Z");
         assert_eq!(utc.timestamp_nanos_opt(), Some(1_796_578_200_123_456_700));
-        let unspecified = parse_dotnet_time("2026-12-06T17:30:00.1234567").expect("no zone");
-        assert_eq!(unspecified, utc);
-        let offset = parse_dotnet_time("2026-12-06T18:30:00.1234567+01:00").expect("offset");
-        assert_eq!(offset, utc);
-        assert!(parse_dotnet_time("tomorrow").is_none());
+        assert_eq!(read("2026-12-06T17:30:00.1234567"), Some(utc));
+        assert_eq!(read("2026-12-06T18:30:00.1234567+01:00"), Some(utc));
+        assert_eq!(read("tomorrow"), None);
     }
 }

@@ -185,9 +185,11 @@ impl BusInner {
             timestamp: chrono::Utc::now(),
             exceptions: vec![ExceptionInfo {
                 exception_type: error.exception_type().to_owned(),
-                message: error.message().to_owned(),
+                inner_exception: None,
                 stack_trace: Some(error.causes()).filter(|s| !s.is_empty()),
+                message: error.message().to_owned(),
                 source: Some(consumer_type.to_owned()),
+                data: None,
             }],
             host: (*self.host).clone(),
             fault_message_types: failed.message_type.clone(),
