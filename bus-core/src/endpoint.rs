@@ -36,6 +36,8 @@ pub(crate) struct EndpointSettings {
     pub(crate) max_message_size: usize,
     pub(crate) outbox: bool,
     pub(crate) trace_propagation: TracePropagation,
+    /// How a message without a content type is read (`None`: as the bus's default).
+    pub(crate) default_content_type: Option<String>,
 }
 
 /// How a received message's spans continue its producer's trace.
@@ -70,6 +72,7 @@ impl Default for EndpointSettings {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             outbox: true,
             trace_propagation: TracePropagation::Child,
+            default_content_type: None,
         }
     }
 }
@@ -342,6 +345,28 @@ impl Endpoint {
     #[doc(alias = "UseDelayedRedelivery")]
     pub fn redelivery(mut self, policy: RedeliveryPolicy) -> Self {
         self.settings.redelivery = policy;
+        self
+    }
+
+    /// How a message that comes without a content type (some clients send no AMQP
+    /// properties) is read on this endpoint: with the bus's serializer for `content_type`
+    /// (`application/json` for raw JSON), as MassTransit reads such a message with the
+    /// endpoint's default deserializer. By default, as the bus's default serializer writes
+    /// (MassTransit's envelope). A content type the bus has no serializer for is refused
+    /// when the bus is built.
+    ///
+    /// ```
+    /// use bus_core::{ConsumeContext, Endpoint, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Legacy:Reading")] struct Reading { value: f64 }
+    /// let legacy = Endpoint::new("legacy-readings")
+    ///     .default_content_type("application/json")
+    ///     .handler(|_: ConsumeContext<Reading>| async { Ok(()) });
+    /// # drop(legacy);
+    /// ```
+    #[doc(alias = "DefaultContentType")]
+    pub fn default_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.settings.default_content_type = Some(content_type.into());
         self
     }
 

@@ -730,3 +730,47 @@ fn the_response_endpoints_dead_letter_queues_are_declared_again_after_a_failed_m
         assert!(String::from_utf8_lossy(&again[0].body).contains(r#""n":2"#));
     });
 }
+
+/// A message with no AMQP properties at all (no content type) is read with the endpoint's
+/// default deserializer, as MassTransit reads it: the bus's envelope by default, raw JSON on
+/// an endpoint that says so.
+#[test]
+fn a_message_without_a_content_type_is_read_with_the_endpoints_default() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let (enveloped, raw) = (unique("no-ct-envelope"), unique("no-ct-raw"));
+        let (got_enveloped, got_raw) =
+            (std::sync::Arc::new(MessageLog::default()), std::sync::Arc::new(MessageLog::default()));
+        let bus = fixture
+            .bus()
+            .endpoint(tests::record::<Probe>(Endpoint::new(&enveloped), &got_enveloped))
+            .endpoint(tests::record::<Probe>(Endpoint::new(&raw).default_content_type("application/json"), &got_raw))
+            .build();
+        bus.start().await.expect("bus starts");
+        let channel = fixture.channel().await;
+        let envelope = format!(
+            r#"{{"messageId":"{}","messageType":["urn:message:Wire:Probe"],"message":{{"n":7}}}}"#,
+            uuid::Uuid::now_v7()
+        );
+        for (queue, body) in [(&enveloped, envelope.into_bytes()), (&raw, br#"{"n":8}"#.to_vec())] {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+        }
+        let enveloped_probe = got_enveloped.wait_for::<Probe>(1, WAIT).await.expect("the envelope is read");
+        // Raw JSON has no type: it is offered to the endpoint's consumer, and recorded untyped.
+        let raw_read = got_raw.wait_for_envelope("the raw JSON", WAIT, |_| true).await.expect("the raw JSON is read");
+        bus.stop().await.expect("stop");
+        let raw_probe: Probe = serde_json::from_str(raw_read.message.get()).expect("a probe");
+        assert_eq!((enveloped_probe[0].n, raw_probe.n), (7, 8));
+    });
+}

@@ -224,7 +224,8 @@ impl BusBuilder {
                 .any(|other| &other.topology.queue == name)
                 .then(|| format!("two endpoints are named `{name}`"))
         });
-        let configuration_error = duplicate.or_else(|| endpoints.iter().find_map(|e| e.configuration_error()));
+        let configuration_error =
+            duplicate.or_else(|| endpoints.iter().find_map(|e| e.configuration_error(&self.serializers)));
         Bus {
             inner: Arc::new(BusInner {
                 configuration_error,

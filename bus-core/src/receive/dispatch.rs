@@ -53,7 +53,11 @@ impl EndpointRuntime {
         if message.body.len() > self.settings.max_message_size {
             return Err(Error::MessageTooLarge { size: message.body.len(), limit: self.settings.max_message_size });
         }
-        bus.inner.serializers.deserialize(message)
+        let serializers = &bus.inner.serializers;
+        match (&message.content_type, &self.settings.default_content_type) {
+            (None, Some(default)) => serializers.for_content_type(Some(default))?.deserialize(message),
+            _ => serializers.deserialize(message),
+        }
     }
 
     /// Runs every consumer of the message, one after another; releases what they produced

@@ -320,7 +320,15 @@ impl EndpointRuntime {
     }
 
     /// What in this endpoint's settings cannot work, if anything.
-    pub(crate) fn configuration_error(&self) -> Option<String> {
+    pub(crate) fn configuration_error(&self, serializers: &crate::serializer::Serializers) -> Option<String> {
+        if let Some(content_type) = &self.settings.default_content_type {
+            if serializers.for_content_type(Some(content_type)).is_err() {
+                return Some(format!(
+                    "endpoint `{}`: no serializer reads its default content type `{content_type}`",
+                    self.info.name
+                ));
+            }
+        }
         let limits = std::iter::once(("the endpoint", self.settings.concurrency))
             .chain(self.consumers.iter().map(|c| (c.consumer_type, c.concurrency_limit)));
         for (what, limit) in limits {
