@@ -5,30 +5,22 @@ use std::time::Duration;
 
 use bus_core::{Headers, TransportMessage};
 use bytes::Bytes;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use serde_json::Value;
 
-fn to_amqp(value: &Value) -> AMQPValue {
+/// A header value as MassTransit's `SetHeaders` writes it into the AMQP table: strings and
+/// numbers as they are, `true` as the string `"True"`; `false`, `null`, arrays and objects left
+/// out (they travel in the envelope's `headers` only, as MassTransit's `MT-Request-AcceptType`).
+fn to_amqp(value: &Value) -> Option<AMQPValue> {
     match value {
-        Value::Null => AMQPValue::Void,
-        // MassTransit writes booleans as "True"/"False" strings.
-        Value::Bool(b) => AMQPValue::LongString(LongString::from(if *b { "True" } else { "False" })),
-        Value::Number(n) => match n.as_i64() {
+        Value::Bool(true) => Some(AMQPValue::LongString(LongString::from("True"))),
+        Value::Number(n) => Some(match n.as_i64() {
             Some(i) => AMQPValue::LongLongInt(i),
             None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
-        },
-        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(items.iter().map(to_amqp).collect::<Vec<_>>())),
-        Value::Object(map) => {
-            let mut table = FieldTable::default();
-            for (k, v) in map {
-                if let Ok(key) = ShortString::try_new(k.as_str()) {
-                    table.insert(key, to_amqp(v));
-                }
-            }
-            AMQPValue::FieldTable(table)
-        }
+        }),
+        Value::String(s) => Some(AMQPValue::LongString(LongString::from(s.as_str()))),
+        Value::Null | Value::Bool(false) | Value::Array(_) | Value::Object(_) => None,
     }
 }
 
@@ -102,8 +94,8 @@ pub(crate) fn forwarded_properties(original: &BasicProperties, added: &Headers) 
         }
     }
     for (name, value) in added {
-        if let Ok(key) = ShortString::try_new(name.as_str()) {
-            table.insert(key, to_amqp(value));
+        if let (Ok(key), Some(value)) = (ShortString::try_new(name.as_str()), to_amqp(value)) {
+            table.insert(key, value);
         }
     }
     // Field by field, all but `user_id`: the broker checks it against the publishing
@@ -140,8 +132,8 @@ pub(crate) fn to_table(headers: &Headers) -> FieldTable {
     let mut table = FieldTable::default();
     for (name, value) in headers {
         // AMQP header names are short strings (at most 255 bytes); longer ones cannot travel.
-        if let Ok(key) = ShortString::try_new(name.as_str()) {
-            table.insert(key, to_amqp(value));
+        if let (Ok(key), Some(value)) = (ShortString::try_new(name.as_str()), to_amqp(value)) {
+            table.insert(key, value);
         }
     }
     table
@@ -225,11 +217,20 @@ mod tests {
         headers.insert("MT-Redelivery-Count", 2);
         headers.insert("Ratio", 0.5);
         headers.insert("Urgent", true);
+        headers.insert("Quiet", false);
+        headers.insert("MT-Request-AcceptType", serde_json::json!(["urn:message:Shop:Accepted"]));
+        headers.insert("Nested", serde_json::json!({ "a": 1 }));
+        headers.insert("Nothing", Value::Null);
         let back = from_table(&to_table(&headers));
         assert_eq!(back.get_str("Tenant"), Some("acme"));
         assert_eq!(back.get_i64("MT-Redelivery-Count"), Some(2));
         assert_eq!(back.get("Ratio"), Some(&Value::from(0.5)));
-        assert_eq!(back.get_str("Urgent"), Some("True"), "booleans as MassTransit writes them");
+        assert_eq!(back.get_str("Urgent"), Some("True"), "true as MassTransit writes it");
+        // As MassTransit's SetHeaders: false, arrays, objects and nulls stay out of the table.
+        for absent in ["Quiet", "MT-Request-AcceptType", "Nested", "Nothing"] {
+            assert!(back.get(absent).is_none(), "{absent}");
+        }
+        assert_eq!(back.len(), 4);
     }
 
     #[test]

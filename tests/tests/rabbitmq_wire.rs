@@ -774,3 +774,44 @@ fn a_message_without_a_content_type_is_read_with_the_endpoints_default() {
         assert_eq!((enveloped_probe[0].n, raw_probe.n), (7, 8));
     });
 }
+
+/// Envelope headers in the AMQP header table as MassTransit's `SetHeaders` writes them:
+/// strings and numbers as they are, `true` as `"True"`, and `false`, arrays and objects left
+/// out of the table; the envelope keeps every one.
+#[test]
+fn envelope_headers_go_into_the_amqp_table_as_masstransit_writes_them() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let queue = unique("header-table");
+        use bus_core::Transport;
+        let topology = bus_core::EndpointTopology { queue: queue.clone(), ..Default::default() };
+        fixture.transport().declare(&topology).await.expect("declare");
+        let bus = fixture.bus().build();
+        let options = SendOptions::new()
+            .header("Tenant", "acme")
+            .header("Attempt", 3)
+            .header("Urgent", true)
+            .header("Quiet", false)
+            .header("MT-Request-AcceptType", serde_json::json!(["urn:message:Wire:Probe"]))
+            .header("Nested", serde_json::json!({ "a": 1 }));
+        bus.send_with(&format!("queue:{queue}"), Probe { n: 1 }, options).await.expect("send");
+        let channel = fixture.channel().await;
+        let got = channel
+            .basic_get(queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("a message");
+        let table = got.delivery.properties.headers().clone().unwrap_or_default();
+        let value = |name: &str| table.inner().get(name).cloned();
+        assert_eq!(value("Tenant"), Some(AMQPValue::LongString(LongString::from("acme"))));
+        assert_eq!(value("Attempt"), Some(AMQPValue::LongLongInt(3)));
+        assert_eq!(value("Urgent"), Some(AMQPValue::LongString(LongString::from("True"))));
+        for absent in ["Quiet", "MT-Request-AcceptType", "Nested"] {
+            assert_eq!(value(absent), None, "{absent} is not in the table");
+        }
+        let envelope: serde_json::Value = serde_json::from_slice(&got.delivery.data).expect("an envelope");
+        assert_eq!(envelope["headers"]["Quiet"], false);
+        assert_eq!(envelope["headers"]["MT-Request-AcceptType"][0], "urn:message:Wire:Probe");
+        assert_eq!(envelope["headers"]["Nested"]["a"], 1);
+    });
+}
