@@ -1,3 +1,5 @@
+//! Serializer choices refused when a bus is built.
+
 /// An endpoint's default content type that no serializer of the bus reads is refused when
 /// the bus is built, not met by every message without a content type.
 #[test]
