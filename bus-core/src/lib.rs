@@ -69,7 +69,9 @@ pub mod testing;
 mod transport;
 pub mod wire;
 
-pub use bus::{Bus, BusBuilder, PreparedDestination, PreparedMessage, RequestClient, Response, SendOptions};
+pub use bus::{
+    Bus, BusBuilder, EitherResponse, PreparedDestination, PreparedMessage, RequestClient, Response, SendOptions,
+};
 pub use bus_derive::Message;
 pub use consume_error::{ConsumeError, ConsumeErrorKind};
 pub use consumer::{Consumer, Permanent, Skip};

@@ -815,3 +815,68 @@ fn envelope_headers_go_into_the_amqp_table_as_masstransit_writes_them() {
         assert_eq!(envelope["headers"]["Nested"]["a"], 1);
     });
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Wire:SubmitOrder")]
+struct SubmitOrder {
+    total: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Wire:OrderAccepted")]
+struct OrderAccepted {
+    total: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Wire:OrderRejected")]
+struct OrderRejected {
+    reason: String,
+}
+
+/// A request whose responder answers one of two types: the client lists both in
+/// `MT-Request-AcceptType`, gets whichever comes, and the request lives no longer than the
+/// client waits (`expirationTime` and the AMQP expiration).
+#[test]
+fn a_request_accepts_either_of_two_response_types() {
+    runtime().block_on(async {
+        let fixture = fixture().await;
+        let queue = unique("orders-either");
+        let requests = std::sync::Arc::new(MessageLog::default());
+        let responder = tests::record::<SubmitOrder>(Endpoint::new(&queue), &requests).handler(
+            |ctx: ConsumeContext<SubmitOrder>| async move {
+                let total = ctx.message().total;
+                if total > 100 {
+                    ctx.respond(OrderRejected { reason: format!("{total} is over the limit") }).await?;
+                } else {
+                    ctx.respond(OrderAccepted { total }).await?;
+                }
+                Ok(())
+            },
+        );
+        let bus = fixture.bus().endpoint(responder).build();
+        bus.start().await.expect("bus starts");
+        let timeout = Duration::from_secs(8);
+        let client =
+            bus.request_client::<SubmitOrder>().with_destination(format!("queue:{queue}")).with_timeout(timeout);
+        let sent_at = chrono::Utc::now();
+        let small =
+            client.request_either::<OrderAccepted, OrderRejected>(SubmitOrder { total: 10 }).await.expect("answered");
+        let large =
+            client.request_either::<OrderAccepted, OrderRejected>(SubmitOrder { total: 500 }).await.expect("answered");
+        bus.stop().await.expect("stop");
+        assert!(matches!(small, bus_core::EitherResponse::First(ref r) if r.message().total == 10), "{small:?}");
+        assert!(
+            matches!(large, bus_core::EitherResponse::Second(ref r) if r.message().reason.contains("500")),
+            "{large:?}"
+        );
+        let request = &requests.all()[0];
+        assert_eq!(
+            request.headers.get("MT-Request-AcceptType"),
+            Some(&serde_json::json!(["urn:message:Wire:OrderAccepted", "urn:message:Wire:OrderRejected"]))
+        );
+        let expires = request.expiration_time.expect("the request expires");
+        let lives = (expires - sent_at).to_std().expect("in the future");
+        assert!(lives <= timeout + Duration::from_secs(1) && lives >= timeout - Duration::from_secs(2), "{lives:?}");
+    });
+}

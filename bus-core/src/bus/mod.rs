@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 pub use builder::BusBuilder;
 pub use prepared::{PreparedDestination, PreparedMessage};
-pub use request::{RequestClient, Response};
+pub use request::{EitherResponse, RequestClient, Response};
 pub use send::SendOptions;
 pub(crate) use send::{is_flow_header, Parent};
 

@@ -76,12 +76,62 @@ impl<M: Message> RequestClient<M> {
     }
 
     /// Sends the request with options and waits for a response of type `R`.
-    pub async fn request_with<R: Message>(&self, message: M, mut options: SendOptions) -> Result<Response<R>> {
+    pub async fn request_with<R: Message>(&self, message: M, options: SendOptions) -> Result<Response<R>> {
+        let envelope = self.send_and_wait(message, options, &[R::message_type()]).await?;
+        response_from(envelope)
+    }
+
+    /// Sends the request and waits for a response of either type, as MassTransit's
+    /// `GetResponse<T1, T2>`: a responder may answer `OrderAccepted` or `OrderRejected`. Both
+    /// are listed in the request's `MT-Request-AcceptType`.
+    ///
+    /// ```
+    /// use bus_core::{ConsumeContext, Endpoint, EitherResponse, Message};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Serialize, Deserialize, Message)] #[message(urn = "urn:message:Shop:SubmitOrder")] struct SubmitOrder { total: u32 }
+    /// # #[derive(Debug, Serialize, Deserialize, Message)] #[message(urn = "urn:message:Shop:OrderAccepted")] struct OrderAccepted;
+    /// # #[derive(Debug, Serialize, Deserialize, Message)] #[message(urn = "urn:message:Shop:OrderRejected")] struct OrderRejected { reason: String }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), bus_core::BoxError> {
+    /// let harness = bus_inmemory::InMemoryTestHarness::start(|bus| {
+    ///     bus.endpoint(Endpoint::new("orders").handler(|ctx: ConsumeContext<SubmitOrder>| async move {
+    ///         if ctx.message().total > 100 {
+    ///             ctx.respond(OrderRejected { reason: "over the limit".into() }).await?;
+    ///         } else {
+    ///             ctx.respond(OrderAccepted).await?;
+    ///         }
+    ///         Ok(())
+    ///     }))
+    /// })
+    /// .await?;
+    /// let client = harness.bus().request_client::<SubmitOrder>().with_destination("queue:orders");
+    /// match client.request_either::<OrderAccepted, OrderRejected>(SubmitOrder { total: 500 }).await? {
+    ///     EitherResponse::First(_) => unreachable!("too much to accept"),
+    ///     EitherResponse::Second(rejected) => assert_eq!(rejected.message().reason, "over the limit"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[doc(alias = "GetResponse")]
+    pub async fn request_either<A: Message, B: Message>(&self, message: M) -> Result<EitherResponse<A, B>> {
+        let envelope =
+            self.send_and_wait(message, SendOptions::default(), &[A::message_type(), B::message_type()]).await?;
+        if envelope.has_message_type(B::message_type()) && !envelope.has_message_type(A::message_type()) {
+            return response_from(envelope).map(EitherResponse::Second);
+        }
+        response_from(envelope).map(EitherResponse::First)
+    }
+
+    /// Sends the request, accepting responses of `accept`, and waits for its answer. Its
+    /// time to live is the timeout (unless the options set one), as MassTransit sets it: a
+    /// request nobody took in time is not worth handling.
+    async fn send_and_wait(&self, message: M, mut options: SendOptions, accept: &[&str]) -> Result<Envelope> {
         let inner = &self.bus.inner;
         inner.ensure_answerable()?;
         let request_id = Uuid::now_v7();
         options.request_id = Some(request_id);
         options.response_address = Some(inner.address.clone());
+        options.time_to_live = options.time_to_live.or(Some(self.timeout));
+        options.headers.insert(ACCEPT_TYPE, accept.to_vec());
         let (tx, rx) = oneshot::channel();
         inner.pending.locked().insert(request_id, tx);
         let _pending = PendingGuard { inner, request_id };
@@ -94,8 +144,20 @@ impl<M: Message> RequestClient<M> {
             Ok(Err(_)) => return Err(Error::Stopped),
             Err(_) => return Err(Error::RequestTimeout { request_type: M::message_type(), timeout: self.timeout }),
         };
-        response_from(envelope)
+        Ok(envelope)
     }
+}
+
+/// The header a request lists the response types its client accepts in, as MassTransit's.
+const ACCEPT_TYPE: &str = "MT-Request-AcceptType";
+
+/// A response of one of two types (see [`RequestClient::request_either`]).
+#[derive(Debug)]
+pub enum EitherResponse<A, B> {
+    /// A response of the first type.
+    First(Response<A>),
+    /// A response of the second type.
+    Second(Response<B>),
 }
 
 /// Removes a request from the pending map however the wait ends.
