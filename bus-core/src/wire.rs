@@ -51,6 +51,46 @@ where
     deserializer.deserialize_any(NumberOrString(std::marker::PhantomData))
 }
 
+/// A number written as a JSON string and read from either, as MassTransit 8 (System.Text.Json
+/// with its decimal converter) writes and reads `decimal`: for `#[serde(with = "...")]` on a
+/// field whose type prints and parses its exact value (an integer, or a decimal type such
+/// as `rust_decimal::Decimal`).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// #[serde(rename_all = "camelCase")]
+/// struct Invoice {
+///     #[serde(with = "bus_core::wire::decimal_string")]
+///     amount_in_cents: i64,
+/// }
+/// let json = serde_json::to_string(&Invoice { amount_in_cents: 1250 }).unwrap();
+/// assert_eq!(json, r#"{"amountInCents":"1250"}"#);
+/// let from_number: Invoice = serde_json::from_str(r#"{"amountInCents":1250}"#).unwrap();
+/// assert_eq!(from_number, Invoice { amount_in_cents: 1250 });
+/// ```
+pub mod decimal_string {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserializer, Serializer};
+
+    /// Writes the value as a string.
+    pub fn serialize<T: Display, S: Serializer>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    /// Reads a number or a string holding one.
+    pub fn deserialize<'de, T, D>(deserializer: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        super::number_or_string(deserializer)
+    }
+}
+
 /// Rewrites object keys to camelCase (first letter lowercased), recursively: a second
 /// chance for payloads written with PascalCase names, since MassTransit readers match
 /// property names case-insensitively.

@@ -12,8 +12,8 @@ use bus_inmemory::InMemoryTestHarness;
 use bus_rabbitmq::RabbitMqTransport;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
-use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use tests::json_order::Node;
 use tests::rabbit_fixture::require_broker;
 use tests::rabbit_support::Vhost;
 use tests::WAIT;
@@ -22,94 +22,6 @@ use uuid::Uuid;
 fn sample(name: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/masstransit-samples").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("the MassTransit sample {}: {e}", path.display()))
-}
-
-/// JSON kept in the order it was written (serde_json's map sorts its keys).
-#[derive(Debug, Clone, PartialEq)]
-enum Node {
-    Object(Vec<(String, Node)>),
-    Array(Vec<Node>),
-    Null,
-    Bool,
-    Number,
-    String(String),
-}
-
-impl<'de> Deserialize<'de> for Node {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct NodeVisitor;
-        impl<'de> Visitor<'de> for NodeVisitor {
-            type Value = Node;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("JSON")
-            }
-            fn visit_unit<E>(self) -> Result<Node, E> {
-                Ok(Node::Null)
-            }
-            fn visit_none<E>(self) -> Result<Node, E> {
-                Ok(Node::Null)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
-                Ok(Node::Bool)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
-                Ok(Node::Number)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
-                Ok(Node::Number)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
-                Ok(Node::Number)
-            }
-            fn visit_str<E>(self, text: &str) -> Result<Node, E> {
-                Ok(Node::String(text.to_owned()))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                Ok(Node::Array(items))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
-                let mut members = Vec::new();
-                while let Some((key, value)) = map.next_entry::<String, Node>()? {
-                    members.push((key, value));
-                }
-                Ok(Node::Object(members))
-            }
-        }
-        deserializer.deserialize_any(NodeVisitor)
-    }
-}
-
-impl Node {
-    fn members(&self) -> &[(String, Node)] {
-        match self {
-            Node::Object(members) => members,
-            other => panic!("not an object: {other:?}"),
-        }
-    }
-
-    fn get(&self, name: &str) -> &Node {
-        self.members().iter().find(|(k, _)| k == name).map(|(_, v)| v).unwrap_or_else(|| panic!("no `{name}`"))
-    }
-
-    fn names(&self) -> Vec<&str> {
-        self.members().iter().map(|(k, _)| k.as_str()).collect()
-    }
-
-    /// What kind of JSON value it is, its text for strings left out.
-    fn kind(&self) -> &'static str {
-        match self {
-            Node::Object(_) => "object",
-            Node::Array(_) => "array",
-            Node::Null => "null",
-            Node::Bool => "bool",
-            Node::Number => "number",
-            Node::String(_) => "string",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
