@@ -38,6 +38,14 @@ pub(crate) struct EndpointSettings {
     pub(crate) trace_propagation: TracePropagation,
     /// How a message without a content type is read (`None`: as the bus's default).
     pub(crate) default_content_type: Option<String>,
+    /// See [`Endpoint::temporary`].
+    pub(crate) temporary: bool,
+    /// See [`Endpoint::single_active_consumer`].
+    pub(crate) single_active_consumer: bool,
+    /// See [`Endpoint::max_priority`].
+    pub(crate) max_priority: Option<u8>,
+    /// See [`Endpoint::bind`].
+    pub(crate) bindings: Vec<String>,
 }
 
 /// How a received message's spans continue its producer's trace.
@@ -73,6 +81,10 @@ impl Default for EndpointSettings {
             outbox: true,
             trace_propagation: TracePropagation::Child,
             default_content_type: None,
+            temporary: false,
+            single_active_consumer: false,
+            max_priority: None,
+            bindings: Vec::new(),
         }
     }
 }
@@ -367,6 +379,42 @@ impl Endpoint {
     #[doc(alias = "DefaultContentType")]
     pub fn default_content_type(mut self, content_type: impl Into<String>) -> Self {
         self.settings.default_content_type = Some(content_type.into());
+        self
+    }
+
+    /// A temporary endpoint: its queue lives as long as its consumer (on RabbitMQ, not
+    /// durable and deleted when the bus stops), and it has no `_error` or `_skipped` queue
+    /// until a message first needs one, as MassTransit's temporary endpoints. For an
+    /// endpoint per running instance (MassTransit's instance endpoints), name it after the
+    /// instance: `Endpoint::new(format!("status-{instance}")).temporary()`.
+    pub fn temporary(mut self) -> Self {
+        self.settings.temporary = true;
+        self
+    }
+
+    /// Only one consumer of the queue at a time gets its messages, the others waiting to take
+    /// over (RabbitMQ's `x-single-active-consumer`, MassTransit's `SingleActiveConsumer`): one
+    /// instance of a service processes in order while the others stand by.
+    #[doc(alias = "SingleActiveConsumer")]
+    pub fn single_active_consumer(mut self) -> Self {
+        self.settings.single_active_consumer = true;
+        self
+    }
+
+    /// A priority queue with priorities from 0 to `max` (RabbitMQ's `x-max-priority`, as
+    /// MassTransit's `SetQueueArgument("x-max-priority", max)` declares it). An existing
+    /// queue declared without it is refused by the broker: a queue's arguments are fixed.
+    pub fn max_priority(mut self, max: u8) -> Self {
+        self.settings.max_priority = Some(max);
+        self
+    }
+
+    /// Also receives what is published to exchange `exchange` (a fanout exchange, declared
+    /// if missing), as MassTransit's `Bind("exchange")` on an endpoint: for messages a
+    /// .NET system publishes to an exchange of its own naming.
+    #[doc(alias = "Bind")]
+    pub fn bind(mut self, exchange: impl Into<String>) -> Self {
+        self.settings.bindings.push(exchange.into());
         self
     }
 

@@ -57,6 +57,12 @@ pub struct EndpointTopology {
     /// MassTransit does with its bus endpoint; they are declared like their endpoint, but
     /// outlive it, so that what went there can be read.
     pub dead_letter_queues: bool,
+    /// Only one consumer at a time gets the queue's messages.
+    pub single_active_consumer: bool,
+    /// A priority queue with priorities up to this.
+    pub max_priority: Option<u8>,
+    /// Exchanges (by name) whose messages are routed to this endpoint too.
+    pub bindings: Vec<String>,
 }
 
 impl Default for EndpointTopology {
@@ -67,6 +73,9 @@ impl Default for EndpointTopology {
             redelivery_delays: Vec::new(),
             temporary: false,
             dead_letter_queues: true,
+            single_active_consumer: false,
+            max_priority: None,
+            bindings: Vec::new(),
         }
     }
 }

@@ -90,9 +90,17 @@ pub(crate) async fn declare_endpoint(
     with_channel(connection, async |channel| {
         let name = endpoint.queue.as_str();
         let temporary = endpoint.temporary;
-        queue_with_exchange(channel, name, !temporary, temporary, queue_arguments(queue_type, temporary)).await?;
-        for urn in &endpoint.message_types {
-            let source = entity_name(urn);
+        let mut arguments = queue_arguments(queue_type, temporary);
+        if endpoint.single_active_consumer {
+            arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        if let Some(max) = endpoint.max_priority {
+            arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(max));
+        }
+        queue_with_exchange(channel, name, !temporary, temporary, arguments).await?;
+        let sources =
+            endpoint.message_types.iter().map(|urn| entity_name(urn)).chain(endpoint.bindings.iter().cloned());
+        for source in sources {
             exchange(channel, &source, true, false).await?;
             channel
                 .exchange_bind(

@@ -62,7 +62,8 @@ impl EndpointRuntime {
             consumer: c.consumer,
             options: c.options,
         });
-        Self::with(name, address, settings, [&middleware, &attempt_middleware], registrations, false)
+        let temporary = settings.temporary;
+        Self::with(name, address, settings, [&middleware, &attempt_middleware], registrations, temporary)
     }
 
     /// The bus's own endpoint, where responses arrive: temporary, and its one consumer
@@ -125,6 +126,9 @@ impl EndpointRuntime {
             redelivery_delays: settings.redelivery.delays().to_vec(),
             temporary,
             dead_letter_queues: !temporary,
+            single_active_consumer: settings.single_active_consumer,
+            max_priority: settings.max_priority,
+            bindings: settings.bindings.clone(),
         };
         EndpointRuntime {
             instruments: EndpointInstruments::new(&name, temporary),

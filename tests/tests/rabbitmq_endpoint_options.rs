@@ -1,0 +1,127 @@
+//! Endpoint options a .NET MassTransit system may already use, on RabbitMQ: temporary
+//! endpoints, single active consumer, priority queues and explicit exchange binds.
+
+use std::sync::Arc;
+
+use bus_core::testing::MessageLog;
+use bus_core::{Bus, Endpoint, Message};
+use bus_rabbitmq::RabbitMqTransport;
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use serde::{Deserialize, Serialize};
+use tests::rabbit_fixture::require_broker;
+use tests::rabbit_support::{rabbitmqctl, Vhost};
+use tests::WAIT;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:EndpointOptions:Job")]
+struct Job {
+    n: u32,
+}
+
+/// A queue's `durable`, `auto_delete` and `arguments` as the broker lists them.
+fn queue(vhost: &Vhost, name: &str) -> Option<(String, String, String)> {
+    let listed = rabbitmqctl(&[
+        "list_queues",
+        "-p",
+        &vhost.name,
+        "name",
+        "durable",
+        "auto_delete",
+        "arguments",
+        "--quiet",
+        "--no-table-headers",
+    ]);
+    listed.lines().find_map(|line| {
+        let mut fields = line.split('\t');
+        (fields.next() == Some(name)).then(|| {
+            let mut next = || fields.next().unwrap_or("").to_owned();
+            (next(), next(), next())
+        })
+    })
+}
+
+async fn bus(vhost: &Vhost, endpoint: Endpoint) -> Bus {
+    let transport = RabbitMqTransport::connect(&vhost.uri(5672)).await.expect("rabbitmq");
+    let bus = Bus::builder(transport).endpoint(endpoint).build();
+    bus.start().await.expect("bus starts");
+    bus
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporary_endpoint_goes_with_its_bus() {
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let got = Arc::new(MessageLog::default());
+    let bus = bus(&vhost, tests::record::<Job>(Endpoint::new("status-instance-1").temporary(), &got)).await;
+    let (durable, auto_delete, _) = queue(&vhost, "status-instance-1").expect("declared");
+    assert_eq!((durable.as_str(), auto_delete.as_str()), ("false", "true"));
+    assert!(queue(&vhost, "status-instance-1_error").is_none(), "no error queue until one is needed");
+    bus.publish(Job { n: 1 }).await.expect("publish");
+    got.wait_for::<Job>(1, WAIT).await.expect("consumed");
+    bus.stop().await.expect("stop");
+    assert!(queue(&vhost, "status-instance-1").is_none(), "deleted with its consumer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_active_consumer_endpoint_has_one_consumer_at_a_time() {
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let (first_log, second_log) = (Arc::new(MessageLog::default()), Arc::new(MessageLog::default()));
+    let endpoint = |log: &Arc<MessageLog>| tests::record::<Job>(Endpoint::new("ordered").single_active_consumer(), log);
+    let first = bus(&vhost, endpoint(&first_log)).await;
+    let second = bus(&vhost, endpoint(&second_log)).await;
+    let (_, _, arguments) = queue(&vhost, "ordered").expect("declared");
+    assert!(arguments.contains("x-single-active-consumer"), "{arguments}");
+    for n in 0..20 {
+        first.send("queue:ordered", Job { n }).await.expect("send");
+    }
+    first_log.wait_for::<Job>(20, WAIT).await.expect("the active consumer takes them all");
+    assert!(second_log.is_empty(), "the other waits its turn");
+    // The active one goes: the other takes over.
+    first.stop().await.expect("stop");
+    second.send("queue:ordered", Job { n: 20 }).await.expect("send");
+    second_log.wait_for::<Job>(1, WAIT).await.expect("taken over");
+    second.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_endpoint_declares_its_queue_with_a_maximum_priority() {
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let got = Arc::new(MessageLog::default());
+    let bus = bus(&vhost, tests::record::<Job>(Endpoint::new("urgent-jobs").max_priority(10), &got)).await;
+    let (_, _, arguments) = queue(&vhost, "urgent-jobs").expect("declared");
+    assert!(arguments.contains("x-max-priority") && arguments.contains("10"), "{arguments}");
+    bus.send("queue:urgent-jobs", Job { n: 1 }).await.expect("send");
+    got.wait_for::<Job>(1, WAIT).await.expect("consumed");
+    bus.stop().await.expect("stop");
+}
+
+/// What a .NET system publishes to an exchange of its own naming reaches an endpoint bound
+/// to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_bound_to_an_exchange_receives_what_is_published_there() {
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let got = Arc::new(MessageLog::default());
+    let bus = bus(&vhost, tests::record::<Job>(Endpoint::new("legacy-jobs").bind("Legacy.Jobs"), &got)).await;
+    let connection = lapin::Connection::connect(&vhost.uri(5672), lapin::ConnectionProperties::default())
+        .await
+        .expect("raw connection");
+    let channel = connection.create_channel().await.expect("channel");
+    let body = format!(
+        r#"{{"messageId":"{}","messageType":["urn:message:EndpointOptions:Job"],"message":{{"n":7}}}}"#,
+        uuid::Uuid::now_v7()
+    );
+    let properties = BasicProperties::default().with_content_type("application/vnd.masstransit+json".into());
+    channel
+        .basic_publish("Legacy.Jobs".into(), "".into(), BasicPublishOptions::default(), body.as_bytes(), properties)
+        .await
+        .expect("publish")
+        .await
+        .expect("confirmed");
+    let jobs = got.wait_for::<Job>(1, WAIT).await.expect("routed through the bound exchange");
+    assert_eq!(jobs[0].n, 7);
+    bus.stop().await.expect("stop");
+}
