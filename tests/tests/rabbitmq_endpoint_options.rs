@@ -125,3 +125,27 @@ async fn an_endpoint_bound_to_an_exchange_receives_what_is_published_there() {
     assert_eq!(jobs[0].n, 7);
     bus.stop().await.expect("stop");
 }
+
+/// An endpoint connected to a running bus declares its topology, consumes what is
+/// published to it, shows in the bus's health, and stops with the bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_connected_to_a_running_bus_consumes_until_the_bus_stops() {
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let transport = RabbitMqTransport::connect(&vhost.uri(5672)).await.expect("rabbitmq");
+    let bus = Bus::builder(transport).build();
+    bus.start().await.expect("bus starts");
+    let got = Arc::new(MessageLog::default());
+    bus.connect_endpoint(tests::record::<Job>(Endpoint::new("jobs-tenant-7"), &got)).await.expect("connected");
+    bus.publish(Job { n: 7 }).await.expect("publish");
+    assert_eq!(got.wait_for::<Job>(1, WAIT).await.expect("consumed")[0].n, 7);
+    let health = bus.health().await;
+    assert!(
+        health.endpoints.iter().any(|e| e.endpoint == "jobs-tenant-7" && e.status == bus_core::HealthStatus::Healthy),
+        "{health:?}"
+    );
+    let again = bus.connect_endpoint(Endpoint::new("jobs-tenant-7")).await;
+    assert!(again.is_err_and(|e| e.to_string().contains("two endpoints are named")));
+    bus.stop().await.expect("stop");
+    assert!(bus.connect_endpoint(Endpoint::new("jobs-tenant-8")).await.is_err(), "not on a stopped bus");
+}

@@ -251,6 +251,7 @@ impl BusBuilder {
                 running: tokio::sync::Mutex::new(None),
                 request_timeout: self.request_timeout,
                 stop_timeout: self.stop_timeout,
+                formatter: self.formatter,
             }),
         }
     }

@@ -6,6 +6,7 @@ mod request;
 mod schedule;
 mod send;
 
+use crate::endpoint::EndpointName;
 use crate::logged::chain;
 use crate::sync::MutexExt;
 use std::collections::HashMap;
@@ -30,7 +31,7 @@ use crate::instrumentation::Instrumentation;
 use crate::middleware::SendMiddleware;
 use crate::receive::EndpointRuntime;
 use crate::serializer::Serializers;
-use crate::{BusHealth, EndpointHealth, Envelope, Error, HealthStatus, HostInfo, Result, Transport};
+use crate::{BusHealth, Endpoint, EndpointHealth, Envelope, Error, HealthStatus, HostInfo, Result, Transport};
 
 const CREATED: u8 = 0;
 const STARTED: u8 = 1;
@@ -104,6 +105,8 @@ pub(crate) struct BusInner {
     stop_timeout: Duration,
     /// What in the configuration cannot work; `start()` refuses to run with it.
     pub(crate) configuration_error: Option<String>,
+    /// Names endpoints made for a consumer, connected after the bus was built.
+    formatter: Arc<dyn crate::EndpointNameFormatter>,
 }
 
 /// Where a message type is published: the name it is published under, its address, and the
@@ -122,6 +125,9 @@ struct Running {
     health: Vec<HealthProbe>,
     /// The scheduler's delivery task, and what stops it.
     scheduler: Option<(CancellationToken, JoinHandle<()>)>,
+    /// Endpoints connected while running ([`Bus::connect_endpoint`]), with their consume
+    /// loops and health; they stop with the bus.
+    connected: Vec<(Arc<EndpointRuntime>, JoinHandle<()>, HealthProbe)>,
 }
 
 type HealthProbe = Box<dyn Fn() -> EndpointHealth + Send + Sync>;
@@ -138,7 +144,8 @@ impl Running {
         self.stop_taking.cancel();
         // loops[0] is the response endpoint: it runs until the consumers are done.
         let endpoints = self.loops.split_off(1.min(self.loops.len()));
-        for handle in endpoints {
+        let connected = self.connected.drain(..).map(|(_, handle, _)| handle);
+        for handle in endpoints.into_iter().chain(connected) {
             let _ = handle.await;
         }
         self.tracker.close();
@@ -255,8 +262,16 @@ impl Bus {
             let (stream, probe) = match started.await {
                 Ok(subscription) => subscription.into_parts(),
                 Err(error) => {
-                    let running =
-                        Running { stop_taking, stop_responses, cancel, tracker, loops, health, scheduler: None };
+                    let running = Running {
+                        stop_taking,
+                        stop_responses,
+                        cancel,
+                        tracker,
+                        loops,
+                        health,
+                        scheduler: None,
+                        connected: Vec::new(),
+                    };
                     running.shut_down(inner).await;
                     inner.state.store(before, Ordering::Release);
                     return Err(error);
@@ -270,8 +285,70 @@ impl Bus {
             let stop = CancellationToken::new();
             (stop.clone(), tokio::spawn(scheduler.run(self.clone(), stop)))
         });
-        *running = Some(Running { stop_taking, stop_responses, cancel, tracker, loops, health, scheduler });
+        *running = Some(Running {
+            stop_taking,
+            stop_responses,
+            cancel,
+            tracker,
+            loops,
+            health,
+            scheduler,
+            connected: Vec::new(),
+        });
         tracing::info!(address = %inner.address, endpoints = inner.endpoints.len(), "bus started");
+        Ok(())
+    }
+
+    /// Adds a receive endpoint to the running bus and starts consuming on it (MassTransit's
+    /// `ConnectReceiveEndpoint`): for endpoints known only once running, such as one per
+    /// tenant. It runs until the bus stops, and is not started again with it. A name already
+    /// in use, or a configuration that cannot work, is refused; so is a bus not started.
+    ///
+    /// ```
+    /// use bus_core::{ConsumeContext, Endpoint, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Tenants:Invoice")] struct Invoice { tenant: String }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), bus_core::BoxError> {
+    /// let harness = bus_inmemory::InMemoryTestHarness::start(|bus| bus).await?;
+    /// harness.bus().connect_endpoint(Endpoint::new("invoices-acme").handler(|_: ConsumeContext<Invoice>| async { Ok(()) })).await?;
+    /// harness.bus().send("queue:invoices-acme", Invoice { tenant: "acme".into() }).await?;
+    /// harness.consumed().wait_for::<Invoice>(1, std::time::Duration::from_secs(5)).await?;
+    /// let again = harness.bus().connect_endpoint(Endpoint::new("invoices-acme")).await;
+    /// assert!(again.is_err(), "one endpoint of a name");
+    /// # Ok(()) }
+    /// ```
+    #[doc(alias = "ConnectReceiveEndpoint")]
+    pub async fn connect_endpoint(&self, mut endpoint: Endpoint) -> Result<()> {
+        let inner = &self.inner;
+        let mut running = inner.running.lock().await;
+        let Some(run) = running.as_mut().filter(|_| inner.state.load(Ordering::Acquire) == STARTED) else {
+            return Err(Error::Stopped);
+        };
+        if let EndpointName::FromConsumer(consumer_type) = endpoint.name {
+            endpoint.name = EndpointName::Given(inner.formatter.consumer(consumer_type));
+        }
+        let EndpointName::Given(name) = endpoint.name.clone() else {
+            return Err(Error::Configuration("an endpoint without a name".to_owned()));
+        };
+        let taken = std::iter::once(&inner.responses)
+            .chain(&inner.endpoints)
+            .chain(run.connected.iter().map(|(e, _, _)| e))
+            .any(|e| e.topology.queue == name);
+        if taken {
+            return Err(Error::Configuration(format!("two endpoints are named `{name}`")));
+        }
+        let address = inner.transport.address(&name);
+        let runtime = Arc::new(EndpointRuntime::new(name, endpoint, address));
+        if let Some(error) = runtime.configuration_error(&inner.serializers) {
+            return Err(Error::Configuration(error));
+        }
+        inner.transport.declare(&runtime.topology).await?;
+        let (stream, probe) = inner.transport.subscribe(&runtime.topology, runtime.prefetch()).await?.into_parts();
+        let loop_ =
+            runtime.clone().run(self.clone(), stream, run.stop_taking.clone(), run.cancel.clone(), run.tracker.clone());
+        tracing::info!(endpoint = %runtime.topology.queue, "endpoint connected");
+        run.connected.push((runtime, tokio::spawn(loop_), probe));
         Ok(())
     }
 
@@ -322,6 +399,14 @@ impl Bus {
                     }
                 }
             })
+            .chain(running.iter().flat_map(|run| run.connected.iter()).map(|(endpoint, handle, probe)| {
+                let queue = &endpoint.topology.queue;
+                if handle.is_finished() {
+                    EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended")
+                } else {
+                    probe()
+                }
+            }))
             .collect();
         let status = endpoints.iter().map(|e| e.status).max().unwrap_or(if running.is_some() {
             HealthStatus::Healthy
