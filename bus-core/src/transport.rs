@@ -34,6 +34,8 @@ pub struct TransportMessage {
     pub correlation_id: Option<Uuid>,
     /// How long the message may wait in a queue before it expires.
     pub time_to_live: Option<Duration>,
+    /// Its priority in a priority queue.
+    pub priority: Option<u8>,
 }
 
 /// What a receive endpoint needs declared: its queue, what is routed to it, where its

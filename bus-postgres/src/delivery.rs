@@ -127,7 +127,7 @@ pub(crate) async fn deliver_batch(outbox: &PostgresOutbox) -> Result<usize> {
     let mut tx = inner.pool.begin().await.map_err(database("begin a delivery"))?;
     let claim = format!(
         "SELECT sequence_number, transaction_id, message_id, destination_kind, destination, content_type, headers,
-                body, correlation_id, expires_at
+                body, correlation_id, expires_at, priority
          FROM {outbox_table}
          WHERE delivered_at IS NULL AND pg_try_advisory_xact_lock(hashtext($1), (transaction_id % 2147483647)::int4)
          ORDER BY sequence_number
@@ -254,6 +254,10 @@ pub(crate) fn prepared(row: &PgRow, sequence_number: i64) -> Result<PreparedMess
         message_id: row.try_get("message_id").map_err(|e| invalid(e.to_string()))?,
         correlation_id: row.try_get("correlation_id").map_err(|e| invalid(e.to_string()))?,
         time_to_live,
+        priority: row
+            .try_get::<Option<i16>, _>("priority")
+            .map_err(|e| invalid(e.to_string()))?
+            .and_then(|p| u8::try_from(p).ok()),
     };
     Ok(PreparedMessage { destination, message })
 }

@@ -183,9 +183,12 @@ impl Tables {
                     expires_at TIMESTAMPTZ,
                     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
                     delivered_at TIMESTAMPTZ,
-                    failure TEXT
+                    failure TEXT,
+                    priority SMALLINT
                 )"
             ),
+            // Tables made before messages had a priority.
+            format!("ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS priority SMALLINT"),
             format!(
                 "CREATE INDEX IF NOT EXISTS \"{}_pending\" ON {outbox} (sequence_number) WHERE delivered_at IS NULL",
                 self.channel
@@ -232,9 +235,11 @@ impl Tables {
                     headers JSONB NOT NULL,
                     body BYTEA NOT NULL,
                     correlation_id UUID,
-                    expires_at TIMESTAMPTZ
+                    expires_at TIMESTAMPTZ,
+                    priority SMALLINT
                 )"
             ),
+            format!("ALTER TABLE {scheduled} ADD COLUMN IF NOT EXISTS priority SMALLINT"),
             format!("CREATE INDEX IF NOT EXISTS \"{}_due\" ON {scheduled} (due_at, sequence_number)", self.channel),
         ]
     }

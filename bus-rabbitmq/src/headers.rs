@@ -166,6 +166,9 @@ pub(crate) fn properties(message: &TransportMessage, persistent: bool) -> BasicP
     if let Some(ttl) = message.time_to_live {
         properties = properties.with_expiration(ShortString::from(ttl.as_millis().max(1).to_string()));
     }
+    if let Some(priority) = message.priority {
+        properties = properties.with_priority(priority);
+    }
     properties
 }
 
@@ -182,6 +185,7 @@ pub fn transport_message(data: Vec<u8>, properties: &BasicProperties) -> Transpo
             .as_ref()
             .and_then(|e| e.as_str().parse::<u64>().ok())
             .map(Duration::from_millis),
+        priority: *properties.priority(),
     }
 }
 

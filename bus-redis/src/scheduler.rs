@@ -245,6 +245,7 @@ fn message(fields: Vec<(String, Vec<u8>)>) -> Option<PreparedMessage> {
         correlation_id: text(&mut map, "correlation_id").and_then(|id| id.parse().ok()),
         // What is left of its time to live; at least a moment, so that the broker expires it.
         time_to_live: expires_at.map(|at| Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(1).max(1))),
+        priority: text(&mut map, "priority").and_then(|p| p.parse().ok()),
     };
     Some(PreparedMessage { destination, message })
 }
@@ -271,6 +272,7 @@ impl MessageScheduler for RedisScheduler {
                 ("message_id", message.message_id.map(|id| id.to_string()).unwrap_or_default().into_bytes()),
                 ("correlation_id", message.correlation_id.map(|id| id.to_string()).unwrap_or_default().into_bytes()),
                 ("expires_at", expires_at.map(|ms| ms.to_string()).unwrap_or_default().into_bytes()),
+                ("priority", message.priority.map(|p| p.to_string()).unwrap_or_default().into_bytes()),
                 // Tells this scheduling from a later one under the same token.
                 ("nonce", Uuid::now_v7().to_string().into_bytes()),
             ];

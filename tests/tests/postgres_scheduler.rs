@@ -70,16 +70,17 @@ async fn scheduling_again_under_a_token_replaces_the_waiting_message() {
     let later = bus_core::DueTime::from(Duration::from_secs(3600));
     let options = bus_core::SendOptions::new;
     bus.schedule_send_with(token, later, "queue:due", Due { n: 1 }, options()).await.expect("first");
-    bus.schedule_send_with(token, later, "queue:due", Due { n: 2 }, options()).await.expect("again");
+    bus.schedule_send_with(token, later, "queue:due", Due { n: 2 }, options().priority(7)).await.expect("again");
     let waiting = scheduler.waiting().await.expect("count");
-    let body: Vec<u8> =
-        sqlx::query_scalar(&format!("SELECT body FROM \"{}\".scheduled_messages WHERE token = $1", schema.name))
+    let (body, priority): (Vec<u8>, Option<i16>) =
+        sqlx::query_as(&format!("SELECT body, priority FROM \"{}\".scheduled_messages WHERE token = $1", schema.name))
             .bind(token)
             .fetch_one(&schema.pool)
             .await
             .expect("the row");
     schema.remove().await;
     assert_eq!(waiting, 1, "one row under the token");
+    assert_eq!(priority, Some(7), "its priority kept for when it is delivered");
     let envelope: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(envelope["message"]["n"], 2, "the second replaced the first");
     assert_eq!(envelope["headers"]["MT-Scheduling-TokenId"], token.to_string());

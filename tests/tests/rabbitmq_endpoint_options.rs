@@ -149,3 +149,41 @@ async fn an_endpoint_connected_to_a_running_bus_consumes_until_the_bus_stops() {
     bus.stop().await.expect("stop");
     assert!(bus.connect_endpoint(Endpoint::new("jobs-tenant-8")).await.is_err(), "not on a stopped bus");
 }
+
+/// Messages sent with a priority to a priority queue are taken highest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_with_a_priority_are_taken_highest_first() {
+    use bus_core::Transport as _;
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let transport = RabbitMqTransport::connect(&vhost.uri(5672)).await.expect("rabbitmq");
+    // Declared, not consumed yet: the messages wait in the queue.
+    let topology = bus_core::EndpointTopology {
+        queue: "prioritized".into(),
+        max_priority: Some(10),
+        ..bus_core::EndpointTopology::default()
+    };
+    transport.declare(&topology).await.expect("declared");
+    let sender = Bus::builder(transport).build();
+    for n in 0..10 {
+        let priority = if n < 5 { 1 } else { 9 };
+        let options = bus_core::SendOptions::new().priority(priority);
+        sender.send_with("queue:prioritized", Job { n }, options).await.expect("send");
+    }
+    let (tx, mut taken) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = Endpoint::new("prioritized").max_priority(10).prefetch(1).concurrency_limit(1).handler_with_state(
+        tx,
+        |ctx: bus_core::ConsumeContext<Job>, tx| async move {
+            tx.send(ctx.message().n)?;
+            Ok(())
+        },
+    );
+    let bus = bus(&vhost, consumer).await;
+    let mut order = Vec::new();
+    while order.len() < 10 {
+        order.push(tokio::time::timeout(WAIT, taken.recv()).await.expect("in time").expect("a job"));
+    }
+    bus.stop().await.expect("stop");
+    assert_eq!(order[..5].iter().copied().collect::<std::collections::BTreeSet<_>>(), (5..10).collect());
+    assert_eq!(order[5..].iter().copied().collect::<std::collections::BTreeSet<_>>(), (0..5).collect());
+}

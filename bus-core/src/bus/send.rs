@@ -42,6 +42,8 @@ pub struct SendOptions {
     pub fault_address: Option<String>,
     /// How long the message may wait before it expires.
     pub time_to_live: Option<Duration>,
+    /// Its priority in a priority queue (AMQP `priority`, as MassTransit's `SetPriority`).
+    pub priority: Option<u8>,
 }
 
 impl SendOptions {
@@ -83,6 +85,15 @@ impl SendOptions {
     /// Sets the time to live.
     pub fn time_to_live(mut self, ttl: Duration) -> Self {
         self.time_to_live = Some(ttl);
+        self
+    }
+
+    /// Sets the priority, for an endpoint with a priority queue
+    /// ([`Endpoint::max_priority`](crate::Endpoint::max_priority)): higher first. The
+    /// in-memory transport keeps it on the message but delivers in order.
+    #[doc(alias = "SetPriority")]
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
         self
     }
 }
@@ -296,10 +307,12 @@ impl Bus {
     ) -> Result<(telemetry::MessageSpan, Outgoing)> {
         let inner = &self.inner;
         let (entity, destination, span_name) = inner.publish_destination(M::message_type());
+        let priority = options.priority;
         let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
         let destination = telemetry::SendDestination { entity: &entity, shared: Some((span_name, &entity)) };
         let span = inner.instruments.sending(destination, "publish", &mut envelope, M::message_types());
-        let outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
+        let mut outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
+        outgoing.message.priority = priority;
         Ok((span, outgoing))
     }
 
@@ -314,10 +327,12 @@ impl Bus {
         let inner = &self.inner;
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
+        let priority = options.priority;
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
         let destination = telemetry::SendDestination { entity: &name, shared: None };
         let span = inner.instruments.sending(destination, "send", &mut envelope, M::message_types());
-        let outgoing = inner.outgoing(Route::Send(name), envelope)?;
+        let mut outgoing = inner.outgoing(Route::Send(name), envelope)?;
+        outgoing.message.priority = priority;
         Ok((span, outgoing))
     }
 

@@ -25,6 +25,8 @@ fn wire(envelope: &Envelope, body: bytes::Bytes, content_type: &'static str, hea
         message_id: envelope.message_id,
         correlation_id: envelope.correlation_id,
         time_to_live: envelope.expiration_time.and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
+        // Not in the envelope (MassTransit sets it on the transport only): the bus sets it.
+        priority: None,
     }
 }
 
