@@ -386,7 +386,8 @@ impl Endpoint {
     /// durable and deleted when the bus stops), and it has no `_error` or `_skipped` queue
     /// until a message first needs one, as MassTransit's temporary endpoints. For an
     /// endpoint per running instance (MassTransit's instance endpoints), name it after the
-    /// instance: `Endpoint::new(format!("status-{instance}")).temporary()`.
+    /// instance: `Endpoint::new(format!("status-{instance}")).temporary()`. It has no delayed
+    /// redelivery (`try_build` refuses one), and is deleted when the bus stops.
     pub fn temporary(mut self) -> Self {
         self.settings.temporary = true;
         self
@@ -403,7 +404,8 @@ impl Endpoint {
 
     /// A priority queue with priorities from 0 to `max` (RabbitMQ's `x-max-priority`, as
     /// MassTransit's `SetQueueArgument("x-max-priority", max)` declares it). An existing
-    /// queue declared without it is refused by the broker: a queue's arguments are fixed.
+    /// queue declared without it is refused by the broker: a queue's arguments are fixed. On
+    /// RabbitMQ, classic queues only (a quorum queue has no priorities).
     pub fn max_priority(mut self, max: u8) -> Self {
         self.settings.max_priority = Some(max);
         self

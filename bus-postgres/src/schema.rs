@@ -188,7 +188,7 @@ impl Tables {
                 )"
             ),
             // Tables made before messages had a priority.
-            format!("ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS priority SMALLINT"),
+            add_priority(&outbox),
             format!(
                 "CREATE INDEX IF NOT EXISTS \"{}_pending\" ON {outbox} (sequence_number) WHERE delivered_at IS NULL",
                 self.channel
@@ -239,8 +239,22 @@ impl Tables {
                     priority SMALLINT
                 )"
             ),
-            format!("ALTER TABLE {scheduled} ADD COLUMN IF NOT EXISTS priority SMALLINT"),
+            add_priority(&scheduled),
             format!("CREATE INDEX IF NOT EXISTS \"{}_due\" ON {scheduled} (due_at, sequence_number)", self.channel),
         ]
     }
+}
+
+/// Adds the `priority` column to a table made before messages had one; only then, since
+/// `ALTER TABLE` locks the table even when the column is there.
+fn add_priority(table: &str) -> String {
+    let literal = table.replace('\'', "''");
+    format!(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                          WHERE attrelid = '{literal}'::regclass AND attname = 'priority' AND NOT attisdropped) THEN
+             ALTER TABLE {table} ADD COLUMN priority SMALLINT;
+           END IF;
+         END $$"
+    )
 }

@@ -328,7 +328,8 @@ impl RabbitMqSettle {
             self.acks.leave_open();
             return Err(Error::DeliveryGone);
         }
-        let mut properties = forwarded_properties(&self.properties, added);
+        let expires = exchange != format!("{}_error", self.queue);
+        let mut properties = forwarded_properties(&self.properties, added, expires);
         let cut = fit(&mut properties, self.shared.frame_max(), added);
         if !cut.is_empty() {
             tracing::warn!(queue = %self.queue, headers = ?cut, target = exchange,

@@ -83,8 +83,8 @@ const BROKER_HEADERS: [&str; 8] = [
 /// delay queue): the original ones as they came, ids and header values untouched (whatever
 /// their types: byte arrays, decimals, timestamps, ids that are not GUIDs), without the
 /// broker's dead-lettering headers and the sender's `user_id`, with `added` on top, and
-/// persistent.
-pub(crate) fn forwarded_properties(original: &BasicProperties, added: &Headers) -> BasicProperties {
+/// persistent; the expiration kept only when `expires` (not on a move to `_error`).
+pub(crate) fn forwarded_properties(original: &BasicProperties, added: &Headers, expires: bool) -> BasicProperties {
     let mut table = FieldTable::default();
     if let Some(headers) = original.headers() {
         for (name, value) in headers.inner() {
@@ -114,12 +114,16 @@ pub(crate) fn forwarded_properties(original: &BasicProperties, added: &Headers) 
         priority => with_priority,
         correlation_id => with_correlation_id,
         reply_to => with_reply_to,
-        expiration => with_expiration,
         message_id => with_message_id,
         timestamp => with_timestamp,
         kind => with_type,
         app_id => with_app_id,
     );
+    // As MassTransit's error transport clears it: a message in `_error` waits for someone to
+    // look, however long its time to live was (a request's is its timeout).
+    if let Some(expiration) = original.expiration().as_ref().filter(|_| expires) {
+        properties = properties.with_expiration(expiration.clone());
+    }
     if table.inner().is_empty() {
         properties
     } else {

@@ -41,6 +41,17 @@ async fn configuration_that_cannot_work_is_refused_before_start() {
         .expect_err("refused");
     assert!(consumer_limit.to_string().contains("concurrency limit is 0"), "{consumer_limit}");
 
+    // A temporary endpoint's messages cannot wait for a redelivery in queues that outlive it.
+    let temporary = Bus::builder(InMemoryTransport::new())
+        .endpoint(handler(
+            Endpoint::new("short-lived")
+                .temporary()
+                .redelivery(bus_core::RedeliveryPolicy::intervals([Duration::from_secs(5)])),
+        ))
+        .try_build()
+        .expect_err("refused");
+    assert!(temporary.to_string().contains("temporary endpoint has no delayed redelivery"), "{temporary}");
+
     // Built without checking, it refuses to start, with the same reason, and never panics.
     let bus = Bus::builder(InMemoryTransport::new())
         .endpoint(handler(Endpoint::new("unbounded").concurrency_limit(usize::MAX)))

@@ -85,3 +85,27 @@ async fn scheduling_again_under_a_token_replaces_the_waiting_message() {
     assert_eq!(envelope["message"]["n"], 2, "the second replaced the first");
     assert_eq!(envelope["headers"]["MT-Scheduling-TokenId"], token.to_string());
 }
+
+/// Tables made before messages had a priority get the column from `migrate`, and a second
+/// `migrate` leaves them as they are.
+#[tokio::test]
+async fn migrate_adds_the_priority_column_to_older_tables() {
+    let schema = TestSchema::create("sched-migrate").await;
+    let scheduler = scheduler(&schema);
+    scheduler.migrate().await.expect("migrated");
+    for table in ["scheduled_messages", "outbox_messages"] {
+        let drop = format!("ALTER TABLE \"{}\".{table} DROP COLUMN priority", schema.name);
+        sqlx::query(&drop).execute(&schema.pool).await.expect("made as before");
+    }
+    scheduler.migrate().await.expect("migrated again");
+    scheduler.migrate().await.expect("and once more");
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.columns WHERE table_schema = $1 AND column_name = 'priority' ORDER BY 1",
+    )
+    .bind(&schema.name)
+    .fetch_all(&schema.pool)
+    .await
+    .expect("columns");
+    schema.remove().await;
+    assert_eq!(columns, ["outbox_messages", "scheduled_messages"]);
+}

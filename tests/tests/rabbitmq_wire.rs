@@ -593,6 +593,7 @@ fn a_message_moved_to_error_keeps_its_original_properties() {
             .with_message_id("order-123".into())
             .with_correlation_id("not-a-guid-either".into())
             .with_app_id("legacy-billing".into())
+            .with_expiration("600000".into())
             .with_user_id("guest".into())
             .with_headers(headers);
         channel
@@ -620,6 +621,8 @@ fn a_message_moved_to_error_keeps_its_original_properties() {
         assert_eq!(properties.message_id().as_ref().map(|s| s.as_str()), Some("order-123"));
         assert_eq!(properties.correlation_id().as_ref().map(|s| s.as_str()), Some("not-a-guid-either"));
         assert_eq!(properties.app_id().as_ref().map(|s| s.as_str()), Some("legacy-billing"));
+        // As MassTransit's error transport: in `_error` it waits for someone to look.
+        assert_eq!(properties.expiration().as_ref(), None, "no expiration in _error");
         // The sender's user is not claimed by the bus, which may connect as another.
         assert_eq!(properties.user_id().as_ref(), None);
         let headers = properties.headers().clone().unwrap_or_default();

@@ -144,8 +144,9 @@ impl Running {
         self.stop_taking.cancel();
         // loops[0] is the response endpoint: it runs until the consumers are done.
         let endpoints = self.loops.split_off(1.min(self.loops.len()));
-        let connected = self.connected.drain(..).map(|(_, handle, _)| handle);
-        for handle in endpoints.into_iter().chain(connected) {
+        let (connected, connected_loops): (Vec<_>, Vec<_>) =
+            self.connected.drain(..).map(|(endpoint, handle, _)| (endpoint, handle)).unzip();
+        for handle in endpoints.into_iter().chain(connected_loops) {
             let _ = handle.await;
         }
         self.tracker.close();
@@ -161,8 +162,14 @@ impl Running {
             let _ = handle.await;
         }
         inner.pending.locked().clear();
-        if let Err(error) = inner.transport.delete(&inner.responses.topology).await {
-            tracing::warn!(error = %chain(&error), "could not delete the bus response endpoint");
+        // Temporary endpoints go with the bus (their queues would not be consumed again).
+        let temporary = std::iter::once(&inner.responses)
+            .chain(inner.endpoints.iter().filter(|e| e.topology.temporary))
+            .chain(connected.iter().filter(|e| e.topology.temporary));
+        for endpoint in temporary {
+            if let Err(error) = inner.transport.delete(&endpoint.topology).await {
+                tracing::warn!(endpoint = %endpoint.topology.queue, error = %chain(&error), "could not delete a temporary endpoint");
+            }
         }
     }
 }
@@ -402,9 +409,14 @@ impl Bus {
             .chain(running.iter().flat_map(|run| run.connected.iter()).map(|(endpoint, handle, probe)| {
                 let queue = &endpoint.topology.queue;
                 if handle.is_finished() {
-                    EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended")
-                } else {
-                    probe()
+                    return EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended");
+                }
+                let health = probe();
+                match endpoint.health_reason() {
+                    Some(reason) if health.status == HealthStatus::Healthy => {
+                        EndpointHealth::new(queue, HealthStatus::Degraded, reason)
+                    }
+                    _ => health,
                 }
             }))
             .collect();

@@ -325,6 +325,10 @@ impl EndpointRuntime {
 
     /// What in this endpoint's settings cannot work, if anything.
     pub(crate) fn configuration_error(&self, serializers: &crate::serializer::Serializers) -> Option<String> {
+        if self.topology.temporary && !self.topology.redelivery_delays.is_empty() {
+            // Its messages would wait in delay queues that outlive it, for a queue gone by then.
+            return Some(format!("endpoint `{}`: a temporary endpoint has no delayed redelivery", self.info.name));
+        }
         if let Some(content_type) = &self.settings.default_content_type {
             if serializers.for_content_type(Some(content_type)).is_err() {
                 return Some(format!(
