@@ -188,7 +188,7 @@ impl Tables {
                 )"
             ),
             // Tables made before messages had a priority.
-            add_priority(&outbox),
+            add_priority(outbox),
             format!(
                 "CREATE INDEX IF NOT EXISTS \"{}_pending\" ON {outbox} (sequence_number) WHERE delivered_at IS NULL",
                 self.channel
@@ -239,7 +239,7 @@ impl Tables {
                     priority SMALLINT
                 )"
             ),
-            add_priority(&scheduled),
+            add_priority(scheduled),
             format!("CREATE INDEX IF NOT EXISTS \"{}_due\" ON {scheduled} (due_at, sequence_number)", self.channel),
         ]
     }
