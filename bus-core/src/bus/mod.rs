@@ -397,12 +397,7 @@ impl Bus {
                     Some(run) => {
                         let health =
                             run.health.get(index).map_or_else(|| EndpointHealth::healthy(queue), |probe| probe());
-                        match endpoint.health_reason() {
-                            Some(reason) if health.status == HealthStatus::Healthy => {
-                                EndpointHealth::new(queue, HealthStatus::Degraded, reason)
-                            }
-                            _ => health,
-                        }
+                        degraded_by_its_moves(endpoint, health)
                     }
                 }
             })
@@ -411,13 +406,7 @@ impl Bus {
                 if handle.is_finished() {
                     return EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended");
                 }
-                let health = probe();
-                match endpoint.health_reason() {
-                    Some(reason) if health.status == HealthStatus::Healthy => {
-                        EndpointHealth::new(queue, HealthStatus::Degraded, reason)
-                    }
-                    _ => health,
-                }
+                degraded_by_its_moves(endpoint, probe())
             }))
             .collect();
         let status = endpoints.iter().map(|e| e.status).max().unwrap_or(if running.is_some() {
@@ -431,5 +420,16 @@ impl Bus {
     /// Whether the bus is started and not stopping.
     pub fn is_started(&self) -> bool {
         self.inner.state.load(Ordering::Acquire) == STARTED
+    }
+}
+
+/// An endpoint's health as its transport reports it, degraded when the endpoint itself has
+/// a reason (moves to its dead-letter queues stalled).
+fn degraded_by_its_moves(endpoint: &EndpointRuntime, health: EndpointHealth) -> EndpointHealth {
+    match endpoint.health_reason() {
+        Some(reason) if health.status == HealthStatus::Healthy => {
+            EndpointHealth::new(&endpoint.topology.queue, HealthStatus::Degraded, reason)
+        }
+        _ => health,
     }
 }
