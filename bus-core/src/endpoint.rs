@@ -45,7 +45,7 @@ pub(crate) struct EndpointSettings {
     /// See [`Endpoint::max_priority`].
     pub(crate) max_priority: Option<u8>,
     /// See [`Endpoint::bind`].
-    pub(crate) bindings: Vec<String>,
+    pub(crate) bindings: Vec<crate::ExchangeBinding>,
 }
 
 /// How a received message's spans continue its producer's trace.
@@ -415,8 +415,29 @@ impl Endpoint {
     /// if missing), as MassTransit's `Bind("exchange")` on an endpoint: for messages a
     /// .NET system publishes to an exchange of its own naming.
     #[doc(alias = "Bind")]
-    pub fn bind(mut self, exchange: impl Into<String>) -> Self {
-        self.settings.bindings.push(exchange.into());
+    pub fn bind(self, exchange: impl Into<String>) -> Self {
+        self.bind_with_routing_key(exchange, "")
+    }
+
+    /// Also receives what is published to exchange `exchange` with a routing key matching
+    /// `routing_key` (for a direct exchange the key itself, for a topic exchange a pattern:
+    /// `orders.*.eu`, `orders.#`), as MassTransit's `Bind<T>(x => x.RoutingKey = ..)`. The
+    /// exchange's type is the transport's to know (on RabbitMQ:
+    /// `RabbitMqOptions::exchange_type`); the in-memory transport ignores routing keys.
+    ///
+    /// ```
+    /// use bus_core::{ConsumeContext, Endpoint, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:OrderPlaced")] struct OrderPlaced { region: String }
+    /// let east = Endpoint::new("orders-east")
+    ///     .bind_with_routing_key("Shop:OrderPlaced", "east")
+    ///     .handler(|_: ConsumeContext<OrderPlaced>| async { Ok(()) });
+    /// # drop(east);
+    /// ```
+    pub fn bind_with_routing_key(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        self.settings
+            .bindings
+            .push(crate::ExchangeBinding { exchange: exchange.into(), routing_key: routing_key.into() });
         self
     }
 

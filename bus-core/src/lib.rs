@@ -92,7 +92,8 @@ pub use redelivery::RedeliveryPolicy;
 pub use scheduler_service::{CancelScheduledMessage, ScheduleMessage, SchedulerService};
 pub use scheduling::{DueTime, MessageScheduler, ScheduledMessage};
 pub use transport::{
-    Delivery, DeliveryStream, EndpointTopology, Settle, Settlement, Subscription, Transport, TransportMessage,
+    Delivery, DeliveryStream, EndpointTopology, ExchangeBinding, Settle, Settlement, Subscription, Transport,
+    TransportMessage,
 };
 
 /// Re-exports for the derive macro; not a public API.

@@ -36,6 +36,8 @@ pub struct TransportMessage {
     pub time_to_live: Option<Duration>,
     /// Its priority in a priority queue.
     pub priority: Option<u8>,
+    /// The routing key it is published with (for direct and topic exchanges); `None`: empty.
+    pub routing_key: Option<String>,
 }
 
 /// What a receive endpoint needs declared: its queue, what is routed to it, where its
@@ -63,8 +65,18 @@ pub struct EndpointTopology {
     pub single_active_consumer: bool,
     /// A priority queue with priorities up to this.
     pub max_priority: Option<u8>,
-    /// Exchanges (by name) whose messages are routed to this endpoint too.
-    pub bindings: Vec<String>,
+    /// Exchanges whose messages are routed to this endpoint too, each with the routing key
+    /// it is bound with.
+    pub bindings: Vec<ExchangeBinding>,
+}
+
+/// An exchange bound to an endpoint, with a routing key (empty for a fanout exchange).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeBinding {
+    /// The exchange's name.
+    pub exchange: String,
+    /// The routing key (a pattern for a topic exchange).
+    pub routing_key: String,
 }
 
 impl Default for EndpointTopology {

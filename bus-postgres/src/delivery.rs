@@ -127,7 +127,7 @@ pub(crate) async fn deliver_batch(outbox: &PostgresOutbox) -> Result<usize> {
     let mut tx = inner.pool.begin().await.map_err(database("begin a delivery"))?;
     let claim = format!(
         "SELECT sequence_number, transaction_id, message_id, destination_kind, destination, content_type, headers,
-                body, correlation_id, expires_at, priority
+                body, correlation_id, expires_at, priority, routing_key
          FROM {outbox_table}
          WHERE delivered_at IS NULL AND pg_try_advisory_xact_lock(hashtext($1), (transaction_id % 2147483647)::int4)
          ORDER BY sequence_number
@@ -258,6 +258,7 @@ pub(crate) fn prepared(row: &PgRow, sequence_number: i64) -> Result<PreparedMess
             .try_get::<Option<i16>, _>("priority")
             .map_err(|e| invalid(e.to_string()))?
             .and_then(|p| u8::try_from(p).ok()),
+        routing_key: row.try_get("routing_key").map_err(|e| invalid(e.to_string()))?,
     };
     Ok(PreparedMessage { destination, message })
 }

@@ -80,7 +80,7 @@ impl MessageRow {
         Ok(MessageRow { kind, destination, headers, expires_at, message })
     }
 
-    /// Binds the message's nine columns, in the order of the outbox's.
+    /// Binds the message's ten columns, in the order of the outbox's.
     fn bind<'q>(
         &'q self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -95,6 +95,7 @@ impl MessageRow {
             .bind(self.message.correlation_id)
             .bind(self.expires_at)
             .bind(self.message.priority.map(i16::from))
+            .bind(self.message.routing_key.as_deref())
     }
 }
 
@@ -106,9 +107,10 @@ impl Store {
         scheduled: bus_core::ScheduledMessage,
     ) -> Result<()> {
         let sql = format!(
-            "INSERT INTO {} (message_id, destination_kind, destination, content_type, headers, body, correlation_id, expires_at, priority, token, due_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+            "INSERT INTO {} (message_id, destination_kind, destination, content_type, headers, body, correlation_id, expires_at, priority, routing_key, token, due_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
              ON CONFLICT (token) DO UPDATE SET message_id = EXCLUDED.message_id, priority = EXCLUDED.priority,
+               routing_key = EXCLUDED.routing_key,
                destination_kind = EXCLUDED.destination_kind, destination = EXCLUDED.destination,
                content_type = EXCLUDED.content_type, headers = EXCLUDED.headers, body = EXCLUDED.body,
                correlation_id = EXCLUDED.correlation_id, expires_at = EXCLUDED.expires_at, due_at = EXCLUDED.due_at",
@@ -126,8 +128,8 @@ impl Store {
 
     pub(crate) fn new(pool: PgPool, options: PostgresOptions, tables: Tables) -> Self {
         let insert = format!(
-            "INSERT INTO {} (message_id, destination_kind, destination, content_type, headers, body, correlation_id, expires_at, priority)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO {} (message_id, destination_kind, destination, content_type, headers, body, correlation_id, expires_at, priority, routing_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             tables.outbox
         );
         let notify = format!("SELECT pg_notify('{}', '')", tables.channel);

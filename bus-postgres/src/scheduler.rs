@@ -76,7 +76,7 @@ impl PostgresScheduler {
         let mut tx = store.pool.begin().await.map_err(database("begin a scheduler batch"))?;
         let claim = format!(
             "SELECT sequence_number, destination_kind, destination, content_type, headers, body, message_id,
-                    correlation_id, expires_at, priority, token
+                    correlation_id, expires_at, priority, routing_key, token
              FROM {table} WHERE due_at <= now() ORDER BY due_at, sequence_number LIMIT $1 FOR UPDATE SKIP LOCKED"
         );
         let rows = sqlx::query(&claim)

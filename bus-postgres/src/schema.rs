@@ -184,11 +184,13 @@ impl Tables {
                     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
                     delivered_at TIMESTAMPTZ,
                     failure TEXT,
-                    priority SMALLINT
+                    priority SMALLINT,
+                    routing_key TEXT
                 )"
             ),
             // Tables made before messages had a priority.
-            add_priority(outbox),
+            add_column(outbox, "priority", "SMALLINT"),
+            add_column(outbox, "routing_key", "TEXT"),
             format!(
                 "CREATE INDEX IF NOT EXISTS \"{}_pending\" ON {outbox} (sequence_number) WHERE delivered_at IS NULL",
                 self.channel
@@ -236,24 +238,26 @@ impl Tables {
                     body BYTEA NOT NULL,
                     correlation_id UUID,
                     expires_at TIMESTAMPTZ,
-                    priority SMALLINT
+                    priority SMALLINT,
+                    routing_key TEXT
                 )"
             ),
-            add_priority(scheduled),
+            add_column(scheduled, "priority", "SMALLINT"),
+            add_column(scheduled, "routing_key", "TEXT"),
             format!("CREATE INDEX IF NOT EXISTS \"{}_due\" ON {scheduled} (due_at, sequence_number)", self.channel),
         ]
     }
 }
 
-/// Adds the `priority` column to a table made before messages had one; only then, since
-/// `ALTER TABLE` locks the table even when the column is there.
-fn add_priority(table: &str) -> String {
+/// Adds a column to a table made before messages had it; only then, since `ALTER TABLE`
+/// locks the table even when the column is there.
+fn add_column(table: &str, column: &str, kind: &str) -> String {
     let literal = table.replace('\'', "''");
     format!(
         "DO $$ BEGIN
            IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                          WHERE attrelid = '{literal}'::regclass AND attname = 'priority' AND NOT attisdropped) THEN
-             ALTER TABLE {table} ADD COLUMN priority SMALLINT;
+                          WHERE attrelid = '{literal}'::regclass AND attname = '{column}' AND NOT attisdropped) THEN
+             ALTER TABLE {table} ADD COLUMN {column} {kind};
            END IF;
          END $$"
     )

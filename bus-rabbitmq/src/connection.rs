@@ -365,8 +365,7 @@ impl Shared {
         // whole transport down: it is logged, and the rest of the topology and every other
         // endpoint come up. Only a lost connection fails the session.
         for endpoint in &endpoints {
-            if let Err(error) = topology::declare_endpoint(&session.connection, endpoint, self.options.queue_type).await
-            {
+            if let Err(error) = topology::declare_endpoint(&session.connection, endpoint, &self.options).await {
                 if !session.is_alive() {
                     return Err(error);
                 }
@@ -374,7 +373,9 @@ impl Shared {
             }
         }
         for (exchange, contracts) in &exchanges {
-            if let Err(error) = topology::declare_publish_exchange(&session.connection, exchange, contracts).await {
+            if let Err(error) =
+                topology::declare_publish_exchange(&session.connection, exchange, contracts, &self.options).await
+            {
                 if !session.is_alive() {
                     return Err(error);
                 }

@@ -221,7 +221,7 @@ async fn run(
 async fn repair(publishing: &Shared, session: &Session, endpoint: &EndpointTopology, what: &str) -> Result<()> {
     tracing::warn!(queue = %endpoint.queue, what,
         "endpoint topology deleted under the running bus; declaring it again (messages published to it meanwhile were not routed)");
-    topology::declare_endpoint(&session.connection, endpoint, publishing.options.queue_type).await?;
+    topology::declare_endpoint(&session.connection, endpoint, &publishing.options).await?;
     let consumed: Vec<String> = endpoint.message_types.iter().map(|t| bus_core::message::entity_name(t)).collect();
     let sources: Vec<(String, Vec<String>)> = publishing
         .declared()
@@ -231,7 +231,7 @@ async fn repair(publishing: &Shared, session: &Session, endpoint: &EndpointTopol
         .map(|(source, contracts)| (source.clone(), contracts.clone()))
         .collect();
     for (source, contracts) in sources {
-        topology::declare_publish_exchange(&session.connection, &source, &contracts).await?;
+        topology::declare_publish_exchange(&session.connection, &source, &contracts, &publishing.options).await?;
     }
     Ok(())
 }
@@ -367,11 +367,11 @@ impl RabbitMqSettle {
         let endpoint = self.shared.declared().endpoints.get(&self.queue).cloned();
         let Some(endpoint) = endpoint else { return Ok(()) };
         let session = self.shared.session(deadline).await?;
-        let queue_type = self.shared.options.queue_type;
+        let options = &self.shared.options;
         if endpoint.temporary {
-            topology::declare_dead_letter_queues(&session.connection, &endpoint, queue_type).await
+            topology::declare_dead_letter_queues(&session.connection, &endpoint, options.queue_type).await
         } else {
-            topology::declare_endpoint(&session.connection, &endpoint, queue_type).await
+            topology::declare_endpoint(&session.connection, &endpoint, options).await
         }
     }
 }

@@ -190,6 +190,8 @@ pub fn transport_message(data: Vec<u8>, properties: &BasicProperties) -> Transpo
             .and_then(|e| e.as_str().parse::<u64>().ok())
             .map(Duration::from_millis),
         priority: *properties.priority(),
+        // What it was published with is the sender's; a consumer reads it from the delivery.
+        routing_key: None,
     }
 }
 

@@ -83,7 +83,7 @@ mod topology;
 mod transport;
 
 pub use error::{Error, Result};
-pub use options::{default_address, redact, QueueType, RabbitMqOptions, TlsOptions};
+pub use options::{default_address, redact, ExchangeType, QueueType, RabbitMqOptions, TlsOptions};
 pub use transport::RabbitMqTransport;
 
 /// Conversions tests use to read raw deliveries the way the transport does.

@@ -61,6 +61,21 @@ pub struct RabbitMqOptions {
     pub topology_check_interval: Duration,
     /// TLS settings for `amqps://`.
     pub tls: TlsOptions,
+    /// Exchanges declared as another type than fanout, by name (see
+    /// [`exchange_type`](Self::exchange_type)).
+    pub exchange_types: std::collections::HashMap<String, ExchangeType>,
+}
+
+/// The type of a message type's exchange (MassTransit's `ExchangeType`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ExchangeType {
+    /// To every bound exchange and queue (MassTransit's default).
+    #[default]
+    Fanout,
+    /// To those bound with the message's routing key.
+    Direct,
+    /// To those bound with a pattern the routing key matches (`*` one word, `#` any).
+    Topic,
 }
 
 impl Default for RabbitMqOptions {
@@ -80,6 +95,7 @@ impl Default for RabbitMqOptions {
             publish_channels: 1,
             topology_check_interval: Duration::from_secs(10),
             tls: TlsOptions::default(),
+            exchange_types: std::collections::HashMap::new(),
         }
     }
 }
@@ -89,6 +105,33 @@ impl Default for RabbitMqOptions {
 const LONGEST_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl RabbitMqOptions {
+    /// Declares exchange `name` (a message type's, `Ns:Type`, or one endpoints bind to) as
+    /// `kind` rather than fanout, as MassTransit's `Publish<T>(x => x.ExchangeType = ..)`:
+    /// with a direct or topic exchange, messages published with a routing key
+    /// (`BusBuilder::routing_key`) reach the endpoints bound with a matching one
+    /// (`Endpoint::bind_with_routing_key`). Every service declaring the exchange must agree on
+    /// its type: the broker refuses a second declaration of another type.
+    ///
+    /// ```
+    /// use bus_rabbitmq::{ExchangeType, RabbitMqOptions};
+    /// let options = RabbitMqOptions::default().exchange_type("Shop:OrderPlaced", ExchangeType::Direct);
+    /// assert_eq!(options.exchange_types["Shop:OrderPlaced"], ExchangeType::Direct);
+    /// ```
+    #[doc(alias = "ExchangeType")]
+    pub fn exchange_type(mut self, name: impl Into<String>, kind: ExchangeType) -> Self {
+        self.exchange_types.insert(name.into(), kind);
+        self
+    }
+
+    /// The type exchange `name` is declared as.
+    pub(crate) fn exchange_kind(&self, name: &str) -> lapin::ExchangeKind {
+        match self.exchange_types.get(name).copied().unwrap_or_default() {
+            ExchangeType::Fanout => lapin::ExchangeKind::Fanout,
+            ExchangeType::Direct => lapin::ExchangeKind::Direct,
+            ExchangeType::Topic => lapin::ExchangeKind::Topic,
+        }
+    }
+
     /// Refuses settings that cannot work: a zero or overlong timeout, a reconnection pause of
     /// zero (failed reconnections would follow each other without pause), a heartbeat AMQP
     /// cannot carry, no publish channel, a zero topology check interval.

@@ -9,6 +9,7 @@ use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::error::{Error, Result};
 use crate::options::QueueType;
+use crate::RabbitMqOptions;
 
 fn refused(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
     let operation = operation.into();
@@ -38,10 +39,10 @@ async fn with_channel<T>(connection: &Connection, f: impl AsyncFnOnce(&Channel) 
     result
 }
 
-async fn exchange(channel: &Channel, name: &str, durable: bool, auto_delete: bool) -> Result<()> {
+async fn exchange(channel: &Channel, name: &str, kind: ExchangeKind, durable: bool, auto_delete: bool) -> Result<()> {
     let options = ExchangeDeclareOptions { durable, auto_delete, ..ExchangeDeclareOptions::default() };
     channel
-        .exchange_declare(short(name)?, ExchangeKind::Fanout, options, FieldTable::default())
+        .exchange_declare(short(name)?, kind, options, FieldTable::default())
         .await
         .map_err(refused(format!("declaring exchange `{name}`")))
 }
@@ -63,7 +64,7 @@ async fn queue_with_exchange(
     arguments: FieldTable,
 ) -> Result<()> {
     queue(channel, name, durable, auto_delete, arguments).await?;
-    exchange(channel, name, durable, auto_delete).await?;
+    exchange(channel, name, ExchangeKind::Fanout, durable, auto_delete).await?;
     channel
         .queue_bind(short(name)?, short(name)?, "".into(), QueueBindOptions::default(), FieldTable::default())
         .await
@@ -85,8 +86,9 @@ fn queue_arguments(queue_type: QueueType, temporary: bool) -> FieldTable {
 pub(crate) async fn declare_endpoint(
     connection: &Connection,
     endpoint: &EndpointTopology,
-    queue_type: QueueType,
+    options: &RabbitMqOptions,
 ) -> Result<()> {
+    let queue_type = options.queue_type;
     with_channel(connection, async |channel| {
         let name = endpoint.queue.as_str();
         let temporary = endpoint.temporary;
@@ -98,15 +100,15 @@ pub(crate) async fn declare_endpoint(
             arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(max));
         }
         queue_with_exchange(channel, name, !temporary, temporary, arguments).await?;
-        let sources =
-            endpoint.message_types.iter().map(|urn| entity_name(urn)).chain(endpoint.bindings.iter().cloned());
-        for source in sources {
-            exchange(channel, &source, true, false).await?;
+        let consumed = endpoint.message_types.iter().map(|urn| (entity_name(urn), String::new()));
+        let bound = endpoint.bindings.iter().map(|b| (b.exchange.clone(), b.routing_key.clone()));
+        for (source, routing_key) in consumed.chain(bound) {
+            exchange(channel, &source, options.exchange_kind(&source), true, false).await?;
             channel
                 .exchange_bind(
                     short(name)?,
                     short(&source)?,
-                    "".into(),
+                    short(&routing_key)?,
                     ExchangeBindOptions::default(),
                     FieldTable::default(),
                 )
@@ -156,11 +158,12 @@ pub(crate) async fn declare_publish_exchange(
     connection: &Connection,
     exchange_name: &str,
     contracts: &[String],
+    options: &RabbitMqOptions,
 ) -> Result<()> {
     with_channel(connection, async |channel| {
-        exchange(channel, exchange_name, true, false).await?;
+        exchange(channel, exchange_name, options.exchange_kind(exchange_name), true, false).await?;
         for contract in contracts {
-            exchange(channel, contract, true, false).await?;
+            exchange(channel, contract, options.exchange_kind(contract), true, false).await?;
             channel
                 .exchange_bind(
                     short(contract)?,

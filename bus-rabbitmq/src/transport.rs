@@ -220,9 +220,9 @@ impl RabbitMqTransport {
                 .collect();
             (endpoints, sources)
         };
-        let queue_type = self.shared.options.queue_type;
+        let options = &self.shared.options;
         for endpoint in endpoints {
-            match topology::declare_endpoint(&session.connection, &endpoint, queue_type).await {
+            match topology::declare_endpoint(&session.connection, &endpoint, options).await {
                 Err(error @ Error::Refused { .. }) => {
                     tracing::warn!(error = %chain(&error), endpoint = %endpoint.queue, "could not bind an endpoint again");
                 }
@@ -230,7 +230,7 @@ impl RabbitMqTransport {
             }
         }
         for (source, contracts) in sources {
-            match topology::declare_publish_exchange(&session.connection, &source, &contracts).await {
+            match topology::declare_publish_exchange(&session.connection, &source, &contracts, options).await {
                 Err(error @ Error::Refused { .. }) => {
                     tracing::warn!(error = %chain(&error), %source, "could not bind a message type's exchange again");
                 }
@@ -265,7 +265,8 @@ impl RabbitMqTransport {
             let exchange = entity_name(first);
             let contracts: Vec<String> = contracts.iter().map(|c| entity_name(c)).collect();
             let session = self.shared.session(deadline).await?;
-            topology::declare_publish_exchange(&session.connection, &exchange, &contracts).await?;
+            topology::declare_publish_exchange(&session.connection, &exchange, &contracts, &self.shared.options)
+                .await?;
             if self.state.needs_rebind.locked().contains(&exchange) {
                 // Cleared only once bound again: cut short, the next publish does it.
                 self.bind_again(&session, &exchange).await?;
@@ -302,7 +303,7 @@ impl Transport for RabbitMqTransport {
     fn declare<'a>(&'a self, endpoint: &'a EndpointTopology) -> BoxFuture<'a, bus_core::Result<()>> {
         Box::pin(async move {
             let session = self.shared.session(self.deadline()).await?;
-            topology::declare_endpoint(&session.connection, endpoint, self.shared.options.queue_type).await?;
+            topology::declare_endpoint(&session.connection, endpoint, &self.shared.options).await?;
             self.shared.declared().endpoints.insert(endpoint.queue.clone(), endpoint.clone());
             self.remember(&endpoint.queue);
             Ok(())
@@ -356,7 +357,8 @@ impl RabbitMqTransport {
         let properties = properties(&message, true);
         loop {
             let exchange = self.ensure_publish_exchange(message_types, deadline).await?;
-            match publish(&self.shared, &exchange, "", &message.body, &properties, false, deadline).await {
+            let routing_key = message.routing_key.as_deref().unwrap_or("");
+            match publish(&self.shared, &exchange, routing_key, &message.body, &properties, false, deadline).await {
                 // The exchange of this type, or of another published on the same channel, was
                 // deleted behind the bus's back: the broker closed the channel and dropped what
                 // came after the refused publish, this message included. Declared again (the

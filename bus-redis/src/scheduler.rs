@@ -246,6 +246,7 @@ fn message(fields: Vec<(String, Vec<u8>)>) -> Option<PreparedMessage> {
         // What is left of its time to live; at least a moment, so that the broker expires it.
         time_to_live: expires_at.map(|at| Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(1).max(1))),
         priority: text(&mut map, "priority").and_then(|p| p.parse().ok()),
+        routing_key: text(&mut map, "routing_key"),
     };
     Some(PreparedMessage { destination, message })
 }
@@ -273,6 +274,7 @@ impl MessageScheduler for RedisScheduler {
                 ("correlation_id", message.correlation_id.map(|id| id.to_string()).unwrap_or_default().into_bytes()),
                 ("expires_at", expires_at.map(|ms| ms.to_string()).unwrap_or_default().into_bytes()),
                 ("priority", message.priority.map(|p| p.to_string()).unwrap_or_default().into_bytes()),
+                ("routing_key", message.routing_key.clone().unwrap_or_default().into_bytes()),
                 // Tells this scheduling from a later one under the same token.
                 ("nonce", Uuid::now_v7().to_string().into_bytes()),
             ];

@@ -86,26 +86,60 @@ async fn scheduling_again_under_a_token_replaces_the_waiting_message() {
     assert_eq!(envelope["headers"]["MT-Scheduling-TokenId"], token.to_string());
 }
 
-/// Tables made before messages had a priority get the column from `migrate`, and a second
-/// `migrate` leaves them as they are.
+/// Tables made before messages had a priority and a routing key get the columns from
+/// `migrate`, and a second `migrate` leaves them as they are.
 #[tokio::test]
 async fn migrate_adds_the_priority_column_to_older_tables() {
     let schema = TestSchema::create("sched-migrate").await;
     let scheduler = scheduler(&schema);
     scheduler.migrate().await.expect("migrated");
     for table in ["scheduled_messages", "outbox_messages"] {
-        let drop = format!("ALTER TABLE \"{}\".{table} DROP COLUMN priority", schema.name);
+        let drop = format!("ALTER TABLE \"{}\".{table} DROP COLUMN priority, DROP COLUMN routing_key", schema.name);
         sqlx::query(&drop).execute(&schema.pool).await.expect("made as before");
     }
     scheduler.migrate().await.expect("migrated again");
     scheduler.migrate().await.expect("and once more");
     let columns: Vec<String> = sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.columns WHERE table_schema = $1 AND column_name = 'priority' ORDER BY 1",
+        "SELECT table_name::text || '.' || column_name::text FROM information_schema.columns
+         WHERE table_schema = $1 AND column_name IN ('priority', 'routing_key') ORDER BY 1",
     )
     .bind(&schema.name)
     .fetch_all(&schema.pool)
     .await
     .expect("columns");
     schema.remove().await;
-    assert_eq!(columns, ["outbox_messages", "scheduled_messages"]);
+    assert_eq!(
+        columns,
+        [
+            "outbox_messages.priority",
+            "outbox_messages.routing_key",
+            "scheduled_messages.priority",
+            "scheduled_messages.routing_key"
+        ]
+    );
+}
+
+/// A scheduled publish keeps the routing key the bus makes for its type, for when it is
+/// delivered to a direct or topic exchange.
+#[tokio::test]
+async fn a_scheduled_publish_keeps_its_routing_key() {
+    let schema = TestSchema::create("sched-key").await;
+    let scheduler = scheduler(&schema);
+    scheduler.migrate().await.expect("migrated");
+    let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
+        .scheduler(scheduler.clone())
+        .routing_key(|due: &Due| format!("due.{}", due.n))
+        .build();
+    let token = uuid::Uuid::now_v7();
+    let later = bus_core::DueTime::from(Duration::from_secs(3600));
+    bus.schedule_publish_with(token, later, Due { n: 3 }, bus_core::SendOptions::new()).await.expect("scheduled");
+    let key: Option<String> =
+        sqlx::query_scalar(&format!("SELECT routing_key FROM \"{}\".scheduled_messages WHERE token = $1", schema.name))
+            .bind(token)
+            .fetch_one(&schema.pool)
+            .await
+            .expect("the row");
+    let delivered = scheduler.waiting().await.expect("count");
+    schema.remove().await;
+    assert_eq!((key.as_deref(), delivered), (Some("due.3"), 1));
 }

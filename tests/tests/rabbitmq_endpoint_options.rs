@@ -187,3 +187,96 @@ async fn messages_with_a_priority_are_taken_highest_first() {
     assert_eq!(order[..5].iter().copied().collect::<std::collections::BTreeSet<_>>(), (5..10).collect());
     assert_eq!(order[5..].iter().copied().collect::<std::collections::BTreeSet<_>>(), (0..5).collect());
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:EndpointOptions:RegionOrder")]
+struct RegionOrder {
+    region: String,
+    size: String,
+    n: u32,
+}
+
+const REGION_ORDER: &str = "EndpointOptions:RegionOrder";
+
+/// A bus whose `RegionOrder` exchange is of `kind`, published with `key`, and `endpoints`.
+async fn routed_bus(
+    vhost: &Vhost,
+    kind: bus_rabbitmq::ExchangeType,
+    key: fn(&RegionOrder) -> String,
+    endpoints: Vec<Endpoint>,
+) -> Bus {
+    let options = bus_rabbitmq::RabbitMqOptions::default().exchange_type(REGION_ORDER, kind);
+    let transport = RabbitMqTransport::connect_with(&vhost.uri(5672), options).await.expect("rabbitmq");
+    let bus = endpoints.into_iter().fold(Bus::builder(transport).routing_key(key), |b, e| b.endpoint(e)).build();
+    bus.start().await.expect("bus starts");
+    bus
+}
+
+/// Publishes the orders, then one marker per queue (`n` 99): whatever the queue was to get
+/// came before its marker.
+async fn publish_then_mark(bus: &Bus, orders: &[(&str, &str)], markers: &[(&str, &str)]) {
+    for (n, (region, size)) in orders.iter().enumerate() {
+        let order = RegionOrder { region: (*region).into(), size: (*size).into(), n: n as u32 };
+        bus.publish(order).await.expect("publish");
+    }
+    for (region, size) in markers {
+        bus.publish(RegionOrder { region: (*region).into(), size: (*size).into(), n: 99 }).await.expect("publish");
+    }
+}
+
+/// What a log got before its marker: the orders' numbers.
+async fn until_marker(log: &MessageLog) -> Vec<u32> {
+    log.wait_for_envelope("the marker", WAIT, |e| e.message.get().contains(r#""n":99"#)).await.expect("marker");
+    log.messages::<RegionOrder>().iter().map(|o| o.n).filter(|n| *n != 99).collect()
+}
+
+/// A direct exchange: each endpoint gets the orders published with its routing key only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_exchange_routes_by_routing_key() {
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let (east, west) = (Arc::new(MessageLog::default()), Arc::new(MessageLog::default()));
+    let endpoints = vec![
+        tests::record::<RegionOrder>(Endpoint::new("orders-east").bind_with_routing_key(REGION_ORDER, "east"), &east),
+        tests::record::<RegionOrder>(Endpoint::new("orders-west").bind_with_routing_key(REGION_ORDER, "west"), &west),
+    ];
+    let bus = routed_bus(&vhost, bus_rabbitmq::ExchangeType::Direct, |o| o.region.clone(), endpoints).await;
+    let kinds = rabbitmqctl(&["list_exchanges", "-p", &vhost.name, "name", "type", "--quiet", "--no-table-headers"]);
+    assert!(kinds.lines().any(|l| l == format!("{REGION_ORDER}\tdirect")), "{kinds}");
+    publish_then_mark(
+        &bus,
+        &[("east", "s"), ("west", "s"), ("east", "l"), ("north", "s")],
+        &[("east", ""), ("west", "")],
+    )
+    .await;
+    let (east, west) = (until_marker(&east).await, until_marker(&west).await);
+    bus.stop().await.expect("stop");
+    assert_eq!(east, [0, 2], "east's orders only");
+    assert_eq!(west, [1], "west's orders only; north's reached no one");
+}
+
+/// A topic exchange: endpoints bound with patterns get the orders whose keys match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_exchange_routes_by_pattern() {
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let (europe, large) = (Arc::new(MessageLog::default()), Arc::new(MessageLog::default()));
+    let endpoints = vec![
+        tests::record::<RegionOrder>(
+            Endpoint::new("orders-eu").bind_with_routing_key(REGION_ORDER, "orders.eu.*"),
+            &europe,
+        ),
+        tests::record::<RegionOrder>(
+            Endpoint::new("orders-large").bind_with_routing_key(REGION_ORDER, "orders.*.large"),
+            &large,
+        ),
+    ];
+    let key = |o: &RegionOrder| format!("orders.{}.{}", o.region, o.size);
+    let bus = routed_bus(&vhost, bus_rabbitmq::ExchangeType::Topic, key, endpoints).await;
+    publish_then_mark(&bus, &[("eu", "small"), ("us", "large"), ("eu", "large"), ("us", "small")], &[("eu", "large")])
+        .await;
+    let (europe, large) = (until_marker(&europe).await, until_marker(&large).await);
+    bus.stop().await.expect("stop");
+    assert_eq!(europe, [0, 2]);
+    assert_eq!(large, [1, 2]);
+}

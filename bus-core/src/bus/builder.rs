@@ -13,6 +13,7 @@ use crate::receive::{EndpointRuntime, Registration};
 use crate::scheduling::MessageScheduler;
 use crate::serializer::Serializers;
 use crate::telemetry::BusMetrics;
+use crate::Message;
 use crate::{DefaultEndpointNameFormatter, EndpointNameFormatter, Error, HostInfo, Result, Transport};
 
 /// The instrumentation scope of the bus's spans.
@@ -31,6 +32,7 @@ pub struct BusBuilder {
     formatter: Arc<dyn EndpointNameFormatter>,
     request_timeout: Duration,
     stop_timeout: Duration,
+    routing_keys: RoutingKeys,
 }
 
 impl fmt::Debug for BusBuilder {
@@ -59,6 +61,7 @@ impl BusBuilder {
             formatter: Arc::new(DefaultEndpointNameFormatter),
             request_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(30),
+            routing_keys: RoutingKeys::default(),
         }
     }
 
@@ -80,6 +83,29 @@ impl BusBuilder {
             endpoint.name = EndpointName::Given(self.formatter.consumer(consumer_type));
         }
         self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Publishes `M` with the routing key `key` makes of each message (MassTransit's
+    /// `UseRoutingKeyFormatter`), for a message type whose exchange is a direct or topic
+    /// exchange (on RabbitMQ: `RabbitMqOptions::exchange_type`); endpoints receive it through
+    /// binds with a routing key ([`Endpoint::bind_with_routing_key`]). The in-memory
+    /// transport ignores routing keys.
+    ///
+    /// ```
+    /// use bus_core::{Bus, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:OrderPlaced")] struct OrderPlaced { region: String }
+    /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
+    ///     .routing_key(|order: &OrderPlaced| order.region.clone())
+    ///     .build();
+    /// let prepared = bus.prepare_publish(OrderPlaced { region: "east".into() }, Default::default()).unwrap();
+    /// assert_eq!(prepared.message.routing_key.as_deref(), Some("east"));
+    /// ```
+    #[doc(alias = "UseRoutingKeyFormatter")]
+    pub fn routing_key<M: Message>(mut self, key: impl Fn(&M) -> String + Send + Sync + 'static) -> Self {
+        let key: RoutingKey<M> = Arc::new(key);
+        self.routing_keys.insert(M::message_type(), Arc::new(key));
         self
     }
 
@@ -252,7 +278,14 @@ impl BusBuilder {
                 request_timeout: self.request_timeout,
                 stop_timeout: self.stop_timeout,
                 formatter: self.formatter,
+                routing_keys: self.routing_keys,
             }),
         }
     }
 }
+
+/// How a published message of type `M` makes its routing key.
+pub(crate) type RoutingKey<M> = Arc<dyn Fn(&M) -> String + Send + Sync>;
+
+/// Routing-key makers by message type (each a [`RoutingKey`] of its type).
+pub(crate) type RoutingKeys = HashMap<&'static str, Arc<dyn std::any::Any + Send + Sync>>;

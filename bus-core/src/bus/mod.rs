@@ -107,6 +107,8 @@ pub(crate) struct BusInner {
     pub(crate) configuration_error: Option<String>,
     /// Names endpoints made for a consumer, connected after the bus was built.
     formatter: Arc<dyn crate::EndpointNameFormatter>,
+    /// Routing keys of published message types, by URN.
+    pub(crate) routing_keys: builder::RoutingKeys,
 }
 
 /// Where a message type is published: the name it is published under, its address, and the

@@ -308,11 +308,17 @@ impl Bus {
         let inner = &self.inner;
         let (entity, destination, span_name) = inner.publish_destination(M::message_type());
         let priority = options.priority;
+        let routing_key = inner
+            .routing_keys
+            .get(M::message_type())
+            .and_then(|key| key.downcast_ref::<super::builder::RoutingKey<M>>())
+            .map(|key| key(&message));
         let mut envelope = inner.envelope_for(&message, options, parent, destination.to_string())?;
         let destination = telemetry::SendDestination { entity: &entity, shared: Some((span_name, &entity)) };
         let span = inner.instruments.sending(destination, "publish", &mut envelope, M::message_types());
         let mut outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
         outgoing.message.priority = priority;
+        outgoing.message.routing_key = routing_key;
         Ok((span, outgoing))
     }
 

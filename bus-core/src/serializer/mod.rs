@@ -25,8 +25,9 @@ fn wire(envelope: &Envelope, body: bytes::Bytes, content_type: &'static str, hea
         message_id: envelope.message_id,
         correlation_id: envelope.correlation_id,
         time_to_live: envelope.expiration_time.and_then(|t| (t - chrono::Utc::now()).to_std().ok()),
-        // Not in the envelope (MassTransit sets it on the transport only): the bus sets it.
+        // Not in the envelope (MassTransit sets them on the transport only): the bus sets them.
         priority: None,
+        routing_key: None,
     }
 }
 
