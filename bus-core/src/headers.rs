@@ -16,6 +16,11 @@ pub mod names {
     /// The token a scheduled message was scheduled under, as MassTransit sets it: a saga
     /// compares it with the token it kept, to tell a stale timeout from the current one.
     pub const SCHEDULING_TOKEN_ID: &str = "MT-Scheduling-TokenId";
+    /// Not a header: the key of the transport header value that stands for a time,
+    /// `{"$time": <seconds since the epoch>}` (see `SendOptions::header_time`). Transports
+    /// write it as their own time type (RabbitMQ: an AMQP timestamp); no other header value
+    /// is such an object, since transports leave objects out of their tables.
+    pub const TIME_VALUE_KEY: &str = "$time";
 }
 
 /// Headers of a message: user headers and `MT-*` infrastructure headers.

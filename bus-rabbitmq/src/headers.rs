@@ -10,8 +10,9 @@ use lapin::BasicProperties;
 use serde_json::Value;
 
 /// A header value as MassTransit's `SetHeaders` writes it into the AMQP table: strings and
-/// numbers as they are, `true` as the string `"True"`; `false`, `null`, arrays and objects left
-/// out (they travel in the envelope's `headers` only, as MassTransit's `MT-Request-AcceptType`).
+/// numbers as they are, `true` as the string `"True"`, a time (`SendOptions::header_time`) as
+/// an AMQP timestamp in seconds; `false`, `null`, arrays and other objects left out (they
+/// travel in the envelope's `headers` only, as MassTransit's `MT-Request-AcceptType`).
 fn to_amqp(value: &Value) -> Option<AMQPValue> {
     match value {
         Value::Bool(true) => Some(AMQPValue::LongString(LongString::from("True"))),
@@ -20,6 +21,11 @@ fn to_amqp(value: &Value) -> Option<AMQPValue> {
             None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
         }),
         Value::String(s) => Some(AMQPValue::LongString(LongString::from(s.as_str()))),
+        // A time set with `SendOptions::header_time`: an AMQP timestamp in seconds, as
+        // MassTransit (8.3.1 and later) writes a `DateTime` header.
+        Value::Object(map) if map.len() == 1 => {
+            map.get(bus_core::header_names::TIME_VALUE_KEY).and_then(Value::as_u64).map(AMQPValue::Timestamp)
+        }
         Value::Null | Value::Bool(false) | Value::Array(_) | Value::Object(_) => None,
     }
 }

@@ -796,7 +796,8 @@ fn envelope_headers_go_into_the_amqp_table_as_masstransit_writes_them() {
             .header("Urgent", true)
             .header("Quiet", false)
             .header("MT-Request-AcceptType", serde_json::json!(["urn:message:Wire:Probe"]))
-            .header("Nested", serde_json::json!({ "a": 1 }));
+            .header("Nested", serde_json::json!({ "a": 1 }))
+            .header_time("Offer-Expires", chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("a time"));
         bus.send_with(&format!("queue:{queue}"), Probe { n: 1 }, options).await.expect("send");
         let channel = fixture.channel().await;
         let got = channel
@@ -809,6 +810,7 @@ fn envelope_headers_go_into_the_amqp_table_as_masstransit_writes_them() {
         assert_eq!(value("Tenant"), Some(AMQPValue::LongString(LongString::from("acme"))));
         assert_eq!(value("Attempt"), Some(AMQPValue::LongLongInt(3)));
         assert_eq!(value("Urgent"), Some(AMQPValue::LongString(LongString::from("True"))));
+        assert_eq!(value("Offer-Expires"), Some(AMQPValue::Timestamp(1_800_000_000)), "a time, in seconds");
         for absent in ["Quiet", "MT-Request-AcceptType", "Nested"] {
             assert_eq!(value(absent), None, "{absent} is not in the table");
         }
@@ -816,6 +818,7 @@ fn envelope_headers_go_into_the_amqp_table_as_masstransit_writes_them() {
         assert_eq!(envelope["headers"]["Quiet"], false);
         assert_eq!(envelope["headers"]["MT-Request-AcceptType"][0], "urn:message:Wire:Probe");
         assert_eq!(envelope["headers"]["Nested"]["a"], 1);
+        assert_eq!(envelope["headers"]["Offer-Expires"], "2027-01-15T08:00:00.0000000Z", "the envelope keeps its text");
     });
 }
 

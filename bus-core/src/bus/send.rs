@@ -44,6 +44,10 @@ pub struct SendOptions {
     pub time_to_live: Option<Duration>,
     /// Its priority in a priority queue (AMQP `priority`, as MassTransit's `SetPriority`).
     pub priority: Option<u8>,
+    /// Headers set with [`header_time`](Self::header_time): the transport writes them as
+    /// times of its own (AMQP timestamps); the PostgreSQL outbox and the schedulers store
+    /// them so marked.
+    pub time_headers: Vec<String>,
 }
 
 impl SendOptions {
@@ -55,6 +59,23 @@ impl SendOptions {
     /// Adds a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
         self.headers.insert(name, value);
+        self
+    }
+
+    /// Sets a header to a time, as MassTransit sets a `DateTime` header: in the envelope as
+    /// its round-trip text (seven fraction digits), and in the transport's own header table
+    /// as a time (on RabbitMQ an AMQP timestamp, in seconds since the epoch).
+    ///
+    /// ```
+    /// use bus_core::SendOptions;
+    /// let at = chrono::DateTime::parse_from_rfc3339("2026-12-06T17:30:00Z").unwrap().to_utc();
+    /// let options = SendOptions::new().header_time("Offer-Expires", at);
+    /// assert_eq!(options.headers.get_str("Offer-Expires"), Some("2026-12-06T17:30:00.0000000Z"));
+    /// ```
+    pub fn header_time(mut self, name: impl Into<String>, time: chrono::DateTime<chrono::Utc>) -> Self {
+        let name = name.into();
+        self.headers.insert(name.clone(), crate::envelope::format_time(&time));
+        self.time_headers.push(name);
         self
     }
 
@@ -307,7 +328,7 @@ impl Bus {
     ) -> Result<(telemetry::MessageSpan, Outgoing)> {
         let inner = &self.inner;
         let (entity, destination, span_name) = inner.publish_destination(M::message_type());
-        let priority = options.priority;
+        let (priority, time_headers) = (options.priority, options.time_headers.clone());
         let routing_key = inner
             .routing_keys
             .get(M::message_type())
@@ -319,6 +340,7 @@ impl Bus {
         let mut outgoing = inner.outgoing(Route::Publish(MessageTypes::Static(M::message_types())), envelope)?;
         outgoing.message.priority = priority;
         outgoing.message.routing_key = routing_key;
+        mark_times(&mut outgoing.message.headers, &time_headers);
         Ok((span, outgoing))
     }
 
@@ -333,12 +355,13 @@ impl Bus {
         let inner = &self.inner;
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
-        let priority = options.priority;
+        let (priority, time_headers) = (options.priority, options.time_headers.clone());
         let mut envelope = inner.envelope_for(&message, options, parent, destination)?;
         let destination = telemetry::SendDestination { entity: &name, shared: None };
         let span = inner.instruments.sending(destination, "send", &mut envelope, M::message_types());
         let mut outgoing = inner.outgoing(Route::Send(name), envelope)?;
         outgoing.message.priority = priority;
+        mark_times(&mut outgoing.message.headers, &time_headers);
         Ok((span, outgoing))
     }
 
@@ -363,5 +386,16 @@ impl Bus {
             None => outgoing,
         };
         self.inner.dispatch(outgoing).await
+    }
+}
+
+/// Marks the transport headers set with [`SendOptions::header_time`] as times, for the
+/// transport to write as its own time type; the envelope keeps their text.
+fn mark_times(headers: &mut crate::Headers, names: &[String]) {
+    for name in names {
+        let seconds = headers.get_str(name).and_then(crate::envelope::parse_time).map(|t| t.timestamp());
+        if let Some(seconds) = seconds {
+            headers.insert(name.clone(), serde_json::json!({ crate::headers::names::TIME_VALUE_KEY: seconds }));
+        }
     }
 }
