@@ -17,10 +17,10 @@ pub mod names {
     /// compares it with the token it kept, to tell a stale timeout from the current one.
     pub const SCHEDULING_TOKEN_ID: &str = "MT-Scheduling-TokenId";
     /// Not a header: the key of the transport header value that stands for a time,
-    /// `{"$time": <seconds since the epoch>}` (see `SendOptions::header_time`). Transports
-    /// write it as their own time type (RabbitMQ: an AMQP timestamp); no other header value
-    /// is such an object, since transports leave objects out of their tables.
-    pub const TIME_VALUE_KEY: &str = "$time";
+    /// `{"$rust-bus:time": <seconds since the epoch>}` (see `SendOptions::header_time`).
+    /// Transports write it as their own time type (RabbitMQ: an AMQP timestamp), and one
+    /// with none as its text again.
+    pub const TIME_VALUE_KEY: &str = "$rust-bus:time";
 }
 
 /// Headers of a message: user headers and `MT-*` infrastructure headers.

@@ -183,7 +183,8 @@ impl InMemoryTransport {
         self.write().route(exchange)
     }
 
-    async fn deliver(&self, route: &[QueueRef], message: TransportMessage) -> bus_core::Result<()> {
+    async fn deliver(&self, route: &[QueueRef], mut message: TransportMessage) -> bus_core::Result<()> {
+        times_as_text(&mut message.headers);
         let wait = self.broker.options.full_queue_wait;
         if let [only] = route {
             return Ok(only.push(message, wait).await?);
@@ -425,5 +426,22 @@ impl Settle for InMemorySettle {
             }
             Ok(())
         })
+    }
+}
+
+/// Times marked for a transport's own time type (`SendOptions::header_time`): this one has
+/// none, so they travel as the text the envelope carries for them.
+fn times_as_text(headers: &mut bus_core::Headers) {
+    let key = bus_core::header_names::TIME_VALUE_KEY;
+    let marked: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let seconds = value.as_object().filter(|o| o.len() == 1)?.get(key)?.as_i64()?;
+            let time = chrono::DateTime::from_timestamp(seconds, 0)?;
+            Some((name.clone(), bus_core::envelope::format_time(&time)))
+        })
+        .collect();
+    for (name, text) in marked {
+        headers.insert(name, text);
     }
 }

@@ -24,10 +24,20 @@ fn to_amqp(value: &Value) -> Option<AMQPValue> {
         // A time set with `SendOptions::header_time`: an AMQP timestamp in seconds, as
         // MassTransit (8.3.1 and later) writes a `DateTime` header.
         Value::Object(map) if map.len() == 1 => {
-            map.get(bus_core::header_names::TIME_VALUE_KEY).and_then(Value::as_u64).map(AMQPValue::Timestamp)
+            let seconds = map.get(bus_core::header_names::TIME_VALUE_KEY).and_then(Value::as_i64)?;
+            Some(match u64::try_from(seconds) {
+                Ok(seconds) => AMQPValue::Timestamp(seconds),
+                // Before 1970, as MassTransit: its round-trip text.
+                Err(_) => AMQPValue::LongString(LongString::from(time_text(seconds)?)),
+            })
         }
         Value::Null | Value::Bool(false) | Value::Array(_) | Value::Object(_) => None,
     }
+}
+
+/// A time in seconds since the epoch as MassTransit's round-trip text.
+fn time_text(seconds: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp(seconds, 0).map(|t| bus_core::envelope::format_time(&t))
 }
 
 /// How deep tables and arrays in a header are read; deeper ones are read as `null`.
@@ -61,7 +71,11 @@ fn from_amqp_at(value: &AMQPValue, depth: usize) -> Value {
         AMQPValue::FieldArray(items) => {
             Value::Array(items.as_slice().iter().map(|item| from_amqp_at(item, depth + 1)).collect())
         }
-        AMQPValue::Timestamp(t) => Value::from(*t),
+        // A time, read as the text the envelope carries for one (MassTransit 8.3.1 and later
+        // write seconds); one past what a time holds stays a number.
+        AMQPValue::Timestamp(t) => {
+            i64::try_from(*t).ok().and_then(time_text).map_or_else(|| Value::from(*t), Value::from)
+        }
         AMQPValue::FieldTable(table) => {
             let entries = table.inner().iter().map(|(k, v)| (k.as_str().to_owned(), from_amqp_at(v, depth + 1)));
             Value::Object(entries.collect())

@@ -207,10 +207,12 @@ pub(crate) async fn missing_from_endpoint(
     let passive_exchange = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
     let name = endpoint.queue.as_str();
     let mut checks = vec![(format!("queue `{name}`"), None), (format!("exchange `{name}`"), Some(name.to_owned()))];
-    checks.extend(endpoint.message_types.iter().map(|urn| {
-        let exchange = entity_name(urn);
-        (format!("exchange `{exchange}`"), Some(exchange))
-    }));
+    let sources = endpoint.message_types.iter().map(|urn| entity_name(urn));
+    checks.extend(
+        sources
+            .chain(endpoint.bindings.iter().map(|b| b.exchange.clone()))
+            .map(|exchange| (format!("exchange `{exchange}`"), Some(exchange))),
+    );
     for (what, exchange) in checks {
         let checked = match exchange {
             None => channel.queue_declare(short(name)?, passive_queue, FieldTable::default()).await.map(|_| ()),

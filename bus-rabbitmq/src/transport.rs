@@ -198,7 +198,7 @@ impl RabbitMqTransport {
     }
 
     /// Binds again to `exchange`, declared again after it was deleted behind the bus's back,
-    /// what this bus had bound to it: its endpoints that consume the type, and the exchanges of
+    /// what this bus had bound to it: its endpoints that consume the type or bind to it, and the exchanges of
     /// the types that list it as a contract. A binding the broker refuses is logged and the
     /// others are made, as on reconnect. (Other services' bindings to it are gone until they
     /// declare their topology again, on their next start or reconnect: nothing here can tell
@@ -209,7 +209,10 @@ impl RabbitMqTransport {
             let endpoints = declared
                 .endpoints
                 .values()
-                .filter(|e| e.message_types.iter().any(|t| entity_name(t) == exchange))
+                .filter(|e| {
+                    e.message_types.iter().any(|t| entity_name(t) == exchange)
+                        || e.bindings.iter().any(|b| b.exchange == exchange)
+                })
                 .cloned()
                 .collect();
             let sources = declared

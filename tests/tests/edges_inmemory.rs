@@ -7,7 +7,7 @@ use std::time::Duration;
 use bus_core::middleware::RetryPolicy;
 use bus_core::testing::Log;
 use bus_core::{BoxError, Bus, ConsumeContext, ConsumerOptions, Endpoint, Message, Transport, TransportMessage};
-use bus_inmemory::{InMemoryOptions, InMemoryTransport};
+use bus_inmemory::{InMemoryOptions, InMemoryTestHarness, InMemoryTransport};
 use serde::{Deserialize, Serialize};
 use tests::WAIT;
 
@@ -316,4 +316,34 @@ async fn a_message_waiting_for_redelivery_comes_back_once_after_a_stop() {
     assert_eq!(seen.snapshot(), [0, 1], "redelivered once");
     assert_eq!(transport.queue_len("later"), 0);
     assert!(transport.drain("later_error").is_empty());
+}
+
+/// A time header (`SendOptions::header_time`) reaches a consumer as the text the envelope
+/// carries for it, with the envelope and with raw JSON alike (this transport has no time
+/// type of its own).
+#[tokio::test]
+async fn a_time_header_reaches_consumers_as_its_text() {
+    let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("a time");
+    for raw in [false, true] {
+        let got = Arc::new(bus_core::testing::MessageLog::default());
+        let recorded = got.clone();
+        let harness = InMemoryTestHarness::start(move |bus| {
+            let bus = if raw {
+                bus.serializers(
+                    bus_core::serializer::Serializers::default()
+                        .with_default(bus_core::serializer::RawJsonSerializer::default()),
+                )
+            } else {
+                bus
+            };
+            bus.endpoint(tests::record::<Probe>(Endpoint::new("timed"), &recorded))
+        })
+        .await
+        .expect("harness");
+        let options = bus_core::SendOptions::new().header_time("Offer-Expires", at);
+        harness.bus().send_with("queue:timed", Probe { n: 1 }, options).await.expect("send");
+        let envelope = got.wait_for_envelope("the probe", WAIT, |_| true).await.expect("consumed");
+        harness.stop().await.expect("stop");
+        assert_eq!(envelope.headers.get_str("Offer-Expires"), Some("2027-01-15T08:00:00.0000000Z"), "raw JSON: {raw}");
+    }
 }
