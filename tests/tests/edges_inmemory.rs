@@ -330,8 +330,7 @@ async fn a_time_header_reaches_consumers_as_its_text() {
         let harness = InMemoryTestHarness::start(move |bus| {
             let bus = if raw {
                 bus.serializers(
-                    bus_core::serializer::Serializers::default()
-                        .with_default(bus_core::serializer::RawJsonSerializer::default()),
+                    bus_core::serializer::Serializers::default().with_default(bus_core::serializer::RawJsonSerializer),
                 )
             } else {
                 bus
