@@ -224,7 +224,8 @@ async fn publish_then_mark(bus: &Bus, orders: &[(&str, &str)], markers: &[(&str,
     }
 }
 
-/// What a log got before its marker: the orders' numbers.
+/// What a log got before its marker: the orders' numbers. (Its endpoint takes one message at
+/// a time, so what came before the marker was consumed before it.)
 async fn until_marker(log: &MessageLog) -> Vec<u32> {
     log.wait_for_envelope("the marker", WAIT, |e| e.message.get().contains(r#""n":99"#)).await.expect("marker");
     log.messages::<RegionOrder>().iter().map(|o| o.n).filter(|n| *n != 99).collect()
@@ -237,8 +238,14 @@ async fn a_direct_exchange_routes_by_routing_key() {
     let vhost = Vhost::create("endpoint-options");
     let (east, west) = (Arc::new(MessageLog::default()), Arc::new(MessageLog::default()));
     let endpoints = vec![
-        tests::record::<RegionOrder>(Endpoint::new("orders-east").bind_with_routing_key(REGION_ORDER, "east"), &east),
-        tests::record::<RegionOrder>(Endpoint::new("orders-west").bind_with_routing_key(REGION_ORDER, "west"), &west),
+        tests::record::<RegionOrder>(
+            Endpoint::new("orders-east").concurrency_limit(1).bind_with_routing_key(REGION_ORDER, "east"),
+            &east,
+        ),
+        tests::record::<RegionOrder>(
+            Endpoint::new("orders-west").concurrency_limit(1).bind_with_routing_key(REGION_ORDER, "west"),
+            &west,
+        ),
     ];
     let bus = routed_bus(&vhost, bus_rabbitmq::ExchangeType::Direct, |o| o.region.clone(), endpoints).await;
     let kinds = rabbitmqctl(&["list_exchanges", "-p", &vhost.name, "name", "type", "--quiet", "--no-table-headers"]);
@@ -263,11 +270,11 @@ async fn a_topic_exchange_routes_by_pattern() {
     let (europe, large) = (Arc::new(MessageLog::default()), Arc::new(MessageLog::default()));
     let endpoints = vec![
         tests::record::<RegionOrder>(
-            Endpoint::new("orders-eu").bind_with_routing_key(REGION_ORDER, "orders.eu.*"),
+            Endpoint::new("orders-eu").concurrency_limit(1).bind_with_routing_key(REGION_ORDER, "orders.eu.*"),
             &europe,
         ),
         tests::record::<RegionOrder>(
-            Endpoint::new("orders-large").bind_with_routing_key(REGION_ORDER, "orders.*.large"),
+            Endpoint::new("orders-large").concurrency_limit(1).bind_with_routing_key(REGION_ORDER, "orders.*.large"),
             &large,
         ),
     ];
