@@ -91,6 +91,31 @@ pub mod decimal_string {
     }
 }
 
+/// The transport header value that stands for a time set with
+/// [`SendOptions::header_time`](crate::SendOptions::header_time), `seconds` after the epoch:
+/// transports write it as their own time type.
+pub fn time_header(seconds: i64) -> Value {
+    serde_json::json!({ crate::header_names::TIME_VALUE_KEY: seconds })
+}
+
+/// The seconds after the epoch a header value made by [`time_header`] stands for.
+///
+/// ```
+/// use bus_core::wire::{time_header, time_header_seconds, time_text};
+/// assert_eq!(time_header_seconds(&time_header(1_800_000_000)), Some(1_800_000_000));
+/// assert_eq!(time_header_seconds(&serde_json::json!("2027-01-15")), None);
+/// assert_eq!(time_text(1_800_000_000).as_deref(), Some("2027-01-15T08:00:00.0000000Z"));
+/// ```
+pub fn time_header_seconds(value: &Value) -> Option<i64> {
+    value.as_object().filter(|o| o.len() == 1)?.get(crate::header_names::TIME_VALUE_KEY)?.as_i64()
+}
+
+/// A time `seconds` after the epoch as MassTransit's round-trip text (seven fraction
+/// digits); `None` past what a time holds.
+pub fn time_text(seconds: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp(seconds, 0).map(|t| crate::envelope::format_time(&t))
+}
+
 /// Rewrites object keys to camelCase (first letter lowercased), recursively: a second
 /// chance for payloads written with PascalCase names, since MassTransit readers match
 /// property names case-insensitively.

@@ -432,13 +432,11 @@ impl Settle for InMemorySettle {
 /// Times marked for a transport's own time type (`SendOptions::header_time`): this one has
 /// none, so they travel as the text the envelope carries for them.
 fn times_as_text(headers: &mut bus_core::Headers) {
-    let key = bus_core::header_names::TIME_VALUE_KEY;
     let marked: Vec<(String, String)> = headers
         .iter()
         .filter_map(|(name, value)| {
-            let seconds = value.as_object().filter(|o| o.len() == 1)?.get(key)?.as_i64()?;
-            let time = chrono::DateTime::from_timestamp(seconds, 0)?;
-            Some((name.clone(), bus_core::envelope::format_time(&time)))
+            let text = bus_core::wire::time_text(bus_core::wire::time_header_seconds(value)?)?;
+            Some((name.clone(), text))
         })
         .collect();
     for (name, text) in marked {

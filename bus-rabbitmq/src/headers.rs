@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
+use bus_core::wire::{time_header_seconds, time_text};
 use bus_core::{Headers, TransportMessage};
 use bytes::Bytes;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -23,8 +24,8 @@ fn to_amqp(value: &Value) -> Option<AMQPValue> {
         Value::String(s) => Some(AMQPValue::LongString(LongString::from(s.as_str()))),
         // A time set with `SendOptions::header_time`: an AMQP timestamp in seconds, as
         // MassTransit (8.3.1 and later) writes a `DateTime` header.
-        Value::Object(map) if map.len() == 1 => {
-            let seconds = map.get(bus_core::header_names::TIME_VALUE_KEY).and_then(Value::as_i64)?;
+        Value::Object(_) if time_header_seconds(value).is_some() => {
+            let seconds = time_header_seconds(value)?;
             Some(match u64::try_from(seconds) {
                 Ok(seconds) => AMQPValue::Timestamp(seconds),
                 // Before 1970, as MassTransit: its round-trip text.
@@ -33,11 +34,6 @@ fn to_amqp(value: &Value) -> Option<AMQPValue> {
         }
         Value::Null | Value::Bool(false) | Value::Array(_) | Value::Object(_) => None,
     }
-}
-
-/// A time in seconds since the epoch as MassTransit's round-trip text.
-fn time_text(seconds: i64) -> Option<String> {
-    chrono::DateTime::from_timestamp(seconds, 0).map(|t| bus_core::envelope::format_time(&t))
 }
 
 /// How deep tables and arrays in a header are read; deeper ones are read as `null`.

@@ -395,7 +395,7 @@ fn mark_times(headers: &mut crate::Headers, names: &[String]) {
     for name in names {
         let seconds = headers.get_str(name).and_then(crate::envelope::parse_time).map(|t| t.timestamp());
         if let Some(seconds) = seconds {
-            headers.insert(name.clone(), serde_json::json!({ crate::headers::names::TIME_VALUE_KEY: seconds }));
+            headers.insert(name.clone(), crate::wire::time_header(seconds));
         }
     }
 }
