@@ -100,6 +100,11 @@ macro_rules! conformance_suite {
             stop_and_restart_mid_run_loses_nothing,
             stop_cancels_overrunning_consumers_and_requeues_their_messages,
             a_consumer_finishing_during_stop_can_still_publish_and_request,
+            partitioned_messages_run_one_at_a_time_per_key_in_delivery_order,
+            kill_switch_stops_an_endpoint_through_an_outage_and_loses_nothing,
+            batches_end_at_their_message_limit_or_their_time_limit,
+            a_failed_batch_sends_each_message_to_error_with_one_fault_each,
+            the_bus_wide_concurrency_limit_holds_across_endpoints,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {

@@ -96,6 +96,18 @@ impl ConsumeError {
         }
     }
 
+    /// A copy for each message of a batch that failed with `error`: same kind, type, text
+    /// and causes.
+    pub(crate) fn copy_of(error: &std::sync::Arc<ConsumeError>) -> Self {
+        ConsumeError {
+            kind: error.kind,
+            exception_type: error.exception_type.clone(),
+            message: error.message.clone(),
+            retry_count: error.retry_count,
+            source: Some(Box::new(SharedCause(error.clone()))),
+        }
+    }
+
     pub(crate) fn with_retry_count(mut self, retry_count: u32) -> Self {
         self.retry_count = retry_count;
         self
@@ -159,5 +171,21 @@ fn debug_type_name(error: &(dyn std::error::Error + Send + Sync)) -> String {
         "Error".to_owned()
     } else {
         name
+    }
+}
+
+/// One error shared by the copies made of it: its text, and its causes below.
+#[derive(Debug)]
+struct SharedCause(std::sync::Arc<ConsumeError>);
+
+impl std::fmt::Display for SharedCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.message)
+    }
+}
+
+impl std::error::Error for SharedCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
     }
 }

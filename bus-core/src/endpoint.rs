@@ -5,9 +5,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::batch::BatchCollector;
 use crate::consumer::{ErasedConsumer, FnConsumer, TypedConsumer};
-use crate::middleware::{Middleware, RetryPolicy};
-use crate::{BoxError, ConsumeContext, Consumer, Message, RedeliveryPolicy};
+use crate::flow::partitioner::{typed_key, PartitionerSettings};
+use crate::middleware::{CircuitBreaker, Middleware, RetryPolicy};
+use crate::{
+    Batch, BatchOptions, BoxError, ConsumeContext, Consumer, Envelope, KillSwitch, Message, RateLimit, RedeliveryPolicy,
+};
 
 /// Default size limit of a message body: 4 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
@@ -46,6 +50,17 @@ pub(crate) struct EndpointSettings {
     pub(crate) max_priority: Option<u8>,
     /// See [`Endpoint::bind`].
     pub(crate) bindings: Vec<crate::ExchangeBinding>,
+    /// See [`Endpoint::partition_by`].
+    pub(crate) partitioner: PartitionerSettings,
+    /// See [`Endpoint::rate_limit`].
+    pub(crate) rate_limit: Option<RateLimit>,
+    /// See [`Endpoint::kill_switch`].
+    pub(crate) kill_switch: Option<KillSwitch>,
+    /// See [`Endpoint::circuit_breaker`]: asked for health.
+    pub(crate) circuit_breakers: Vec<CircuitBreaker>,
+    /// How many messages its batch consumers need at once: the prefetch and concurrency
+    /// are raised to it.
+    pub(crate) batch_in_flight: usize,
 }
 
 /// How a received message's spans continue its producer's trace.
@@ -85,6 +100,11 @@ impl Default for EndpointSettings {
             single_active_consumer: false,
             max_priority: None,
             bindings: Vec::new(),
+            partitioner: PartitionerSettings::default(),
+            rate_limit: None,
+            kill_switch: None,
+            circuit_breakers: Vec::new(),
+            batch_in_flight: 0,
         }
     }
 }
@@ -439,6 +459,160 @@ impl Endpoint {
             .bindings
             .push(crate::ExchangeBinding { exchange: exchange.into(), routing_key: routing_key.into() });
         self
+    }
+
+    /// Adds a batch consumer of `T`: it receives up to `options`' message limit of them at
+    /// once, or as many as arrived within its time limit (MassTransit's `Batch<T>`
+    /// consumers). Every message of a batch is acknowledged once the batch succeeds; a batch
+    /// that fails is retried as a batch by the options' retry policy, then each of its
+    /// messages takes the endpoint's failure path (redelivery, `_error`, one fault each). The
+    /// endpoint's prefetch and concurrency limit are raised to
+    /// [`BatchOptions::in_flight`] when lower, so that a batch can fill.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus_core::{Batch, BatchOptions, ConsumeContext, Consumer, BoxError, Endpoint, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Metrics:Reading")] struct Reading { value: f64 }
+    /// struct SaveReadings;
+    /// impl Consumer<Batch<Reading>> for SaveReadings {
+    ///     async fn consume(&self, ctx: ConsumeContext<Batch<Reading>>) -> Result<(), BoxError> {
+    ///         println!("saving {} readings in one insert", ctx.message().len());
+    ///         Ok(())
+    ///     }
+    /// }
+    /// let readings = Endpoint::new("readings")
+    ///     .batch_consumer(SaveReadings, BatchOptions::new().message_limit(100).time_limit(Duration::from_millis(200)));
+    /// # drop(readings);
+    /// ```
+    #[doc(alias = "Batch")]
+    pub fn batch_consumer<T: Message, C: Consumer<Batch<T>>>(mut self, consumer: C, options: BatchOptions) -> Self {
+        self.settings.batch_in_flight = self.settings.batch_in_flight.max(options.in_flight());
+        // Retried as a batch, by the batch's policy, not message by message.
+        let per_message = ConsumerOptions::new().retry(RetryPolicy::none());
+        self.register(
+            std::any::type_name::<C>(),
+            BatchCollector::<T, C>::erased(consumer, options),
+            T::message_type(),
+            per_message,
+        )
+    }
+
+    /// Runs messages of type `M` with the same key one at a time, in the order they were
+    /// delivered, while messages of different keys run concurrently up to the endpoint's
+    /// limit (MassTransit's `UsePartitioner`). Keys are hashed into `partitions` partitions
+    /// (two keys may share one, and then wait for each other): more partitions, fewer such
+    /// waits. Call it once per message type to partition; other types are not partitioned.
+    /// The endpoint has one set of partitions, of the count given last.
+    ///
+    /// Order holds among the messages of one endpoint's delivery stream: a message that fails
+    /// and is redelivered later comes back after the others of its key, and two instances
+    /// of a service each order only what they receive.
+    ///
+    /// ```
+    /// use bus_core::{ConsumeContext, Endpoint, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Bank:Deposit")] struct Deposit { account: String, amount: i64 }
+    /// let ledger = Endpoint::new("ledger")
+    ///     .concurrency_limit(32)
+    ///     .partition_by(|deposit: &Deposit| deposit.account.clone(), 64)
+    ///     .handler(|_: ConsumeContext<Deposit>| async { Ok(()) });
+    /// # drop(ledger);
+    /// ```
+    #[doc(alias = "UsePartitioner")]
+    pub fn partition_by<M, K>(self, key: impl Fn(&M) -> K + Send + Sync + 'static, partitions: usize) -> Self
+    where
+        M: Message,
+        K: std::hash::Hash,
+    {
+        self.partition_by_envelope(move |message: &M, _: &Envelope| Some(key(message)), partitions)
+    }
+
+    /// As [`partition_by`](Self::partition_by), with a key read from the message and its
+    /// envelope (its correlation id, a header); `None` leaves a message unpartitioned.
+    ///
+    /// ```
+    /// use bus_core::{ConsumeContext, Endpoint, Envelope, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:OrderEvent")] struct OrderEvent;
+    /// let orders = Endpoint::new("order-events")
+    ///     .partition_by_envelope(|_: &OrderEvent, envelope: &Envelope| envelope.correlation_id, 64)
+    ///     .handler(|_: ConsumeContext<OrderEvent>| async { Ok(()) });
+    /// # drop(orders);
+    /// ```
+    pub fn partition_by_envelope<M, K>(
+        mut self,
+        key: impl Fn(&M, &Envelope) -> Option<K> + Send + Sync + 'static,
+        partitions: usize,
+    ) -> Self
+    where
+        M: Message,
+        K: std::hash::Hash,
+    {
+        self.settings.partitioner.add::<M>(partitions, typed_key(key));
+        self
+    }
+
+    /// How many partitions the endpoint has, if it partitions any message type.
+    pub fn partitions(&self) -> Option<usize> {
+        (!self.settings.partitioner.keys.is_empty()).then_some(self.settings.partitioner.partitions)
+    }
+
+    /// Partitions nothing: undoes [`partition_by`](Self::partition_by), and the partitioning
+    /// by instance a saga puts on its endpoint.
+    pub fn unpartitioned(mut self) -> Self {
+        self.settings.partitioner = PartitionerSettings::default();
+        self
+    }
+
+    /// At most `limit.limit` messages per interval through this endpoint (MassTransit's
+    /// `UseRateLimit`; see [`RateLimit`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus_core::{ConsumeContext, Endpoint, Message, RateLimit};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Mail:SendEmail")] struct SendEmail;
+    /// // The mail provider takes 10 a second.
+    /// let mail = Endpoint::new("mail")
+    ///     .rate_limit(RateLimit::new(10, Duration::from_secs(1)))
+    ///     .handler(|_: ConsumeContext<SendEmail>| async { Ok(()) });
+    /// # drop(mail);
+    /// ```
+    #[doc(alias = "UseRateLimit")]
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.settings.rate_limit = Some(limit);
+        self
+    }
+
+    /// Stops consuming this endpoint for a while when too many of its messages fail (see
+    /// [`KillSwitch`]).
+    #[doc(alias = "UseKillSwitch")]
+    pub fn kill_switch(mut self, kill_switch: KillSwitch) -> Self {
+        self.settings.kill_switch = Some(kill_switch);
+        self
+    }
+
+    /// Fails messages fast while too many fail (see [`CircuitBreaker`]): around every
+    /// consumer here, outside the retry policy, so that a delivery counts once. Its state
+    /// shows in the endpoint's health.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bus_core::{ConsumeContext, Endpoint, Message};
+    /// use bus_core::middleware::CircuitBreaker;
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:ReserveStock")] struct ReserveStock;
+    /// let breaker = CircuitBreaker::new().reset_interval(Duration::from_secs(30));
+    /// let stock = Endpoint::new("stock")
+    ///     .circuit_breaker(breaker.clone())
+    ///     .handler(|_: ConsumeContext<ReserveStock>| async { Ok(()) });
+    /// # drop(stock);
+    /// ```
+    #[doc(alias = "UseCircuitBreaker")]
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.settings.circuit_breakers.push(breaker.clone());
+        self.middleware(breaker)
     }
 
     /// The largest body accepted; larger ones go to `_error` unread (default 4 MiB).

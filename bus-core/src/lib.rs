@@ -9,6 +9,7 @@
 //! - publish (fan-out by message type), send (one endpoint), request/response with timeouts and faults;
 //! - a consume pipeline of middleware: retry, timeout, panic capture, concurrency limits, your own;
 //! - delayed redelivery, `_error` and `_skipped` queues, `Fault<T>`, an in-memory outbox;
+//! - flow control: partitions, rate limits, circuit breakers, kill switches, batches;
 //! - graceful shutdown that loses nothing.
 //!
 //! ```
@@ -39,6 +40,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod address;
+mod batch;
 mod bus;
 mod consume_error;
 mod consumer;
@@ -48,6 +50,7 @@ mod endpoint_name;
 pub mod envelope;
 mod error;
 pub mod fault;
+pub mod flow;
 mod headers;
 mod health;
 mod host;
@@ -69,6 +72,7 @@ pub mod testing;
 mod transport;
 pub mod wire;
 
+pub use batch::{Batch, BatchCompletion, BatchOptions};
 pub use bus::{
     Bus, BusBuilder, EitherResponse, PreparedDestination, PreparedMessage, RequestClient, Response, SendOptions,
 };
@@ -83,6 +87,7 @@ pub use endpoint_name::{
 pub use envelope::Envelope;
 pub use error::{BoxError, Error, Result};
 pub use fault::{ExceptionInfo, Fault};
+pub use flow::{KillSwitch, RateLimit};
 pub use headers::{names as header_names, Headers, Iter as HeadersIter};
 pub use health::{BusHealth, EndpointHealth, HealthStatus};
 pub use host::HostInfo;

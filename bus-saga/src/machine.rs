@@ -786,7 +786,17 @@ impl<S: SagaData> StateMachineBuilder<S> {
             return self;
         }
         self.machine.registrations.push(Arc::new(|endpoint: Endpoint, runtime: Arc<SagaRuntime<S>>| {
-            endpoint.consumer(SagaEventConsumer::<S, E>::new(runtime))
+            // Events of one instance run one at a time, in delivery order: they would
+            // otherwise meet as optimistic-concurrency conflicts and be tried again.
+            let partitions = endpoint.partitions().unwrap_or(bus_core::flow::DEFAULT_PARTITIONS);
+            let machine = runtime.machine.clone();
+            endpoint.consumer(SagaEventConsumer::<S, E>::new(runtime)).partition_by_envelope(
+                move |event: &E, envelope: &bus_core::Envelope| {
+                    let info = EventInfo { initiator_id: envelope.initiator_id, ..EventInfo::default() };
+                    machine.correlate_with(event, &info)
+                },
+                partitions,
+            )
         }));
         self
     }

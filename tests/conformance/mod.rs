@@ -1,6 +1,7 @@
 //! The conformance cases; each takes a [`Fixture`](crate::Fixture) and panics on failure.
 
 mod failures;
+mod flow;
 mod ids;
 mod messaging;
 mod request;
@@ -8,6 +9,7 @@ mod shutdown;
 pub(crate) mod support;
 
 pub use failures::*;
+pub use flow::*;
 pub use ids::*;
 pub use messaging::*;
 pub use request::*;

@@ -33,6 +33,7 @@ pub struct BusBuilder {
     request_timeout: Duration,
     stop_timeout: Duration,
     routing_keys: RoutingKeys,
+    concurrency_limit: Option<usize>,
 }
 
 impl fmt::Debug for BusBuilder {
@@ -62,7 +63,34 @@ impl BusBuilder {
             request_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(30),
             routing_keys: RoutingKeys::default(),
+            concurrency_limit: None,
         }
+    }
+
+    /// At most `n` messages consumed at once across all of this bus's endpoints (MassTransit's
+    /// bus-level `ConcurrentMessageLimit`), besides each endpoint's own limit: for a service
+    /// whose endpoints share one scarce resource (a connection pool, memory). The bus's
+    /// response endpoint is not counted, so that consumers waiting for responses cannot
+    /// starve it. A batch consumer needs its batch's messages at once: a bus-wide limit
+    /// below that ends its batches by time.
+    ///
+    /// ```
+    /// use bus_core::{Bus, ConsumeContext, Endpoint, Message};
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:A")] struct A;
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize, Message)]
+    /// # #[message(urn = "urn:message:Shop:B")] struct B;
+    /// let bus = Bus::builder(bus_inmemory::InMemoryTransport::new())
+    ///     .concurrency_limit(16)
+    ///     .endpoint(Endpoint::new("a").concurrency_limit(12).handler(|_: ConsumeContext<A>| async { Ok(()) }))
+    ///     .endpoint(Endpoint::new("b").concurrency_limit(12).handler(|_: ConsumeContext<B>| async { Ok(()) }))
+    ///     .build();
+    /// # drop(bus);
+    /// ```
+    #[doc(alias = "ConcurrentMessageLimit")]
+    pub fn concurrency_limit(mut self, n: usize) -> Self {
+        self.concurrency_limit = Some(n);
+        self
     }
 
     /// Adds a receive endpoint (see [`Endpoint`]). An endpoint made with
@@ -250,8 +278,15 @@ impl BusBuilder {
                 .any(|other| &other.topology.queue == name)
                 .then(|| format!("two endpoints are named `{name}`"))
         });
+        let bus_limit = match self.concurrency_limit {
+            Some(0) => Some("the bus's concurrency limit is 0".to_owned()),
+            Some(n) if n > tokio::sync::Semaphore::MAX_PERMITS => {
+                Some(format!("the bus's concurrency limit {n} is over the most that can be counted"))
+            }
+            _ => None,
+        };
         let configuration_error =
-            duplicate.or_else(|| endpoints.iter().find_map(|e| e.configuration_error(&self.serializers)));
+            bus_limit.or(duplicate).or_else(|| endpoints.iter().find_map(|e| e.configuration_error(&self.serializers)));
         Bus {
             inner: Arc::new(BusInner {
                 configuration_error,
@@ -279,6 +314,9 @@ impl BusBuilder {
                 stop_timeout: self.stop_timeout,
                 formatter: self.formatter,
                 routing_keys: self.routing_keys,
+                concurrency_limit: self
+                    .concurrency_limit
+                    .map(|n| Arc::new(tokio::sync::Semaphore::new(n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)))),
             }),
         }
     }

@@ -109,6 +109,8 @@ pub(crate) struct BusInner {
     formatter: Arc<dyn crate::EndpointNameFormatter>,
     /// Routing keys of published message types, by URN.
     pub(crate) routing_keys: builder::RoutingKeys,
+    /// The bus-wide limit on concurrent consumes, if any.
+    pub(crate) concurrency_limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Where a message type is published: the name it is published under, its address, and the
@@ -123,16 +125,12 @@ struct Running {
     cancel: CancellationToken,
     tracker: TaskTracker,
     loops: Vec<JoinHandle<()>>,
-    /// Each endpoint's health, as its subscription reports it (in the order of `endpoints`).
-    health: Vec<HealthProbe>,
     /// The scheduler's delivery task, and what stops it.
     scheduler: Option<(CancellationToken, JoinHandle<()>)>,
     /// Endpoints connected while running ([`Bus::connect_endpoint`]), with their consume
     /// loops and health; they stop with the bus.
-    connected: Vec<(Arc<EndpointRuntime>, JoinHandle<()>, HealthProbe)>,
+    connected: Vec<(Arc<EndpointRuntime>, JoinHandle<()>)>,
 }
-
-type HealthProbe = Box<dyn Fn() -> EndpointHealth + Send + Sync>;
 
 impl Running {
     /// Stops taking deliveries, lets consumers finish within the stop timeout (then cancels
@@ -146,8 +144,7 @@ impl Running {
         self.stop_taking.cancel();
         // loops[0] is the response endpoint: it runs until the consumers are done.
         let endpoints = self.loops.split_off(1.min(self.loops.len()));
-        let (connected, connected_loops): (Vec<_>, Vec<_>) =
-            self.connected.drain(..).map(|(endpoint, handle, _)| (endpoint, handle)).unzip();
+        let (connected, connected_loops): (Vec<_>, Vec<_>) = self.connected.drain(..).unzip();
         for handle in endpoints.into_iter().chain(connected_loops) {
             let _ = handle.await;
         }
@@ -244,12 +241,10 @@ impl Bus {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut loops = Vec::with_capacity(inner.endpoints.len() + 1);
-        let mut health = Vec::with_capacity(inner.endpoints.len());
 
         let transport = &inner.transport;
         transport.declare(&inner.responses.topology).await?;
-        let (responses, _) =
-            transport.subscribe(&inner.responses.topology, inner.responses.prefetch()).await?.into_parts();
+        let responses = transport.subscribe(&inner.responses.topology, inner.responses.prefetch()).await?;
         // Its own tracker and no cancellation: it answers requests until everything else stopped.
         let run = inner.responses.clone().run(
             self.clone(),
@@ -268,8 +263,8 @@ impl Bus {
                 transport.declare(&endpoint.topology).await?;
                 transport.subscribe(&endpoint.topology, endpoint.prefetch()).await
             };
-            let (stream, probe) = match started.await {
-                Ok(subscription) => subscription.into_parts(),
+            let subscription = match started.await {
+                Ok(subscription) => subscription,
                 Err(error) => {
                     let running = Running {
                         stop_taking,
@@ -277,7 +272,6 @@ impl Bus {
                         cancel,
                         tracker,
                         loops,
-                        health,
                         scheduler: None,
                         connected: Vec::new(),
                     };
@@ -286,24 +280,16 @@ impl Bus {
                     return Err(error);
                 }
             };
-            let run = endpoint.clone().run(self.clone(), stream, stop_taking.clone(), cancel.clone(), tracker.clone());
+            let run =
+                endpoint.clone().run(self.clone(), subscription, stop_taking.clone(), cancel.clone(), tracker.clone());
             loops.push(tokio::spawn(run));
-            health.push(probe);
         }
         let scheduler = inner.scheduler.as_ref().map(|scheduler| {
             let stop = CancellationToken::new();
             (stop.clone(), tokio::spawn(scheduler.run(self.clone(), stop)))
         });
-        *running = Some(Running {
-            stop_taking,
-            stop_responses,
-            cancel,
-            tracker,
-            loops,
-            health,
-            scheduler,
-            connected: Vec::new(),
-        });
+        *running =
+            Some(Running { stop_taking, stop_responses, cancel, tracker, loops, scheduler, connected: Vec::new() });
         tracing::info!(address = %inner.address, endpoints = inner.endpoints.len(), "bus started");
         Ok(())
     }
@@ -342,7 +328,7 @@ impl Bus {
         };
         let taken = std::iter::once(&inner.responses)
             .chain(&inner.endpoints)
-            .chain(run.connected.iter().map(|(e, _, _)| e))
+            .chain(run.connected.iter().map(|(e, _)| e))
             .any(|e| e.topology.queue == name);
         if taken {
             return Err(Error::Configuration(format!("two endpoints are named `{name}`")));
@@ -353,11 +339,16 @@ impl Bus {
             return Err(Error::Configuration(error));
         }
         inner.transport.declare(&runtime.topology).await?;
-        let (stream, probe) = inner.transport.subscribe(&runtime.topology, runtime.prefetch()).await?.into_parts();
-        let loop_ =
-            runtime.clone().run(self.clone(), stream, run.stop_taking.clone(), run.cancel.clone(), run.tracker.clone());
+        let subscription = inner.transport.subscribe(&runtime.topology, runtime.prefetch()).await?;
+        let loop_ = runtime.clone().run(
+            self.clone(),
+            subscription,
+            run.stop_taking.clone(),
+            run.cancel.clone(),
+            run.tracker.clone(),
+        );
         tracing::info!(endpoint = %runtime.topology.queue, "endpoint connected");
-        run.connected.push((runtime, tokio::spawn(loop_), probe));
+        run.connected.push((runtime, tokio::spawn(loop_)));
         Ok(())
     }
 
@@ -396,19 +387,15 @@ impl Bus {
                     Some(run) if run.loops.get(index + 1).is_none_or(JoinHandle::is_finished) => {
                         EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended")
                     }
-                    Some(run) => {
-                        let health =
-                            run.health.get(index).map_or_else(|| EndpointHealth::healthy(queue), |probe| probe());
-                        degraded_by_its_moves(endpoint, health)
-                    }
+                    Some(_) => endpoint.health(),
                 }
             })
-            .chain(running.iter().flat_map(|run| run.connected.iter()).map(|(endpoint, handle, probe)| {
+            .chain(running.iter().flat_map(|run| run.connected.iter()).map(|(endpoint, handle)| {
                 let queue = &endpoint.topology.queue;
                 if handle.is_finished() {
                     return EndpointHealth::new(queue, HealthStatus::Unhealthy, "consume loop ended");
                 }
-                degraded_by_its_moves(endpoint, probe())
+                endpoint.health()
             }))
             .collect();
         let status = endpoints.iter().map(|e| e.status).max().unwrap_or(if running.is_some() {
@@ -422,16 +409,5 @@ impl Bus {
     /// Whether the bus is started and not stopping.
     pub fn is_started(&self) -> bool {
         self.inner.state.load(Ordering::Acquire) == STARTED
-    }
-}
-
-/// An endpoint's health as its transport reports it, degraded when the endpoint itself has
-/// a reason (moves to its dead-letter queues stalled).
-fn degraded_by_its_moves(endpoint: &EndpointRuntime, health: EndpointHealth) -> EndpointHealth {
-    match endpoint.health_reason() {
-        Some(reason) if health.status == HealthStatus::Healthy => {
-            EndpointHealth::new(&endpoint.topology.queue, HealthStatus::Degraded, reason)
-        }
-        _ => health,
     }
 }

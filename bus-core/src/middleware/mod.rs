@@ -14,6 +14,7 @@
 //!
 //! Outgoing messages go through [`SendMiddleware`] steps before they are serialized.
 
+mod circuit_breaker;
 mod concurrency;
 mod from_fn;
 mod retry;
@@ -28,6 +29,7 @@ use std::panic::AssertUnwindSafe;
 use futures::future::BoxFuture;
 use futures::FutureExt as _;
 
+pub use circuit_breaker::{CircuitBreaker, CircuitState, CIRCUIT_BREAKER_OPEN};
 pub use concurrency::ConcurrencyLimit;
 pub use from_fn::{from_fn, FromFn};
 pub use retry::{Retry, RetryPolicy};

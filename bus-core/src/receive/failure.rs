@@ -8,6 +8,7 @@ use super::EndpointRuntime;
 use crate::bus::BusInner;
 use crate::envelope::format_time;
 use crate::fault::{fault_urn, ExceptionInfo, Fault, FAULT_URN};
+use crate::flow::kill_switch::Verdict;
 use crate::headers::names;
 use crate::logged::chain;
 use crate::logged::escaped;
@@ -25,7 +26,12 @@ impl EndpointRuntime {
     /// How a delivery with this outcome is settled.
     pub(super) async fn settlement_for(&self, bus: &Bus, delivery: &Delivery, outcome: Outcome) -> Settlement {
         match outcome {
-            Outcome::Consumed => Settlement::Ack,
+            Outcome::Consumed => {
+                if let Some(kill_switch) = self.kill_switch() {
+                    kill_switch.succeeded();
+                }
+                Settlement::Ack
+            }
             Outcome::Skipped => self.skip(bus, delivery.message()),
             Outcome::Unreadable(error) => self.unreadable(bus, delivery.message(), unreadable_type(&error), &error),
             Outcome::Failed(failure) => self.failed(bus, delivery, failure).await,
@@ -46,6 +52,16 @@ impl EndpointRuntime {
             tracing::warn!(endpoint = %self.info.name, message_id = state.envelope.message_id.map(tracing::field::display),
                 error = %chain(&error), "consume failed after the delivery's channel closed; the broker delivers it again");
             return Settlement::Requeue;
+        }
+        if let Some(kill_switch) = self.kill_switch() {
+            match kill_switch.failed(state.envelope.message_id, &error) {
+                Verdict::FailurePath => {}
+                // The endpoint stops: the message waits in its queue for it to start again.
+                Verdict::Requeue => return Settlement::Requeue,
+                Verdict::ToBack => {
+                    return Settlement::MoveTo { queue: self.topology.queue.clone(), headers: Headers::new() }
+                }
+            }
         }
         if error.is_retryable() {
             if let Some(delay) = self.settings.redelivery.delay_after(state.redelivery_count) {

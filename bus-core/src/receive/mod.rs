@@ -18,11 +18,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::consumer::ErasedConsumer;
 use crate::endpoint::{ConsumerOptions, Endpoint, EndpointInfo, EndpointSettings};
+use crate::flow::kill_switch::KillSwitchState;
+use crate::flow::partitioner::{Partitioner, Ticket};
+use crate::flow::rate_limit::RateLimiter;
 use crate::instrumentation::EndpointInstruments;
 use crate::middleware::{panic_message, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
 use crate::stalled_moves::{MoveRetry, StalledMoves};
+use crate::sync::MutexExt;
 use crate::telemetry::metrics::ConsumerAttributes;
-use crate::{Bus, Delivery, DeliveryStream, EndpointTopology, Error, Settlement, TracePropagation};
+use crate::{Bus, Delivery, EndpointTopology, Error, Settlement, TracePropagation};
+use crate::{EndpointHealth, Envelope, HealthStatus, Subscription};
 use dispatch::ConsumerEntry;
 
 /// A configured endpoint, ready to consume.
@@ -43,7 +48,27 @@ pub(crate) struct EndpointRuntime {
     /// A temporary endpoint's dead-letter queues are declared when a message first needs
     /// one; set once they are.
     dead_letters_declared: AtomicBool,
+    /// Its kill switch at work, if it has one.
+    kill_switch: Option<KillSwitchState>,
+    /// Whether the bus-wide concurrency limit applies (not to the response endpoint: the
+    /// consumers holding the bus's permits may be waiting for its responses).
+    bus_limited: bool,
+    /// How its current subscription reports its health.
+    subscription_health: HealthSlot,
 }
+
+/// The health probe of an endpoint's current subscription.
+#[derive(Default)]
+struct HealthSlot(std::sync::Mutex<Option<HealthProbe>>);
+
+impl std::fmt::Debug for HealthSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthSlot").finish_non_exhaustive()
+    }
+}
+
+/// How a subscription reports its endpoint's health.
+pub(crate) type HealthProbe = Box<dyn Fn() -> EndpointHealth + Send + Sync>;
 
 /// A consumer to put on an endpoint.
 pub(crate) struct Registration {
@@ -63,24 +88,31 @@ impl EndpointRuntime {
             options: c.options,
         });
         let temporary = settings.temporary;
-        Self::with(name, address, settings, [&middleware, &attempt_middleware], registrations, temporary)
+        Self::with(name, address, settings, [&middleware, &attempt_middleware], registrations, temporary, true)
     }
 
     /// The bus's own endpoint, where responses arrive: temporary, and its one consumer
     /// takes every message.
     pub(crate) fn responses(name: String, address: String, consumer: Registration) -> Self {
         let settings = EndpointSettings { prefetch: 256, ..EndpointSettings::default() };
-        Self::with(name, address, settings, [&[], &[]], std::iter::once(consumer), true)
+        Self::with(name, address, settings, [&[], &[]], std::iter::once(consumer), true, false)
     }
 
     fn with(
         name: String,
         address: String,
-        settings: EndpointSettings,
+        mut settings: EndpointSettings,
         [middleware, attempt_middleware]: [&[Arc<dyn Middleware>]; 2],
         registrations: impl Iterator<Item = Registration>,
         temporary: bool,
+        bus_limited: bool,
     ) -> Self {
+        if settings.batch_in_flight > 0 {
+            // Room for a whole batch (of each running at once), or it only ever ends by time.
+            let needed = settings.batch_in_flight;
+            settings.prefetch = settings.prefetch.max(u16::try_from(needed).unwrap_or(u16::MAX));
+            settings.concurrency = settings.concurrency.map(|limit| limit.max(needed));
+        }
         let mut consumers = Vec::new();
         let mut by_type: foldhash::HashMap<&'static str, Vec<usize>> = foldhash::HashMap::default();
         let mut catch_all = Vec::new();
@@ -134,45 +166,82 @@ impl EndpointRuntime {
             instruments: EndpointInstruments::new(&name, temporary),
             topology,
             info: Arc::new(EndpointInfo { name, address }),
-            settings,
             consumers,
             by_type,
             catch_all,
             stalled: StalledMoves::default(),
             dead_letters_declared: AtomicBool::new(false),
+            kill_switch: settings.kill_switch.map(KillSwitchState::new),
+            bus_limited,
+            subscription_health: HealthSlot::default(),
+            settings,
         }
     }
 
     /// Takes deliveries until `stop_taking` fires; each runs on its own task, at most
-    /// `concurrency` at once, tracked by `tracker` so that stop can wait for them.
+    /// `concurrency` at once (and within the bus-wide limit), tracked by `tracker` so that
+    /// stop can wait for them. The rate limit, partitions and kill switch act here, where
+    /// deliveries are taken in order.
     pub(crate) async fn run(
         self: Arc<Self>,
         bus: Bus,
-        mut deliveries: DeliveryStream,
+        subscription: Subscription,
         stop_taking: CancellationToken,
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
+        let (stream, probe) = subscription.into_parts();
+        *self.subscription_health.0.locked() = Some(probe);
+        let mut deliveries = Some(stream);
         let limit = Arc::new(Semaphore::new(self.settings.concurrency().clamp(1, Semaphore::MAX_PERMITS)));
+        let bus_limit = bus.inner.concurrency_limit.clone().filter(|_| self.bus_limited);
+        let mut rate = self.settings.rate_limit.map(RateLimiter::new);
+        let mut partitioner = Partitioner::new(&self.settings.partitioner);
+        let tripped = self.tripped();
+        tokio::pin!(tripped);
         loop {
-            let permit = tokio::select! {
-                biased;
-                () = stop_taking.cancelled() => break,
-                permit = limit.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
+            if self.kill_switch.as_ref().is_some_and(KillSwitchState::is_tripped) {
+                // What the transport holds goes back to the queue with the subscription.
+                drop(deliveries.take());
+                match self.restart_after_trip(&bus, &stop_taking).await {
+                    Some(stream) => deliveries = Some(stream),
+                    None => break,
+                }
+                tripped.set(self.tripped());
+            }
+            let Some(stream) = deliveries.as_mut() else { break };
+            let taken = async {
+                let permit = limit.clone().acquire_owned().await.ok()?;
+                let bus_permit = match &bus_limit {
+                    Some(bus_limit) => Some(bus_limit.clone().acquire_owned().await.ok()?),
+                    None => None,
+                };
+                if let Some(rate) = rate.as_mut() {
+                    rate.ready().await;
+                }
+                Some((permit, bus_permit, stream.next().await))
             };
-            let delivery = tokio::select! {
+            let (permit, bus_permit, delivery) = tokio::select! {
                 biased;
                 () = stop_taking.cancelled() => break,
-                next = deliveries.next() => match next {
-                    Some(delivery) => delivery,
-                    None => {
+                () = &mut tripped => continue,
+                taken = taken => match taken {
+                    Some((permit, bus_permit, Some(delivery))) => (permit, bus_permit, delivery),
+                    Some((_, _, None)) => {
                         tracing::warn!(endpoint = %self.info.name, "delivery stream ended; endpoint no longer consuming");
                         break;
                     }
+                    None => break,
                 },
+            };
+            // Partitioned: read here, in delivery order, to take the message's place in line.
+            let (read, mut ticket) = match partitioner.as_mut() {
+                Some(partitioner) => {
+                    let read = self.read(&bus, &delivery);
+                    let key = read.as_ref().ok().and_then(|envelope| partitioner.key(envelope));
+                    (Some(read), key.map(|key| partitioner.ticket(key)))
+                }
+                None => (None, None),
             };
             let endpoint = self.clone();
             let bus = bus.clone();
@@ -180,9 +249,52 @@ impl EndpointRuntime {
             // Boxed: the consume future is large, and a task moves its future several times
             // (into the task, out when it finishes); a box is moved instead.
             tracker.spawn(Box::pin(async move {
-                endpoint.handle(&bus, delivery, cancel, &stopping).await;
-                drop(permit);
+                if let Some(ticket) = ticket.as_mut() {
+                    ticket.wait_turn().await;
+                }
+                endpoint.handle(&bus, delivery, read, cancel, &stopping).await;
+                drop::<Option<Ticket>>(ticket);
+                drop((permit, bus_permit));
             }));
+        }
+    }
+
+    /// Resolves when the kill switch trips; never without one.
+    async fn tripped(&self) {
+        match &self.kill_switch {
+            Some(kill_switch) => kill_switch.wait_tripped().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits out a tripped kill switch's pause, then subscribes again (until that works, or
+    /// the endpoint stops: `None`).
+    async fn restart_after_trip(&self, bus: &Bus, stop_taking: &CancellationToken) -> Option<crate::DeliveryStream> {
+        let kill_switch = self.kill_switch.as_ref()?;
+        tokio::select! {
+            () = stop_taking.cancelled() => return None,
+            () = tokio::time::sleep(kill_switch.settings().restart_delay()) => {}
+        }
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            match bus.inner.transport.subscribe(&self.topology, self.prefetch()).await {
+                Ok(subscription) => {
+                    let (stream, probe) = subscription.into_parts();
+                    *self.subscription_health.0.locked() = Some(probe);
+                    kill_switch.restart();
+                    tracing::info!(endpoint = %self.info.name, "kill switch restarting the endpoint");
+                    return Some(stream);
+                }
+                Err(error) => {
+                    tracing::warn!(endpoint = %self.info.name, error = %chain(&error), "could not consume again after the kill switch's pause; trying again");
+                    tokio::select! {
+                        () = stop_taking.cancelled() => return None,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause =
+                        (pause * 2).min(kill_switch.settings().restart_delay().max(std::time::Duration::from_secs(1)));
+                }
+            }
         }
     }
 
@@ -191,7 +303,14 @@ impl EndpointRuntime {
     /// unsettled, the delivery would come straight back and panic again, for ever; instead
     /// it goes to `_error` with the panic's message. (A consumer's own panic is a failed
     /// attempt, retried like any other: see [`Pipeline`].)
-    async fn handle(&self, bus: &Bus, delivery: Delivery, cancel: CancellationToken, stopping: &CancellationToken) {
+    async fn handle(
+        &self,
+        bus: &Bus,
+        delivery: Delivery,
+        read: Option<Result<Envelope, Error>>,
+        cancel: CancellationToken,
+        stopping: &CancellationToken,
+    ) {
         // Only a delivery that came back (requeued when its move failed) can owe a move: the
         // same message sent anew (moved back from `_error`, say) is consumed as usual.
         if delivery.redelivered() {
@@ -199,7 +318,8 @@ impl EndpointRuntime {
                 return self.move_again(bus, delivery, retry, cancel, stopping).await;
             }
         }
-        let settlement = match AssertUnwindSafe(self.process(bus, &delivery, cancel.clone())).catch_unwind().await {
+        let settlement = match AssertUnwindSafe(self.process(bus, &delivery, read, cancel.clone())).catch_unwind().await
+        {
             Ok(settlement) => settlement,
             Err(panic) => {
                 let reason = format!("the bus panicked handling the message: {}", panic_message(&*panic));
@@ -210,13 +330,18 @@ impl EndpointRuntime {
     }
 
     /// Reads the delivery, dispatches it and decides its settlement, under its receive span.
-    async fn process(&self, bus: &Bus, delivery: &Delivery, cancel: CancellationToken) -> Settlement {
+    async fn process(
+        &self,
+        bus: &Bus,
+        delivery: &Delivery,
+        read: Option<Result<Envelope, Error>>,
+        cancel: CancellationToken,
+    ) -> Settlement {
         let instruments = &bus.inner.instruments;
-        let outcome = match self.read(bus, delivery) {
+        let envelope = match read.unwrap_or_else(|| self.read(bus, delivery)) {
             Ok(envelope) => envelope,
             Err(error) => return self.settlement_for(bus, delivery, dispatch::Outcome::Unreadable(error)).await,
         };
-        let envelope = outcome;
         let link = self.settings.trace_propagation == TracePropagation::Link;
         let span = instruments.received(&self.instruments, &envelope, link, || self.known_type(&envelope));
         let context = span.as_ref().map_or_else(opentelemetry::Context::current, |s| s.context().clone());
@@ -360,8 +485,38 @@ impl EndpointRuntime {
         self.settings.prefetch
     }
 
-    /// Why the endpoint is degraded, from the bus's side: moves it cannot complete.
-    pub(crate) fn health_reason(&self) -> Option<String> {
-        self.stalled.health_reason()
+    /// The endpoint's health: its subscription's, unless the bus stopped consuming it (a
+    /// tripped kill switch), or it is degraded from the bus's side (an open circuit
+    /// breaker, moves it cannot complete).
+    pub(crate) fn health(&self) -> EndpointHealth {
+        let queue = &self.topology.queue;
+        if let Some(reason) = self.kill_switch.as_ref().and_then(KillSwitchState::reason) {
+            return EndpointHealth::new(queue, HealthStatus::Degraded, format!("kill switch tripped: {reason}"));
+        }
+        let health = self
+            .subscription_health
+            .0
+            .locked()
+            .as_ref()
+            .map_or_else(|| EndpointHealth::healthy(queue), |probe| probe());
+        let own = || {
+            self.settings
+                .circuit_breakers
+                .iter()
+                .find_map(crate::middleware::CircuitBreaker::open_reason)
+                .or_else(|| self.stalled.health_reason())
+        };
+        match health.status {
+            HealthStatus::Healthy => match own() {
+                Some(reason) => EndpointHealth::new(queue, HealthStatus::Degraded, reason),
+                None => health,
+            },
+            _ => health,
+        }
+    }
+
+    /// The kill switch's verdict on a failed message, if the endpoint has one.
+    pub(super) fn kill_switch(&self) -> Option<&KillSwitchState> {
+        self.kill_switch.as_ref()
     }
 }
