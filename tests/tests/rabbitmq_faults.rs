@@ -318,3 +318,64 @@ async fn one_endpoint_refused_on_reconnect_does_not_keep_the_transport_down() {
     assert!(transport.connection_count() > connections_before, "it reconnected");
     bus.stop().await.expect("stop");
 }
+
+/// Consumes batches of `Numbered`: records each, and holds the first until `gate` opens.
+struct HeldBatches {
+    batches: bus_core::testing::Log<Vec<u32>>,
+    gate: Arc<tokio::sync::Semaphore>,
+    first: std::sync::atomic::AtomicBool,
+}
+
+impl bus_core::Consumer<bus_core::Batch<Numbered>> for HeldBatches {
+    async fn consume(&self, ctx: ConsumeContext<bus_core::Batch<Numbered>>) -> Result<(), BoxError> {
+        self.batches.push(ctx.message().iter().map(|m| m.n).collect());
+        if !self.first.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let _permit = tokio::time::timeout(Duration::from_secs(30), self.gate.acquire()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The connection is cut while a batch of 10 is being consumed: the broker takes back all
+/// ten (none was acknowledged), and they come again, as one whole batch, consumed once more;
+/// nothing is left in the queue or in `_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_interrupted_by_a_connection_cut_is_delivered_again_whole() {
+    require_broker();
+    let vhost = Arc::new(tokio::task::spawn_blocking(|| Vhost::create("fault-batch")).await.expect("vhost"));
+    let transport = RabbitMqTransport::connect_with(&vhost.uri(5672), options()).await.expect("connects");
+    let queue = unique("batch-cut");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let batches = bus_core::testing::Log::default();
+    let consumer = HeldBatches { batches: batches.clone(), gate: gate.clone(), first: Default::default() };
+    let options = bus_core::BatchOptions::new().message_limit(10).time_limit(Duration::from_secs(5));
+    let bus = Bus::builder(transport.clone())
+        .stop_timeout(Duration::from_secs(10))
+        .endpoint(Endpoint::new(&queue).batch_consumer(consumer, options))
+        .build();
+    bus.start().await.expect("bus starts");
+    assert_eq!(send_all(&bus, &queue, 10, 1).await.expect("sent"), 10);
+    batches.wait_until("the first batch", Duration::from_secs(10), |b| !b.is_empty()).await.expect("first batch");
+
+    // Cut while the batch is in its consumer: the broker requeues its ten at once.
+    let cut = vhost.clone();
+    tokio::task::spawn_blocking(move || cut.close_all_connections()).await.expect("cut");
+    gate.add_permits(1);
+    batches.wait_until("the batch again", Duration::from_secs(30), |b| b.len() >= 2).await.expect("delivered again");
+    assert!(transport.wait_for_connection(true, Duration::from_secs(10)).await, "reconnected");
+    bus.stop().await.expect("stop");
+    let listed = vhost.clone();
+    let queues = tokio::task::spawn_blocking(move || listed.list_queues()).await.expect("queues");
+
+    let batches = batches.snapshot();
+    let mut first = batches[0].clone();
+    let mut again = batches[1].clone();
+    first.sort_unstable();
+    again.sort_unstable();
+    assert_eq!(first, (0..10).collect::<Vec<_>>(), "one batch of ten");
+    assert_eq!(again, first, "delivered again whole, as one batch");
+    assert_eq!(batches.len(), 2, "consumed once more, not more");
+    for (name, messages) in queues {
+        assert_eq!(messages, 0, "{name} is empty: acknowledged after the second batch, nothing in _error");
+    }
+}

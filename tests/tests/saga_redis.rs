@@ -62,11 +62,14 @@ async fn delete_prefix(prefix: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_events_on_real_redis_lose_no_update() {
+const INSTANCES: usize = 1_000;
+const EVENTS: u32 = 16;
+
+/// 1,000 counters, 16 increments each published back to back, consumed by `buses` buses at
+/// concurrency 8 with the saga's endpoint partitioned by instance or not: every increment
+/// applied once. Returns the optimistic-concurrency conflicts retried.
+async fn count_concurrently(buses_count: usize, partitioned: bool) -> u64 {
     require_redis();
-    const INSTANCES: usize = 1_000;
-    const EVENTS: u32 = 16;
     let prefix = unique("counters");
     let endpoint = unique("Counter");
     let transport = InMemoryTransport::new();
@@ -78,12 +81,14 @@ async fn concurrent_events_on_real_redis_lose_no_update() {
     let meter = opentelemetry::metrics::MeterProvider::meter(&meters, "saga-tests");
     let mut buses = Vec::new();
     let mut stats = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..buses_count {
         let saga = Saga::new(counter_machine(&endpoint), repository::<CounterState>(&prefix).await);
         let saga_stats = saga.stats();
-        let builder = Bus::builder(transport.clone())
-            .meter(&meter)
-            .endpoint(saga.endpoint().concurrency_limit(8).retry(RetryPolicy::immediate(5)));
+        let mut saga_endpoint = saga.endpoint().concurrency_limit(8).retry(RetryPolicy::immediate(5));
+        if !partitioned {
+            saga_endpoint = saga_endpoint.unpartitioned();
+        }
+        let builder = Bus::builder(transport.clone()).meter(&meter).endpoint(saga_endpoint);
         buses.push(builder.build());
         stats.push(saga_stats);
     }
@@ -108,10 +113,9 @@ async fn concurrent_events_on_real_redis_lose_no_update() {
             if saved >= total {
                 return;
             }
-            tokio::select! {
-                _ = stats[0].wait_for_transitions(stats[0].transitions() + 1, Duration::from_secs(5)) => {}
-                _ = stats[1].wait_for_transitions(stats[1].transitions() + 1, Duration::from_secs(5)) => {}
-            }
+            let next =
+                stats.iter().map(|s| Box::pin(s.wait_for_transitions(s.transitions() + 1, Duration::from_secs(5))));
+            futures::future::select_all(next).await;
         }
     };
     tokio::time::timeout(Duration::from_secs(180), done).await.expect("every event applied");
@@ -129,10 +133,12 @@ async fn concurrent_events_on_real_redis_lose_no_update() {
     let conflicts: u64 = stats.iter().map(|s| s.conflicts()).sum();
     let errors = transport.peek(&format!("{endpoint}_error"));
     delete_prefix(&prefix).await;
-    println!("redis saga concurrency: {INSTANCES} instances x {EVENTS} events, {conflicts} conflicts retried");
+    println!(
+        "redis saga concurrency: {buses_count} bus(es), {}, {INSTANCES} instances x {EVENTS} events, {conflicts} conflicts retried",
+        if partitioned { "partitioned by instance" } else { "unpartitioned" }
+    );
     assert!(wrong.is_empty(), "lost updates (count, version): {:?}", &wrong[..wrong.len().min(10)]);
     assert!(errors.is_empty(), "nothing failed for good");
-    assert!(conflicts > 0, "two buses with concurrency really raced");
     meters.force_flush().expect("flush");
     let metrics = exporter.get_finished_metrics().expect("metrics");
     // The latest export holds the totals (cumulative): earlier ones would count twice.
@@ -150,6 +156,24 @@ async fn concurrent_events_on_real_redis_lose_no_update() {
         })
         .sum();
     assert_eq!(counted, conflicts, "every conflict counted on the buses' meter");
+    conflicts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_events_on_real_redis_lose_no_update() {
+    // Two buses take the same instance's events at once: partitions order each bus's own.
+    let conflicts = count_concurrently(2, true).await;
+    assert!(conflicts > 0, "two buses with concurrency really raced");
+}
+
+/// One bus: partitioned by instance (the saga's default), an instance's events never meet,
+/// so there is no conflict to retry; unpartitioned, they meet at concurrency 8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_by_instance_spare_a_saga_its_conflicts() {
+    let partitioned = count_concurrently(1, true).await;
+    let unpartitioned = count_concurrently(1, false).await;
+    assert_eq!(partitioned, 0, "partitioned: no two events of an instance at once");
+    assert!(unpartitioned > 0, "unpartitioned, the same events conflict");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
