@@ -131,6 +131,10 @@ AMQP_ADDR="$amqp" cargo run --quiet --example orders >/dev/null
 failures=$(AMQP_ADDR="$amqp" cargo run --quiet --example failures)
 expect_output "the failures example on RabbitMQ" "$failures" '^done: nothing lost' 'MT-Fault-Message: card gateway timed out'
 AMQP_ADDR="$amqp" REDIS_URL="redis://127.0.0.1:6379" cargo run --quiet --example order_saga >/dev/null
+rate=$(cargo run --quiet --example rate_limit)
+expect_output "the rate limit example" "$rate" '^consumed 10 orders in (1\.[89]|[2-9]\.|[1-9][0-9]+\.)'
+rate=$(AMQP_ADDR="$amqp" cargo run --quiet --example rate_limit)
+expect_output "the rate limit example on RabbitMQ" "$rate" '^consumed 10 orders in (1\.[89]|[2-9]\.|[1-9][0-9]+\.)' 'transport: RabbitMQ'
 outbox=$(cargo run --quiet --example outbox)
 expect_output "the outbox example" "$outbox" '^charges for order 1001: 1 '
 outbox=$(AMQP_ADDR="$amqp" cargo run --quiet --example outbox)
