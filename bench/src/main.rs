@@ -9,6 +9,7 @@
 //!
 //! Prints one `name value unit` line per figure, then a table of ratios.
 
+mod flow;
 mod inmemory;
 mod latency;
 mod memory;
@@ -78,8 +79,18 @@ fn main() -> Result<(), bus_core::BoxError> {
     let mut chosen: Vec<&str> =
         args.iter().map(String::as_str).filter(|a| !a.starts_with("--") && Some(*a) != chart_path).collect();
     if chosen.is_empty() || chosen.contains(&"all") {
-        chosen =
-            vec!["serializers", "inmemory", "tracing", "rabbitmq", "latency", "saga", "outbox", "scheduler", "memory"];
+        chosen = vec![
+            "serializers",
+            "inmemory",
+            "tracing",
+            "rabbitmq",
+            "latency",
+            "saga",
+            "outbox",
+            "scheduler",
+            "flow",
+            "memory",
+        ];
     }
     let scale = if smoke { Scale::smoke() } else { Scale::full() };
     if cfg!(debug_assertions) && !smoke {
@@ -97,10 +108,11 @@ fn main() -> Result<(), bus_core::BoxError> {
             "latency" => runtime.block_on(latency::run(scale))?,
             "outbox" => runtime.block_on(outbox::run(scale))?,
             "scheduler" => runtime.block_on(scheduler::run(scale))?,
+            "flow" => runtime.block_on(flow::run(scale))?,
             "memory" => memory::run(scale)?,
             other => {
                 return Err(format!(
-                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, outbox, scheduler, memory, all"
+                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, outbox, scheduler, flow, memory, all"
                 )
                 .into())
             }

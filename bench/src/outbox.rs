@@ -28,7 +28,7 @@ struct OrderRecorded {
 
 const LATENCY_RATE: u64 = 500;
 
-fn database_url() -> String {
+pub(crate) fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 

@@ -28,12 +28,12 @@ const PREFETCH: u16 = 100;
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[serde(rename_all = "camelCase")]
 #[message(urn = "urn:message:Bench:Shipment")]
-struct Shipment {
-    order_id: uuid::Uuid,
-    note: String,
+pub(crate) struct Shipment {
+    pub(crate) order_id: uuid::Uuid,
+    pub(crate) note: String,
 }
 
-fn shipment() -> Shipment {
+pub(crate) fn shipment() -> Shipment {
     // About 240 bytes of JSON payload, as in the raw figures this issue quotes.
     Shipment { order_id: uuid::Uuid::now_v7(), note: "x".repeat(180) }
 }
@@ -50,7 +50,7 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn address() -> String {
+pub(crate) fn address() -> String {
     bus_rabbitmq::default_address()
 }
 
@@ -185,7 +185,7 @@ async fn raw(count: u64, body_size: usize) -> Result<Round, BoxError> {
 }
 
 /// Publishes `count` messages (or sends them to `to`), `IN_FLIGHT` at a time.
-async fn bus_publish(bus: &Bus, count: u64, to: Option<&str>) -> Result<(), BoxError> {
+pub(crate) async fn bus_publish(bus: &Bus, count: u64, to: Option<&str>) -> Result<(), BoxError> {
     let mut pending = FuturesUnordered::new();
     for _ in 0..count {
         if pending.len() >= IN_FLIGHT {
