@@ -105,6 +105,8 @@ macro_rules! conformance_suite {
             batches_end_at_their_message_limit_or_their_time_limit,
             a_failed_batch_sends_each_message_to_error_with_one_fault_each,
             the_bus_wide_concurrency_limit_holds_across_endpoints,
+            an_idle_endpoint_holds_no_place_in_the_bus_wide_limit,
+            a_busy_key_does_not_hold_the_places_of_other_keys,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {

@@ -185,15 +185,21 @@ type Outcome = Result<(), Arc<ConsumeError>>;
 
 /// A message waiting in a batch: its context, and where its batch's outcome goes.
 struct Member<T> {
+    /// Its place in the batch, to leave it by.
+    seq: u64,
     message: T,
     ctx: ReceiveContext,
     outcome: oneshot::Sender<Outcome>,
 }
 
 struct Collecting<T> {
-    /// Counts batches taken, so that a time limit fires only for the batch it was set for.
+    /// Counts batches taken, so that a member leaving finds its own batch.
     generation: u64,
     members: Vec<Member<T>>,
+    /// The next member's `seq`.
+    next_seq: u64,
+    /// The time limit of the batch being collected, aborted when the batch is taken sooner.
+    timer: Option<tokio::task::AbortHandle>,
 }
 
 /// The erased consumer of `T` a batch consumer is registered as: each delivery's consume
@@ -213,7 +219,7 @@ struct Shared<T, C> {
 impl<T: Message, C: Consumer<Batch<T>>> BatchCollector<T, C> {
     pub(crate) fn erased(consumer: C, options: BatchOptions) -> Arc<dyn ErasedConsumer> {
         let running = Semaphore::new(options.concurrency_limit);
-        let collecting = Mutex::new(Collecting { generation: 0, members: Vec::new() });
+        let collecting = Mutex::new(Collecting { generation: 0, members: Vec::new(), next_seq: 0, timer: None });
         Arc::new(BatchCollector {
             shared: Arc::new(Shared { consumer, options, collecting, running, _message: PhantomData }),
         })
@@ -225,25 +231,40 @@ impl<T: Message, C: Consumer<Batch<T>>> ErasedConsumer for BatchCollector<T, C> 
         Box::pin(async move {
             // A message that cannot be read fails alone, not its batch.
             let message: T = ctx.envelope().message_of().map_err(ConsumeError::deserialize)?;
-            let (outcome, waiting) = oneshot::channel();
+            let (outcome, mut waiting) = oneshot::channel();
+            let cancel = ctx.cancellation_token().clone();
             let shared = &self.shared;
-            let full = {
+            let (generation, seq, full) = {
                 let mut collecting = shared.collecting.locked();
-                collecting.members.push(Member { message, ctx, outcome });
+                let seq = collecting.next_seq;
+                collecting.next_seq += 1;
+                collecting.members.push(Member { seq, message, ctx, outcome });
                 if collecting.members.len() == 1 {
                     let (generation, shared) = (collecting.generation, shared.clone());
-                    tokio::spawn(async move {
+                    let timer = tokio::spawn(async move {
                         tokio::time::sleep(shared.options.time_limit).await;
-                        let members = shared.take(Some(generation));
+                        let members = shared.take_when_due(generation);
                         shared.run(members, BatchCompletion::TimeLimit).await;
                     });
+                    collecting.timer = Some(timer.abort_handle());
                 }
-                (collecting.members.len() >= shared.options.message_limit).then(|| shared.take_locked(&mut collecting))
+                let generation = collecting.generation;
+                let full = collecting.members.len() >= shared.options.message_limit;
+                (generation, seq, full.then(|| shared.take_locked(&mut collecting)))
             };
             if let Some(members) = full {
                 tokio::spawn(shared.clone().run_owned(members, BatchCompletion::MessageLimit));
             }
-            match waiting.await {
+            let outcome = tokio::select! {
+                outcome = &mut waiting => outcome,
+                // The bus is stopping and cancels its consumers: a message still waiting for
+                // its batch to fill leaves it, and goes back to its queue.
+                () = cancel.cancelled() => match shared.leave(generation, seq) {
+                    true => return Err(ConsumeError::panicked("the bus stopped before the batch was consumed".to_owned())),
+                    false => waiting.await,
+                },
+            };
+            match outcome {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(ConsumeError::copy_of(&error)),
                 Err(_) => Err(ConsumeError::panicked("the batch was dropped before it was consumed".to_owned())),
@@ -253,18 +274,35 @@ impl<T: Message, C: Consumer<Batch<T>>> ErasedConsumer for BatchCollector<T, C> 
 }
 
 impl<T: Message, C: Consumer<Batch<T>>> Shared<T, C> {
-    /// Takes the batch being collected, if it is still generation `generation` (`None`: any).
-    fn take(&self, generation: Option<u64>) -> Vec<Member<T>> {
+    /// The time limit's task takes the batch it was started for, if it is still collecting.
+    fn take_when_due(&self, generation: u64) -> Vec<Member<T>> {
         let mut collecting = self.collecting.locked();
-        if generation.is_some_and(|g| g != collecting.generation) {
+        if generation != collecting.generation {
             return Vec::new();
         }
+        // This task is the timer: forgotten, not aborted.
+        collecting.timer = None;
         self.take_locked(&mut collecting)
     }
 
     fn take_locked(&self, collecting: &mut Collecting<T>) -> Vec<Member<T>> {
         collecting.generation += 1;
+        if let Some(timer) = collecting.timer.take() {
+            timer.abort();
+        }
         std::mem::take(&mut collecting.members)
+    }
+
+    /// Takes member `seq` out of batch `generation` if that batch is still collecting;
+    /// whether it did.
+    fn leave(&self, generation: u64, seq: u64) -> bool {
+        let mut collecting = self.collecting.locked();
+        if generation != collecting.generation {
+            return false;
+        }
+        let before = collecting.members.len();
+        collecting.members.retain(|m| m.seq != seq);
+        collecting.members.len() < before
     }
 
     async fn run_owned(self: Arc<Self>, members: Vec<Member<T>>, completed_by: BatchCompletion) {
@@ -273,16 +311,18 @@ impl<T: Message, C: Consumer<Batch<T>>> Shared<T, C> {
 
     /// Consumes one batch, by the retry policy, and hands its outcome to every member.
     async fn run(&self, members: Vec<Member<T>>, completed_by: BatchCompletion) {
-        if members.is_empty() {
-            return;
-        }
         // Never closed: acquiring only waits.
         let _running = self.running.acquire().await;
         let (mut messages, mut contexts, mut outcomes) = (Vec::new(), Vec::new(), Vec::new());
-        for member in members {
+        // A member whose delivery was dropped meanwhile went back to its queue: it is not
+        // consumed here as well.
+        for member in members.into_iter().filter(|m| !m.outcome.is_closed()) {
             messages.push(member.message);
             contexts.push(member.ctx);
             outcomes.push(member.outcome);
+        }
+        if contexts.is_empty() {
+            return;
         }
         let mut first_attempt = Some(messages);
         let mut retry = 0;

@@ -467,7 +467,9 @@ impl Endpoint {
     /// that fails is retried as a batch by the options' retry policy, then each of its
     /// messages takes the endpoint's failure path (redelivery, `_error`, one fault each). The
     /// endpoint's prefetch and concurrency limit are raised to
-    /// [`BatchOptions::in_flight`] when lower, so that a batch can fill.
+    /// [`BatchOptions::in_flight`] (of all its batch consumers together) when lower, so that
+    /// a batch can fill. A batch still collecting when the bus stops and cancels its
+    /// consumers gives its messages back to the queue.
     ///
     /// ```
     /// use std::time::Duration;
@@ -487,7 +489,7 @@ impl Endpoint {
     /// ```
     #[doc(alias = "Batch")]
     pub fn batch_consumer<T: Message, C: Consumer<Batch<T>>>(mut self, consumer: C, options: BatchOptions) -> Self {
-        self.settings.batch_in_flight = self.settings.batch_in_flight.max(options.in_flight());
+        self.settings.batch_in_flight = self.settings.batch_in_flight.saturating_add(options.in_flight());
         // Retried as a batch, by the batch's policy, not message by message.
         let per_message = ConsumerOptions::new().retry(RetryPolicy::none());
         self.register(

@@ -93,6 +93,13 @@ impl Queue {
         self.observed.notify_waiters();
     }
 
+    /// Puts a delivered message at the tail, as sent anew; it keeps the place it had.
+    pub(crate) fn move_to_back(&self, message: TransportMessage) {
+        self.items().push_back(Stored { message, redelivered: false });
+        self.ready.notify_one();
+        self.observed.notify_waiters();
+    }
+
     /// Gives back the place of a message that left the queue for good.
     pub(crate) fn release(&self) {
         self.room.add_permits(1);

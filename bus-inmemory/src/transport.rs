@@ -405,6 +405,11 @@ impl Settle for InMemorySettle {
                     };
                     let mut moved = message.clone();
                     moved.headers.extend(headers);
+                    if target.name == self.queue.name {
+                        // To the back of its own queue: it keeps the place it has.
+                        self.queue.move_to_back(moved);
+                        return Ok(());
+                    }
                     // Nothing may be lost: until the copy is in the target, the original goes
                     // back to its own queue if the move fails or this future is dropped
                     // (waiting for room in a full `_error`, say).

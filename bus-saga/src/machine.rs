@@ -787,7 +787,10 @@ impl<S: SagaData> StateMachineBuilder<S> {
         }
         self.machine.registrations.push(Arc::new(|endpoint: Endpoint, runtime: Arc<SagaRuntime<S>>| {
             // Events of one instance run one at a time, in delivery order: they would
-            // otherwise meet as optimistic-concurrency conflicts and be tried again.
+            // otherwise meet as optimistic-concurrency conflicts and be tried again. The key
+            // is the id the event correlates to; an event correlated by a field is keyed by
+            // the field's value (its derived id), so it may still meet the instance's other
+            // events, as a conflict, retried.
             let partitions = endpoint.partitions().unwrap_or(bus_core::flow::DEFAULT_PARTITIONS);
             let machine = runtime.machine.clone();
             endpoint.consumer(SagaEventConsumer::<S, E>::new(runtime)).partition_by_envelope(

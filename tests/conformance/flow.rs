@@ -158,10 +158,19 @@ pub async fn kill_switch_stops_an_endpoint_through_an_outage_and_loses_nothing<F
     let tripped = loop {
         let health = bus.health().await;
         let endpoint = health.endpoints.iter().find(|e| e.endpoint == name).cloned();
-        if let Some(endpoint) = endpoint.filter(|e| e.status == HealthStatus::Degraded) {
+        let tripped = |e: &bus_core::EndpointHealth| {
+            e.status == HealthStatus::Degraded
+                && e.reason.as_deref().is_some_and(|r| r.starts_with("kill switch tripped"))
+        };
+        if let Some(endpoint) = endpoint.filter(tripped) {
             break endpoint;
         }
-        assert!(Instant::now() < deadline, "the kill switch never tripped: {health:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the kill switch never tripped: {health:?}; {} failures, {} consumed",
+            failures.load(Ordering::SeqCst),
+            consumed.len()
+        );
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.tick().await;
         tick.tick().await;
@@ -367,4 +376,67 @@ pub async fn the_bus_wide_concurrency_limit_holds_across_endpoints<F: Fixture>(f
     bus.stop().await.expect("stop");
     assert!(fourth.is_err(), "no fourth message while three are consumed");
     assert_eq!(peak.load(Ordering::SeqCst), 3);
+}
+
+/// An endpoint with nothing to consume holds no place in the bus-wide limit: with a limit
+/// of one, the busy endpoint still consumes while the idle one waits for messages.
+pub async fn an_idle_endpoint_holds_no_place_in_the_bus_wide_limit<F: Fixture>(fixture: &F) {
+    let (idle, busy) = (unique("idle"), unique("busy"));
+    let consumed = Log::<()>::default();
+    let c = consumed.clone();
+    let bus = fixture
+        .bus()
+        .concurrency_limit(1)
+        .endpoint(Endpoint::new(&idle).handler(|_: ConsumeContext<Keyed>| async { Ok(()) }))
+        .endpoint(Endpoint::new(&busy).handler(move |_: ConsumeContext<Shared>| {
+            c.push(());
+            async { Ok(()) }
+        }))
+        .build();
+    bus.start().await.expect("bus starts");
+    for _ in 0..5 {
+        bus.send(&format!("queue:{busy}"), Shared).await.expect("send");
+    }
+    let all = consumed.wait_until("five consumed", WAIT, |c| c.len() >= 5).await;
+    bus.stop().await.expect("stop");
+    all.expect("the busy endpoint consumed while the idle one waited");
+}
+
+/// Deliveries of a key waiting for their turn hold no place in the endpoint's limit: while
+/// one key's first message is held in its consumer and more of that key wait, another key
+/// still runs on an endpoint with a limit of two.
+pub async fn a_busy_key_does_not_hold_the_places_of_other_keys<F: Fixture>(fixture: &F) {
+    let name = unique("hot-key");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let consumed = Log::<(u32, u32)>::default();
+    let (g, c) = (gate.clone(), consumed.clone());
+    let bus = fixture
+        .bus()
+        .endpoint(Endpoint::new(&name).prefetch(16).concurrency_limit(2).partition_by(|m: &Keyed| m.key, 16).handler(
+            move |ctx: ConsumeContext<Keyed>| {
+                let (gate, consumed) = (g.clone(), c.clone());
+                async move {
+                    let Keyed { key, seq } = *ctx.message();
+                    consumed.push((key, seq));
+                    if key == 0 && seq == 0 {
+                        let _permit = tokio::time::timeout(WAIT, gate.acquire()).await?;
+                    }
+                    Ok(())
+                }
+            },
+        ))
+        .build();
+    bus.start().await.expect("bus starts");
+    let destination = format!("queue:{name}");
+    for seq in 0..5 {
+        bus.send(&destination, Keyed { key: 0, seq }).await.expect("send");
+    }
+    bus.send(&destination, Keyed { key: 1, seq: 0 }).await.expect("send");
+    let other = consumed.wait_until("the other key", WAIT, |c| c.contains(&(1, 0))).await;
+    let held = consumed.snapshot().iter().filter(|(key, _)| *key == 0).count();
+    gate.add_permits(1);
+    consumed.wait_until("all", WAIT, |c| c.len() >= 6).await.expect("all consumed in the end");
+    bus.stop().await.expect("stop");
+    other.expect("the other key ran while the busy one was held");
+    assert_eq!(held, 1, "the busy key's others waited their turn");
 }

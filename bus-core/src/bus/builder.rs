@@ -67,12 +67,16 @@ impl BusBuilder {
         }
     }
 
-    /// At most `n` messages consumed at once across all of this bus's endpoints (MassTransit's
-    /// bus-level `ConcurrentMessageLimit`), besides each endpoint's own limit: for a service
-    /// whose endpoints share one scarce resource (a connection pool, memory). The bus's
+    /// At most `n` messages consumed at once across all of this bus's endpoints, besides
+    /// each endpoint's own limit: one pool for a service whose endpoints share one scarce
+    /// resource (a connection pool, memory). (MassTransit's bus-level
+    /// `ConcurrentMessageLimit` is a default for each endpoint instead; that is
+    /// [`Endpoint::concurrency_limit`](crate::Endpoint::concurrency_limit) here.) The bus's
     /// response endpoint is not counted, so that consumers waiting for responses cannot
-    /// starve it. A batch consumer needs its batch's messages at once: a bus-wide limit
-    /// below that ends its batches by time.
+    /// starve it; but a consumer that waits on a request another endpoint of this bus
+    /// answers holds its place meanwhile, and enough of them can hold every place until
+    /// their requests time out. A batch consumer needs its batch's messages at once: a
+    /// bus-wide limit below that ends its batches by time.
     ///
     /// ```
     /// use bus_core::{Bus, ConsumeContext, Endpoint, Message};
@@ -87,7 +91,6 @@ impl BusBuilder {
     ///     .build();
     /// # drop(bus);
     /// ```
-    #[doc(alias = "ConcurrentMessageLimit")]
     pub fn concurrency_limit(mut self, n: usize) -> Self {
         self.concurrency_limit = Some(n);
         self

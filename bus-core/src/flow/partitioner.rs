@@ -15,6 +15,9 @@ pub(crate) type KeyFn = Arc<dyn Fn(&Envelope) -> Option<u64> + Send + Sync>;
 /// Partitions of saga endpoints, and of endpoints whose partitioner was given no count.
 pub const DEFAULT_PARTITIONS: usize = 256;
 
+/// The most partitions an endpoint may have.
+pub(crate) const MAX_PARTITIONS: usize = 1 << 16;
+
 /// How an endpoint partitions its messages: a key per message type, hashed into a fixed
 /// number of partitions (so that keys from the wire cannot grow what the bus holds).
 #[derive(Clone, Default)]
@@ -75,7 +78,19 @@ impl Partitioner {
             [] if self.keys.len() == 1 => self.keys.values().next(),
             types => types.iter().find_map(|urn| self.keys.get(urn.as_str())),
         };
-        key.and_then(|key| key(envelope))
+        let key = key?;
+        // A key function is user code run on input from the wire, in the endpoint's loop:
+        // its panic leaves the message unpartitioned rather than end the loop.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| key(envelope))) {
+            Ok(key) => key,
+            Err(_) => {
+                tracing::warn!(
+                    message_id = envelope.message_id.map(tracing::field::display),
+                    "the partition key function panicked; the message runs unpartitioned"
+                );
+                None
+            }
+        }
     }
 
     /// A place in line in the key's partition, after every delivery given one before.

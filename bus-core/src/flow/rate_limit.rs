@@ -7,8 +7,10 @@ use tokio::time::Instant;
 /// At most `limit` messages per `interval` through an endpoint (MassTransit's
 /// `UseRateLimit`), given with [`Endpoint::rate_limit`](crate::Endpoint::rate_limit).
 ///
-/// Messages are spread evenly over the interval (one every `interval / limit`), after a
-/// first burst of at most [`burst`](Self::burst) (default 1). The endpoint takes a delivery
+/// Messages are spread evenly over the interval (one every `interval / limit`). With a
+/// [`burst`](Self::burst) above 1 (the default), up to that many may go at once after a
+/// quiet spell, so that an interval can see up to `limit + burst - 1`; the long-run rate
+/// stays `limit` per `interval`. The endpoint takes a delivery
 /// only when the limit allows it, so it never holds more than its prefetch: the rest wait in
 /// the queue, where other instances of the service can take them.
 ///
@@ -27,9 +29,9 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// At most `limit` messages (at least 1) per `interval`.
+    /// At most `limit` messages (at least 1) per `interval` (at most a day).
     pub fn new(limit: u32, interval: Duration) -> Self {
-        RateLimit { limit: limit.max(1), interval, burst: 1 }
+        RateLimit { limit: limit.max(1), interval: interval.min(Duration::from_secs(86_400)), burst: 1 }
     }
 
     /// Lets up to `burst` messages through at once after a quiet spell (at most `limit`),

@@ -37,9 +37,21 @@ impl fmt::Display for CircuitState {
 
 #[derive(Debug)]
 enum State {
-    Closed { since: Instant, attempts: u32, failures: u32 },
-    Open { until: Instant, reason: String },
-    HalfOpen { reason: String },
+    Closed {
+        since: Instant,
+        attempts: u32,
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+        reason: String,
+    },
+    /// Probing since `since`; a probe that has not ended after a reset interval (it hangs)
+    /// lets another through.
+    HalfOpen {
+        since: Instant,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -61,9 +73,10 @@ struct Settings {
 /// path (redelivery when configured, else `_error` and a fault). Then one message probes: its
 /// success closes the breaker, its failure opens it for another interval.
 ///
-/// Only failures that may pass count ([`Permanent`](crate::Permanent) errors do not). The
-/// state shows in the endpoint's health (`Degraded`, "circuit breaker open") and in the
-/// metrics `messaging.bus.circuit_breaker.open` (1 while open or half-open, by `endpoint`)
+/// Only failures that may pass count ([`Permanent`](crate::Permanent) errors do not). Given
+/// with [`Endpoint::circuit_breaker`](crate::Endpoint::circuit_breaker) (one breaker per
+/// endpoint), its state shows in the endpoint's health (`Degraded`, "circuit breaker open");
+/// in any case, in the metrics `messaging.bus.circuit_breaker.open` (1 while open or half-open, by `endpoint`)
 /// and `messaging.bus.circuit_breaker.transitions` (by `endpoint` and `state`).
 ///
 /// Use it to spare a struggling dependency and fail quickly; to keep the messages in the
@@ -122,7 +135,7 @@ impl CircuitBreaker {
 
     /// The window failures are counted over; the counts start again at the end of each.
     pub fn tracking_period(self, period: Duration) -> Self {
-        self.set(|s| s.tracking_period = period.max(Duration::from_millis(1)))
+        self.set(|s| s.tracking_period = period.clamp(Duration::from_millis(1), Duration::from_secs(86_400)))
     }
 
     /// The share of failed deliveries, from 0.0 to 1.0, that opens the breaker.
@@ -135,9 +148,9 @@ impl CircuitBreaker {
         self.set(|s| s.active_threshold = deliveries.max(1))
     }
 
-    /// How long it stays open before a probe.
+    /// How long it stays open before a probe (at most a day).
     pub fn reset_interval(self, interval: Duration) -> Self {
-        self.set(|s| s.reset_interval = interval)
+        self.set(|s| s.reset_interval = interval.min(Duration::from_secs(86_400)))
     }
 
     /// Where it stands now (open until its reset interval has passed and a message probes).
@@ -153,20 +166,27 @@ impl CircuitBreaker {
     pub(crate) fn open_reason(&self) -> Option<String> {
         match &*self.state.locked() {
             State::Closed { .. } => None,
-            State::Open { reason, .. } | State::HalfOpen { reason } => Some(format!("circuit breaker open: {reason}")),
+            State::Open { reason, .. } | State::HalfOpen { reason, .. } => {
+                Some(format!("circuit breaker open: {reason}"))
+            }
         }
     }
 
     /// Lets the attempt through (`Ok(true)`: as the probe), or refuses it.
     fn admit(&self) -> Result<bool, String> {
         let mut state = self.state.locked();
+        let now = Instant::now();
         match &*state {
             State::Closed { .. } => Ok(false),
-            State::Open { until, reason } if Instant::now() >= *until => {
-                *state = State::HalfOpen { reason: reason.clone() };
+            State::Open { until, reason } if now >= *until => {
+                *state = State::HalfOpen { since: now, reason: reason.clone() };
                 Ok(true)
             }
-            State::Open { reason, .. } | State::HalfOpen { reason } => Err(reason.clone()),
+            State::HalfOpen { since, reason } if now.duration_since(*since) >= self.settings.reset_interval => {
+                *state = State::HalfOpen { since: now, reason: reason.clone() };
+                Ok(true)
+            }
+            State::Open { reason, .. } | State::HalfOpen { reason, .. } => Err(reason.clone()),
         }
     }
 
@@ -176,9 +196,14 @@ impl CircuitBreaker {
         let mut state = self.state.locked();
         let reason = || counted.map(|e| format!("{}: {}", e.exception_type(), e.message())).unwrap_or_default();
         match &mut *state {
-            State::HalfOpen { .. } if probe => {
+            State::HalfOpen { reason: last, .. } if probe => {
                 if counted.is_some() {
                     *state = State::Open { until: Instant::now() + self.settings.reset_interval, reason: reason() };
+                    Some(CircuitState::Open)
+                } else if failure.is_some() {
+                    // Failed for a reason of its own (permanent, unreadable, skipped): it says
+                    // nothing of the dependency; the next message probes instead.
+                    *state = State::Open { until: Instant::now(), reason: last.clone() };
                     Some(CircuitState::Open)
                 } else {
                     *state = State::Closed { since: Instant::now(), attempts: 0, failures: 0 };
@@ -206,7 +231,7 @@ impl CircuitBreaker {
     /// A probe that ended without an outcome (cancelled): the next message probes instead.
     fn probe_abandoned(&self) {
         let mut state = self.state.locked();
-        if let State::HalfOpen { reason } = &*state {
+        if let State::HalfOpen { reason, .. } = &*state {
             *state = State::Open { until: Instant::now(), reason: reason.clone() };
         }
     }
@@ -249,7 +274,6 @@ fn report(ctx: &ReceiveContext, from: CircuitState, to: CircuitState) {
 impl Middleware for CircuitBreaker {
     fn handle<'a>(&'a self, ctx: ReceiveContext, next: Next) -> BoxFuture<'a, Result<(), ConsumeError>> {
         Box::pin(async move {
-            let before = self.state();
             let probe = match self.admit() {
                 Ok(probe) => probe,
                 Err(reason) => {
@@ -261,7 +285,7 @@ impl Middleware for CircuitBreaker {
                 }
             };
             if probe {
-                report(&ctx, before, CircuitState::HalfOpen);
+                report(&ctx, CircuitState::Open, CircuitState::HalfOpen);
             }
             let mut guard = ProbeGuard(probe.then_some(self));
             let report_ctx = ctx.clone();
@@ -273,5 +297,44 @@ impl Middleware for CircuitBreaker {
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(kind: ConsumeErrorKind) -> ConsumeError {
+        ConsumeError::new(kind, "StockDown", "stock service unavailable")
+    }
+
+    /// Open, with probes allowed at once.
+    fn open_breaker() -> CircuitBreaker {
+        let breaker = CircuitBreaker::new().active_threshold(1).reset_interval(Duration::ZERO);
+        assert_eq!(breaker.admit(), Ok(false));
+        assert_eq!(breaker.record(false, Some(&failure(ConsumeErrorKind::Failed))), Some(CircuitState::Open));
+        breaker
+    }
+
+    #[test]
+    fn a_probe_failing_for_a_reason_of_its_own_leaves_the_next_message_to_probe() {
+        let breaker = open_breaker();
+        assert_eq!(breaker.admit(), Ok(true), "the probe");
+        assert_eq!(breaker.record(true, Some(&failure(ConsumeErrorKind::Permanent))), Some(CircuitState::Open));
+        assert_eq!(breaker.admit(), Ok(true), "the next message probes");
+        assert_eq!(breaker.record(true, None), Some(CircuitState::Closed));
+        assert_eq!(breaker.state(), CircuitState::Closed);
+    }
+
+    #[test]
+    fn a_probe_that_hangs_past_the_reset_interval_lets_another_through() {
+        let breaker = CircuitBreaker::new().active_threshold(1).reset_interval(Duration::from_secs(1));
+        assert_eq!(breaker.record(false, Some(&failure(ConsumeErrorKind::Failed))), Some(CircuitState::Open));
+        assert!(breaker.admit().is_err(), "open: fails fast");
+        // The interval passed while the probe is still running.
+        let since = Instant::now().checked_sub(Duration::from_secs(2)).expect("the clock has run two seconds");
+        *breaker.state.locked() = State::HalfOpen { since, reason: "stock".to_owned() };
+        assert_eq!(breaker.admit(), Ok(true), "another probe");
+        assert!(breaker.admit().is_err(), "and only one");
     }
 }

@@ -24,21 +24,28 @@ const FAULT_HEADERS_LIMIT: usize = 16 * 1024;
 
 impl EndpointRuntime {
     /// How a delivery with this outcome is settled.
-    pub(super) async fn settlement_for(&self, bus: &Bus, delivery: &Delivery, outcome: Outcome) -> Settlement {
+    /// `epoch`: the kill switch's subscription the delivery came from.
+    pub(super) async fn settlement_for(
+        &self,
+        bus: &Bus,
+        delivery: &Delivery,
+        outcome: Outcome,
+        epoch: u64,
+    ) -> Settlement {
         match outcome {
             Outcome::Consumed => {
                 if let Some(kill_switch) = self.kill_switch() {
-                    kill_switch.succeeded();
+                    kill_switch.succeeded(epoch);
                 }
                 Settlement::Ack
             }
             Outcome::Skipped => self.skip(bus, delivery.message()),
             Outcome::Unreadable(error) => self.unreadable(bus, delivery.message(), unreadable_type(&error), &error),
-            Outcome::Failed(failure) => self.failed(bus, delivery, failure).await,
+            Outcome::Failed(failure) => self.failed(bus, delivery, failure, epoch).await,
         }
     }
 
-    async fn failed(&self, bus: &Bus, delivery: &Delivery, failure: Failure) -> Settlement {
+    async fn failed(&self, bus: &Bus, delivery: &Delivery, failure: Failure, epoch: u64) -> Settlement {
         let Failure { state, consumer, error } = failure;
         let entry = &self.consumers[consumer];
         let instruments = &bus.inner.instruments;
@@ -54,7 +61,7 @@ impl EndpointRuntime {
             return Settlement::Requeue;
         }
         if let Some(kill_switch) = self.kill_switch() {
-            match kill_switch.failed(state.envelope.message_id, &error) {
+            match kill_switch.failed(epoch, &error) {
                 Verdict::FailurePath => {}
                 // The endpoint stops: the message waits in its queue for it to start again.
                 Verdict::Requeue => return Settlement::Requeue,

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::consumer::ErasedConsumer;
 use crate::endpoint::{ConsumerOptions, Endpoint, EndpointInfo, EndpointSettings};
 use crate::flow::kill_switch::KillSwitchState;
-use crate::flow::partitioner::{Partitioner, Ticket};
+use crate::flow::partitioner::{Partitioner, Ticket, MAX_PARTITIONS};
 use crate::flow::rate_limit::RateLimiter;
 use crate::instrumentation::EndpointInstruments;
 use crate::middleware::{panic_message, ConcurrencyLimit, Middleware, Pipeline, Retry, Timeout};
@@ -108,10 +108,11 @@ impl EndpointRuntime {
         bus_limited: bool,
     ) -> Self {
         if settings.batch_in_flight > 0 {
-            // Room for a whole batch (of each running at once), or it only ever ends by time.
-            let needed = settings.batch_in_flight;
-            settings.prefetch = settings.prefetch.max(u16::try_from(needed).unwrap_or(u16::MAX));
-            settings.concurrency = settings.concurrency.map(|limit| limit.max(needed));
+            // Room for whole batches (of each consumer, each running at once), or they only
+            // ever end by time.
+            let needed = u16::try_from(settings.batch_in_flight).unwrap_or(u16::MAX);
+            settings.prefetch = settings.prefetch.max(needed);
+            settings.concurrency = settings.concurrency.map(|limit| limit.max(usize::from(needed)));
         }
         let mut consumers = Vec::new();
         let mut by_type: foldhash::HashMap<&'static str, Vec<usize>> = foldhash::HashMap::default();
@@ -203,6 +204,7 @@ impl EndpointRuntime {
             if self.kill_switch.as_ref().is_some_and(KillSwitchState::is_tripped) {
                 // What the transport holds goes back to the queue with the subscription.
                 drop(deliveries.take());
+                *self.subscription_health.0.locked() = None;
                 match self.restart_after_trip(&bus, &stop_taking).await {
                     Some(stream) => deliveries = Some(stream),
                     None => break,
@@ -211,23 +213,27 @@ impl EndpointRuntime {
             }
             let Some(stream) = deliveries.as_mut() else { break };
             let taken = async {
-                let permit = limit.clone().acquire_owned().await.ok()?;
-                let bus_permit = match &bus_limit {
-                    Some(bus_limit) => Some(bus_limit.clone().acquire_owned().await.ok()?),
-                    None => None,
+                // Unpartitioned, a place in the endpoint's limit comes before a delivery is
+                // taken, so that the transport keeps what cannot run yet. Partitioned, the
+                // place is taken once the delivery's turn has come, so that the waiting
+                // deliveries of one busy key do not hold the places of the other keys; the
+                // prefetch bounds how many wait.
+                let permit = match partitioner {
+                    Some(_) => None,
+                    None => Some(limit.clone().acquire_owned().await.ok()?),
                 };
                 if let Some(rate) = rate.as_mut() {
                     rate.ready().await;
                 }
-                Some((permit, bus_permit, stream.next().await))
+                Some((permit, stream.next().await))
             };
-            let (permit, bus_permit, delivery) = tokio::select! {
+            let (permit, delivery) = tokio::select! {
                 biased;
                 () = stop_taking.cancelled() => break,
                 () = &mut tripped => continue,
                 taken = taken => match taken {
-                    Some((permit, bus_permit, Some(delivery))) => (permit, bus_permit, delivery),
-                    Some((_, _, None)) => {
+                    Some((permit, Some(delivery))) => (permit, delivery),
+                    Some((_, None)) => {
                         tracing::warn!(endpoint = %self.info.name, "delivery stream ended; endpoint no longer consuming");
                         break;
                     }
@@ -243,8 +249,9 @@ impl EndpointRuntime {
                 }
                 None => (None, None),
             };
+            let epoch = self.kill_switch.as_ref().map_or(0, KillSwitchState::epoch);
             let endpoint = self.clone();
-            let bus = bus.clone();
+            let (bus, limit, bus_limit) = (bus.clone(), limit.clone(), bus_limit.clone());
             let (cancel, stopping) = (cancel.clone(), stop_taking.clone());
             // Boxed: the consume future is large, and a task moves its future several times
             // (into the task, out when it finishes); a box is moved instead.
@@ -252,7 +259,23 @@ impl EndpointRuntime {
                 if let Some(ticket) = ticket.as_mut() {
                     ticket.wait_turn().await;
                 }
-                endpoint.handle(&bus, delivery, read, cancel, &stopping).await;
+                // The semaphores are never closed: acquiring only waits.
+                let permit = match permit {
+                    Some(permit) => Some(permit),
+                    None => limit.acquire_owned().await.ok(),
+                };
+                let bus_permit = match bus_limit {
+                    Some(bus_limit) => bus_limit.acquire_owned().await.ok(),
+                    None => None,
+                };
+                if endpoint.kill_switch.as_ref().is_some_and(KillSwitchState::is_tripped) {
+                    // Stopped while it waited its turn: it waits in the queue with the rest.
+                    if let Err(error) = delivery.settle(Settlement::Requeue).await {
+                        tracing::debug!(endpoint = %endpoint.info.name, error = %chain(&error), "could not requeue a delivery; the broker delivers it again");
+                    }
+                } else {
+                    endpoint.handle(&bus, delivery, read, epoch, cancel, &stopping).await;
+                }
                 drop::<Option<Ticket>>(ticket);
                 drop((permit, bus_permit));
             }));
@@ -308,6 +331,7 @@ impl EndpointRuntime {
         bus: &Bus,
         delivery: Delivery,
         read: Option<Result<Envelope, Error>>,
+        epoch: u64,
         cancel: CancellationToken,
         stopping: &CancellationToken,
     ) {
@@ -318,14 +342,14 @@ impl EndpointRuntime {
                 return self.move_again(bus, delivery, retry, cancel, stopping).await;
             }
         }
-        let settlement = match AssertUnwindSafe(self.process(bus, &delivery, read, cancel.clone())).catch_unwind().await
-        {
-            Ok(settlement) => settlement,
-            Err(panic) => {
-                let reason = format!("the bus panicked handling the message: {}", panic_message(&*panic));
-                self.unreadable(bus, delivery.message(), "Panic", &Error::Configuration(reason))
-            }
-        };
+        let settlement =
+            match AssertUnwindSafe(self.process(bus, &delivery, read, epoch, cancel.clone())).catch_unwind().await {
+                Ok(settlement) => settlement,
+                Err(panic) => {
+                    let reason = format!("the bus panicked handling the message: {}", panic_message(&*panic));
+                    self.unreadable(bus, delivery.message(), "Panic", &Error::Configuration(reason))
+                }
+            };
         self.settle(bus, delivery, settlement, stopping).await;
     }
 
@@ -335,19 +359,20 @@ impl EndpointRuntime {
         bus: &Bus,
         delivery: &Delivery,
         read: Option<Result<Envelope, Error>>,
+        epoch: u64,
         cancel: CancellationToken,
     ) -> Settlement {
         let instruments = &bus.inner.instruments;
         let envelope = match read.unwrap_or_else(|| self.read(bus, delivery)) {
             Ok(envelope) => envelope,
-            Err(error) => return self.settlement_for(bus, delivery, dispatch::Outcome::Unreadable(error)).await,
+            Err(error) => return self.settlement_for(bus, delivery, dispatch::Outcome::Unreadable(error), epoch).await,
         };
         let link = self.settings.trace_propagation == TracePropagation::Link;
         let span = instruments.received(&self.instruments, &envelope, link, || self.known_type(&envelope));
         let context = span.as_ref().map_or_else(opentelemetry::Context::current, |s| s.context().clone());
         let settlement = async {
             let outcome = self.dispatch(bus, delivery, envelope, cancel, span.as_ref()).await;
-            self.settlement_for(bus, delivery, outcome).await
+            self.settlement_for(bus, delivery, outcome, epoch).await
         }
         .with_context(context)
         .await;
@@ -462,6 +487,12 @@ impl EndpointRuntime {
                 ));
             }
         }
+        if self.settings.partitioner.partitions > MAX_PARTITIONS {
+            return Some(format!(
+                "endpoint `{}`: {} partitions, more than {MAX_PARTITIONS}",
+                self.info.name, self.settings.partitioner.partitions
+            ));
+        }
         let limits = std::iter::once(("the endpoint", self.settings.concurrency))
             .chain(self.consumers.iter().map(|c| (c.consumer_type, c.concurrency_limit)));
         for (what, limit) in limits {
@@ -490,6 +521,7 @@ impl EndpointRuntime {
     /// breaker, moves it cannot complete).
     pub(crate) fn health(&self) -> EndpointHealth {
         let queue = &self.topology.queue;
+        // Tripped, the endpoint has no subscription to ask: it stopped on purpose.
         if let Some(reason) = self.kill_switch.as_ref().and_then(KillSwitchState::reason) {
             return EndpointHealth::new(queue, HealthStatus::Degraded, format!("kill switch tripped: {reason}"));
         }
