@@ -431,6 +431,7 @@ pub async fn a_busy_key_does_not_hold_the_places_of_other_keys<F: Fixture>(fixtu
     for seq in 0..5 {
         bus.send(&destination, Keyed { key: 0, seq }).await.expect("send");
     }
+    consumed.wait_until("the busy key's first", WAIT, |c| c.contains(&(0, 0))).await.expect("held in its consumer");
     bus.send(&destination, Keyed { key: 1, seq: 0 }).await.expect("send");
     let other = consumed.wait_until("the other key", WAIT, |c| c.contains(&(1, 0))).await;
     let held = consumed.snapshot().iter().filter(|(key, _)| *key == 0).count();
