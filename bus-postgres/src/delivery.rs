@@ -1,8 +1,8 @@
 //! The delivery service: committed outbox rows to the transport, and the cleanup.
 //!
-//! A batch is claimed in a database transaction: rows not yet delivered, oldest first, whose
-//! writing transaction no other delivery service holds (`pg_try_advisory_xact_lock` on it)
-//! and whose rows no other holds (`FOR UPDATE SKIP LOCKED`). The messages of one writing
+//! A batch is claimed in a database transaction: the writing transactions with rows not yet
+//! delivered, oldest first, that no other delivery service holds (`pg_try_advisory_xact_lock`
+//! on each), then their rows, read once the locks are held. The messages of one writing
 //! transaction leave one after another, in order, each confirmed before the next; those of
 //! different transactions leave concurrently. Delivered rows are marked in the same
 //! transaction, which commits after the transport took them: a service that dies before
@@ -125,17 +125,48 @@ pub(crate) async fn deliver_batch(outbox: &PostgresOutbox) -> Result<usize> {
     let inner = &outbox.store;
     let outbox_table = &inner.tables.outbox;
     let mut tx = inner.pool.begin().await.map_err(database("begin a delivery"))?;
+    // The writing transactions first, each locked before its rows are read: the rows are
+    // then read by a statement that starts after the lock is held, so that it sees what
+    // the lock's last holder delivered (a statement that took its snapshot before, and the
+    // lock after, would see delivered rows as waiting, and deliver later rows before them).
+    let candidates = format!(
+        "SELECT transaction_id FROM {outbox_table} WHERE delivered_at IS NULL
+         GROUP BY transaction_id ORDER BY min(sequence_number) LIMIT $1"
+    );
+    // Twice as many as one batch locks, so that a second service finds transactions the
+    // first did not take.
+    let candidates: Vec<i64> = sqlx::query_scalar(&candidates)
+        .bind(inner.options.batch_size.saturating_mul(2))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(database("find waiting outbox transactions"))?;
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    let locked: Vec<i64> = sqlx::query_scalar(
+        "SELECT t FROM unnest($2::bigint[]) AS t
+         WHERE pg_try_advisory_xact_lock(hashtext($1), (t % 2147483647)::int4) LIMIT $3",
+    )
+    .bind(outbox_table)
+    .bind(&candidates)
+    .bind(inner.options.batch_size)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(database("lock outbox transactions"))?;
+    if locked.is_empty() {
+        return Ok(0);
+    }
     let claim = format!(
         "SELECT sequence_number, transaction_id, message_id, destination_kind, destination, content_type, headers,
                 body, correlation_id, expires_at, priority, routing_key
          FROM {outbox_table}
-         WHERE delivered_at IS NULL AND pg_try_advisory_xact_lock(hashtext($1), (transaction_id % 2147483647)::int4)
+         WHERE delivered_at IS NULL AND transaction_id = ANY($1)
          ORDER BY sequence_number
          LIMIT $2
-         FOR UPDATE SKIP LOCKED"
+         FOR UPDATE"
     );
     let rows = sqlx::query(&claim)
-        .bind(outbox_table)
+        .bind(&locked)
         .bind(inner.options.batch_size)
         .fetch_all(&mut *tx)
         .await
