@@ -34,6 +34,8 @@ use crate::{ConsumeContext, ConsumeError, Consumer, Message, ReceiveContext};
 ///         Ok(())
 ///     }
 /// }
+/// let readings = bus_core::Endpoint::new("readings").batch_consumer(SaveReadings, bus_core::BatchOptions::new());
+/// # drop(readings);
 /// assert_eq!(<Batch<Reading> as Message>::message_type(), "urn:message:MassTransit:Batch[[Metrics:Reading]]");
 /// ```
 #[doc(alias = "IConsumer<Batch<T>>")]
