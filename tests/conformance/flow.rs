@@ -245,14 +245,16 @@ impl Consumer<Batch<Reading>> for SaveReadings {
     }
 }
 
-/// 25 messages with a message limit of 10: two full batches, then the last 5 when the
-/// time limit passes; each message once, and every one acknowledged.
+/// 25 messages with a message limit of 10, on an endpoint whose prefetch and concurrency
+/// (4) are raised to fit a batch: two full batches, then the last 5 when the time limit
+/// passes; each message once, and every one acknowledged.
 pub async fn batches_end_at_their_message_limit_or_their_time_limit<F: Fixture>(fixture: &F) {
     let name = unique("readings");
     let batches = Log::default();
     let options = BatchOptions::new().message_limit(10).time_limit(Duration::from_millis(500));
-    let bus =
-        fixture.bus().endpoint(Endpoint::new(&name).batch_consumer(SaveReadings(batches.clone()), options)).build();
+    // A prefetch and a limit below the batch's size are raised to it: batches still fill.
+    let endpoint = Endpoint::new(&name).prefetch(4).concurrency_limit(4);
+    let bus = fixture.bus().endpoint(endpoint.batch_consumer(SaveReadings(batches.clone()), options)).build();
     bus.start().await.expect("bus starts");
     let destination = format!("queue:{name}");
     futures::future::try_join_all((0..25).map(|n| bus.send(&destination, Reading { n }))).await.expect("sent");
