@@ -1,0 +1,66 @@
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bus_core::{Bus, BusHealth, HealthStatus};
+
+use crate::Metrics;
+
+#[derive(Clone)]
+struct Served {
+    bus: Bus,
+    metrics: Option<Metrics>,
+}
+
+/// The routes `/health/live`, `/health/ready` and (with `metrics`) `/metrics` of `bus`, to
+/// serve with [`serve`] or to merge into a service's own axum router.
+pub fn router(bus: Bus, metrics: Option<Metrics>) -> Router {
+    let routes = Router::new().route("/health/live", get(live)).route("/health/ready", get(ready));
+    let routes = match metrics {
+        Some(_) => routes.route("/metrics", get(render_metrics)),
+        None => routes,
+    };
+    routes.with_state(Served { bus, metrics })
+}
+
+/// Serves `router` on `listener` until the task is dropped or the listener fails.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    axum::serve(listener, router).await
+}
+
+/// The bus's health as JSON, with `status` when it allows.
+fn health_response(health: &BusHealth, ok: bool) -> Response {
+    let endpoints: Vec<serde_json::Value> = health
+        .endpoints
+        .iter()
+        .map(|e| serde_json::json!({ "endpoint": e.endpoint, "status": e.status.to_string(), "reason": e.reason }))
+        .collect();
+    let body = serde_json::json!({ "status": health.status.to_string(), "endpoints": endpoints });
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// Live unless broken for good: a broker outage is degraded (the bus recovers on its own),
+/// and restarting the process would not help it.
+async fn live(State(served): State<Served>) -> Response {
+    let health = served.bus.health().await;
+    health_response(&health, health.status != HealthStatus::Unhealthy)
+}
+
+/// Ready only while every endpoint consumes as it should.
+async fn ready(State(served): State<Served>) -> Response {
+    let health = served.bus.health().await;
+    health_response(&health, health.status == HealthStatus::Healthy)
+}
+
+async fn render_metrics(State(served): State<Served>) -> Response {
+    let Some(metrics) = &served.metrics else { return StatusCode::NOT_FOUND.into_response() };
+    match metrics.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "could not render the metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
+        }
+    }
+}
