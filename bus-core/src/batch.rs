@@ -242,6 +242,9 @@ impl<T: Message, C: Consumer<Batch<T>>> ErasedConsumer for BatchCollector<T, C> 
                 collecting.next_seq += 1;
                 collecting.members.push(Member { seq, message, ctx, outcome });
                 if collecting.members.len() == 1 {
+                    if let Some(stale) = collecting.timer.take() {
+                        stale.abort();
+                    }
                     let (generation, shared) = (collecting.generation, shared.clone());
                     let timer = tokio::spawn(async move {
                         tokio::time::sleep(shared.options.time_limit).await;
@@ -304,6 +307,11 @@ impl<T: Message, C: Consumer<Batch<T>>> Shared<T, C> {
         }
         let before = collecting.members.len();
         collecting.members.retain(|m| m.seq != seq);
+        if collecting.members.is_empty() {
+            if let Some(timer) = collecting.timer.take() {
+                timer.abort();
+            }
+        }
         collecting.members.len() < before
     }
 

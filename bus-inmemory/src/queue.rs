@@ -1,4 +1,4 @@
-//! One in-memory queue: bounded, with competing consumers and requeue at the head.
+//! One in-memory queue: bounded, with competing consumers, and requeue to where a message was.
 
 use bus_core::sync::MutexExt;
 use std::collections::VecDeque;
@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 pub(crate) struct Stored {
     pub(crate) message: TransportMessage,
     pub(crate) redelivered: bool,
+    /// Its place in the queue's order, kept while it is delivered: a requeued message goes
+    /// back where it was, before those that came after it, as RabbitMQ puts it back.
+    pub(crate) position: u64,
 }
 
 /// A queue holds at most `capacity` messages, counting those delivered but not yet settled.
@@ -22,6 +25,8 @@ pub(crate) struct Stored {
 pub(crate) struct Queue {
     pub(crate) name: String,
     items: Mutex<VecDeque<Stored>>,
+    /// The next message's position.
+    next_position: std::sync::atomic::AtomicU64,
     /// Wakes consumers when a message arrives.
     ready: Notify,
     /// Wakes test code waiting on the queue's contents.
@@ -36,6 +41,7 @@ impl Queue {
         Queue {
             name,
             items: Mutex::new(VecDeque::new()),
+            next_position: std::sync::atomic::AtomicU64::new(0),
             ready: Notify::new(),
             observed: Notify::new(),
             // Clamped: "no limit" as `usize::MAX` would panic the semaphore.
@@ -74,28 +80,39 @@ impl Queue {
     /// Puts a message into a place taken with [`reserve`](Self::reserve).
     pub(crate) fn fill(&self, place: Place, message: TransportMessage) {
         place.0.forget();
-        self.items().push_back(Stored { message, redelivered: false });
+        self.push_back(message, false);
         self.ready.notify_one();
         self.observed.notify_waiters();
     }
 
-    /// Puts a delivered message back at the head; it keeps the place it already had.
-    pub(crate) fn requeue(&self, message: TransportMessage) {
-        self.items().push_front(Stored { message, redelivered: true });
+    fn push_back(&self, message: TransportMessage, redelivered: bool) {
+        let mut items = self.items();
+        // Taken under the lock, so that positions grow along the queue.
+        let position = self.next_position.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        items.push_back(Stored { message, redelivered, position });
+    }
+
+    /// Puts a delivered message back at the head, before every message that came after it
+    /// (`position`: its place when it was delivered); it keeps the place it already had.
+    pub(crate) fn requeue(&self, message: TransportMessage, position: u64) {
+        let mut items = self.items();
+        let at = items.iter().position(|waiting| waiting.position > position).unwrap_or(items.len());
+        items.insert(at, Stored { message, redelivered: true, position });
+        drop(items);
         self.ready.notify_one();
         self.observed.notify_waiters();
     }
 
     /// Adds a message at the tail into a place it already holds (a delayed redelivery).
     pub(crate) fn enqueue_reserved(&self, message: TransportMessage) {
-        self.items().push_back(Stored { message, redelivered: true });
+        self.push_back(message, true);
         self.ready.notify_one();
         self.observed.notify_waiters();
     }
 
     /// Puts a delivered message at the tail, as sent anew; it keeps the place it had.
     pub(crate) fn move_to_back(&self, message: TransportMessage) {
-        self.items().push_back(Stored { message, redelivered: false });
+        self.push_back(message, false);
         self.ready.notify_one();
         self.observed.notify_waiters();
     }
@@ -142,3 +159,31 @@ pub(crate) type QueueRef = Arc<Queue>;
 /// A place taken in a queue, given back unless filled.
 #[derive(Debug)]
 pub(crate) struct Place(tokio::sync::OwnedSemaphorePermit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(n: u8) -> TransportMessage {
+        TransportMessage { body: vec![n].into(), ..TransportMessage::default() }
+    }
+
+    /// Delivered messages requeued in any order go back in the order they were queued, ahead
+    /// of those that came after them, as RabbitMQ requeues them.
+    #[tokio::test]
+    async fn requeued_messages_go_back_to_where_they_were() {
+        let queue = Queue::new("q".to_owned(), 10, false);
+        for n in 0..4 {
+            queue.push(message(n), None).await.expect("room");
+        }
+        let taken: Vec<Stored> = vec![queue.pop().await, queue.pop().await, queue.pop().await];
+        for stored in taken.into_iter().rev() {
+            queue.requeue(stored.message, stored.position);
+        }
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order.push(queue.pop().await.message.body[0]);
+        }
+        assert_eq!(order, [0, 1, 2, 3]);
+    }
+}

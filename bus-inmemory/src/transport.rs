@@ -342,7 +342,12 @@ impl Transport for InMemoryTransport {
                 // The semaphore is never closed; acquiring only waits for a settled delivery.
                 let permit = prefetch.clone().acquire_owned().await.ok()?;
                 let stored = queue.pop().await;
-                let settle = InMemorySettle { queue: queue.clone(), transport: transport.clone(), _permit: permit };
+                let settle = InMemorySettle {
+                    queue: queue.clone(),
+                    transport: transport.clone(),
+                    position: stored.position,
+                    _permit: permit,
+                };
                 let delivery = Delivery::new(stored.message, stored.redelivered, settle);
                 Some((delivery, (queue, prefetch, transport)))
             });
@@ -365,12 +370,13 @@ impl Transport for InMemoryTransport {
 struct RequeueOnDrop {
     queue: QueueRef,
     message: Option<TransportMessage>,
+    position: u64,
 }
 
 impl Drop for RequeueOnDrop {
     fn drop(&mut self) {
         if let Some(message) = self.message.take() {
-            self.queue.requeue(message);
+            self.queue.requeue(message, self.position);
         }
     }
 }
@@ -379,12 +385,14 @@ impl Drop for RequeueOnDrop {
 struct InMemorySettle {
     queue: QueueRef,
     transport: InMemoryTransport,
+    /// Its place in its queue's order, to go back to when requeued.
+    position: u64,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Settle for InMemorySettle {
     fn abandon(self: Box<Self>, message: TransportMessage) {
-        self.queue.requeue(message);
+        self.queue.requeue(message, self.position);
     }
 
     fn settle(
@@ -396,11 +404,11 @@ impl Settle for InMemorySettle {
             let wait = self.transport.broker.options.full_queue_wait;
             match settlement {
                 Settlement::Ack => self.queue.release(),
-                Settlement::Requeue => self.queue.requeue(message),
+                Settlement::Requeue => self.queue.requeue(message, self.position),
                 Settlement::MoveTo { queue, headers } => {
                     let Some(target) = self.transport.queue(&queue) else {
                         // Nothing may be lost: the original goes back to its own queue.
-                        self.queue.requeue(message);
+                        self.queue.requeue(message, self.position);
                         return Err(Error::QueueNotFound(queue).into());
                     };
                     let mut moved = message.clone();
@@ -413,7 +421,8 @@ impl Settle for InMemorySettle {
                     // Nothing may be lost: until the copy is in the target, the original goes
                     // back to its own queue if the move fails or this future is dropped
                     // (waiting for room in a full `_error`, say).
-                    let mut original = RequeueOnDrop { queue: self.queue.clone(), message: Some(message) };
+                    let mut original =
+                        RequeueOnDrop { queue: self.queue.clone(), message: Some(message), position: self.position };
                     target.push(moved, wait).await?;
                     original.message = None;
                     self.queue.release();

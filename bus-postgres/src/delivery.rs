@@ -129,12 +129,22 @@ pub(crate) async fn deliver_batch(outbox: &PostgresOutbox) -> Result<usize> {
     // then read by a statement that starts after the lock is held, so that it sees what
     // the lock's last holder delivered (a statement that took its snapshot before, and the
     // lock after, would see delivered rows as waiting, and deliver later rows before them).
+    // Each statement must see what committed before it began (`READ COMMITTED`), whatever
+    // the pool's default.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut *tx)
+        .await
+        .map_err(database("set the delivery's isolation"))?;
+    // The transactions of the oldest waiting rows (a bounded read of the pending index, not
+    // the whole backlog); twice as many as one batch locks, so that a second service finds
+    // transactions the first did not take.
     let candidates = format!(
-        "SELECT transaction_id FROM {outbox_table} WHERE delivered_at IS NULL
+        "SELECT transaction_id FROM (
+             SELECT transaction_id, sequence_number FROM {outbox_table}
+             WHERE delivered_at IS NULL ORDER BY sequence_number LIMIT $1
+         ) AS oldest
          GROUP BY transaction_id ORDER BY min(sequence_number) LIMIT $1"
     );
-    // Twice as many as one batch locks, so that a second service finds transactions the
-    // first did not take.
     let candidates: Vec<i64> = sqlx::query_scalar(&candidates)
         .bind(inner.options.batch_size.saturating_mul(2))
         .fetch_all(&mut *tx)

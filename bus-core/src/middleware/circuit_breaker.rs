@@ -172,31 +172,35 @@ impl CircuitBreaker {
         }
     }
 
-    /// Lets the attempt through (`Ok(true)`: as the probe), or refuses it.
-    fn admit(&self) -> Result<bool, String> {
+    /// Lets the attempt through (`Ok(Some(probe))`: as the probe that started at `probe`),
+    /// or refuses it.
+    fn admit(&self) -> Result<Option<Instant>, String> {
         let mut state = self.state.locked();
         let now = Instant::now();
+        // A probe is given at least a second before another goes, whatever the interval.
+        let hung_after = self.settings.reset_interval.max(Duration::from_secs(1));
         match &*state {
-            State::Closed { .. } => Ok(false),
+            State::Closed { .. } => Ok(None),
             State::Open { until, reason } if now >= *until => {
                 *state = State::HalfOpen { since: now, reason: reason.clone() };
-                Ok(true)
+                Ok(Some(now))
             }
-            State::HalfOpen { since, reason } if now.duration_since(*since) >= self.settings.reset_interval => {
+            State::HalfOpen { since, reason } if now.duration_since(*since) >= hung_after => {
                 *state = State::HalfOpen { since: now, reason: reason.clone() };
-                Ok(true)
+                Ok(Some(now))
             }
             State::Open { reason, .. } | State::HalfOpen { reason, .. } => Err(reason.clone()),
         }
     }
 
-    /// Records an outcome; the new state when it changed.
-    fn record(&self, probe: bool, failure: Option<&ConsumeError>) -> Option<CircuitState> {
+    /// Records an outcome (of the probe started at `probe`, if it was one); the new state
+    /// when it changed. The outcome of a probe another has replaced (it hung) is ignored.
+    fn record(&self, probe: Option<Instant>, failure: Option<&ConsumeError>) -> Option<CircuitState> {
         let counted = failure.filter(|e| e.kind() == ConsumeErrorKind::Failed);
         let mut state = self.state.locked();
         let reason = || counted.map(|e| format!("{}: {}", e.exception_type(), e.message())).unwrap_or_default();
         match &mut *state {
-            State::HalfOpen { reason: last, .. } if probe => {
+            State::HalfOpen { reason: last, since } if probe == Some(*since) => {
                 if counted.is_some() {
                     *state = State::Open { until: Instant::now() + self.settings.reset_interval, reason: reason() };
                     Some(CircuitState::Open)
@@ -210,7 +214,7 @@ impl CircuitBreaker {
                     Some(CircuitState::Closed)
                 }
             }
-            State::Closed { since, attempts, failures } => {
+            State::Closed { since, attempts, failures } if probe.is_none() => {
                 if since.elapsed() >= self.settings.tracking_period {
                     (*since, *attempts, *failures) = (Instant::now(), 0, 0);
                 }
@@ -228,22 +232,25 @@ impl CircuitBreaker {
         }
     }
 
-    /// A probe that ended without an outcome (cancelled): the next message probes instead.
-    fn probe_abandoned(&self) {
+    /// The probe started at `probe` ended without an outcome (cancelled): the next message
+    /// probes instead, unless another probe already replaced it.
+    fn probe_abandoned(&self, probe: Instant) {
         let mut state = self.state.locked();
-        if let State::HalfOpen { reason, .. } = &*state {
-            *state = State::Open { until: Instant::now(), reason: reason.clone() };
+        if let State::HalfOpen { reason, since } = &*state {
+            if *since == probe {
+                *state = State::Open { until: Instant::now(), reason: reason.clone() };
+            }
         }
     }
 }
 
 /// Puts a probe that is dropped before its outcome back to open.
-struct ProbeGuard<'a>(Option<&'a CircuitBreaker>);
+struct ProbeGuard<'a>(Option<(&'a CircuitBreaker, Instant)>);
 
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
-        if let Some(breaker) = self.0.take() {
-            breaker.probe_abandoned();
+        if let Some((breaker, probe)) = self.0.take() {
+            breaker.probe_abandoned(probe);
         }
     }
 }
@@ -284,14 +291,14 @@ impl Middleware for CircuitBreaker {
                     ))
                 }
             };
-            if probe {
+            if probe.is_some() {
                 report(&ctx, CircuitState::Open, CircuitState::HalfOpen);
             }
-            let mut guard = ProbeGuard(probe.then_some(self));
+            let mut guard = ProbeGuard(probe.map(|probe| (self, probe)));
             let report_ctx = ctx.clone();
             let result = next.run(ctx).await;
             guard.0 = None;
-            let from = if probe { CircuitState::HalfOpen } else { CircuitState::Closed };
+            let from = if probe.is_some() { CircuitState::HalfOpen } else { CircuitState::Closed };
             if let Some(to) = self.record(probe, result.as_ref().err()) {
                 report(&report_ctx, from, to);
             }
@@ -311,30 +318,37 @@ mod tests {
     /// Open, with probes allowed at once.
     fn open_breaker() -> CircuitBreaker {
         let breaker = CircuitBreaker::new().active_threshold(1).reset_interval(Duration::ZERO);
-        assert_eq!(breaker.admit(), Ok(false));
-        assert_eq!(breaker.record(false, Some(&failure(ConsumeErrorKind::Failed))), Some(CircuitState::Open));
+        assert_eq!(breaker.admit(), Ok(None));
+        assert_eq!(breaker.record(None, Some(&failure(ConsumeErrorKind::Failed))), Some(CircuitState::Open));
         breaker
     }
 
     #[test]
     fn a_probe_failing_for_a_reason_of_its_own_leaves_the_next_message_to_probe() {
         let breaker = open_breaker();
-        assert_eq!(breaker.admit(), Ok(true), "the probe");
-        assert_eq!(breaker.record(true, Some(&failure(ConsumeErrorKind::Permanent))), Some(CircuitState::Open));
-        assert_eq!(breaker.admit(), Ok(true), "the next message probes");
-        assert_eq!(breaker.record(true, None), Some(CircuitState::Closed));
+        let probe = breaker.admit().expect("the probe");
+        assert!(probe.is_some());
+        assert_eq!(breaker.record(probe, Some(&failure(ConsumeErrorKind::Permanent))), Some(CircuitState::Open));
+        let next = breaker.admit().expect("the next message probes");
+        assert!(next.is_some());
+        assert_eq!(breaker.record(next, None), Some(CircuitState::Closed));
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
     #[test]
     fn a_probe_that_hangs_past_the_reset_interval_lets_another_through() {
         let breaker = CircuitBreaker::new().active_threshold(1).reset_interval(Duration::from_secs(1));
-        assert_eq!(breaker.record(false, Some(&failure(ConsumeErrorKind::Failed))), Some(CircuitState::Open));
+        assert_eq!(breaker.record(None, Some(&failure(ConsumeErrorKind::Failed))), Some(CircuitState::Open));
         assert!(breaker.admit().is_err(), "open: fails fast");
         // The interval passed while the probe is still running.
-        let since = Instant::now().checked_sub(Duration::from_secs(2)).expect("the clock has run two seconds");
-        *breaker.state.locked() = State::HalfOpen { since, reason: "stock".to_owned() };
-        assert_eq!(breaker.admit(), Ok(true), "another probe");
+        let hung = Instant::now().checked_sub(Duration::from_secs(2)).expect("the clock has run two seconds");
+        *breaker.state.locked() = State::HalfOpen { since: hung, reason: "stock".to_owned() };
+        let second = breaker.admit().expect("another probe");
+        assert!(second.is_some());
         assert!(breaker.admit().is_err(), "and only one");
+        // The hung probe ends at last: its outcome no longer decides.
+        assert_eq!(breaker.record(Some(hung), None), None);
+        assert_eq!(breaker.state(), CircuitState::HalfOpen);
+        assert_eq!(breaker.record(second, None), Some(CircuitState::Closed));
     }
 }

@@ -259,6 +259,10 @@ impl EndpointRuntime {
                 if let Some(ticket) = ticket.as_mut() {
                     ticket.wait_turn().await;
                 }
+                let delivery = match endpoint.still_to_consume(delivery, epoch, &cancel).await {
+                    Some(delivery) => delivery,
+                    None => return drop::<Option<Ticket>>(ticket),
+                };
                 // The semaphores are never closed: acquiring only waits.
                 let permit = match permit {
                     Some(permit) => Some(permit),
@@ -268,18 +272,32 @@ impl EndpointRuntime {
                     Some(bus_limit) => bus_limit.acquire_owned().await.ok(),
                     None => None,
                 };
-                if endpoint.kill_switch.as_ref().is_some_and(KillSwitchState::is_tripped) {
-                    // Stopped while it waited its turn: it waits in the queue with the rest.
-                    if let Err(error) = delivery.settle(Settlement::Requeue).await {
-                        tracing::debug!(endpoint = %endpoint.info.name, error = %chain(&error), "could not requeue a delivery; the broker delivers it again");
-                    }
-                } else {
+                if let Some(delivery) = endpoint.still_to_consume(delivery, epoch, &cancel).await {
                     endpoint.handle(&bus, delivery, read, epoch, cancel, &stopping).await;
                 }
                 drop::<Option<Ticket>>(ticket);
                 drop((permit, bus_permit));
             }));
         }
+    }
+
+    /// A delivery that waited (for its partition's turn, for a place in a limit) and may
+    /// have gone stale meanwhile: returned if it is still to be consumed, else given back.
+    /// Its channel closed: the broker has requeued it already. The bus is cancelling its
+    /// consumers, or the kill switch tripped or restarted since it was taken: it goes back
+    /// to its queue, to wait there with the rest.
+    async fn still_to_consume(&self, delivery: Delivery, epoch: u64, cancel: &CancellationToken) -> Option<Delivery> {
+        if !delivery.is_live() {
+            return None;
+        }
+        let stopped = self.kill_switch.as_ref().is_some_and(|k| k.is_tripped() || k.epoch() != epoch);
+        if !stopped && !cancel.is_cancelled() {
+            return Some(delivery);
+        }
+        if let Err(error) = delivery.settle(Settlement::Requeue).await {
+            tracing::debug!(endpoint = %self.info.name, error = %chain(&error), "could not requeue a delivery; the broker delivers it again");
+        }
+        None
     }
 
     /// Resolves when the kill switch trips; never without one.
