@@ -99,8 +99,9 @@ pub(crate) fn is_connection_loss(error: &lapin::Error) -> bool {
     ) || error.is_amqp_hard_error()
 }
 
-/// Whether the broker refused an operation because something it names does not exist (404).
-pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
+/// Whether the broker refused an operation because something it names does not exist (AMQP's
+/// 404 `NOT_FOUND`).
+pub fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
 }
 

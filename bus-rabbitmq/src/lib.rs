@@ -82,7 +82,7 @@ mod publisher;
 mod topology;
 mod transport;
 
-pub use error::{Error, Result};
+pub use error::{is_not_found, Error, Result};
 pub use options::{default_address, redact, ExchangeType, QueueType, RabbitMqOptions, TlsOptions};
 pub use transport::RabbitMqTransport;
 

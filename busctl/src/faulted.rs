@@ -1,0 +1,81 @@
+//! What an error queue holds, as MassTransit's headers and envelope say it.
+
+use std::io::Write;
+
+use bus_core::TransportMessage;
+use lapin::Connection;
+
+use crate::scan::QueueScan;
+use crate::Result;
+
+/// One message of an error (or skipped) queue.
+pub(crate) struct Faulted {
+    pub(crate) message_id: String,
+    pub(crate) message_type: String,
+    pub(crate) reason: String,
+    pub(crate) exception_type: String,
+    pub(crate) exception_message: String,
+    pub(crate) fault_time: String,
+}
+
+impl Faulted {
+    pub(crate) fn of(message: &TransportMessage) -> Self {
+        let envelope: Option<serde_json::Value> = serde_json::from_slice(&message.body).ok();
+        let from_envelope = |name: &str| {
+            envelope.as_ref().and_then(|e| e.get(name)).and_then(|v| match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(items) => items.first().and_then(|i| i.as_str()).map(str::to_owned),
+                _ => None,
+            })
+        };
+        let header = |name: &str| message.headers.get_str(name).map(str::to_owned);
+        Faulted {
+            message_id: message
+                .message_id
+                .map(|id| id.to_string())
+                .or_else(|| from_envelope("messageId"))
+                .unwrap_or_default(),
+            message_type: header("MT-Fault-MessageType").or_else(|| from_envelope("messageType")).unwrap_or_default(),
+            reason: header("MT-Reason").unwrap_or_default(),
+            exception_type: header("MT-Fault-ExceptionType").unwrap_or_default(),
+            exception_message: header("MT-Fault-Message").unwrap_or_default(),
+            fault_time: header("MT-Fault-Timestamp").unwrap_or_default(),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "messageId": self.message_id,
+            "messageType": self.message_type,
+            "reason": self.reason,
+            "exceptionType": self.exception_type,
+            "exceptionMessage": self.exception_message,
+            "faultTimestamp": self.fault_time,
+        })
+    }
+}
+
+/// `busctl errors`: every message of `<endpoint>_error`, one line each (or one JSON array).
+pub(crate) async fn list(connection: &Connection, endpoint: &str, json: bool, out: &mut impl Write) -> Result<()> {
+    let mut scan = QueueScan::open(connection, &format!("{endpoint}_error")).await?;
+    let mut found = Vec::new();
+    while let Some(fetched) = scan.next().await? {
+        scan.hold(fetched.tag);
+        found.push(Faulted::of(&fetched.message));
+    }
+    scan.finish().await?;
+    if json {
+        let all: Vec<serde_json::Value> = found.iter().map(Faulted::json).collect();
+        writeln!(out, "{}", serde_json::Value::Array(all))?;
+        return Ok(());
+    }
+    for f in &found {
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{}: {}\t{}",
+            f.message_id, f.message_type, f.reason, f.exception_type, f.exception_message, f.fault_time
+        )?;
+    }
+    writeln!(out, "{} messages in {endpoint}_error", found.len())?;
+    Ok(())
+}
