@@ -609,13 +609,35 @@ impl ThrowawayNode {
     ///
     /// As [`start`](Self::start).
     pub async fn start_with_configs(extra_conf: &str, advanced: &str) -> ThrowawayNode {
+        ThrowawayNode::start_with_plugins(extra_conf, advanced, "[].").await
+    }
+
+    /// Starts a node with the management plugin (its HTTP API) enabled, listening on
+    /// 127.0.0.1 on a port of its own; returns the node and that port. The shared broker
+    /// never gets the plugin.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_with_management() -> (ThrowawayNode, u16) {
+        let management = free_port();
+        let conf = format!("management.tcp.port = {management}\nmanagement.tcp.ip = 127.0.0.1");
+        let node = ThrowawayNode::start_with_plugins(&conf, "[].", "[rabbitmq_management].").await;
+        assert!(
+            wait_port(management, true, PORT_TIMEOUT).await,
+            "the management listener on {management} never opened"
+        );
+        (node, management)
+    }
+
+    async fn start_with_plugins(extra_conf: &str, advanced: &str, plugins: &str) -> ThrowawayNode {
         let (port, dist_port) = free_ports();
         let short = short_id();
         let dir = PathBuf::from(format!("/tmp/rabbit-throwaway-{short}"));
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         // Built before anything can fail so that Drop cleans up.
         let node = ThrowawayNode { node: format!("throwaway{short}@localhost"), port, dist_port, dir };
-        write_file(&node.dir.join("enabled_plugins"), "[].\n");
+        write_file(&node.dir.join("enabled_plugins"), &format!("{plugins}\n"));
         let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
         for line in extra_conf.lines() {
             conf.push_str(line.trim());

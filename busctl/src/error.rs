@@ -11,6 +11,9 @@ pub enum Error {
     /// The bus's RabbitMQ transport could not connect.
     #[error(transparent)]
     Transport(#[from] bus_rabbitmq::Error),
+    /// The management API answered with an error.
+    #[error("management API: {0}")]
+    Management(String),
     /// A queue the command needs does not exist.
     #[error("queue `{0}` does not exist")]
     NoSuchQueue(String),

@@ -3,22 +3,28 @@
 //! endpoints on the same broker too.
 //!
 //! ```text
-//! busctl endpoints orders billing          # ready and consumer counts, _error and _skipped sizes
+//! busctl endpoints [orders billing] [--watch]  # ready, unacknowledged and consumer counts, _error and _skipped sizes
 //! busctl errors orders [--json]            # what is in orders_error, and why
 //! busctl show orders <message-id>          # one message's headers and body
 //! busctl redrive orders --all [--dry-run]  # back from orders_error to orders (or --id, --type, --older-than)
 //! busctl purge orders_error [--yes]
 //! busctl publish urn:message:Shop:OrderPlaced --json order.json
+//! busctl topology                          # exchanges and bindings as a tree
 //! ```
 //!
 //! The broker is `--addr`, else `AMQP_ADDR`, else `amqp://guest:guest@127.0.0.1:5672/%2f`.
+//! Counts come from the RabbitMQ management HTTP API when the broker has it enabled
+//! (`--management`, else port 15672 of the broker's host), and from passive declares when
+//! not; listing endpoints without naming them, unacknowledged counts and `topology` need it.
 
 mod error;
 mod faulted;
+mod management;
 mod publish;
 mod redrive;
 mod scan;
 mod show;
+mod topology;
 
 use std::io::Write;
 use std::time::Duration;
@@ -36,6 +42,10 @@ pub struct Cli {
     /// The broker's address.
     #[arg(long, env = "AMQP_ADDR", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
     pub addr: String,
+    /// The management HTTP API (default: port 15672 of the broker's host), asked with the
+    /// address's user.
+    #[arg(long, env = "BUSCTL_MANAGEMENT", global = true)]
+    pub management: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -44,12 +54,20 @@ pub struct Cli {
 /// A busctl command.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Each endpoint's ready messages and consumers, and the sizes of its `_error` and `_skipped` queues.
+    /// Each endpoint's ready and unacknowledged messages and consumers, and the sizes of its
+    /// `_error` and `_skipped` queues.
     Endpoints {
-        /// The endpoints (queue names).
-        #[arg(required = true)]
+        /// The endpoints (queue names); all of them when the management API answers.
         names: Vec<String>,
+        /// Refreshes the table until stopped.
+        #[arg(long)]
+        watch: bool,
+        /// How often `--watch` refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
     },
+    /// Exchanges and what they route to, as a tree (needs the management API).
+    Topology,
     /// The messages in `<endpoint>_error`: id, type, reason, exception and fault time.
     Errors {
         /// The endpoint.
@@ -91,8 +109,22 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     let connection = tokio::time::timeout(Duration::from_secs(10), connect)
         .await
         .map_err(|_| Error::Usage(format!("no answer from {} within 10 s", bus_rabbitmq::redact(&cli.addr))))??;
+    let management = management::Management::detect(&cli.addr, cli.management.as_deref()).await;
     let result = match cli.command {
-        Command::Endpoints { names } => endpoints(&connection, &names, out).await,
+        Command::Endpoints { names, watch, interval } => loop {
+            let shown = endpoints(&connection, management.as_ref(), &names, out).await;
+            if !watch || shown.is_err() {
+                break shown;
+            }
+            out.flush()?;
+            tokio::time::sleep(interval).await;
+            // Clears the terminal for the next table.
+            write!(out, "\x1b[2J\x1b[H")?;
+        },
+        Command::Topology => match &management {
+            Some(management) => topology::print(management, out).await,
+            None => Err(Error::Usage(NEEDS_MANAGEMENT.to_owned())),
+        },
         Command::Errors { endpoint, json } => faulted::list(&connection, &endpoint, json, out).await,
         Command::Show { endpoint, message_id } => show::show(&connection, &endpoint, &message_id, out).await,
         Command::Redrive(redrive) => redrive.run(&connection, out).await,
@@ -119,17 +151,91 @@ async fn counts(connection: &Connection, queue: &str) -> Result<Option<(u32, u32
     Ok(answer)
 }
 
-async fn endpoints(connection: &Connection, names: &[String], out: &mut impl Write) -> Result<()> {
-    writeln!(out, "{:<40} {:>8} {:>9} {:>8} {:>8}", "endpoint", "ready", "consumers", "error", "skipped")?;
+/// Why a command needs the management API.
+const NEEDS_MANAGEMENT: &str = "this needs the RabbitMQ management API, which does not answer: enable it with \
+     `rabbitmq-plugins enable rabbitmq_management`, or give its address with --management";
+
+/// One endpoint's row: ready, unacknowledged (when known) and consumers, and the sizes of
+/// its `_error` and `_skipped` queues (`None`: no such queue).
+struct EndpointRow {
+    name: String,
+    counts: Option<(u64, Option<u64>, u64)>,
+    error: Option<u64>,
+    skipped: Option<u64>,
+}
+
+/// Whether a queue is an endpoint's own, not one of its dead-letter or delay queues.
+fn is_endpoint(name: &str) -> bool {
+    !(name.ends_with("_error") || name.ends_with("_skipped") || name.contains("_delay_"))
+}
+
+async fn endpoint_rows(
+    connection: &Connection,
+    management: Option<&management::Management>,
+    names: &[String],
+) -> Result<Vec<EndpointRow>> {
+    if let Some(management) = management {
+        let queues = management.queues().await?;
+        let size =
+            |name: String| queues.iter().find(|q| q.name == name).map(|q| q.messages_ready + q.messages_unacknowledged);
+        let chosen: Vec<String> = if names.is_empty() {
+            queues.iter().map(|q| q.name.clone()).filter(|n| is_endpoint(n)).collect()
+        } else {
+            names.to_vec()
+        };
+        return Ok(chosen
+            .into_iter()
+            .map(|name| EndpointRow {
+                counts: queues
+                    .iter()
+                    .find(|q| q.name == name)
+                    .map(|q| (q.messages_ready, Some(q.messages_unacknowledged), q.consumers)),
+                error: size(format!("{name}_error")),
+                skipped: size(format!("{name}_skipped")),
+                name,
+            })
+            .collect());
+    }
+    if names.is_empty() {
+        return Err(Error::Usage(format!("name the endpoints; listing them all: {NEEDS_MANAGEMENT}")));
+    }
+    let mut rows = Vec::new();
     for name in names {
-        let Some((ready, consumers)) = counts(connection, name).await? else {
+        let counts =
+            counts(connection, name).await?.map(|(ready, consumers)| (u64::from(ready), None, u64::from(consumers)));
+        let error = counts_of(connection, &format!("{name}_error")).await?;
+        let skipped = counts_of(connection, &format!("{name}_skipped")).await?;
+        rows.push(EndpointRow { name: name.clone(), counts, error, skipped });
+    }
+    Ok(rows)
+}
+
+/// The messages waiting in `queue`, by a passive declare.
+async fn counts_of(connection: &Connection, queue: &str) -> Result<Option<u64>> {
+    Ok(counts(connection, queue).await?.map(|(ready, _)| u64::from(ready)))
+}
+
+async fn endpoints(
+    connection: &Connection,
+    management: Option<&management::Management>,
+    names: &[String],
+    out: &mut impl Write,
+) -> Result<()> {
+    let rows = endpoint_rows(connection, management, names).await?;
+    writeln!(
+        out,
+        "{:<40} {:>8} {:>8} {:>9} {:>8} {:>8}",
+        "endpoint", "ready", "unacked", "consumers", "error", "skipped"
+    )?;
+    let show = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    for row in rows {
+        let name = &row.name;
+        let Some((ready, unacked, consumers)) = row.counts else {
             writeln!(out, "{name:<40} (no such queue)")?;
             continue;
         };
-        let size = |counts: Option<(u32, u32)>| counts.map_or_else(|| "-".to_owned(), |(n, _)| n.to_string());
-        let error = size(counts(connection, &format!("{name}_error")).await?);
-        let skipped = size(counts(connection, &format!("{name}_skipped")).await?);
-        writeln!(out, "{name:<40} {ready:>8} {consumers:>9} {error:>8} {skipped:>8}")?;
+        let (unacked, error, skipped) = (show(unacked), show(row.error), show(row.skipped));
+        writeln!(out, "{name:<40} {ready:>8} {unacked:>8} {consumers:>9} {error:>8} {skipped:>8}")?;
     }
     Ok(())
 }
