@@ -4,7 +4,8 @@
 # RabbitMQ (127.0.0.1:5672), Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432) must
 # answer: the RabbitMQ transport, the Redis saga repository and the PostgreSQL outbox are
 # tested against the real servers. This script starts them when installed but stopped, and
-# installs them with apt-get when missing.
+# installs them with apt-get when missing; likewise Debian's chromium and chromium-driver, for
+# the dashboard's test in a real browser.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One build of everything: incremental caches would only fill the disk (tens of GB).
@@ -85,9 +86,17 @@ ensure_postgres() {
   fi
 }
 
+# The dashboard's test drives Debian's Chromium through chromedriver.
+ensure_chromium() {
+  command -v chromium >/dev/null || install_package chromium chromium
+  command -v chromedriver >/dev/null || install_package chromium-driver chromedriver
+  log "chromium and chromedriver installed"
+}
+
 ensure_redis
 ensure_rabbitmq
 ensure_postgres
+ensure_chromium
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

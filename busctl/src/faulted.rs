@@ -55,15 +55,22 @@ impl Faulted {
     }
 }
 
-/// `busctl errors`: every message of `<endpoint>_error`, one line each (or one JSON array).
-pub(crate) async fn list(connection: &Connection, endpoint: &str, json: bool, out: &mut impl Write) -> Result<()> {
-    let mut scan = QueueScan::open(connection, &format!("{endpoint}_error")).await?;
+/// Every message of `queue`, read and left in place, with what its headers say.
+pub(crate) async fn read_all(connection: &Connection, queue: &str) -> Result<Vec<(Faulted, TransportMessage)>> {
+    let mut scan = QueueScan::open(connection, queue).await?;
     let mut found = Vec::new();
     while let Some(fetched) = scan.next().await? {
         scan.hold(fetched.tag);
-        found.push(Faulted::of(&fetched.message));
+        found.push((Faulted::of(&fetched.message), fetched.message));
     }
     scan.finish().await?;
+    Ok(found)
+}
+
+/// `busctl errors`: every message of `<endpoint>_error`, one line each (or one JSON array).
+pub(crate) async fn list(connection: &Connection, endpoint: &str, json: bool, out: &mut impl Write) -> Result<()> {
+    let found: Vec<Faulted> =
+        read_all(connection, &format!("{endpoint}_error")).await?.into_iter().map(|(f, _)| f).collect();
     if json {
         let all: Vec<serde_json::Value> = found.iter().map(Faulted::json).collect();
         writeln!(out, "{}", serde_json::Value::Array(all))?;

@@ -10,6 +10,7 @@
 //! busctl purge orders_error [--yes]
 //! busctl publish urn:message:Shop:OrderPlaced --json order.json
 //! busctl topology                          # exchanges and bindings as a tree
+//! busctl serve --listen 127.0.0.1:8080 [orders]  # the dashboard
 //! ```
 //!
 //! The broker is `--addr`, else `AMQP_ADDR`, else `amqp://guest:guest@127.0.0.1:5672/%2f`.
@@ -17,6 +18,7 @@
 //! (`--management`, else port 15672 of the broker's host), and from passive declares when
 //! not; listing endpoints without naming them, unacknowledged counts and `topology` need it.
 
+pub mod dashboard;
 mod error;
 mod faulted;
 mod management;
@@ -68,6 +70,14 @@ pub enum Command {
     },
     /// Exchanges and what they route to, as a tree (needs the management API).
     Topology,
+    /// Serves the dashboard: endpoints, error queues, redrive and purge.
+    Serve {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The endpoints to show when the management API does not list them.
+        endpoints: Vec<String>,
+    },
     /// The messages in `<endpoint>_error`: id, type, reason, exception and fault time.
     Errors {
         /// The endpoint.
@@ -121,6 +131,13 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             // Clears the terminal for the next table.
             write!(out, "\x1b[2J\x1b[H")?;
         },
+        Command::Serve { listen, endpoints } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            writeln!(out, "dashboard on http://{}", listener.local_addr()?)?;
+            out.flush()?;
+            let app = dashboard::router(cli.addr.clone(), cli.management.clone(), endpoints);
+            axum::serve(listener, app).await.map_err(Error::Io)
+        }
         Command::Topology => match &management {
             Some(management) => topology::print(management, out).await,
             None => Err(Error::Usage(NEEDS_MANAGEMENT.to_owned())),
@@ -157,11 +174,13 @@ const NEEDS_MANAGEMENT: &str = "this needs the RabbitMQ management API, which do
 
 /// One endpoint's row: ready, unacknowledged (when known) and consumers, and the sizes of
 /// its `_error` and `_skipped` queues (`None`: no such queue).
-struct EndpointRow {
-    name: String,
-    counts: Option<(u64, Option<u64>, u64)>,
-    error: Option<u64>,
-    skipped: Option<u64>,
+pub(crate) struct EndpointRow {
+    pub(crate) name: String,
+    pub(crate) counts: Option<(u64, Option<u64>, u64)>,
+    pub(crate) error: Option<u64>,
+    pub(crate) skipped: Option<u64>,
+    /// Messages per second in and out, when the management API says.
+    pub(crate) rates: Option<(f64, f64)>,
 }
 
 /// Whether a queue is an endpoint's own, not one of its dead-letter or delay queues.
@@ -169,7 +188,7 @@ fn is_endpoint(name: &str) -> bool {
     !(name.ends_with("_error") || name.ends_with("_skipped") || name.contains("_delay_"))
 }
 
-async fn endpoint_rows(
+pub(crate) async fn endpoint_rows(
     connection: &Connection,
     management: Option<&management::Management>,
     names: &[String],
@@ -192,6 +211,10 @@ async fn endpoint_rows(
                     .map(|q| (q.messages_ready, Some(q.messages_unacknowledged), q.consumers)),
                 error: size(format!("{name}_error")),
                 skipped: size(format!("{name}_skipped")),
+                rates: queues.iter().find(|q| q.name == name).and_then(|q| q.message_stats.as_ref()).map(|stats| {
+                    let rate = |r: &Option<management::Rate>| r.map_or(0.0, |r| r.rate);
+                    (rate(&stats.publish_details), rate(&stats.deliver_get_details))
+                }),
                 name,
             })
             .collect());
@@ -205,7 +228,7 @@ async fn endpoint_rows(
             counts(connection, name).await?.map(|(ready, consumers)| (u64::from(ready), None, u64::from(consumers)));
         let error = counts_of(connection, &format!("{name}_error")).await?;
         let skipped = counts_of(connection, &format!("{name}_skipped")).await?;
-        rows.push(EndpointRow { name: name.clone(), counts, error, skipped });
+        rows.push(EndpointRow { name: name.clone(), counts, error, skipped, rates: None });
     }
     Ok(rows)
 }
@@ -240,7 +263,7 @@ async fn endpoints(
     Ok(())
 }
 
-async fn purge(connection: &Connection, queue: &str, yes: bool, out: &mut impl Write) -> Result<()> {
+pub(crate) async fn purge(connection: &Connection, queue: &str, yes: bool, out: &mut impl Write) -> Result<()> {
     if counts(connection, queue).await?.is_none() {
         return Err(Error::NoSuchQueue(queue.to_owned()));
     }

@@ -17,6 +17,24 @@ pub(crate) struct QueueInfo {
     pub(crate) messages_unacknowledged: u64,
     #[serde(default)]
     pub(crate) consumers: u64,
+    #[serde(default)]
+    pub(crate) message_stats: Option<MessageStats>,
+}
+
+/// A queue's message rates.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct MessageStats {
+    #[serde(default)]
+    pub(crate) publish_details: Option<Rate>,
+    #[serde(default)]
+    pub(crate) deliver_get_details: Option<Rate>,
+}
+
+/// Messages per second.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub(crate) struct Rate {
+    #[serde(default)]
+    pub(crate) rate: f64,
 }
 
 /// One exchange.
