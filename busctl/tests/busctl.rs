@@ -142,6 +142,10 @@ async fn every_command_works_on_what_the_bus_put_there() {
     assert!(text.contains("MT-Fault-Message: warehouse offline"), "{text}");
     assert!(text.contains("\"messageType\": ["), "the body, pretty-printed: {text}");
 
+    let (ok, text) = busctl(&vhost, &["redrive", "orders", "--older-than", "1h"]).await;
+    assert!(ok && text.contains("redrove 0 messages"), "none failed an hour ago: {text}");
+    let (ok, text) = busctl(&vhost, &["redrive", "orders"]).await;
+    assert!(!ok && text.contains("say which messages"), "{text}");
     let (ok, text) = busctl(&vhost, &["redrive", "orders", "--id", &first, "--dry-run"]).await;
     assert!(ok && text.contains("would redrive 1 messages"), "{text}");
     assert_eq!(queue_sizes(&vhost).await.get("orders_error").copied(), Some(3), "a dry run moves nothing");
@@ -330,9 +334,25 @@ async fn with_the_management_api_endpoints_are_listed_and_the_topology_drawn() {
     watch.start_kill().expect("stop watching");
     let _ = watch.wait().await;
 
+    // The commands that read and change queues work the same with the API.
+    let (ok, text) = run(vec!["errors".into(), "orders".into(), "--json".into()]).await;
+    let listed: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
+    assert!(ok && listed.as_array().is_some_and(|a| a.len() == 2), "{text}");
+    let id = listed[0]["messageId"].as_str().unwrap_or_default().to_owned();
+    let (ok, text) = run(vec!["show".into(), "orders".into(), id]).await;
+    assert!(ok && text.contains("MT-Fault-Message: warehouse offline"), "{text}");
+    let (ok, text) = run(vec!["purge".into(), "orders_skipped".into(), "--yes".into()]).await;
+    assert!(ok && text.contains("purged 0 messages"), "{text}");
     failing.store(false, Ordering::SeqCst);
+    let file = std::env::temp_dir().join(format!("busctl-management-{}.json", std::process::id()));
+    std::fs::write(&file, r#"{"n": 7}"#).expect("file");
+    let (ok, text) =
+        run(vec!["publish".into(), "urn:message:Busctl:Order".into(), "--json".into(), file.display().to_string()])
+            .await;
+    assert!(ok && text.contains("published"), "{text}");
+    seen.orders.wait_until("the published order", WAIT, |o| o.len() == 1).await.expect("consumed");
     let (ok, text) = run(vec!["redrive".into(), "orders".into(), "--all".into()]).await;
     assert!(ok && text.contains("redrove 2 messages"), "{text}");
-    seen.orders.wait_until("both orders", WAIT, |o| o.len() == 2).await.expect("consumed");
+    seen.orders.wait_until("both orders", WAIT, |o| o.len() == 3).await.expect("consumed");
     bus.stop().await.expect("stop");
 }
