@@ -19,7 +19,9 @@ pub const BROKER_PORT: u16 = 5672;
 #[derive(Debug, Clone)]
 pub struct RabbitFixture {
     transport: RabbitMqTransport,
-    inspector: std::sync::Arc<lapin::Connection>,
+    /// The side connection for checks; opened again when a broker error closed it, so that
+    /// one test's refused operation cannot fail the others sharing it.
+    inspector: std::sync::Arc<tokio::sync::Mutex<std::sync::Arc<lapin::Connection>>>,
     uri: String,
     vhost: String,
 }
@@ -81,7 +83,12 @@ impl RabbitFixture {
             .await
             .unwrap_or_else(|e| panic!("cannot open the inspection connection: {e}"));
         let vhost = uri.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").replace("%2f", "/");
-        RabbitFixture { transport, inspector: std::sync::Arc::new(inspector), uri: uri.to_owned(), vhost }
+        RabbitFixture {
+            transport,
+            inspector: std::sync::Arc::new(tokio::sync::Mutex::new(std::sync::Arc::new(inspector))),
+            uri: uri.to_owned(),
+            vhost,
+        }
     }
 
     /// The broker URI (with credentials: tests only).
@@ -96,7 +103,15 @@ impl RabbitFixture {
 
     /// A channel on the side connection, for raw publishing and checks.
     pub async fn channel(&self) -> lapin::Channel {
-        self.inspector.create_channel().await.expect("inspection channel opens")
+        let mut inspector = self.inspector.lock().await;
+        if let Ok(channel) = inspector.create_channel().await {
+            return channel;
+        }
+        let again = lapin::Connection::connect(&self.uri, lapin::ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("cannot open the inspection connection again: {e}"));
+        *inspector = std::sync::Arc::new(again);
+        inspector.create_channel().await.expect("inspection channel opens")
     }
 }
 

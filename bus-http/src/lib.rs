@@ -2,7 +2,7 @@
 //!
 //! | path | answers |
 //! | --- | --- |
-//! | `/health/live` | `200` unless the bus is broken for good (not started, a consume loop ended): `503` |
+//! | `/health/live` | `200` while the bus is started; `503` before it starts and once it stops |
 //! | `/health/ready` | `200` while every endpoint is healthy; `503` while one is degraded (reconnecting to the broker, a kill switch tripped) or unhealthy |
 //! | `/metrics` | the bus's OpenTelemetry metrics in Prometheus text format |
 //!

@@ -41,17 +41,36 @@ fn health_response(health: &BusHealth, ok: bool) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
-/// Live unless broken for good: a broker outage is degraded (the bus recovers on its own),
-/// and restarting the process would not help it.
+/// How long a probe waits for the bus's health (it waits while the bus starts or stops).
+const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The bus's health, unless the bus is busy starting or stopping.
+async fn health(bus: &Bus) -> Option<BusHealth> {
+    tokio::time::timeout(HEALTH_WAIT, bus.health()).await.ok()
+}
+
+fn busy(ok: bool) -> Response {
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({ "status": "busy", "reason": "the bus is starting or stopping" });
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// Live while the bus runs: what the broker or an endpoint goes through (an outage, a
+/// refused queue) is readiness's business, since restarting the process mends none of it.
 async fn live(State(served): State<Served>) -> Response {
-    let health = served.bus.health().await;
-    health_response(&health, health.status != HealthStatus::Unhealthy)
+    let started = served.bus.is_started();
+    match health(&served.bus).await {
+        Some(health) => health_response(&health, started),
+        None => busy(started),
+    }
 }
 
 /// Ready only while every endpoint consumes as it should.
 async fn ready(State(served): State<Served>) -> Response {
-    let health = served.bus.health().await;
-    health_response(&health, health.status == HealthStatus::Healthy)
+    match health(&served.bus).await {
+        Some(health) => health_response(&health, health.status == HealthStatus::Healthy),
+        None => busy(false),
+    }
 }
 
 async fn render_metrics(State(served): State<Served>) -> Response {

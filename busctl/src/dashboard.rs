@@ -2,6 +2,8 @@
 //! few seconds; each error queue's messages with their reasons, headers and bodies; redrive
 //! and purge buttons that ask before they act. Plain server-rendered pages: no front-end
 //! build. Mount [`router`] in a service's own axum router, or serve it with `busctl serve`.
+//! It has no login of its own: serve it only where its users may redrive and purge
+//! (loopback, an operators' network). Changes refuse requests from other sites' pages.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -37,11 +39,42 @@ pub fn router(addr: String, management: Option<String>, endpoints: Vec<String>) 
         .route("/errors/{endpoint}", get(errors))
         .route("/errors/{endpoint}/redrive", post(redrive))
         .route("/errors/{endpoint}/purge", post(purge))
+        .layer(axum::middleware::from_fn(same_origin_only))
         .with_state(Arc::new(Served { addr, management, endpoints }))
 }
 
 async fn connect(served: &Served) -> Result<Connection> {
     Ok(Connection::connect(&served.addr, ConnectionProperties::default()).await?)
+}
+
+/// A name made safe for a URL path segment: every byte but `A-Z a-z 0-9 - _ . ~` escaped.
+fn path_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(char::from(byte)),
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
+/// Refuses a change (redrive, purge) asked for by another site's page: a form another site
+/// submits in the operator's browser comes with that site's `Origin`, or `Sec-Fetch-Site:
+/// cross-site`.
+async fn same_origin_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let fetch_site_ok = text("sec-fetch-site").is_none_or(|site| site == "same-origin" || site == "none");
+    let origin_ok = match (text("origin"), text("host")) {
+        (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, authority)| authority == host),
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    if request.method() != axum::http::Method::GET && !(fetch_site_ok && origin_ok) {
+        return (StatusCode::FORBIDDEN, "refused: the request did not come from this dashboard").into_response();
+    }
+    next.run(request).await
 }
 
 /// Text made safe for HTML.
@@ -102,7 +135,7 @@ async fn index(State(served): State<Arc<Served>>) -> Response {
         let (rate_in, rate_out) =
             row.rates.map_or_else(|| ("-".to_owned(), "-".to_owned()), |(i, o)| (format!("{i:.1}"), format!("{o:.1}")));
         let error = match row.error {
-            Some(n) => format!("<a href=\"/errors/{name}\">{n}</a>"),
+            Some(n) => format!("<a href=\"/errors/{}\">{n}</a>", escape(&path_segment(&row.name))),
             None => "-".to_owned(),
         };
         let _ = write!(
@@ -129,11 +162,12 @@ async fn errors(State(served): State<Arc<Served>>, Path(endpoint): Path<String>)
         Err(error) => return failure(error),
     };
     let name = escape(&endpoint);
+    let path = escape(&path_segment(&endpoint));
     let mut body = format!(
         "<p><a href=\"/\">endpoints</a></p><p>{} messages in {name}_error</p>\
-         <form method=\"post\" action=\"/errors/{name}/redrive\" onsubmit=\"return confirm('Redrive every message of {name}_error to {name}?')\">\
+         <form method=\"post\" action=\"/errors/{path}/redrive\" data-ask=\"Redrive every message of {name}_error to {name}?\" onsubmit=\"return confirm(this.dataset.ask)\">\
          <input type=\"hidden\" name=\"all\" value=\"1\"><button id=\"redrive-all\">Redrive all</button></form> \
-         <form method=\"post\" action=\"/errors/{name}/purge\" onsubmit=\"return confirm('Purge every message of {name}_error? They are gone for good.')\">\
+         <form method=\"post\" action=\"/errors/{path}/purge\" data-ask=\"Purge every message of {name}_error? They are gone for good.\" onsubmit=\"return confirm(this.dataset.ask)\">\
          <button id=\"purge\">Purge</button></form>",
         found.len()
     );
@@ -151,7 +185,7 @@ async fn errors(State(served): State<Arc<Served>>, Path(endpoint): Path<String>)
         let _ = write!(
             body,
             "<div class=\"message\" data-id=\"{id}\"><h3>{id}</h3><p>{} &middot; <span class=\"reason\">{}: {}</span> &middot; {}</p>\
-             <form method=\"post\" action=\"/errors/{name}/redrive\" onsubmit=\"return confirm('Redrive {id} to {name}?')\">\
+             <form method=\"post\" action=\"/errors/{path}/redrive\" data-ask=\"Redrive {id} to {name}?\" onsubmit=\"return confirm(this.dataset.ask)\">\
              <input type=\"hidden\" name=\"id\" value=\"{id}\"><button class=\"redrive\">Redrive</button></form>\
              <details><summary>headers and body</summary><pre>{headers}</pre><pre>{}</pre></details></div>",
             escape(&f.message_type),
@@ -193,7 +227,7 @@ async fn redrive(
         result
     };
     match done.await {
-        Ok(()) => Redirect::to(&format!("/errors/{endpoint}")).into_response(),
+        Ok(()) => Redirect::to(&format!("/errors/{}", path_segment(&endpoint))).into_response(),
         Err(error) => failure(error),
     }
 }
@@ -207,7 +241,7 @@ async fn purge(State(served): State<Arc<Served>>, Path(endpoint): Path<String>) 
         result
     };
     match done.await {
-        Ok(()) => Redirect::to(&format!("/errors/{endpoint}")).into_response(),
+        Ok(()) => Redirect::to(&format!("/errors/{}", path_segment(&endpoint))).into_response(),
         Err(error) => failure(error),
     }
 }

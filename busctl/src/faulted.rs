@@ -60,7 +60,6 @@ pub(crate) async fn read_all(connection: &Connection, queue: &str) -> Result<Vec
     let mut scan = QueueScan::open(connection, queue).await?;
     let mut found = Vec::new();
     while let Some(fetched) = scan.next().await? {
-        scan.hold(fetched.tag);
         found.push((Faulted::of(&fetched.message), fetched.message));
     }
     scan.finish().await?;
@@ -77,10 +76,16 @@ pub(crate) async fn list(connection: &Connection, endpoint: &str, json: bool, ou
         return Ok(());
     }
     for f in &found {
+        use crate::redrive::shown;
         writeln!(
             out,
             "{}\t{}\t{}\t{}: {}\t{}",
-            f.message_id, f.message_type, f.reason, f.exception_type, f.exception_message, f.fault_time
+            shown(&f.message_id),
+            shown(&f.message_type),
+            shown(&f.reason),
+            shown(&f.exception_type),
+            shown(&f.exception_message),
+            shown(&f.fault_time)
         )?;
     }
     writeln!(out, "{} messages in {endpoint}_error", found.len())?;

@@ -73,9 +73,24 @@ impl Management {
         let uri: lapin::uri::AMQPUri = amqp.parse().ok()?;
         let base = match explicit {
             Some(url) => url.trim_end_matches('/').to_owned(),
-            None => format!("http://{}:15672", uri.authority.host),
+            None => {
+                // Beside a TLS broker the API is asked over TLS too (port 15671).
+                let (scheme, port) = match uri.scheme {
+                    lapin::uri::AMQPScheme::AMQPS => ("https", 15671),
+                    lapin::uri::AMQPScheme::AMQP => ("http", 15672),
+                };
+                let host = &uri.authority.host;
+                let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+                format!("{scheme}://{host}:{port}")
+            }
         };
-        let vhost = uri.vhost.replace('%', "%25").replace('/', "%2F");
+        let mut vhost = String::new();
+        for byte in uri.vhost.bytes() {
+            match byte {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => vhost.push(char::from(byte)),
+                other => vhost.push_str(&format!("%{other:02X}")),
+            }
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))

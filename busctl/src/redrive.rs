@@ -78,13 +78,12 @@ impl Redrive {
             let faulted = Faulted::of(&fetched.message);
             if !self.selects(&fetched, &faulted) || self.dry_run {
                 if self.dry_run && self.selects(&fetched, &faulted) {
-                    writeln!(out, "would redrive {}\t{}", faulted.message_id, faulted.message_type)?;
+                    writeln!(out, "would redrive {}\t{}", shown(&faulted.message_id), shown(&faulted.message_type))?;
                     moved += 1;
                 }
-                scan.hold(fetched.tag);
                 continue;
             }
-            let properties = fetched.properties.clone().with_headers(redriven_headers(&fetched));
+            let properties = redriven_properties(&fetched);
             let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
             let confirm = scan
                 .channel
@@ -93,23 +92,74 @@ impl Redrive {
                 .await?;
             // Unroutable (the queue went away): returned, not delivered; it stays where it is.
             if !confirm.is_ack() || confirm.take_message().is_some() {
-                scan.hold(fetched.tag);
                 scan.finish().await?;
                 return Err(Error::NotConfirmed(self.endpoint.clone()));
             }
             scan.remove(fetched.tag).await?;
-            writeln!(out, "redriven {}\t{}", faulted.message_id, faulted.message_type)?;
+            writeln!(out, "redriven {}\t{}", shown(&faulted.message_id), shown(&faulted.message_type))?;
             moved += 1;
         }
         scan.finish().await?;
+        if moved == 0 && !self.ids.is_empty() {
+            // Not there, or held by another reader at the moment (an open dashboard page).
+            return Err(Error::Usage(format!("no message with the ids given is waiting in {source}")));
+        }
         let verb = if self.dry_run { "would redrive" } else { "redrove" };
         writeln!(out, "{verb} {moved} messages from {source} to {}", self.endpoint)?;
         Ok(())
     }
 }
 
-/// The message's headers without what its failure added (`MT-Fault-*`, `MT-Reason`), and
-/// with its redrives counted.
+/// Wire text for a terminal: control characters escaped, so a message cannot drive it.
+pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    bus_core::logged::escaped(text, 4096)
+}
+
+/// The properties the message goes back with: its own, but for the user it was published by
+/// (the broker refuses a publish whose user id is not the publisher's) and the headers its
+/// failure and the broker added.
+fn redriven_properties(fetched: &Fetched) -> lapin::BasicProperties {
+    let from = &fetched.properties;
+    let mut properties = lapin::BasicProperties::default().with_headers(redriven_headers(fetched));
+    if let Some(v) = from.content_type() {
+        properties = properties.with_content_type(v.clone());
+    }
+    if let Some(v) = from.content_encoding() {
+        properties = properties.with_content_encoding(v.clone());
+    }
+    if let Some(v) = from.delivery_mode() {
+        properties = properties.with_delivery_mode(*v);
+    }
+    if let Some(v) = from.priority() {
+        properties = properties.with_priority(*v);
+    }
+    if let Some(v) = from.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = from.reply_to() {
+        properties = properties.with_reply_to(v.clone());
+    }
+    if let Some(v) = from.expiration() {
+        properties = properties.with_expiration(v.clone());
+    }
+    if let Some(v) = from.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = from.timestamp() {
+        properties = properties.with_timestamp(*v);
+    }
+    if let Some(v) = from.kind() {
+        properties = properties.with_type(v.clone());
+    }
+    if let Some(v) = from.app_id() {
+        properties = properties.with_app_id(v.clone());
+    }
+    properties
+}
+
+/// The message's headers without what its failure added (`MT-Fault-*`, `MT-Reason`) and what
+/// the broker added (`x-death`, `x-delivery-count`, `x-first-death-*`...), and with its
+/// redrives counted.
 fn redriven_headers(fetched: &Fetched) -> FieldTable {
     let mut headers: BTreeMap<ShortString, AMQPValue> = BTreeMap::new();
     let mut count = 0i64;
@@ -122,7 +172,7 @@ fn redriven_headers(fetched: &Fetched) -> FieldTable {
                     AMQPValue::LongInt(n) => i64::from(*n),
                     _ => 0,
                 };
-            } else if !text.starts_with("MT-Fault-") && text != "MT-Reason" {
+            } else if !text.starts_with("MT-Fault-") && text != "MT-Reason" && !text.starts_with("x-") {
                 headers.insert(name.clone(), value.clone());
             }
         }

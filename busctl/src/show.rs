@@ -3,6 +3,7 @@ use std::io::Write;
 use lapin::Connection;
 
 use crate::faulted::Faulted;
+use crate::redrive::shown;
 use crate::scan::QueueScan;
 use crate::{Error, Result};
 
@@ -20,26 +21,28 @@ pub(crate) async fn show(
             Err(Error::NoSuchQueue(_)) => continue,
             Err(error) => return Err(error),
         };
-        let mut shown = false;
+        let mut found = false;
         while let Some(fetched) = scan.next().await? {
-            scan.hold(fetched.tag);
             if Faulted::of(&fetched.message).message_id.eq_ignore_ascii_case(message_id) {
                 writeln!(out, "queue: {queue}")?;
                 for (name, value) in fetched.message.headers.iter() {
                     let text = value.as_str().map_or_else(|| value.to_string(), str::to_owned);
-                    writeln!(out, "{name}: {text}")?;
+                    writeln!(out, "{}: {}", shown(name), shown(&text))?;
                 }
                 let body = serde_json::from_slice::<serde_json::Value>(&fetched.body)
                     .ok()
                     .and_then(|json| serde_json::to_string_pretty(&json).ok())
                     .unwrap_or_else(|| String::from_utf8_lossy(&fetched.body).into_owned());
-                writeln!(out, "\n{body}")?;
-                shown = true;
+                writeln!(out)?;
+                for line in body.lines() {
+                    writeln!(out, "{}", bus_core::logged::escaped(line, usize::MAX))?;
+                }
+                found = true;
                 break;
             }
         }
         scan.finish().await?;
-        if shown {
+        if found {
             return Ok(());
         }
     }

@@ -176,6 +176,15 @@ async fn the_dashboard_lists_endpoints_shows_reasons_and_redrives_in_a_real_brow
         assert!(tokio::time::Instant::now() < deadline, "the page never showed one left:\n{source}");
         browser.open(&format!("{dashboard}/errors/orders")).await;
     }
+    // Another site's page cannot make the operator's browser purge.
+    let forged = reqwest::Client::new()
+        .post(format!("{dashboard}/errors/orders/purge"))
+        .header("Origin", "http://evil.example")
+        .header("Sec-Fetch-Site", "cross-site")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(forged.status(), reqwest::StatusCode::FORBIDDEN);
     browser.call(reqwest::Method::DELETE, "", None).await;
     serve.start_kill().expect("stop serving");
     bus.stop().await.expect("stop");
