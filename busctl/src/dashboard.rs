@@ -16,7 +16,7 @@ use axum::Router;
 use lapin::{Connection, ConnectionProperties};
 
 use crate::management::Management;
-use crate::{faulted, Error, Redrive, Result};
+use crate::{faulted, path_segment, Error, Redrive, Result};
 
 /// What the dashboard shows: the broker, and the endpoints to show when its management API
 /// does not list them.
@@ -45,18 +45,6 @@ pub fn router(addr: String, management: Option<String>, endpoints: Vec<String>) 
 
 async fn connect(served: &Served) -> Result<Connection> {
     Ok(Connection::connect(&served.addr, ConnectionProperties::default()).await?)
-}
-
-/// A name made safe for a URL path segment: every byte but `A-Z a-z 0-9 - _ . ~` escaped.
-fn path_segment(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for byte in name.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(char::from(byte)),
-            other => out.push_str(&format!("%{other:02X}")),
-        }
-    }
-    out
 }
 
 /// Refuses a change (redrive, purge) asked for by another site's page: a form another site

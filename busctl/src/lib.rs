@@ -168,6 +168,19 @@ async fn counts(connection: &Connection, queue: &str) -> Result<Option<(u32, u32
     Ok(answer)
 }
 
+/// A name made safe for a URL path segment (a vhost, a queue): every byte but
+/// `A-Z a-z 0-9 - _ . ~` percent-encoded.
+pub(crate) fn path_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(char::from(byte)),
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
 /// Why a command needs the management API.
 const NEEDS_MANAGEMENT: &str = "this needs the RabbitMQ management API, which does not answer: enable it with \
      `rabbitmq-plugins enable rabbitmq_management`, or give its address with --management";

@@ -84,13 +84,7 @@ impl Management {
                 format!("{scheme}://{host}:{port}")
             }
         };
-        let mut vhost = String::new();
-        for byte in uri.vhost.bytes() {
-            match byte {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => vhost.push(char::from(byte)),
-                other => vhost.push_str(&format!("%{other:02X}")),
-            }
-        }
+        let vhost = crate::path_segment(&uri.vhost);
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
