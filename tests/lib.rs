@@ -58,6 +58,32 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Asks `check` every `every` until it answers `Ok`, for at most `timeout`, and returns its
+/// answer: for state that tells no one when it changes (health, a process's port, queue
+/// sizes from `rabbitmqctl` or the management API). `check`'s `Err` says what it saw; the
+/// last one is in the panic when the time is up.
+///
+/// # Panics
+///
+/// When `check` has not answered `Ok` within `timeout`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match check().await {
+            Ok(answer) => return answer,
+            Err(seen) if tokio::time::Instant::now() >= deadline => panic!("{what}: not within {timeout:?}; {seen}"),
+            Err(_) => {}
+        }
+    }
+}
+
 /// A name no other test (or earlier run) uses, so tests can share a broker.
 pub fn unique(prefix: &str) -> String {
     let id = uuid::Uuid::now_v7().simple().to_string();

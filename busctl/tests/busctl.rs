@@ -11,6 +11,7 @@ use bus_core::testing::Log;
 use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message};
 use bus_rabbitmq::RabbitMqTransport;
 use serde::{Deserialize, Serialize};
+use tests::poll_until;
 use tests::rabbit_fixture::require_broker;
 use tests::rabbit_support::Vhost;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -79,18 +80,15 @@ async fn queue_sizes(vhost: &Arc<Vhost>) -> HashMap<String, u64> {
 
 /// Waits until `queue` holds `n` messages.
 async fn wait_queue(vhost: &Arc<Vhost>, queue: &str, n: u64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    poll_until(&format!("{queue} holds {n}"), WAIT, Duration::from_millis(100), || async {
         let sizes = queue_sizes(vhost).await;
         if sizes.get(queue).copied().unwrap_or(0) == n {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{sizes:?}"))
         }
-        assert!(tokio::time::Instant::now() < deadline, "{queue} never held {n}: {sizes:?}");
-        // Queue sizes come from rabbitmqctl, which has no notification: sampled.
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        tick.tick().await;
-        tick.tick().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,26 +284,21 @@ async fn with_the_management_api_endpoints_are_listed_and_the_topology_drawn() {
     bus.start().await.expect("bus starts");
     bus.publish(Order { n: 1 }).await.expect("publish");
     bus.publish(Order { n: 2 }).await.expect("publish");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let text = loop {
-        let (ok, text) = run(vec!["endpoints".into()]).await;
-        assert!(ok, "{text}");
-        let row: Vec<String> = text
-            .lines()
-            .find(|l| l.starts_with("orders "))
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
-        // The management API's counts lag a few seconds behind the queues.
-        if row.get(4).is_some_and(|e| e == "2") {
-            break text;
+    // The management API's counts lag a few seconds behind the queues.
+    let text = poll_until("two in orders_error", WAIT, Duration::from_millis(500), || {
+        let run = &run;
+        async move {
+            let (ok, text) = run(vec!["endpoints".into()]).await;
+            assert!(ok, "{text}");
+            let row = text.lines().find(|l| l.starts_with("orders ")).unwrap_or_default().to_owned();
+            if row.split_whitespace().nth(4) == Some("2") {
+                Ok(text)
+            } else {
+                Err(text)
+            }
         }
-        assert!(tokio::time::Instant::now() < deadline, "never showed two in orders_error:\n{text}");
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.tick().await;
-        tick.tick().await;
-    };
+    })
+    .await;
     let row: Vec<&str> =
         text.lines().find(|l| l.starts_with("orders ")).unwrap_or_default().split_whitespace().collect();
     assert_eq!(row, ["orders", "0", "0", "1", "2", "0"], "ready, unacked, consumers, error, skipped:\n{text}");

@@ -13,6 +13,7 @@ use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message};
 use bus_rabbitmq::RabbitMqTransport;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tests::poll_until;
 use tests::rabbit_fixture::require_broker;
 use tests::rabbit_support::{free_port, Vhost};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -65,16 +66,10 @@ async fn browser() -> (tokio::process::Child, Browser) {
         .expect("chromedriver runs: scripts/test.sh installs Debian's chromium and chromium-driver");
     let http = reqwest::Client::new();
     let root = format!("http://127.0.0.1:{port}");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if http.get(format!("{root}/status")).send().await.is_ok() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "chromedriver never answered");
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        tick.tick().await;
-        tick.tick().await;
-    }
+    poll_until("chromedriver answers", WAIT, Duration::from_millis(100), || async {
+        http.get(format!("{root}/status")).send().await.map(drop).map_err(|e| e.to_string())
+    })
+    .await;
     let capabilities = json!({ "capabilities": { "alwaysMatch": {
         "browserName": "chrome",
         "goog:chromeOptions": {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::support::{header, record};
-use crate::{unique, Fixture, WAIT};
+use crate::{poll_until, unique, Fixture, WAIT};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(urn = "urn:message:Conformance:Keyed")]
@@ -154,27 +154,19 @@ pub async fn kill_switch_stops_an_endpoint_through_an_outage_and_loses_nothing<F
     futures::future::try_join_all((0..MESSAGES).map(|n| bus.send(&destination, Charge { n }))).await.expect("sent");
 
     // Health says the switch tripped, on this endpoint, and why.
-    let deadline = Instant::now() + WAIT;
-    let tripped = loop {
+    let tripped = poll_until("the kill switch trips", WAIT, Duration::from_millis(20), || async {
         let health = bus.health().await;
         let endpoint = health.endpoints.iter().find(|e| e.endpoint == name).cloned();
         let tripped = |e: &bus_core::EndpointHealth| {
             e.status == HealthStatus::Degraded
                 && e.reason.as_deref().is_some_and(|r| r.starts_with("kill switch tripped"))
         };
-        if let Some(endpoint) = endpoint.filter(tripped) {
-            break endpoint;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the kill switch never tripped: {health:?}; {} failures, {} consumed",
-            failures.load(Ordering::SeqCst),
-            consumed.len()
-        );
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        tick.tick().await;
-        tick.tick().await;
-    };
+        endpoint.filter(tripped).ok_or_else(|| {
+            let (failed, consumed) = (failures.load(Ordering::SeqCst), consumed.len());
+            format!("{health:?}; {failed} failures, {consumed} consumed")
+        })
+    })
+    .await;
     let reason = tripped.reason.clone().unwrap_or_default();
     assert!(reason.contains("kill switch tripped"), "{reason}");
     assert!(reason.contains("payment provider unavailable"), "{reason}");
@@ -201,13 +193,15 @@ pub async fn kill_switch_stops_an_endpoint_through_an_outage_and_loses_nothing<F
         .await
         .expect("the rest consumed");
     // Health comes back once the switch has closed again.
-    let deadline = Instant::now() + WAIT;
-    while bus.health().await.status != HealthStatus::Healthy {
-        assert!(Instant::now() < deadline, "the endpoint never became healthy again");
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        tick.tick().await;
-        tick.tick().await;
-    }
+    poll_until("the endpoint is healthy again", WAIT, Duration::from_millis(20), || async {
+        let health = bus.health().await;
+        if health.status == HealthStatus::Healthy {
+            Ok(())
+        } else {
+            Err(format!("{health:?}"))
+        }
+    })
+    .await;
     bus.stop().await.expect("stop");
     let left = fixture.take_messages(&name, 0, Duration::ZERO).await;
 

@@ -9,9 +9,8 @@ use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
 use serde::{Deserialize, Serialize};
 use tests::rabbit_fixture::require_broker;
 use tests::rabbit_support::{shared_addr, TcpProxy, Vhost};
-use tests::unique;
+use tests::{poll_until, unique};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(urn = "urn:message:HttpTests:Ping")]
@@ -39,20 +38,19 @@ async fn get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Asks `path` until it answers `status`, for at most `timeout`; returns the last body.
+/// Asks `path` until it answers `status` (health has no change notification), for at most
+/// `timeout`; returns the body.
 async fn wait_status(address: std::net::SocketAddr, path: &str, status: u16, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let what = format!("{path} answers {status}");
+    poll_until(&what, timeout, Duration::from_millis(50), || async {
         let (got, body) = get(address, path).await;
         if got == status {
-            return body;
+            Ok(body)
+        } else {
+            Err(format!("it answers {got}: {body}"))
         }
-        assert!(Instant::now() < deadline, "{path} still answers {got} after {timeout:?}, not {status}: {body}");
-        // Health has no change notification: it is sampled within the deadline.
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        tick.tick().await;
-        tick.tick().await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
