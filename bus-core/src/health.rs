@@ -32,17 +32,33 @@ pub struct EndpointHealth {
     pub status: HealthStatus,
     /// Why it is not healthy.
     pub reason: Option<String>,
+    /// The broker node the endpoint is connected to, when the transport knows of several
+    /// (a RabbitMQ cluster: `host:port`).
+    pub node: Option<String>,
 }
 
 impl EndpointHealth {
     /// A healthy endpoint.
     pub fn healthy(endpoint: impl Into<String>) -> Self {
-        EndpointHealth { endpoint: endpoint.into(), status: HealthStatus::Healthy, reason: None }
+        EndpointHealth { endpoint: endpoint.into(), status: HealthStatus::Healthy, reason: None, node: None }
     }
 
     /// An endpoint in `status` for `reason`.
     pub fn new(endpoint: impl Into<String>, status: HealthStatus, reason: impl Into<String>) -> Self {
-        EndpointHealth { endpoint: endpoint.into(), status, reason: Some(reason.into()) }
+        EndpointHealth { endpoint: endpoint.into(), status, reason: Some(reason.into()), node: None }
+    }
+
+    /// The same, naming the broker node it is connected to.
+    ///
+    /// ```
+    /// use bus_core::EndpointHealth;
+    /// let health = EndpointHealth::healthy("orders").on_node("rabbit-2:5672");
+    /// assert_eq!(health.node.as_deref(), Some("rabbit-2:5672"));
+    /// ```
+    #[must_use]
+    pub fn on_node(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
     }
 }
 

@@ -34,7 +34,9 @@ fn health_response(health: &BusHealth, ok: bool) -> Response {
     let endpoints: Vec<serde_json::Value> = health
         .endpoints
         .iter()
-        .map(|e| serde_json::json!({ "endpoint": e.endpoint, "status": e.status.to_string(), "reason": e.reason }))
+        .map(|e| {
+            serde_json::json!({ "endpoint": e.endpoint, "status": e.status.to_string(), "reason": e.reason, "node": e.node })
+        })
         .collect();
     let body = serde_json::json!({ "status": health.status.to_string(), "endpoints": endpoints });
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -1,5 +1,6 @@
-//! One connection to the broker, kept alive: reconnects with capped exponential backoff,
-//! declares the topology again (the publishing connection; a consumer declares its own
+//! One connection to the broker, kept alive: reconnects with capped exponential backoff and
+//! jitter, to the next of the cluster's nodes when the address lists several; declares the
+//! topology again (the publishing connection; a consumer declares its own
 //! endpoint again when it finds it missing), and tells everyone who waits when a new session
 //! is up.
 
@@ -20,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::options::{redact, with_heartbeat, RabbitMqOptions};
+use crate::options::{node_name, with_heartbeat, RabbitMqOptions};
 use crate::topology;
 
 /// A confirm channel that carries one publish at a time (see `Session::sender`): its slot
@@ -54,6 +55,8 @@ impl std::ops::Deref for SenderChannel<'_> {
 pub(crate) struct Session {
     pub(crate) connection: Connection,
     pub(crate) generation: u64,
+    /// The node connected to, `host:port`.
+    pub(crate) node: String,
     publishers: Vec<Mutex<Channel>>,
     next: AtomicUsize,
     /// Held while a closed confirm channel is reopened: the publishes that find it closed
@@ -186,7 +189,8 @@ pub(crate) enum Role {
 
 /// One connection kept alive, and what the transport's clones share of it.
 pub(crate) struct Shared {
-    address: String,
+    /// The nodes' addresses, heartbeat added: one, or the nodes of a cluster.
+    addresses: Vec<String>,
     pub(crate) redacted: String,
     pub(crate) options: RabbitMqOptions,
     pub(crate) role: Role,
@@ -210,11 +214,12 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(address: String, options: RabbitMqOptions, role: Role) -> Arc<Self> {
-        let redacted = redact(&address);
-        let address = with_heartbeat(&address, options.heartbeat);
+    /// A connection to one of `addresses` (several: the nodes of a cluster). `redacted` names
+    /// them all in logs and errors.
+    pub(crate) fn new(addresses: &[String], redacted: String, options: RabbitMqOptions, role: Role) -> Arc<Self> {
+        let addresses = addresses.iter().map(|address| with_heartbeat(address, options.heartbeat)).collect();
         Arc::new(Shared {
-            address,
+            addresses,
             redacted,
             options,
             role,
@@ -305,23 +310,52 @@ impl Shared {
         OwnedTLSConfig { identity, cert_chain: tls.ca_pem.clone() }
     }
 
-    async fn connect_once(&self) -> Result<Connection> {
+    async fn connect_once(&self, address: &str) -> Result<Connection> {
         let properties =
             ConnectionProperties::default().with_connection_name(self.options.connection_name.clone().into());
         let builder = DefaultConnectionBuilder::new()
             .map_err(|e| self.connection_error("no async runtime", e))?
-            .with_uri_str(self.address.clone())
+            .with_uri_str(address.to_owned())
             .with_properties(properties)
             .with_tls_config(self.tls());
+        let node = node_name(address);
         match tokio::time::timeout(self.options.connect_timeout, builder.connect()).await {
             Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(self.connection_error("could not connect", error)),
+            Ok(Err(error)) => Err(self.connection_error(&format!("could not connect to {node}"), error)),
             Err(_) => Err(Error::Connection {
                 address: self.redacted.clone(),
-                reason: format!("no connection within {:?}", self.options.connect_timeout),
+                reason: format!("no connection to {node} within {:?}", self.options.connect_timeout),
                 source: None,
             }),
         }
+    }
+
+    /// Connects to the first node that answers, starting with the one at `*next`; leaves
+    /// `*next` at the node after it, so that after losing this connection the others are
+    /// tried first (the node that was lost is likely still down). Fails with every node's error.
+    async fn connect_any(&self, next: &mut usize) -> Result<(Connection, String)> {
+        let count = self.addresses.len();
+        let mut failures = Vec::new();
+        for attempt in 0..count {
+            let index = (*next + attempt) % count;
+            let address = &self.addresses[index];
+            match self.connect_once(address).await {
+                Ok(connection) => {
+                    *next = (index + 1) % count;
+                    return Ok((connection, node_name(address)));
+                }
+                Err(error) if count == 1 => return Err(error),
+                Err(error) => {
+                    tracing::debug!(node = %node_name(address), error = %chain(&error), "rabbitmq node did not answer");
+                    failures.push(chain(&error).to_string());
+                }
+            }
+        }
+        Err(Error::Connection {
+            address: self.redacted.clone(),
+            reason: format!("no node answered: {}", failures.join("; ")),
+            source: None,
+        })
     }
 
     fn connection_error(&self, what: &str, error: lapin::Error) -> Error {
@@ -330,8 +364,8 @@ impl Shared {
 
     /// Opens a session: connection, confirm channels and, on the publishing connection, the
     /// whole declared topology.
-    async fn open(&self, generation: u64) -> Result<Arc<Session>> {
-        let connection = self.connect_once().await?;
+    async fn open(&self, generation: u64, next: &mut usize) -> Result<Arc<Session>> {
+        let (connection, node) = self.connect_any(next).await?;
         let mut publishers = Vec::with_capacity(self.options.publish_channels.max(1));
         for _ in 0..self.options.publish_channels.max(1) {
             let channel = open_confirm_channel(&connection)
@@ -342,6 +376,7 @@ impl Shared {
         let session = Arc::new(Session {
             connection,
             generation,
+            node,
             publishers,
             next: AtomicUsize::new(0),
             reopening: tokio::sync::Mutex::new(()),
@@ -390,13 +425,14 @@ impl Shared {
         let mut first = Some(first);
         let mut generation = 0u64;
         let mut pause = self.options.reconnect_min;
+        let mut next = 0;
         loop {
             if self.closed.is_cancelled() {
                 break;
             }
             generation += 1;
             let opened = tokio::select! {
-                opened = self.open(generation) => opened,
+                opened = self.open(generation, &mut next) => opened,
                 () = self.closed.cancelled() => break,
             };
             match opened {
@@ -406,7 +442,7 @@ impl Shared {
                     pause = self.options.reconnect_min;
                     self.connections.fetch_add(1, Ordering::Relaxed);
                     self.blocked.send_replace(None);
-                    tracing::info!(address = %self.redacted, generation, role = ?self.role, "connected to rabbitmq");
+                    tracing::info!(node = %session.node, generation, role = ?self.role, "connected to rabbitmq");
                     self.link.send_replace(Link::Up(session.clone()));
                     if let Some(first) = first.take() {
                         let _ = first.send(Ok(()));
@@ -445,7 +481,7 @@ impl Shared {
                             }
                         }
                     };
-                    tracing::warn!(address = %self.redacted, role = ?self.role, %error, "rabbitmq connection lost; reconnecting");
+                    tracing::warn!(node = %session.node, role = ?self.role, %error, "rabbitmq connection lost; reconnecting");
                     self.link.send_replace(Link::Down { error: Some(error) });
                 }
                 Err(error) => {
@@ -456,10 +492,13 @@ impl Shared {
                         self.link.send_replace(Link::Closed);
                         return;
                     }
-                    tracing::warn!(%message, retry_in = ?pause, "rabbitmq reconnection failed");
+                    // Jittered (between half the pause and all of it), so that the many clients a
+                    // node's loss cuts off at once do not all come back at the same moment.
+                    let jittered = pause.mul_f64(0.5 + fastrand::f64() / 2.0);
+                    tracing::warn!(%message, retry_in = ?jittered, "rabbitmq reconnection failed");
                     self.link.send_replace(Link::Down { error: Some(message) });
                     tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
+                        () = tokio::time::sleep(jittered) => {}
                         () = self.closed.cancelled() => break,
                     }
                     pause = pause.saturating_mul(2).min(self.options.reconnect_max);

@@ -369,7 +369,7 @@ impl RabbitMqSettle {
         let session = self.shared.session(deadline).await?;
         let options = &self.shared.options;
         if endpoint.temporary {
-            topology::declare_dead_letter_queues(&session.connection, &endpoint, options.queue_type).await
+            topology::declare_dead_letter_queues(&session.connection, &endpoint, options).await
         } else {
             topology::declare_endpoint(&session.connection, &endpoint, options).await
         }

@@ -83,7 +83,9 @@ mod topology;
 mod transport;
 
 pub use error::{is_not_found, Error, Result};
-pub use options::{default_address, redact, ExchangeType, QueueType, RabbitMqOptions, TlsOptions};
+pub use options::{
+    default_address, nodes, redact, ExchangeType, QueueSettings, QueueType, RabbitMqOptions, TlsOptions,
+};
 pub use transport::RabbitMqTransport;
 
 /// Conversions tests use to read raw deliveries the way the transport does.

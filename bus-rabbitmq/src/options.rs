@@ -12,6 +12,94 @@ pub enum QueueType {
     Quorum,
 }
 
+/// How one endpoint's queues are declared, over the transport-wide
+/// [`queue_type`](RabbitMqOptions::queue_type) (MassTransit's `SetQuorumQueue(replicas)` and
+/// `SetQueueArgument` on one endpoint).
+///
+/// The settings apply to the endpoint's queue, its delay queues (delayed redelivery) and its
+/// `_error` and `_skipped` queues; a temporary endpoint (a response queue) stays classic.
+/// Replicas, a delivery limit and at-least-once dead-lettering need quorum queues:
+/// [`RabbitMqOptions::endpoint_queue`] refuses them on classic ones.
+///
+/// ```
+/// use bus_rabbitmq::{QueueSettings, QueueType, RabbitMqOptions};
+/// let options = RabbitMqOptions::default()
+///     .endpoint_queue("orders", QueueSettings::quorum().replicas(3).delivery_limit(10).at_least_once_dead_lettering());
+/// assert_eq!(options.endpoint_queues["orders"].queue_type, QueueType::Quorum);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueSettings {
+    /// The queue type.
+    pub queue_type: QueueType,
+    /// How many nodes hold a replica of a new quorum queue (`x-quorum-initial-group-size`);
+    /// `None`: as many as the cluster has, up to the broker's default.
+    pub replicas: Option<u32>,
+    /// How many times a message may be given back to a quorum queue (a consumer lost before
+    /// acknowledging, or a requeue) before it is dead-lettered to the endpoint's `_error`
+    /// queue (`x-delivery-limit`): a message that crashes every consumer stops going round.
+    pub delivery_limit: Option<u32>,
+    /// Dead-lettering that loses nothing (`x-dead-letter-strategy: at-least-once`, with
+    /// `x-overflow: reject-publish`, which it requires): a message leaving a delay queue for
+    /// the endpoint, or the endpoint for `_error` past its delivery limit, stays where it was
+    /// until the target queue has confirmed it. The broker's default drops it if the target
+    /// is unavailable at that moment (a node down).
+    pub at_least_once_dead_lettering: bool,
+}
+
+impl QueueSettings {
+    /// Classic queues.
+    pub fn classic() -> Self {
+        QueueSettings::default()
+    }
+
+    /// Quorum queues: replicated over the cluster's nodes.
+    pub fn quorum() -> Self {
+        QueueSettings { queue_type: QueueType::Quorum, ..QueueSettings::default() }
+    }
+
+    /// Replicas of a new quorum queue.
+    #[must_use]
+    pub fn replicas(mut self, replicas: u32) -> Self {
+        self.replicas = Some(replicas);
+        self
+    }
+
+    /// Deliveries of one message before it is dead-lettered to `_error`.
+    #[must_use]
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// At-least-once dead-lettering (see the field).
+    #[must_use]
+    pub fn at_least_once_dead_lettering(mut self) -> Self {
+        self.at_least_once_dead_lettering = true;
+        self
+    }
+
+    /// What these settings need of the queue type, as an error.
+    fn validate(&self, endpoint: &str) -> Result<(), String> {
+        if self.queue_type == QueueType::Quorum {
+            return match self.replicas {
+                Some(0) => Err(format!("endpoint `{endpoint}`: a quorum queue needs at least one replica")),
+                _ => Ok(()),
+            };
+        }
+        let quorum_only = [
+            (self.replicas.is_some(), "replicas"),
+            (self.delivery_limit.is_some(), "a delivery limit"),
+            (self.at_least_once_dead_lettering, "at-least-once dead-lettering"),
+        ];
+        match quorum_only.iter().find(|(set, _)| *set) {
+            Some((_, what)) => {
+                Err(format!("endpoint `{endpoint}`: {what} needs quorum queues (QueueSettings::quorum())"))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 /// Client certificate and trusted roots for `amqps://`.
 #[derive(Clone, Default)]
 pub struct TlsOptions {
@@ -50,8 +138,12 @@ pub struct RabbitMqOptions {
     /// How long a publish (or declaration) waits for a connection during an outage, and for
     /// its confirm, before it fails.
     pub publish_timeout: Duration,
-    /// Queue type of durable queues.
+    /// Queue type of durable queues, unless [`endpoint_queues`](Self::endpoint_queues) says
+    /// otherwise for an endpoint.
     pub queue_type: QueueType,
+    /// How the queues of particular endpoints are declared, by endpoint name (see
+    /// [`endpoint_queue`](Self::endpoint_queue)).
+    pub endpoint_queues: std::collections::HashMap<String, QueueSettings>,
     /// Number of confirm channels publishes are spread over (default 1: on a small machine
     /// one channel pipelines best; more can help with many cores).
     pub publish_channels: usize,
@@ -92,6 +184,7 @@ impl Default for RabbitMqOptions {
             reconnect_max: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(30),
             queue_type: QueueType::Classic,
+            endpoint_queues: std::collections::HashMap::new(),
             publish_channels: 1,
             topology_check_interval: Duration::from_secs(10),
             tls: TlsOptions::default(),
@@ -123,6 +216,27 @@ impl RabbitMqOptions {
         self
     }
 
+    /// Declares endpoint `endpoint`'s queues with `settings` rather than the transport-wide
+    /// [`queue_type`](Self::queue_type): quorum queues for one endpoint, their replicas,
+    /// delivery limit and dead-lettering (see [`QueueSettings`]). Settings that need quorum
+    /// queues on a classic one make the transport refuse to connect.
+    ///
+    /// A queue that exists already keeps the arguments it was declared with: the broker
+    /// refuses a declaration with others (logged), so changing a queue's type means moving
+    /// its messages to a new queue (a shovel, or `busctl`).
+    pub fn endpoint_queue(mut self, endpoint: impl Into<String>, settings: QueueSettings) -> Self {
+        self.endpoint_queues.insert(endpoint.into(), settings);
+        self
+    }
+
+    /// How endpoint `endpoint`'s queues are declared.
+    pub(crate) fn queue_settings(&self, endpoint: &str) -> QueueSettings {
+        self.endpoint_queues
+            .get(endpoint)
+            .copied()
+            .unwrap_or(QueueSettings { queue_type: self.queue_type, ..QueueSettings::default() })
+    }
+
     /// The type exchange `name` is declared as.
     pub(crate) fn exchange_kind(&self, name: &str) -> lapin::ExchangeKind {
         match self.exchange_types.get(name).copied().unwrap_or_default() {
@@ -150,6 +264,9 @@ impl RabbitMqOptions {
         }
         if self.heartbeat.as_secs() > u64::from(u16::MAX) {
             return Err(format!("heartbeat is {:?}; AMQP carries at most {} s", self.heartbeat, u16::MAX));
+        }
+        for (endpoint, settings) in &self.endpoint_queues {
+            settings.validate(endpoint)?;
         }
         if self.publish_channels == 0 || self.publish_channels > 1024 {
             return Err(format!("publish_channels is {}; it must be from 1 to 1024", self.publish_channels));
@@ -189,6 +306,50 @@ pub fn redact(address: &str) -> String {
     };
     let user = userinfo.split(':').next().unwrap_or("");
     format!("{prefix}{user}:***@{host}")
+}
+
+/// The nodes an address names, each as an address of its own: `amqp://u:p@h1:5672,h2:5673/vh`
+/// names `amqp://u:p@h1:5672/vh` and `amqp://u:p@h2:5673/vh` (user, vhost and query shared).
+///
+/// ```
+/// use bus_rabbitmq::nodes;
+/// assert_eq!(
+///     nodes("amqp://u:p@h1:5672,h2:5673/vh?heartbeat=5"),
+///     ["amqp://u:p@h1:5672/vh?heartbeat=5", "amqp://u:p@h2:5673/vh?heartbeat=5"]
+/// );
+/// assert_eq!(nodes("amqp://h1"), ["amqp://h1"]);
+/// ```
+pub fn nodes(address: &str) -> Vec<String> {
+    let Some((scheme, rest)) = address.split_once("://") else {
+        return vec![address.to_owned()];
+    };
+    // The user information ends at the last `@` before the query (a password may hold `@`).
+    let before_query = rest.split('?').next().unwrap_or(rest);
+    let (userinfo, after) = match before_query.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let hosts_end = after.find(['/', '?']).unwrap_or(after.len());
+    let (hosts, tail) = after.split_at(hosts_end);
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|host| !host.is_empty())
+        .map(|host| format!("{scheme}://{userinfo}{host}{tail}"))
+        .collect();
+    if nodes.is_empty() {
+        vec![address.to_owned()]
+    } else {
+        nodes
+    }
+}
+
+/// The `host:port` of an address, for health and logs (no user, no password).
+pub(crate) fn node_name(address: &str) -> String {
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let before_query = rest.split('?').next().unwrap_or(rest);
+    let after = before_query.rfind('@').map_or(before_query, |at| &before_query[at + 1..]);
+    after.split('/').next().unwrap_or(after).to_owned()
 }
 
 /// Adds the heartbeat to the URI unless it sets one.

@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::error::{Error, Result};
-use crate::options::QueueType;
+use crate::options::{QueueSettings, QueueType};
 use crate::RabbitMqOptions;
 
 fn refused(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
@@ -71,10 +71,41 @@ async fn queue_with_exchange(
         .map_err(refused(format!("binding queue `{name}`")))
 }
 
-fn queue_arguments(queue_type: QueueType, temporary: bool) -> FieldTable {
+/// Which of an endpoint's queues is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueueRole {
+    /// The endpoint's own queue.
+    Endpoint,
+    /// `_error` or `_skipped`.
+    DeadLetters,
+    /// A delay queue of delayed redelivery.
+    Delay,
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+/// The arguments of one of `endpoint`'s queues, declared with `settings`.
+fn queue_arguments(settings: QueueSettings, role: QueueRole, temporary: bool, endpoint: &str) -> FieldTable {
     let mut arguments = FieldTable::default();
-    if queue_type == QueueType::Quorum && !temporary {
-        arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    if settings.queue_type != QueueType::Quorum || temporary {
+        return arguments;
+    }
+    arguments.insert("x-queue-type".into(), text("quorum"));
+    if let Some(replicas) = settings.replicas {
+        arguments.insert("x-quorum-initial-group-size".into(), AMQPValue::LongUInt(replicas));
+    }
+    // Past its limit a message is dropped unless dead-lettered: the endpoint's go to `_error`,
+    // where the broker's `x-death` header says why.
+    if let (Some(limit), QueueRole::Endpoint) = (settings.delivery_limit, role) {
+        arguments.insert("x-delivery-limit".into(), AMQPValue::LongUInt(limit));
+        arguments.insert("x-dead-letter-exchange".into(), text(&format!("{endpoint}_error")));
+    }
+    let dead_letters = role == QueueRole::Delay || (role == QueueRole::Endpoint && settings.delivery_limit.is_some());
+    if settings.at_least_once_dead_lettering && dead_letters {
+        arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        arguments.insert("x-overflow".into(), text("reject-publish"));
     }
     arguments
 }
@@ -88,11 +119,11 @@ pub(crate) async fn declare_endpoint(
     endpoint: &EndpointTopology,
     options: &RabbitMqOptions,
 ) -> Result<()> {
-    let queue_type = options.queue_type;
+    let settings = options.queue_settings(&endpoint.queue);
     with_channel(connection, async |channel| {
         let name = endpoint.queue.as_str();
         let temporary = endpoint.temporary;
-        let mut arguments = queue_arguments(queue_type, temporary);
+        let mut arguments = queue_arguments(settings, QueueRole::Endpoint, temporary, name);
         if endpoint.single_active_consumer {
             arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
@@ -116,11 +147,11 @@ pub(crate) async fn declare_endpoint(
                 .map_err(refused(format!("binding exchange `{source}` to `{name}`")))?;
         }
         if endpoint.dead_letter_queues {
-            dead_letter_queues(channel, endpoint, queue_type).await?;
+            dead_letter_queues(channel, endpoint, settings).await?;
         }
         if !temporary {
             for delay in &endpoint.redelivery_delays {
-                let mut arguments = queue_arguments(queue_type, false);
+                let mut arguments = queue_arguments(settings, QueueRole::Delay, false, name);
                 let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
                 arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
                 arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from(name)));
@@ -136,19 +167,20 @@ pub(crate) async fn declare_endpoint(
 pub(crate) async fn declare_dead_letter_queues(
     connection: &Connection,
     endpoint: &EndpointTopology,
-    queue_type: QueueType,
+    options: &RabbitMqOptions,
 ) -> Result<()> {
-    with_channel(connection, async |channel| dead_letter_queues(channel, endpoint, queue_type).await).await
+    let settings = options.queue_settings(&endpoint.queue);
+    with_channel(connection, async |channel| dead_letter_queues(channel, endpoint, settings).await).await
 }
 
-async fn dead_letter_queues(channel: &Channel, endpoint: &EndpointTopology, queue_type: QueueType) -> Result<()> {
+async fn dead_letter_queues(channel: &Channel, endpoint: &EndpointTopology, settings: QueueSettings) -> Result<()> {
     // As MassTransit declares them: like their endpoint. A temporary endpoint's are not
     // durable and auto-delete, so they go with the broker's next restart, not with the bus
     // (having had no consumer, auto-delete never fires): what went there stays to be read.
     let temporary = endpoint.temporary;
     for dead_letters in [endpoint.error_queue(), endpoint.skipped_queue()] {
-        queue_with_exchange(channel, &dead_letters, !temporary, temporary, queue_arguments(queue_type, temporary))
-            .await?;
+        let arguments = queue_arguments(settings, QueueRole::DeadLetters, temporary, &endpoint.queue);
+        queue_with_exchange(channel, &dead_letters, !temporary, temporary, arguments).await?;
     }
     Ok(())
 }

@@ -75,6 +75,11 @@ impl RabbitMqTransport {
     /// Connects with options. Fails when the first connection cannot be made (or the options
     /// cannot work: a `connection_name` over 200 bytes, say); after that,
     /// lost connections are re-established in the background.
+    ///
+    /// The address may name the nodes of a cluster, `amqp://user:pass@host1:5672,host2:5672/vhost`
+    /// ([`nodes`](crate::nodes)): the transport connects to the first that answers and, when
+    /// it loses that node, to the next (each of the two connections on its own). Health names
+    /// the node each endpoint is connected to.
     pub async fn connect_with(address: &str, options: RabbitMqOptions) -> Result<Self> {
         if !(address.starts_with("amqp://") || address.starts_with("amqps://")) {
             return Err(Error::Configuration(format!(
@@ -91,8 +96,10 @@ impl RabbitMqTransport {
                 options.connection_name.len()
             )));
         }
-        let shared = Shared::new(address.to_owned(), options.clone(), Role::Publishing);
-        let consuming = Shared::new(address.to_owned(), options, Role::Consuming);
+        let nodes = crate::options::nodes(address);
+        let redacted = crate::options::redact(address);
+        let shared = Shared::new(&nodes, redacted.clone(), options.clone(), Role::Publishing);
+        let consuming = Shared::new(&nodes, redacted, options, Role::Consuming);
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(shared.clone().supervise(first_tx));
         first_rx.await.map_err(|_| Error::Closed)??;
@@ -411,6 +418,19 @@ impl RabbitMqTransport {
     /// The endpoint's health: its consumer's, then whether what it would publish, fault or
     /// move can leave.
     fn endpoint_health(&self, queue: &str, state: &ConsumerState) -> EndpointHealth {
+        let node = match &*self.consuming.link.borrow() {
+            Link::Up(session) if session.is_alive() => Some(session.node.clone()),
+            _ => None,
+        };
+        let health = self.link_health(queue, state);
+        match node {
+            Some(node) => health.on_node(node),
+            None => health,
+        }
+    }
+
+    /// The endpoint's health as its connections make it.
+    fn link_health(&self, queue: &str, state: &ConsumerState) -> EndpointHealth {
         let health = self.consumer_health(queue, state);
         if health.status != HealthStatus::Healthy {
             return health;

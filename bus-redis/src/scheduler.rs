@@ -8,15 +8,18 @@ use bus_core::{
 };
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::{has_hash_tag, RedisConfig, RedisConnection, RedisTimeouts};
+
 /// Settings of a [`RedisScheduler`].
 #[derive(Debug, Clone)]
 pub struct RedisSchedulerOptions {
-    /// Keys are `{key_prefix}:due`, `{key_prefix}:claimed` and `{key_prefix}:message:{token}`.
+    /// Keys are `{key_prefix}:due`, `{key_prefix}:claimed` and `{key_prefix}:message:{token}`,
+    /// the prefix in braces (a hash tag) unless it carries one: the scripts touch several of
+    /// them at once, so on a Redis Cluster they must all live in one slot.
     pub key_prefix: String,
     /// How long a claimed message may take to be delivered before another instance claims it
     /// again (the claiming one is taken to have died).
@@ -55,17 +58,28 @@ end
 return due
 ";
 
-/// Settles a fired batch: KEYS[1] the claimed set; ARGV[1] the message keys' prefix, then
-/// token and nonce pairs. Each claim is dropped; each message is deleted only if it is still
-/// the one fired (same nonce): one scheduled again under its token meanwhile stays.
+/// Settles a fired batch: KEYS[1] the claimed set, KEYS[2..] the messages' keys; ARGV token
+/// and nonce pairs, one per message. Each claim is dropped; each message is deleted only if
+/// it is still the one fired (same nonce): one scheduled again under its token meanwhile stays.
 const SETTLE: &str = r"
-for i = 2, #ARGV, 2 do
-  local key = ARGV[1] .. ARGV[i]
-  if ARGV[i + 1] == '' or redis.call('HGET', key, 'nonce') == ARGV[i + 1] then
-    redis.call('DEL', key)
+for i = 2, #KEYS do
+  local token = ARGV[2 * i - 3]
+  local nonce = ARGV[2 * i - 2]
+  if nonce == '' or redis.call('HGET', KEYS[i], 'nonce') == nonce then
+    redis.call('DEL', KEYS[i])
   end
-  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('ZREM', KEYS[1], token)
 end
+return 1
+";
+
+/// Stores a message and makes it due: KEYS[1] its hash, KEYS[2] the due set; ARGV[1] its
+/// token, ARGV[2] its due time (ms), then field and value pairs. One script rather than a
+/// transaction, which a Redis Cluster client may not carry: a token in the due set always
+/// has its message.
+const SCHEDULE: &str = r"
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
 ";
 
@@ -87,10 +101,11 @@ return 1
 /// ```
 #[derive(Clone)]
 pub struct RedisScheduler {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     options: RedisSchedulerOptions,
     claim: Script,
     settle: Script,
+    store: Script,
 }
 
 impl std::fmt::Debug for RedisScheduler {
@@ -112,22 +127,42 @@ fn now_ms() -> i64 {
 }
 
 impl RedisScheduler {
-    /// Connects to the Redis at `url`.
-    pub async fn connect(url: &str, options: RedisSchedulerOptions) -> bus_core::Result<Self> {
-        let client = redis::Client::open(url).map_err(transport_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
-        let connection = ConnectionManager::new_with_config(client, config).await.map_err(transport_error)?;
-        Ok(RedisScheduler { connection, options, claim: Script::new(CLAIM), settle: Script::new(SETTLE) })
+    /// Connects to the Redis at `address`: one server, a Redis Cluster or a master watched by
+    /// Sentinel ([`RedisConfig::parse`]).
+    pub async fn connect(address: &str, options: RedisSchedulerOptions) -> bus_core::Result<Self> {
+        let config = RedisConfig::parse(address).map_err(transport_error)?;
+        let connection = RedisConnection::connect(&config, RedisTimeouts::default()).await.map_err(transport_error)?;
+        Ok(Self::with_connection(connection, options))
+    }
+
+    /// Uses an existing connection.
+    pub fn with_connection(connection: RedisConnection, options: RedisSchedulerOptions) -> Self {
+        RedisScheduler {
+            connection,
+            options,
+            claim: Script::new(CLAIM),
+            settle: Script::new(SETTLE),
+            store: Script::new(SCHEDULE),
+        }
+    }
+
+    /// The prefix every key starts with: the configured one, in braces unless it carries a
+    /// hash tag already.
+    fn prefix(&self) -> String {
+        let prefix = &self.options.key_prefix;
+        if has_hash_tag(prefix) {
+            prefix.clone()
+        } else {
+            format!("{{{prefix}}}")
+        }
     }
 
     fn key(&self, what: &str) -> String {
-        format!("{}:{what}", self.options.key_prefix)
+        format!("{}:{what}", self.prefix())
     }
 
     fn message_key(&self, token: &str) -> String {
-        format!("{}:message:{token}", self.options.key_prefix)
+        format!("{}:message:{token}", self.prefix())
     }
 
     /// How many messages wait (claimed ones included).
@@ -176,12 +211,11 @@ impl RedisScheduler {
         // Those delivered (or dropped) are done; one that failed keeps its claim, and is
         // claimed again when the claim runs out.
         let mut settle = self.settle.key(self.key("claimed"));
-        settle.arg(self.message_key(""));
         let mut failure = None;
         for (token, nonce, error) in settled {
             match error {
                 None => {
-                    settle.arg(token).arg(nonce);
+                    settle.key(self.message_key(&token)).arg(token).arg(nonce);
                 }
                 Some(error) => failure = Some(error),
             }
@@ -279,14 +313,12 @@ impl MessageScheduler for RedisScheduler {
                 ("nonce", Uuid::now_v7().to_string().into_bytes()),
             ];
             let mut connection = self.connection.clone();
-            // The message first: a token in the due set always has its message.
-            let _: () = redis::pipe()
-                .atomic()
-                .hset_multiple(self.message_key(&token), &fields)
-                .zadd(self.key("due"), &token, due.time().timestamp_millis())
-                .query_async(&mut connection)
-                .await
-                .map_err(transport_error)?;
+            let mut store = self.store.key(self.message_key(&token));
+            store.key(self.key("due")).arg(&token).arg(due.time().timestamp_millis());
+            for (name, value) in fields {
+                store.arg(name).arg(value);
+            }
+            let _: i64 = store.invoke_async(&mut connection).await.map_err(transport_error)?;
             Ok(())
         })
     }

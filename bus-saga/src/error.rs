@@ -115,6 +115,10 @@ pub enum Error {
     /// Redis: a field missing from `RedisSagaOptions::indexed_fields`).
     #[error("the saga repository cannot find instances by field `{0}`; index it")]
     NotIndexed(String),
+    /// Repository settings that cannot work where the store runs (indexed fields on a Redis
+    /// Cluster without a hash tag in the key prefix).
+    #[error("{0}")]
+    Configuration(String),
     /// A [`SagaProbe`](crate::SagaProbe) waited in vain.
     #[error("saga instance {id} did not reach {waited_for} in time (last state: {last_state:?})")]
     WaitTimedOut {

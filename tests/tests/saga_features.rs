@@ -163,7 +163,7 @@ async fn redis_instances_expire_and_the_expiry_is_refreshed_on_write() {
         RedisSagaRepository::<TicketState>::connect("redis://127.0.0.1:6379", options).await.expect("redis");
     let id = Uuid::now_v7();
     let mut connection = repository.connection();
-    let ttl = |mut c: redis::aio::ConnectionManager, key: String| async move {
+    let ttl = |mut c: bus_redis::RedisConnection, key: String| async move {
         redis::cmd("PTTL").arg(key).query_async::<i64>(&mut c).await.expect("pttl")
     };
     repository.insert(&SagaInstance::new(id, TicketState::default())).await.expect("insert");

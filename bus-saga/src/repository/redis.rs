@@ -1,7 +1,7 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use bus_redis::{has_hash_tag, same_slot, RedisConfig, RedisConnection, RedisTimeouts};
 use redis::Script;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -14,7 +14,9 @@ use crate::{Error, Result, SagaInstance};
 #[derive(Debug, Clone)]
 pub struct RedisSagaOptions {
     /// Keys are `{key_prefix}:{correlationId}`; an empty prefix stores under the bare id
-    /// (MassTransit's default).
+    /// (MassTransit's default). The keys that go with an instance (its lock, its list of
+    /// index entries) are `{<instance key>}_lock` and `{<instance key>}:indexes`: in braces,
+    /// a hash tag, so that on a Redis Cluster they live in the instance's slot.
     pub key_prefix: String,
     /// Expiry of an instance, refreshed on every write; `None` keeps instances until deleted.
     pub expiry: Option<Duration>,
@@ -29,7 +31,9 @@ pub struct RedisSagaOptions {
     /// ([`StateMachineBuilder::event_correlated_by`](crate::StateMachineBuilder::event_correlated_by)):
     /// each is kept in a secondary index, `{key_prefix}:index:{field}:{value as JSON}` ->
     /// correlation id, written in the same script as the instance (the keys an instance owns
-    /// are listed in `{key}:indexes`). Empty by default.
+    /// are listed in `{key}:indexes`). Empty by default. The script that writes them touches
+    /// index keys of any value, so on a Redis Cluster indexed fields need a key prefix with a
+    /// hash tag (`{orders}`), which keeps all the saga's keys in one slot.
     pub indexed_fields: Vec<String>,
 }
 
@@ -135,6 +139,10 @@ return 0
 /// compare-and-set on `version` (Lua). Redis unreachable makes the message fail
 /// transiently: it is retried or redelivered, never lost or acked.
 ///
+/// It runs on one Redis server, a Redis Cluster or a master watched by Sentinel
+/// ([`RedisConfig`]): every script touches only the keys of one instance, which share a hash
+/// slot, and the connection follows a failover.
+///
 /// ```no_run
 /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)] struct OrderState;
 /// use bus_saga::{RedisSagaOptions, RedisSagaRepository};
@@ -145,7 +153,7 @@ return 0
 /// ```
 #[derive(Clone)]
 pub struct RedisSagaRepository<S> {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     options: RedisSagaOptions,
     update: Script,
     delete: Script,
@@ -162,21 +170,38 @@ impl<S> std::fmt::Debug for RedisSagaRepository<S> {
 }
 
 impl<S> RedisSagaRepository<S> {
-    /// Connects to `url` (`redis://host:port/db`). The connection reconnects by itself.
-    pub async fn connect(url: &str, options: RedisSagaOptions) -> Result<Self> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.response_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self::with_connection(connection, options))
+    /// Connects to `address`: `redis://host:port/db` for one server,
+    /// `redis-cluster://host:port,host:port` for a Redis Cluster,
+    /// `redis-sentinel://host:port,host:port/service` for a master watched by Sentinel
+    /// ([`RedisConfig::parse`]). The connection reconnects by itself and follows a failover.
+    ///
+    /// # Errors
+    ///
+    /// A bad address, no server answering, or indexed fields on a Redis Cluster without a
+    /// hash tag in the key prefix ([`Error::Configuration`]).
+    pub async fn connect(address: &str, options: RedisSagaOptions) -> Result<Self> {
+        let config = RedisConfig::parse(address)?;
+        let timeouts = RedisTimeouts { connect: options.response_timeout, response: options.response_timeout };
+        let connection = RedisConnection::connect(&config, timeouts).await?;
+        Self::with_connection(connection, options)
     }
 
     /// Uses an existing connection.
-    pub fn with_connection(connection: ConnectionManager, options: RedisSagaOptions) -> Self {
-        RedisSagaRepository {
+    ///
+    /// # Errors
+    ///
+    /// Indexed fields on a Redis Cluster without a hash tag in the key prefix
+    /// ([`Error::Configuration`]).
+    pub fn with_connection(connection: RedisConnection, options: RedisSagaOptions) -> Result<Self> {
+        if connection.is_cluster() && !options.indexed_fields.is_empty() && !has_hash_tag(&options.key_prefix) {
+            return Err(Error::Configuration(format!(
+                "indexed fields ({}) on a Redis Cluster need a key prefix with a hash tag, such as `{{{}}}`: \
+                 an instance and its index entries are written by one script, which may only touch keys of one slot",
+                options.indexed_fields.join(", "),
+                if options.key_prefix.is_empty() { "saga" } else { options.key_prefix.as_str() }
+            )));
+        }
+        Ok(RedisSagaRepository {
             connection,
             options,
             update: Script::new(UPDATE),
@@ -185,7 +210,7 @@ impl<S> RedisSagaRepository<S> {
             delete_indexed: Script::new(DELETE_INDEXED),
             unlock: Script::new(UNLOCK),
             _state: PhantomData,
-        }
+        })
     }
 
     /// The key an instance is stored under.
@@ -206,8 +231,13 @@ impl<S> RedisSagaRepository<S> {
         self.options.expiry.map_or(0, |e| u64::try_from(e.as_millis()).unwrap_or(u64::MAX).max(1))
     }
 
+    /// The keys that belong with instance `id`'s key: in its hash slot.
+    fn companion(&self, id: Uuid, suffix: &str) -> String {
+        same_slot(&self.key(id), suffix)
+    }
+
     /// The connection, for tools and benchmarks that talk to the same Redis.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConnection {
         self.connection.clone()
     }
 }
@@ -224,9 +254,8 @@ impl<S: Serialize + Clone> RedisSagaRepository<S> {
         let id = stored.correlation_id;
         let json = to_json(stored)?;
         let data = serde_json::to_value(&stored.data).map_err(|source| Error::Serialization { id, source })?;
-        let key = self.key(id);
-        let mut script = self.write_indexed.key(&key);
-        script.key(format!("{key}:indexes"));
+        let mut script = self.write_indexed.key(self.key(id));
+        script.key(self.companion(id, ":indexes"));
         for field in &self.options.indexed_fields {
             if let Some(value) = data.get(field).filter(|v| !v.is_null()) {
                 script.key(self.index_key(field, value));
@@ -324,10 +353,9 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
         let deleted: i64 = if self.options.indexed_fields.is_empty() {
             self.delete.key(self.key(id)).arg(expected_version).invoke_async(&mut connection).await?
         } else {
-            let key = self.key(id);
             self.delete_indexed
-                .key(&key)
-                .key(format!("{key}:indexes"))
+                .key(self.key(id))
+                .key(self.companion(id, ":indexes"))
                 .arg(expected_version)
                 .arg(id.to_string())
                 .invoke_async(&mut connection)
@@ -354,7 +382,7 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
         let Some(lease) = self.options.lock_lease else {
             return Ok(false);
         };
-        let key = format!("{}_lock", self.key(id));
+        let key = self.companion(id, "_lock");
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let deadline = tokio::time::Instant::now() + self.options.lock_wait.min(Duration::from_secs(365 * 24 * 3600));
         let mut pause = Duration::from_millis(2);
@@ -382,7 +410,7 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
 
     async fn unlock(&self, id: Uuid, token: String) -> Result<()> {
         let mut connection = self.connection.clone();
-        let _: i64 = self.unlock.key(format!("{}_lock", self.key(id))).arg(token).invoke_async(&mut connection).await?;
+        let _: i64 = self.unlock.key(self.companion(id, "_lock")).arg(token).invoke_async(&mut connection).await?;
         Ok(())
     }
 }
