@@ -940,3 +940,118 @@ async fn wait_port(port: u16, open: bool, timeout: Duration) -> bool {
         tokio::time::sleep(POLL).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// RabbitCluster
+// ---------------------------------------------------------------------------------------
+
+/// A RabbitMQ cluster of throwaway nodes ([`ThrowawayNode`]), each on its own ports: the
+/// first started alone, the others joined to it (`join_cluster`). They share the Erlang
+/// cookie of the `rabbitmq` user they run as. Dropping the cluster stops every node.
+#[derive(Debug)]
+pub struct RabbitCluster {
+    nodes: Vec<ThrowawayNode>,
+}
+
+impl RabbitCluster {
+    /// Starts `size` nodes (side by side), joins them into one cluster and waits until
+    /// `cluster_status` shows them all running.
+    ///
+    /// # Panics
+    ///
+    /// If a node does not start, refuses to join, or the cluster is not whole within 60 s.
+    pub async fn start(size: usize) -> RabbitCluster {
+        let started = Instant::now();
+        let nodes = futures::future::join_all((0..size).map(|_| ThrowawayNode::start())).await;
+        let cluster = RabbitCluster { nodes };
+        let seed = cluster.nodes[0].node_name().to_owned();
+        for node in &cluster.nodes[1..] {
+            node.stop_app().await;
+            node.ctl(&["join_cluster", &seed]).await;
+            node.start_app().await;
+        }
+        crate::poll_until("the cluster's nodes all running", Duration::from_secs(60), POLL, || async {
+            let running = cluster.running_nodes().await?;
+            if running.len() == size {
+                Ok(())
+            } else {
+                Err(format!("running: {running:?}"))
+            }
+        })
+        .await;
+        eprintln!("throwaway RabbitMQ cluster of {size} up in {:?}", started.elapsed());
+        cluster
+    }
+
+    /// Node `index` (0 is the one the others joined).
+    pub fn node(&self, index: usize) -> &ThrowawayNode {
+        &self.nodes[index]
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> &[ThrowawayNode] {
+        &self.nodes
+    }
+
+    /// The AMQP address that lists every node, first `first` then the others in order, as
+    /// guest on vhost `/`: `amqp://guest:guest@127.0.0.1:p1,127.0.0.1:p2,.../%2f`.
+    pub fn uri_from(&self, first: usize) -> String {
+        let count = self.nodes.len();
+        let hosts: Vec<String> =
+            (0..count).map(|i| format!("127.0.0.1:{}", self.nodes[(first + i) % count].port())).collect();
+        format!("amqp://guest:guest@{}/%2f", hosts.join(","))
+    }
+
+    /// The names of the nodes running, as a node that answers sees them.
+    async fn running_nodes(&self) -> Result<Vec<String>, String> {
+        let mut last = String::from("no node answered");
+        for node in &self.nodes {
+            match node.try_ctl(&["cluster_status", "--formatter", "json"], CTL_TIMEOUT).await {
+                Ok(out) => {
+                    let status: serde_json::Value =
+                        serde_json::from_str(out.trim()).map_err(|e| format!("cluster_status: {e}: {out}"))?;
+                    let running = status["running_nodes"].as_array().cloned().unwrap_or_default();
+                    return Ok(running.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect());
+                }
+                Err(error) => last = error,
+            }
+        }
+        Err(last)
+    }
+
+    /// The node that leads quorum queue `queue` now, asked of a node that answers
+    /// (`list_queues name leader`); `None` while it has none.
+    pub async fn leader(&self, queue: &str) -> Option<String> {
+        for node in &self.nodes {
+            let Ok(out) = node
+                .try_ctl(&["list_queues", "-p", "/", "name", "leader", "--quiet", "--no-table-headers"], CTL_TIMEOUT)
+                .await
+            else {
+                continue;
+            };
+            return data_lines(&out)
+                .map(fields::<2>)
+                .find(|[name, _]| name == queue)
+                .map(|[_, leader]| leader.trim().to_owned())
+                .filter(|leader| leader.contains('@'));
+        }
+        None
+    }
+
+    /// How many messages `queue` holds, asked of a node that answers.
+    pub async fn messages(&self, queue: &str) -> Option<u64> {
+        for node in &self.nodes {
+            let Ok(out) = node
+                .try_ctl(&["list_queues", "-p", "/", "name", "messages", "--quiet", "--no-table-headers"], CTL_TIMEOUT)
+                .await
+            else {
+                continue;
+            };
+            return data_lines(&out)
+                .map(fields::<2>)
+                .find(|[name, _]| name == queue)
+                .and_then(|[_, messages]| messages.trim().parse().ok());
+        }
+        None
+    }
+}

@@ -20,6 +20,7 @@ pub(crate) struct ReceiveState {
     pub(crate) endpoint: Arc<EndpointInfo>,
     pub(crate) bus: Bus,
     pub(crate) redelivery_count: u32,
+    pub(crate) redelivered: bool,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -196,6 +197,13 @@ impl ReceiveContext {
     /// How many delayed redeliveries the message has had (`MT-Redelivery-Count`).
     pub fn redelivery_count(&self) -> u32 {
         self.state.redelivery_count
+    }
+
+    /// Whether the transport delivered this message before (MassTransit's
+    /// `ReceiveContext.Redelivered`): a consumer lost before it acknowledged, a requeue. It
+    /// may have been consumed already; an idempotent consumer checks.
+    pub fn redelivered(&self) -> bool {
+        self.state.redelivered
     }
 
     /// Fires when the bus stops and in-flight work should end.

@@ -87,6 +87,7 @@ impl EndpointRuntime {
             endpoint: self.info.clone(),
             bus: bus.clone(),
             redelivery_count,
+            redelivered: delivery.redelivered(),
             cancel,
         });
         // The outbox of each consumer that succeeded, released once all of them have.

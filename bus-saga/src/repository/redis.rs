@@ -35,6 +35,17 @@ pub struct RedisSagaOptions {
     /// index keys of any value, so on a Redis Cluster indexed fields need a key prefix with a
     /// hash tag (`{orders}`), which keeps all the saga's keys in one slot.
     pub indexed_fields: Vec<String>,
+    /// After each write, wait until this many replicas have it (`WAIT`), at most
+    /// [`replica_wait`](Self::replica_wait); 0 (default) does not wait. Redis replicates
+    /// asynchronously: a master that dies right after a write may take it with it, and the
+    /// replica that takes over has the instance as it was before; the message was
+    /// acknowledged, so that update is lost. Waiting for one replica closes that window for a
+    /// failover (at the cost of a round trip to the replica per write). A write that fewer
+    /// replicas confirmed in time still counts (it is on the master) and is logged.
+    pub replicas_to_wait_for: u32,
+    /// How long a write waits for its replicas (see
+    /// [`replicas_to_wait_for`](Self::replicas_to_wait_for)).
+    pub replica_wait: Duration,
 }
 
 impl Default for RedisSagaOptions {
@@ -46,6 +57,8 @@ impl Default for RedisSagaOptions {
             lock_wait: Duration::from_secs(30),
             response_timeout: Duration::from_secs(5),
             indexed_fields: Vec::new(),
+            replicas_to_wait_for: 0,
+            replica_wait: Duration::from_millis(500),
         }
     }
 }
@@ -236,6 +249,22 @@ impl<S> RedisSagaRepository<S> {
         same_slot(&self.key(id), suffix)
     }
 
+    /// Waits until the replicas asked for have the writes made so far (see
+    /// [`RedisSagaOptions::replicas_to_wait_for`]).
+    async fn replicated(&self, id: Uuid) -> Result<()> {
+        let wanted = self.options.replicas_to_wait_for;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let wait_ms = u64::try_from(self.options.replica_wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut connection = self.connection.clone();
+        let acked: u32 = redis::cmd("WAIT").arg(wanted).arg(wait_ms).query_async(&mut connection).await?;
+        if acked < wanted {
+            tracing::warn!(instance = %id, acked, wanted, "a saga write reached fewer replicas than asked in time");
+        }
+        Ok(())
+    }
+
     /// The connection, for tools and benchmarks that talk to the same Redis.
     pub fn connection(&self) -> RedisConnection {
         self.connection.clone()
@@ -266,7 +295,7 @@ impl<S: Serialize + Clone> RedisSagaRepository<S> {
         let written: i64 =
             script.arg(expected).arg(json).arg(expiry_ms).arg(id.to_string()).invoke_async(&mut connection).await?;
         if written == 1 {
-            Ok(())
+            self.replicated(id).await
         } else {
             Err(Error::Conflict(id))
         }
@@ -287,7 +316,7 @@ impl<S: Serialize + Clone> RedisSagaRepository<S> {
         let mut connection = self.connection.clone();
         let set: Option<String> = command.query_async(&mut connection).await?;
         match set {
-            Some(_) => Ok(()),
+            Some(_) => self.replicated(instance.correlation_id).await,
             None => Err(Error::Conflict(instance.correlation_id)),
         }
     }
@@ -309,7 +338,7 @@ impl<S: Serialize + Clone> RedisSagaRepository<S> {
             .invoke_async(&mut connection)
             .await?;
         if updated == 1 {
-            Ok(())
+            self.replicated(instance.correlation_id).await
         } else {
             Err(Error::Conflict(instance.correlation_id))
         }
@@ -362,7 +391,7 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
                 .await?
         };
         if deleted == 1 {
-            Ok(())
+            self.replicated(id).await
         } else {
             Err(Error::Conflict(id))
         }
