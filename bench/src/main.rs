@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p bus-bench                 # everything
 //! cargo run --release -p bus-bench -- inmemory saga outbox
+//! cargo run --release -p bus-bench -- instances   # 1, 2, 3 processes; one node and a cluster
 //! cargo run --release -p bus-bench -- --smoke      # a few hundred messages each (CI)
 //! cargo run --release -p bus-bench -- --chart docs/performance.svg
 //! ```
@@ -11,6 +12,7 @@
 
 mod flow;
 mod inmemory;
+mod instances;
 mod latency;
 mod memory;
 mod outbox;
@@ -74,6 +76,9 @@ fn main() -> Result<(), bus_core::BoxError> {
         let messages = args.get(2).and_then(|m| m.parse().ok()).unwrap_or(0);
         return memory::child(mode, messages);
     }
+    if args.first().map(String::as_str) == Some("__worker") {
+        return instances::worker(&args[1..]);
+    }
     let smoke = args.iter().any(|a| a == "--smoke");
     let chart_path = args.iter().position(|a| a == "--chart").and_then(|i| args.get(i + 1)).map(String::as_str);
     let mut chosen: Vec<&str> =
@@ -89,6 +94,7 @@ fn main() -> Result<(), bus_core::BoxError> {
             "outbox",
             "scheduler",
             "flow",
+            "instances",
             "memory",
         ];
     }
@@ -109,10 +115,11 @@ fn main() -> Result<(), bus_core::BoxError> {
             "outbox" => runtime.block_on(outbox::run(scale))?,
             "scheduler" => runtime.block_on(scheduler::run(scale))?,
             "flow" => runtime.block_on(flow::run(scale))?,
+            "instances" => runtime.block_on(instances::run(scale))?,
             "memory" => memory::run(scale)?,
             other => {
                 return Err(format!(
-                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, outbox, scheduler, flow, memory, all"
+                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, outbox, scheduler, flow, instances, memory, all"
                 )
                 .into())
             }
