@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use tests::poll_until;
 use tests::rabbit_support::RabbitCluster;
 
+/// One three-node RabbitMQ cluster at a time: two of them side by side on two cores time out each other's
+/// heartbeats and elections.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(urn = "urn:message:ClusterTests:Work")]
 struct Work {
@@ -47,6 +51,7 @@ const MESSAGES: u32 = 20_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_messages_survive_the_leading_node_killed_under_load() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -153,6 +158,7 @@ async fn confirmed_messages_survive_the_leading_node_killed_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_redelivery_comes_back_while_the_leading_node_dies() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = RabbitCluster::start(3).await;
     let queue = "cluster_delayed";
     let delay = Duration::from_secs(10);

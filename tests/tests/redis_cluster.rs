@@ -17,6 +17,10 @@ use tests::redis_support::{RedisCluster, RedisSentinel};
 use tests::{unique, WAIT};
 use uuid::Uuid;
 
+/// One Redis Cluster or Sentinel set-up at a time: two of them side by side on two cores time out each other's
+/// heartbeats and elections.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Tally {
@@ -141,6 +145,7 @@ async fn add_concurrently(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_saga_concurrency_test_on_a_redis_cluster_loses_no_update() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(3);
     let conflicts = add_concurrently(&cluster.address(), 1_000, 16, || {}).await;
     assert!(conflicts > 0, "the buses really raced");
@@ -152,6 +157,7 @@ async fn the_saga_concurrency_test_on_a_redis_cluster_loses_no_update() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_saga_concurrency_test_loses_no_update_while_a_master_fails_over() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = Arc::new(RedisCluster::start(3));
     let address = cluster.address();
     let killer = cluster.clone();
@@ -168,6 +174,7 @@ async fn the_saga_concurrency_test_loses_no_update_while_a_master_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sagas_follow_a_sentinel_failover_and_lose_no_update() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let sentinel = Arc::new(RedisSentinel::start());
     let address = sentinel.address();
     let failing = sentinel.clone();
@@ -192,6 +199,7 @@ struct Due {
 /// The scheduler's scripts touch several keys at once: on a cluster they must share a slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_fires_every_message_on_a_redis_cluster() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(3);
     let options = RedisSchedulerOptions {
         key_prefix: unique("sched"),
