@@ -442,7 +442,7 @@ impl Shared {
                     pause = self.options.reconnect_min;
                     self.connections.fetch_add(1, Ordering::Relaxed);
                     self.blocked.send_replace(None);
-                    tracing::info!(node = %session.node, generation, role = ?self.role, "connected to rabbitmq");
+                    tracing::info!(address = %self.redacted, node = %session.node, generation, role = ?self.role, "connected to rabbitmq");
                     self.link.send_replace(Link::Up(session.clone()));
                     if let Some(first) = first.take() {
                         let _ = first.send(Ok(()));
