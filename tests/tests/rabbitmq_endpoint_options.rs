@@ -287,3 +287,70 @@ async fn a_topic_exchange_routes_by_pattern() {
     assert_eq!(europe, [0, 2]);
     assert_eq!(large, [1, 2]);
 }
+
+/// A quorum endpoint with a delivery limit: a message given back more often than that goes
+/// to the endpoint's `_error` queue (dead-lettered by the broker), not into the void.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_past_its_delivery_limit_goes_to_the_error_queue() {
+    require_broker();
+    let vhost = Vhost::create("endpoint-options");
+    let settings = bus_rabbitmq::QueueSettings::quorum().delivery_limit(2).at_least_once_dead_lettering();
+    let options = bus_rabbitmq::RabbitMqOptions::default().endpoint_queue("limited", settings);
+    let transport = RabbitMqTransport::connect_with(&vhost.uri(5672), options).await.expect("rabbitmq");
+    let bus = Bus::builder(transport).endpoint(tests::record::<Job>(Endpoint::new("limited"), &Arc::default())).build();
+    bus.start().await.expect("bus starts");
+    bus.stop().await.expect("stop");
+    let (_, _, arguments) = queue(&vhost, "limited").expect("declared");
+    for argument in
+        ["quorum", "x-delivery-limit", "x-dead-letter-exchange", "limited_error", "at-least-once", "reject-publish"]
+    {
+        assert!(arguments.contains(argument), "`{argument}` missing from {arguments}");
+    }
+    let (_, _, error_arguments) = queue(&vhost, "limited_error").expect("declared");
+    assert!(error_arguments.contains("quorum"), "the error queue is a quorum queue too: {error_arguments}");
+
+    // A consumer that gives the message back every time (as one that crashes would).
+    let connection = lapin::Connection::connect(&vhost.uri(5672), lapin::ConnectionProperties::default())
+        .await
+        .expect("raw connection");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_publish("".into(), "limited".into(), BasicPublishOptions::default(), b"{}", BasicProperties::default())
+        .await
+        .expect("published");
+    // Each pass gives back what it gets, then looks in `limited_error` (a requeue takes a
+    // moment to show: a get right after one may find the queue empty).
+    let given_back = std::sync::atomic::AtomicU32::new(0);
+    let (channel, given, vhost_name) = (&channel, &given_back, vhost.name.as_str());
+    tests::poll_until("the message in limited_error", WAIT, std::time::Duration::from_millis(20), || async move {
+        let got = channel.basic_get("limited".into(), lapin::options::BasicGetOptions::default()).await;
+        if let Some(message) = got.map_err(|e| e.to_string())? {
+            let requeue = lapin::options::BasicNackOptions { requeue: true, ..Default::default() };
+            message.delivery.nack(requeue).await.map_err(|e| e.to_string())?;
+            given.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let listed =
+            rabbitmqctl(&["list_queues", "-p", vhost_name, "name", "messages", "--quiet", "--no-table-headers"]);
+        let errors = listed.lines().find_map(|l| l.strip_prefix("limited_error\t")).map(str::trim).map(str::to_owned);
+        if errors.as_deref() == Some("1") {
+            Ok(())
+        } else {
+            Err(format!("limited_error holds {errors:?}"))
+        }
+    })
+    .await;
+    let given_back = given_back.into_inner();
+    assert_eq!(given_back, 3, "delivered three times: twice given back within the limit, once past it");
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// Settings that need quorum queues, on a classic one, are refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_settings_on_a_classic_queue_are_refused() {
+    require_broker();
+    let settings = bus_rabbitmq::QueueSettings { delivery_limit: Some(3), ..bus_rabbitmq::QueueSettings::classic() };
+    let options = bus_rabbitmq::RabbitMqOptions::default().endpoint_queue("orders", settings);
+    let error =
+        RabbitMqTransport::connect_with("amqp://guest:guest@127.0.0.1:5672/%2f", options).await.expect_err("refused");
+    assert!(error.to_string().contains("endpoint `orders`: a delivery limit needs quorum queues"), "{error}");
+}
