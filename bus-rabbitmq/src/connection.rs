@@ -144,6 +144,11 @@ impl Session {
     }
 }
 
+/// `pause` jittered: between half of it and all of it.
+fn jittered(pause: Duration) -> Duration {
+    pause.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
 /// Whether an error concerns the whole connection rather than one channel.
 fn is_connection_error(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::IOError(_) | lapin::ErrorKind::MissingHeartbeatError)
@@ -483,6 +488,13 @@ impl Shared {
                     };
                     tracing::warn!(node = %session.node, role = ?self.role, %error, "rabbitmq connection lost; reconnecting");
                     self.link.send_replace(Link::Down { error: Some(error) });
+                    // A jittered pause first: the clients a node's loss cuts off all at once do
+                    // not all reach the next node at the same moment, and a node that accepts
+                    // connections only to drop them is not cycled without pause.
+                    tokio::select! {
+                        () = tokio::time::sleep(jittered(self.options.reconnect_min)) => {}
+                        () = self.closed.cancelled() => break,
+                    }
                 }
                 Err(error) => {
                     let message = error.to_string();
@@ -492,13 +504,11 @@ impl Shared {
                         self.link.send_replace(Link::Closed);
                         return;
                     }
-                    // Jittered (between half the pause and all of it), so that the many clients a
-                    // node's loss cuts off at once do not all come back at the same moment.
-                    let jittered = pause.mul_f64(0.5 + fastrand::f64() / 2.0);
-                    tracing::warn!(%message, retry_in = ?jittered, "rabbitmq reconnection failed");
+                    let wait = jittered(pause);
+                    tracing::warn!(%message, retry_in = ?wait, "rabbitmq reconnection failed");
                     self.link.send_replace(Link::Down { error: Some(message) });
                     tokio::select! {
-                        () = tokio::time::sleep(jittered) => {}
+                        () = tokio::time::sleep(wait) => {}
                         () = self.closed.cancelled() => break,
                     }
                     pause = pause.saturating_mul(2).min(self.options.reconnect_max);

@@ -37,6 +37,8 @@ pub struct QueueSettings {
     /// How many times a message may be given back to a quorum queue (a consumer lost before
     /// acknowledging, or a requeue) before it is dead-lettered to the endpoint's `_error`
     /// queue (`x-delivery-limit`): a message that crashes every consumer stops going round.
+    /// The endpoint's queue then dead-letters to `_error` for every reason: a message whose
+    /// time to live runs out there goes to `_error` too (its `x-death` header says why).
     pub delivery_limit: Option<u32>,
     /// Dead-lettering that loses nothing (`x-dead-letter-strategy: at-least-once`, with
     /// `x-overflow: reject-publish`, which it requires): a message leaving a delay queue for
@@ -318,14 +320,14 @@ pub fn redact(address: &str) -> String {
 ///     ["amqp://u:p@h1:5672/vh?heartbeat=5", "amqp://u:p@h2:5673/vh?heartbeat=5"]
 /// );
 /// assert_eq!(nodes("amqp://h1"), ["amqp://h1"]);
+/// assert_eq!(nodes("amqp://u:p?w@h1,h2/vh"), ["amqp://u:p?w@h1/vh", "amqp://u:p?w@h2/vh"]);
 /// ```
 pub fn nodes(address: &str) -> Vec<String> {
     let Some((scheme, rest)) = address.split_once("://") else {
         return vec![address.to_owned()];
     };
     // The user information ends at the last `@` before the query (a password may hold `@`).
-    let before_query = rest.split('?').next().unwrap_or(rest);
-    let (userinfo, after) = match before_query.rfind('@') {
+    let (userinfo, after) = match userinfo_end(rest) {
         Some(at) => (&rest[..=at], &rest[at + 1..]),
         None => ("", rest),
     };
@@ -347,9 +349,15 @@ pub fn nodes(address: &str) -> Vec<String> {
 /// The `host:port` of an address, for health and logs (no user, no password).
 pub(crate) fn node_name(address: &str) -> String {
     let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let after = userinfo_end(rest).map_or(rest, |at| &rest[at + 1..]);
+    after.split(['/', '?']).next().unwrap_or(after).to_owned()
+}
+
+/// Where the user information of `rest` (an address after `scheme://`) ends: the last `@`
+/// before the query, else the last `@` (a password may hold `@`, `/` or `?`).
+fn userinfo_end(rest: &str) -> Option<usize> {
     let before_query = rest.split('?').next().unwrap_or(rest);
-    let after = before_query.rfind('@').map_or(before_query, |at| &before_query[at + 1..]);
-    after.split('/').next().unwrap_or(after).to_owned()
+    before_query.rfind('@').or_else(|| rest.rfind('@'))
 }
 
 /// Adds the heartbeat to the URI unless it sets one.
@@ -359,4 +367,16 @@ pub(crate) fn with_heartbeat(address: &str, heartbeat: Duration) -> String {
     }
     let separator = if address.contains('?') { '&' } else { '?' };
     format!("{address}{separator}heartbeat={}", heartbeat.as_secs().max(1))
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::node_name;
+
+    #[test]
+    fn a_node_is_named_without_its_user_or_password() {
+        assert_eq!(node_name("amqp://u:secret@h1:5672/vh?heartbeat=5"), "h1:5672");
+        assert_eq!(node_name("amqp://u:se?cr/et@h2:5673/vh"), "h2:5673");
+        assert_eq!(node_name("amqps://h3"), "h3");
+    }
 }

@@ -19,7 +19,8 @@ use redis::{AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFu
 /// - `redis-sentinel://host1:port1,host2:port2/service`: the master Sentinel names `service`.
 ///
 /// User and password before the hosts (`redis-cluster://:secret@h1:7000,h2:7001`) are those of
-/// the data nodes; Sentinel nodes are asked without them.
+/// the data nodes; Sentinel nodes are asked without them. A Sentinel address's password is
+/// taken as written (not percent-decoded).
 ///
 /// ```
 /// use bus_redis::RedisConfig;
@@ -29,7 +30,7 @@ use redis::{AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFu
 /// assert!(matches!(sentinel, RedisConfig::Sentinel { ref service, .. } if service == "orders"));
 /// assert!(RedisConfig::parse("redis-sentinel://10.0.0.1:26379").is_err());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum RedisConfig {
     /// One server, by URL.
     Single(String),
@@ -48,18 +49,36 @@ pub enum RedisConfig {
     },
 }
 
+impl std::fmt::Debug for RedisConfig {
+    // By hand: the URLs and the password would reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |urls: &[String]| urls.iter().map(|u| redact(u)).collect::<Vec<_>>();
+        match self {
+            RedisConfig::Single(url) => f.debug_tuple("Single").field(&redact(url)).finish(),
+            RedisConfig::Cluster(nodes) => f.debug_tuple("Cluster").field(&redacted(nodes)).finish(),
+            RedisConfig::Sentinel { sentinels, service, username, password } => f
+                .debug_struct("Sentinel")
+                .field("sentinels", &redacted(sentinels))
+                .field("service", service)
+                .field("username", username)
+                .field("password", &password.as_ref().map(|_| "***"))
+                .finish(),
+        }
+    }
+}
+
 fn invalid(message: String) -> RedisError {
     RedisError::from((ErrorKind::InvalidClientConfig, "invalid Redis address", message))
 }
 
 /// Splits `userinfo@host1,host2/path` into its parts; the user information ends at the last
-/// `@` before the first `/` (a password may hold `@`).
+/// `@` (a password may hold `@` or `/`; hosts and a service name hold neither).
 fn split_hosts(rest: &str) -> (Option<&str>, Vec<&str>, &str) {
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => (Some(userinfo), hosts),
-        None => (None, authority),
+    let (userinfo, after) = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => (Some(userinfo), after),
+        None => (None, rest),
     };
+    let (hosts, path) = after.split_once('/').unwrap_or((after, ""));
     let hosts = hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).collect();
     (userinfo, hosts, path)
 }
@@ -227,6 +246,7 @@ impl RedisConnection {
                     shared: Arc::new(SentinelShared {
                         client: tokio::sync::Mutex::new(client),
                         current: std::sync::Mutex::new(None),
+                        opened: std::sync::atomic::AtomicU64::new(0),
                         config: AsyncConnectionConfig::new()
                             .set_connection_timeout(Some(timeouts.connect))
                             .set_response_timeout(Some(timeouts.response)),
@@ -293,6 +313,8 @@ struct SentinelShared {
     /// The current master connection and its number, so that an error forgets only the
     /// connection it happened on.
     current: std::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Numbers connections, never twice the same.
+    opened: std::sync::atomic::AtomicU64,
     config: AsyncConnectionConfig,
 }
 
@@ -320,9 +342,8 @@ impl SentinelConnection {
         }
         let master = client.async_get_client().await?;
         let connection = master.get_multiplexed_async_connection_with_config(&self.shared.config).await?;
-        let mut current = self.shared.current.locked();
-        let number = current.as_ref().map_or(0, |(n, _)| n + 1);
-        *current = Some((number, connection.clone()));
+        let number = self.shared.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.shared.current.locked() = Some((number, connection.clone()));
         Ok((number, connection))
     }
 
@@ -417,5 +438,22 @@ mod tests {
         assert!(has_hash_tag("{a}b"));
         assert!(!has_hash_tag("{}ab"));
         assert!(!has_hash_tag("a{b"));
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::RedisConfig;
+
+    #[test]
+    fn passwords_stay_out_of_debug_and_errors() {
+        let config = RedisConfig::parse("redis-sentinel://:pa/ss@a:26379,b:26379/orders").unwrap();
+        assert!(
+            matches!(&config, RedisConfig::Sentinel { sentinels, service, .. } if sentinels.len() == 2 && service == "orders")
+        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("pa/ss"), "{shown}");
+        let cluster = RedisConfig::parse("redis-cluster://:pa/ss@a:7000").unwrap();
+        assert!(!format!("{cluster:?}").contains("pa/ss"));
     }
 }

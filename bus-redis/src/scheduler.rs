@@ -17,9 +17,9 @@ use crate::{has_hash_tag, RedisConfig, RedisConnection, RedisTimeouts};
 /// Settings of a [`RedisScheduler`].
 #[derive(Debug, Clone)]
 pub struct RedisSchedulerOptions {
-    /// Keys are `{key_prefix}:due`, `{key_prefix}:claimed` and `{key_prefix}:message:{token}`,
-    /// the prefix in braces (a hash tag) unless it carries one: the scripts touch several of
-    /// them at once, so on a Redis Cluster they must all live in one slot.
+    /// Keys are `{key_prefix}:due`, `{key_prefix}:claimed` and `{key_prefix}:message:{token}`.
+    /// On a Redis Cluster the prefix goes in braces (a hash tag) unless it carries one: the
+    /// scripts touch several of the keys at once, so they must all live in one slot.
     pub key_prefix: String,
     /// How long a claimed message may take to be delivered before another instance claims it
     /// again (the claiming one is taken to have died).
@@ -132,25 +132,38 @@ impl RedisScheduler {
     pub async fn connect(address: &str, options: RedisSchedulerOptions) -> bus_core::Result<Self> {
         let config = RedisConfig::parse(address).map_err(transport_error)?;
         let connection = RedisConnection::connect(&config, RedisTimeouts::default()).await.map_err(transport_error)?;
-        Ok(Self::with_connection(connection, options))
+        Self::with_connection(connection, options)
     }
 
     /// Uses an existing connection.
-    pub fn with_connection(connection: RedisConnection, options: RedisSchedulerOptions) -> Self {
-        RedisScheduler {
+    ///
+    /// # Errors
+    ///
+    /// On a Redis Cluster, a key prefix with a brace but no hash tag (`orders}`): put in
+    /// braces, it would hash on part of itself.
+    pub fn with_connection(connection: RedisConnection, options: RedisSchedulerOptions) -> bus_core::Result<Self> {
+        let prefix = &options.key_prefix;
+        if connection.is_cluster() && prefix.contains(['{', '}']) && !has_hash_tag(prefix) {
+            return Err(bus_core::Error::transport(
+                format!("the scheduler's key prefix `{prefix}` has a brace but no hash tag; on a Redis Cluster use `{{name}}` or no brace"),
+                false,
+                None,
+            ));
+        }
+        Ok(RedisScheduler {
             connection,
             options,
             claim: Script::new(CLAIM),
             settle: Script::new(SETTLE),
             store: Script::new(SCHEDULE),
-        }
+        })
     }
 
-    /// The prefix every key starts with: the configured one, in braces unless it carries a
-    /// hash tag already.
+    /// The prefix every key starts with: the configured one; on a Redis Cluster, in braces
+    /// unless it carries a hash tag already.
     fn prefix(&self) -> String {
         let prefix = &self.options.key_prefix;
-        if has_hash_tag(prefix) {
+        if !self.connection.is_cluster() || has_hash_tag(prefix) {
             prefix.clone()
         } else {
             format!("{{{prefix}}}")

@@ -101,13 +101,10 @@ async fn orders(prefix: &str) -> SagaProbe<OrderState> {
 async fn scheduled(prefix: &str) -> (u64, u64) {
     let client = redis::Client::open(REDIS).expect("redis url");
     let mut connection = client.get_multiplexed_async_connection().await.expect("redis");
-    let due: u64 = redis::cmd("ZCARD")
-        .arg(format!("{{{prefix}:scheduled}}:due"))
-        .query_async(&mut connection)
-        .await
-        .expect("zcard");
+    let due: u64 =
+        redis::cmd("ZCARD").arg(format!("{prefix}:scheduled:due")).query_async(&mut connection).await.expect("zcard");
     let claimed: u64 = redis::cmd("ZCARD")
-        .arg(format!("{{{prefix}:scheduled}}:claimed"))
+        .arg(format!("{prefix}:scheduled:claimed"))
         .query_async(&mut connection)
         .await
         .expect("zcard");

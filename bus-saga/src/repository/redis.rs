@@ -14,9 +14,9 @@ use crate::{Error, Result, SagaInstance};
 #[derive(Debug, Clone)]
 pub struct RedisSagaOptions {
     /// Keys are `{key_prefix}:{correlationId}`; an empty prefix stores under the bare id
-    /// (MassTransit's default). The keys that go with an instance (its lock, its list of
-    /// index entries) are `{<instance key>}_lock` and `{<instance key>}:indexes`: in braces,
-    /// a hash tag, so that on a Redis Cluster they live in the instance's slot.
+    /// (MassTransit's default). The keys that go with an instance are `<instance key>_lock`
+    /// and `<instance key>:indexes`; on a Redis Cluster, `{<instance key>}_lock` and
+    /// `{<instance key>}:indexes` (a hash tag), so that they live in the instance's slot.
     pub key_prefix: String,
     /// Expiry of an instance, refreshed on every write; `None` keeps instances until deleted.
     pub expiry: Option<Duration>,
@@ -206,12 +206,25 @@ impl<S> RedisSagaRepository<S> {
     /// Indexed fields on a Redis Cluster without a hash tag in the key prefix
     /// ([`Error::Configuration`]).
     pub fn with_connection(connection: RedisConnection, options: RedisSagaOptions) -> Result<Self> {
-        if connection.is_cluster() && !options.indexed_fields.is_empty() && !has_hash_tag(&options.key_prefix) {
+        let prefix = &options.key_prefix;
+        if connection.is_cluster() && !options.indexed_fields.is_empty() && !has_hash_tag(prefix) {
             return Err(Error::Configuration(format!(
                 "indexed fields ({}) on a Redis Cluster need a key prefix with a hash tag, such as `{{{}}}`: \
                  an instance and its index entries are written by one script, which may only touch keys of one slot",
                 options.indexed_fields.join(", "),
-                if options.key_prefix.is_empty() { "saga" } else { options.key_prefix.as_str() }
+                if prefix.is_empty() { "saga" } else { prefix.as_str() }
+            )));
+        }
+        if connection.is_cluster() && prefix.contains(['{', '}']) && !has_hash_tag(prefix) {
+            return Err(Error::Configuration(format!(
+                "the key prefix `{prefix}` has a brace but no hash tag: on a Redis Cluster an instance's lock and \
+                 index keys would land in another slot; use `{{name}}` or no brace"
+            )));
+        }
+        if options.replicas_to_wait_for > 0 && options.replica_wait >= options.response_timeout {
+            return Err(Error::Configuration(format!(
+                "replica_wait ({:?}) must be shorter than response_timeout ({:?}), or every WAIT times out",
+                options.replica_wait, options.response_timeout
             )));
         }
         Ok(RedisSagaRepository {
@@ -244,25 +257,33 @@ impl<S> RedisSagaRepository<S> {
         self.options.expiry.map_or(0, |e| u64::try_from(e.as_millis()).unwrap_or(u64::MAX).max(1))
     }
 
-    /// The keys that belong with instance `id`'s key: in its hash slot.
+    /// A key that belongs with instance `id`'s key: on a Redis Cluster, in its hash slot.
     fn companion(&self, id: Uuid, suffix: &str) -> String {
-        same_slot(&self.key(id), suffix)
+        if self.connection.is_cluster() {
+            same_slot(&self.key(id), suffix)
+        } else {
+            format!("{}{suffix}", self.key(id))
+        }
     }
 
     /// Waits until the replicas asked for have the writes made so far (see
     /// [`RedisSagaOptions::replicas_to_wait_for`]).
-    async fn replicated(&self, id: Uuid) -> Result<()> {
+    async fn replicated(&self, id: Uuid) {
         let wanted = self.options.replicas_to_wait_for;
         if wanted == 0 {
-            return Ok(());
+            return;
         }
         let wait_ms = u64::try_from(self.options.replica_wait.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut connection = self.connection.clone();
-        let acked: u32 = redis::cmd("WAIT").arg(wanted).arg(wait_ms).query_async(&mut connection).await?;
-        if acked < wanted {
-            tracing::warn!(instance = %id, acked, wanted, "a saga write reached fewer replicas than asked in time");
+        // The write is done: a failed WAIT is reported, not returned, since the message tried
+        // again would find its event applied already.
+        match redis::cmd("WAIT").arg(wanted).arg(wait_ms).query_async::<u32>(&mut connection).await {
+            Ok(acked) if acked < wanted => {
+                tracing::warn!(instance = %id, acked, wanted, "a saga write reached fewer replicas than asked in time");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(instance = %id, %error, "could not wait for a saga write's replicas"),
         }
-        Ok(())
     }
 
     /// The connection, for tools and benchmarks that talk to the same Redis.
@@ -295,7 +316,10 @@ impl<S: Serialize + Clone> RedisSagaRepository<S> {
         let written: i64 =
             script.arg(expected).arg(json).arg(expiry_ms).arg(id.to_string()).invoke_async(&mut connection).await?;
         if written == 1 {
-            self.replicated(id).await
+            {
+                self.replicated(id).await;
+                Ok(())
+            }
         } else {
             Err(Error::Conflict(id))
         }
@@ -316,7 +340,10 @@ impl<S: Serialize + Clone> RedisSagaRepository<S> {
         let mut connection = self.connection.clone();
         let set: Option<String> = command.query_async(&mut connection).await?;
         match set {
-            Some(_) => self.replicated(instance.correlation_id).await,
+            Some(_) => {
+                self.replicated(instance.correlation_id).await;
+                Ok(())
+            }
             None => Err(Error::Conflict(instance.correlation_id)),
         }
     }
@@ -338,7 +365,10 @@ impl<S: Serialize + Clone> RedisSagaRepository<S> {
             .invoke_async(&mut connection)
             .await?;
         if updated == 1 {
-            self.replicated(instance.correlation_id).await
+            {
+                self.replicated(instance.correlation_id).await;
+                Ok(())
+            }
         } else {
             Err(Error::Conflict(instance.correlation_id))
         }
@@ -391,7 +421,10 @@ impl<S: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> SagaReposi
                 .await?
         };
         if deleted == 1 {
-            self.replicated(id).await
+            {
+                self.replicated(id).await;
+                Ok(())
+            }
         } else {
             Err(Error::Conflict(id))
         }
