@@ -7,6 +7,7 @@
 pub mod conformance;
 
 pub use conformance::support::record;
+pub mod instances;
 pub mod json_order;
 pub mod postgres_support;
 pub mod rabbit_fixture;

@@ -1022,35 +1022,25 @@ impl RabbitCluster {
     /// The node that leads quorum queue `queue` now, asked of a node that answers
     /// (`list_queues name leader`); `None` while it has none.
     pub async fn leader(&self, queue: &str) -> Option<String> {
-        for node in &self.nodes {
-            let Ok(out) = node
-                .try_ctl(&["list_queues", "-p", "/", "name", "leader", "--quiet", "--no-table-headers"], CTL_TIMEOUT)
-                .await
-            else {
-                continue;
-            };
-            return data_lines(&out)
-                .map(fields::<2>)
-                .find(|[name, _]| name == queue)
-                .map(|[_, leader]| leader.trim().to_owned())
-                .filter(|leader| leader.contains('@'));
-        }
-        None
+        self.queue_column(queue, "leader").await.filter(|leader| leader.contains('@'))
     }
 
     /// How many messages `queue` holds, asked of a node that answers.
     pub async fn messages(&self, queue: &str) -> Option<u64> {
+        self.queue_column(queue, "messages").await.and_then(|messages| messages.parse().ok())
+    }
+
+    /// `column` of `queue` in `list_queues` on vhost `/`, asked of the first node that answers.
+    async fn queue_column(&self, queue: &str, column: &str) -> Option<String> {
         for node in &self.nodes {
-            let Ok(out) = node
-                .try_ctl(&["list_queues", "-p", "/", "name", "messages", "--quiet", "--no-table-headers"], CTL_TIMEOUT)
-                .await
-            else {
+            let listing = ["list_queues", "-p", "/", "name", column, "--quiet", "--no-table-headers"];
+            let Ok(out) = node.try_ctl(&listing, CTL_TIMEOUT).await else {
                 continue;
             };
             return data_lines(&out)
                 .map(fields::<2>)
                 .find(|[name, _]| name == queue)
-                .and_then(|[_, messages]| messages.trim().parse().ok());
+                .map(|[_, value]| value.trim().to_owned());
         }
         None
     }

@@ -94,6 +94,32 @@ fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// The arguments of a data server on `port` keeping its files in `dir`, nothing on disk.
+fn data_server_args(port: u16, dir: &std::path::Path) -> Vec<String> {
+    let port_text = port.to_string();
+    let pidfile = dir.join(format!("{port}.pid"));
+    let dbfilename = format!("{port}.rdb");
+    let args: [&str; 16] = [
+        "--port",
+        &port_text,
+        "--bind",
+        "127.0.0.1",
+        "--daemonize",
+        "yes",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--pidfile",
+        &pidfile.to_string_lossy(),
+        "--dir",
+        &dir.to_string_lossy(),
+        "--dbfilename",
+        &dbfilename,
+    ];
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
 /// One server of a [`RedisCluster`] or a [`RedisSentinel`] set-up.
 #[derive(Debug)]
 struct Server {
@@ -146,33 +172,11 @@ impl RedisCluster {
         let servers = (0..masters * 2)
             .map(|_| {
                 let port = free_cluster_port();
-                let args = [
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--daemonize",
-                    "yes",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    "1000",
-                    "--cluster-config-file",
-                    &dir.join(format!("{port}.conf")).to_string_lossy(),
-                    "--pidfile",
-                    &dir.join(format!("{port}.pid")).to_string_lossy(),
-                    "--dir",
-                    &dir.to_string_lossy(),
-                    "--dbfilename",
-                    &format!("{port}.rdb"),
-                ]
-                .iter()
-                .map(|a| (*a).to_owned())
-                .collect();
+                let mut args = data_server_args(port, &dir);
+                let config = dir.join(format!("{port}.conf")).to_string_lossy().into_owned();
+                let cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file"];
+                args.extend(cluster.iter().map(|a| (*a).to_owned()));
+                args.push(config);
                 Server { port, args }
             })
             .collect::<Vec<_>>();
@@ -302,29 +306,7 @@ impl RedisSentinel {
     pub fn start() -> RedisSentinel {
         let dir = std::env::temp_dir().join(unique("redis-sentinel"));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let data = |port: u16| -> Vec<String> {
-            [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--daemonize",
-                "yes",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--pidfile",
-                &dir.join(format!("{port}.pid")).to_string_lossy(),
-                "--dir",
-                &dir.to_string_lossy(),
-                "--dbfilename",
-                &format!("{port}.rdb"),
-            ]
-            .iter()
-            .map(|a| (*a).to_owned())
-            .collect()
-        };
+        let data = |port: u16| data_server_args(port, &dir);
         let master_port = free_cluster_port();
         let master = Server { port: master_port, args: data(master_port) };
         let replica_port = free_cluster_port();

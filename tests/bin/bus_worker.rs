@@ -10,31 +10,11 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use bus_core::{Bus, ConsumeContext, Endpoint, Message};
+use bus_core::{Bus, ConsumeContext, Endpoint};
 use bus_rabbitmq::RabbitMqTransport;
-use serde::{Deserialize, Serialize};
+use tests::instances::{Quote, Quoted, Work};
 
 /// A unit of work (the tests' `Work`).
-#[derive(Debug, Clone, Serialize, Deserialize, Message)]
-#[message(urn = "urn:message:Instances:Work")]
-struct Work {
-    n: u32,
-}
-
-/// A request (the tests' `Quote`).
-#[derive(Debug, Clone, Serialize, Deserialize, Message)]
-#[message(urn = "urn:message:Instances:Quote")]
-struct Quote {
-    n: u32,
-}
-
-/// The answer, naming the process that gave it.
-#[derive(Debug, Clone, Serialize, Deserialize, Message)]
-#[message(urn = "urn:message:Instances:Quoted")]
-struct Quoted {
-    n: u32,
-    process: u32,
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), bus_core::BoxError> {

@@ -8,33 +8,14 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use bus_core::{Bus, Message};
+use bus_core::Bus;
 use bus_rabbitmq::RabbitMqTransport;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use tests::instances::{Quote, Quoted, Work};
 use tests::poll_until;
 use tests::rabbit_support::{Vhost, SHARED_PORT};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-#[derive(Debug, Clone, Serialize, Deserialize, Message)]
-#[message(urn = "urn:message:Instances:Work")]
-struct Work {
-    n: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, Message)]
-#[message(urn = "urn:message:Instances:Quote")]
-struct Quote {
-    n: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, Message)]
-#[message(urn = "urn:message:Instances:Quoted")]
-struct Quoted {
-    n: u32,
-    process: u32,
-}
 
 const QUEUE: &str = "instances_work";
 const MESSAGES: u32 = 30_000;
