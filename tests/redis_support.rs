@@ -37,15 +37,8 @@ impl ThrowawayRedis {
     }
 
     fn wait_port(&self, open: bool) {
-        for _ in 0..100 {
-            let answers = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
-            if answers == open {
-                return;
-            }
-            // Waiting on an external process: there is nothing to subscribe to.
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis on port {} did not {}", self.port, if open { "start" } else { "stop" });
+        let what = format!("redis on port {} to {}", self.port, if open { "start" } else { "stop" });
+        wait_for(&what, || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() == open);
     }
 
     /// The server's URL.
@@ -146,7 +139,7 @@ impl Server {
     }
 }
 
-/// Waits (at most 60 s) until `done` says so; for processes that notify no one.
+/// Waits (at most 60 s) until `done` says so: for servers, which notify no one.
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !done() {
