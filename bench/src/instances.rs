@@ -21,6 +21,14 @@ use crate::rabbitmq::{address, bus_publish, delete_endpoints, Shipment};
 use crate::report::{compare, figure};
 use crate::Scale;
 
+/// Transport options with `queue` declared as `kind` (`classic` or `quorum`).
+fn options(queue: &str, kind: &str) -> RabbitMqOptions {
+    match kind {
+        "quorum" => RabbitMqOptions::default().endpoint_queue(queue, QueueSettings::quorum()),
+        _ => RabbitMqOptions::default(),
+    }
+}
+
 /// One worker process: `__worker <address> <queue> <classic|quorum>`. It connects, prints
 /// `ready`, starts consuming on the line `go`, prints how many it consumed whenever that
 /// changed (every 20 ms), and stops when its standard input closes.
@@ -31,11 +39,7 @@ pub(crate) fn worker(args: &[String]) -> Result<(), BoxError> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let mut options = RabbitMqOptions::default();
-        if kind == "quorum" {
-            options = options.endpoint_queue(queue.as_str(), QueueSettings::quorum());
-        }
-        let transport = RabbitMqTransport::connect_with(address, options).await?;
+        let transport = RabbitMqTransport::connect_with(address, options(queue, kind)).await?;
         let consumed = Arc::new(AtomicU64::new(0));
         let counter = consumed.clone();
         let bus = Bus::builder(transport)
@@ -105,11 +109,7 @@ async fn spawn(address: &str, queue: &str, kind: &str) -> Result<Worker, BoxErro
 async fn drain(addresses: &[String], queue: &str, kind: &str, processes: usize, count: u64) -> Result<f64, BoxError> {
     // A worker declares the endpoint; the backlog goes in before any consumes.
     let declaring = spawn(&addresses[0], queue, kind).await?;
-    let mut options = RabbitMqOptions::default();
-    if kind == "quorum" {
-        options = options.endpoint_queue(queue, QueueSettings::quorum());
-    }
-    let publisher = Bus::builder(RabbitMqTransport::connect_with(&addresses[0], options).await?).build();
+    let publisher = Bus::builder(RabbitMqTransport::connect_with(&addresses[0], options(queue, kind)).await?).build();
     publisher.start().await?;
     {
         let Worker { mut stdin, mut child, .. } = declaring;

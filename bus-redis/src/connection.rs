@@ -347,25 +347,25 @@ impl SentinelConnection {
         Ok((number, connection))
     }
 
-    fn forget(&self, number: u64, error: &RedisError) {
-        if !lost_master(error) {
-            return;
+    /// `result` of a command on connection `number`; an error that says the master went away
+    /// forgets that connection (not a newer one), so that the next command asks Sentinel again.
+    fn checked<T>(&self, number: u64, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(error) = &result {
+            if lost_master(error) {
+                let mut current = self.shared.current.locked();
+                if current.as_ref().is_some_and(|(n, _)| *n == number) {
+                    tracing::warn!(%error, "the Redis master went away; asking Sentinel for the master again");
+                    *current = None;
+                }
+            }
         }
-        let mut current = self.shared.current.locked();
-        if current.as_ref().is_some_and(|(n, _)| *n == number) {
-            tracing::warn!(%error, "the Redis master went away; asking Sentinel for the master again");
-            *current = None;
-        }
+        result
     }
 
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let (number, mut connection) = self.current().await?;
-            let result = connection.req_packed_command(cmd).await;
-            if let Err(error) = &result {
-                self.forget(number, error);
-            }
-            result
+            self.checked(number, connection.req_packed_command(cmd).await)
         })
     }
 
@@ -377,11 +377,7 @@ impl SentinelConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let (number, mut connection) = self.current().await?;
-            let result = connection.req_packed_commands(pipeline, offset, count).await;
-            if let Err(error) = &result {
-                self.forget(number, error);
-            }
-            result
+            self.checked(number, connection.req_packed_commands(pipeline, offset, count).await)
         })
     }
 }

@@ -125,9 +125,6 @@ async fn confirmed_messages_survive_the_leading_node_killed_under_load() {
             node_in_use(&bus, queue).await.and_then(|node| if node == first_node { Err(node) } else { Ok(node) })
         })
         .await;
-    let status =
-        cluster.node(1).ctl(&["list_queues", "-p", "/", "name", "type", "leader", "members", "online", "state"]).await;
-    eprintln!("after the kill: {status}");
     // On RabbitMQ 3.10.8 here, publishes routed to the queue are nacked while the killed
     // member is down (the queue has a new leader and consumers go on): the producer
     // publishes them again, and they are confirmed once the node is back.
