@@ -1,10 +1,14 @@
-//! In-memory transport, publish -> consume with the JSON envelope, versus tokio mpsc + serde_json.
+//! In-memory transport, publish -> consume, against two tokio mpsc baselines: one that
+//! encodes and decodes the same MassTransit envelope as the bus (the wire format's own
+//! cost), and one with bare serde_json (the floor). The bus runs with the MassTransit
+//! envelope and again in raw JSON mode.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message};
+use bus_core::serializer::{MassTransitJsonSerializer, RawJsonSerializer, Serializer, Serializers};
+use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Envelope, Message, TransportMessage};
 use bus_inmemory::{InMemoryOptions, InMemoryTransport};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
@@ -26,13 +30,37 @@ struct OrderPlaced {
 
 const PRODUCERS: u64 = 2;
 
-async fn baseline(count: u64) -> f64 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+/// What a baseline's channel carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// The order as bare serde_json.
+    BareJson,
+    /// The order in a MassTransit envelope, written and read by the bus's own serializer.
+    Envelope,
+}
+
+/// An envelope like the one the bus writes for a publish: ids, types, host and time.
+fn envelope_of(order: &Order) -> Result<TransportMessage, BoxError> {
+    let mut envelope = Envelope::new(vec![OrderPlaced::message_type().into()], serde_json::value::to_raw_value(order)?);
+    envelope.conversation_id = Some(uuid::Uuid::now_v7());
+    envelope.source_address = Some("loopback://localhost/bench-publisher".into());
+    envelope.destination_address = Some("loopback://localhost/Bench:OrderPlaced".into());
+    envelope.host = Some(bus_core::HostInfo::current());
+    Ok(MassTransitJsonSerializer.serialize(&envelope)?)
+}
+
+async fn baseline(count: u64, wire: Wire) -> f64 {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<TransportMessage>(1024);
     let started = Instant::now();
     let consumer = tokio::spawn(async move {
         let mut n = 0u64;
-        while let Some(bytes) = rx.recv().await {
-            let order: Option<Order> = serde_json::from_slice(&bytes).ok();
+        while let Some(message) = rx.recv().await {
+            let order: Option<Order> = match wire {
+                Wire::BareJson => serde_json::from_slice(&message.body).ok(),
+                Wire::Envelope => {
+                    MassTransitJsonSerializer.deserialize(&message).ok().and_then(|e| e.message_as().ok())
+                }
+            };
             std::hint::black_box(order);
             n += 1;
         }
@@ -44,8 +72,14 @@ async fn baseline(count: u64) -> f64 {
         producers.push(tokio::spawn(async move {
             let order = Order::sample();
             for _ in 0..count / PRODUCERS {
-                let bytes = serde_json::to_vec(&order).unwrap_or_default();
-                if tx.send(bytes).await.is_err() {
+                let message = match wire {
+                    Wire::BareJson => TransportMessage {
+                        body: serde_json::to_vec(&order).unwrap_or_default().into(),
+                        ..TransportMessage::default()
+                    },
+                    Wire::Envelope => envelope_of(&order).unwrap_or_default(),
+                };
+                if tx.send(message).await.is_err() {
                     break;
                 }
             }
@@ -59,8 +93,9 @@ async fn baseline(count: u64) -> f64 {
     received as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The bus's figure; with `tracer`, every message is traced with it.
-pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>) -> Result<f64, BoxError> {
+/// The bus's figure; with `tracer`, every message is traced with it; `raw_json` writes
+/// bare JSON instead of the MassTransit envelope.
+pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>, raw_json: bool) -> Result<f64, BoxError> {
     let transport =
         InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
     let consumed = Arc::new(AtomicU64::new(0));
@@ -68,6 +103,9 @@ pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>) -> Resul
     let total = count / PRODUCERS * PRODUCERS;
     let (c, d) = (consumed.clone(), done.clone());
     let mut builder = Bus::builder(transport);
+    if raw_json {
+        builder = builder.serializers(Serializers::default().with_default(RawJsonSerializer));
+    }
     if let Some(tracer) = tracer {
         builder = builder.tracer_provider(tracer);
     }
@@ -112,10 +150,22 @@ pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>) -> Resul
 }
 
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
-    let raw = baseline(scale.inmemory).await;
-    figure("inmemory.baseline.mpsc_serde_json", raw, "msg/s");
-    let measured = bus(scale.inmemory, None).await?;
+    let bare = baseline(scale.inmemory, Wire::BareJson).await;
+    figure("inmemory.baseline.mpsc_serde_json", bare, "msg/s");
+    let enveloped = baseline(scale.inmemory, Wire::Envelope).await;
+    figure("inmemory.baseline.mpsc_masstransit_envelope", enveloped, "msg/s");
+    let measured = bus(scale.inmemory, None, false).await?;
     figure("inmemory.bus.publish_consume", measured, "msg/s");
-    compare("inmemory publish->consume (JSON envelope) vs mpsc+serde_json", measured, raw, "msg/s", Some(0.6));
+    let raw_json = bus(scale.inmemory, None, true).await?;
+    figure("inmemory.bus.publish_consume_raw_json", raw_json, "msg/s");
+    compare(
+        "inmemory publish->consume (MassTransit envelope) vs mpsc + the same envelope",
+        measured,
+        enveloped,
+        "msg/s",
+        Some(0.6),
+    );
+    compare("inmemory publish->consume (raw JSON) vs mpsc + serde_json", raw_json, bare, "msg/s", Some(0.5));
+    compare("inmemory publish->consume (MassTransit envelope) vs mpsc + serde_json", measured, bare, "msg/s", None);
     Ok(())
 }

@@ -16,6 +16,7 @@ mod instances;
 mod latency;
 mod memory;
 mod outbox;
+mod peers;
 mod rabbitmq;
 mod report;
 mod saga;
@@ -38,6 +39,8 @@ pub(crate) struct Scale {
     pub(crate) saga_events: u64,
     pub(crate) serializer_rounds: u64,
     pub(crate) outbox: u64,
+    /// Messages per round of the peer comparison.
+    pub(crate) peers: u64,
     pub(crate) scheduled: u64,
     pub(crate) duration: Duration,
 }
@@ -50,6 +53,7 @@ impl Scale {
             saga_events: 20_000,
             serializer_rounds: 500_000,
             outbox: 5_000,
+            peers: 20_000,
             scheduled: 100_000,
             duration: Duration::from_secs(5),
         }
@@ -62,6 +66,7 @@ impl Scale {
             saga_events: 200,
             serializer_rounds: 500,
             outbox: 100,
+            peers: 300,
             scheduled: 300,
             duration: Duration::from_millis(300),
         }
@@ -89,6 +94,7 @@ fn main() -> Result<(), bus_core::BoxError> {
             "inmemory",
             "tracing",
             "rabbitmq",
+            "peers",
             "latency",
             "saga",
             "outbox",
@@ -108,8 +114,9 @@ fn main() -> Result<(), bus_core::BoxError> {
             "serializers" => serializers::run(scale),
             "inmemory" => runtime.block_on(inmemory::run(scale))?,
             // Runs its own single-thread runtimes, with and without a subscriber.
-            "tracing" => telemetry::run(scale)?,
+            "tracing" => telemetry::run(scale, &runtime)?,
             "rabbitmq" => runtime.block_on(rabbitmq::run(scale))?,
+            "peers" => runtime.block_on(peers::run_peers(scale))?,
             "saga" => runtime.block_on(saga::run(scale))?,
             "latency" => runtime.block_on(latency::run(scale))?,
             "outbox" => runtime.block_on(outbox::run(scale))?,
@@ -119,7 +126,7 @@ fn main() -> Result<(), bus_core::BoxError> {
             "memory" => memory::run(scale)?,
             other => {
                 return Err(format!(
-                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, latency, saga, outbox, scheduler, flow, instances, memory, all"
+                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, peers, latency, saga, outbox, scheduler, flow, instances, memory, all"
                 )
                 .into())
             }

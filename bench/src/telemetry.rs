@@ -1,12 +1,18 @@
-//! The cost of tracing: in-memory publish -> consume with propagation and spans exported in
-//! batches, versus without a tracer provider, in the same run on one thread each.
+//! The cost of tracing, traced against untraced in the same run, with spans exported in
+//! batches to an exporter that drops them (the cost of producing spans, not of a backend):
+//!
+//! - in memory, publish -> consume on one thread each, every message sampled;
+//! - in memory, a parent-based 10% trace-id ratio sampler (what
+//!   `OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1` gives);
+//! - RabbitMQ end to end, every message sampled.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bus_core::BoxError;
+use bus_core::{BoxError, Bus};
+use bus_rabbitmq::RabbitMqTransport;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 
 use crate::report::{compare, figure};
 use crate::Scale;
@@ -23,42 +29,85 @@ impl SpanExporter for NullExporter {
     }
 }
 
-fn measure(count: u64, tracer: Option<&SdkTracerProvider>) -> Result<f64, BoxError> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(crate::inmemory::bus(count, tracer))
+fn provider(sampler: Sampler, exporter: &NullExporter) -> SdkTracerProvider {
+    SdkTracerProvider::builder().with_sampler(sampler).with_batch_exporter(exporter.clone()).build()
 }
 
-/// Runs off and on alternately, three times each, and keeps each one's best: on this shared
-/// two-core machine one run of either can lose a third to a neighbour, which made a
-/// single pair's ratio swing between 55% and 85%.
-pub(crate) fn run(scale: Scale) -> Result<(), BoxError> {
-    const ROUNDS: u64 = 3;
+fn in_memory(count: u64, tracer: Option<&SdkTracerProvider>) -> Result<f64, BoxError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(crate::inmemory::bus(count, tracer, false))
+}
+
+/// Rounds of each side, alternating; each keeps its best: on this shared two-core machine
+/// one run of either can lose a third to a neighbour.
+const ROUNDS: u64 = 3;
+
+pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(), BoxError> {
     let count = scale.inmemory / 8;
-    let exporter = NullExporter::default();
-    let provider = SdkTracerProvider::builder().with_batch_exporter(exporter.clone()).build();
-    // `BENCH_TRACING=on` (or `off`) runs one side only, for profiling it alone.
+    let all = NullExporter::default();
+    let all_sampled = provider(Sampler::AlwaysOn, &all);
+    let tenth = NullExporter::default();
+    let ratio = provider(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.1))), &tenth);
+    // `BENCH_TRACING=off`, `all` or `ratio` runs one side only, for profiling it alone.
     let only = std::env::var("BENCH_TRACING").ok();
-    let (mut off, mut on) = (0f64, 0f64);
+    let runs = |side: &str| only.as_deref().is_none_or(|o| o == side);
+    let (mut off, mut on, mut sampled) = (0f64, 0f64, 0f64);
     for _ in 0..ROUNDS {
-        if only.as_deref() != Some("on") {
-            off = off.max(measure(count, None)?);
+        if runs("off") {
+            off = off.max(in_memory(count, None)?);
         }
-        if only.as_deref() != Some("off") {
-            on = on.max(measure(count, Some(&provider))?);
+        if runs("all") {
+            on = on.max(in_memory(count, Some(&all_sampled))?);
+        }
+        if runs("ratio") {
+            sampled = sampled.max(in_memory(count, Some(&ratio))?);
         }
     }
-    let _ = provider.shutdown();
+    let _ = all_sampled.shutdown();
+    let _ = ratio.shutdown();
     if only.is_some() {
-        // One side alone (for a profiler) has nothing to compare with.
-        figure("tracing.one_side.publish_consume", off.max(on), "msg/s");
+        figure("tracing.one_side.publish_consume", off.max(on).max(sampled), "msg/s");
         return Ok(());
     }
     // Three spans per message (send, receive, process); the batch processor drops spans when
-    // its queue is full, which would flatter the figure: the count shows it did not.
-    let per_message = exporter.0.load(Ordering::Relaxed) as f64 / (count * ROUNDS) as f64;
-    figure("tracing.on.spans_exported_per_message", per_message, "spans");
-    figure("tracing.off.publish_consume", off, "msg/s");
-    figure("tracing.on.publish_consume", on, "msg/s");
-    compare("in-memory with tracing on (batch export) vs off", on, off, "msg/s", Some(0.85));
+    // its queue is full, which would flatter the figure: the counts show it did not.
+    let messages = (count * ROUNDS) as f64;
+    figure("tracing.inmemory.all.spans_exported_per_message", all.0.load(Ordering::Relaxed) as f64 / messages, "spans");
+    figure(
+        "tracing.inmemory.ratio.spans_exported_per_message",
+        tenth.0.load(Ordering::Relaxed) as f64 / messages,
+        "spans",
+    );
+    figure("tracing.inmemory.off.publish_consume", off, "msg/s");
+    figure("tracing.inmemory.all.publish_consume", on, "msg/s");
+    figure("tracing.inmemory.ratio.publish_consume", sampled, "msg/s");
+    compare("in memory, every message traced vs untraced (one thread each)", on, off, "msg/s", Some(0.75));
+    compare("in memory, 10% of messages traced (parent-based ratio) vs untraced", sampled, off, "msg/s", Some(0.9));
+    runtime.block_on(rabbitmq(scale))
+}
+
+/// RabbitMQ end to end, traced (every message sampled) and untraced, alternating.
+async fn rabbitmq(scale: Scale) -> Result<(), BoxError> {
+    let exporter = NullExporter::default();
+    let traced = provider(Sampler::AlwaysOn, &exporter);
+    let transport = RabbitMqTransport::connect(&crate::rabbitmq::address()).await?;
+    let plain = Bus::builder(transport.clone()).build();
+    let tracing = Bus::builder(transport.clone()).tracer_provider(&traced).build();
+    let count = scale.rabbitmq;
+    let (mut off, mut on) = (0f64, 0f64);
+    for _ in 0..ROUNDS {
+        off = off.max(crate::rabbitmq::bus_end_to_end(&transport, &plain, count, 180, None).await?);
+        on = on.max(crate::rabbitmq::bus_end_to_end(&transport, &tracing, count, 180, Some(&traced)).await?);
+    }
+    transport.close().await;
+    let _ = traced.shutdown();
+    figure(
+        "tracing.rabbitmq.all.spans_exported_per_message",
+        exporter.0.load(Ordering::Relaxed) as f64 / (count * ROUNDS) as f64,
+        "spans",
+    );
+    figure("tracing.rabbitmq.off.end_to_end", off, "msg/s");
+    figure("tracing.rabbitmq.all.end_to_end", on, "msg/s");
+    compare("rabbitmq end to end, every message traced vs untraced", on, off, "msg/s", Some(0.95));
     Ok(())
 }

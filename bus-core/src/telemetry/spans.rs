@@ -2,9 +2,13 @@
 //! conventions and MassTransit's tracing say.
 //!
 //! They are built on the OpenTelemetry API directly, not through `tracing`: three spans per
-//! message through `tracing-opentelemetry` cost more than the message itself. Names and
-//! attributes are given at creation, so samplers see them, except under a no-op tracer
-//! (see [`BusTracer`]).
+//! message through `tracing-opentelemetry` cost more than the message itself. Each span is
+//! created with its name, kind and the attributes the messaging conventions call
+//! sampling-relevant (`messaging.system`, `messaging.destination.name`,
+//! `messaging.operation`), so samplers see them; the message's ids and types are added only
+//! when the sampler records the span, so a message sampled out costs little more than the
+//! trace context its headers carry on. Under a no-op tracer no span is built at all (see
+//! [`BusTracer`]).
 //! Running a future under a span's [`Context`] makes it current, so `tracing` spans that user
 //! code opens there (with `tracing-opentelemetry`'s context activation, its default) become
 //! its children.
@@ -72,9 +76,20 @@ impl MessageSpan {
 /// for the erasure, and the context would box it again: one allocation more per span, three
 /// per message.
 trait SpanStarter: Send + Sync {
-    /// The context holding the new span, and whether the span is a no-op one: it neither
-    /// records nor has an id of its own.
-    fn start(&self, builder: SpanBuilder, parent: &Context) -> (Context, bool);
+    /// The context holding the new span, and what the span turned out to be.
+    fn start(&self, builder: SpanBuilder, parent: &Context) -> (Context, Started);
+}
+
+/// What a new span turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Started {
+    /// It records: the sampler kept it.
+    Recording,
+    /// It was sampled out: it has an id of its own (carried on in the trace headers, with
+    /// the decision) but records nothing.
+    SampledOut,
+    /// A no-op tracer's: neither records nor has an id of its own.
+    Noop,
 }
 
 impl<T> SpanStarter for T
@@ -82,22 +97,30 @@ where
     T: Tracer + Send + Sync,
     T::Span: Send + Sync + 'static,
 {
-    fn start(&self, builder: SpanBuilder, parent: &Context) -> (Context, bool) {
+    fn start(&self, builder: SpanBuilder, parent: &Context) -> (Context, Started) {
         let span = self.build_with_context(builder, parent);
-        // An SDK span that is sampled out still gets an id of its own; a no-op tracer's span
-        // has none (it repeats its parent's, or is empty).
-        let context = span.span_context();
-        let no_id_of_its_own = !context.is_valid()
-            || parent.has_active_span() && parent.span().span_context().span_id() == context.span_id();
-        let noop = !span.is_recording() && no_id_of_its_own;
-        (parent.with_span(span), noop)
+        let started = if span.is_recording() {
+            Started::Recording
+        } else {
+            // An SDK span that is sampled out still gets an id of its own; a no-op tracer's
+            // span has none (it repeats its parent's, or is empty).
+            let context = span.span_context();
+            let no_id_of_its_own = !context.is_valid()
+                || parent.has_active_span() && parent.span().span_context().span_id() == context.span_id();
+            if no_id_of_its_own {
+                Started::Noop
+            } else {
+                Started::SampledOut
+            }
+        };
+        (parent.with_span(span), started)
     }
 }
 
 /// The bus's tracer, and whether it turned out to be a no-op one.
 ///
-/// Spans are built with their name and attributes, so that samplers and processors see
-/// them whole. Without a tracer provider that work is wasted on every message, so a tracer
+/// Spans are built with their name and sampling-relevant attributes, so that samplers see
+/// them. Without a tracer provider that work is wasted on every message, so a tracer
 /// whose spans neither record nor get ids of their own is marked no-op, and then no spans
 /// are built: the parent context carries the producer's trace on just as a no-op span would.
 /// Every 1,024th span is built whole again, in case that was only a passing state (a
@@ -119,20 +142,27 @@ impl BusTracer {
 
     /// The context of a new span under `parent`; `None` under a no-op tracer, whose span
     /// would only repeat its parent's context (the parent carries it on as well).
+    ///
+    /// `sampling` gives the attributes the span is created with, which samplers see;
+    /// `details` adds the rest, and runs only when the span records.
     fn start(
         &self,
         kind: SpanKind,
         parent: &Context,
         links: Vec<Link>,
         name: impl FnOnce() -> Cow<'static, str>,
-        attributes: impl FnOnce() -> Vec<KeyValue>,
+        sampling: impl FnOnce() -> Vec<KeyValue>,
+        details: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Context> {
         if self.noop.load(Ordering::Relaxed) && self.bare.fetch_add(1, Ordering::Relaxed) % 1024 != 1023 {
             return None;
         }
-        let builder = SpanBuilder::from_name(name()).with_kind(kind).with_links(links).with_attributes(attributes());
-        let (cx, noop) = self.tracer.start(builder, parent);
-        self.noop.store(noop, Ordering::Relaxed);
+        let builder = SpanBuilder::from_name(name()).with_kind(kind).with_links(links).with_attributes(sampling());
+        let (cx, started) = self.tracer.start(builder, parent);
+        self.noop.store(started == Started::Noop, Ordering::Relaxed);
+        if started == Started::Recording {
+            cx.span().set_attributes(details());
+        }
         Some(cx)
     }
 }
@@ -171,9 +201,10 @@ fn id(id: Option<Uuid>) -> Option<StringValue> {
     id.map(|u| StringValue::from(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()))
 }
 
-/// The ids every span of one message carries, and its message types: `types` when they
-/// are known as the bus's own (static) names, else the envelope's.
-fn message_attributes(envelope: &Envelope, types: Option<&[&'static str]>, attributes: &mut Vec<KeyValue>) {
+/// The ids every recorded span of one message carries, and its message types: `types` when
+/// they are known as the bus's own (static) names, else the envelope's.
+fn message_attributes(envelope: &Envelope, types: Option<&[&'static str]>) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(6);
     let ids = [
         ("messaging.message.id", envelope.message_id),
         ("messaging.message.conversation_id", envelope.conversation_id),
@@ -194,10 +225,12 @@ fn message_attributes(envelope: &Envelope, types: Option<&[&'static str]>, attri
         (None, many) => StringValue::from(many.join(",")),
     };
     attributes.push(KeyValue::new("messaging.masstransit.message_types", types));
+    attributes
 }
 
+/// The attributes the messaging conventions call sampling-relevant.
 fn common(system: &'static str, destination: StringValue, operation: &'static str) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(10);
+    let mut attributes = Vec::with_capacity(4);
     attributes.push(KeyValue::new("messaging.system", system));
     attributes.push(KeyValue::new("messaging.destination.name", destination));
     attributes.push(KeyValue::new("messaging.operation", operation));
@@ -232,10 +265,9 @@ pub(crate) fn send_span(
         || {
             let value =
                 shared.map_or_else(|| StringValue::from(entity.to_owned()), |(_, v)| StringValue::from(v.clone()));
-            let mut attributes = common(system, value, operation);
-            message_attributes(envelope, Some(types), &mut attributes);
-            attributes
+            common(system, value, operation)
         },
+        || message_attributes(envelope, Some(types)),
     );
     in_context(&parent, span)
 }
@@ -276,11 +308,8 @@ pub(crate) fn receive_span(
         &parent,
         links,
         || Cow::Borrowed(endpoint.receive),
-        || {
-            let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "receive");
-            message_attributes(envelope, known_type().as_ref().map(std::slice::from_ref), &mut attributes);
-            attributes
-        },
+        || common(system, StringValue::from(endpoint.destination.clone()), "receive"),
+        || message_attributes(envelope, known_type().as_ref().map(std::slice::from_ref)),
     );
     in_context(&parent, span)
 }
@@ -304,6 +333,7 @@ pub(crate) fn process_span(
             attributes.push(KeyValue::new("messaging.masstransit.consumer_type", consumer));
             attributes
         },
+        Vec::new,
     );
     in_context(&receive.cx, span)
 }
