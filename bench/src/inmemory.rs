@@ -14,6 +14,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::rabbitmq::{shipment_of, Shipment};
 use crate::report::{compare, figure};
 use crate::serializers::Order;
 use crate::Scale;
@@ -147,6 +148,56 @@ pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>, raw_json
     let rate = total as f64 / started.elapsed().as_secs_f64();
     bus.stop().await?;
     Ok(rate)
+}
+
+/// The bus publishing `count` shipments with notes of `note` bytes, one consumer;
+/// messages per second.
+pub(crate) async fn shipments(count: u64, note: usize) -> Result<f64, BoxError> {
+    let transport =
+        InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
+    let done = Arc::new(Notify::new());
+    let consumed = Arc::new(AtomicU64::new(0));
+    let (c, d) = (consumed.clone(), done.clone());
+    let bus = Bus::builder(transport)
+        .endpoint(Endpoint::new("bench-shipments").prefetch(1000).concurrency_limit(64).handler(
+            move |ctx: ConsumeContext<Shipment>| {
+                std::hint::black_box(ctx.message());
+                if c.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                    d.notify_one();
+                }
+                async { Ok(()) }
+            },
+        ))
+        .build();
+    bus.start().await?;
+    let finished = done.notified();
+    let started = Instant::now();
+    for _ in 0..count {
+        bus.publish(shipment_of(note)).await?;
+    }
+    tokio::time::timeout(Duration::from_secs(300), finished).await?;
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    bus.stop().await?;
+    Ok(rate)
+}
+
+/// tokio mpsc carrying `count` shipments with notes of `note` bytes as serde_json.
+pub(crate) async fn mpsc_shipments(count: u64, note: usize) -> f64 {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+    let started = Instant::now();
+    let consumer = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            std::hint::black_box(serde_json::from_slice::<Shipment>(&bytes).ok());
+        }
+    });
+    for _ in 0..count {
+        if tx.send(serde_json::to_vec(&shipment_of(note)).unwrap_or_default()).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = consumer.await;
+    count as f64 / started.elapsed().as_secs_f64()
 }
 
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {

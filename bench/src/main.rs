@@ -20,6 +20,7 @@ mod peers;
 mod rabbitmq;
 mod report;
 mod saga;
+mod scaling;
 mod scheduler;
 mod serializers;
 mod telemetry;
@@ -37,6 +38,8 @@ pub(crate) struct Scale {
     pub(crate) inmemory: u64,
     pub(crate) rabbitmq: u64,
     pub(crate) saga_events: u64,
+    /// Saga instances stored, for the curve of transitions against them.
+    pub(crate) saga_instances: [u64; 3],
     pub(crate) serializer_rounds: u64,
     pub(crate) outbox: u64,
     /// Messages per round of the peer comparison.
@@ -51,6 +54,7 @@ impl Scale {
             inmemory: std::env::var("BENCH_INMEMORY").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000_000),
             rabbitmq: 50_000,
             saga_events: 20_000,
+            saga_instances: [1_000, 100_000, 1_000_000],
             serializer_rounds: 500_000,
             outbox: 5_000,
             peers: 20_000,
@@ -64,6 +68,7 @@ impl Scale {
             inmemory: 500,
             rabbitmq: 300,
             saga_events: 200,
+            saga_instances: [100, 1_000, 10_000],
             serializer_rounds: 500,
             outbox: 100,
             peers: 300,
@@ -100,6 +105,7 @@ fn main() -> Result<(), bus_core::BoxError> {
             "outbox",
             "scheduler",
             "flow",
+            "scaling",
             "instances",
             "memory",
         ];
@@ -123,10 +129,11 @@ fn main() -> Result<(), bus_core::BoxError> {
             "scheduler" => runtime.block_on(scheduler::run(scale))?,
             "flow" => runtime.block_on(flow::run(scale))?,
             "instances" => runtime.block_on(instances::run(scale))?,
+            "scaling" => runtime.block_on(scaling::run(scale))?,
             "memory" => memory::run(scale)?,
             other => {
                 return Err(format!(
-                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, peers, latency, saga, outbox, scheduler, flow, instances, memory, all"
+                    "unknown scenario `{other}`: serializers, inmemory, tracing, rabbitmq, peers, latency, saga, outbox, scheduler, flow, scaling, instances, memory, all"
                 )
                 .into())
             }
@@ -135,8 +142,12 @@ fn main() -> Result<(), bus_core::BoxError> {
     report::table();
     if let Some(index) = args.iter().position(|a| a == "--chart") {
         let path = args.get(index + 1).map_or("docs/performance.svg", String::as_str);
-        report::chart(std::path::Path::new(path))?;
-        println!("chart written to {path}");
+        let path = std::path::Path::new(path);
+        report::chart(path)?;
+        println!("chart written to {}", path.display());
+        for curve in report::curves(path.parent().unwrap_or(std::path::Path::new(".")))? {
+            println!("chart written to {curve}");
+        }
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Resident memory: an idle bus with 10 endpoints, and the peak while 1,000,000 messages wait
-//! in the in-memory transport. Each is measured in a fresh child process.
+//! Resident memory, each figure in a fresh child process: an idle bus against its number of
+//! endpoints (1, 10, 100; in memory and on RabbitMQ), and the peak against the messages
+//! waiting in the in-memory transport (up to 1,000,000).
 
 use std::process::Command;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Message};
 use bus_inmemory::{InMemoryOptions, InMemoryTransport};
 use serde::{Deserialize, Serialize};
 
-use crate::report::figure;
+use crate::report::{figure, point};
 use crate::Scale;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
@@ -27,23 +28,41 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or_default()
 }
 
-/// Runs in the child: prints `rss_kib peak_kib`.
-pub(crate) fn child(mode: &str, messages: u64) -> Result<(), BoxError> {
+/// An idle bus with `endpoints` endpoints on `builder`'s transport, started and settled.
+async fn idle(builder: bus_core::BusBuilder, endpoints: u64, prefix: &str) -> Result<Bus, BoxError> {
+    let bus = (0..endpoints)
+        .fold(builder, |builder, i| {
+            builder
+                .endpoint(Endpoint::new(format!("{prefix}-{i}")).handler(|_: ConsumeContext<Waiting>| async { Ok(()) }))
+        })
+        .build();
+    bus.start().await?;
+    // Let the runtime settle into its idle state.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(bus)
+}
+
+/// Runs in the child: prints `rss_kib peak_kib`. `count` is the endpoints of an idle bus,
+/// or the messages of a backlog.
+pub(crate) fn child(mode: &str, count: u64) -> Result<(), BoxError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let capacity = usize::try_from(messages).unwrap_or(usize::MAX).max(1);
+        let capacity = usize::try_from(count).unwrap_or(usize::MAX).max(1);
         let transport =
             InMemoryTransport::with_options(InMemoryOptions { queue_capacity: capacity, full_queue_wait: None });
-        let mut builder = Bus::builder(transport.clone());
-        for i in 0..10 {
-            builder = builder
-                .endpoint(Endpoint::new(format!("idle-{i}")).handler(|_: ConsumeContext<Waiting>| async { Ok(()) }));
-        }
-        let bus = builder.build();
+        let mut bus = Bus::builder(transport.clone()).build();
         if mode == "idle" {
-            bus.start().await?;
-            // Let the runtime settle into its idle state.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            bus = idle(Bus::builder(transport.clone()), count, "idle").await?;
+        } else if mode == "idle-rabbitmq" {
+            let transport = bus_rabbitmq::RabbitMqTransport::connect(&crate::rabbitmq::address()).await?;
+            let prefix = format!("bench-idle-{}", uuid::Uuid::now_v7().simple());
+            let rabbit = idle(Bus::builder(transport.clone()), count, &prefix).await?;
+            print_memory();
+            rabbit.stop().await?;
+            transport.close().await;
+            let names: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+            crate::rabbitmq::delete_endpoints(&names).await?;
+            return Ok(());
         } else {
             // A backlog: a declared endpoint nobody consumes, filled to its limit, then one more.
             use bus_core::Transport;
@@ -53,24 +72,27 @@ pub(crate) fn child(mode: &str, messages: u64) -> Result<(), BoxError> {
                 ..Default::default()
             };
             transport.declare(&topology).await?;
-            for n in 0..messages {
+            for n in 0..count {
                 bus.publish(Waiting { n, note: "x".repeat(180) }).await?;
             }
-            let over = bus.publish(Waiting { n: messages, note: String::new() }).await;
+            let over = bus.publish(Waiting { n: count, note: String::new() }).await;
             if over.is_ok() {
                 return Err("a full queue took one more message".into());
             }
         }
-        #[allow(clippy::print_stdout)]
-        {
-            println!("{} {}", status_kib("VmRSS:"), status_kib("VmHWM:"));
-        }
+        print_memory();
+        drop(bus);
         Ok::<_, BoxError>(())
     })
 }
 
-fn spawn(mode: &str, messages: u64) -> Result<(f64, f64), BoxError> {
-    let output = Command::new(std::env::current_exe()?).args(["__memory", mode, &messages.to_string()]).output()?;
+#[allow(clippy::print_stdout)]
+fn print_memory() {
+    println!("{} {}", status_kib("VmRSS:"), status_kib("VmHWM:"));
+}
+
+fn spawn(mode: &str, count: u64) -> Result<(f64, f64), BoxError> {
+    let output = Command::new(std::env::current_exe()?).args(["__memory", mode, &count.to_string()]).output()?;
     let text = String::from_utf8_lossy(&output.stdout);
     let mut fields = text.split_whitespace().filter_map(|v| v.parse::<f64>().ok());
     match (fields.next(), fields.next()) {
@@ -80,11 +102,23 @@ fn spawn(mode: &str, messages: u64) -> Result<(f64, f64), BoxError> {
 }
 
 pub(crate) fn run(scale: Scale) -> Result<(), BoxError> {
-    let (idle, _) = spawn("idle", 0)?;
-    figure("memory.idle_bus_10_endpoints.rss", idle, "MiB");
-    let backlog = scale.inmemory;
-    let (_, peak) = spawn("backlog", backlog)?;
-    figure(&format!("memory.backlog_{backlog}_messages.peak_rss"), peak, "MiB");
-    figure("memory.backlog.per_message", peak * 1024.0 * 1024.0 / backlog as f64, "bytes/msg");
+    for endpoints in [1, 10, 100] {
+        let (memory, _) = spawn("idle", endpoints)?;
+        figure(&format!("memory.idle_bus_{endpoints}_endpoints.inmemory.rss"), memory, "MiB");
+        point("memory-endpoints", "in memory", endpoints as f64, memory);
+        let (rabbit, _) = spawn("idle-rabbitmq", endpoints)?;
+        figure(&format!("memory.idle_bus_{endpoints}_endpoints.rabbitmq.rss"), rabbit, "MiB");
+        point("memory-endpoints", "RabbitMQ", endpoints as f64, rabbit);
+    }
+    for backlog in [scale.inmemory / 100, scale.inmemory / 10, scale.inmemory] {
+        let (_, peak) = spawn("backlog", backlog)?;
+        figure(&format!("memory.backlog_{backlog}_messages.peak_rss"), peak, "MiB");
+        figure(
+            &format!("memory.backlog_{backlog}_messages.per_message"),
+            peak * 1024.0 * 1024.0 / backlog as f64,
+            "bytes/msg",
+        );
+        point("memory-backlog", "peak RSS", backlog as f64, peak);
+    }
     Ok(())
 }

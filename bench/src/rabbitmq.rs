@@ -145,10 +145,7 @@ impl Round {
 /// Raw lapin: end to end, publish-only, and publish-only with the bus's properties.
 async fn raw(count: u64, body_size: usize) -> Result<Round, BoxError> {
     let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
-    let setup = connection.create_channel().await?;
-    let queue = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
-    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    setup.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await?;
+    let (setup, queue) = fresh_queue(&connection).await?;
     let body = vec![b'x'; body_size];
 
     let started = Instant::now();
@@ -176,6 +173,25 @@ async fn raw(count: u64, body_size: usize) -> Result<Round, BoxError> {
         same_properties,
         send_only: 0.0,
     })
+}
+
+/// A new durable queue, and the channel that declared it.
+async fn fresh_queue(connection: &Connection) -> Result<(lapin::Channel, String), BoxError> {
+    let setup = connection.create_channel().await?;
+    let queue = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    setup.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await?;
+    Ok((setup, queue))
+}
+
+/// Raw lapin end to end with coalesced acks on a fresh queue, bodies of `body_size` bytes.
+pub(crate) async fn raw_coalesced(count: u64, body_size: usize) -> Result<f64, BoxError> {
+    let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
+    let (setup, queue) = fresh_queue(&connection).await?;
+    let (rate, _) = raw_end_to_end(&connection, &queue, count, &vec![b'x'; body_size], Acks::Coalesced).await?;
+    setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    let _ = connection.close(200, "bench done".into()).await;
+    Ok(rate)
 }
 
 /// How the raw consumer acknowledges.
