@@ -201,6 +201,12 @@ pub(crate) async fn mpsc_shipments(count: u64, note: usize) -> f64 {
 }
 
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
+    // `BENCH_INMEMORY_ONLY=envelope` (or `raw`) runs the bus alone in that mode, for a profiler.
+    if let Ok(only) = std::env::var("BENCH_INMEMORY_ONLY") {
+        let rate = bus(scale.inmemory, None, only == "raw").await?;
+        figure(&format!("inmemory.bus.{only}_only"), rate, "msg/s");
+        return Ok(());
+    }
     let bare = baseline(scale.inmemory, Wire::BareJson).await;
     figure("inmemory.baseline.mpsc_serde_json", bare, "msg/s");
     let enveloped = baseline(scale.inmemory, Wire::Envelope).await;

@@ -162,17 +162,26 @@ fn curve_svg(name: &str, points: &[&Point]) -> String {
     let log = |x: f64| x.max(1.0).log10();
     let (x_min, x_max) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(log(p.x)), hi.max(log(p.x))));
     let x_span = (x_max - x_min).max(1.0);
-    let y_max = points.iter().fold(0f64, |m, p| m.max(p.y)) * 1.1;
-    let y_max = if y_max > 0.0 { y_max } else { 1.0 };
+    // Throughput against size runs over decades too: log scale, from a decade below the least.
+    let log_y = name.starts_with("size-");
+    let y_top = points.iter().fold(0f64, |m, p| m.max(p.y));
+    let y_least = points.iter().fold(f64::MAX, |m, p| m.min(p.y.max(1.0)));
+    let (y_lo, y_hi) = if log_y {
+        (y_least.log10().floor(), y_top.max(10.0).log10().ceil())
+    } else {
+        (0.0, if y_top > 0.0 { y_top * 1.1 } else { 1.0 })
+    };
+    let scale_y = |y: f64| if log_y { y.max(1.0).log10() } else { y };
     let px = |x: f64| left + (log(x) - x_min) / x_span * plot_w;
-    let py = |y: f64| top + plot_h - y / y_max * plot_h;
+    let py = |y: f64| top + plot_h - (scale_y(y) - y_lo) / (y_hi - y_lo).max(1e-9) * plot_h;
     let mut svg = format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
 <text x="10" y="22" font-size="14" font-weight="bold">{title}</text>
 <line x1="{left}" y1="{top}" x2="{left}" y2="{b}" stroke="#444"/><line x1="{left}" y1="{b}" x2="{r}" y2="{b}" stroke="#444"/>
 <text x="{cx}" y="{xl}" text-anchor="middle">{x_label} (log scale)</text>
-<text x="14" y="{cy}" transform="rotate(-90 14 {cy})" text-anchor="middle">{y_label}</text>
+<text x="14" y="{cy}" transform="rotate(-90 14 {cy})" text-anchor="middle">{y_label}{y_scale}</text>
 "##,
+        y_scale = if log_y { " (log scale)" } else { "" },
         b = top + plot_h,
         r = left + plot_w,
         cx = left + plot_w / 2.0,
@@ -180,7 +189,8 @@ fn curve_svg(name: &str, points: &[&Point]) -> String {
         cy = top + plot_h / 2.0,
     );
     for tick in 0..=4 {
-        let y = y_max * f64::from(tick) / 4.0;
+        let at = y_lo + (y_hi - y_lo) * f64::from(tick) / 4.0;
+        let y = if log_y { 10f64.powf(at) } else { at };
         svg.push_str(&format!(
             r##"<text x="{x}" y="{ty:.1}" text-anchor="end">{label}</text><line x1="{left}" y1="{ly:.1}" x2="{r}" y2="{ly:.1}" stroke="#eee"/>
 "##,

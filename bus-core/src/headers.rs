@@ -116,6 +116,20 @@ impl Headers {
         Some(self.entries_mut().remove(at).1)
     }
 
+    /// These headers less the ones named, in one pass: shared as they are when none is here.
+    pub(crate) fn without(&self, names: &[&str]) -> Headers {
+        if !self.entries().iter().any(|(k, _)| names.contains(&k.as_str())) {
+            return self.clone();
+        }
+        let rest: Vec<(String, Value)> =
+            self.entries().iter().filter(|(k, _)| !names.contains(&k.as_str())).cloned().collect();
+        if rest.is_empty() {
+            Headers::default()
+        } else {
+            Headers::from_shared(Some(Arc::new(rest)))
+        }
+    }
+
     /// Whether a header is set.
     pub fn contains(&self, name: &str) -> bool {
         self.position(name).is_some()

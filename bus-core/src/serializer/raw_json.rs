@@ -4,6 +4,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{wire, Serializer};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::MutexExt;
 use crate::{Envelope, Error, Headers, HostInfo, Result, TransportMessage};
 
 const MESSAGE_ID: &str = "MessageId";
@@ -54,8 +57,8 @@ fn put_str(headers: &mut Headers, name: &str, value: &Option<String>) {
     }
 }
 
-fn take_id(headers: &mut Headers, name: &str) -> Result<Option<Uuid>> {
-    match headers.remove(name) {
+fn read_id(headers: &Headers, name: &str) -> Result<Option<Uuid>> {
+    match headers.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
         Some(Value::String(s)) => Uuid::parse_str(s.trim())
@@ -65,11 +68,50 @@ fn take_id(headers: &mut Headers, name: &str) -> Result<Option<Uuid>> {
     }
 }
 
-fn take_str(headers: &mut Headers, name: &str) -> Option<String> {
-    match headers.remove(name) {
-        Some(Value::String(s)) => Some(s),
-        _ => None,
+fn read_str(headers: &Headers, name: &str) -> Option<String> {
+    headers.get_str(name).map(str::to_owned)
+}
+
+/// The headers the envelope's fields travel in, taken out of the envelope's headers.
+const ENVELOPE_HEADERS: [&str; 10] = [
+    MESSAGE_ID,
+    CORRELATION_ID,
+    REQUEST_ID,
+    CONVERSATION_ID,
+    INITIATOR_ID,
+    SOURCE_ADDRESS,
+    RESPONSE_ADDRESS,
+    FAULT_ADDRESS,
+    MESSAGE_TYPE,
+    HOST_INFO,
+];
+
+/// The host's `MT-Host-Info`: the same host is written on every message a process sends,
+/// so its JSON is made once and kept while the host stays the same.
+fn host_json(host: &Arc<HostInfo>) -> Result<String> {
+    static LAST: Mutex<Option<(Arc<HostInfo>, String)>> = Mutex::new(None);
+    if let Some((last, json)) = LAST.locked().as_ref() {
+        if Arc::ptr_eq(last, host) {
+            return Ok(json.clone());
+        }
     }
+    let json = serde_json::to_string(&**host).map_err(Error::Serialize)?;
+    *LAST.locked() = Some((host.clone(), json.clone()));
+    Ok(json)
+}
+
+/// A received `MT-Host-Info`: a sender writes the same one on every message, so the last
+/// one read is kept and shared while the text stays the same.
+fn read_host(text: &str) -> Option<Arc<HostInfo>> {
+    static LAST: Mutex<Option<(String, Arc<HostInfo>)>> = Mutex::new(None);
+    if let Some((last, host)) = LAST.locked().as_ref() {
+        if last == text {
+            return Some(host.clone());
+        }
+    }
+    let host = Arc::new(serde_json::from_str::<HostInfo>(text).ok()?);
+    *LAST.locked() = Some((text.to_owned(), host.clone()));
+    Some(host)
 }
 
 impl Serializer for RawJsonSerializer {
@@ -89,7 +131,7 @@ impl Serializer for RawJsonSerializer {
         put_str(&mut headers, FAULT_ADDRESS, &envelope.fault_address);
         headers.insert(MESSAGE_TYPE, envelope.message_type.join(";"));
         if let Some(host) = &envelope.host {
-            headers.insert(HOST_INFO, serde_json::to_string(host).map_err(Error::Serialize)?);
+            headers.insert(HOST_INFO, host_json(host)?);
         }
         let body = Bytes::copy_from_slice(envelope.message.get().as_bytes());
         Ok(wire(envelope, body, Self::CONTENT_TYPE, headers))
@@ -100,31 +142,30 @@ impl Serializer for RawJsonSerializer {
             .map_err(|e| Error::deserialize(format!("body is not UTF-8: {e}"), Some(Box::new(e) as _)))?;
         let raw: Box<RawValue> = serde_json::from_str(text)
             .map_err(|e| Error::deserialize(format!("body is not valid JSON: {e}"), Some(Box::new(e) as _)))?;
-        let mut headers = message.headers.clone();
-        let message_type = take_str(&mut headers, MESSAGE_TYPE)
+        let all = &message.headers;
+        let message_type = all
+            .get_str(MESSAGE_TYPE)
             .map(|s| s.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
             .unwrap_or_default();
-        let host = take_str(&mut headers, HOST_INFO)
-            .and_then(|s| serde_json::from_str::<HostInfo>(&s).ok())
-            .map(std::sync::Arc::new);
-        let message_id = take_id(&mut headers, MESSAGE_ID)?.or(message.message_id);
-        let correlation_id = take_id(&mut headers, CORRELATION_ID)?.or(message.correlation_id);
+        let host = all.get_str(HOST_INFO).and_then(read_host);
+        let message_id = read_id(all, MESSAGE_ID)?.or(message.message_id);
+        let correlation_id = read_id(all, CORRELATION_ID)?.or(message.correlation_id);
         Ok(Envelope {
             message_id,
-            request_id: take_id(&mut headers, REQUEST_ID)?,
+            request_id: read_id(all, REQUEST_ID)?,
             correlation_id,
-            conversation_id: take_id(&mut headers, CONVERSATION_ID)?,
-            initiator_id: take_id(&mut headers, INITIATOR_ID)?,
-            source_address: take_str(&mut headers, SOURCE_ADDRESS),
+            conversation_id: read_id(all, CONVERSATION_ID)?,
+            initiator_id: read_id(all, INITIATOR_ID)?,
+            source_address: read_str(all, SOURCE_ADDRESS),
             destination_address: None,
-            response_address: take_str(&mut headers, RESPONSE_ADDRESS),
-            fault_address: take_str(&mut headers, FAULT_ADDRESS),
+            response_address: read_str(all, RESPONSE_ADDRESS),
+            fault_address: read_str(all, FAULT_ADDRESS),
             message_type,
             message: raw,
             binary: None,
             expiration_time: None,
             sent_time: None,
-            headers,
+            headers: all.without(&ENVELOPE_HEADERS),
             host,
         })
     }
