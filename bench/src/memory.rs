@@ -53,6 +53,10 @@ pub(crate) fn child(mode: &str, count: u64) -> Result<(), BoxError> {
         let mut bus = Bus::builder(transport.clone()).build();
         if mode == "idle" {
             bus = idle(Bus::builder(transport.clone()), count, "idle").await?;
+        } else if mode == "idle-lapin" {
+            // The baseline: raw lapin holding what the bus holds on RabbitMQ (a publishing and
+            // a consuming connection, a channel and a consumer per endpoint), nothing else.
+            return idle_lapin(count).await;
         } else if mode == "idle-rabbitmq" {
             let transport = bus_rabbitmq::RabbitMqTransport::connect(&crate::rabbitmq::address()).await?;
             let prefix = format!("bench-idle-{}", uuid::Uuid::now_v7().simple());
@@ -86,6 +90,37 @@ pub(crate) fn child(mode: &str, count: u64) -> Result<(), BoxError> {
     })
 }
 
+async fn idle_lapin(endpoints: u64) -> Result<(), BoxError> {
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    let address = crate::rabbitmq::address();
+    let properties = lapin::ConnectionProperties::default;
+    let publishing = lapin::Connection::connect(&address, properties()).await?;
+    let consuming = lapin::Connection::connect(&address, properties()).await?;
+    let publisher = publishing.create_channel().await?;
+    let mut consumers = Vec::new();
+    for _ in 0..endpoints {
+        let channel = consuming.create_channel().await?;
+        let options = QueueDeclareOptions { exclusive: true, ..QueueDeclareOptions::default() };
+        let queue = channel.queue_declare("".into(), options, lapin::types::FieldTable::default()).await?;
+        let consumer = channel
+            .basic_consume(
+                queue.name().as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        consumers.push((channel, consumer));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    print_memory();
+    drop(consumers);
+    drop(publisher);
+    let _ = consuming.close(200, "done".into()).await;
+    let _ = publishing.close(200, "done".into()).await;
+    Ok(())
+}
+
 #[allow(clippy::print_stdout)]
 fn print_memory() {
     println!("{} {}", status_kib("VmRSS:"), status_kib("VmHWM:"));
@@ -109,6 +144,9 @@ pub(crate) fn run(scale: Scale) -> Result<(), BoxError> {
         let (rabbit, _) = spawn("idle-rabbitmq", endpoints)?;
         figure(&format!("memory.idle_bus_{endpoints}_endpoints.rabbitmq.rss"), rabbit, "MiB");
         point("memory-endpoints", "RabbitMQ", endpoints as f64, rabbit);
+        let (lapin, _) = spawn("idle-lapin", endpoints)?;
+        figure(&format!("memory.idle_lapin_{endpoints}_consumers.rss"), lapin, "MiB");
+        point("memory-endpoints", "raw lapin (2 connections, a consumer each)", endpoints as f64, lapin);
     }
     for backlog in [scale.inmemory / 100, scale.inmemory / 10, scale.inmemory] {
         let (_, peak) = spawn("backlog", backlog)?;

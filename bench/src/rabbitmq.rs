@@ -42,7 +42,7 @@ pub(crate) fn shipment_of(note: usize) -> Shipment {
 
 /// CPU time this process has used (user + system), from `/proc/self/stat`; the broker
 /// shares the machine's two cores with it, so every client microsecond is taken from it.
-fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command name (which is in parentheses and may hold spaces).
     let fields: Vec<&str> =
@@ -88,15 +88,27 @@ async fn raw_publish(
     body: &[u8],
     properties: Properties,
 ) -> Result<(), BoxError> {
+    raw_publish_round_robin(connection, &[queue], count, body, properties).await
+}
+
+/// Publishes `count` bodies over the queues in turn, confirms `IN_FLIGHT` deep.
+async fn raw_publish_round_robin(
+    connection: &Connection,
+    queues: &[&str],
+    count: u64,
+    body: &[u8],
+    properties: Properties,
+) -> Result<(), BoxError> {
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut pending = FuturesUnordered::new();
-    for _ in 0..count {
+    for n in 0..count {
         if pending.len() >= IN_FLIGHT {
             if let Some(confirm) = pending.next().await {
                 let _: lapin::Confirmation = confirm?;
             }
         }
+        let queue = queues[n as usize % queues.len()];
         let confirm = channel
             .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties.make())
             .await?;
@@ -216,13 +228,29 @@ pub(crate) async fn raw_end_to_end(
     body: &[u8],
     acks: Acks,
 ) -> Result<(f64, f64), BoxError> {
-    let consumer_channel = connection.create_channel().await?;
-    consumer_channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let mut consumer = consumer_channel
-        .basic_consume(queue.into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
+    let (consumer_channel, consume) = raw_consume(connection, queue, count, acks).await?;
     let started = Instant::now();
     let cpu = cpu_seconds();
+    raw_publish(connection, queue, count, body, Properties::Bare).await?;
+    let consumed = consume.await??;
+    let rate = consumed as f64 / started.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
+    let _ = consumer_channel.close(200, "bench done".into()).await;
+    Ok((rate, cpu))
+}
+
+/// A consumer (prefetch 100, on a channel of its own) taking `count` messages from `queue`.
+async fn raw_consume(
+    connection: &Connection,
+    queue: &str,
+    count: u64,
+    acks: Acks,
+) -> Result<(lapin::Channel, tokio::task::JoinHandle<Result<u64, lapin::Error>>), BoxError> {
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(queue.into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
     let consume = tokio::spawn(async move {
         let mut n = 0;
         while n < count {
@@ -244,12 +272,32 @@ pub(crate) async fn raw_end_to_end(
         }
         Ok::<_, lapin::Error>(n)
     });
-    raw_publish(connection, queue, count, body, Properties::Bare).await?;
-    let consumed = consume.await??;
+    Ok((channel, consume))
+}
+
+/// Raw lapin end to end over `queues` queues, a consumer each (coalesced acks), published
+/// in turn: the broker's side of the bus's curve against endpoints. Messages per second.
+pub(crate) async fn raw_fan_out(count: u64, queues: usize) -> Result<f64, BoxError> {
+    let connection = Connection::connect(&address(), ConnectionProperties::default()).await?;
+    let mut names = Vec::new();
+    let mut consumers = Vec::new();
+    let per_queue = count / queues as u64;
+    for _ in 0..queues {
+        let (_, queue) = fresh_queue(&connection).await?;
+        consumers.push(raw_consume(&connection, &queue, per_queue, Acks::Coalesced).await?);
+        names.push(queue);
+    }
+    let started = Instant::now();
+    let targets: Vec<&str> = names.iter().map(String::as_str).collect();
+    raw_publish_round_robin(&connection, &targets, per_queue * queues as u64, &[b'x'; 957], Properties::Bare).await?;
+    let mut consumed = 0;
+    for (_, consume) in consumers {
+        consumed += consume.await??;
+    }
     let rate = consumed as f64 / started.elapsed().as_secs_f64();
-    let cpu = (cpu_seconds() - cpu) * 1e6 / count as f64;
-    let _ = consumer_channel.close(200, "bench done".into()).await;
-    Ok((rate, cpu))
+    let _ = connection.close(200, "bench done".into()).await;
+    delete_queues(&names).await?;
+    Ok(rate)
 }
 
 /// Publishes `count` shipments (or sends them to `to`), `IN_FLIGHT` at a time.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bus_core::{BoxError, Bus, Message};
 use bus_inmemory::InMemoryTransport;
-use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, Saga, StateMachine};
+use bus_saga::{when, RedisSagaOptions, RedisSagaRepository, Saga, StateMachine, DEFAULT_DUPLICATE_WINDOW};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -133,9 +133,9 @@ async fn used_memory(connection: &mut redis::aio::MultiplexedConnection) -> Resu
 }
 
 /// Transitions per second of events spread at random over `stored` instances, for each
-/// size in `sizes`, and Redis's memory per instance. Instances are made by the saga for the
-/// first thousand; the rest are copies of one of them written straight to Redis (the same
-/// JSON under its own id), so a million take seconds, not minutes.
+/// size in `scale.saga_instances`, and Redis's memory per instance. Instances are made by
+/// the saga for the first thousand; the rest are copies of one of them written straight to
+/// Redis (the same JSON under its own id), so a million take seconds, not minutes.
 async fn instances_curve(scale: Scale) -> Result<(), BoxError> {
     let server = tests::redis_support::ThrowawayRedis::start();
     let url = server.url();
@@ -152,7 +152,14 @@ async fn instances_curve(scale: Scale) -> Result<(), BoxError> {
             for id in &first {
                 bus.publish(Tick { id: *id }).await?;
             }
-            transitions += first.len() as u64;
+            // Then each takes as many events as the duplicate window keeps, so every instance
+            // holds a full window of applied-event ids, as instances do in steady state.
+            for _ in 0..DEFAULT_DUPLICATE_WINDOW {
+                for id in &first {
+                    bus.publish(Tick { id: *id }).await?;
+                }
+            }
+            transitions += (first.len() * (1 + DEFAULT_DUPLICATE_WINDOW)) as u64;
             stats.wait_for_transitions(transitions, Duration::from_secs(60)).await;
             ids = first;
         }

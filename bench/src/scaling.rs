@@ -145,7 +145,7 @@ async fn with_endpoints(
     endpoints: usize,
     count: u64,
     duration: Duration,
-) -> Result<(f64, f64, Vec<String>), BoxError> {
+) -> Result<Outcome, BoxError> {
     let probe = Probe::new();
     let prefix = format!("bench-scale-{}", uuid::Uuid::now_v7().simple());
     let names: Vec<String> = (0..endpoints).map(|i| format!("{prefix}-{i}")).collect();
@@ -160,9 +160,11 @@ async fn with_endpoints(
     probe.expect(count);
     let finished = probe.done.notified();
     let started = Instant::now();
+    let cpu = crate::rabbitmq::cpu_seconds();
     publish_round_robin(&bus, count, endpoints, &note).await?;
     tokio::time::timeout(Duration::from_secs(600), finished).await?;
     let throughput = count as f64 / started.elapsed().as_secs_f64();
+    let cpu = (crate::rabbitmq::cpu_seconds() - cpu) * 1e6 / count as f64;
 
     let paced = (duration.as_secs_f64() * LATENCY_RATE as f64) as u64;
     probe.expect(paced);
@@ -177,32 +179,47 @@ async fn with_endpoints(
     tokio::time::timeout(Duration::from_secs(60), finished).await?;
     let p99 = probe.p99_ms();
     bus.stop().await?;
-    Ok((throughput, p99, names))
+    Ok(Outcome { throughput, cpu, p99, names })
+}
+
+/// What a run with some endpoints measured.
+struct Outcome {
+    /// Messages per second.
+    throughput: f64,
+    /// Client CPU microseconds per message at full throughput.
+    cpu: f64,
+    /// p99 latency at 1,000 msg/s, in ms.
+    p99: f64,
+    /// The endpoints' names.
+    names: Vec<String>,
 }
 
 async fn endpoints_curve(scale: Scale) -> Result<(), BoxError> {
     for endpoints in ENDPOINTS {
         let transport =
             InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 100_000, ..InMemoryOptions::default() });
-        let (rate, p99, _) =
-            with_endpoints(Bus::builder(transport), endpoints, scale.inmemory / 4, scale.duration).await?;
-        record_endpoints("inmemory", endpoints, rate, p99);
+        let outcome = with_endpoints(Bus::builder(transport), endpoints, scale.inmemory / 4, scale.duration).await?;
+        record_endpoints("inmemory", endpoints, &outcome);
 
         let transport = RabbitMqTransport::connect(&crate::rabbitmq::address()).await?;
         let outcome = with_endpoints(Bus::builder(transport.clone()), endpoints, scale.rabbitmq, scale.duration).await;
         transport.close().await;
-        let (rate, p99, names) = outcome?;
-        crate::rabbitmq::delete_endpoints(&names).await?;
-        record_endpoints("rabbitmq", endpoints, rate, p99);
+        let outcome = outcome?;
+        crate::rabbitmq::delete_endpoints(&outcome.names).await?;
+        record_endpoints("rabbitmq", endpoints, &outcome);
+        let raw = crate::rabbitmq::raw_fan_out(scale.rabbitmq, endpoints).await?;
+        figure(&format!("scaling.endpoints_{endpoints}.raw_lapin.throughput"), raw, "msg/s");
+        point("endpoints-throughput", "raw lapin, a queue each", endpoints as f64, raw);
     }
     Ok(())
 }
 
-fn record_endpoints(transport: &'static str, endpoints: usize, rate: f64, p99: f64) {
-    figure(&format!("scaling.endpoints_{endpoints}.{transport}.throughput"), rate, "msg/s");
-    figure(&format!("scaling.endpoints_{endpoints}.{transport}.p99_at_1000_per_s"), p99, "ms");
-    point("endpoints-throughput", transport, endpoints as f64, rate);
-    point("endpoints-p99", transport, endpoints as f64, p99);
+fn record_endpoints(transport: &'static str, endpoints: usize, outcome: &Outcome) {
+    figure(&format!("scaling.endpoints_{endpoints}.{transport}.throughput"), outcome.throughput, "msg/s");
+    figure(&format!("scaling.endpoints_{endpoints}.{transport}.cpu"), outcome.cpu, "us/msg");
+    figure(&format!("scaling.endpoints_{endpoints}.{transport}.p99_at_1000_per_s"), outcome.p99, "ms");
+    point("endpoints-throughput", transport, endpoints as f64, outcome.throughput);
+    point("endpoints-p99", transport, endpoints as f64, outcome.p99);
 }
 
 /// Payload sizes, and how many messages each round sends.
@@ -211,7 +228,9 @@ fn sizes(scale: Scale) -> [(usize, u64); 3] {
 }
 
 async fn size_curve(scale: Scale) -> Result<(), BoxError> {
-    for (size, count) in sizes(scale) {
+    // `BENCH_SIZE=1000000` runs one size alone.
+    let wanted: Option<usize> = std::env::var("BENCH_SIZE").ok().and_then(|s| s.parse().ok());
+    for (size, count) in sizes(scale).into_iter().filter(|(size, _)| wanted.is_none_or(|w| w == *size)) {
         // In memory: the bus against tokio mpsc + serde_json of the same shipment.
         let memory_count = count * 4;
         let bus = crate::inmemory::shipments(memory_count, size).await?;
@@ -240,6 +259,13 @@ fn record_size(transport: &str, side: &str, size: usize, rate: f64) {
 }
 
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
-    endpoints_curve(scale).await?;
-    size_curve(scale).await
+    // `BENCH_SCALING=endpoints` (or `sizes`) runs one curve alone.
+    let only = std::env::var("BENCH_SCALING").ok();
+    if only.as_deref() != Some("sizes") {
+        endpoints_curve(scale).await?;
+    }
+    if only.as_deref() != Some("endpoints") {
+        size_curve(scale).await?;
+    }
+    Ok(())
 }
