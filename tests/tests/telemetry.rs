@@ -688,3 +688,70 @@ async fn samplers_see_names_and_attributes_of_every_span() {
     }
     let _ = provider.shutdown();
 }
+
+/// With a parent-based ratio sampler (what `OTEL_TRACES_SAMPLER=parentbased_traceidratio`
+/// gives), a message's spans are kept or dropped together: each kept trace holds its send,
+/// receive and process spans whole, with the message's ids added after the sampler kept
+/// them. A message sampled out records nothing, yet carries its trace context marked not
+/// sampled, so the services downstream drop it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ratio_sampler_keeps_or_drops_each_message_whole() {
+    use opentelemetry_sdk::trace::Sampler;
+    const MESSAGES: u32 = 200;
+    let endpoint = unique("ratio");
+    let spans = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.25))))
+        .with_simple_exporter(spans.clone())
+        .build();
+    let received = Arc::new(std::sync::Mutex::new(Vec::<(u32, String)>::new()));
+    let all_in = Arc::new(tokio::sync::Notify::new());
+    let (seen, done) = (received.clone(), all_in.clone());
+    let bus = Bus::builder(InMemoryTransport::new())
+        .tracer_provider(&provider)
+        .endpoint(Endpoint::new(&endpoint).handler(move |ctx: ConsumeContext<First>| {
+            let traceparent = ctx.headers().get_str("traceparent").unwrap_or_default().to_owned();
+            let mut seen = seen.lock().expect("lock");
+            seen.push((ctx.message().n, traceparent));
+            if seen.len() == MESSAGES as usize {
+                done.notify_one();
+            }
+            async { Ok(()) }
+        }))
+        .build();
+    bus.start().await.expect("bus starts");
+    for n in 0..MESSAGES {
+        bus.send(&format!("queue:{endpoint}"), First { n }).await.expect("send");
+    }
+    tokio::time::timeout(WAIT, all_in.notified()).await.expect("every message consumed");
+    bus.stop().await.expect("stop");
+    let _ = provider.force_flush();
+    let finished: Vec<SpanData> =
+        spans.get_finished_spans().expect("spans").into_iter().filter(|s| s.name.starts_with(&endpoint)).collect();
+
+    let mut sampled = 0;
+    for (n, traceparent) in received.lock().expect("lock").iter() {
+        let fields: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(fields.len(), 4, "message {n} carries a traceparent: `{traceparent}`");
+        let trace_id = TraceId::from_hex(fields[1]).expect("trace id");
+        let trace: Vec<&SpanData> = finished.iter().filter(|s| s.span_context.trace_id() == trace_id).collect();
+        match fields[3] {
+            "01" => {
+                sampled += 1;
+                let mut names: Vec<&str> = trace.iter().map(|s| s.name.as_ref()).collect();
+                names.sort_unstable();
+                let wanted = ["process", "receive", "send"].map(|op| format!("{endpoint} {op}"));
+                assert_eq!(names, wanted, "message {n}: its three spans, whole");
+                for span in trace.iter().filter(|s| !s.name.ends_with("process")) {
+                    assert!(attribute(span, "messaging.message.id").is_some(), "{} has the message id", span.name);
+                }
+            }
+            "00" => assert!(trace.is_empty(), "message {n} was sampled out, yet spans were recorded"),
+            other => panic!("message {n}: unexpected trace flags {other}"),
+        }
+    }
+    // 25% of 200: 50 expected; outside 20..=85 by chance about once in ten million runs.
+    assert!((20..=85).contains(&sampled), "{sampled} of {MESSAGES} messages sampled at a ratio of 0.25");
+    assert_eq!(finished.len(), sampled * 3, "only the sampled messages' spans were exported");
+    let _ = provider.shutdown();
+}

@@ -316,6 +316,11 @@ pub(crate) fn receive_span(
 
 /// `{endpoint} process`: one consumer handling the message, child of the receive span;
 /// sagas add `saga.id`, `saga.begin_state` and `saga.end_state` to it.
+///
+/// Under a receive span that was sampled out, none is built: every sampler the standard
+/// `OTEL_TRACES_SAMPLER` settings name decides a child as its parent (parent-based) or as
+/// its trace id (ratio) was decided, so it would be sampled out too. The consumer runs
+/// under the receive span's context, which carries the decision on to what it sends.
 pub(crate) fn process_span(
     tracer: &BusTracer,
     receive: &MessageSpan,
@@ -323,6 +328,10 @@ pub(crate) fn process_span(
     endpoint: &EndpointSpans,
     consumer: &'static str,
 ) -> MessageSpan {
+    let receiving = receive.cx.span();
+    if receiving.span_context().is_valid() && !receiving.is_recording() {
+        return receive.clone();
+    }
     let span = tracer.start(
         SpanKind::Consumer,
         &receive.cx,
