@@ -5,7 +5,8 @@
 # answer: the RabbitMQ transport, the Redis saga repository and the PostgreSQL outbox are
 # tested against the real servers. This script starts them when installed but stopped, and
 # installs them with apt-get when missing; likewise Debian's chromium and chromium-driver, for
-# the dashboard's test in a real browser.
+# the dashboard's test in a real browser, and python3 with venv, for the benchmark's
+# FastStream peer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One build of everything: incremental caches would only fill the disk (tens of GB).
@@ -93,10 +94,20 @@ ensure_chromium() {
   log "chromium and chromedriver installed"
 }
 
+# The benchmark's peer comparison runs FastStream in a virtual environment it creates.
+ensure_python_venv() {
+  command -v python3 >/dev/null || install_package python3 python3
+  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    install_package python3-venv python3
+  fi
+  log "python3 with venv available"
+}
+
 ensure_redis
 ensure_rabbitmq
 ensure_postgres
 ensure_chromium
+ensure_python_venv
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -14,11 +14,17 @@ struct Sampled {
 /// `OTEL_TRACES_SAMPLER=traceidratio` with `OTEL_TRACES_SAMPLER_ARG=0` samples nothing: the
 /// message still carries its trace context, marked not sampled (`-00`), where the default
 /// (parent-based, always on) would mark it sampled (`-01`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sampler_variables_decide_what_is_sampled() {
+#[test]
+fn the_sampler_variables_decide_what_is_sampled() {
+    // Set before any other thread exists.
     std::env::set_var("OTEL_TRACES_SAMPLER", "traceidratio");
     std::env::set_var("OTEL_TRACES_SAMPLER_ARG", "0");
     std::env::remove_var("OTEL_EXPORTER_OTLP_ENDPOINT");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    runtime.block_on(publish_and_check());
+}
+
+async fn publish_and_check() {
     let telemetry = bus_telemetry::init("sampler-settings").expect("telemetry set up");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let bus = Bus::builder(InMemoryTransport::new())

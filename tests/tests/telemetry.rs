@@ -647,8 +647,8 @@ impl opentelemetry_sdk::trace::ShouldSample for DropDestination {
     }
 }
 
-/// Samplers see each span's name and attributes when it is created, whatever the span
-/// before it was: spans of a dropped endpoint are dropped, the others all recorded whole.
+/// Samplers see each span's name and attributes when it is created: spans of a dropped
+/// endpoint are dropped, the others all recorded whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samplers_see_names_and_attributes_of_every_span() {
     let marker = unique("sampled");
@@ -700,10 +700,12 @@ async fn a_ratio_sampler_keeps_or_drops_each_message_whole() {
     const MESSAGES: u32 = 200;
     let endpoint = unique("ratio");
     let spans = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.25))))
-        .with_simple_exporter(spans.clone())
-        .build();
+    let asked_for_process = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = CountingProcess {
+        inner: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.25))),
+        asked: asked_for_process.clone(),
+    };
+    let provider = SdkTracerProvider::builder().with_sampler(sampler).with_simple_exporter(spans.clone()).build();
     let received = Arc::new(std::sync::Mutex::new(Vec::<(u32, String)>::new()));
     let all_in = Arc::new(tokio::sync::Notify::new());
     let (seen, done) = (received.clone(), all_in.clone());
@@ -753,5 +755,31 @@ async fn a_ratio_sampler_keeps_or_drops_each_message_whole() {
     // 25% of 200: 50 expected; outside 20..=85 by chance about once in ten million runs.
     assert!((20..=85).contains(&sampled), "{sampled} of {MESSAGES} messages sampled at a ratio of 0.25");
     assert_eq!(finished.len(), sampled * 3, "only the sampled messages' spans were exported");
+    let asked = asked_for_process.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(asked, sampled, "a process span is built only under a kept receive span");
     let _ = provider.shutdown();
+}
+
+/// A sampler that counts the process spans it is asked about.
+#[derive(Debug, Clone)]
+struct CountingProcess {
+    inner: opentelemetry_sdk::trace::Sampler,
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl opentelemetry_sdk::trace::ShouldSample for CountingProcess {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &opentelemetry::trace::SpanKind,
+        attributes: &[KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        if name.ends_with(" process") {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.inner.should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+    }
 }

@@ -4,9 +4,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{wire, Serializer};
-use std::sync::{Arc, Mutex};
+use std::cell::RefCell;
+use std::sync::Arc;
 
-use crate::sync::MutexExt;
 use crate::{Envelope, Error, Headers, HostInfo, Result, TransportMessage};
 
 const MESSAGE_ID: &str = "MessageId";
@@ -86,31 +86,40 @@ const ENVELOPE_HEADERS: [&str; 10] = [
     HOST_INFO,
 ];
 
-/// The host's `MT-Host-Info`: the same host is written on every message a process sends,
-/// so its JSON is made once and kept while the host stays the same.
+/// The host's `MT-Host-Info`, written once per host and thread: every message of a bus
+/// carries the same one.
+///
+/// The cache keeps a clone of the `Arc`, so the host it describes can no longer change (it
+/// is shared) and its address cannot be reused by another host.
 fn host_json(host: &Arc<HostInfo>) -> Result<String> {
-    static LAST: Mutex<Option<(Arc<HostInfo>, String)>> = Mutex::new(None);
-    if let Some((last, json)) = LAST.locked().as_ref() {
-        if Arc::ptr_eq(last, host) {
-            return Ok(json.clone());
-        }
+    thread_local! {
+        static LAST: RefCell<Option<(Arc<HostInfo>, String)>> = const { RefCell::new(None) };
     }
-    let json = serde_json::to_string(&**host).map_err(Error::Serialize)?;
-    *LAST.locked() = Some((host.clone(), json.clone()));
-    Ok(json)
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((cached, json)) = last.as_ref() {
+            if Arc::ptr_eq(cached, host) {
+                return Ok(json.clone());
+            }
+        }
+        let json = serde_json::to_string(&**host).map_err(Error::Serialize)?;
+        *last = Some((host.clone(), json.clone()));
+        Ok(json)
+    })
 }
 
-/// A received `MT-Host-Info`: a sender writes the same one on every message, so the last
-/// one read is kept and shared while the text stays the same.
+/// A received `MT-Host-Info`, parsed once per distinct text and thread: a producer writes
+/// the same one on every message.
 fn read_host(text: &str) -> Option<Arc<HostInfo>> {
-    static LAST: Mutex<Option<(String, Arc<HostInfo>)>> = Mutex::new(None);
-    if let Some((last, host)) = LAST.locked().as_ref() {
-        if last == text {
-            return Some(host.clone());
-        }
+    thread_local! {
+        static LAST: RefCell<Option<(Box<str>, Arc<HostInfo>)>> = const { RefCell::new(None) };
+    }
+    let cached = LAST.with(|last| last.borrow().as_ref().filter(|(seen, _)| **seen == *text).map(|(_, h)| h.clone()));
+    if cached.is_some() {
+        return cached;
     }
     let host = Arc::new(serde_json::from_str::<HostInfo>(text).ok()?);
-    *LAST.locked() = Some((text.to_owned(), host.clone()));
+    LAST.with(|last| *last.borrow_mut() = Some((text.into(), host.clone())));
     Some(host)
 }
 

@@ -3,12 +3,12 @@
 //!
 //! They are built on the OpenTelemetry API directly, not through `tracing`: three spans per
 //! message through `tracing-opentelemetry` cost more than the message itself. Each span is
-//! created with its name, kind and the attributes the messaging conventions call
-//! sampling-relevant (`messaging.system`, `messaging.destination.name`,
-//! `messaging.operation`), so samplers see them; the message's ids and types are added only
-//! when the sampler records the span, so a message sampled out costs little more than the
-//! trace context its headers carry on. Under a no-op tracer no span is built at all (see
-//! [`BusTracer`]).
+//! created with its name, kind and the attributes samplers may use: those the messaging
+//! conventions call sampling-relevant (`messaging.system`, `messaging.destination.name`,
+//! `messaging.operation`), the message's types, and a process span's consumer type. The
+//! message's ids are added only when the sampler records the span, so a message sampled out
+//! costs little more than the trace context its headers carry on. Under a no-op tracer no
+//! span is built at all (see [`BusTracer`]).
 //! Running a future under a span's [`Context`] makes it current, so `tracing` spans that user
 //! code opens there (with `tracing-opentelemetry`'s context activation, its default) become
 //! its children.
@@ -201,10 +201,9 @@ fn id(id: Option<Uuid>) -> Option<StringValue> {
     id.map(|u| StringValue::from(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()))
 }
 
-/// The ids every recorded span of one message carries, and its message types: `types` when
-/// they are known as the bus's own (static) names, else the envelope's.
-fn message_attributes(envelope: &Envelope, types: Option<&[&'static str]>) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(6);
+/// The ids every recorded span of one message carries.
+fn message_ids(envelope: &Envelope) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(5);
     let ids = [
         ("messaging.message.id", envelope.message_id),
         ("messaging.message.conversation_id", envelope.conversation_id),
@@ -217,6 +216,21 @@ fn message_attributes(envelope: &Envelope, types: Option<&[&'static str]>) -> Ve
             attributes.push(KeyValue::new(key, value));
         }
     }
+    attributes
+}
+
+/// The attributes a span is created with, which samplers see: those the messaging
+/// conventions call sampling-relevant, and the message's types (a sampler may drop
+/// heartbeats by type): `types` when they are known as the bus's own (static) names, else
+/// the envelope's.
+fn sampling_attributes(
+    system: &'static str,
+    destination: StringValue,
+    operation: &'static str,
+    envelope: &Envelope,
+    types: Option<&[&'static str]>,
+) -> Vec<KeyValue> {
+    let mut attributes = common(system, destination, operation);
     let types = match (types, envelope.message_type.as_slice()) {
         // A static name is shared, not copied.
         (Some([one]), _) => StringValue::from(*one),
@@ -228,7 +242,6 @@ fn message_attributes(envelope: &Envelope, types: Option<&[&'static str]>) -> Ve
     attributes
 }
 
-/// The attributes the messaging conventions call sampling-relevant.
 fn common(system: &'static str, destination: StringValue, operation: &'static str) -> Vec<KeyValue> {
     let mut attributes = Vec::with_capacity(4);
     attributes.push(KeyValue::new("messaging.system", system));
@@ -265,9 +278,9 @@ pub(crate) fn send_span(
         || {
             let value =
                 shared.map_or_else(|| StringValue::from(entity.to_owned()), |(_, v)| StringValue::from(v.clone()));
-            common(system, value, operation)
+            sampling_attributes(system, value, operation, envelope, Some(types))
         },
-        || message_attributes(envelope, Some(types)),
+        || message_ids(envelope),
     );
     in_context(&parent, span)
 }
@@ -308,8 +321,17 @@ pub(crate) fn receive_span(
         &parent,
         links,
         || Cow::Borrowed(endpoint.receive),
-        || common(system, StringValue::from(endpoint.destination.clone()), "receive"),
-        || message_attributes(envelope, known_type().as_ref().map(std::slice::from_ref)),
+        || {
+            let destination = StringValue::from(endpoint.destination.clone());
+            sampling_attributes(
+                system,
+                destination,
+                "receive",
+                envelope,
+                known_type().as_ref().map(std::slice::from_ref),
+            )
+        },
+        || message_ids(envelope),
     );
     in_context(&parent, span)
 }
@@ -319,8 +341,9 @@ pub(crate) fn receive_span(
 ///
 /// Under a receive span that was sampled out, none is built: every sampler the standard
 /// `OTEL_TRACES_SAMPLER` settings name decides a child as its parent (parent-based) or as
-/// its trace id (ratio) was decided, so it would be sampled out too. The consumer runs
-/// under the receive span's context, which carries the decision on to what it sends.
+/// its trace id (ratio) was decided, so it would be sampled out too. (A sampler of your own
+/// that drops receive spans but keeps process spans gets neither.) The consumer runs under
+/// the receive span's context, which carries the decision on to what it sends.
 pub(crate) fn process_span(
     tracer: &BusTracer,
     receive: &MessageSpan,
