@@ -5,7 +5,8 @@
 //! cargo run --release -p bus-bench -- inmemory saga outbox
 //! cargo run --release -p bus-bench -- instances   # 1, 2, 3 processes; one node and a cluster
 //! cargo run --release -p bus-bench -- --smoke      # a few hundred messages each (CI)
-//! cargo run --release -p bus-bench -- --chart docs/performance.svg
+//! cargo run --release -p bus-bench -- all --chart docs/performance.svg   # and every chart
+//! cargo run --release -p bus-bench -- scaling --curves docs                # the curves of some
 //! ```
 //!
 //! Prints one `name value unit` line per figure, then a table of ratios.
@@ -90,9 +91,13 @@ fn main() -> Result<(), bus_core::BoxError> {
         return instances::worker(&args[1..]);
     }
     let smoke = args.iter().any(|a| a == "--smoke");
-    let chart_path = args.iter().position(|a| a == "--chart").and_then(|i| args.get(i + 1)).map(String::as_str);
-    let mut chosen: Vec<&str> =
-        args.iter().map(String::as_str).filter(|a| !a.starts_with("--") && Some(*a) != chart_path).collect();
+    let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).map(String::as_str);
+    let (chart_path, curves_dir) = (value_of("--chart"), value_of("--curves"));
+    let mut chosen: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--") && Some(*a) != chart_path && Some(*a) != curves_dir)
+        .collect();
     if chosen.is_empty() || chosen.contains(&"all") {
         chosen = vec![
             "serializers",
@@ -140,12 +145,15 @@ fn main() -> Result<(), bus_core::BoxError> {
         }
     }
     report::table();
-    if let Some(index) = args.iter().position(|a| a == "--chart") {
-        let path = args.get(index + 1).map_or("docs/performance.svg", String::as_str);
+    if let Some(path) = chart_path {
         let path = std::path::Path::new(path);
         report::chart(path)?;
         println!("chart written to {}", path.display());
         for curve in report::curves(path.parent().unwrap_or(std::path::Path::new(".")))? {
+            println!("chart written to {curve}");
+        }
+    } else if let Some(dir) = curves_dir {
+        for curve in report::curves(std::path::Path::new(dir))? {
             println!("chart written to {curve}");
         }
     }

@@ -146,7 +146,7 @@ pub(crate) fn run(scale: Scale) -> Result<(), BoxError> {
         point("memory-endpoints", "RabbitMQ", endpoints as f64, rabbit);
         let (lapin, _) = spawn("idle-lapin", endpoints)?;
         figure(&format!("memory.idle_lapin_{endpoints}_consumers.rss"), lapin, "MiB");
-        point("memory-endpoints", "raw lapin (2 connections, a consumer each)", endpoints as f64, lapin);
+        point("memory-endpoints", "raw lapin, same connections", endpoints as f64, lapin);
     }
     for backlog in [scale.inmemory / 100, scale.inmemory / 10, scale.inmemory] {
         let (_, peak) = spawn("backlog", backlog)?;

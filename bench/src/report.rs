@@ -59,6 +59,9 @@ pub(crate) fn table() {
 /// baseline, with its target marked.
 pub(crate) fn chart(path: &std::path::Path) -> std::io::Result<()> {
     let rows = ROWS.lock().map(|r| r.clone()).unwrap_or_default();
+    if rows.is_empty() {
+        return Ok(());
+    }
     let (width, bar, gap, left) = (1100.0, 26.0, 14.0, 560.0);
     let height = 60.0 + rows.len() as f64 * (bar + gap);
     let scale = (width - left - 40.0) / 1.2;
@@ -123,7 +126,12 @@ pub(crate) fn point(curve: &str, series: &str, x: f64, y: f64) {
 /// A curve's title and axis labels.
 fn labels(curve: &str) -> (&'static str, &'static str, &'static str) {
     match curve {
-        "endpoints-throughput" => ("throughput vs endpoints (one message type each)", "endpoints", "msg/s"),
+        "endpoints-throughput-inmemory" => {
+            ("in memory: throughput vs endpoints (a message type each)", "endpoints", "msg/s")
+        }
+        "endpoints-throughput-rabbitmq" => {
+            ("RabbitMQ end to end: throughput vs endpoints (a message type each)", "endpoints", "msg/s")
+        }
         "endpoints-p99" => ("p99 latency at 1,000 msg/s vs endpoints", "endpoints", "ms"),
         "size-inmemory" => ("in memory: throughput vs payload size", "payload bytes", "msg/s"),
         "size-rabbitmq" => ("RabbitMQ end to end: throughput vs payload size", "payload bytes", "msg/s"),
@@ -157,7 +165,7 @@ const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
 fn curve_svg(name: &str, points: &[&Point]) -> String {
     let (title, x_label, y_label) = labels(name);
-    let (width, height, left, right, top, bottom) = (640.0, 360.0, 90.0, 170.0, 40.0, 50.0);
+    let (width, height, left, right, top, bottom) = (760.0, 360.0, 90.0, 250.0, 40.0, 50.0);
     let (plot_w, plot_h) = (width - left - right, height - top - bottom);
     let log = |x: f64| x.max(1.0).log10();
     let (x_min, x_max) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(log(p.x)), hi.max(log(p.x))));
@@ -260,7 +268,7 @@ fn short(v: f64) -> String {
         a if a >= 1e6 => format!("{:.1}M", v / 1e6),
         a if a >= 1e4 => format!("{:.0}k", v / 1e3),
         a if a >= 1e3 => format!("{:.1}k", v / 1e3),
-        a if a >= 10.0 => format!("{v:.0}"),
+        a if a >= 10.0 || v.fract() == 0.0 => format!("{v:.0}"),
         _ => format!("{v:.2}"),
     }
 }

@@ -195,7 +195,9 @@ struct Outcome {
 }
 
 async fn endpoints_curve(scale: Scale) -> Result<(), BoxError> {
-    for endpoints in ENDPOINTS {
+    // `BENCH_ENDPOINTS=100` runs one count alone.
+    let wanted: Option<usize> = std::env::var("BENCH_ENDPOINTS").ok().and_then(|s| s.parse().ok());
+    for endpoints in ENDPOINTS.into_iter().filter(|e| wanted.is_none_or(|w| w == *e)) {
         let transport =
             InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 100_000, ..InMemoryOptions::default() });
         let outcome = with_endpoints(Bus::builder(transport), endpoints, scale.inmemory / 4, scale.duration).await?;
@@ -209,7 +211,7 @@ async fn endpoints_curve(scale: Scale) -> Result<(), BoxError> {
         record_endpoints("rabbitmq", endpoints, &outcome);
         let raw = crate::rabbitmq::raw_fan_out(scale.rabbitmq, endpoints).await?;
         figure(&format!("scaling.endpoints_{endpoints}.raw_lapin.throughput"), raw, "msg/s");
-        point("endpoints-throughput", "raw lapin, a queue each", endpoints as f64, raw);
+        point("endpoints-throughput-rabbitmq", "raw lapin, a queue each", endpoints as f64, raw);
     }
     Ok(())
 }
@@ -218,8 +220,9 @@ fn record_endpoints(transport: &'static str, endpoints: usize, outcome: &Outcome
     figure(&format!("scaling.endpoints_{endpoints}.{transport}.throughput"), outcome.throughput, "msg/s");
     figure(&format!("scaling.endpoints_{endpoints}.{transport}.cpu"), outcome.cpu, "us/msg");
     figure(&format!("scaling.endpoints_{endpoints}.{transport}.p99_at_1000_per_s"), outcome.p99, "ms");
-    point("endpoints-throughput", transport, endpoints as f64, outcome.throughput);
-    point("endpoints-p99", transport, endpoints as f64, outcome.p99);
+    point(&format!("endpoints-throughput-{transport}"), "bus", endpoints as f64, outcome.throughput);
+    let series = if transport == "inmemory" { "in memory" } else { "RabbitMQ" };
+    point("endpoints-p99", series, endpoints as f64, outcome.p99);
 }
 
 /// Payload sizes, and how many messages each round sends.

@@ -346,3 +346,38 @@ async fn a_time_header_reaches_consumers_as_its_text() {
         assert_eq!(envelope.headers.get_str("Offer-Expires"), Some("2027-01-15T08:00:00.0000000Z"), "raw JSON: {raw}");
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(urn = "urn:message:Edges:Large")]
+struct Large {
+    note: String,
+}
+
+/// A large message is not kept beside its bytes while the transport takes it when nobody
+/// observes the bus; either way, its consumer and an observer get it whole.
+#[tokio::test]
+async fn a_large_message_arrives_whole_with_and_without_observers() {
+    let large = Large { note: "x".repeat(100_000) };
+    for observed in [false, true] {
+        let recorder = Arc::new(bus_core::testing::BusRecorder::default());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut builder = Bus::builder(InMemoryTransport::new()).endpoint(Endpoint::new("large").handler(
+            move |ctx: ConsumeContext<Large>| {
+                let _ = tx.send(ctx.message().clone());
+                async { Ok(()) }
+            },
+        ));
+        if observed {
+            builder = builder.observer_arc(recorder.clone());
+        }
+        let bus = builder.build();
+        bus.start().await.expect("bus starts");
+        bus.publish(large.clone()).await.expect("publish");
+        let received = tokio::time::timeout(WAIT, rx.recv()).await.expect("consumed in time").expect("a message");
+        assert_eq!(received, large, "the consumer got it whole (observed: {observed})");
+        if observed {
+            assert_eq!(recorder.published.messages::<Large>(), [large.clone()], "the observer got it whole");
+        }
+        bus.stop().await.expect("bus stops");
+    }
+}

@@ -141,6 +141,10 @@ pub(crate) struct Parent<'a> {
     pub(crate) outbox: &'a Outbox,
 }
 
+/// Messages larger than this (in JSON bytes) are not kept beside their serialized form
+/// while the transport takes them, unless an observer is to be told of them.
+const LARGE_MESSAGE: usize = 16 * 1024;
+
 impl BusInner {
     fn envelope_for<M: Message>(
         &self,
@@ -217,7 +221,14 @@ impl BusInner {
 
     /// Hands a message to the transport, then tells the instrumentation.
     pub(crate) async fn dispatch(&self, outgoing: Outgoing) -> Result<()> {
-        let Outgoing { route, envelope, message } = outgoing;
+        let Outgoing { route, mut envelope, message } = outgoing;
+        // The serialized bytes hold the message now. Without observers to be told of it,
+        // a large one is not kept a second time while the transport confirms it: with many
+        // publishes of large messages in flight, the copy doubled the memory they took.
+        if !self.instruments.observed() && envelope.message.get().len() > LARGE_MESSAGE {
+            envelope.message = serde_json::value::RawValue::NULL.to_owned();
+            envelope.binary = None;
+        }
         self.dispatch_message(route, message, Some(&envelope)).await
     }
 
