@@ -376,7 +376,11 @@ async fn a_large_message_arrives_whole_with_and_without_observers() {
         let received = tokio::time::timeout(WAIT, rx.recv()).await.expect("consumed in time").expect("a message");
         assert_eq!(received, large, "the consumer got it whole (observed: {observed})");
         if observed {
-            assert_eq!(recorder.published.messages::<Large>(), [large.clone()], "the observer got it whole");
+            assert_eq!(
+                recorder.published.messages::<Large>(),
+                std::slice::from_ref(&large),
+                "the observer got it whole"
+            );
         }
         bus.stop().await.expect("bus stops");
     }
