@@ -92,7 +92,8 @@ fn data_server_args(port: u16, dir: &std::path::Path) -> Vec<String> {
     let port_text = port.to_string();
     let pidfile = dir.join(format!("{port}.pid"));
     let dbfilename = format!("{port}.rdb");
-    let args: [&str; 16] = [
+    let logfile = dir.join(format!("{port}.log"));
+    let args: [&str; 18] = [
         "--port",
         &port_text,
         "--bind",
@@ -109,6 +110,8 @@ fn data_server_args(port: u16, dir: &std::path::Path) -> Vec<String> {
         &dir.to_string_lossy(),
         "--dbfilename",
         &dbfilename,
+        "--logfile",
+        &logfile.to_string_lossy(),
     ];
     args.iter().map(|a| (*a).to_owned()).collect()
 }
@@ -122,9 +125,30 @@ struct Server {
 
 impl Server {
     fn launch(&self) {
-        let status = std::process::Command::new("redis-server").args(&self.args).status().expect("redis-server runs");
-        assert!(status.success(), "redis-server on {} started", self.port);
-        wait_for(&format!("redis on {} to answer", self.port), || redis_cli(self.port, &["ping"]).is_ok());
+        self.try_launch(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Starts the server and waits until it answers, for at most `within`; on failure, why,
+    /// with the end of its log when it keeps one.
+    fn try_launch(&self, within: Duration) -> Result<(), String> {
+        let status = std::process::Command::new("redis-server")
+            .args(&self.args)
+            .status()
+            .map_err(|e| format!("redis-server does not run: {e}"))?;
+        if !status.success() {
+            return Err(format!("redis-server on {} did not start: {status}", self.port));
+        }
+        let deadline = std::time::Instant::now() + within;
+        while redis_cli(self.port, &["ping"]).is_err() {
+            if std::time::Instant::now() >= deadline {
+                let log = self.args.iter().position(|a| a == "--logfile").and_then(|i| self.args.get(i + 1));
+                let tail = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                return Err(format!("redis on {} did not answer within {within:?}; its log ends: {tail:?}", self.port));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// `kill -9`, and waits until its port refuses connections.
@@ -162,21 +186,32 @@ impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
         let dir = std::env::temp_dir().join(unique("redis-cluster"));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let servers = (0..masters * 2)
-            .map(|_| {
+        let mut servers = Vec::new();
+        for _ in 0..masters * 2 {
+            // A port found free can be taken before the server binds it (its cluster bus port
+            // too, ten thousand above): a server that does not come up is tried on another.
+            let mut failures = Vec::new();
+            let server = loop {
                 let port = free_cluster_port();
                 let mut args = data_server_args(port, &dir);
                 let config = dir.join(format!("{port}.conf")).to_string_lossy().into_owned();
                 let cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file"];
                 args.extend(cluster.iter().map(|a| (*a).to_owned()));
                 args.push(config);
-                Server { port, args }
-            })
-            .collect::<Vec<_>>();
-        let cluster = RedisCluster { servers, dir };
-        for server in &cluster.servers {
-            server.launch();
+                let server = Server { port, args };
+                match server.try_launch(Duration::from_secs(20)) {
+                    Ok(()) => break server,
+                    Err(failure) if failures.len() < 2 => {
+                        // In case it is up after all, answering too late.
+                        let _ = redis_cli(port, &["shutdown", "nosave"]);
+                        failures.push(failure);
+                    }
+                    Err(failure) => panic!("no cluster node came up in 3 tries: {failures:?}, {failure}"),
+                }
+            };
+            servers.push(server);
         }
+        let cluster = RedisCluster { servers, dir };
         let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
         create.extend(cluster.servers.iter().map(|s| format!("127.0.0.1:{}", s.port)));
         create.extend(["--cluster-replicas", "1", "--cluster-yes"].map(str::to_owned));
