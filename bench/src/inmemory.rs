@@ -3,17 +3,15 @@
 //! cost), and one with bare serde_json (the floor). The bus runs with the MassTransit
 //! envelope and again in raw JSON mode.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bus_core::serializer::{MassTransitJsonSerializer, RawJsonSerializer, Serializer, Serializers};
-use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, Envelope, Message, TransportMessage};
+use bus_core::{BoxError, Bus, Endpoint, Envelope, Message, TransportMessage};
 use bus_inmemory::{InMemoryOptions, InMemoryTransport};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
+use crate::counting::counting;
 use crate::rabbitmq::{shipment_of, Shipment};
 use crate::report::{compare, figure};
 use crate::serializers::Order;
@@ -99,10 +97,7 @@ async fn baseline(count: u64, wire: Wire) -> f64 {
 pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>, raw_json: bool) -> Result<f64, BoxError> {
     let transport =
         InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
-    let consumed = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(Notify::new());
     let total = count / PRODUCERS * PRODUCERS;
-    let (c, d) = (consumed.clone(), done.clone());
     let mut builder = Bus::builder(transport);
     if raw_json {
         builder = builder.serializers(Serializers::default().with_default(RawJsonSerializer));
@@ -110,17 +105,9 @@ pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>, raw_json
     if let Some(tracer) = tracer {
         builder = builder.tracer_provider(tracer);
     }
-    let bus = builder
-        .endpoint(Endpoint::new("bench-orders").prefetch(1000).concurrency_limit(64).handler(
-            move |ctx: ConsumeContext<OrderPlaced>| {
-                std::hint::black_box(ctx.message());
-                if c.fetch_add(1, Ordering::Relaxed) + 1 == total {
-                    d.notify_one();
-                }
-                async { Ok(()) }
-            },
-        ))
-        .build();
+    let (endpoint, done) =
+        counting::<OrderPlaced>(Endpoint::new("bench-orders").prefetch(1000).concurrency_limit(64), total);
+    let bus = builder.endpoint(endpoint).build();
     bus.start().await?;
     let started = Instant::now();
     let finished = done.notified();
@@ -155,20 +142,9 @@ pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>, raw_json
 pub(crate) async fn shipments(count: u64, note: usize) -> Result<f64, BoxError> {
     let transport =
         InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
-    let done = Arc::new(Notify::new());
-    let consumed = Arc::new(AtomicU64::new(0));
-    let (c, d) = (consumed.clone(), done.clone());
-    let bus = Bus::builder(transport)
-        .endpoint(Endpoint::new("bench-shipments").prefetch(1000).concurrency_limit(64).handler(
-            move |ctx: ConsumeContext<Shipment>| {
-                std::hint::black_box(ctx.message());
-                if c.fetch_add(1, Ordering::Relaxed) + 1 == count {
-                    d.notify_one();
-                }
-                async { Ok(()) }
-            },
-        ))
-        .build();
+    let (endpoint, done) =
+        counting::<Shipment>(Endpoint::new("bench-shipments").prefetch(1000).concurrency_limit(64), count);
+    let bus = Bus::builder(transport).endpoint(endpoint).build();
     bus.start().await?;
     let finished = done.notified();
     let started = Instant::now();

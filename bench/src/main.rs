@@ -11,6 +11,7 @@
 //!
 //! Prints one `name value unit` line per figure, then a table of ratios.
 
+mod counting;
 mod flow;
 mod inmemory;
 mod instances;

@@ -5,11 +5,9 @@
 //! the bus coalesces its acks (the best a raw client does). Each side's best of three
 //! alternating rounds.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bus_core::{BoxError, Bus, ConsumeContext, Endpoint, EndpointTopology, Message, Transport};
+use bus_core::{BoxError, Bus, Endpoint, EndpointTopology, Message, Transport};
 use bus_rabbitmq::RabbitMqTransport;
 use futures::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{
@@ -19,7 +17,6 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
 use crate::report::{compare, figure};
 use crate::Scale;
@@ -377,23 +374,13 @@ pub(crate) async fn bus_end_to_end(
     note: usize,
     tracer: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
 ) -> Result<f64, BoxError> {
-    let consumed = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(Notify::new());
-    let (c, d) = (consumed.clone(), done.clone());
     let endpoint = format!("bench-consume-{}", uuid::Uuid::now_v7().simple());
     let mut builder = Bus::builder(transport.clone());
     if let Some(tracer) = tracer {
         builder = builder.tracer_provider(tracer);
     }
-    let bus = builder
-        .endpoint(Endpoint::new(&endpoint).prefetch(PREFETCH).handler(move |ctx: ConsumeContext<Shipment>| {
-            std::hint::black_box(ctx.message());
-            if c.fetch_add(1, Ordering::Relaxed) + 1 == count {
-                d.notify_one();
-            }
-            async { Ok(()) }
-        }))
-        .build();
+    let (consumer, done) = crate::counting::counting::<Shipment>(Endpoint::new(&endpoint).prefetch(PREFETCH), count);
+    let bus = builder.endpoint(consumer).build();
     bus.start().await?;
     let finished = done.notified();
     let started = Instant::now();
