@@ -138,17 +138,13 @@ impl Server {
         if !status.success() {
             return Err(format!("redis-server on {} did not start: {status}", self.port));
         }
-        let deadline = std::time::Instant::now() + within;
-        while redis_cli(self.port, &["ping"]).is_err() {
-            if std::time::Instant::now() >= deadline {
-                let log = self.args.iter().position(|a| a == "--logfile").and_then(|i| self.args.get(i + 1));
-                let tail = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                return Err(format!("redis on {} did not answer within {within:?}; its log ends: {tail:?}", self.port));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if answers_within(within, || redis_cli(self.port, &["ping"]).is_ok()) {
+            return Ok(());
         }
-        Ok(())
+        let log = self.args.iter().position(|a| a == "--logfile").and_then(|i| self.args.get(i + 1));
+        let tail = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+        Err(format!("redis on {} did not answer within {within:?}; its log ends: {tail:?}", self.port))
     }
 
     /// `kill -9`, and waits until its port refuses connections.
@@ -164,12 +160,20 @@ impl Server {
 }
 
 /// Waits (at most 60 s) until `done` says so: for servers, which notify no one.
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+fn wait_for(what: &str, done: impl FnMut() -> bool) {
+    assert!(answers_within(Duration::from_secs(60), done), "{what}: not within 60 s");
+}
+
+/// Asks `done` every 50 ms until it says so, for at most `within`; whether it did.
+fn answers_within(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
     while !done() {
-        assert!(std::time::Instant::now() < deadline, "{what}: not within 60 s");
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 /// A Redis Cluster of the test's own: `masters` masters with one replica each, on free ports,
