@@ -397,7 +397,7 @@ pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
 ///
 /// The cache keeps a clone of the `Arc`, so the host it describes can no longer change (it
 /// is shared) and its address cannot be reused by another host.
-fn host_json(host: &Arc<HostInfo>) -> Arc<RawValue> {
+pub(crate) fn host_json(host: &Arc<HostInfo>) -> Arc<RawValue> {
     thread_local! {
         static LAST: std::cell::RefCell<Option<(Arc<HostInfo>, Arc<RawValue>)>> = const { std::cell::RefCell::new(None) };
     }

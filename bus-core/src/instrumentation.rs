@@ -67,13 +67,13 @@ impl Instrumentation {
         Instrumentation { metrics, tracer, observers, system }
     }
 
-    /// Calls every observer; a panic in one is logged, not let through: on the consume path
-    /// it would drop the delivery, which would come straight back and panic again.
     /// Whether any observer is told of messages (and so needs their bodies).
     pub(crate) fn observed(&self) -> bool {
         !self.observers.is_empty()
     }
 
+    /// Calls every observer; a panic in one is logged, not let through: on the consume path
+    /// it would drop the delivery, which would come straight back and panic again.
     fn observe(&self, call: impl Fn(&dyn BusObserver)) {
         for observer in &self.observers {
             if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&**observer))) {

@@ -1,12 +1,12 @@
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::{wire, Serializer};
-use std::cell::RefCell;
-use std::sync::Arc;
-
 use crate::{Envelope, Error, Headers, HostInfo, Result, TransportMessage};
 
 const MESSAGE_ID: &str = "MessageId";
@@ -86,28 +86,6 @@ const ENVELOPE_HEADERS: [&str; 10] = [
     HOST_INFO,
 ];
 
-/// The host's `MT-Host-Info`, written once per host and thread: every message of a bus
-/// carries the same one.
-///
-/// The cache keeps a clone of the `Arc`, so the host it describes can no longer change (it
-/// is shared) and its address cannot be reused by another host.
-fn host_json(host: &Arc<HostInfo>) -> Result<String> {
-    thread_local! {
-        static LAST: RefCell<Option<(Arc<HostInfo>, String)>> = const { RefCell::new(None) };
-    }
-    LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some((cached, json)) = last.as_ref() {
-            if Arc::ptr_eq(cached, host) {
-                return Ok(json.clone());
-            }
-        }
-        let json = serde_json::to_string(&**host).map_err(Error::Serialize)?;
-        *last = Some((host.clone(), json.clone()));
-        Ok(json)
-    })
-}
-
 /// A received `MT-Host-Info`, parsed once per distinct text and thread: a producer writes
 /// the same one on every message.
 fn read_host(text: &str) -> Option<Arc<HostInfo>> {
@@ -140,7 +118,8 @@ impl Serializer for RawJsonSerializer {
         put_str(&mut headers, FAULT_ADDRESS, &envelope.fault_address);
         headers.insert(MESSAGE_TYPE, envelope.message_type.join(";"));
         if let Some(host) = &envelope.host {
-            headers.insert(HOST_INFO, host_json(host)?);
+            // The envelope serializer's JSON of the host, made once per host and thread.
+            headers.insert(HOST_INFO, crate::envelope::host_json(host).get());
         }
         let body = Bytes::copy_from_slice(envelope.message.get().as_bytes());
         Ok(wire(envelope, body, Self::CONTENT_TYPE, headers))
