@@ -5,7 +5,7 @@ use std::time::Duration;
 use bus_core::TransportMessage;
 use bus_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::OnceCell;
 
@@ -128,11 +128,16 @@ impl Fixture for RabbitFixture {
         if n > 0 {
             // Until `n` are there, as the broker pushes them, one at a time.
             let mut channel = self.channel().await;
-            if let Some(mut consumer) = self.consume_when_declared(&mut channel, queue, deadline).await {
+            if let Some((mut consumer, tag)) = self.consume_when_declared(&mut channel, queue, deadline).await {
                 while taken.len() < n {
                     let Ok(Some(delivery)) = tokio::time::timeout_at(deadline, consumer.next()).await else { break };
                     taken.push(accept(delivery.unwrap_or_else(|e| panic!("consuming `{queue}` fails: {e}"))).await);
                 }
+                // Cancelled and awaited before the close: a consumer dropped while active makes
+                // lapin send `basic.cancel` from its own task, which can reach the broker after
+                // `channel.close`; a frame on a closed channel closes the whole connection
+                // (`CHANNEL_ERROR - expected 'channel.open'`), failing every test sharing it.
+                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
             }
             // Returns the one delivery the broker may have pushed beyond `n`, for the drain below.
             let _ = channel.close(200, "inspected".into()).await;
@@ -166,20 +171,20 @@ fn is_not_found(error: &lapin::Error) -> bool {
 }
 
 impl RabbitFixture {
-    /// Consumes `queue` with a prefetch of one, once it exists; `None` if it is not declared
-    /// before `deadline`.
+    /// Consumes `queue` with a prefetch of one, once it exists, and returns the consumer with
+    /// its tag; `None` if it is not declared before `deadline`.
     async fn consume_when_declared(
         &self,
         channel: &mut lapin::Channel,
         queue: &str,
         deadline: tokio::time::Instant,
-    ) -> Option<lapin::Consumer> {
+    ) -> Option<(lapin::Consumer, String)> {
         loop {
             channel.basic_qos(1, BasicQosOptions::default()).await.expect("basic.qos");
             let tag = format!("inspector-{}", uuid::Uuid::now_v7().simple());
             let options = BasicConsumeOptions::default();
             match channel.basic_consume(queue.into(), tag.as_str().into(), options, FieldTable::default()).await {
-                Ok(consumer) => return Some(consumer),
+                Ok(consumer) => return Some((consumer, tag)),
                 Err(e) if is_not_found(&e) && tokio::time::Instant::now() < deadline => {
                     *channel = self.channel().await;
                     // The broker announces no queue's declaration (without its event-exchange
