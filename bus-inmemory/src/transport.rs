@@ -400,6 +400,11 @@ impl Settle for InMemorySettle {
         message: TransportMessage,
         settlement: Settlement,
     ) -> BoxFuture<'static, bus_core::Result<()>> {
+        // Most settlements are acks, done here and now: no future carrying the moves.
+        if let Settlement::Ack = settlement {
+            self.queue.release();
+            return Box::pin(std::future::ready(Ok(())));
+        }
         Box::pin(async move {
             let wait = self.transport.broker.options.full_queue_wait;
             match settlement {
