@@ -21,7 +21,8 @@ pub(crate) struct ReceiveState {
     pub(crate) bus: Bus,
     pub(crate) redelivery_count: u32,
     pub(crate) redelivered: bool,
-    pub(crate) cancel: CancellationToken,
+    /// Shared by every delivery of the endpoint (cloning a token locks its tree).
+    pub(crate) cancel: Arc<CancellationToken>,
 }
 
 /// One attempt of one consumer at one delivery: the context middleware works with.

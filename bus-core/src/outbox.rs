@@ -29,7 +29,9 @@ pub(crate) enum Route {
     Send(String),
 }
 
-/// A serialized message waiting to leave.
+/// A serialized message waiting to leave. It travels boxed ([`Boxed`]): it is large, and
+/// on its way to the transport it passes through several futures, each of which would
+/// otherwise copy it.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub(crate) route: Route,
@@ -37,10 +39,13 @@ pub(crate) struct Outgoing {
     pub(crate) message: TransportMessage,
 }
 
+/// How an [`Outgoing`] travels.
+pub(crate) type Boxed = Box<Outgoing>;
+
 /// What an outbox holds, and whether it was released.
 #[derive(Debug, Default)]
 struct Held {
-    messages: Vec<Outgoing>,
+    messages: Vec<Boxed>,
     /// Set when the held messages were taken for release (every consumer of the message
     /// succeeded): a message produced after that (by a task the consumer left running)
     /// leaves at once instead of waiting for a release that already happened.
@@ -62,7 +67,7 @@ impl Outbox {
 
     /// Holds `outgoing`, or hands it back when it is to leave now (the outbox is off, or
     /// was already released).
-    pub(crate) fn hold(&self, outgoing: Outgoing) -> Option<Outgoing> {
+    pub(crate) fn hold(&self, outgoing: Boxed) -> Option<Boxed> {
         match self.held() {
             Some(mut held) if !held.released => {
                 held.messages.push(outgoing);
@@ -80,13 +85,13 @@ impl Outbox {
     }
 
     /// Takes everything held, without releasing: what comes after is held too.
-    pub(crate) fn take(&self) -> Vec<Outgoing> {
+    pub(crate) fn take(&self) -> Vec<Boxed> {
         self.held().map(|mut held| std::mem::take(&mut held.messages)).unwrap_or_default()
     }
 
     /// Takes everything held, to be released now that every consumer of the message
     /// succeeded; from here on, messages leave at once.
-    pub(crate) fn release(&self) -> Vec<Outgoing> {
+    pub(crate) fn release(&self) -> Vec<Boxed> {
         match self.held() {
             Some(mut held) => {
                 held.released = true;

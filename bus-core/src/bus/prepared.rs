@@ -2,7 +2,7 @@
 //! when their owner says so. What a database outbox stores.
 
 use super::Bus;
-use crate::outbox::{MessageTypes, Outgoing, Route};
+use crate::outbox::{self, MessageTypes, Route};
 use crate::{Message, ReceiveContext, Result, SendOptions, TransportMessage};
 
 /// A message serialized and addressed but not yet handed to the transport: what a database
@@ -25,16 +25,17 @@ pub enum PreparedDestination {
     Send(String),
 }
 
-impl From<Outgoing> for PreparedMessage {
-    fn from(outgoing: Outgoing) -> Self {
-        let destination = match outgoing.route {
+impl From<outbox::Boxed> for PreparedMessage {
+    fn from(outgoing: outbox::Boxed) -> Self {
+        let outbox::Outgoing { route, message, .. } = *outgoing;
+        let destination = match route {
             Route::Publish(MessageTypes::Static(types)) => {
                 PreparedDestination::Publish(types.iter().map(|t| (*t).to_owned()).collect())
             }
             Route::Publish(MessageTypes::Owned(types)) => PreparedDestination::Publish(types),
             Route::Send(endpoint) => PreparedDestination::Send(endpoint),
         };
-        PreparedMessage { destination, message: outgoing.message }
+        PreparedMessage { destination, message }
     }
 }
 
@@ -75,7 +76,7 @@ impl Bus {
         };
         // Read back for the observers and metrics; the bytes go as they were stored.
         let envelope = self.inner.serializers.deserialize(&message).ok();
-        self.inner.dispatch_message(route, message, envelope.as_ref()).await
+        self.inner.dispatch_message(&route, message, envelope.as_ref()).await
     }
 }
 

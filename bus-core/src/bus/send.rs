@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{Bus, BusInner};
 use crate::message::entity_name as type_entity_name;
-use crate::outbox::{MessageTypes, Outbox, Outgoing, Route};
+use crate::outbox::{self, MessageTypes, Outbox, Outgoing, Route};
 use crate::serializer::Serializer;
 use crate::{address, telemetry, Envelope, Error, Headers, Message, Result, TransportMessage};
 
@@ -202,7 +202,7 @@ impl BusInner {
         found
     }
 
-    pub(crate) fn outgoing(&self, route: Route, envelope: Envelope) -> Result<Outgoing> {
+    pub(crate) fn outgoing(&self, route: Route, envelope: Envelope) -> Result<outbox::Boxed> {
         self.outgoing_with(route, envelope, self.serializers.default_serializer())
     }
 
@@ -211,17 +211,17 @@ impl BusInner {
         route: Route,
         mut envelope: Envelope,
         serializer: &dyn Serializer,
-    ) -> Result<Outgoing> {
+    ) -> Result<outbox::Boxed> {
         for middleware in &self.send_middleware {
             middleware.on_send(&mut envelope).map_err(Error::SendRejected)?;
         }
         let message = serializer.serialize(&envelope)?;
-        Ok(Outgoing { route, envelope, message })
+        Ok(Box::new(Outgoing { route, envelope, message }))
     }
 
     /// Hands a message to the transport, then tells the instrumentation.
-    pub(crate) async fn dispatch(&self, outgoing: Outgoing) -> Result<()> {
-        let Outgoing { route, mut envelope, message } = outgoing;
+    pub(crate) async fn dispatch(&self, mut outgoing: outbox::Boxed) -> Result<()> {
+        let envelope = &mut outgoing.envelope;
         // The serialized bytes hold the message now. Without observers to be told of it,
         // a large one is not kept a second time while the transport confirms it: with many
         // publishes of large messages in flight, the copy doubled the memory they took.
@@ -229,18 +229,19 @@ impl BusInner {
             envelope.message = serde_json::value::RawValue::NULL.to_owned();
             envelope.binary = None;
         }
-        self.dispatch_message(route, message, Some(&envelope)).await
+        let message = std::mem::take(&mut outgoing.message);
+        self.dispatch_message(&outgoing.route, message, Some(&outgoing.envelope)).await
     }
 
     /// Hands serialized bytes to the transport; `envelope` (what they hold) is for the
     /// instrumentation.
     pub(crate) async fn dispatch_message(
         &self,
-        route: Route,
+        route: &Route,
         message: TransportMessage,
         envelope: Option<&Envelope>,
     ) -> Result<()> {
-        match &route {
+        match route {
             Route::Publish(MessageTypes::Static(types)) => self.transport.publish(types, message).await?,
             Route::Publish(MessageTypes::Owned(types)) => {
                 let types: Vec<&str> = types.iter().map(String::as_str).collect();
@@ -249,7 +250,7 @@ impl BusInner {
             Route::Send(destination) => self.transport.send(destination, message).await?,
         }
         if let Some(envelope) = envelope {
-            self.instruments.sent(&route, envelope);
+            self.instruments.sent(route, envelope);
         }
         Ok(())
     }
@@ -311,7 +312,7 @@ impl Bus {
         message: M,
         options: SendOptions,
         parent: Option<Parent<'_>>,
-    ) -> Result<Outgoing> {
+    ) -> Result<outbox::Boxed> {
         let (span, outgoing) = self.outgoing_publish(message, options, parent)?;
         self.inner.instruments.send_done(span, &Ok(()));
         Ok(outgoing)
@@ -324,7 +325,7 @@ impl Bus {
         message: M,
         options: SendOptions,
         parent: Option<Parent<'_>>,
-    ) -> Result<Outgoing> {
+    ) -> Result<outbox::Boxed> {
         let (span, outgoing) = self.outgoing_send(address, message, options, parent)?;
         self.inner.instruments.send_done(span, &Ok(()));
         Ok(outgoing)
@@ -336,7 +337,7 @@ impl Bus {
         message: M,
         options: SendOptions,
         parent: Option<Parent<'_>>,
-    ) -> Result<(telemetry::MessageSpan, Outgoing)> {
+    ) -> Result<(telemetry::MessageSpan, outbox::Boxed)> {
         let inner = &self.inner;
         let (entity, destination, span_name) = inner.publish_destination(M::message_type());
         let (priority, time_headers) = (options.priority, options.time_headers.clone());
@@ -362,7 +363,7 @@ impl Bus {
         message: M,
         options: SendOptions,
         parent: Option<Parent<'_>>,
-    ) -> Result<(telemetry::MessageSpan, Outgoing)> {
+    ) -> Result<(telemetry::MessageSpan, outbox::Boxed)> {
         let inner = &self.inner;
         let name = address::entity_name(address)?.to_owned();
         let destination = if address.contains("://") { address.to_owned() } else { inner.transport.address(&name) };
@@ -380,15 +381,20 @@ impl Bus {
     async fn release_in(
         &self,
         span: telemetry::MessageSpan,
-        outgoing: Outgoing,
+        outgoing: outbox::Boxed,
         parent: Option<Parent<'_>>,
     ) -> Result<()> {
-        let result = self.release_or_hold(outgoing, parent).with_context(span.context().clone()).await;
+        // Without a trace there is nothing for the transport's work to be part of.
+        let result = if span.is_traced() {
+            self.release_or_hold(outgoing, parent).with_context(span.context().clone()).await
+        } else {
+            self.release_or_hold(outgoing, parent).await
+        };
         self.inner.instruments.send_done(span, &result);
         result
     }
 
-    async fn release_or_hold(&self, outgoing: Outgoing, parent: Option<Parent<'_>>) -> Result<()> {
+    async fn release_or_hold(&self, outgoing: outbox::Boxed, parent: Option<Parent<'_>>) -> Result<()> {
         let outgoing = match parent {
             Some(parent) => match parent.outbox.hold(outgoing) {
                 Some(outgoing) => outgoing,

@@ -67,7 +67,7 @@ impl EndpointRuntime {
         bus: &Bus,
         delivery: &Delivery,
         envelope: Envelope,
-        cancel: CancellationToken,
+        cancel: Arc<CancellationToken>,
         receive: Option<&MessageSpan>,
     ) -> Outcome {
         let instruments = &bus.inner.instruments;
@@ -114,7 +114,9 @@ impl EndpointRuntime {
         let release =
             succeeded.iter().flat_map(|(index, outbox)| outbox.release().into_iter().map(move |o| (*index, o)));
         for (index, outgoing) in release.collect::<Vec<_>>() {
-            if let Err(error) = bus.inner.dispatch(outgoing).await {
+            // Boxed: most consumers publish nothing, and the transport's future would
+            // otherwise be carried, and copied, by every delivery's.
+            if let Err(error) = Box::pin(bus.inner.dispatch(outgoing)).await {
                 // Consumed, but what it produced did not all leave: a failed attempt like any
                 // other, so that redelivery counts it and `_error` ends it. (Requeued as it
                 // was, a message whose consumer sends to an endpoint that does not exist would

@@ -41,7 +41,9 @@ impl EndpointRuntime {
             }
             Outcome::Skipped => self.skip(bus, delivery.message()),
             Outcome::Unreadable(error) => self.unreadable(bus, delivery.message(), unreadable_type(&error), &error),
-            Outcome::Failed(failure) => self.failed(bus, delivery, failure, epoch).await,
+            // Boxed: the failure path (faults, redelivery, moves) is a large future that every
+            // delivery's task would otherwise carry, and copy, on the way to an ack.
+            Outcome::Failed(failure) => Box::pin(self.failed(bus, delivery, failure, epoch)).await,
         }
     }
 

@@ -200,6 +200,11 @@ impl EndpointRuntime {
         let mut partitioner = Partitioner::new(&self.settings.partitioner);
         let tripped = self.tripped();
         tokio::pin!(tripped);
+        // Made once: each `cancelled()` future registers with the token anew.
+        let stopped = stop_taking.cancelled();
+        tokio::pin!(stopped);
+        // Shared by the delivery tasks: cloning a token locks its tree, an `Arc` does not.
+        let (cancel, stopping) = (Arc::new(cancel), Arc::new(stop_taking.clone()));
         loop {
             if self.kill_switch.as_ref().is_some_and(KillSwitchState::is_tripped) {
                 // What the transport holds goes back to the queue with the subscription.
@@ -220,7 +225,11 @@ impl EndpointRuntime {
                 // prefetch bounds how many wait.
                 let permit = match partitioner {
                     Some(_) => None,
-                    None => Some(limit.clone().acquire_owned().await.ok()?),
+                    // Tried first without waiting: cheaper than a waiter when a place is free.
+                    None => Some(match limit.clone().try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(_) => limit.clone().acquire_owned().await.ok()?,
+                    }),
                 };
                 if let Some(rate) = rate.as_mut() {
                     rate.ready().await;
@@ -229,10 +238,11 @@ impl EndpointRuntime {
             };
             let (permit, delivery) = tokio::select! {
                 biased;
-                () = stop_taking.cancelled() => break,
+                () = &mut stopped => break,
                 () = &mut tripped => continue,
                 taken = taken => match taken {
-                    Some((permit, Some(delivery))) => (permit, delivery),
+                    // Boxed: it moves through several futures on its way to settlement.
+                    Some((permit, Some(delivery))) => (permit, Box::new(delivery)),
                     Some((_, None)) => {
                         tracing::warn!(endpoint = %self.info.name, "delivery stream ended; endpoint no longer consuming");
                         break;
@@ -252,16 +262,20 @@ impl EndpointRuntime {
             let epoch = self.kill_switch.as_ref().map_or(0, KillSwitchState::epoch);
             let endpoint = self.clone();
             let (bus, limit, bus_limit) = (bus.clone(), limit.clone(), bus_limit.clone());
-            let (cancel, stopping) = (cancel.clone(), stop_taking.clone());
+            let (cancel, stopping) = (cancel.clone(), stopping.clone());
             // Boxed: the consume future is large, and a task moves its future several times
             // (into the task, out when it finishes); a box is moved instead.
             tracker.spawn(Box::pin(async move {
-                if let Some(ticket) = ticket.as_mut() {
-                    ticket.wait_turn().await;
-                }
-                let delivery = match endpoint.still_to_consume(delivery, epoch, &cancel).await {
-                    Some(delivery) => delivery,
-                    None => return drop::<Option<Ticket>>(ticket),
+                let delivery = match ticket.as_mut() {
+                    Some(turn) => {
+                        turn.wait_turn().await;
+                        match endpoint.still_to_consume(delivery, epoch, &cancel).await {
+                            Some(delivery) => delivery,
+                            None => return drop::<Option<Ticket>>(ticket),
+                        }
+                    }
+                    // Taken just now: checked once, below.
+                    None => delivery,
                 };
                 // The semaphores are never closed: acquiring only waits.
                 let permit = match permit {
@@ -286,7 +300,12 @@ impl EndpointRuntime {
     /// Its channel closed: the broker has requeued it already. The bus is cancelling its
     /// consumers, or the kill switch tripped or restarted since it was taken: it goes back
     /// to its queue, to wait there with the rest.
-    async fn still_to_consume(&self, delivery: Delivery, epoch: u64, cancel: &CancellationToken) -> Option<Delivery> {
+    async fn still_to_consume(
+        &self,
+        delivery: Box<Delivery>,
+        epoch: u64,
+        cancel: &CancellationToken,
+    ) -> Option<Box<Delivery>> {
         if !delivery.is_live() {
             return None;
         }
@@ -347,10 +366,10 @@ impl EndpointRuntime {
     async fn handle(
         &self,
         bus: &Bus,
-        delivery: Delivery,
+        delivery: Box<Delivery>,
         read: Option<Result<Envelope, Error>>,
         epoch: u64,
-        cancel: CancellationToken,
+        cancel: Arc<CancellationToken>,
         stopping: &CancellationToken,
     ) {
         // Only a delivery that came back (requeued when its move failed) can owe a move: the
@@ -378,7 +397,7 @@ impl EndpointRuntime {
         delivery: &Delivery,
         read: Option<Result<Envelope, Error>>,
         epoch: u64,
-        cancel: CancellationToken,
+        cancel: Arc<CancellationToken>,
     ) -> Settlement {
         let instruments = &bus.inner.instruments;
         let envelope = match read.unwrap_or_else(|| self.read(bus, delivery)) {
@@ -400,7 +419,7 @@ impl EndpointRuntime {
 
     /// Settles `delivery`; a move that fails is remembered, so that the message is moved
     /// again (not consumed again) when it comes back.
-    async fn settle(&self, bus: &Bus, delivery: Delivery, settlement: Settlement, stopping: &CancellationToken) {
+    async fn settle(&self, bus: &Bus, delivery: Box<Delivery>, settlement: Settlement, stopping: &CancellationToken) {
         if !delivery.is_live() {
             // Its channel closed: the broker has requeued it already and delivers it again.
             tracing::debug!(endpoint = %self.info.name, "delivery's channel closed before it was settled; the broker delivers it again");
@@ -477,9 +496,9 @@ impl EndpointRuntime {
     async fn move_again(
         &self,
         bus: &Bus,
-        delivery: Delivery,
+        delivery: Box<Delivery>,
         retry: MoveRetry,
-        cancel: CancellationToken,
+        cancel: Arc<CancellationToken>,
         stopping: &CancellationToken,
     ) {
         tokio::select! {
