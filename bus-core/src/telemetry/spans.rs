@@ -64,9 +64,14 @@ impl MessageSpan {
         );
     }
 
-    /// Ends the span now (not when the last clone of its context drops).
+    /// Ends the span now (not when the last clone of its context drops). A span that
+    /// records nothing (no tracer, or sampled out) is left alone: ending one still reads
+    /// the clock.
     pub(crate) fn end(&self) {
-        self.cx.span().end();
+        let span = self.cx.span();
+        if span.is_recording() {
+            span.end();
+        }
     }
 }
 
