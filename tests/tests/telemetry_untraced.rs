@@ -8,6 +8,9 @@ use std::time::Duration;
 use bus_core::testing::MessageLog;
 use bus_core::{Bus, ConsumeContext, Endpoint, Message, SendOptions};
 use bus_inmemory::InMemoryTransport;
+use opentelemetry::trace::{FutureExt as _, Status, TraceContextExt as _, Tracer as _, TracerProvider as _};
+use opentelemetry::Context;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -55,4 +58,30 @@ async fn a_bus_without_a_tracer_passes_an_incoming_trace_on_and_starts_none() {
             assert_eq!(traceparent, None, "answer {n} starts no trace");
         }
     }
+}
+
+/// The caller's own span, current while it publishes (made so by a `tracing` layer with a
+/// provider the bus was not given, say), stays the caller's: a bus without a tracer neither
+/// ends it nor marks it failed, not even when a send fails.
+#[tokio::test]
+async fn a_bus_without_a_tracer_leaves_the_callers_span_alone() {
+    let spans = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(spans.clone()).build();
+    let caller = Context::current_with_span(provider.tracer("caller").start("the caller's work"));
+    let bus = Bus::builder(InMemoryTransport::new()).build();
+    bus.start().await.expect("bus starts");
+    let unroutable = async {
+        bus.publish(Asked { n: 1 }).await.expect("published");
+        bus.send("queue:nowhere", Asked { n: 2 }).await
+    }
+    .with_context(caller.clone())
+    .await;
+    bus.stop().await.expect("stop");
+    assert!(unroutable.is_err(), "a send to a queue that does not exist fails");
+    assert!(caller.span().is_recording(), "the caller's span is still open");
+    assert!(spans.get_finished_spans().expect("finished spans").is_empty(), "nothing ended it");
+    caller.span().end();
+    let finished = spans.get_finished_spans().expect("finished spans");
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0].status, Status::Unset, "not marked failed by the bus");
 }

@@ -29,6 +29,10 @@ use crate::{ConsumeError, Envelope};
 #[derive(Debug, Clone)]
 pub(crate) struct MessageSpan {
     cx: Context,
+    /// Whether the bus built the span. Without one (a no-op tracer) the context is the
+    /// parent's, whose span belongs to someone else (the caller's own, say, made current by
+    /// a `tracing` layer with a provider of its own): it is neither marked nor ended here.
+    own: bool,
 }
 
 impl MessageSpan {
@@ -51,7 +55,7 @@ impl MessageSpan {
     /// Marks the span failed with an `exception` event of this type and message.
     pub(crate) fn record_exception(&self, exception_type: &str, message: &str) {
         let span = self.cx.span();
-        if !span.is_recording() {
+        if !self.own || !span.is_recording() {
             return;
         }
         span.set_status(Status::error(message.to_owned()));
@@ -64,12 +68,11 @@ impl MessageSpan {
         );
     }
 
-    /// Ends the span now (not when the last clone of its context drops). A span that
-    /// records nothing (no tracer, or sampled out) is left alone: ending one still reads
-    /// the clock.
+    /// Ends the span now (not when the last clone of its context drops). A span that was
+    /// sampled out is left alone: it records nothing, and ending it still reads the clock.
     pub(crate) fn end(&self) {
         let span = self.cx.span();
-        if span.is_recording() {
+        if self.own && span.is_recording() {
             span.end();
         }
     }
@@ -198,7 +201,10 @@ pub(crate) fn span_name(entity: &str, operation: &str) -> &'static str {
 }
 
 fn in_context(parent: &Context, span: Option<Context>) -> MessageSpan {
-    MessageSpan { cx: span.unwrap_or_else(|| parent.clone()) }
+    match span {
+        Some(cx) => MessageSpan { cx, own: true },
+        None => MessageSpan { cx: parent.clone(), own: false },
+    }
 }
 
 fn id(id: Option<Uuid>) -> Option<StringValue> {
