@@ -21,7 +21,7 @@ pub(crate) struct ReceiveState {
     pub(crate) bus: Bus,
     pub(crate) redelivery_count: u32,
     pub(crate) redelivered: bool,
-    /// Shared by every delivery of the endpoint (cloning a token locks its tree).
+    /// Shared by every delivery of the endpoint (cloning or dropping a token takes its lock).
     pub(crate) cancel: Arc<CancellationToken>,
 }
 

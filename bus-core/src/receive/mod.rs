@@ -203,7 +203,8 @@ impl EndpointRuntime {
         // Made once: each `cancelled()` future registers with the token anew.
         let stopped = stop_taking.cancelled();
         tokio::pin!(stopped);
-        // Shared by the delivery tasks: cloning a token locks its tree, an `Arc` does not.
+        // Shared by the delivery tasks: cloning or dropping a token takes its lock, an `Arc`
+        // does not.
         let (cancel, stopping) = (Arc::new(cancel), Arc::new(stop_taking.clone()));
         loop {
             if self.kill_switch.as_ref().is_some_and(KillSwitchState::is_tripped) {
@@ -225,7 +226,8 @@ impl EndpointRuntime {
                 // prefetch bounds how many wait.
                 let permit = match partitioner {
                     Some(_) => None,
-                    // Tried first without waiting: cheaper than a waiter when a place is free.
+                    // Tried first without waiting: when a place is free, cheaper than building
+                    // and polling an acquire future.
                     None => Some(match limit.clone().try_acquire_owned() {
                         Ok(permit) => permit,
                         Err(_) => limit.clone().acquire_owned().await.ok()?,
