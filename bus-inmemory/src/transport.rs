@@ -400,51 +400,55 @@ impl Settle for InMemorySettle {
         message: TransportMessage,
         settlement: Settlement,
     ) -> BoxFuture<'static, bus_core::Result<()>> {
-        // Most settlements are acks, done here and now: no future carrying the moves.
-        if let Settlement::Ack = settlement {
-            self.queue.release();
-            return Box::pin(std::future::ready(Ok(())));
-        }
-        Box::pin(async move {
-            let wait = self.transport.broker.options.full_queue_wait;
-            match settlement {
-                Settlement::Ack => self.queue.release(),
-                Settlement::Requeue => self.queue.requeue(message, self.position),
-                Settlement::MoveTo { queue, headers } => {
-                    let Some(target) = self.transport.queue(&queue) else {
-                        // Nothing may be lost: the original goes back to its own queue.
-                        self.queue.requeue(message, self.position);
-                        return Err(Error::QueueNotFound(queue).into());
-                    };
-                    let mut moved = message.clone();
-                    moved.headers.extend(headers);
-                    if target.name == self.queue.name {
-                        // To the back of its own queue: it keeps the place it has.
-                        self.queue.move_to_back(moved);
-                        return Ok(());
-                    }
-                    // Nothing may be lost: until the copy is in the target, the original goes
-                    // back to its own queue if the move fails or this future is dropped
-                    // (waiting for room in a full `_error`, say).
-                    let mut original =
-                        RequeueOnDrop { queue: self.queue.clone(), message: Some(message), position: self.position };
-                    target.push(moved, wait).await?;
-                    original.message = None;
-                    self.queue.release();
-                }
-                Settlement::Redeliver { delay, headers } => {
-                    let mut again = message;
-                    again.headers.extend(headers);
-                    // The message keeps its place in the queue while it waits, so it can always return.
-                    let queue = self.queue.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        queue.enqueue_reserved(again);
-                    });
-                }
+        // Done here and now, but for a move, which may wait for room in its target: most
+        // settlements are acks, and they need no future carrying the moves.
+        match settlement {
+            Settlement::Ack => self.queue.release(),
+            Settlement::Requeue => self.queue.requeue(message, self.position),
+            Settlement::MoveTo { queue, headers } => return Box::pin(self.move_to(message, queue, headers)),
+            Settlement::Redeliver { delay, headers } => {
+                let mut again = message;
+                again.headers.extend(headers);
+                // The message keeps its place in the queue while it waits, so it can always return.
+                let queue = self.queue.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    queue.enqueue_reserved(again);
+                });
             }
-            Ok(())
-        })
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl InMemorySettle {
+    /// Moves `message` to the queue `queue` with `headers` added.
+    async fn move_to(
+        self: Box<Self>,
+        message: TransportMessage,
+        queue: String,
+        headers: bus_core::Headers,
+    ) -> bus_core::Result<()> {
+        let Some(target) = self.transport.queue(&queue) else {
+            // Nothing may be lost: the original goes back to its own queue.
+            self.queue.requeue(message, self.position);
+            return Err(Error::QueueNotFound(queue).into());
+        };
+        let mut moved = message.clone();
+        moved.headers.extend(headers);
+        if target.name == self.queue.name {
+            // To the back of its own queue: it keeps the place it has.
+            self.queue.move_to_back(moved);
+            return Ok(());
+        }
+        // Nothing may be lost: until the copy is in the target, the original goes back to its
+        // own queue if the move fails or this future is dropped (waiting for room in a full
+        // `_error`, say).
+        let mut original = RequeueOnDrop { queue: self.queue.clone(), message: Some(message), position: self.position };
+        target.push(moved, self.transport.broker.options.full_queue_wait).await?;
+        original.message = None;
+        self.queue.release();
+        Ok(())
     }
 }
 
