@@ -97,13 +97,14 @@ impl ConsumeError {
     }
 
     /// A copy for each message of a batch that failed with `error`: same kind, type, text
-    /// and causes.
+    /// and causes. The batch's retries are not counted as the message's own (a message of a
+    /// batch has no retry policy of its own).
     pub(crate) fn copy_of(error: &std::sync::Arc<ConsumeError>) -> Self {
         ConsumeError {
             kind: error.kind,
             exception_type: error.exception_type.clone(),
             message: error.message.clone(),
-            retry_count: error.retry_count,
+            retry_count: 0,
             source: Some(Box::new(SharedCause(error.clone()))),
         }
     }

@@ -325,6 +325,9 @@ pub async fn a_failed_batch_sends_each_message_to_error_with_one_fault_each<F: F
     for error in &errors {
         assert_eq!(header(error, "MT-Fault-Message"), "ledger rejected the batch");
         assert_eq!(header(error, "MT-Fault-MessageType"), Invoice::message_type());
+        // The retries were the batch's: a message of a batch has none of its own, as in
+        // MassTransit, where the retry context is the batch's.
+        assert_eq!(error.headers.get_i64("MT-Fault-RetryCount"), Some(0), "{:?}", error.headers);
     }
     let faulted: Vec<u32> = faults.messages::<Fault<Invoice>>().iter().map(|f| f.message.n).collect();
     let distinct: HashSet<u32> = faulted.iter().copied().collect();

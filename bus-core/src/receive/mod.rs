@@ -126,7 +126,12 @@ impl EndpointRuntime {
             }
             stack.extend(middleware.iter().cloned());
             stack.extend(options.middleware);
-            stack.push(Arc::new(Retry(options.retry.unwrap_or_else(|| settings.retry.clone()))));
+            let retry = options.retry.unwrap_or_else(|| settings.retry.clone());
+            // A policy that never retries would only cost every message a future and a
+            // copy of its context.
+            if retry.retry_limit() > 0 {
+                stack.push(Arc::new(Retry(retry)));
+            }
             if let Some(timeout) = options.timeout {
                 stack.push(Arc::new(Timeout(timeout)));
             }
