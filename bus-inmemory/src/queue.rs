@@ -2,6 +2,7 @@
 
 use bus_core::sync::MutexExt;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +31,10 @@ pub(crate) struct Queue {
     /// Wakes consumers when a message arrives.
     ready: Notify,
     /// Wakes test code waiting on the queue's contents.
-    pub(crate) observed: Notify,
+    observed: Notify,
+    /// How many wait on `observed`: without any, a message entering wakes nobody (waking
+    /// takes the `Notify`'s lock, on every message).
+    observers: AtomicUsize,
     /// Free places: taken when a message enters, given back when it is settled away.
     room: Arc<Semaphore>,
     pub(crate) temporary: bool,
@@ -44,6 +48,7 @@ impl Queue {
             next_position: std::sync::atomic::AtomicU64::new(0),
             ready: Notify::new(),
             observed: Notify::new(),
+            observers: AtomicUsize::new(0),
             // Clamped: "no limit" as `usize::MAX` would panic the semaphore.
             room: Arc::new(Semaphore::new(capacity.clamp(1, Semaphore::MAX_PERMITS))),
             temporary,
@@ -82,7 +87,7 @@ impl Queue {
         place.0.forget();
         self.push_back(message, false);
         self.ready.notify_one();
-        self.observed.notify_waiters();
+        self.changed();
     }
 
     fn push_back(&self, message: TransportMessage, redelivered: bool) {
@@ -100,21 +105,52 @@ impl Queue {
         items.insert(at, Stored { message, redelivered: true, position });
         drop(items);
         self.ready.notify_one();
-        self.observed.notify_waiters();
+        self.changed();
     }
 
     /// Adds a message at the tail into a place it already holds (a delayed redelivery).
     pub(crate) fn enqueue_reserved(&self, message: TransportMessage) {
         self.push_back(message, true);
         self.ready.notify_one();
-        self.observed.notify_waiters();
+        self.changed();
     }
 
     /// Puts a delivered message at the tail, as sent anew; it keeps the place it had.
     pub(crate) fn move_to_back(&self, message: TransportMessage) {
         self.push_back(message, false);
         self.ready.notify_one();
-        self.observed.notify_waiters();
+        self.changed();
+    }
+
+    /// Wakes those waiting in [`wait_for_len`](Self::wait_for_len), if any.
+    fn changed(&self) {
+        // SeqCst, paired with the waiter's: either it sees the message this follows (it looks
+        // under the items' lock after counting itself), or this sees it counted.
+        if self.observers.load(Ordering::SeqCst) > 0 {
+            self.observed.notify_waiters();
+        }
+    }
+
+    /// Waits until at least `n` messages wait in the queue.
+    pub(crate) async fn wait_for_len(&self, n: usize) {
+        struct Observing<'a>(&'a AtomicUsize);
+        impl Drop for Observing<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.observers.fetch_add(1, Ordering::SeqCst);
+        let _observing = Observing(&self.observers);
+        loop {
+            // Registered before looking, so a push between the look and the wait wakes us.
+            let observed = self.observed.notified();
+            tokio::pin!(observed);
+            observed.as_mut().enable();
+            if self.len() >= n {
+                return;
+            }
+            observed.await;
+        }
     }
 
     /// Gives back the place of a message that left the queue for good.
@@ -124,6 +160,10 @@ impl Queue {
 
     /// Waits for the next message. Cancel-safe: a message is taken only when returned.
     pub(crate) async fn pop(&self) -> Stored {
+        // A busy queue has one waiting: taken without registering for a wake-up.
+        if let Some(stored) = self.items().pop_front() {
+            return stored;
+        }
         loop {
             // Registered before looking, so a push between the look and the wait wakes us.
             let notified = self.ready.notified();
@@ -185,5 +225,33 @@ mod tests {
             order.push(queue.pop().await.message.body[0]);
         }
         assert_eq!(order, [0, 1, 2, 3]);
+    }
+
+    /// A waiter is woken by the messages that enter after it started waiting, whichever path
+    /// they enter by.
+    #[tokio::test]
+    async fn a_waiter_sees_the_messages_that_enter_while_it_waits() {
+        let queue = Arc::new(Queue::new("q".to_owned(), 10, false));
+        queue.push(message(0), None).await.expect("room");
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.wait_for_len(4).await }
+        });
+        // Counted as an observer before it looks, so nothing below can slip past it.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while queue.observers.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the waiter starts waiting");
+        queue.push(message(1), None).await.expect("room");
+        let taken = queue.pop().await;
+        queue.requeue(taken.message, taken.position);
+        queue.move_to_back(message(2));
+        queue.enqueue_reserved(message(3));
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("waiter");
+        assert_eq!(queue.len(), 4);
+        assert_eq!(queue.observers.load(Ordering::SeqCst), 0, "a waiter that returned no longer counts");
     }
 }

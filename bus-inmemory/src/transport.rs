@@ -252,13 +252,7 @@ impl InMemoryTransport {
                     declared.await;
                     continue;
                 };
-                let observed = queue.observed.notified();
-                tokio::pin!(observed);
-                observed.as_mut().enable();
-                if queue.len() >= n {
-                    return;
-                }
-                observed.await;
+                return queue.wait_for_len(n).await;
             }
         };
         tokio::time::timeout(timeout, wait).await.map_err(|_| WaitTimeout { what, timeout })
@@ -340,7 +334,11 @@ impl Transport for InMemoryTransport {
             let prefetch = Arc::new(Semaphore::new(usize::from(prefetch.max(1))));
             let deliveries = stream::unfold((queue, prefetch, transport), |(queue, prefetch, transport)| async move {
                 // The semaphore is never closed; acquiring only waits for a settled delivery.
-                let permit = prefetch.clone().acquire_owned().await.ok()?;
+                // Tried first without waiting: cheaper than an acquire future when there is room.
+                let permit = match prefetch.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => prefetch.clone().acquire_owned().await.ok()?,
+                };
                 let stored = queue.pop().await;
                 let settle = InMemorySettle {
                     queue: queue.clone(),
