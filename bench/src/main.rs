@@ -54,7 +54,7 @@ impl Scale {
     fn full() -> Self {
         Scale {
             inmemory: std::env::var("BENCH_INMEMORY").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000_000),
-            rabbitmq: 50_000,
+            rabbitmq: std::env::var("BENCH_RABBITMQ").ok().and_then(|n| n.parse().ok()).unwrap_or(50_000),
             saga_events: 20_000,
             saga_instances: [1_000, 100_000, 1_000_000],
             serializer_rounds: 500_000,

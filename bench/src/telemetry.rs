@@ -48,8 +48,12 @@ pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(),
     let all_sampled = provider(Sampler::AlwaysOn, &all);
     let tenth = NullExporter::default();
     let ratio = provider(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.1))), &tenth);
-    // `BENCH_TRACING=off`, `all` or `ratio` runs one side only, for profiling it alone.
+    // `BENCH_TRACING=off`, `all` or `ratio` runs one side only in memory, for profiling it
+    // alone; `rabbitmq-off` or `rabbitmq-all`, one side only on RabbitMQ.
     let only = std::env::var("BENCH_TRACING").ok();
+    if let Some(side) = only.as_deref().and_then(|o| o.strip_prefix("rabbitmq-")) {
+        return runtime.block_on(rabbitmq(scale, Some(side)));
+    }
     let runs = |side: &str| only.as_deref().is_none_or(|o| o == side);
     let (mut off, mut on, mut sampled) = (0f64, 0f64, 0f64);
     for _ in 0..ROUNDS {
@@ -83,11 +87,12 @@ pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(),
     figure("tracing.inmemory.ratio.publish_consume", sampled, "msg/s");
     compare("in memory, every message traced vs untraced (one thread each)", on, off, "msg/s", Some(0.75));
     compare("in memory, 10% of messages traced (parent-based ratio) vs untraced", sampled, off, "msg/s", Some(0.9));
-    runtime.block_on(rabbitmq(scale))
+    runtime.block_on(rabbitmq(scale, None))
 }
 
-/// RabbitMQ end to end, traced (every message sampled) and untraced, alternating.
-async fn rabbitmq(scale: Scale) -> Result<(), BoxError> {
+/// RabbitMQ end to end, traced (every message sampled) and untraced, alternating; `only`
+/// (`off` or `all`) runs one side.
+async fn rabbitmq(scale: Scale, only: Option<&str>) -> Result<(), BoxError> {
     let exporter = NullExporter::default();
     let traced = provider(Sampler::AlwaysOn, &exporter);
     let transport = RabbitMqTransport::connect(&crate::rabbitmq::address()).await?;
@@ -95,12 +100,21 @@ async fn rabbitmq(scale: Scale) -> Result<(), BoxError> {
     let tracing = Bus::builder(transport.clone()).tracer_provider(&traced).build();
     let count = scale.rabbitmq;
     let (mut off, mut on) = (0f64, 0f64);
+    let runs = |side: &str| only.is_none_or(|o| o == side);
     for _ in 0..ROUNDS {
-        off = off.max(crate::rabbitmq::bus_end_to_end(&transport, &plain, count, 180, None).await?);
-        on = on.max(crate::rabbitmq::bus_end_to_end(&transport, &tracing, count, 180, Some(&traced)).await?);
+        if runs("off") {
+            off = off.max(crate::rabbitmq::bus_end_to_end(&transport, &plain, count, 180, None).await?);
+        }
+        if runs("all") {
+            on = on.max(crate::rabbitmq::bus_end_to_end(&transport, &tracing, count, 180, Some(&traced)).await?);
+        }
     }
     transport.close().await;
     let _ = traced.shutdown();
+    if only.is_some() {
+        figure("tracing.rabbitmq.one_side.end_to_end", off.max(on), "msg/s");
+        return Ok(());
+    }
     figure(
         "tracing.rabbitmq.all.spans_exported_per_message",
         exporter.0.load(Ordering::Relaxed) as f64 / (count * ROUNDS) as f64,
