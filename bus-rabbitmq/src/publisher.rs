@@ -29,17 +29,22 @@ use crate::frame::header_frame_size;
 ///
 /// Properties that do not fit in one frame fail at once ([`Error::FrameTooLarge`]): sent,
 /// they would make the broker close the whole connection.
+///
+/// `properties` makes the message's properties: once, and again for each attempt after the
+/// first (lapin takes them, and copying them up front for an attempt that is rarely needed
+/// costs a traced message about as much as making them).
 pub(crate) async fn publish(
     shared: &Arc<Shared>,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
-    properties: &BasicProperties,
+    properties: impl Fn() -> BasicProperties,
     mandatory: bool,
     deadline: Instant,
 ) -> Result<()> {
     let (exchange_name, routing_key) = (crate::topology::short(exchange)?, crate::topology::short(routing_key)?);
-    let size = header_frame_size(properties);
+    let mut made = Some(properties());
+    let size = made.as_ref().map_or(0, header_frame_size);
     let mut alone = mandatory;
     loop {
         let session = shared.session(deadline).await?;
@@ -49,6 +54,7 @@ pub(crate) async fn publish(
             return Err(Error::FrameTooLarge { size, limit });
         }
         let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
+        let properties = made.take().unwrap_or_else(&properties);
         let result = if alone {
             // Alone on its channel until confirmed, so that a returned message is its own.
             let Ok(channel) = tokio::time::timeout_at(deadline, session.sender()).await else {
@@ -64,7 +70,7 @@ pub(crate) async fn publish(
                                 routing_key.clone(),
                                 options,
                                 body,
-                                properties.clone(),
+                                properties,
                             )
                             .await?
                             .await
@@ -86,7 +92,7 @@ pub(crate) async fn publish(
                     routing_key.clone(),
                     options,
                     body,
-                    properties.clone(),
+                    properties,
                 );
                 in_order(session.publish_order(), publishing).await?.await
             };

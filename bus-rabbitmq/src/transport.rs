@@ -364,11 +364,11 @@ impl RabbitMqTransport {
     async fn publish_to_types(&self, message_types: &[&str], message: TransportMessage) -> bus_core::Result<()> {
         // One bound for the whole publish, declaration included.
         let deadline = self.deadline();
-        let properties = properties(&message, true);
+        let make_properties = || properties(&message, true);
         loop {
             let exchange = self.ensure_publish_exchange(message_types, deadline).await?;
             let routing_key = message.routing_key.as_deref().unwrap_or("");
-            match publish(&self.shared, &exchange, routing_key, &message.body, &properties, false, deadline).await {
+            match publish(&self.shared, &exchange, routing_key, &message.body, make_properties, false, deadline).await {
                 // The exchange of this type, or of another published on the same channel, was
                 // deleted behind the bus's back: the broker closed the channel and dropped what
                 // came after the refused publish, this message included. Declared again (the
@@ -404,8 +404,8 @@ impl RabbitMqTransport {
             })
             .await?;
         }
-        let properties = properties(&message, true);
-        match publish(&self.shared, destination, "", &message.body, &properties, true, deadline).await {
+        let make_properties = || properties(&message, true);
+        match publish(&self.shared, destination, "", &message.body, make_properties, true, deadline).await {
             Err(Error::Refused { source, .. }) if is_not_found(&source) => {
                 // Deleted since we saw it (a requester's temporary endpoint, say).
                 self.forget(destination);
