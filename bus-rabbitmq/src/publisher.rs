@@ -65,13 +65,7 @@ pub(crate) async fn publish(
                 Ok(channel) => {
                     let attempt = async {
                         channel
-                            .basic_publish(
-                                exchange_name.clone(),
-                                routing_key.clone(),
-                                options,
-                                body,
-                                properties,
-                            )
+                            .basic_publish(exchange_name.clone(), routing_key.clone(), options, body, properties)
                             .await?
                             .await
                     };
@@ -87,13 +81,8 @@ pub(crate) async fn publish(
         } else {
             let attempt = async {
                 let channel = session.publisher().await?;
-                let publishing = channel.basic_publish(
-                    exchange_name.clone(),
-                    routing_key.clone(),
-                    options,
-                    body,
-                    properties,
-                );
+                let publishing =
+                    channel.basic_publish(exchange_name.clone(), routing_key.clone(), options, body, properties);
                 in_order(session.publish_order(), publishing).await?.await
             };
             tokio::time::timeout_at(deadline, attempt).await.ok()

@@ -212,10 +212,13 @@ fn id(id: Option<Uuid>) -> Option<StringValue> {
     id.map(|u| StringValue::from(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()))
 }
 
+/// How many ids [`message_ids`] can give.
+const MESSAGE_IDS: usize = 5;
+
 /// The ids every recorded span of one message carries.
 fn message_ids(envelope: &Envelope) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(5);
-    let ids = [
+    let mut attributes = Vec::with_capacity(MESSAGE_IDS);
+    let ids: [_; MESSAGE_IDS] = [
         ("messaging.message.id", envelope.message_id),
         ("messaging.message.conversation_id", envelope.conversation_id),
         ("messaging.masstransit.correlation_id", envelope.correlation_id),
@@ -241,7 +244,9 @@ fn sampling_attributes(
     envelope: &Envelope,
     types: Option<&[&'static str]>,
 ) -> Vec<KeyValue> {
-    let mut attributes = common(system, destination, operation);
+    // Room for the message's ids too: a span that records gets them added, and growing the
+    // list then would copy it.
+    let mut attributes = common(system, destination, operation, 4 + MESSAGE_IDS);
     let types = match (types, envelope.message_type.as_slice()) {
         // A static name is shared, not copied.
         (Some([one]), _) => StringValue::from(*one),
@@ -253,8 +258,10 @@ fn sampling_attributes(
     attributes
 }
 
-fn common(system: &'static str, destination: StringValue, operation: &'static str) -> Vec<KeyValue> {
-    let mut attributes = Vec::with_capacity(4);
+/// The attributes of every span: system, destination and operation, in a list with room for
+/// `capacity`.
+fn common(system: &'static str, destination: StringValue, operation: &'static str, capacity: usize) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(capacity);
     attributes.push(KeyValue::new("messaging.system", system));
     attributes.push(KeyValue::new("messaging.destination.name", destination));
     attributes.push(KeyValue::new("messaging.operation", operation));
@@ -372,7 +379,7 @@ pub(crate) fn process_span(
         Vec::new(),
         || Cow::Borrowed(endpoint.process),
         || {
-            let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "process");
+            let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "process", 4);
             attributes.push(KeyValue::new("messaging.masstransit.consumer_type", consumer));
             attributes
         },
