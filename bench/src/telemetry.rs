@@ -43,17 +43,21 @@ fn in_memory(count: u64, tracer: Option<&SdkTracerProvider>) -> Result<f64, BoxE
 const ROUNDS: u64 = 3;
 
 pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(), BoxError> {
+    // `BENCH_TRACING=off`, `all` or `ratio` runs one side only in memory, for profiling it
+    // alone; `rabbitmq-off` or `rabbitmq-all`, one side only on RabbitMQ.
+    let only = std::env::var("BENCH_TRACING").ok();
+    match only.as_deref() {
+        None | Some("off" | "all" | "ratio") => {}
+        Some(side @ ("rabbitmq-off" | "rabbitmq-all")) => return runtime.block_on(rabbitmq(scale, Some(side))),
+        Some(other) => {
+            return Err(format!("BENCH_TRACING={other}: off, all, ratio, rabbitmq-off or rabbitmq-all").into())
+        }
+    }
     let count = scale.inmemory / 8;
     let all = NullExporter::default();
     let all_sampled = provider(Sampler::AlwaysOn, &all);
     let tenth = NullExporter::default();
     let ratio = provider(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.1))), &tenth);
-    // `BENCH_TRACING=off`, `all` or `ratio` runs one side only in memory, for profiling it
-    // alone; `rabbitmq-off` or `rabbitmq-all`, one side only on RabbitMQ.
-    let only = std::env::var("BENCH_TRACING").ok();
-    if let Some(side) = only.as_deref().and_then(|o| o.strip_prefix("rabbitmq-")) {
-        return runtime.block_on(rabbitmq(scale, Some(side)));
-    }
     let runs = |side: &str| only.as_deref().is_none_or(|o| o == side);
     let (mut off, mut on, mut sampled) = (0f64, 0f64, 0f64);
     for _ in 0..ROUNDS {
@@ -91,7 +95,7 @@ pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(),
 }
 
 /// RabbitMQ end to end, traced (every message sampled) and untraced, alternating; `only`
-/// (`off` or `all`) runs one side.
+/// (`rabbitmq-off` or `rabbitmq-all`) runs one side.
 async fn rabbitmq(scale: Scale, only: Option<&str>) -> Result<(), BoxError> {
     let exporter = NullExporter::default();
     let traced = provider(Sampler::AlwaysOn, &exporter);
@@ -100,7 +104,7 @@ async fn rabbitmq(scale: Scale, only: Option<&str>) -> Result<(), BoxError> {
     let tracing = Bus::builder(transport.clone()).tracer_provider(&traced).build();
     let count = scale.rabbitmq;
     let (mut off, mut on) = (0f64, 0f64);
-    let runs = |side: &str| only.is_none_or(|o| o == side);
+    let runs = |side: &str| only.is_none_or(|o| o.strip_prefix("rabbitmq-") == Some(side));
     for _ in 0..ROUNDS {
         if runs("off") {
             off = off.max(crate::rabbitmq::bus_end_to_end(&transport, &plain, count, 180, None).await?);
@@ -111,8 +115,8 @@ async fn rabbitmq(scale: Scale, only: Option<&str>) -> Result<(), BoxError> {
     }
     transport.close().await;
     let _ = traced.shutdown();
-    if only.is_some() {
-        figure("tracing.rabbitmq.one_side.end_to_end", off.max(on), "msg/s");
+    if let Some(side) = only {
+        figure(&format!("tracing.{}.end_to_end", side.replace('-', ".")), off.max(on), "msg/s");
         return Ok(());
     }
     figure(

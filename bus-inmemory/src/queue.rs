@@ -124,8 +124,9 @@ impl Queue {
 
     /// Wakes those waiting in [`wait_for_len`](Self::wait_for_len), if any.
     fn changed(&self) {
-        // SeqCst, paired with the waiter's: either it sees the message this follows (it looks
-        // under the items' lock after counting itself), or this sees it counted.
+        // Ordered by the items' lock: a waiter counts itself before it looks under the lock,
+        // and this looks after the message went in under it. Either the waiter sees the
+        // message, or this sees the waiter counted.
         if self.observers.load(Ordering::SeqCst) > 0 {
             self.observed.notify_waiters();
         }
@@ -227,31 +228,41 @@ mod tests {
         assert_eq!(order, [0, 1, 2, 3]);
     }
 
-    /// A waiter is woken by the messages that enter after it started waiting, whichever path
-    /// they enter by.
+    /// A waiter is woken by a message that enters after it started waiting, by each path a
+    /// message enters by.
     #[tokio::test]
-    async fn a_waiter_sees_the_messages_that_enter_while_it_waits() {
+    async fn a_waiter_sees_a_message_enter_by_each_path() {
         let queue = Arc::new(Queue::new("q".to_owned(), 10, false));
         queue.push(message(0), None).await.expect("room");
-        let waiter = tokio::spawn({
-            let queue = queue.clone();
-            async move { queue.wait_for_len(4).await }
-        });
-        // Counted as an observer before it looks, so nothing below can slip past it.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while queue.observers.load(Ordering::SeqCst) == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the waiter starts waiting");
-        queue.push(message(1), None).await.expect("room");
         let taken = queue.pop().await;
-        queue.requeue(taken.message, taken.position);
-        queue.move_to_back(message(2));
-        queue.enqueue_reserved(message(3));
-        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("waiter");
+        type Enter = Box<dyn FnOnce(&Queue) + Send>;
+        let paths: [(&str, Enter); 4] = [
+            (
+                "a push",
+                Box::new(|q: &Queue| q.fill(q.room.clone().try_acquire_owned().map(Place).expect("room"), message(1))),
+            ),
+            ("a requeue", Box::new(move |q: &Queue| q.requeue(taken.message, taken.position))),
+            ("a move to the back", Box::new(|q: &Queue| q.move_to_back(message(2)))),
+            ("a delayed redelivery", Box::new(|q: &Queue| q.enqueue_reserved(message(3)))),
+        ];
+        for (path, enter) in paths {
+            let waiter = tokio::spawn({
+                let queue = queue.clone();
+                let wanted = queue.len() + 1;
+                async move { queue.wait_for_len(wanted).await }
+            });
+            // Counted as an observer before it looks: the message below cannot slip past it.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while queue.observers.load(Ordering::SeqCst) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the waiter starts waiting");
+            enter(&queue);
+            tokio::time::timeout(Duration::from_secs(5), waiter).await.expect(path).expect("waiter");
+            assert_eq!(queue.observers.load(Ordering::SeqCst), 0, "a waiter that returned no longer counts");
+        }
         assert_eq!(queue.len(), 4);
-        assert_eq!(queue.observers.load(Ordering::SeqCst), 0, "a waiter that returned no longer counts");
     }
 }

@@ -336,22 +336,16 @@ impl RabbitMqSettle {
                 "header values too large for one frame were cut from a moved message");
         }
         let deadline = tokio::time::Instant::now() + self.shared.options.publish_timeout;
+        let make_properties = || properties.clone();
         let mut result =
-            publish(&self.shared, exchange, routing_key, &message.body, || properties.clone(), true, deadline).await;
+            publish(&self.shared, exchange, routing_key, &message.body, make_properties, true, deadline).await;
         if result.as_ref().is_err_and(is_missing_target) {
             match self.declare_again(deadline).await {
                 Ok(()) => {
                     tracing::warn!(queue = %self.queue, target = exchange, "a dead-letter or delay queue was missing; declared it again");
-                    result = publish(
-                        &self.shared,
-                        exchange,
-                        routing_key,
-                        &message.body,
-                        || properties.clone(),
-                        true,
-                        deadline,
-                    )
-                    .await;
+                    result =
+                        publish(&self.shared, exchange, routing_key, &message.body, make_properties, true, deadline)
+                            .await;
                 }
                 Err(error) => {
                     tracing::warn!(queue = %self.queue, error = %chain(&error), "could not declare the endpoint's topology again")

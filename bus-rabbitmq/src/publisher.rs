@@ -30,21 +30,22 @@ use crate::frame::header_frame_size;
 /// Properties that do not fit in one frame fail at once ([`Error::FrameTooLarge`]): sent,
 /// they would make the broker close the whole connection.
 ///
-/// `properties` makes the message's properties: once, and again for each attempt after the
-/// first (lapin takes them, and copying them up front for an attempt that is rarely needed
-/// costs a traced message about as much as making them).
+/// `make_properties` makes the message's properties: once, and again for each attempt after
+/// the first (lapin takes them, and copying them up front for an attempt that is rarely
+/// needed costs a traced message about as much as making them).
 pub(crate) async fn publish(
     shared: &Arc<Shared>,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
-    properties: impl Fn() -> BasicProperties,
+    make_properties: impl Fn() -> BasicProperties,
     mandatory: bool,
     deadline: Instant,
 ) -> Result<()> {
     let (exchange_name, routing_key) = (crate::topology::short(exchange)?, crate::topology::short(routing_key)?);
-    let mut made = Some(properties());
-    let size = made.as_ref().map_or(0, header_frame_size);
+    let first = make_properties();
+    let size = header_frame_size(&first);
+    let mut made = Some(first);
     let mut alone = mandatory;
     loop {
         let session = shared.session(deadline).await?;
@@ -54,7 +55,7 @@ pub(crate) async fn publish(
             return Err(Error::FrameTooLarge { size, limit });
         }
         let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
-        let properties = made.take().unwrap_or_else(&properties);
+        let properties = made.take().unwrap_or_else(&make_properties);
         let result = if alone {
             // Alone on its channel until confirmed, so that a returned message is its own.
             let Ok(channel) = tokio::time::timeout_at(deadline, session.sender()).await else {

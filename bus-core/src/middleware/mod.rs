@@ -4,7 +4,7 @@
 //!
 //! 1. [`ConcurrencyLimit`] (when the consumer has a limit),
 //! 2. the endpoint's middleware, then the consumer's, in the order they were added,
-//! 3. [`Retry`] (the in-process retry policy),
+//! 3. [`Retry`] (the in-process retry policy, when it allows any retry),
 //! 4. [`Timeout`] (when the consumer has a timeout): a hung attempt becomes a failed one,
 //! 5. the endpoint's attempt middleware (`Endpoint::attempt_middleware`), once per attempt,
 //! 6. the consumer, whose panic is a failed attempt like an error (retried likewise).

@@ -127,8 +127,9 @@ impl EndpointRuntime {
             stack.extend(middleware.iter().cloned());
             stack.extend(options.middleware);
             let retry = options.retry.unwrap_or_else(|| settings.retry.clone());
-            // A policy that never retries would only cost every message a future and a
-            // copy of its context.
+            // A policy that never retries would only cost every message a future and a copy
+            // of its context: without retries, the attempt and retry count stay 0, and the
+            // dispatch discards a failed consumer's outbox itself.
             if retry.retry_limit() > 0 {
                 stack.push(Arc::new(Retry(retry)));
             }

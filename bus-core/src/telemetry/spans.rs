@@ -244,9 +244,9 @@ fn sampling_attributes(
     envelope: &Envelope,
     types: Option<&[&'static str]>,
 ) -> Vec<KeyValue> {
-    // Room for the message's ids too: a span that records gets them added, and growing the
-    // list then would copy it.
-    let mut attributes = common(system, destination, operation, 4 + MESSAGE_IDS);
+    // Room for the types and the message's ids too: a span that records gets the ids added,
+    // and growing the list then would copy it.
+    let mut attributes = common(system, destination, operation, COMMON + 1 + MESSAGE_IDS);
     let types = match (types, envelope.message_type.as_slice()) {
         // A static name is shared, not copied.
         (Some([one]), _) => StringValue::from(*one),
@@ -257,6 +257,9 @@ fn sampling_attributes(
     attributes.push(KeyValue::new("messaging.masstransit.message_types", types));
     attributes
 }
+
+/// How many attributes [`common`] gives.
+const COMMON: usize = 3;
 
 /// The attributes of every span: system, destination and operation, in a list with room for
 /// `capacity`.
@@ -379,7 +382,7 @@ pub(crate) fn process_span(
         Vec::new(),
         || Cow::Borrowed(endpoint.process),
         || {
-            let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "process", 4);
+            let mut attributes = common(system, StringValue::from(endpoint.destination.clone()), "process", COMMON + 1);
             attributes.push(KeyValue::new("messaging.masstransit.consumer_type", consumer));
             attributes
         },
