@@ -86,8 +86,7 @@ impl Queue {
     pub(crate) fn fill(&self, place: Place, message: TransportMessage) {
         place.0.forget();
         self.push_back(message, false);
-        self.ready.notify_one();
-        self.changed();
+        self.arrived();
     }
 
     fn push_back(&self, message: TransportMessage, redelivered: bool) {
@@ -104,26 +103,25 @@ impl Queue {
         let at = items.iter().position(|waiting| waiting.position > position).unwrap_or(items.len());
         items.insert(at, Stored { message, redelivered: true, position });
         drop(items);
-        self.ready.notify_one();
-        self.changed();
+        self.arrived();
     }
 
     /// Adds a message at the tail into a place it already holds (a delayed redelivery).
     pub(crate) fn enqueue_reserved(&self, message: TransportMessage) {
         self.push_back(message, true);
-        self.ready.notify_one();
-        self.changed();
+        self.arrived();
     }
 
     /// Puts a delivered message at the tail, as sent anew; it keeps the place it had.
     pub(crate) fn move_to_back(&self, message: TransportMessage) {
         self.push_back(message, false);
-        self.ready.notify_one();
-        self.changed();
+        self.arrived();
     }
 
-    /// Wakes those waiting in [`wait_for_len`](Self::wait_for_len), if any.
-    fn changed(&self) {
+    /// A message went in: wakes a consumer, and those waiting in
+    /// [`wait_for_len`](Self::wait_for_len), if any.
+    fn arrived(&self) {
+        self.ready.notify_one();
         // Ordered by the items' lock: a waiter counts itself before it looks under the lock,
         // and this looks after the message went in under it. Either the waiter sees the
         // message, or this sees the waiter counted.
