@@ -97,7 +97,35 @@ async fn baseline(count: u64, wire: Wire) -> f64 {
 
 /// The bus's figure; with `tracer`, every message is traced with it; `raw_json` writes
 /// bare JSON instead of the MassTransit envelope.
-pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>, raw_json: bool) -> Result<f64, BoxError> {
+/// What tracing a run of [`bus`] does.
+#[derive(Clone, Copy)]
+pub(crate) enum Tracing<'a> {
+    /// None: the bus has no tracer provider.
+    Off,
+    /// The bus traces with this provider.
+    Bus(&'a SdkTracerProvider),
+    /// The bus is untraced, and each publish is accompanied by three bare spans of this
+    /// provider (send, and receive and process under it), with no attributes and no
+    /// headers: what the SDK alone costs, the floor of any tracing built on it.
+    BareSpans(&'a SdkTracerProvider),
+}
+
+/// Three bare spans, as a traced message has: send, receive under it, process under that.
+fn bare_spans(tracer: &opentelemetry_sdk::trace::SdkTracer) {
+    use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt, Tracer};
+    use opentelemetry::Context;
+    let span = |name: &'static str, kind: SpanKind, parent: &Context| {
+        parent.with_span(tracer.build_with_context(SpanBuilder::from_name(name).with_kind(kind), parent))
+    };
+    let send = span("Bench:OrderPlaced send", SpanKind::Producer, &Context::new());
+    let receive = span("bench-orders receive", SpanKind::Consumer, &send);
+    let process = span("bench-orders process", SpanKind::Consumer, &receive);
+    for cx in [process, receive, send] {
+        cx.span().end();
+    }
+}
+
+pub(crate) async fn bus(count: u64, tracing: Tracing<'_>, raw_json: bool) -> Result<f64, BoxError> {
     let transport =
         InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
     let total = count / PRODUCERS * PRODUCERS;
@@ -105,9 +133,17 @@ pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>, raw_json
     if raw_json {
         builder = builder.serializers(Serializers::default().with_default(RawJsonSerializer));
     }
-    if let Some(tracer) = tracer {
-        builder = builder.tracer_provider(tracer);
-    }
+    let bare = match tracing {
+        Tracing::Off => None,
+        Tracing::Bus(provider) => {
+            builder = builder.tracer_provider(provider);
+            None
+        }
+        Tracing::BareSpans(provider) => {
+            use opentelemetry::trace::TracerProvider as _;
+            Some(provider.tracer("bench-floor"))
+        }
+    };
     let (endpoint, done) =
         counting::<OrderPlaced>(Endpoint::new("bench-orders").prefetch(1000).concurrency_limit(64), total);
     let bus = builder.endpoint(endpoint).build();
@@ -117,9 +153,13 @@ pub(crate) async fn bus(count: u64, tracer: Option<&SdkTracerProvider>, raw_json
     let mut producers = Vec::new();
     for _ in 0..PRODUCERS {
         let bus = bus.clone();
+        let bare = bare.clone();
         producers.push(tokio::spawn(async move {
             let order = Order::sample();
             for _ in 0..count / PRODUCERS {
+                if let Some(tracer) = &bare {
+                    bare_spans(tracer);
+                }
                 let message = OrderPlaced {
                     order_id: order.order_id,
                     user_email: order.user_email.clone(),
@@ -182,7 +222,7 @@ pub(crate) async fn mpsc_shipments(count: u64, note: usize) -> f64 {
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     // `BENCH_INMEMORY_ONLY=envelope` (or `raw`) runs the bus alone in that mode, for a profiler.
     if let Ok(only) = std::env::var("BENCH_INMEMORY_ONLY") {
-        let rate = bus(scale.inmemory, None, only == "raw").await?;
+        let rate = bus(scale.inmemory, Tracing::Off, only == "raw").await?;
         figure(&format!("inmemory.bus.{only}_only"), rate, "msg/s");
         return Ok(());
     }
@@ -193,8 +233,8 @@ pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
     for _ in 0..ROUNDS {
         bare = bare.max(baseline(scale.inmemory, Wire::BareJson).await);
         enveloped = enveloped.max(baseline(scale.inmemory, Wire::Envelope).await);
-        measured = measured.max(bus(scale.inmemory, None, false).await?);
-        raw_json = raw_json.max(bus(scale.inmemory, None, true).await?);
+        measured = measured.max(bus(scale.inmemory, Tracing::Off, false).await?);
+        raw_json = raw_json.max(bus(scale.inmemory, Tracing::Off, true).await?);
     }
     figure("inmemory.baseline.mpsc_serde_json", bare, "msg/s");
     figure("inmemory.baseline.mpsc_masstransit_envelope", enveloped, "msg/s");

@@ -4,6 +4,9 @@
 //! - in memory, publish -> consume on one thread each, every message sampled;
 //! - in memory, a parent-based 10% trace-id ratio sampler (what
 //!   `OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1` gives);
+//! - the SDK's floor for both samplers: the untraced bus with three bare spans per message
+//!   (no attributes, no headers) made beside it, what any tracing built on the SDK costs at
+//!   least;
 //! - RabbitMQ end to end, every message sampled.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +17,7 @@ use bus_rabbitmq::RabbitMqTransport;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 
+use crate::inmemory::Tracing;
 use crate::report::{compare, figure};
 use crate::Scale;
 
@@ -33,69 +37,141 @@ fn provider(sampler: Sampler, exporter: &NullExporter) -> SdkTracerProvider {
     SdkTracerProvider::builder().with_sampler(sampler).with_batch_exporter(exporter.clone()).build()
 }
 
-fn in_memory(count: u64, tracer: Option<&SdkTracerProvider>) -> Result<f64, BoxError> {
+fn in_memory(count: u64, tracing: Tracing<'_>) -> Result<f64, BoxError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(crate::inmemory::bus(count, tracer, false))
+    runtime.block_on(crate::inmemory::bus(count, tracing, false))
 }
 
 /// Rounds of each side, alternating; each keeps its best: on this shared two-core machine
 /// one run of either can lose a third to a neighbour.
 const ROUNDS: u64 = 3;
 
+/// One side of the in-memory comparison: how it traces, and its best rate.
+struct Side {
+    name: &'static str,
+    /// `None` for the untraced side.
+    provider: Option<SdkTracerProvider>,
+    exporter: NullExporter,
+    /// Whether the provider's spans are made bare beside an untraced bus (the SDK's floor)
+    /// rather than by the bus.
+    bare: bool,
+    rate: f64,
+}
+
+impl Side {
+    fn new(name: &'static str, sampler: Option<Sampler>, bare: bool) -> Self {
+        let exporter = NullExporter::default();
+        let provider = sampler.map(|sampler| provider(sampler, &exporter));
+        Side { name, provider, exporter, bare, rate: 0.0 }
+    }
+
+    fn run(&mut self, count: u64) -> Result<(), BoxError> {
+        let tracing = match (&self.provider, self.bare) {
+            (None, _) => Tracing::Off,
+            (Some(provider), false) => Tracing::Bus(provider),
+            (Some(provider), true) => Tracing::BareSpans(provider),
+        };
+        self.rate = self.rate.max(in_memory(count, tracing)?);
+        Ok(())
+    }
+
+    /// Spans exported per message; the batch processor drops spans when its queue is full,
+    /// which would flatter the figure: the count shows it did not.
+    fn spans_per_message(&self, messages: u64) -> f64 {
+        if let Some(provider) = &self.provider {
+            let _ = provider.force_flush();
+        }
+        self.exporter.0.load(Ordering::Relaxed) as f64 / messages as f64
+    }
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        if let Some(provider) = &self.provider {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+fn tenth() -> Sampler {
+    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.1)))
+}
+
 pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(), BoxError> {
-    // `BENCH_TRACING=off`, `all` or `ratio` runs one side only in memory, for profiling it
-    // alone; `rabbitmq-off` or `rabbitmq-all`, one side only on RabbitMQ.
-    let only = std::env::var("BENCH_TRACING").ok();
-    match only.as_deref() {
-        None | Some("off" | "all" | "ratio") => {}
-        Some(side @ ("rabbitmq-off" | "rabbitmq-all")) => return runtime.block_on(rabbitmq(scale, Some(side))),
-        Some(other) => {
-            return Err(format!("BENCH_TRACING={other}: off, all, ratio, rabbitmq-off or rabbitmq-all").into())
-        }
-    }
+    // `BENCH_TRACING=` one side's name runs that side only in memory, for profiling it alone
+    // (`dropped` is a parent-based 0% ratio: every message sampled out); `rabbitmq-off` or
+    // `rabbitmq-all`, one side only on RabbitMQ.
+    let mut sides = [
+        Side::new("off", None, false),
+        Side::new("all", Some(Sampler::AlwaysOn), false),
+        Side::new("ratio", Some(tenth()), false),
+        Side::new("sdk-all", Some(Sampler::AlwaysOn), true),
+        Side::new("sdk-ratio", Some(tenth()), true),
+    ];
     let count = scale.inmemory / 8;
-    let all = NullExporter::default();
-    let all_sampled = provider(Sampler::AlwaysOn, &all);
-    let tenth = NullExporter::default();
-    let ratio = provider(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.1))), &tenth);
-    let runs = |side: &str| only.as_deref().is_none_or(|o| o == side);
-    let (mut off, mut on, mut sampled) = (0f64, 0f64, 0f64);
-    for _ in 0..ROUNDS {
-        if runs("off") {
-            off = off.max(in_memory(count, None)?);
+    let only = std::env::var("BENCH_TRACING").ok();
+    if let Some(only) = only.as_deref() {
+        if let Some(side) = only.strip_prefix("rabbitmq-").filter(|side| ["off", "all"].contains(side)) {
+            return runtime.block_on(rabbitmq(scale, Some(side)));
         }
-        if runs("all") {
-            on = on.max(in_memory(count, Some(&all_sampled))?);
+        let mut side = match sides.into_iter().find(|side| side.name == only) {
+            Some(side) => side,
+            None if only == "dropped" => {
+                Side::new("dropped", Some(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.0)))), false)
+            }
+            None => {
+                return Err(format!(
+                    "BENCH_TRACING={only}: off, all, ratio, sdk-all, sdk-ratio, dropped, rabbitmq-off or rabbitmq-all"
+                )
+                .into())
+            }
+        };
+        for _ in 0..ROUNDS {
+            side.run(count)?;
         }
-        if runs("ratio") {
-            sampled = sampled.max(in_memory(count, Some(&ratio))?);
-        }
-    }
-    let _ = all_sampled.shutdown();
-    let _ = ratio.shutdown();
-    if only.is_some() {
-        figure("tracing.one_side.publish_consume", off.max(on).max(sampled), "msg/s");
+        figure("tracing.one_side.publish_consume", side.rate, "msg/s");
         return Ok(());
     }
-    // Three spans per message (send, receive, process); the batch processor drops spans when
-    // its queue is full, which would flatter the figure: the counts show it did not.
-    let messages = (count * ROUNDS) as f64;
-    figure("tracing.inmemory.all.spans_exported_per_message", all.0.load(Ordering::Relaxed) as f64 / messages, "spans");
-    figure(
-        "tracing.inmemory.ratio.spans_exported_per_message",
-        tenth.0.load(Ordering::Relaxed) as f64 / messages,
-        "spans",
+    for _ in 0..ROUNDS {
+        for side in &mut sides {
+            side.run(count)?;
+        }
+    }
+    let messages = count * ROUNDS;
+    for side in &sides[1..] {
+        let name = side.name.replace('-', "_");
+        figure(
+            &format!("tracing.inmemory.{name}.spans_exported_per_message"),
+            side.spans_per_message(messages),
+            "spans",
+        );
+    }
+    for side in &sides {
+        figure(&format!("tracing.inmemory.{}.publish_consume", side.name.replace('-', "_")), side.rate, "msg/s");
+    }
+    let [off, all, ratio, sdk_all, sdk_ratio] = sides.each_ref().map(|side| side.rate);
+    compare("in memory, every message traced vs untraced (one thread each)", all, off, "msg/s", Some(0.75));
+    compare("in memory, 10% of messages traced (parent-based ratio) vs untraced", ratio, off, "msg/s", Some(0.9));
+    compare(
+        "in memory, the SDK's floor: three bare spans per message, all sampled, vs untraced",
+        sdk_all,
+        off,
+        "msg/s",
+        None,
     );
-    figure("tracing.inmemory.off.publish_consume", off, "msg/s");
-    figure("tracing.inmemory.all.publish_consume", on, "msg/s");
-    figure("tracing.inmemory.ratio.publish_consume", sampled, "msg/s");
-    compare("in memory, every message traced vs untraced (one thread each)", on, off, "msg/s", Some(0.75));
-    compare("in memory, 10% of messages traced (parent-based ratio) vs untraced", sampled, off, "msg/s", Some(0.9));
+    compare(
+        "in memory, the SDK's floor: three bare spans per message, 10% ratio, vs untraced",
+        sdk_ratio,
+        off,
+        "msg/s",
+        None,
+    );
+    drop(sides);
     runtime.block_on(rabbitmq(scale, None))
 }
 
 /// RabbitMQ end to end, traced (every message sampled) and untraced, alternating; `only`
-/// (`rabbitmq-off` or `rabbitmq-all`) runs one side.
+/// (`off` or `all`) runs one side.
 async fn rabbitmq(scale: Scale, only: Option<&str>) -> Result<(), BoxError> {
     let exporter = NullExporter::default();
     let traced = provider(Sampler::AlwaysOn, &exporter);
@@ -104,7 +180,7 @@ async fn rabbitmq(scale: Scale, only: Option<&str>) -> Result<(), BoxError> {
     let tracing = Bus::builder(transport.clone()).tracer_provider(&traced).build();
     let count = scale.rabbitmq;
     let (mut off, mut on) = (0f64, 0f64);
-    let runs = |side: &str| only.is_none_or(|o| o.strip_prefix("rabbitmq-") == Some(side));
+    let runs = |side: &str| only.is_none_or(|o| o == side);
     for _ in 0..ROUNDS {
         if runs("off") {
             off = off.max(crate::rabbitmq::bus_end_to_end(&transport, &plain, count, 180, None).await?);
@@ -116,7 +192,7 @@ async fn rabbitmq(scale: Scale, only: Option<&str>) -> Result<(), BoxError> {
     transport.close().await;
     let _ = traced.shutdown();
     if let Some(side) = only {
-        figure(&format!("tracing.{}.end_to_end", side.replace('-', ".")), off.max(on), "msg/s");
+        figure(&format!("tracing.rabbitmq.{side}.end_to_end"), off.max(on), "msg/s");
         return Ok(());
     }
     figure(
