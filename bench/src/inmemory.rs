@@ -95,8 +95,46 @@ async fn baseline(count: u64, wire: Wire) -> f64 {
     received as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The bus's figure; with `tracer`, every message is traced with it; `raw_json` writes
-/// bare JSON instead of the MassTransit envelope.
+/// What the bus writes on the wire in a run of [`bus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BusWire {
+    /// The MassTransit envelope (the default).
+    Envelope,
+    /// Raw JSON, MassTransit's convention: the message bare, the envelope's fields as headers.
+    RawJson,
+    /// The message's JSON alone, nothing else: the bus's floor (see [`BareSerializer`]).
+    Bare,
+}
+
+/// Writes a message's JSON and nothing else (no ids, types or headers), and reads it back
+/// as the one type this benchmark publishes: serde_json's own work, as the mpsc baseline
+/// does it, so that a bus with it measures what the bus's machinery costs on top. No bus
+/// could ship it: a message without its type or ids could not be routed or answered.
+#[derive(Debug)]
+struct BareSerializer;
+
+impl Serializer for BareSerializer {
+    fn content_type(&self) -> &'static str {
+        "application/x-bench-bare+json"
+    }
+
+    fn serialize(&self, envelope: &Envelope) -> bus_core::Result<TransportMessage> {
+        Ok(TransportMessage {
+            body: envelope.message.get().as_bytes().to_vec().into(),
+            content_type: Some(self.content_type().into()),
+            ..TransportMessage::default()
+        })
+    }
+
+    fn deserialize(&self, message: &TransportMessage) -> bus_core::Result<Envelope> {
+        let json = serde_json::from_slice(&message.body)
+            .map_err(|error| bus_core::Error::deserialize("not JSON", Some(Box::new(error) as BoxError)))?;
+        let mut envelope = Envelope::new(vec![OrderPlaced::message_type().into()], json);
+        envelope.message_id = None;
+        Ok(envelope)
+    }
+}
+
 /// What tracing a run of [`bus`] does.
 #[derive(Clone, Copy)]
 pub(crate) enum Tracing<'a> {
@@ -125,13 +163,16 @@ fn bare_spans(tracer: &opentelemetry_sdk::trace::SdkTracer) {
     }
 }
 
-pub(crate) async fn bus(count: u64, tracing: Tracing<'_>, raw_json: bool) -> Result<f64, BoxError> {
+/// The bus's figure: `count` orders published by two producers and consumed.
+pub(crate) async fn bus(count: u64, tracing: Tracing<'_>, wire: BusWire) -> Result<f64, BoxError> {
     let transport =
         InMemoryTransport::with_options(InMemoryOptions { queue_capacity: 10_000, ..InMemoryOptions::default() });
     let total = count / PRODUCERS * PRODUCERS;
     let mut builder = Bus::builder(transport);
-    if raw_json {
-        builder = builder.serializers(Serializers::default().with_default(RawJsonSerializer));
+    match wire {
+        BusWire::Envelope => {}
+        BusWire::RawJson => builder = builder.serializers(Serializers::default().with_default(RawJsonSerializer)),
+        BusWire::Bare => builder = builder.serializers(Serializers::default().with_default(BareSerializer)),
     }
     let bare = match tracing {
         Tracing::Off => None,
@@ -220,26 +261,35 @@ pub(crate) async fn mpsc_shipments(count: u64, note: usize) -> f64 {
 }
 
 pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
-    // `BENCH_INMEMORY_ONLY=envelope` (or `raw`) runs the bus alone in that mode, for a profiler.
+    // `BENCH_INMEMORY_ONLY=envelope` (or `raw`, `bare`) runs the bus alone in that mode, for
+    // a profiler.
     if let Ok(only) = std::env::var("BENCH_INMEMORY_ONLY") {
-        let rate = bus(scale.inmemory, Tracing::Off, only == "raw").await?;
+        let wire = match only.as_str() {
+            "envelope" => BusWire::Envelope,
+            "raw" => BusWire::RawJson,
+            "bare" => BusWire::Bare,
+            other => return Err(format!("BENCH_INMEMORY_ONLY={other}: envelope, raw or bare").into()),
+        };
+        let rate = bus(scale.inmemory, Tracing::Off, wire).await?;
         figure(&format!("inmemory.bus.{only}_only"), rate, "msg/s");
         return Ok(());
     }
     // A run's rate swings by a third from one run to the next on this shared 2-core machine
     // (where the tasks land on the two threads), so the sides alternate and each keeps its
     // best round.
-    let (mut bare, mut enveloped, mut measured, mut raw_json) = (0f64, 0f64, 0f64, 0f64);
+    let (mut bare, mut enveloped, mut measured, mut raw_json, mut floor) = (0f64, 0f64, 0f64, 0f64, 0f64);
     for _ in 0..ROUNDS {
         bare = bare.max(baseline(scale.inmemory, Wire::BareJson).await);
         enveloped = enveloped.max(baseline(scale.inmemory, Wire::Envelope).await);
-        measured = measured.max(bus(scale.inmemory, Tracing::Off, false).await?);
-        raw_json = raw_json.max(bus(scale.inmemory, Tracing::Off, true).await?);
+        measured = measured.max(bus(scale.inmemory, Tracing::Off, BusWire::Envelope).await?);
+        raw_json = raw_json.max(bus(scale.inmemory, Tracing::Off, BusWire::RawJson).await?);
+        floor = floor.max(bus(scale.inmemory, Tracing::Off, BusWire::Bare).await?);
     }
     figure("inmemory.baseline.mpsc_serde_json", bare, "msg/s");
     figure("inmemory.baseline.mpsc_masstransit_envelope", enveloped, "msg/s");
     figure("inmemory.bus.publish_consume", measured, "msg/s");
     figure("inmemory.bus.publish_consume_raw_json", raw_json, "msg/s");
+    figure("inmemory.bus.publish_consume_bare_json", floor, "msg/s");
     compare(
         "inmemory publish->consume (MassTransit envelope) vs mpsc + the same envelope",
         measured,
@@ -248,6 +298,13 @@ pub(crate) async fn run(scale: Scale) -> Result<(), BoxError> {
         Some(0.6),
     );
     compare("inmemory publish->consume (raw JSON) vs mpsc + serde_json", raw_json, bare, "msg/s", Some(0.5));
+    compare(
+        "inmemory, the bus's floor: its machinery with serde_json alone on the wire, vs mpsc + serde_json",
+        floor,
+        bare,
+        "msg/s",
+        None,
+    );
     compare("inmemory publish->consume (MassTransit envelope) vs mpsc + serde_json", measured, bare, "msg/s", None);
     Ok(())
 }

@@ -39,7 +39,7 @@ fn provider(sampler: Sampler, exporter: &NullExporter) -> SdkTracerProvider {
 
 fn in_memory(count: u64, tracing: Tracing<'_>) -> Result<f64, BoxError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(crate::inmemory::bus(count, tracing, false))
+    runtime.block_on(crate::inmemory::bus(count, tracing, crate::inmemory::BusWire::Envelope))
 }
 
 /// Rounds of each side, alternating; each keeps its best: on this shared two-core machine
