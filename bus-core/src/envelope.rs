@@ -70,7 +70,7 @@ impl Envelope {
     /// An envelope around a raw JSON message, with a new message id and the current time.
     pub fn new(message_type: Vec<String>, message: Box<RawValue>) -> Self {
         Envelope {
-            message_id: Some(Uuid::now_v7()),
+            message_id: Some(crate::id::new_id()),
             request_id: None,
             correlation_id: None,
             conversation_id: None,

@@ -54,6 +54,7 @@ pub mod flow;
 mod headers;
 mod health;
 mod host;
+mod id;
 mod instrumentation;
 pub mod logged;
 pub mod message;

@@ -127,7 +127,7 @@ impl<M: Message> RequestClient<M> {
     async fn send_and_wait(&self, message: M, mut options: SendOptions, accept: &[&str]) -> Result<Envelope> {
         let inner = &self.bus.inner;
         inner.ensure_answerable()?;
-        let request_id = Uuid::now_v7();
+        let request_id = crate::id::new_id();
         options.request_id = Some(request_id);
         options.response_address = Some(inner.address.clone());
         options.time_to_live = options.time_to_live.or(Some(self.timeout));

@@ -176,13 +176,13 @@ impl BusInner {
         match parent {
             Some(parent) => {
                 let consumed = parent.envelope;
-                envelope.conversation_id = consumed.conversation_id.or_else(|| Some(Uuid::now_v7()));
+                envelope.conversation_id = consumed.conversation_id.or_else(|| Some(crate::id::new_id()));
                 envelope.initiator_id = consumed.correlation_id.or(consumed.request_id);
                 envelope.source_address = Some(parent.source_address.to_owned());
                 copy_flow_headers(&consumed.headers, &mut envelope.headers);
             }
             None => {
-                envelope.conversation_id = Some(Uuid::now_v7());
+                envelope.conversation_id = Some(crate::id::new_id());
                 envelope.source_address = Some(self.address.clone());
             }
         }

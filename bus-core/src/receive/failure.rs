@@ -205,7 +205,7 @@ impl BusInner {
         source_address: &str,
     ) -> Result<()> {
         let fault = Fault {
-            fault_id: uuid::Uuid::now_v7(),
+            fault_id: crate::id::new_id(),
             faulted_message_id: failed.message_id,
             timestamp: chrono::Utc::now(),
             exceptions: vec![ExceptionInfo {
