@@ -60,36 +60,41 @@ impl EndpointRuntime {
         }
     }
 
-    /// Runs every consumer of the message, one after another; releases what they produced
-    /// once all of them succeeded.
-    pub(super) async fn dispatch(
+    /// What every consumer of this delivery shares: the envelope read, and where it came
+    /// from. Made as soon as the envelope is read: the envelope then travels to the
+    /// consumers behind one pointer, not moved from future to future.
+    pub(super) fn receive_state(
         &self,
         bus: &Bus,
         delivery: &Delivery,
         envelope: Envelope,
         cancel: Arc<CancellationToken>,
-        receive: Option<&MessageSpan>,
-    ) -> Outcome {
-        let instruments = &bus.inner.instruments;
-        let matched = self.matching_consumers(&envelope);
-        if matched.is_empty() {
-            tracing::debug!(endpoint = %self.info.name, types = ?envelope.message_type, "no consumer for message; moved to skipped");
-            return Outcome::Skipped;
-        }
+    ) -> Arc<ReceiveState> {
         let redelivery_count = delivery
             .message()
             .headers
             .get_i64(names::REDELIVERY_COUNT)
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(0);
-        let state = Arc::new(ReceiveState {
+        Arc::new(ReceiveState {
             envelope,
             endpoint: self.info.clone(),
             bus: bus.clone(),
             redelivery_count,
             redelivered: delivery.redelivered(),
             cancel,
-        });
+        })
+    }
+
+    /// Runs every consumer of the message, one after another; releases what they produced
+    /// once all of them succeeded.
+    pub(super) async fn dispatch(&self, bus: &Bus, state: Arc<ReceiveState>, receive: Option<&MessageSpan>) -> Outcome {
+        let instruments = &bus.inner.instruments;
+        let matched = self.matching_consumers(&state.envelope);
+        if matched.is_empty() {
+            tracing::debug!(endpoint = %self.info.name, types = ?state.envelope.message_type, "no consumer for message; moved to skipped");
+            return Outcome::Skipped;
+        }
         // The outbox of each consumer that succeeded, released once all of them have.
         let mut succeeded = Vec::with_capacity(matched.len());
         for index in matched {

@@ -263,7 +263,9 @@ impl EndpointRuntime {
                 Some(partitioner) => {
                     let read = self.read(&bus, &delivery);
                     let key = read.as_ref().ok().and_then(|envelope| partitioner.key(envelope));
-                    (Some(read), key.map(|key| partitioner.ticket(key)))
+                    // Boxed: only partitioned endpoints read here, and every delivery's future
+                    // would otherwise carry (and copy) room for an envelope.
+                    (Some(Box::new(read)), key.map(|key| partitioner.ticket(key)))
                 }
                 None => (None, None),
             };
@@ -375,7 +377,7 @@ impl EndpointRuntime {
         &self,
         bus: &Bus,
         delivery: Box<Delivery>,
-        read: Option<Result<Envelope, Error>>,
+        read: Option<Box<Result<Envelope, Error>>>,
         epoch: u64,
         cancel: Arc<CancellationToken>,
         stopping: &CancellationToken,
@@ -403,20 +405,21 @@ impl EndpointRuntime {
         &self,
         bus: &Bus,
         delivery: &Delivery,
-        read: Option<Result<Envelope, Error>>,
+        read: Option<Box<Result<Envelope, Error>>>,
         epoch: u64,
         cancel: Arc<CancellationToken>,
     ) -> Settlement {
         let instruments = &bus.inner.instruments;
-        let envelope = match read.unwrap_or_else(|| self.read(bus, delivery)) {
+        let envelope = match read.map_or_else(|| self.read(bus, delivery), |read| *read) {
             Ok(envelope) => envelope,
             Err(error) => return self.settlement_for(bus, delivery, dispatch::Outcome::Unreadable(error), epoch).await,
         };
+        let state = self.receive_state(bus, delivery, envelope, cancel);
         let link = self.settings.trace_propagation == TracePropagation::Link;
-        let span = instruments.received(&self.instruments, &envelope, link, || self.known_type(&envelope));
+        let span = instruments.received(&self.instruments, &state.envelope, link, || self.known_type(&state.envelope));
         let context = span.as_ref().map_or_else(opentelemetry::Context::current, |s| s.context().clone());
         let settlement = async {
-            let outcome = self.dispatch(bus, delivery, envelope, cancel, span.as_ref()).await;
+            let outcome = self.dispatch(bus, state, span.as_ref()).await;
             self.settlement_for(bus, delivery, outcome, epoch).await
         }
         .with_context(context)
