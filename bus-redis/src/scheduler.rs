@@ -43,7 +43,8 @@ impl Default for RedisSchedulerOptions {
 
 /// Moves up to ARGV[2] messages due by ARGV[1] (ms) from the due set to the claims, with a
 /// lease until ARGV[3]; first gives back claims whose lease ran out. Returns their tokens,
-/// earliest first (ties in the order scheduled: the tokens are time-ordered).
+/// earliest first (ties in the order scheduled: the bus's tokens are ordered as they were
+/// made, within a millisecond too).
 const CLAIM: &str = r"
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 for _, token in ipairs(expired) do

@@ -185,3 +185,32 @@ async fn a_message_scheduled_again_while_its_token_fires_is_kept() {
     assert_eq!(delivered.iter().map(|d| d.n).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(scheduler.waiting().await.expect("count"), 0);
 }
+
+/// Messages due at the same time wait in the order they were scheduled: Redis orders ties in
+/// its due set by token, so the tokens of one millisecond must be ordered too.
+#[tokio::test]
+async fn messages_due_at_the_same_time_wait_in_the_order_scheduled() {
+    let prefix = unique("sched");
+    let service = Bus::builder(InMemoryTransport::new()).scheduler(scheduler(&prefix).await).build();
+    service.start().await.expect("start");
+    // Far enough ahead that none fires during the test.
+    let due = DueTime::from(Duration::from_secs(3600));
+    let mut scheduled = Vec::new();
+    for n in 0..200 {
+        scheduled.push(service.schedule_send(due, "queue:due", Due { n }).await.expect("scheduled").to_string());
+    }
+    service.stop().await.expect("stop");
+    let client = redis::Client::open(REDIS).expect("redis url");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("connects to Redis");
+    let waiting: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{prefix}:due"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut connection)
+        .await
+        .expect("zrange");
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.expect("keys");
+    let _: () = redis::cmd("DEL").arg(keys).query_async(&mut connection).await.expect("del");
+    assert_eq!(waiting, scheduled, "in the order scheduled");
+}

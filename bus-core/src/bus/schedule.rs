@@ -13,7 +13,7 @@ impl Bus {
     /// the bus's [`MessageScheduler`]; returns the token that cancels it. The message is
     /// prepared now (its ids and headers are fixed now), and delivered once.
     pub async fn schedule_send<M: Message>(&self, due: impl Into<DueTime>, address: &str, message: M) -> Result<Uuid> {
-        let token = crate::id::new_id();
+        let token = crate::id::new_token();
         self.schedule_send_with(token, due, address, message, SendOptions::default()).await?;
         Ok(token)
     }
@@ -37,7 +37,7 @@ impl Bus {
 
     /// Publishes `message` when `due` comes; returns the token that cancels it.
     pub async fn schedule_publish<M: Message>(&self, due: impl Into<DueTime>, message: M) -> Result<Uuid> {
-        let token = crate::id::new_id();
+        let token = crate::id::new_token();
         self.schedule_publish_with(token, due, message, SendOptions::default()).await?;
         Ok(token)
     }
@@ -107,7 +107,7 @@ impl ReceiveContext {
     /// Sends `message` to `address` when `due` comes, as part of this flow (ids carried on);
     /// returns the token that cancels it. Scheduled at once, not held by the outbox.
     pub async fn schedule_send<M: Message>(&self, due: impl Into<DueTime>, address: &str, message: M) -> Result<Uuid> {
-        let token = crate::id::new_id();
+        let token = crate::id::new_token();
         self.schedule_send_with(token, due, address, message, SendOptions::default()).await?;
         Ok(token)
     }
@@ -127,7 +127,7 @@ impl ReceiveContext {
 
     /// Publishes `message` when `due` comes, as part of this flow.
     pub async fn schedule_publish<M: Message>(&self, due: impl Into<DueTime>, message: M) -> Result<Uuid> {
-        let token = crate::id::new_id();
+        let token = crate::id::new_token();
         self.schedule_publish_with(token, due, message, SendOptions::default()).await?;
         Ok(token)
     }
