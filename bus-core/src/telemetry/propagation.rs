@@ -506,6 +506,20 @@ mod tests {
         ours.insert("Traceparent-Other", odd[0]);
         let theirs = HashMap::from([(TRACESTATE.to_owned(), "vendor=x1".to_owned())]);
         assert_eq!(extract(&ours).span().span_context(), sdk.extract(&theirs).span().span_context());
+        // A `traceparent` that is not text is no `traceparent`: MassTransit's is read instead.
+        let mut ours = Headers::new();
+        ours.insert(TRACEPARENT, 1);
+        assert!(!extract(&ours).span().span_context().is_valid());
+        ours.insert(ACTIVITY_ID, odd[0]);
+        let theirs = HashMap::from([(TRACEPARENT.to_owned(), odd[0].to_owned())]);
+        assert_eq!(extract(&ours).span().span_context(), sdk.extract(&theirs).span().span_context());
+        // Under another case only, a value the fast path does not read goes to the SDK's.
+        for value in [odd[1], odd[0]] {
+            let mut ours = Headers::new();
+            ours.insert("TraceParent", value);
+            let theirs = HashMap::from([(TRACEPARENT.to_owned(), value.to_owned())]);
+            assert_eq!(extract(&ours).span().span_context(), sdk.extract(&theirs).span().span_context(), "{value}");
+        }
     }
 
     #[test]
