@@ -132,24 +132,7 @@ impl Serializer for BareSerializer {
     fn deserialize(&self, message: &TransportMessage) -> bus_core::Result<Envelope> {
         let json = serde_json::from_slice(&message.body)
             .map_err(|error| bus_core::Error::deserialize("not JSON", Some(Box::new(error) as BoxError)))?;
-        Ok(Envelope {
-            message_id: None,
-            request_id: None,
-            correlation_id: None,
-            conversation_id: None,
-            initiator_id: None,
-            source_address: None,
-            destination_address: None,
-            response_address: None,
-            fault_address: None,
-            message_type: vec![OrderPlaced::message_type().into()],
-            message: json,
-            binary: None,
-            expiration_time: None,
-            sent_time: None,
-            headers: bus_core::Headers::new(),
-            host: None,
-        })
+        Ok(Envelope::bare(vec![OrderPlaced::message_type().into()], json))
     }
 }
 

@@ -71,6 +71,26 @@ impl Envelope {
     pub fn new(message_type: Vec<String>, message: Box<RawValue>) -> Self {
         Envelope {
             message_id: Some(crate::id::new_id()),
+            sent_time: Some(Utc::now()),
+            ..Envelope::bare(message_type, message)
+        }
+    }
+
+    /// An envelope with only its message types and message: no ids, addresses, times,
+    /// headers or host. Where a serializer of a format that carries none of them starts;
+    /// [`new`](Self::new) adds a new message id and the current time.
+    ///
+    /// ```
+    /// use bus_core::Envelope;
+    /// let message = serde_json::value::to_raw_value(&serde_json::json!({ "orderId": 7 }))?;
+    /// let envelope = Envelope::bare(vec!["urn:message:Shop:OrderPlaced".into()], message);
+    /// assert!(envelope.message_id.is_none() && envelope.sent_time.is_none());
+    /// assert_eq!(envelope.message.get(), r#"{"orderId":7}"#);
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
+    pub fn bare(message_type: Vec<String>, message: Box<RawValue>) -> Self {
+        Envelope {
+            message_id: None,
             request_id: None,
             correlation_id: None,
             conversation_id: None,
@@ -83,7 +103,7 @@ impl Envelope {
             message,
             binary: None,
             expiration_time: None,
-            sent_time: Some(Utc::now()),
+            sent_time: None,
             headers: Headers::new(),
             host: None,
         }
@@ -622,24 +642,7 @@ impl<'de> Deserialize<'de> for Envelope {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
                 let mut message_type: Option<Vec<String>> = None;
                 let mut message: Option<Box<RawValue>> = None;
-                let mut env = Envelope {
-                    message_id: None,
-                    request_id: None,
-                    correlation_id: None,
-                    conversation_id: None,
-                    initiator_id: None,
-                    source_address: None,
-                    destination_address: None,
-                    response_address: None,
-                    fault_address: None,
-                    message_type: Vec::new(),
-                    message: RawValue::NULL.to_owned(),
-                    binary: None,
-                    expiration_time: None,
-                    sent_time: None,
-                    headers: Headers::new(),
-                    host: None,
-                };
+                let mut env = Envelope::bare(Vec::new(), RawValue::NULL.to_owned());
                 while let Some(field) = map.next_key::<Field>()? {
                     match field {
                         Field::MessageId => env.message_id = map.next_value::<OptUuid>()?.0,
