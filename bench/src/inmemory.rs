@@ -4,6 +4,8 @@
 //! envelope, in raw JSON mode, and with the message's JSON alone on the wire (the bus's
 //! floor: what its machinery costs beyond serde_json).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bus_core::serializer::{MassTransitJsonSerializer, RawJsonSerializer, Serializer, Serializers};
@@ -12,7 +14,7 @@ use bus_inmemory::{InMemoryOptions, InMemoryTransport};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
 
-use crate::counting::counting;
+use crate::counting::{counting, counting_with};
 use crate::rabbitmq::{shipment_of, Shipment};
 use crate::report::{compare, figure};
 use crate::serializers::Order;
@@ -147,21 +149,42 @@ pub(crate) enum Tracing<'a> {
     /// provider (send, and receive and process under it), with no attributes and no
     /// headers: what the SDK alone costs, the floor of any tracing built on it.
     BareSpans(&'a SdkTracerProvider),
+    /// The bus is untraced and carries three bare spans' trace context, as it carries any
+    /// current context: a bare send span is current while each publish runs, so the bus
+    /// writes its trace headers (`traceparent` and `MT-Activity-Id`); the consumer makes
+    /// bare receive and process spans under the context the bus read back from them. The
+    /// SDK's spans with the bus's propagation and nothing more (no attributes, no ids):
+    /// the floor of any tracing on the SDK that carries MassTransit's trace headers.
+    PropagatedSpans(&'a SdkTracerProvider),
+}
+
+/// A span of `tracer` with no attributes, in a context under `parent`.
+fn bare_span(
+    tracer: &opentelemetry_sdk::trace::SdkTracer,
+    name: &'static str,
+    kind: opentelemetry::trace::SpanKind,
+    parent: &opentelemetry::Context,
+) -> opentelemetry::Context {
+    use opentelemetry::trace::{SpanBuilder, TraceContextExt, Tracer};
+    parent.with_span(tracer.build_with_context(SpanBuilder::from_name(name).with_kind(kind), parent))
 }
 
 /// Three bare spans, as a traced message has: send, receive under it, process under that.
 fn bare_spans(tracer: &opentelemetry_sdk::trace::SdkTracer) {
-    use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt, Tracer};
+    use opentelemetry::trace::{SpanKind, TraceContextExt};
     use opentelemetry::Context;
-    let span = |name: &'static str, kind: SpanKind, parent: &Context| {
-        parent.with_span(tracer.build_with_context(SpanBuilder::from_name(name).with_kind(kind), parent))
-    };
-    let send = span("Bench:OrderPlaced send", SpanKind::Producer, &Context::new());
-    let receive = span("bench-orders receive", SpanKind::Consumer, &send);
-    let process = span("bench-orders process", SpanKind::Consumer, &receive);
-    for cx in [process, receive, send] {
-        cx.span().end();
-    }
+    let send = bare_span(tracer, "Bench:OrderPlaced send", SpanKind::Producer, &Context::new());
+    let receive = bare_span(tracer, "bench-orders receive", SpanKind::Consumer, &send);
+    bare_consume(tracer, &receive);
+    send.span().end();
+}
+
+/// A bare process span under `receive`, then both ended.
+fn bare_consume(tracer: &opentelemetry_sdk::trace::SdkTracer, receive: &opentelemetry::Context) {
+    use opentelemetry::trace::{SpanKind, TraceContextExt};
+    let process = bare_span(tracer, "bench-orders process", SpanKind::Consumer, receive);
+    process.span().end();
+    receive.span().end();
 }
 
 /// The bus's figure: `count` orders published by two producers and consumed.
@@ -175,19 +198,39 @@ pub(crate) async fn bus(count: u64, tracing: Tracing<'_>, wire: BusWire) -> Resu
         BusWire::RawJson => builder = builder.serializers(Serializers::default().with_default(RawJsonSerializer)),
         BusWire::Bare => builder = builder.serializers(Serializers::default().with_default(BareSerializer)),
     }
-    let bare = match tracing {
-        Tracing::Off => None,
+    let (bare, propagated) = match tracing {
+        Tracing::Off => (None, None),
         Tracing::Bus(provider) => {
             builder = builder.tracer_provider(provider);
-            None
+            (None, None)
         }
         Tracing::BareSpans(provider) => {
             use opentelemetry::trace::TracerProvider as _;
-            Some(provider.tracer("bench-floor"))
+            (Some(provider.tracer("bench-floor")), None)
+        }
+        Tracing::PropagatedSpans(provider) => {
+            use opentelemetry::trace::TracerProvider as _;
+            (None, Some(provider.tracer("bench-floor")))
+        }
+    };
+    // Messages that reached the consumer without a trace context: with `PropagatedSpans`,
+    // the run is refused unless there are none.
+    let untraced = Arc::new(AtomicU64::new(0));
+    let each = {
+        let (tracer, untraced) = (propagated.clone(), untraced.clone());
+        move || {
+            use opentelemetry::trace::{SpanKind, TraceContextExt};
+            let Some(tracer) = &tracer else { return };
+            let producer = opentelemetry::Context::current();
+            if !producer.span().span_context().is_valid() {
+                untraced.fetch_add(1, Ordering::Relaxed);
+            }
+            let receive = bare_span(tracer, "bench-orders receive", SpanKind::Consumer, &producer);
+            bare_consume(tracer, &receive);
         }
     };
     let (endpoint, done) =
-        counting::<OrderPlaced>(Endpoint::new("bench-orders").prefetch(1000).concurrency_limit(64), total);
+        counting_with::<OrderPlaced>(Endpoint::new("bench-orders").prefetch(1000).concurrency_limit(64), total, each);
     let bus = builder.endpoint(endpoint).build();
     bus.start().await?;
     let started = Instant::now();
@@ -195,8 +238,10 @@ pub(crate) async fn bus(count: u64, tracing: Tracing<'_>, wire: BusWire) -> Resu
     let mut producers = Vec::new();
     for _ in 0..PRODUCERS {
         let bus = bus.clone();
-        let bare = bare.clone();
+        let (bare, propagated) = (bare.clone(), propagated.clone());
         producers.push(tokio::spawn(async move {
+            use opentelemetry::context::FutureExt as _;
+            use opentelemetry::trace::{SpanKind, TraceContextExt};
             let order = Order::sample();
             for _ in 0..count / PRODUCERS {
                 if let Some(tracer) = &bare {
@@ -208,7 +253,15 @@ pub(crate) async fn bus(count: u64, tracing: Tracing<'_>, wire: BusWire) -> Resu
                     amount_cents: order.amount_cents,
                     note: order.note.clone(),
                 };
-                bus.publish(message).await?;
+                match &propagated {
+                    None => bus.publish(message).await?,
+                    Some(tracer) => {
+                        let root = opentelemetry::Context::new();
+                        let send = bare_span(tracer, "Bench:OrderPlaced send", SpanKind::Producer, &root);
+                        bus.publish(message).with_context(send.clone()).await?;
+                        send.span().end();
+                    }
+                }
             }
             Ok::<_, bus_core::Error>(())
         }));
@@ -219,6 +272,10 @@ pub(crate) async fn bus(count: u64, tracing: Tracing<'_>, wire: BusWire) -> Resu
     tokio::time::timeout(Duration::from_secs(300), finished).await?;
     let rate = total as f64 / started.elapsed().as_secs_f64();
     bus.stop().await?;
+    let untraced = untraced.load(Ordering::Relaxed);
+    if untraced > 0 {
+        return Err(format!("{untraced} of {total} messages reached the consumer without their trace context").into());
+    }
     Ok(rate)
 }
 

@@ -7,6 +7,10 @@
 //! - the SDK's floor for both samplers: the untraced bus with three bare spans per message
 //!   (no attributes, no headers) made beside it, what any tracing built on the SDK costs at
 //!   least;
+//! - the same floor with propagation: the bare spans' trace context carried by the untraced
+//!   bus in its trace headers (`traceparent` and `MT-Activity-Id`), the consumer's spans made
+//!   under the context read back: what any tracing on the SDK that carries MassTransit's
+//!   trace headers costs at least;
 //! - RabbitMQ end to end, every message sampled.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,24 +56,35 @@ struct Side {
     /// `None` for the untraced side.
     provider: Option<SdkTracerProvider>,
     exporter: NullExporter,
-    /// Whether the provider's spans are made bare beside an untraced bus (the SDK's floor)
-    /// rather than by the bus.
-    bare: bool,
+    /// How the provider's spans are made: by the bus, or bare beside an untraced bus.
+    floor: Floor,
     rate: f64,
 }
 
+/// Who makes a side's spans.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Floor {
+    /// The bus.
+    No,
+    /// Bare spans beside the untraced bus ([`Tracing::BareSpans`]).
+    Spans,
+    /// Bare spans whose context the untraced bus carries ([`Tracing::PropagatedSpans`]).
+    Propagated,
+}
+
 impl Side {
-    fn new(name: &'static str, sampler: Option<Sampler>, bare: bool) -> Self {
+    fn new(name: &'static str, sampler: Option<Sampler>, floor: Floor) -> Self {
         let exporter = NullExporter::default();
         let provider = sampler.map(|sampler| provider(sampler, &exporter));
-        Side { name, provider, exporter, bare, rate: 0.0 }
+        Side { name, provider, exporter, floor, rate: 0.0 }
     }
 
     fn run(&mut self, count: u64) -> Result<(), BoxError> {
-        let tracing = match (&self.provider, self.bare) {
+        let tracing = match (&self.provider, self.floor) {
             (None, _) => Tracing::Off,
-            (Some(provider), false) => Tracing::Bus(provider),
-            (Some(provider), true) => Tracing::BareSpans(provider),
+            (Some(provider), Floor::No) => Tracing::Bus(provider),
+            (Some(provider), Floor::Spans) => Tracing::BareSpans(provider),
+            (Some(provider), Floor::Propagated) => Tracing::PropagatedSpans(provider),
         };
         self.rate = self.rate.max(in_memory(count, tracing)?);
         Ok(())
@@ -102,11 +117,13 @@ pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(),
     // (`dropped` is a parent-based 0% ratio: every message sampled out); `rabbitmq-off` or
     // `rabbitmq-all`, one side only on RabbitMQ.
     let mut sides = [
-        Side::new("off", None, false),
-        Side::new("all", Some(Sampler::AlwaysOn), false),
-        Side::new("ratio", Some(tenth()), false),
-        Side::new("sdk-all", Some(Sampler::AlwaysOn), true),
-        Side::new("sdk-ratio", Some(tenth()), true),
+        Side::new("off", None, Floor::No),
+        Side::new("all", Some(Sampler::AlwaysOn), Floor::No),
+        Side::new("ratio", Some(tenth()), Floor::No),
+        Side::new("sdk-all", Some(Sampler::AlwaysOn), Floor::Spans),
+        Side::new("sdk-ratio", Some(tenth()), Floor::Spans),
+        Side::new("propagated-all", Some(Sampler::AlwaysOn), Floor::Propagated),
+        Side::new("propagated-ratio", Some(tenth()), Floor::Propagated),
     ];
     let count = scale.inmemory / 8;
     let only = std::env::var("BENCH_TRACING").ok();
@@ -117,11 +134,11 @@ pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(),
         let mut side = match sides.into_iter().find(|side| side.name == only) {
             Some(side) => side,
             None if only == "dropped" => {
-                Side::new("dropped", Some(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.0)))), false)
+                Side::new("dropped", Some(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.0)))), Floor::No)
             }
             None => {
                 return Err(format!(
-                    "BENCH_TRACING={only}: off, all, ratio, sdk-all, sdk-ratio, dropped, rabbitmq-off or rabbitmq-all"
+                    "BENCH_TRACING={only}: off, all, ratio, sdk-all, sdk-ratio, propagated-all, propagated-ratio, dropped, rabbitmq-off or rabbitmq-all"
                 )
                 .into())
             }
@@ -149,7 +166,8 @@ pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(),
     for side in &sides {
         figure(&format!("tracing.inmemory.{}.publish_consume", side.name.replace('-', "_")), side.rate, "msg/s");
     }
-    let [off, all, ratio, sdk_all, sdk_ratio] = sides.each_ref().map(|side| side.rate);
+    let [off, all, ratio, sdk_all, sdk_ratio, propagated_all, propagated_ratio] =
+        sides.each_ref().map(|side| side.rate);
     compare("in memory, every message traced vs untraced (one thread each)", all, off, "msg/s", Some(0.75));
     compare("in memory, 10% of messages traced (parent-based ratio) vs untraced", ratio, off, "msg/s", Some(0.9));
     compare(
@@ -162,6 +180,20 @@ pub(crate) fn run(scale: Scale, runtime: &tokio::runtime::Runtime) -> Result<(),
     compare(
         "in memory, the SDK's floor: three bare spans per message, 10% ratio, vs untraced",
         sdk_ratio,
+        off,
+        "msg/s",
+        None,
+    );
+    compare(
+        "in memory, the floor with propagation: three bare spans, their context in the bus's trace headers, all sampled, vs untraced",
+        propagated_all,
+        off,
+        "msg/s",
+        None,
+    );
+    compare(
+        "in memory, the floor with propagation: three bare spans, their context in the bus's trace headers, 10% ratio, vs untraced",
+        propagated_ratio,
         off,
         "msg/s",
         None,
