@@ -11,18 +11,33 @@ use uuid::Uuid;
 use crate::bus::Parent;
 use crate::endpoint::EndpointInfo;
 use crate::outbox::Outbox;
+use crate::receive::EndpointRun;
 use crate::{Bus, Envelope, Headers, Message, Result, SendOptions};
 
 /// One delivery being consumed, shared by every consumer of it.
 #[derive(Debug)]
 pub(crate) struct ReceiveState {
     pub(crate) envelope: Envelope,
-    pub(crate) endpoint: Arc<EndpointInfo>,
-    pub(crate) bus: Bus,
+    /// The endpoint's run: the endpoint, the bus and the cancellation token, shared by every
+    /// delivery of the run behind one pointer.
+    pub(crate) run: Arc<EndpointRun>,
     pub(crate) redelivery_count: u32,
     pub(crate) redelivered: bool,
-    /// Shared by every delivery of the endpoint (cloning or dropping a token takes its lock).
-    pub(crate) cancel: Arc<CancellationToken>,
+}
+
+impl ReceiveState {
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.run.bus
+    }
+
+    pub(crate) fn endpoint(&self) -> &EndpointInfo {
+        self.run.endpoint.info()
+    }
+
+    /// Fires when the bus cancels its consumers.
+    pub(crate) fn cancel(&self) -> &CancellationToken {
+        &self.run.cancel
+    }
 }
 
 /// One attempt of one consumer at one delivery: the context middleware works with.
@@ -68,8 +83,8 @@ impl ReceiveContext {
     /// Tells the instrumentation that a retry of a failed attempt is coming.
     pub(crate) fn record_retry(&self, retry: u32, delay: std::time::Duration, error: &crate::ConsumeError) {
         let state = &self.state;
-        state.bus.inner.instruments.retrying(
-            &state.endpoint.name,
+        state.bus().inner.instruments.retrying(
+            &state.endpoint().name,
             self.consumer_type,
             &state.envelope,
             retry,
@@ -177,12 +192,12 @@ impl ReceiveContext {
 
     /// The name of the endpoint consuming the message.
     pub fn endpoint_name(&self) -> &str {
-        &self.state.endpoint.name
+        &self.state.endpoint().name
     }
 
     /// The address of the endpoint consuming the message.
     pub fn endpoint_address(&self) -> &str {
-        &self.state.endpoint.address
+        &self.state.endpoint().address
     }
 
     /// The consumer's type name.
@@ -209,12 +224,12 @@ impl ReceiveContext {
 
     /// Fires when the bus stops and in-flight work should end.
     pub fn cancellation_token(&self) -> &CancellationToken {
-        &self.state.cancel
+        self.state.cancel()
     }
 
     /// The bus this message arrived on.
     pub fn bus(&self) -> &Bus {
-        &self.state.bus
+        self.state.bus()
     }
 
     /// This context with the outbox out of the way: what it publishes, sends or responds
@@ -227,7 +242,7 @@ impl ReceiveContext {
     }
 
     pub(crate) fn parent(&self) -> Parent<'_> {
-        Parent { envelope: &self.state.envelope, source_address: &self.state.endpoint.address, outbox: &self.outbox }
+        Parent { envelope: &self.state.envelope, source_address: &self.state.endpoint().address, outbox: &self.outbox }
     }
 
     /// Publishes a message as part of this flow (ids carried on; held in the outbox until
@@ -238,7 +253,7 @@ impl ReceiveContext {
 
     /// Publishes with options.
     pub async fn publish_with<T: Message>(&self, message: T, options: SendOptions) -> Result<()> {
-        self.state.bus.publish_from(message, options, Some(self.parent())).await
+        self.state.bus().publish_from(message, options, Some(self.parent())).await
     }
 
     /// Sends a message to an address as part of this flow.
@@ -248,7 +263,7 @@ impl ReceiveContext {
 
     /// Sends with options.
     pub async fn send_with<T: Message>(&self, address: &str, message: T, options: SendOptions) -> Result<()> {
-        self.state.bus.send_from(address, message, options, Some(self.parent())).await
+        self.state.bus().send_from(address, message, options, Some(self.parent())).await
     }
 
     /// Responds to the message: sent to its `responseAddress` with its `requestId`, or

@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-
-use super::EndpointRuntime;
+use super::{EndpointRun, EndpointRuntime};
 use crate::context::ReceiveState;
 use crate::headers::names;
 use crate::middleware::Pipeline;
@@ -65,10 +63,9 @@ impl EndpointRuntime {
     /// consumers behind one pointer, not moved from future to future.
     pub(super) fn receive_state(
         &self,
-        bus: &Bus,
+        run: &Arc<EndpointRun>,
         delivery: &Delivery,
         envelope: Envelope,
-        cancel: Arc<CancellationToken>,
     ) -> Arc<ReceiveState> {
         let redelivery_count = delivery
             .message()
@@ -76,14 +73,7 @@ impl EndpointRuntime {
             .get_i64(names::REDELIVERY_COUNT)
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(0);
-        Arc::new(ReceiveState {
-            envelope,
-            endpoint: self.info.clone(),
-            bus: bus.clone(),
-            redelivery_count,
-            redelivered: delivery.redelivered(),
-            cancel,
-        })
+        Arc::new(ReceiveState { envelope, run: run.clone(), redelivery_count, redelivered: delivery.redelivered() })
     }
 
     /// Runs every consumer of the message, one after another; releases what they produced

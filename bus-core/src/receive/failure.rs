@@ -51,7 +51,7 @@ impl EndpointRuntime {
         let Failure { state, consumer, error } = failure;
         let entry = &self.consumers[consumer];
         let instruments = &bus.inner.instruments;
-        if state.cancel.is_cancelled() {
+        if state.cancel().is_cancelled() {
             // The bus is stopping: the attempt was cut short, not failed; deliver it again later.
             return Settlement::Requeue;
         }

@@ -4,6 +4,7 @@
 
 mod dispatch;
 mod failure;
+mod run;
 
 use crate::logged::chain;
 use std::panic::AssertUnwindSafe;
@@ -29,6 +30,8 @@ use crate::telemetry::metrics::ConsumerAttributes;
 use crate::{Bus, Delivery, EndpointTopology, Error, Settlement, TracePropagation};
 use crate::{EndpointHealth, Envelope, HealthStatus, Subscription};
 use dispatch::ConsumerEntry;
+use run::Delivering;
+pub(crate) use run::EndpointRun;
 
 /// A configured endpoint, ready to consume.
 #[derive(Debug)]
@@ -185,6 +188,11 @@ impl EndpointRuntime {
         }
     }
 
+    /// Its name and address.
+    pub(crate) fn info(&self) -> &EndpointInfo {
+        &self.info
+    }
+
     /// Takes deliveries until `stop_taking` fires; each runs on its own task, at most
     /// `concurrency` at once (and within the bus-wide limit), tracked by `tracker` so that
     /// stop can wait for them. The rate limit, partitions and kill switch act here, where
@@ -200,8 +208,8 @@ impl EndpointRuntime {
         let (stream, probe) = subscription.into_parts();
         *self.subscription_health.0.locked() = Some(probe);
         let mut deliveries = Some(stream);
-        let limit = Arc::new(Semaphore::new(self.settings.concurrency().clamp(1, Semaphore::MAX_PERMITS)));
         let bus_limit = bus.inner.concurrency_limit.clone().filter(|_| self.bus_limited);
+        let concurrency = self.settings.concurrency();
         let mut rate = self.settings.rate_limit.map(RateLimiter::new);
         let mut partitioner = Partitioner::new(&self.settings.partitioner);
         let tripped = self.tripped();
@@ -209,15 +217,13 @@ impl EndpointRuntime {
         // Made once: each `cancelled()` future registers with the token anew.
         let stopped = stop_taking.cancelled();
         tokio::pin!(stopped);
-        // Shared by the delivery tasks: cloning or dropping a token takes its lock, an `Arc`
-        // does not.
-        let (cancel, stopping) = (Arc::new(cancel), Arc::new(stop_taking.clone()));
+        let run = Arc::new(EndpointRun::new(self.clone(), bus, concurrency, bus_limit, cancel, stop_taking.clone()));
         loop {
             if self.kill_switch.as_ref().is_some_and(KillSwitchState::is_tripped) {
                 // What the transport holds goes back to the queue with the subscription.
                 drop(deliveries.take());
                 *self.subscription_health.0.locked() = None;
-                match self.restart_after_trip(&bus, &stop_taking).await {
+                match self.restart_after_trip(&run.bus, &stop_taking).await {
                     Some(stream) => deliveries = Some(stream),
                     None => break,
                 }
@@ -225,32 +231,27 @@ impl EndpointRuntime {
             }
             let Some(stream) = deliveries.as_mut() else { break };
             let taken = async {
+                let mut delivering = Delivering::new(run.clone());
                 // Unpartitioned, a place in the endpoint's limit comes before a delivery is
                 // taken, so that the transport keeps what cannot run yet. Partitioned, the
                 // place is taken once the delivery's turn has come, so that the waiting
                 // deliveries of one busy key do not hold the places of the other keys; the
                 // prefetch bounds how many wait.
-                let permit = match partitioner {
-                    Some(_) => None,
-                    // Tried first without waiting: when a place is free, cheaper than building
-                    // and polling an acquire future.
-                    None => Some(match limit.clone().try_acquire_owned() {
-                        Ok(permit) => permit,
-                        Err(_) => limit.clone().acquire_owned().await.ok()?,
-                    }),
-                };
+                if partitioner.is_none() && !delivering.take_endpoint_place().await {
+                    return None;
+                }
                 if let Some(rate) = rate.as_mut() {
                     rate.ready().await;
                 }
-                Some((permit, stream.next().await))
+                Some((delivering, stream.next().await))
             };
-            let (permit, delivery) = tokio::select! {
+            let (mut delivering, delivery) = tokio::select! {
                 biased;
                 () = &mut stopped => break,
                 () = &mut tripped => continue,
                 taken = taken => match taken {
                     // Boxed: it moves through several futures on its way to settlement.
-                    Some((permit, Some(delivery))) => (permit, Box::new(delivery)),
+                    Some((delivering, Some(delivery))) => (delivering, Box::new(delivery)),
                     Some((_, None)) => {
                         tracing::warn!(endpoint = %self.info.name, "delivery stream ended; endpoint no longer consuming");
                         break;
@@ -261,7 +262,7 @@ impl EndpointRuntime {
             // Partitioned: read here, in delivery order, to take the message's place in line.
             let (read, mut ticket) = match partitioner.as_mut() {
                 Some(partitioner) => {
-                    let read = self.read(&bus, &delivery);
+                    let read = self.read(&run.bus, &delivery);
                     let key = read.as_ref().ok().and_then(|envelope| partitioner.key(envelope));
                     // Boxed: only partitioned endpoints read here, and every delivery's future
                     // would otherwise carry (and copy) room for an envelope.
@@ -270,16 +271,14 @@ impl EndpointRuntime {
                 None => (None, None),
             };
             let epoch = self.kill_switch.as_ref().map_or(0, KillSwitchState::epoch);
-            let endpoint = self.clone();
-            let (bus, limit, bus_limit) = (bus.clone(), limit.clone(), bus_limit.clone());
-            let (cancel, stopping) = (cancel.clone(), stopping.clone());
             // Boxed: the consume future is large, and a task moves its future several times
             // (into the task, out when it finishes); a box is moved instead.
             tracker.spawn(Box::pin(async move {
                 let delivery = match ticket.as_mut() {
                     Some(turn) => {
                         turn.wait_turn().await;
-                        match endpoint.still_to_consume(delivery, epoch, &cancel).await {
+                        let run = &delivering.run;
+                        match run.endpoint.still_to_consume(delivery, epoch, &run.cancel).await {
                             Some(delivery) => delivery,
                             None => return drop::<Option<Ticket>>(ticket),
                         }
@@ -287,20 +286,13 @@ impl EndpointRuntime {
                     // Taken just now: checked once, below.
                     None => delivery,
                 };
-                // The semaphores are never closed: acquiring only waits.
-                let permit = match permit {
-                    Some(permit) => Some(permit),
-                    None => limit.acquire_owned().await.ok(),
-                };
-                let bus_permit = match bus_limit {
-                    Some(bus_limit) => bus_limit.acquire_owned().await.ok(),
-                    None => None,
-                };
-                if let Some(delivery) = endpoint.still_to_consume(delivery, epoch, &cancel).await {
-                    endpoint.handle(&bus, delivery, read, epoch, cancel, &stopping).await;
+                delivering.take_places().await;
+                let run = &delivering.run;
+                if let Some(delivery) = run.endpoint.still_to_consume(delivery, epoch, &run.cancel).await {
+                    run.endpoint.handle(run, delivery, read, epoch).await;
                 }
                 drop::<Option<Ticket>>(ticket);
-                drop((permit, bus_permit));
+                drop(delivering);
             }));
         }
     }
@@ -375,46 +367,44 @@ impl EndpointRuntime {
     /// attempt, retried like any other: see [`Pipeline`].)
     async fn handle(
         &self,
-        bus: &Bus,
+        run: &Arc<EndpointRun>,
         delivery: Box<Delivery>,
         read: Option<Box<Result<Envelope, Error>>>,
         epoch: u64,
-        cancel: Arc<CancellationToken>,
-        stopping: &CancellationToken,
     ) {
+        let (bus, stopping) = (&run.bus, &run.stopping);
         // Only a delivery that came back (requeued when its move failed) can owe a move: the
         // same message sent anew (moved back from `_error`, say) is consumed as usual.
         if delivery.redelivered() {
             if let Some(retry) = self.stalled.find(delivery.message()) {
-                return self.move_again(bus, delivery, retry, cancel, stopping).await;
+                return self.move_again(bus, delivery, retry, &run.cancel, stopping).await;
             }
         }
-        let settlement =
-            match AssertUnwindSafe(self.process(bus, &delivery, read, epoch, cancel.clone())).catch_unwind().await {
-                Ok(settlement) => settlement,
-                Err(panic) => {
-                    let reason = format!("the bus panicked handling the message: {}", panic_message(&*panic));
-                    self.unreadable(bus, delivery.message(), "Panic", &Error::Configuration(reason))
-                }
-            };
+        let settlement = match AssertUnwindSafe(self.process(run, &delivery, read, epoch)).catch_unwind().await {
+            Ok(settlement) => settlement,
+            Err(panic) => {
+                let reason = format!("the bus panicked handling the message: {}", panic_message(&*panic));
+                self.unreadable(bus, delivery.message(), "Panic", &Error::Configuration(reason))
+            }
+        };
         self.settle(bus, delivery, settlement, stopping).await;
     }
 
     /// Reads the delivery, dispatches it and decides its settlement, under its receive span.
     async fn process(
         &self,
-        bus: &Bus,
+        run: &Arc<EndpointRun>,
         delivery: &Delivery,
         read: Option<Box<Result<Envelope, Error>>>,
         epoch: u64,
-        cancel: Arc<CancellationToken>,
     ) -> Settlement {
+        let bus = &run.bus;
         let instruments = &bus.inner.instruments;
         let envelope = match read.map_or_else(|| self.read(bus, delivery), |read| *read) {
             Ok(envelope) => envelope,
             Err(error) => return self.settlement_for(bus, delivery, dispatch::Outcome::Unreadable(error), epoch).await,
         };
-        let state = self.receive_state(bus, delivery, envelope, cancel);
+        let state = self.receive_state(run, delivery, envelope);
         let link = self.settings.trace_propagation == TracePropagation::Link;
         let span = instruments.received(&self.instruments, &state.envelope, link, || self.known_type(&state.envelope));
         let context = span.as_ref().map_or_else(opentelemetry::Context::current, |s| s.context().clone());
@@ -509,7 +499,7 @@ impl EndpointRuntime {
         bus: &Bus,
         delivery: Box<Delivery>,
         retry: MoveRetry,
-        cancel: Arc<CancellationToken>,
+        cancel: &CancellationToken,
         stopping: &CancellationToken,
     ) {
         tokio::select! {
