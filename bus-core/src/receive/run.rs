@@ -16,7 +16,6 @@ use crate::Bus;
 /// limits, the tokens) was cloned on the loop's thread and dropped on the other, which
 /// moved each one's reference count between the cores twice per message; one pointer moves
 /// instead.
-#[derive(Debug)]
 pub(crate) struct EndpointRun {
     pub(crate) endpoint: Arc<EndpointRuntime>,
     pub(crate) bus: Bus,
@@ -28,6 +27,14 @@ pub(crate) struct EndpointRun {
     pub(crate) cancel: CancellationToken,
     /// Fires when the endpoint stops taking deliveries.
     pub(crate) stopping: CancellationToken,
+}
+
+/// Only the endpoint's name: a consume context's `Debug` shows this, and the endpoint's own
+/// would print its consumers and settings (and lock its state) for every context logged.
+impl std::fmt::Debug for EndpointRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointRun").field("endpoint", &self.endpoint.info().name).finish_non_exhaustive()
+    }
 }
 
 impl EndpointRun {
@@ -45,7 +52,8 @@ impl EndpointRun {
 }
 
 /// One delivery's hold on its endpoint's run, and its places in the concurrency limits,
-/// given back when it is dropped (the delivery settled, or its task dropped).
+/// given back when it is dropped: when the delivery's task ends (however the delivery
+/// ended) or is dropped.
 pub(crate) struct Delivering {
     pub(crate) run: Arc<EndpointRun>,
     endpoint_place: bool,
