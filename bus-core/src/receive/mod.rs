@@ -37,7 +37,7 @@ pub(crate) use run::EndpointRun;
 #[derive(Debug)]
 pub(crate) struct EndpointRuntime {
     pub(crate) topology: EndpointTopology,
-    info: Arc<EndpointInfo>,
+    info: EndpointInfo,
     settings: EndpointSettings,
     consumers: Vec<ConsumerEntry>,
     /// foldhash: looked up for every delivery; a fixed table, so keys from the wire cannot
@@ -175,7 +175,7 @@ impl EndpointRuntime {
         EndpointRuntime {
             instruments: EndpointInstruments::new(&name, temporary),
             topology,
-            info: Arc::new(EndpointInfo { name, address }),
+            info: EndpointInfo { name, address },
             consumers,
             by_type,
             catch_all,
